@@ -1,0 +1,241 @@
+"""`cms-ingest`: the command line of the operator contract (section 1)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from cms_ingest.config import AppConfig, ConfigError, ConfigProblem, check_config, load_config
+from cms_ingest.logs import configure_logging
+from cms_ingest.vendors import BUILDERS, supported_vendors
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+
+FINAL_ACTION_STATES = frozenset({"succeeded", "failed", "expired"})
+
+
+def _unsupported_vendors(config: AppConfig) -> list[ConfigProblem]:
+    return [
+        ConfigProblem(
+            f"sites[{index}].vendor",
+            f"vendor {site.vendor!r} is not supported by this build yet "
+            f"(supported: {', '.join(supported_vendors())})",
+        )
+        for index, site in enumerate(config.sites)
+        if site.vendor not in BUILDERS
+    ]
+
+
+def load_or_exit(path: str) -> AppConfig:
+    """The config, or every problem printed to stderr and exit code 2."""
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+    problems = _unsupported_vendors(config)
+    if problems:
+        print(str(ConfigError(problems, source=path)), file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG)
+    return config
+
+
+# ---------------------------------------------------------------------- commands
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from cms_ingest.runtime.daemon import run_daemon
+
+    config = load_or_exit(args.config)
+    configure_logging(config.log_level, config.log_format)
+    asyncio.run(run_daemon(config))
+    return EXIT_OK
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from cms_ingest.db.engine import create_engine, current_revision, migrate
+    from cms_ingest.runtime.daemon import database_url
+
+    config = load_or_exit(args.config)
+    configure_logging(config.log_level, config.log_format)
+
+    async def go() -> str | None:
+        async with database_url(config) as url:
+            engine = create_engine(url, pool_size=1)
+            try:
+                await migrate(engine)
+                return await current_revision(engine)
+            finally:
+                await engine.dispose()
+
+    revision = asyncio.run(go())
+    print(f"database at revision {revision}")
+    return EXIT_OK
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    problems = check_config(args.path)
+    if not problems:
+        try:
+            problems = _unsupported_vendors(load_config(args.path))
+        except ConfigError as exc:  # the file changed under us; report what it says now
+            problems = exc.problems
+    if problems:
+        for problem in problems:
+            print(f"{args.path}: {problem}")
+        print(f"{len(problems)} problem(s) found", file=sys.stderr)
+        return EXIT_CONFIG
+    config = load_config(args.path)
+    print(f"{args.path}: valid ({len(config.sites)} site(s))")
+    return EXIT_OK
+
+
+def _parse_param(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--param wants key=value, not {text!r}")
+    try:
+        return key, json.loads(value)  # numbers, true/false, JSON; else the plain text
+    except ValueError:
+        return key, value
+
+
+def cmd_action(args: argparse.Namespace) -> int:
+    from cms_ingest.db.engine import create_engine
+    from cms_ingest.db.store import Store
+    from cms_ingest.runtime.daemon import database_url
+
+    config = load_or_exit(args.config)
+    configure_logging("warning", config.log_format)
+    try:
+        config.site(args.site_id)
+    except KeyError as exc:
+        print(str(exc.args[0]), file=sys.stderr)
+        return EXIT_CONFIG
+    params = dict(args.param or [])
+    not_after = datetime.now(UTC) + timedelta(seconds=args.not_after) if args.not_after else None
+
+    async def go() -> dict[str, Any] | None:
+        async with database_url(config) as url:
+            store = Store(create_engine(url, pool_size=1))
+            try:
+                action_id = await store.enqueue_action(
+                    site_id=args.site_id,
+                    kind=args.kind,
+                    target=args.target,
+                    params=params,
+                    requested_by=args.requested_by,
+                    not_after=not_after,
+                )
+                print(f"action {action_id} queued; waiting up to {args.wait:g} s for its outcome")
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + args.wait
+                row = await store.action_row(action_id)
+                while row is not None and row["state"] not in FINAL_ACTION_STATES:
+                    if loop.time() >= deadline:
+                        break
+                    await asyncio.sleep(0.2)
+                    row = await store.action_row(action_id)
+                return row
+            finally:
+                await store.engine.dispose()
+
+    row = asyncio.run(go())
+    if row is None:
+        return EXIT_FAILED
+    print(
+        json.dumps(
+            {k: row[k] for k in ("id", "state", "attempts", "result", "error", "finished_at")},
+            default=str,
+            indent=2,
+        )
+    )
+    return EXIT_OK if row["state"] == "succeeded" else EXIT_FAILED
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from cms_ingest.probe import run_probe
+
+    config = load_or_exit(args.config)
+    configure_logging("warning", "console")
+    try:
+        site = config.site(args.site_id)
+    except KeyError as exc:
+        print(str(exc.args[0]), file=sys.stderr)
+        return EXIT_CONFIG
+    return asyncio.run(run_probe(site, out=sys.stdout))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cms_ingest.demo import run_demo
+
+    return asyncio.run(
+        run_demo(data_dir=Path(args.data_dir).resolve(), duration=args.duration, listen=args.listen)
+    )
+
+
+# ---------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cms-ingest",
+        description="Alarm ingest for a central monitoring station.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run the daemon")
+    run.add_argument("--config", required=True, help="path to the YAML config")
+    run.set_defaults(func=cmd_run)
+
+    demo = commands.add_parser("demo", help="embedded database, simulated sites, live view")
+    demo.add_argument("--data-dir", default="cms-ingest-demo", help="where the demo keeps its data")
+    demo.add_argument("--duration", type=float, default=None, help="stop after N seconds")
+    demo.add_argument("--listen", default="127.0.0.1:9108", help="metrics address")
+    demo.set_defaults(func=cmd_demo)
+
+    migrate = commands.add_parser("migrate", help="apply database migrations and exit")
+    migrate.add_argument("--config", required=True)
+    migrate.set_defaults(func=cmd_migrate)
+
+    check = commands.add_parser("check-config", help="validate a config file")
+    check.add_argument("path")
+    check.set_defaults(func=cmd_check_config)
+
+    probe = commands.add_parser("probe", help="commissioning check of one site")
+    probe.add_argument("--config", required=True)
+    probe.add_argument("site_id")
+    probe.set_defaults(func=cmd_probe)
+
+    action = commands.add_parser("action", help="enqueue an action and wait for its outcome")
+    action.add_argument("--config", required=True)
+    action.add_argument("site_id")
+    action.add_argument("kind")
+    action.add_argument("target")
+    action.add_argument("--param", action="append", type=_parse_param, metavar="KEY=VALUE")
+    action.add_argument("--wait", type=float, default=30.0, help="seconds to wait (default 30)")
+    action.add_argument("--not-after", type=float, default=None, help="expire after N seconds")
+    action.add_argument("--requested-by", default="cli")
+    action.set_defaults(func=cmd_action)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result: int = args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

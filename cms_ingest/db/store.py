@@ -1,0 +1,531 @@
+"""Every query the daemon runs. Nothing outside `cms_ingest.db` writes SQL.
+
+The guarantees live here:
+- a site's new alarms, their media rows and the site's advanced cursor commit in one
+  transaction (`commit_polls`), and `UNIQUE (site_id, source_id)` absorbs any replay;
+- media and action rows are claimed with `FOR UPDATE SKIP LOCKED` under a lease
+  (`claimed_until`), so several workers and daemons share the queues and a crashed worker's
+  rows come back when its lease runs out.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import bindparam, func, select, text, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from cms_ingest.db.schema import actions, alarm_media, alarms, site_state
+from cms_ingest.domain import Action, ActionState, Alarm, MediaKind, MediaState
+
+
+@dataclass(frozen=True, slots=True)
+class PollCommit:
+    """One site's poll outcome to persist: its alarms and the cursor after them."""
+
+    site_id: str
+    vendor: str
+    alarms: Sequence[Alarm]
+    cursor: Mapping[str, Any]
+    media_deadline_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class InsertedAlarm:
+    id: int
+    site_id: str
+    source_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class MediaJob:
+    id: int
+    alarm_id: int
+    site_id: str
+    kind: MediaKind
+    locator: Mapping[str, Any]
+    attempts: int
+    deadline_at: datetime
+    occurred_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class SiteHealth:
+    site_id: str
+    vendor: str
+    last_poll_at: datetime
+    last_success_at: datetime | None
+    consecutive_failures: int
+    last_error: str | None
+
+
+class Store:
+    """The daemon's database access, over one shared async engine."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    # ------------------------------------------------------------------ health
+
+    async def ping(self) -> None:
+        async with self.engine.connect() as connection:
+            await connection.execute(text("SELECT 1"))
+
+    # ------------------------------------------------------------------ cursors and polls
+
+    async def load_cursors(self, site_ids: Iterable[str]) -> dict[str, Mapping[str, Any] | None]:
+        ids = list(site_ids)
+        async with self.engine.connect() as connection:
+            rows = await connection.execute(
+                select(site_state.c.site_id, site_state.c.cursor).where(
+                    site_state.c.site_id.in_(ids)
+                )
+            )
+            found = {row.site_id: row.cursor for row in rows}
+        return {site_id: found.get(site_id) for site_id in ids}
+
+    async def commit_polls(self, commits: Sequence[PollCommit]) -> list[InsertedAlarm]:
+        """Alarms, media rows and cursors of several sites in one transaction."""
+        async with self.engine.begin() as connection:
+            return await self._commit_polls(connection, commits)
+
+    async def _commit_polls(
+        self, connection: AsyncConnection, commits: Sequence[PollCommit]
+    ) -> list[InsertedAlarm]:
+        alarm_rows = [_alarm_row(alarm) for commit in commits for alarm in commit.alarms]
+        inserted: list[InsertedAlarm] = []
+        if alarm_rows:
+            result = await connection.execute(
+                insert(alarms)
+                .on_conflict_do_nothing(index_elements=["site_id", "source_id"])
+                .returning(alarms.c.id, alarms.c.site_id, alarms.c.source_id),
+                alarm_rows,
+            )
+            inserted = [InsertedAlarm(row.id, row.site_id, row.source_id) for row in result]
+        media_rows = _media_rows(commits, inserted)
+        if media_rows:
+            await connection.execute(
+                insert(alarm_media).values(
+                    deadline_at=func.now()
+                    + func.make_interval(0, 0, 0, 0, 0, 0, bindparam("deadline_s"))
+                ),
+                media_rows,
+            )
+        cursor_rows = [
+            {"site_id": c.site_id, "vendor": c.vendor, "cursor": dict(c.cursor)} for c in commits
+        ]
+        upsert = insert(site_state)
+        await connection.execute(
+            upsert.on_conflict_do_update(
+                index_elements=["site_id"],
+                set_={
+                    "cursor": upsert.excluded.cursor,
+                    "cursor_updated_at": func.now(),
+                    "updated_at": func.now(),
+                },
+            ).values(cursor_updated_at=func.now()),
+            cursor_rows,
+        )
+        return inserted
+
+    async def record_health(self, reports: Sequence[SiteHealth]) -> None:
+        """Last poll, last success and failures per site, batched (a few times a minute)."""
+        if not reports:
+            return
+        rows = [
+            {
+                "site_id": r.site_id,
+                "vendor": r.vendor,
+                "last_poll_at": r.last_poll_at,
+                "last_success_at": r.last_success_at,
+                "consecutive_failures": r.consecutive_failures,
+                "last_error": r.last_error,
+            }
+            for r in reports
+        ]
+        upsert = insert(site_state)
+        async with self.engine.begin() as connection:
+            await connection.execute(
+                upsert.on_conflict_do_update(
+                    index_elements=["site_id"],
+                    set_={
+                        "last_poll_at": upsert.excluded.last_poll_at,
+                        "last_success_at": func.coalesce(
+                            upsert.excluded.last_success_at, site_state.c.last_success_at
+                        ),
+                        "consecutive_failures": upsert.excluded.consecutive_failures,
+                        "last_error": upsert.excluded.last_error,
+                        "updated_at": func.now(),
+                    },
+                ),
+                rows,
+            )
+
+    # ------------------------------------------------------------------ media queue
+
+    async def claim_media(self, *, limit: int, lease_s: float) -> list[MediaJob]:
+        """Due pending media rows, leased to the caller for `lease_s` seconds."""
+        claimable = (
+            select(alarm_media.c.id)
+            .where(
+                alarm_media.c.state == MediaState.PENDING.value,
+                alarm_media.c.next_attempt_at <= func.now(),
+                (alarm_media.c.claimed_until.is_(None))
+                | (alarm_media.c.claimed_until < func.now()),
+            )
+            .order_by(alarm_media.c.next_attempt_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+        statement = (
+            update(alarm_media)
+            .where(alarm_media.c.id.in_(claimable))
+            .values(claimed_until=func.now() + _seconds(lease_s), updated_at=func.now())
+            .returning(
+                alarm_media.c.id,
+                alarm_media.c.alarm_id,
+                alarm_media.c.site_id,
+                alarm_media.c.kind,
+                alarm_media.c.locator,
+                alarm_media.c.attempts,
+                alarm_media.c.deadline_at,
+            )
+        )
+        async with self.engine.begin() as connection:
+            rows = (await connection.execute(statement)).all()
+            occurred = await _occurred_at(connection, [row.alarm_id for row in rows])
+        return [
+            MediaJob(
+                id=row.id,
+                alarm_id=row.alarm_id,
+                site_id=row.site_id,
+                kind=MediaKind(row.kind),
+                locator=row.locator or {},
+                attempts=row.attempts,
+                deadline_at=row.deadline_at,
+                occurred_at=occurred[row.alarm_id],
+            )
+            for row in rows
+        ]
+
+    async def media_retry_later(self, media_id: int, *, delay_s: float, note: str | None) -> None:
+        await self._update_media(
+            media_id,
+            attempts=alarm_media.c.attempts + 1,
+            last_error=note,
+            next_attempt_at=func.now() + _seconds(delay_s),
+            claimed_until=None,
+        )
+
+    async def media_ready(
+        self, media_id: int, *, path: str, content_type: str, size_bytes: int, sha256: str
+    ) -> None:
+        await self._update_media(
+            media_id,
+            state=MediaState.READY.value,
+            path=path,
+            content_type=content_type,
+            size_bytes=size_bytes,
+            sha256=sha256,
+            attempts=alarm_media.c.attempts + 1,
+            last_error=None,
+            claimed_until=None,
+        )
+
+    async def media_final(self, media_id: int, state: MediaState, reason: str) -> None:
+        """`unavailable` (the vendor has none) or `failed` (we gave up), with the reason."""
+        await self._update_media(
+            media_id,
+            state=state.value,
+            last_error=reason,
+            attempts=alarm_media.c.attempts + 1,
+            claimed_until=None,
+        )
+
+    async def release_media(self, media_ids: Sequence[int]) -> None:
+        """Hand leased rows back untouched (shutdown): another worker may take them now."""
+        if media_ids:
+            async with self.engine.begin() as connection:
+                await connection.execute(
+                    update(alarm_media)
+                    .where(alarm_media.c.id.in_(media_ids))
+                    .values(claimed_until=None)
+                )
+
+    async def _update_media(self, media_id: int, **values: Any) -> None:
+        async with self.engine.begin() as connection:
+            await connection.execute(
+                update(alarm_media)
+                .where(alarm_media.c.id == media_id)
+                .values(updated_at=func.now(), **values)
+            )
+
+    # ------------------------------------------------------------------ actions queue
+
+    async def enqueue_action(
+        self,
+        *,
+        site_id: str,
+        kind: str,
+        target: str,
+        params: Mapping[str, Any],
+        requested_by: str | None,
+        not_after: datetime | None = None,
+    ) -> int:
+        async with self.engine.begin() as connection:
+            result = await connection.execute(
+                insert(actions)
+                .values(
+                    site_id=site_id,
+                    kind=kind,
+                    target=target,
+                    params=dict(params),
+                    requested_by=requested_by,
+                    not_after=not_after,
+                )
+                .returning(actions.c.id)
+            )
+            return int(result.scalar_one())
+
+    async def action_row(self, action_id: int) -> dict[str, Any] | None:
+        async with self.engine.connect() as connection:
+            row = (
+                await connection.execute(select(actions).where(actions.c.id == action_id))
+            ).first()
+        return None if row is None else dict(row._mapping)
+
+    async def expire_actions(self) -> int:
+        """Queued actions past `not_after` become `expired`: never fired late."""
+        async with self.engine.begin() as connection:
+            result = await connection.execute(
+                update(actions)
+                .where(
+                    actions.c.state == ActionState.QUEUED.value,
+                    actions.c.not_after.is_not(None),
+                    actions.c.not_after <= func.now(),
+                )
+                .values(
+                    state=ActionState.EXPIRED.value,
+                    finished_at=func.now(),
+                    error="not_after passed before the action could be fired",
+                )
+            )
+            return int(result.rowcount)
+
+    async def stale_running_actions(self) -> list[Action]:
+        """Actions left `running` by a worker whose lease ran out (a crash, a kill)."""
+        async with self.engine.connect() as connection:
+            rows = (
+                await connection.execute(
+                    select(actions).where(
+                        actions.c.state == ActionState.RUNNING.value,
+                        actions.c.claimed_until < func.now(),
+                    )
+                )
+            ).all()
+        return [_action(row._mapping) for row in rows]
+
+    async def claim_actions(self, *, limit: int, lease_s: float, owner: str) -> list[Action]:
+        claimable = (
+            select(actions.c.id)
+            .where(
+                actions.c.state == ActionState.QUEUED.value,
+                actions.c.next_attempt_at <= func.now(),
+                actions.c.not_after.is_(None) | (actions.c.not_after > func.now()),
+            )
+            .order_by(actions.c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+        statement = (
+            update(actions)
+            .where(actions.c.id.in_(claimable))
+            .values(
+                state=ActionState.RUNNING.value,
+                attempts=actions.c.attempts + 1,
+                started_at=func.coalesce(actions.c.started_at, func.now()),
+                claimed_until=func.now() + _seconds(lease_s),
+                claimed_by=owner,
+            )
+            .returning(*actions.c)
+        )
+        async with self.engine.begin() as connection:
+            rows = (await connection.execute(statement)).all()
+        return [_action(row._mapping) for row in rows]
+
+    async def extend_action_lease(self, action_id: int, *, lease_s: float, owner: str) -> None:
+        async with self.engine.begin() as connection:
+            await connection.execute(
+                update(actions)
+                .where(actions.c.id == action_id, actions.c.claimed_by == owner)
+                .values(claimed_until=func.now() + _seconds(lease_s))
+            )
+
+    async def finish_action(
+        self,
+        action_id: int,
+        state: ActionState,
+        *,
+        result: Mapping[str, Any] | None = None,
+        error: str | None = None,
+        expected: ActionState = ActionState.RUNNING,
+    ) -> bool:
+        """Move an action to a final state; False when it was no longer in `expected`."""
+        async with self.engine.begin() as connection:
+            outcome = await connection.execute(
+                update(actions)
+                .where(actions.c.id == action_id, actions.c.state == expected.value)
+                .values(
+                    state=state.value,
+                    result=None if result is None else _jsonable(result),
+                    error=error,
+                    finished_at=func.now(),
+                    claimed_until=None,
+                )
+            )
+            return bool(outcome.rowcount)
+
+    async def requeue_action(
+        self,
+        action_id: int,
+        *,
+        delay_s: float,
+        error: str,
+        expected: ActionState = ActionState.RUNNING,
+    ) -> bool:
+        async with self.engine.begin() as connection:
+            outcome = await connection.execute(
+                update(actions)
+                .where(actions.c.id == action_id, actions.c.state == expected.value)
+                .values(
+                    state=ActionState.QUEUED.value,
+                    error=error,
+                    next_attempt_at=func.now() + _seconds(delay_s),
+                    claimed_until=None,
+                    claimed_by=None,
+                )
+            )
+            return bool(outcome.rowcount)
+
+    # ------------------------------------------------------------------ observation
+
+    async def alarms_by_id(self, alarm_ids: Sequence[int]) -> list[dict[str, Any]]:
+        async with self.engine.connect() as connection:
+            rows = await connection.execute(
+                select(alarms).where(alarms.c.id.in_(list(alarm_ids))).order_by(alarms.c.id)
+            )
+            return [dict(row._mapping) for row in rows]
+
+    async def media_changed_since(self, since: datetime) -> list[dict[str, Any]]:
+        """Media rows settled (ready, unavailable, failed) after `since`, oldest first."""
+        async with self.engine.connect() as connection:
+            rows = await connection.execute(
+                select(alarm_media)
+                .where(alarm_media.c.updated_at > since, alarm_media.c.state != "pending")
+                .order_by(alarm_media.c.updated_at)
+            )
+            return [dict(row._mapping) for row in rows]
+
+    async def actions_finished_since(self, since: datetime) -> list[dict[str, Any]]:
+        async with self.engine.connect() as connection:
+            rows = await connection.execute(
+                select(actions).where(actions.c.finished_at > since).order_by(actions.c.finished_at)
+            )
+            return [dict(row._mapping) for row in rows]
+
+    async def queue_depths(self) -> dict[str, int]:
+        async with self.engine.connect() as connection:
+            media = await connection.scalar(
+                select(func.count())
+                .select_from(alarm_media)
+                .where(alarm_media.c.state == "pending")
+            )
+            queued = await connection.scalar(
+                select(func.count())
+                .select_from(actions)
+                .where(actions.c.state.in_(("queued", "running")))
+            )
+        return {"media": int(media or 0), "actions": int(queued or 0)}
+
+
+# ---------------------------------------------------------------------- row helpers
+
+
+def _seconds(value: float) -> Any:
+    return func.make_interval(0, 0, 0, 0, 0, 0, value)
+
+
+def _jsonable(value: Mapping[str, Any]) -> Any:
+    # Round-trip through json so anything a device sent (and we keep) is plain JSON.
+    return json.loads(json.dumps(dict(value), default=str))
+
+
+def _alarm_row(alarm: Alarm) -> dict[str, Any]:
+    return {
+        "site_id": alarm.site_id,
+        "vendor": alarm.vendor,
+        "source_id": alarm.source_id,
+        "camera_id": alarm.camera_id,
+        "camera_name": alarm.camera_name,
+        "event_type": alarm.event_type.value,
+        "vendor_event": alarm.vendor_event,
+        "description": alarm.description,
+        "occurred_at": alarm.occurred_at,
+        "armed": alarm.armed,
+        "priority": alarm.priority,
+        "raw": _jsonable(alarm.raw),
+    }
+
+
+def _media_rows(
+    commits: Sequence[PollCommit], inserted: Sequence[InsertedAlarm]
+) -> list[dict[str, Any]]:
+    ids = {(row.site_id, row.source_id): row.id for row in inserted}
+    rows: list[dict[str, Any]] = []
+    for commit in commits:
+        for alarm in commit.alarms:
+            alarm_id = ids.get((alarm.site_id, alarm.source_id))
+            if alarm_id is None:
+                continue  # a replayed alarm: its media rows exist already
+            for media in alarm.media:
+                state = MediaState.PENDING if media.available else MediaState.UNAVAILABLE
+                rows.append(
+                    {
+                        "alarm_id": alarm_id,
+                        "site_id": alarm.site_id,
+                        "kind": media.kind.value,
+                        "state": state.value,
+                        "locator": _jsonable(media.locator),
+                        "last_error": None if media.available else "the device has none",
+                        "deadline_s": commit.media_deadline_s,
+                    }
+                )
+    return rows
+
+
+async def _occurred_at(connection: AsyncConnection, alarm_ids: list[int]) -> dict[int, datetime]:
+    if not alarm_ids:
+        return {}
+    rows = await connection.execute(
+        select(alarms.c.id, alarms.c.occurred_at).where(alarms.c.id.in_(alarm_ids))
+    )
+    return {row.id: row.occurred_at for row in rows}
+
+
+def _action(row: Mapping[Any, Any]) -> Action:
+    return Action(
+        id=row["id"],
+        site_id=row["site_id"],
+        kind=row["kind"],
+        target=row["target"],
+        params=row["params"] if isinstance(row["params"], dict) else {},
+        attempts=row["attempts"],
+        not_after=row["not_after"],
+    )

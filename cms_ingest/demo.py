@@ -1,0 +1,203 @@
+"""`cms-ingest demo`: the whole path on one machine, with nothing to set up.
+
+An embedded PostgreSQL, one simulated site of every vendor this build supports (on loopback),
+the daemon against them, and a live view of alarms, media and actions as they arrive. The
+demo also plays operator: every so often it asks for a siren relay, and once for an arming
+change on a hardware keyswitch (which the device refuses, as it should).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+from pydantic import SecretStr
+
+from cms_ingest.config import AppConfig, SiteConfig
+from cms_ingest.db.engine import create_engine
+from cms_ingest.db.notify import Listener
+from cms_ingest.db.store import Store
+from cms_ingest.logs import configure_logging
+from cms_ingest.runtime.daemon import Daemon, run_daemon
+from cms_ingest.simulators.davantis import DavantisSimulator, DavantisSite
+
+OPERATOR_EVERY_S = 20.0
+DEMO_PASSWORD = "demo-secret"  # noqa: S105 - the simulated site's password, on loopback only
+
+
+def demo_config(data_dir: Path, listen: str, davantis_url: str) -> AppConfig:
+    site = SiteConfig(
+        id="demo-davantis",
+        name="Demo warehouse (simulated Davantis)",
+        vendor="davantis",
+        url=davantis_url,
+        username="cms",
+        password=SecretStr(DEMO_PASSWORD),
+        poll_interval=0.5,
+    )
+    return AppConfig(data_dir=data_dir, listen=listen, sites=[site])
+
+
+class LiveView:
+    """Prints each alarm, media file and action outcome as one line, as it happens."""
+
+    def __init__(self, store: Store, out: TextIO) -> None:
+        self._store = store
+        self._out = out
+        self._alarm_ids: asyncio.Queue[int] = asyncio.Queue()
+        self._since = datetime.now(UTC)
+
+    def on_alarm(self, _channel: str, payload: str) -> None:
+        if payload.isdigit():
+            self._alarm_ids.put_nowait(int(payload))
+
+    def line(self, kind: str, text: str) -> None:
+        stamp = datetime.now().strftime("%H:%M:%S")
+        self._out.write(f"{stamp}  {kind:<7} {text}\n")
+        self._out.flush()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await self._show_alarms()
+            await self._show_changes()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=0.5)
+
+    async def _show_alarms(self) -> None:
+        ids: list[int] = []
+        while not self._alarm_ids.empty():
+            ids.append(self._alarm_ids.get_nowait())
+        for alarm in await self._store.alarms_by_id(ids) if ids else []:
+            camera = alarm["camera_name"] or alarm["camera_id"] or "-"
+            self.line(
+                "ALARM",
+                f"#{alarm['id']} {alarm['site_id']} p{alarm['priority']} {alarm['event_type']:<9} "
+                f"camera {camera!r}: {alarm['description']}",
+            )
+
+    async def _show_changes(self) -> None:
+        now = datetime.now(UTC)
+        for media in await self._store.media_changed_since(self._since):
+            detail = (
+                f"{media['path']} ({media['size_bytes']} bytes, {media['content_type']})"
+                if media["state"] == "ready"
+                else media["last_error"] or ""
+            )
+            self.line(
+                "MEDIA", f"alarm #{media['alarm_id']} {media['kind']} {media['state']}: {detail}"
+            )
+        for action in await self._store.actions_finished_since(self._since):
+            outcome = action["error"] or _short(action["result"])
+            self.line(
+                "ACTION",
+                f"#{action['id']} {action['kind']} {action['target']} on {action['site_id']}: "
+                f"{action['state']} ({outcome})",
+            )
+        self._since = now
+
+
+def _short(value: Any) -> str:
+    text = str(value)
+    return text if len(text) < 80 else text[:77] + "..."
+
+
+async def play_operator(store: Store, view: LiveView, stop: asyncio.Event) -> None:
+    """Ask for a siren now and then, and once for a change the device must refuse."""
+    round_no = 0
+    while True:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=OPERATOR_EVERY_S)
+        if stop.is_set():
+            return
+        round_no += 1
+        if round_no == 2:
+            kind, target, params = "disarm", "2", {}
+            note = "disarm via the hardware keyswitch input (the device will refuse)"
+        else:
+            kind, target, params = "relay", "1", {"duration_s": 30}
+            note = "siren relay 1 on"
+        action_id = await store.enqueue_action(
+            site_id="demo-davantis", kind=kind, target=target, params=params, requested_by="demo"
+        )
+        view.line("REQUEST", f"#{action_id} operator asks: {note}")
+
+
+async def run_demo(
+    *, data_dir: Path, duration: float | None, listen: str, out: TextIO = sys.stdout
+) -> int:
+    log_file = await asyncio.to_thread(_open_log, data_dir)
+    configure_logging("info", "json", stream=log_file)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+
+    davantis = DavantisSimulator({"default": DavantisSite(password=DEMO_PASSWORD, media_delay=3.0)})
+    davantis_url = await davantis.start()
+    davantis.site().add_alarms(3)  # history before the daemon starts: not ingested (no backfill)
+    config = demo_config(data_dir, listen, davantis_url)
+    started: asyncio.Queue[Daemon] = asyncio.Queue()
+    daemon_task = asyncio.create_task(run_daemon(config, stop=stop, on_started=started.put_nowait))
+    out.write(
+        f"cms-ingest demo: data in {data_dir}, logs in {data_dir / 'demo.log'}, "
+        f"metrics on http://{listen}/metrics\n"
+        f"simulated Davantis site at {davantis_url}; Ctrl-C to stop.\n\n"
+    )
+    try:
+        daemon = await _wait_started(started, daemon_task)
+        if daemon is None:
+            return 1
+        await _wait_ready(daemon, daemon_task)
+        store = Store(create_engine(daemon.url, pool_size=2))
+        view = LiveView(store, out)
+        listener = Listener(daemon.url, ["cms_alarms"], on_notify=view.on_alarm)
+        davantis.start_generator(0.25, events=(1, 2, 3, 10, 11))
+        helpers = [
+            asyncio.create_task(listener.run(stop)),
+            asyncio.create_task(view.run(stop)),
+            asyncio.create_task(play_operator(store, view, stop)),
+        ]
+        view.line("READY", "daemon running; alarms will appear as the simulated site raises them")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=duration)
+        stop.set()
+        await asyncio.gather(*helpers, return_exceptions=True)
+        await store.engine.dispose()
+        await daemon_task
+        return 0
+    finally:
+        stop.set()
+        await davantis.stop_generator()
+        await davantis.stop()
+        if not daemon_task.done():
+            await asyncio.wait([daemon_task], timeout=10)
+        log_file.close()
+
+
+def _open_log(data_dir: Path) -> TextIO:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return (data_dir / "demo.log").open("a", encoding="utf-8")
+
+
+async def _wait_started(
+    started: asyncio.Queue[Daemon], daemon_task: asyncio.Task[None]
+) -> Daemon | None:
+    getter = asyncio.ensure_future(started.get())
+    await asyncio.wait([getter, daemon_task], return_when=asyncio.FIRST_COMPLETED, timeout=120)
+    if getter.done():
+        return getter.result()
+    getter.cancel()
+    if daemon_task.done() and daemon_task.exception():
+        raise daemon_task.exception()  # type: ignore[misc]
+    return None
+
+
+async def _wait_ready(daemon: Daemon, daemon_task: asyncio.Task[None]) -> None:
+    ready = asyncio.ensure_future(daemon.readiness.wait())
+    await asyncio.wait([ready, daemon_task], return_when=asyncio.FIRST_COMPLETED)
+    ready.cancel()

@@ -1,0 +1,254 @@
+"""The action worker: fires what operators ask for in the `actions` table.
+
+Rules (the operator contract):
+- never fired after `not_after`: such rows become `expired`;
+- a refusal by the device is recorded in `error` and not retried;
+- an attempt whose outcome is unknown (timeout after sending, device error, a crash while
+  running) is retried only when the action kind is idempotent, so nothing fires twice;
+- an attempt that surely never reached the device (cannot connect, login failed) is retried
+  with backoff up to `actions.max_attempts`.
+Woken by `NOTIFY cms_actions`; a periodic sweep catches anything a lost notification missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from datetime import UTC, datetime
+
+import structlog
+
+from cms_ingest import metrics
+from cms_ingest.config import ActionsConfig
+from cms_ingest.db.store import Store
+from cms_ingest.domain import Action, ActionState
+from cms_ingest.retry import RetryPolicy
+from cms_ingest.runtime.sites import SiteRegistry, SiteRuntime
+from cms_ingest.sitehttp import TransportError
+from cms_ingest.vendors.base import (
+    AuthenticationFailed,
+    DeviceRefused,
+    InvalidAction,
+    VendorError,
+)
+
+log = structlog.get_logger("cms_ingest.actions")
+
+RETRY = RetryPolicy(base=1.0, factor=2.0, cap=15.0, jitter=0.3)
+
+
+class ActionWorker:
+    def __init__(self, store: Store, sites: SiteRegistry, *, config: ActionsConfig) -> None:
+        self._store = store
+        self._sites = sites
+        self._config = config
+        self._owner = f"{socket.gethostname()}:{os.getpid()}"
+        self._wake = asyncio.Event()
+        self._inflight: set[asyncio.Task[None]] = set()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        try:
+            while not stop.is_set():
+                await self._sweep()
+                await self._claim_and_start()
+                waiters = [
+                    asyncio.ensure_future(stop.wait()),
+                    asyncio.ensure_future(self._wake.wait()),
+                ]
+                await asyncio.wait(
+                    waiters,
+                    timeout=self._config.sweep_interval_s,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                for waiter in waiters:
+                    waiter.cancel()
+                self._wake.clear()
+        finally:
+            await self._finish_inflight()
+
+    async def _sweep(self) -> None:
+        try:
+            expired = await self._store.expire_actions()
+            if expired:
+                metrics.ACTIONS.labels(vendor="any", kind="any", outcome="expired").inc(expired)
+                log.warning("actions_expired", count=expired)
+            for action in await self._store.stale_running_actions():
+                await self._recover(action)
+        except Exception as exc:
+            metrics.DB_ERRORS.labels(operation="action_sweep").inc()
+            log.warning("action_sweep_failed", error=str(exc))
+
+    async def _claim_and_start(self) -> None:
+        free = self._config.workers - len(self._inflight)
+        if free <= 0:
+            return
+        try:
+            claimed = await self._store.claim_actions(
+                limit=free, lease_s=self._config.running_timeout_s, owner=self._owner
+            )
+        except Exception as exc:
+            metrics.DB_ERRORS.labels(operation="claim_actions").inc()
+            log.warning("action_claim_failed", error=str(exc))
+            return
+        for action in claimed:
+            task = asyncio.create_task(self._execute(action), name=f"action:{action.id}")
+            self._inflight.add(task)
+            task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        self._wake.set()
+
+    async def _finish_inflight(self) -> None:
+        """Shutdown: give running actions a moment; what is cut short is settled by rule."""
+        if not self._inflight:
+            return
+        _done, pending = await asyncio.wait(set(self._inflight), timeout=5.0)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=3.0)
+
+    async def _recover(self, action: Action) -> None:
+        """A row left `running` past its lease: its worker died mid-attempt."""
+        site = self._sites.get(action.site_id)
+        spec = site.client.actions.get(action.kind) if site else None
+        reason = "the daemon running it stopped mid-attempt"
+        if spec is not None and spec.idempotent and not _too_late(action):
+            await self._store.requeue_action(
+                action.id, delay_s=0, error=f"{reason}; retried (idempotent)"
+            )
+        else:
+            await self._fail(
+                action, site, f"{reason}; outcome unknown, not retried (it could fire twice)"
+            )
+
+    async def _execute(self, action: Action) -> None:
+        bound = log.bind(
+            action_id=action.id, site_id=action.site_id, kind=action.kind, target=action.target
+        )
+        site = self._sites.get(action.site_id)
+        if site is None:
+            await self._fail(
+                action, None, f"site {action.site_id!r} is not configured in this daemon"
+            )
+            return
+        spec = site.client.actions.get(action.kind)
+        if spec is None:
+            kinds = ", ".join(sorted(site.client.actions))
+            await self._fail(
+                action,
+                site,
+                f"{site.config.vendor} has no action {action.kind!r} (it has: {kinds})",
+            )
+            return
+        if _too_late(action):
+            await self._settle(
+                action, site, ActionState.EXPIRED, error="not_after passed before it could be fired"
+            )
+            return
+        lease = asyncio.create_task(self._keep_lease(action.id))
+        try:
+            result = await site.client.perform(action)
+        except (InvalidAction, DeviceRefused) as exc:
+            answer = exc.answer if isinstance(exc, DeviceRefused) else None
+            await self._settle(action, site, ActionState.FAILED, error=str(exc), result=answer)
+        except (TransportError, AuthenticationFailed, VendorError) as exc:
+            never_sent = isinstance(exc, AuthenticationFailed) or (
+                isinstance(exc, TransportError) and not exc.sent
+            )
+            await self._retry_or_fail(action, site, exc, safe=never_sent or spec.idempotent)
+        except asyncio.CancelledError:
+            # Stopping mid-attempt: settle by the same rule as a crash, then let go.
+            await asyncio.shield(self._recover_cancelled(action, site, spec.idempotent))
+            raise
+        except Exception as exc:
+            bound.exception("action_crashed")
+            await self._retry_or_fail(action, site, exc, safe=False)
+        else:
+            await self._settle(action, site, ActionState.SUCCEEDED, result=result.result)
+            bound.info("action_succeeded")
+        finally:
+            lease.cancel()
+
+    async def _recover_cancelled(self, action: Action, site: SiteRuntime, idempotent: bool) -> None:
+        if idempotent and not _too_late(action):
+            await self._store.requeue_action(
+                action.id, delay_s=0, error="daemon stopped mid-attempt; will retry"
+            )
+        else:
+            await self._fail(
+                action, site, "daemon stopped mid-attempt; outcome unknown, not retried"
+            )
+
+    async def _keep_lease(self, action_id: int) -> None:
+        """Long actions (holds) keep their claim alive so nobody takes them as crashed."""
+        interval = self._config.running_timeout_s / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._store.extend_action_lease(
+                    action_id, lease_s=self._config.running_timeout_s, owner=self._owner
+                )
+            except Exception as exc:
+                log.warning("action_lease_extend_failed", action_id=action_id, error=str(exc))
+
+    async def _retry_or_fail(
+        self, action: Action, site: SiteRuntime, exc: BaseException, *, safe: bool
+    ) -> None:
+        error = f"{type(exc).__name__}: {exc}"
+        if not safe:
+            await self._fail(
+                action, site, f"{error}; outcome unknown, not retried (it could fire twice)"
+            )
+            return
+        if action.attempts >= self._config.max_attempts:
+            await self._fail(action, site, f"{error} (gave up after {action.attempts} attempts)")
+            return
+        delay = RETRY.delay(action.attempts)
+        await self._store.requeue_action(action.id, delay_s=delay, error=error)
+        metrics.ACTIONS.labels(vendor=site.config.vendor, kind=action.kind, outcome="retried").inc()
+        log.warning(
+            "action_retry",
+            action_id=action.id,
+            attempt=action.attempts,
+            delay_s=round(delay, 1),
+            error=error,
+        )
+
+    async def _fail(self, action: Action, site: SiteRuntime | None, error: str) -> None:
+        await self._settle(action, site, ActionState.FAILED, error=error)
+
+    async def _settle(
+        self,
+        action: Action,
+        site: SiteRuntime | None,
+        state: ActionState,
+        *,
+        error: str | None = None,
+        result: object = None,
+    ) -> None:
+        await self._store.finish_action(
+            action.id,
+            state,
+            error=error,
+            result=result if isinstance(result, dict) else None,
+        )
+        vendor = site.config.vendor if site else "unknown"
+        metrics.ACTIONS.labels(vendor=vendor, kind=action.kind, outcome=state.value).inc()
+        if state is not ActionState.SUCCEEDED:
+            log.warning(
+                "action_" + state.value,
+                action_id=action.id,
+                site_id=action.site_id,
+                kind=action.kind,
+                error=error,
+            )
+
+
+def _too_late(action: Action) -> bool:
+    return action.not_after is not None and datetime.now(UTC) >= action.not_after

@@ -1,0 +1,148 @@
+"""One poller per site: scheduling, commit of results, health.
+
+The loop owns the timing (a fixed cadence at the site's `poll_interval`, no catch-up bursts
+after a slow poll, backoff while the site fails) and the health transitions; the vendor
+client only answers "what is new after this cursor". The cursor in memory moves only after the
+alarms before it are committed, so a crash at any point replays at worst what the unique key
+then absorbs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+
+from cms_ingest import metrics
+from cms_ingest.db.store import PollCommit
+from cms_ingest.domain import Alarm, default_priority
+from cms_ingest.retry import RetryPolicy
+from cms_ingest.runtime.sites import SiteRuntime
+from cms_ingest.runtime.supervisor import sleep_or_stop
+from cms_ingest.runtime.writer import AlarmWriter
+from cms_ingest.sitehttp import DeviceTimeout, TlsFailure, TransportError
+from cms_ingest.vendors.base import AuthenticationFailed, BadDeviceResponse, VendorError
+
+log = structlog.get_logger("cms_ingest.poller")
+
+FAILURE_BACKOFF = RetryPolicy(base=1.0, factor=2.0, cap=30.0, jitter=0.5)
+
+
+def _outcome(exc: BaseException) -> str:
+    if isinstance(exc, AuthenticationFailed):
+        return "auth_error"
+    if isinstance(exc, BadDeviceResponse):
+        return "bad_response"
+    if isinstance(exc, DeviceTimeout):
+        return "timeout"
+    if isinstance(exc, TlsFailure):
+        return "tls_error"
+    return "error"
+
+
+class SitePoller:
+    def __init__(
+        self,
+        site: SiteRuntime,
+        writer: AlarmWriter,
+        *,
+        cursor: Mapping[str, Any] | None,
+        media_deadline_s: float,
+    ) -> None:
+        self._site = site
+        self._writer = writer
+        self.cursor = cursor
+        self._media_deadline_s = media_deadline_s
+        self._db_failing = False
+
+    @property
+    def _labels(self) -> dict[str, str]:
+        return {"site_id": self._site.config.id, "vendor": self._site.config.vendor}
+
+    async def run(self, stop: asyncio.Event) -> None:
+        structlog.contextvars.bind_contextvars(**self._labels)
+        interval = self._site.config.poll_interval
+        next_at = time.monotonic()
+        while not stop.is_set():
+            ok = await self.poll_once()
+            now = time.monotonic()
+            if ok:
+                next_at = max(next_at + interval, now)  # keep cadence; never burst to catch up
+            else:
+                failures = max(1, self._site.health.consecutive_failures)
+                next_at = now + max(interval, FAILURE_BACKOFF.delay(failures))
+            if await sleep_or_stop(next_at - now, stop):
+                return
+
+    async def poll_once(self) -> bool:
+        """One poll and its commit. True when the site answered and the result is stored."""
+        client = self._site.client
+        vendor = self._site.config.vendor
+        started = time.monotonic()
+        try:
+            result = await client.poll(self.cursor)
+        except (TransportError, VendorError) as exc:
+            metrics.POLLS.labels(**self._labels, outcome=_outcome(exc)).inc()
+            self._site.health.failure(_describe(exc))
+            return False
+        finally:
+            metrics.POLL_DURATION.labels(vendor=vendor).observe(time.monotonic() - started)
+        changed = bool(result.alarms) or result.cursor != self.cursor
+        if changed and not await self._commit(result.alarms, result.cursor, result.notes):
+            return False
+        metrics.POLLS.labels(**self._labels, outcome="ok").inc()
+        self._site.health.success()
+        return True
+
+    async def _commit(
+        self, alarms: list[Alarm], cursor: Mapping[str, Any], notes: list[str]
+    ) -> bool:
+        prioritized = [_with_default_priority(alarm) for alarm in alarms]
+        commit = PollCommit(
+            site_id=self._site.config.id,
+            vendor=self._site.config.vendor,
+            alarms=prioritized,
+            cursor=cursor,
+            media_deadline_s=self._media_deadline_s,
+        )
+        try:
+            inserted = await self._writer.commit(commit)
+        except Exception as exc:
+            # The database, not the site, failed: keep the cursor, poll the same range again.
+            metrics.POLLS.labels(**self._labels, outcome="db_error").inc()
+            if not self._db_failing:
+                self._db_failing = True
+                log.error("commit_failed", error=str(exc), note="cursor kept; will retry")
+            return False
+        if self._db_failing:
+            self._db_failing = False
+            log.info("commit_recovered")
+        self.cursor = cursor
+        self._observe(prioritized, {row.source_id for row in inserted})
+        for note in notes:
+            log.info("poll_note", note=note, alarms=len(inserted))
+        return True
+
+    def _observe(self, alarms: list[Alarm], new_ids: set[str]) -> None:
+        now = datetime.now(UTC)
+        vendor = self._site.config.vendor
+        for alarm in alarms:
+            if alarm.source_id not in new_ids:
+                continue
+            metrics.ALARMS.labels(vendor=vendor, event_type=alarm.event_type.value).inc()
+            latency = (now - alarm.occurred_at).total_seconds()
+            metrics.INGEST_LATENCY.labels(vendor=vendor).observe(max(0.0, latency))
+
+
+def _with_default_priority(alarm: Alarm) -> Alarm:
+    return dataclasses.replace(alarm, priority=default_priority(alarm.event_type))
+
+
+def _describe(exc: BaseException) -> str:
+    kind = "authentication failed" if isinstance(exc, AuthenticationFailed) else type(exc).__name__
+    return f"{kind}: {exc}"

@@ -1,0 +1,180 @@
+"""Per-site runtime state: the vendor client, bad-input reporting and health.
+
+One `SiteRuntime` per configured site holds the site's vendor client, shared by its poller,
+the media fetcher and the action worker, so a site has one login and one token.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import aiohttp
+import structlog
+
+from cms_ingest import metrics
+from cms_ingest.config import AppConfig, SiteConfig
+from cms_ingest.db.store import SiteHealth
+from cms_ingest.logs import redact_text
+from cms_ingest.sitehttp import SiteHttp, TlsPolicy
+from cms_ingest.vendors import build_client
+from cms_ingest.vendors.base import VendorClient
+
+log = structlog.get_logger("cms_ingest.sites")
+
+
+class SiteProblems:
+    """`ProblemReporter` for one site: each kind of bad input logged once, always counted."""
+
+    def __init__(self, site_id: str, vendor: str) -> None:
+        self.site_id = site_id
+        self.vendor = vendor
+        self._seen: set[str] = set()
+
+    def bad_input(self, what: str, detail: str) -> None:
+        metrics.BAD_INPUT.labels(source=f"device:{self.vendor}", what=what).inc()
+        if what not in self._seen:
+            self._seen.add(what)
+            log.warning(
+                "bad_device_input",
+                site_id=self.site_id,
+                vendor=self.vendor,
+                what=what,
+                detail=redact_text(detail),
+                note="logged once per site; further occurrences are only counted",
+            )
+
+
+@dataclass(slots=True)
+class SiteHealthState:
+    """A site's poll health. Logs on the transitions only: failing, and recovered."""
+
+    site_id: str
+    vendor: str
+    up: bool | None = None
+    consecutive_failures: int = 0
+    last_poll_at: datetime | None = None
+    last_success_at: datetime | None = None
+    last_error: str | None = None
+    failing_since: float | None = None
+    dirty: bool = field(default=False)
+
+    def success(self) -> None:
+        now = datetime.now(UTC)
+        if self.up is False and self.failing_since is not None:
+            log.info(
+                "site_recovered",
+                site_id=self.site_id,
+                vendor=self.vendor,
+                failed_polls=self.consecutive_failures,
+                down_for_s=round(time.monotonic() - self.failing_since, 1),
+            )
+        self.dirty = self.dirty or self.up is not True or self._stale_success(now)
+        self.up = True
+        self.consecutive_failures = 0
+        self.failing_since = None
+        self.last_error = None
+        self.last_poll_at = self.last_success_at = now
+        self._export()
+
+    def failure(self, error: str) -> None:
+        now = datetime.now(UTC)
+        error = redact_text(error)
+        if self.up is not False:
+            self.failing_since = time.monotonic()
+            log.warning("site_failing", site_id=self.site_id, vendor=self.vendor, error=error)
+        elif error != self.last_error:
+            log.debug("site_still_failing", site_id=self.site_id, error=error)
+        self.up = False
+        self.consecutive_failures += 1
+        self.last_error = error
+        self.last_poll_at = now
+        self.dirty = True
+        self._export()
+
+    def _stale_success(self, now: datetime) -> bool:
+        # Persist a healthy site's last success every 30 s, not on every poll.
+        return self.last_success_at is None or (now - self.last_success_at).total_seconds() > 30
+
+    def _export(self) -> None:
+        labels = {"site_id": self.site_id, "vendor": self.vendor}
+        metrics.SITE_UP.labels(**labels).set(1 if self.up else 0)
+        metrics.SITE_CONSECUTIVE_FAILURES.labels(**labels).set(self.consecutive_failures)
+        if self.last_success_at is not None:
+            metrics.SITE_LAST_SUCCESS.labels(**labels).set(self.last_success_at.timestamp())
+
+    def snapshot(self) -> SiteHealth | None:
+        if not self.dirty or self.last_poll_at is None:
+            return None
+        self.dirty = False
+        return SiteHealth(
+            site_id=self.site_id,
+            vendor=self.vendor,
+            last_poll_at=self.last_poll_at,
+            last_success_at=self.last_success_at,
+            consecutive_failures=self.consecutive_failures,
+            last_error=self.last_error,
+        )
+
+
+@dataclass(slots=True)
+class SiteRuntime:
+    config: SiteConfig
+    client: VendorClient
+    health: SiteHealthState
+    problems: SiteProblems
+
+
+def tls_policy(site: SiteConfig) -> TlsPolicy:
+    return TlsPolicy(
+        verify=site.tls.verify, ca_file=site.tls.ca_file, pin_sha256=site.tls.pin_sha256
+    )
+
+
+def build_site(site: SiteConfig, session: aiohttp.ClientSession) -> SiteRuntime:
+    problems = SiteProblems(site.id, site.vendor)
+    http = SiteHttp(session, site.url, tls=tls_policy(site), timeout_s=site.request_timeout_s)
+    client = build_client(
+        site.vendor,
+        site_id=site.id,
+        http=http,
+        username=site.username or "",
+        password=site.password.get_secret_value() if site.password else "",
+        options=site.options,
+        problems=problems,
+    )
+    return SiteRuntime(
+        config=site,
+        client=client,
+        health=SiteHealthState(site.id, site.vendor),
+        problems=problems,
+    )
+
+
+class SiteRegistry:
+    """The sites this daemon runs, by id. Shared by pollers, media fetcher, action worker."""
+
+    def __init__(self, config: AppConfig, session: aiohttp.ClientSession) -> None:
+        self._sites: dict[str, SiteRuntime] = {}
+        for site in config.sites:
+            self._sites[site.id] = build_site(site, session)
+            metrics.SITES.labels(vendor=site.vendor).inc()
+
+    def get(self, site_id: str) -> SiteRuntime | None:
+        return self._sites.get(site_id)
+
+    def __iter__(self) -> Iterator[SiteRuntime]:
+        return iter(self._sites.values())
+
+    def __len__(self) -> int:
+        return len(self._sites)
+
+    @property
+    def by_id(self) -> Mapping[str, SiteRuntime]:
+        return self._sites
+
+    async def close(self) -> None:
+        for site in self._sites.values():
+            await site.client.close()

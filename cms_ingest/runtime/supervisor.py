@@ -1,0 +1,129 @@
+"""Named, tracked, supervised background tasks.
+
+Every long-running part of the daemon (each site's poller, the alarm writer, the media
+fetcher, the action worker, the LISTEN connection, the HTTP server) runs as a task the
+supervisor knows by name. A task that raises is logged with its traceback and started again
+after a backoff; a task that returns while the daemon is not stopping is treated the same way.
+One task's death never touches another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+
+import structlog
+
+from cms_ingest import metrics
+from cms_ingest.retry import RetryPolicy
+
+log = structlog.get_logger("cms_ingest.supervisor")
+
+RESTART_POLICY = RetryPolicy(base=1.0, factor=2.0, cap=60.0, jitter=0.3)
+HEALTHY_AFTER_S = 60.0  # a task that ran this long before dying starts its backoff afresh
+
+
+async def sleep_or_stop(delay: float, stop: asyncio.Event) -> bool:
+    """Sleep `delay` seconds unless `stop` is set first; True when stopping."""
+    if stop.is_set():
+        return True
+    if delay <= 0:
+        return False
+    try:
+        await asyncio.wait_for(stop.wait(), timeout=delay)
+    except TimeoutError:
+        return False
+    return True
+
+
+@dataclass(slots=True)
+class _Supervised:
+    name: str
+    task: asyncio.Task[None]
+    stop: asyncio.Event  # this task's own stop signal
+
+
+class Supervisor:
+    """Owns the daemon's tasks by name. Shutdown is ordered by the caller, group by group
+    (pollers before the writer they commit through), with `stop_matching`."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[str, _Supervised] = {}
+
+    def start(
+        self,
+        name: str,
+        body: Callable[[asyncio.Event], Awaitable[None]],
+        *,
+        policy: RetryPolicy = RESTART_POLICY,
+    ) -> None:
+        """Run `body(stop)` as task `name`, restarting it when it dies.
+
+        `body` must return soon after its `stop` event is set.
+        """
+        if name in self._tasks and not self._tasks[name].task.done():
+            raise ValueError(f"task {name!r} is already running")
+        stop = asyncio.Event()
+        task = asyncio.create_task(self._guard(name, body, stop, policy), name=name)
+        self._tasks[name] = _Supervised(name, task, stop)
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(name for name, entry in self._tasks.items() if not entry.task.done())
+
+    async def _guard(
+        self,
+        name: str,
+        body: Callable[[asyncio.Event], Awaitable[None]],
+        stop: asyncio.Event,
+        policy: RetryPolicy,
+    ) -> None:
+        structlog.contextvars.bind_contextvars(task=name)
+        failures = 0
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                await body(stop)
+                if stop.is_set():
+                    return
+                log.error("task_exited", detail="returned while the daemon runs; restarting")
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("task_crashed")
+            metrics.TASK_RESTARTS.labels(task=name.split(":", 1)[0]).inc()
+            if time.monotonic() - started > HEALTHY_AFTER_S:
+                failures = 0
+            failures += 1
+            if await sleep_or_stop(policy.delay(failures), stop):
+                return
+
+    async def stop_tasks(self, names: Iterable[str], *, timeout: float) -> None:
+        """Ask the named tasks to stop, wait up to `timeout`, then cancel what is left."""
+        entries = [self._tasks[name] for name in names if name in self._tasks]
+        for entry in entries:
+            entry.stop.set()
+        await _wait_or_cancel([entry.task for entry in entries], timeout)
+        for entry in entries:
+            self._tasks.pop(entry.name, None)
+
+    async def stop_matching(self, prefix: str, *, timeout: float) -> None:
+        await self.stop_tasks(
+            [n for n in list(self._tasks) if n.startswith(prefix)], timeout=timeout
+        )
+
+    async def stop_all(self, *, timeout: float) -> None:
+        await self.stop_tasks(list(self._tasks), timeout=timeout)
+
+
+async def _wait_or_cancel(tasks: list[asyncio.Task[None]], timeout: float) -> None:
+    if not tasks:
+        return
+    _done, pending = await asyncio.wait(tasks, timeout=timeout)
+    for task in pending:
+        log.warning("task_cancelled_at_shutdown", task=task.get_name())
+        task.cancel()
+    if pending:
+        await asyncio.wait(pending, timeout=2.0)

@@ -1,0 +1,101 @@
+"""The alarm writer: batches many sites' poll results into few transactions.
+
+Two thousand pollers must not mean two thousand database connections. Pollers hand their
+`PollCommit` to the writer and await the outcome; the writer commits whatever has gathered
+(up to `max_batch` sites, waiting at most `max_wait_s` for company) in one transaction. When
+a batch fails, each site is committed on its own so one bad payload cannot hold back others.
+A poller advances its in-memory cursor only after its commit succeeded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import structlog
+
+from cms_ingest import metrics
+from cms_ingest.db.store import InsertedAlarm, PollCommit, Store
+
+log = structlog.get_logger("cms_ingest.writer")
+
+_Pending = tuple[PollCommit, asyncio.Future[list[InsertedAlarm]]]
+
+
+class AlarmWriter:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        max_batch: int = 250,
+        max_wait_s: float = 0.02,
+        on_media_added: Callable[[], None] | None = None,
+    ) -> None:
+        self._store = store
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._max_batch = max_batch
+        self._max_wait_s = max_wait_s
+        self._on_media_added = on_media_added
+
+    async def commit(self, commit: PollCommit) -> list[InsertedAlarm]:
+        """Persist one site's poll atomically; returns the alarms that were new."""
+        future: asyncio.Future[list[InsertedAlarm]] = asyncio.get_running_loop().create_future()
+        await self._queue.put((commit, future))
+        return await future
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Commit batches until stopped and drained (pollers stop first)."""
+        while not (stop.is_set() and self._queue.empty()):
+            batch = await self._gather(stop)
+            if batch:
+                await self._commit(batch)
+
+    async def _gather(self, stop: asyncio.Event) -> list[_Pending]:
+        try:
+            first = await asyncio.wait_for(self._queue.get(), timeout=0.5)
+        except TimeoutError:
+            return []
+        batch = [first]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._max_wait_s
+        while len(batch) < self._max_batch:
+            try:
+                batch.append(self._queue.get_nowait())
+                continue
+            except asyncio.QueueEmpty:
+                pass
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), timeout=remaining))
+            except TimeoutError:
+                break
+        return batch
+
+    async def _commit(self, batch: list[_Pending]) -> None:
+        metrics.COMMIT_BATCH.observe(len(batch))
+        try:
+            inserted = await self._store.commit_polls([commit for commit, _ in batch])
+        except Exception as exc:
+            if len(batch) == 1:
+                metrics.DB_ERRORS.labels(operation="commit_polls").inc()
+                _resolve_error(batch[0][1], exc)
+                return
+            log.warning("batch_commit_failed", sites=len(batch), error=str(exc))
+            for item in batch:  # isolate the culprit: each site on its own
+                await self._commit([item])
+            return
+        by_site: dict[str, list[InsertedAlarm]] = {}
+        for row in inserted:
+            by_site.setdefault(row.site_id, []).append(row)
+        for commit, future in batch:
+            if not future.done():
+                future.set_result(by_site.get(commit.site_id, []))
+        if inserted and self._on_media_added is not None:
+            self._on_media_added()
+
+
+def _resolve_error(future: asyncio.Future[list[InsertedAlarm]], exc: Exception) -> None:
+    if not future.done():
+        future.set_exception(exc)

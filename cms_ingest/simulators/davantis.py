@@ -1,0 +1,1038 @@
+"""A simulated Davantis site (or many of them) served over real HTTP.
+
+The project's tests, the demo and the benchmark point the ingest daemon at this
+server instead of a real video-analytics device. One process can host many
+tenants: the ``default`` tenant answers at the root and every other tenant under
+``/t/<tenant>``, so a benchmark can run thousands of sites behind one port.
+
+Device behaviour reproduced (from the vendor manual and the integrators' notes):
+
+* OAuth password and refresh-token grants on ``POST /oauth/token``; the form body
+  is read whatever its Content-Type (or none) and a leading ``?`` is tolerated.
+  Errors use the device's ``{"fault": {"faultstring", "detail": {"errorcode"}}}``
+  shape with the ``keymanagement.service.*`` codes, including
+  ``access_token_expired`` for an expired access token. A refresh consumes the
+  old refresh token and its answer carries no ``token_type``.
+* ``GET /alarms`` with the ``cra``, ``min_id``, ``min_date``/``max_date``,
+  ``camera_id`` and ``event_id`` filters, newest first, capped at ``page_cap``
+  (300 on the device) and ``204 No Content`` when a ``min_id`` poll finds nothing.
+  The alarm object spells ``idcamera``/``idevent`` and has no armed/``cra`` field.
+* Media status computed when asked: ``recording`` until the media is ready, then
+  ``ready``; system events (0 and 102) never have media. The ``*_absolute`` URLs
+  name a NAT address the client cannot reach, as field devices do. Snapshots are
+  small valid JPEGs and videos ISO-BMFF (mp4) files, each tagged with the alarm id.
+* Relays that switch themselves off after ``relay_on_seconds``; inputs that arm
+  and disarm their cameras (raising an event-102 alarm), and a hardware-driven
+  input that refuses ``PATCH`` with 403.
+
+Things the manual leaves open, decided here: faults on malformed requests use
+``errorcode`` values of this simulator's own (``alarms.invalid_filter``,
+``relays.not_found``, ...); an unencoded ``+`` in a date filter decodes to a
+space and is refused, as by any form-decoding server; a date filter without an
+offset is UTC (the simulated installation runs at ``+00:00``).
+
+Test hooks (Python API and ``/_sim/...`` HTTP control surface): alarm creation,
+a Poisson alarm generator shared by all tenants, failing / malformed / slow alarm
+polls, token expiry and revocation, and a whole site going offline (503).
+
+Command line: ``python -m cms_ingest.simulators.davantis --sites 500 --rate 0.2``
+prints one site URL per line, then ``READY``, and serves until SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import bisect
+import collections
+import contextlib
+import json
+import random
+import secrets
+import signal
+import string
+import struct
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from types import TracebackType
+from typing import Any, NamedTuple
+from urllib.parse import parse_qs
+
+from aiohttp import web
+
+DEFAULT_TENANT = "default"
+DEFAULT_PORT = 21000
+ARMING_EVENT = 102
+SYSTEM_EVENTS = frozenset({0, ARMING_EVENT})
+MEDIA_STATES = frozenset({"ready", "recording", "unavailable"})
+EVENT_DESCRIPTIONS: dict[int, str] = {
+    0: "System event",
+    1: "Movement detected",
+    2: "Person detected",
+    3: "Vehicle detected",
+    7: "Object detected",
+    10: "Sabotage detected",
+    11: "Intrusion detected",
+    18: "External trigger",
+}
+CAMERA_ALIASES = ("North gate", "Car park", "Loading bay", "East fence", "Main entrance")
+# The address the device believes it has (behind NAT): clients must never use it.
+ADVERTISED_MEDIA_BASE = "http://10.20.30.40:8080"
+TOKEN_LENGTH = 16
+TOKEN_ALPHABET = string.ascii_letters + string.digits
+MIN_VIDEO_SIZE = 32
+GENERATOR_TICK = 0.05
+ERR_INVALID_CREDENTIALS = "keymanagement.service.invalid_credentials"
+ERR_INVALID_REFRESH = "keymanagement.service.invalid_refresh_token"
+ERR_INVALID_ACCESS = "keymanagement.service.invalid_access_token"
+ERR_ACCESS_EXPIRED = "keymanagement.service.access_token_expired"
+ERR_GRANT_TYPE = "keymanagement.service.unsupported_grant_type"
+
+
+class DeviceError(Exception):
+    """An error the device answers with its ``fault`` JSON body."""
+
+    def __init__(self, status: int, faultstring: str, errorcode: str) -> None:
+        super().__init__(faultstring)
+        self.status = status
+        self.faultstring = faultstring
+        self.errorcode = errorcode
+
+    def response(self) -> web.Response:
+        body = {"fault": {"faultstring": self.faultstring, "detail": {"errorcode": self.errorcode}}}
+        return web.json_response(body, status=self.status)
+
+
+def _now_ms() -> datetime:
+    return _to_ms(datetime.now(UTC))
+
+
+def _to_ms(moment: datetime) -> datetime:
+    """Aware UTC, truncated to the millisecond precision the device reports."""
+    moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat(timespec="milliseconds")
+
+
+def _media_status(final: str, ready_at: float, now: float) -> str:
+    return "recording" if final == "ready" and now < ready_at else final
+
+
+def _describe(event: int, armed: bool) -> str:
+    if event == ARMING_EVENT:
+        return "Armed" if armed else "Disarmed"
+    return EVENT_DESCRIPTIONS.get(event, f"Event {event}")
+
+
+@dataclass(slots=True)
+class SimAlarm:
+    """One alarm as the simulated device stores it."""
+
+    id: int
+    event: int
+    camera: int
+    description: str
+    started: datetime
+    armed: bool
+    ended: datetime | None = None
+    snapshot: str = "ready"
+    video: str = "ready"
+    snapshot_ready_at: float = 0.0
+    video_ready_at: float = 0.0
+    video_bytes: int = 4096
+
+    def snapshot_status(self, now: float | None = None) -> str:
+        return _media_status(self.snapshot, self.snapshot_ready_at, _clock(now))
+
+    def video_status(self, now: float | None = None) -> str:
+        return _media_status(self.video, self.video_ready_at, _clock(now))
+
+    def to_json(self, now: float | None = None) -> dict[str, Any]:
+        """The alarm object as ``GET /alarms`` renders it (statuses as of ``now``)."""
+        now = _clock(now)
+        media = f"{ADVERTISED_MEDIA_BASE}/alarms/{self.id}"
+        return {
+            "id": self.id,
+            "idmachine": 1,
+            "idrule": 0 if self.event in SYSTEM_EVENTS else self.camera * 10 + 1,
+            "idevent": self.event,
+            "idcamera": self.camera,
+            "description": self.description,
+            "description_translation": self.description,
+            "started": _iso(self.started),
+            "ended": _iso(self.ended),
+            "video_status": self.video_status(now),
+            "video_absolute": f"{media}/video",
+            "ack": False,
+            "snapshot_status": self.snapshot_status(now),
+            "snapshot_absolute": f"{media}/snapshot",
+            "supportvideo_status": "unavailable",
+            "supportvideo_absolute": f"{media}/supportvideo",
+        }
+
+
+def _clock(now: float | None) -> float:
+    return time.monotonic() if now is None else now
+
+
+@dataclass(frozen=True, slots=True)
+class AlarmQuery:
+    """The filters of ``GET /alarms``; ``None`` means "not filtered"."""
+
+    min_id: int | None = None
+    min_date: datetime | None = None
+    max_date: datetime | None = None
+    armed: bool | None = None
+    cameras: frozenset[int] | None = None
+    events: frozenset[int] | None = None
+
+    def matches(self, alarm: SimAlarm) -> bool:
+        return (
+            (self.min_id is None or alarm.id > self.min_id)
+            and (self.min_date is None or alarm.started >= self.min_date)
+            and (self.max_date is None or alarm.started <= self.max_date)
+            and (self.armed is None or alarm.armed == self.armed)
+            and (self.cameras is None or alarm.camera in self.cameras)
+            and (self.events is None or alarm.event in self.events)
+        )
+
+
+def _filter_error(name: str, value: str) -> DeviceError:
+    return DeviceError(400, f"Invalid value for {name}: {value!r}", "alarms.invalid_filter")
+
+
+def _query_date(name: str, value: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise _filter_error(name, value) from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
+def _query_ids(name: str, value: str) -> frozenset[int]:
+    try:
+        return frozenset(int(part) for part in value.split(",") if part.strip())
+    except ValueError:
+        raise _filter_error(name, value) from None
+
+
+def parse_alarm_query(query: Mapping[str, str]) -> AlarmQuery:
+    """Read the alarm filters from a query string; unknown parameters are ignored."""
+    params = {key: value for key, value in query.items() if value.strip()}
+    cra = params.get("cra", "").lower()
+    if cra not in ("", "yes", "no"):
+        raise _filter_error("cra", cra)
+    min_id = params.get("min_id")
+    if min_id is not None and not min_id.strip().lstrip("-").isdigit():
+        raise _filter_error("min_id", min_id)
+    return AlarmQuery(
+        min_id=None if min_id is None else int(min_id),
+        min_date=_query_date("min_date", params["min_date"]) if "min_date" in params else None,
+        max_date=_query_date("max_date", params["max_date"]) if "max_date" in params else None,
+        armed=None if not cra else cra == "yes",
+        cameras=_query_ids("camera_id", params["camera_id"]) if "camera_id" in params else None,
+        events=_query_ids("event_id", params["event_id"]) if "event_id" in params else None,
+    )
+
+
+def _random_token() -> str:
+    return "".join(secrets.choice(TOKEN_ALPHABET) for _ in range(TOKEN_LENGTH))
+
+
+class _TokenStore:
+    """Issued access tokens (with their expiry) and live refresh tokens."""
+
+    PRUNE_ABOVE = 256
+    KEEP_EXPIRED_FOR = 3600.0
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self.access: dict[str, float] = {}
+        self.refresh: set[str] = set()
+
+    def issue(self) -> tuple[str, str]:
+        self._prune()
+        access, refresh = _random_token(), _random_token()
+        self.access[access] = time.monotonic() + self.ttl
+        self.refresh.add(refresh)
+        return access, refresh
+
+    def check(self, token: str) -> None:
+        expires_at = self.access.get(token)
+        if expires_at is None:
+            raise DeviceError(401, "Invalid access token", ERR_INVALID_ACCESS)
+        if time.monotonic() >= expires_at:
+            raise DeviceError(401, "Access token expired", ERR_ACCESS_EXPIRED)
+
+    def consume_refresh(self, token: str) -> bool:
+        if token not in self.refresh:
+            return False
+        self.refresh.discard(token)
+        return True
+
+    def expire_all(self) -> None:
+        now = time.monotonic()
+        for token in self.access:
+            self.access[token] = min(self.access[token], now)
+
+    def revoke_all(self) -> None:
+        self.access.clear()
+        self.refresh.clear()
+
+    def _prune(self) -> None:
+        if len(self.access) > self.PRUNE_ABOVE:
+            horizon = time.monotonic() - self.KEEP_EXPIRED_FOR
+            self.access = {tok: exp for tok, exp in self.access.items() if exp > horizon}
+
+
+@dataclass(slots=True)
+class _PollFaults:
+    fail: int = 0
+    fail_status: int = 500
+    malformed: int = 0
+    slow: int = 0
+    slow_delay: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "fail": self.fail,
+            "status": self.fail_status,
+            "malformed": self.malformed,
+            "slow": self.slow,
+            "delay": self.slow_delay,
+        }
+
+
+def _check_media_state(name: str, state: str) -> None:
+    if state not in MEDIA_STATES:
+        raise ValueError(f"{name} must be one of {sorted(MEDIA_STATES)}, not {state!r}")
+
+
+class DavantisSite:
+    """The state and behaviour of one simulated Davantis installation."""
+
+    def __init__(
+        self,
+        *,
+        username: str = "cms",
+        password: str = "secret",  # noqa: S107 - the simulated device's test account
+        access_ttl: float = 3599.0,
+        page_cap: int = 300,
+        cameras: int = 4,
+        media_delay: float = 1.0,
+        video_size: int = 4096,
+        relay_on_seconds: float = 30.0,
+        name: str = "DAVANTIS site",
+        max_alarms: int | None = None,
+    ) -> None:
+        if video_size < MIN_VIDEO_SIZE:
+            raise ValueError(f"video_size must be at least {MIN_VIDEO_SIZE}")
+        self.username, self.password = username, password
+        self.page_cap = page_cap
+        self.cameras = cameras
+        self.media_delay = media_delay
+        self.video_size = video_size
+        self.relay_on_seconds = relay_on_seconds
+        self.name = name
+        self.max_alarms = max_alarms
+        self.alarms: list[SimAlarm] = []
+        self.offline = False
+        self.requests: collections.Counter[str] = collections.Counter()
+        self.logins = 0
+        self.refreshes = 0
+        self.relay_log: list[tuple[int, bool]] = []
+        self.input_log: list[tuple[int, bool]] = []
+        self.inputs: dict[int, dict[str, Any]] = _default_inputs(cameras)
+        self._relays: dict[int, dict[str, Any]] = {
+            1: {"id": 1, "alias": "sound", "status": False},
+            2: {"id": 2, "alias": "light", "status": False},
+        }
+        self._relay_off_at: dict[int, float] = {}
+        self._tokens = _TokenStore(access_ttl)
+        self._faults = _PollFaults()
+        self._next_id = 1
+        self._started_sorted = True
+
+    # ----------------------------------------------------------------- alarms
+    def add_alarm(
+        self,
+        *,
+        event: int = 11,
+        camera: int = 1,
+        description: str | None = None,
+        armed: bool | None = None,
+        started: datetime | None = None,
+        snapshot: str = "ready",
+        video: str = "ready",
+        media_delay: float | None = None,
+        video_size: int | None = None,
+        ended: datetime | None = None,
+    ) -> SimAlarm:
+        """Record a new alarm (ids 1, 2, ...); see the module docstring for media."""
+        _check_media_state("snapshot", snapshot)
+        _check_media_state("video", video)
+        size = self.video_size if video_size is None else video_size
+        if size < MIN_VIDEO_SIZE:
+            raise ValueError(f"video_size must be at least {MIN_VIDEO_SIZE}")
+        if event in SYSTEM_EVENTS:
+            snapshot = video = "unavailable"
+        is_armed = self.camera_armed(camera) if armed is None else armed
+        ready_at = time.monotonic() + (self.media_delay if media_delay is None else media_delay)
+        alarm = SimAlarm(
+            id=self._next_id,
+            event=event,
+            camera=camera,
+            description=_describe(event, is_armed) if description is None else description,
+            started=self._stamp(started),
+            armed=is_armed,
+            ended=None if ended is None else _to_ms(ended),
+            snapshot=snapshot,
+            video=video,
+            snapshot_ready_at=ready_at,
+            video_ready_at=ready_at,
+            video_bytes=size,
+        )
+        self._next_id += 1
+        self.alarms.append(alarm)
+        self._trim()
+        return alarm
+
+    def add_alarms(self, n: int, **kw: Any) -> list[SimAlarm]:
+        return [self.add_alarm(**kw) for _ in range(n)]
+
+    def _stamp(self, started: datetime | None) -> datetime:
+        """Default start times never go backwards and differ by at least 1 ms,
+        so paging back with an inclusive ``max_date`` always makes progress."""
+        last = self.alarms[-1].started if self.alarms else None
+        if started is None:
+            stamp = _now_ms()
+            return stamp if last is None or stamp > last else last + timedelta(milliseconds=1)
+        stamp = _to_ms(started)
+        if last is not None and stamp < last:
+            self._started_sorted = False
+        return stamp
+
+    def _trim(self) -> None:
+        if self.max_alarms is not None and len(self.alarms) > self.max_alarms * 1.1 + 1:
+            del self.alarms[: len(self.alarms) - self.max_alarms]
+
+    def alarm(self, alarm_id: int) -> SimAlarm | None:
+        index = bisect.bisect_left(self.alarms, alarm_id, key=lambda a: a.id)
+        if index < len(self.alarms) and self.alarms[index].id == alarm_id:
+            return self.alarms[index]
+        return None
+
+    def find_alarms(self, query: AlarmQuery) -> list[SimAlarm]:
+        """Matching alarms, newest (highest id) first, at most ``page_cap``."""
+        low, high = self._candidate_range(query)
+        found: list[SimAlarm] = []
+        for index in range(high - 1, low - 1, -1):
+            alarm = self.alarms[index]
+            if query.matches(alarm):
+                found.append(alarm)
+                if len(found) >= self.page_cap:
+                    break
+        return found
+
+    def _candidate_range(self, query: AlarmQuery) -> tuple[int, int]:
+        low, high = 0, len(self.alarms)
+        if query.min_id is not None:
+            low = bisect.bisect_right(self.alarms, query.min_id, key=lambda a: a.id)
+        if self._started_sorted and query.min_date is not None:
+            start = bisect.bisect_left(self.alarms, query.min_date, key=lambda a: a.started)
+            low = max(low, start)
+        if self._started_sorted and query.max_date is not None:
+            high = bisect.bisect_right(self.alarms, query.max_date, key=lambda a: a.started)
+        return low, high
+
+    # ------------------------------------------------------- inputs and relays
+    def camera_armed(self, camera: int) -> bool:
+        """A camera is armed while any input it belongs to is armed; camera 0
+        (the system) and cameras on no input follow all inputs."""
+        covering = [inp for inp in self.inputs.values() if camera in inp["cameras"]]
+        return any(inp["status"] for inp in covering or self.inputs.values())
+
+    def set_input(self, input_id: int, status: bool) -> dict[str, Any]:
+        """Arm or disarm an input (hardware ones too: this is the on-site keyswitch).
+        A change of state raises an event-102 alarm on camera 0."""
+        inp = self.inputs[input_id]
+        self.input_log.append((input_id, status))
+        if inp["status"] != status:
+            inp["status"] = status
+            self.add_alarm(
+                event=ARMING_EVENT, camera=0, description=_describe(ARMING_EVENT, status)
+            )
+        return inp
+
+    @property
+    def relays(self) -> dict[int, dict[str, Any]]:
+        now = time.monotonic()
+        for relay_id, off_at in list(self._relay_off_at.items()):
+            if now >= off_at:
+                self._relays[relay_id]["status"] = False
+                del self._relay_off_at[relay_id]
+        return self._relays
+
+    def set_relay(self, relay_id: int, status: bool) -> dict[str, Any]:
+        relay = self.relays[relay_id]
+        relay["status"] = status
+        self.relay_log.append((relay_id, status))
+        if status:
+            self._relay_off_at[relay_id] = time.monotonic() + self.relay_on_seconds
+        else:
+            self._relay_off_at.pop(relay_id, None)
+        return relay
+
+    # ------------------------------------------------------------------ oauth
+    def grant(self, form: Mapping[str, str]) -> dict[str, Any]:
+        """Answer a ``POST /oauth/token`` form, or raise the device's fault."""
+        grant_type = form.get("grant_type", "")
+        if grant_type == "password":
+            return self._login(form.get("username", ""), form.get("password", ""))
+        if grant_type == "refresh_token":
+            return self._refresh(form.get("refresh_token", ""))
+        raise DeviceError(400, f"Unsupported grant type: {grant_type!r}", ERR_GRANT_TYPE)
+
+    def _login(self, username: str, password: str) -> dict[str, Any]:
+        if (username, password) != (self.username, self.password):
+            raise DeviceError(401, "Invalid credentials", ERR_INVALID_CREDENTIALS)
+        self.logins += 1
+        access, refresh = self._tokens.issue()
+        return {
+            "access_token": access,
+            "token_type": "bearer",
+            "expires_in": int(self._tokens.ttl),
+            "refresh_token": refresh,
+        }
+
+    def _refresh(self, token: str) -> dict[str, Any]:
+        if not self._tokens.consume_refresh(token):
+            raise DeviceError(401, "Invalid refresh token", ERR_INVALID_REFRESH)
+        self.refreshes += 1
+        access, refresh = self._tokens.issue()
+        return {
+            "access_token": access,
+            "expires_in": int(self._tokens.ttl),
+            "refresh_token": refresh,
+        }
+
+    def check_access(self, authorization: str | None) -> None:
+        scheme, _, token = (authorization or "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise DeviceError(401, "Invalid access token", ERR_INVALID_ACCESS)
+        self._tokens.check(token.strip())
+
+    # ----------------------------------------------------------------- faults
+    def fail_alarm_polls(self, count: int, status: int = 500) -> None:
+        self._faults.fail, self._faults.fail_status = count, status
+
+    def malformed_alarm_polls(self, count: int) -> None:
+        self._faults.malformed = count
+
+    def slow_alarm_polls(self, count: int, delay: float) -> None:
+        self._faults.slow, self._faults.slow_delay = count, delay
+
+    def expire_access_tokens(self) -> None:
+        self._tokens.expire_all()
+
+    def revoke_tokens(self) -> None:
+        self._tokens.revoke_all()
+
+    async def poll_fault(self) -> web.Response | None:
+        """Apply the pending ``GET /alarms`` faults; a response means "answer this"."""
+        faults = self._faults
+        if faults.slow > 0:
+            faults.slow -= 1
+            await asyncio.sleep(faults.slow_delay)
+        if faults.fail > 0:
+            faults.fail -= 1
+            return web.Response(status=faults.fail_status, text="simulated failure")
+        if faults.malformed > 0:
+            faults.malformed -= 1
+            broken = b'[{"id": 1, "idmachine": 1, "started": "20'
+            return web.Response(body=broken, content_type="application/json")
+        return None
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "alarms": len(self.alarms),
+            "last_id": self.alarms[-1].id if self.alarms else 0,
+            "logins": self.logins,
+            "refreshes": self.refreshes,
+            "requests": dict(self.requests),
+            "offline": self.offline,
+            "faults": self._faults.as_dict(),
+        }
+
+
+def _default_inputs(cameras: int) -> dict[int, dict[str, Any]]:
+    half = max(1, (cameras + 1) // 2)
+    return {
+        1: {
+            "id": 1,
+            "alias": "Perimeter",
+            "status": True,
+            "hardware": False,
+            "cameras": list(range(1, min(half, cameras) + 1)),
+        },
+        2: {
+            "id": 2,
+            "alias": "Keyswitch",
+            "status": True,
+            "hardware": True,
+            "cameras": list(range(half + 1, cameras + 1)),
+        },
+    }
+
+
+def _camera_list(count: int) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": cam,
+            "alias": CAMERA_ALIASES[cam - 1] if cam <= len(CAMERA_ALIASES) else f"Camera {cam}",
+            "thermal": cam % 3 == 0,
+            "active": True,
+        }
+        for cam in range(1, count + 1)
+    ]
+
+
+# ------------------------------------------------------------------- media
+_JPEG_AFTER_COMMENT = b"".join(
+    (
+        b"\xff\xdb\x00\x43\x00" + b"\x01" * 64,  # DQT: table 0, all ones
+        b"\xff\xc0\x00\x0b\x08\x00\x01\x00\x01\x01\x01\x11\x00",  # SOF0: 1x1, grey
+        b"\xff\xc4\x00\x14\x00\x01" + bytes(15) + b"\x00",  # DHT DC0: code "0" -> size 0
+        b"\xff\xc4\x00\x14\x10\x01" + bytes(15) + b"\x00",  # DHT AC0: code "0" -> EOB
+        b"\xff\xda\x00\x08\x01\x01\x00\x00\x3f\x00",  # SOS: one component
+        b"\x3f",  # scan: DC diff 0, EOB, padded with 1 bits (one mid-grey pixel)
+        b"\xff\xd9",  # EOI
+    )
+)
+
+
+def snapshot_jpeg(alarm_id: int) -> bytes:
+    """A 1x1 baseline JPEG whose COM segment names the alarm."""
+    comment = f"davantis-sim alarm {alarm_id}".encode()
+    segment = b"\xff\xfe" + struct.pack(">H", len(comment) + 2) + comment
+    return b"\xff\xd8" + segment + _JPEG_AFTER_COMMENT
+
+
+def video_mp4(alarm_id: int, size: int) -> bytes:
+    """``size`` bytes: an ISO-BMFF ``ftyp`` box, then a ``free`` box naming the alarm."""
+    ftyp = struct.pack(">I4s4sI8s", 24, b"ftyp", b"mp42", 0, b"isommp42")
+    free = struct.pack(">I4s", size - len(ftyp), b"free") + f"alarm {alarm_id}".encode()
+    return (ftyp + free)[:size].ljust(size, b"\x00")
+
+
+# ---------------------------------------------------------------- handlers
+SiteHandler = Callable[[DavantisSite, web.Request], Awaitable[web.StreamResponse]]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _parse_form(body: str) -> dict[str, str]:
+    parsed = parse_qs(body.strip().lstrip("?"), keep_blank_values=True)
+    return {key: values[0] for key, values in parsed.items()}
+
+
+async def _json_body(request: web.Request) -> Any:
+    """Decode a JSON body whatever Content-Type it came with."""
+    raw = await request.read()
+    try:
+        return json.loads(raw) if raw.strip() else None
+    except ValueError:
+        raise DeviceError(400, "Body is not valid JSON", "request.invalid_body") from None
+
+
+def _path_id(request: web.Request, kind: str) -> int:
+    value = request.match_info["item_id"]
+    if not value.isdigit():
+        raise DeviceError(404, f"{kind.capitalize()} {value} not found", f"{kind}s.not_found")
+    return int(value)
+
+
+async def _status_patch(request: web.Request) -> bool:
+    body = await _json_body(request)
+    status = body.get("status") if isinstance(body, dict) else None
+    if not isinstance(status, bool):
+        raise DeviceError(400, 'Body must be {"status": true|false}', "request.invalid_body")
+    return status
+
+
+async def _token(site: DavantisSite, request: web.Request) -> web.StreamResponse:
+    return web.json_response(site.grant(_parse_form(await request.text())))
+
+
+async def _installation(site: DavantisSite, request: web.Request) -> web.StreamResponse:
+    return web.json_response(
+        {"name": site.name, "current_utc_offset": "+00:00", "version": "6.4.2"}
+    )
+
+
+async def _cameras(site: DavantisSite, request: web.Request) -> web.StreamResponse:
+    return web.json_response(_camera_list(site.cameras))
+
+
+async def _alarms(site: DavantisSite, request: web.Request) -> web.StreamResponse:
+    query = parse_alarm_query(request.query)
+    found = site.find_alarms(query)
+    if not found and query.min_id is not None:
+        return web.Response(status=204)
+    now = time.monotonic()
+    return web.json_response([alarm.to_json(now) for alarm in found])
+
+
+def _ready_alarm(site: DavantisSite, request: web.Request, media: str) -> SimAlarm:
+    value = request.match_info["alarm_id"]
+    alarm = site.alarm(int(value)) if value.isdigit() else None
+    if alarm is None:
+        raise DeviceError(404, f"Alarm {value} not found", "alarms.not_found")
+    status = alarm.snapshot_status() if media == "snapshot" else alarm.video_status()
+    if status != "ready":
+        raise DeviceError(
+            404, f"The {media} of alarm {value} is {status}", "alarms.media_not_ready"
+        )
+    return alarm
+
+
+async def _snapshot(site: DavantisSite, request: web.Request) -> web.StreamResponse:
+    alarm = _ready_alarm(site, request, "snapshot")
+    return web.Response(body=snapshot_jpeg(alarm.id), content_type="image/jpeg")
+
+
+async def _video(site: DavantisSite, request: web.Request) -> web.StreamResponse:
+    alarm = _ready_alarm(site, request, "video")
+    return web.Response(body=video_mp4(alarm.id, alarm.video_bytes), content_type="video/mp4")
+
+
+async def _relays(site: DavantisSite, request: web.Request) -> web.StreamResponse:
+    return web.json_response(list(site.relays.values()))
+
+
+async def _patch_relay(site: DavantisSite, request: web.Request) -> web.StreamResponse:
+    relay_id = _path_id(request, "relay")
+    if relay_id not in site.relays:
+        raise DeviceError(404, f"Relay {relay_id} not found", "relays.not_found")
+    return web.json_response(site.set_relay(relay_id, await _status_patch(request)))
+
+
+async def _inputs(site: DavantisSite, request: web.Request) -> web.StreamResponse:
+    return web.json_response(list(site.inputs.values()))
+
+
+async def _patch_input(site: DavantisSite, request: web.Request) -> web.StreamResponse:
+    input_id = _path_id(request, "input")
+    if input_id not in site.inputs:
+        raise DeviceError(404, f"Input {input_id} not found", "inputs.not_found")
+    status = await _status_patch(request)
+    if site.inputs[input_id]["hardware"]:
+        raise DeviceError(
+            403,
+            f"Input {input_id} is controlled by hardware and cannot be changed through the API",
+            "inputs.hardware_controlled",
+        )
+    return web.json_response(site.set_input(input_id, status))
+
+
+class _Route(NamedTuple):
+    method: str
+    path: str
+    handler: SiteHandler
+    auth: bool = True
+    poll_faults: bool = False
+
+
+DEVICE_ROUTES = (
+    _Route("POST", "/oauth/token", _token, auth=False),
+    _Route("GET", "/installation", _installation),
+    _Route("GET", "/cameras", _cameras),
+    _Route("GET", "/alarms", _alarms, poll_faults=True),
+    _Route("GET", "/alarms/{alarm_id}/snapshot", _snapshot),
+    _Route("GET", "/alarms/{alarm_id}/video", _video),
+    _Route("GET", "/relays", _relays),
+    _Route("PATCH", "/relays/{item_id}", _patch_relay),
+    _Route("GET", "/inputs", _inputs),
+    _Route("PATCH", "/inputs/{item_id}", _patch_input),
+)
+
+
+# ----------------------------------------------------- /_sim control surface
+def _as_bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
+def _as_datetime(value: Any) -> datetime:
+    return datetime.fromisoformat(str(value))
+
+
+_ALARM_FIELDS: dict[str, Callable[[Any], Any]] = {
+    "event": int,
+    "camera": int,
+    "description": str,
+    "armed": _as_bool,
+    "started": _as_datetime,
+    "ended": _as_datetime,
+    "snapshot": str,
+    "video": str,
+    "media_delay": float,
+    "video_size": int,
+}
+
+
+async def _control_body(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    body = json.loads(raw) if raw.strip() else {}
+    if not isinstance(body, dict):
+        raise ValueError("the body must be a JSON object")
+    return body
+
+
+async def _sim_alarms(site: DavantisSite, request: web.Request) -> web.StreamResponse:
+    body = await _control_body(request)
+    count = int(body.pop("count", 1))
+    unknown = set(body) - set(_ALARM_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown alarm fields: {sorted(unknown)}")
+    kwargs = {key: _ALARM_FIELDS[key](value) for key, value in body.items()}
+    return web.json_response([alarm.id for alarm in site.add_alarms(count, **kwargs)])
+
+
+async def _sim_faults(site: DavantisSite, request: web.Request) -> web.StreamResponse:
+    body = await _control_body(request)
+    if "fail" in body:
+        site.fail_alarm_polls(int(body["fail"]), int(body.get("status", 500)))
+    if "malformed" in body:
+        site.malformed_alarm_polls(int(body["malformed"]))
+    if "slow" in body:
+        site.slow_alarm_polls(int(body["slow"]), float(body.get("delay", 1.0)))
+    if body.get("expire_tokens"):
+        site.expire_access_tokens()
+    if body.get("revoke_tokens"):
+        site.revoke_tokens()
+    if "offline" in body:
+        site.offline = _as_bool(body["offline"])
+    return web.json_response(site.state())
+
+
+async def _sim_state(site: DavantisSite, request: web.Request) -> web.StreamResponse:
+    return web.json_response(site.state())
+
+
+CONTROL_ROUTES = (
+    _Route("POST", "/_sim/alarms", _sim_alarms, auth=False),
+    _Route("POST", "/_sim/faults", _sim_faults, auth=False),
+    _Route("GET", "/_sim/state", _sim_state, auth=False),
+)
+
+
+# --------------------------------------------------------------- the server
+def _base_url(address: Any) -> str:
+    host, port = address[0], address[1]
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+class DavantisSimulator:
+    """An HTTP server hosting one or many simulated Davantis sites (tenants)."""
+
+    def __init__(self, sites: dict[str, DavantisSite] | None = None) -> None:
+        self.sites: dict[str, DavantisSite] = (
+            dict(sites) if sites is not None else {DEFAULT_TENANT: DavantisSite()}
+        )
+        self._runner: web.AppRunner | None = None
+        self._base: str | None = None
+        self._generator: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> DavantisSimulator:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Serve on ``host:port`` (0 = any free port) and return the base URL."""
+        runner = web.AppRunner(self._build_app(), access_log=None, shutdown_timeout=1.0)
+        await runner.setup()
+        await web.TCPSite(runner, host, port).start()
+        self._runner = runner
+        self._base = _base_url(runner.addresses[0])
+        return self._base
+
+    async def stop(self) -> None:
+        await self.stop_generator()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def url(self, tenant: str = DEFAULT_TENANT) -> str:
+        if self._base is None:
+            raise RuntimeError("the simulator is not started")
+        return self._base if tenant == DEFAULT_TENANT else f"{self._base}/t/{tenant}"
+
+    def site(self, tenant: str = DEFAULT_TENANT) -> DavantisSite:
+        return self.sites[tenant]
+
+    def add_site(self, tenant: str, site: DavantisSite) -> None:
+        self.sites[tenant] = site
+
+    def _build_app(self) -> web.Application:
+        app = web.Application()
+        for route in DEVICE_ROUTES:
+            self._add_route(app, route, self._device_handler(route))
+        for route in CONTROL_ROUTES:
+            self._add_route(app, route, self._control_handler(route.handler))
+        return app
+
+    @staticmethod
+    def _add_route(app: web.Application, route: _Route, handler: Handler) -> None:
+        app.router.add_route(route.method, route.path, handler)
+        app.router.add_route(route.method, "/t/{tenant}" + route.path, handler)
+
+    def _resolve(self, request: web.Request) -> tuple[DavantisSite, str]:
+        """The tenant's site and the request path without the tenant prefix."""
+        tenant = request.match_info.get("tenant")
+        site = self.sites.get(DEFAULT_TENANT if tenant is None else tenant)
+        if site is None:
+            raise web.HTTPNotFound(text=f"unknown tenant {tenant!r}")
+        path = request.path if tenant is None else request.path[len(f"/t/{tenant}") :]
+        return site, path
+
+    def _device_handler(self, route: _Route) -> Handler:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            site, path = self._resolve(request)
+            site.requests[f"{request.method} {path}"] += 1
+            if site.offline:
+                return web.Response(status=503, text="site offline")
+            try:
+                if route.poll_faults and (answer := await site.poll_fault()) is not None:
+                    return answer
+                if route.auth:
+                    site.check_access(request.headers.get("Authorization"))
+                return await route.handler(site, request)
+            except DeviceError as fault:
+                return fault.response()
+
+        return handle
+
+    def _control_handler(self, handler: SiteHandler) -> Handler:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            site, _ = self._resolve(request)
+            try:
+                return await handler(site, request)
+            except (ValueError, TypeError) as error:
+                return web.json_response({"error": str(error)}, status=400)
+
+        return handle
+
+    # ------------------------------------------------------------ generator
+    def start_generator(
+        self,
+        rate_per_site: float,
+        *,
+        events: Sequence[int] = (1, 2, 3, 11),
+        seed: int | None = None,
+    ) -> None:
+        """Add alarms to every site as independent Poisson processes (one task for all)."""
+        if rate_per_site <= 0:
+            raise ValueError("rate_per_site must be positive")
+        if self._generator is not None:
+            raise RuntimeError("the generator is already running")
+        loop = asyncio.get_running_loop()
+        work = self._generate(rate_per_site, tuple(events), random.Random(seed))
+        self._generator = loop.create_task(work)
+
+    async def stop_generator(self) -> None:
+        task, self._generator = self._generator, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _generate(self, rate: float, events: tuple[int, ...], rng: random.Random) -> None:
+        """Superposed Poisson processes: the merged stream runs at ``rate * sites``
+        and each arrival goes to a uniformly chosen site. Arrivals are drawn in
+        unit-rate time, so sites added later join without a restart."""
+        budget = rng.expovariate(1.0)
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(GENERATOR_TICK)
+            now = time.monotonic()
+            sites = list(self.sites.values())
+            budget -= (now - last) * rate * len(sites)
+            last = now
+            while sites and budget <= 0:
+                _generated_alarm(rng.choice(sites), events, rng)
+                budget += rng.expovariate(1.0)
+
+
+def _generated_alarm(site: DavantisSite, events: tuple[int, ...], rng: random.Random) -> None:
+    site.add_alarm(event=rng.choice(events), camera=rng.randint(1, max(1, site.cameras)))
+
+
+# ------------------------------------------------------------ command line
+def tenant_names(count: int) -> list[str]:
+    """``default`` for a single site, else ``s0000``, ``s0001``, ..."""
+    return [DEFAULT_TENANT] if count == 1 else [f"s{index:04d}" for index in range(count)]
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Serve simulated Davantis sites.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--sites", type=int, default=1)
+    parser.add_argument("--rate", type=float, default=0.0, help="alarms per second per site")
+    parser.add_argument("--page-cap", type=int, default=300)
+    parser.add_argument("--media-delay", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.sites < 1:
+        parser.error("--sites must be at least 1")
+    return args
+
+
+def _make_sites(names: Iterable[str], args: argparse.Namespace) -> dict[str, DavantisSite]:
+    return {
+        name: DavantisSite(
+            page_cap=args.page_cap, media_delay=args.media_delay, name=f"DAVANTIS {name}"
+        )
+        for name in names
+    }
+
+
+async def serve(args: argparse.Namespace) -> None:
+    simulator = DavantisSimulator(_make_sites(tenant_names(args.sites), args))
+    await simulator.start(args.host, args.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        if args.rate > 0:
+            simulator.start_generator(args.rate, seed=args.seed)
+        for tenant in simulator.sites:
+            print(simulator.url(tenant), flush=True)
+        print("READY", flush=True)
+        await stop.wait()
+    finally:
+        await simulator.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    asyncio.run(serve(_parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""HTTP to one site: the only way vendor clients reach a device.
+
+Every vendor client talks through a `SiteHttp`, which owns what must be the same for all of
+them: TLS policy (verified by default, per-site CA file or SHA-256 certificate pin), explicit
+timeouts on every request (aiohttp's default is five minutes), no redirects, and the rule that
+only URLs on the configured site's own origin are ever requested. Transport failures come out
+as this module's exceptions, so callers never handle aiohttp's directly.
+
+All sites share one `aiohttp.ClientSession` (one connection pool for the process): a
+thousand sites must not mean a thousand pools.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from yarl import URL
+
+
+class TransportError(Exception):
+    """The device could not be talked to. `sent` says whether the request may have reached it."""
+
+    def __init__(self, message: str, *, sent: bool) -> None:
+        super().__init__(message)
+        self.sent = sent
+
+
+class DeviceUnreachable(TransportError):
+    pass
+
+
+class DeviceTimeout(DeviceUnreachable):
+    pass
+
+
+class TlsFailure(TransportError):
+    """Certificate verification or pin check failed: a configuration or security problem."""
+
+
+class UnsafeUrl(TransportError):
+    """A URL outside the configured site's origin: refused before anything is sent."""
+
+
+@dataclass(frozen=True, slots=True)
+class TlsPolicy:
+    verify: bool = True
+    ca_file: Path | None = None
+    pin_sha256: str | None = None  # lowercase hex of the DER certificate's SHA-256
+
+
+def ssl_option(policy: TlsPolicy) -> ssl.SSLContext | aiohttp.Fingerprint | bool:
+    """What aiohttp's `ssl=` should be for a site.
+
+    A pin replaces chain verification (the point of pinning a self-signed certificate) but the
+    exact certificate must match; a CA file verifies the chain against that CA only.
+    """
+    if policy.pin_sha256:
+        return aiohttp.Fingerprint(bytes.fromhex(policy.pin_sha256))
+    if not policy.verify:
+        return False
+    if policy.ca_file is not None:
+        return ssl.create_default_context(cafile=str(policy.ca_file))
+    return True
+
+
+def new_client_session(*, connections: int = 1000) -> aiohttp.ClientSession:
+    """The process-wide session. Callers pass explicit timeouts per request."""
+    connector = aiohttp.TCPConnector(
+        limit=connections,
+        limit_per_host=0,
+        ttl_dns_cache=300,
+        keepalive_timeout=30,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=30),
+        raise_for_status=False,
+        auto_decompress=True,
+    )
+
+
+class SiteHttp:
+    """Requests to one configured site URL, with that site's TLS policy and timeout."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        *,
+        tls: TlsPolicy | None = None,
+        timeout_s: float = 10.0,
+    ) -> None:
+        self._session = session
+        self.base_url = URL(base_url.rstrip("/"))
+        self._ssl = ssl_option(tls or TlsPolicy())
+        self.timeout_s = timeout_s
+
+    def url(self, path_or_url: str) -> URL:
+        """Resolve a path against the site URL; refuse anything on another origin.
+
+        Paths are appended to the site's own path prefix ("/alarms" on
+        "http://h:1/t/x" is "http://h:1/t/x/alarms"). An absolute or protocol-relative
+        URL is accepted only when scheme, host and port are the site's own.
+        """
+        if path_or_url.startswith(("http://", "https://", "//")):
+            candidate = URL(path_or_url)
+            if not candidate.is_absolute():  # protocol-relative: take the site's scheme
+                candidate = URL(f"{self.base_url.scheme}:{path_or_url}")
+            if candidate.origin() != self.base_url.origin():
+                raise UnsafeUrl(
+                    f"refusing {candidate.origin()}: not the configured site "
+                    f"{self.base_url.origin()}",
+                    sent=False,
+                )
+            return candidate
+        path = path_or_url if path_or_url.startswith("/") else "/" + path_or_url
+        return URL(str(self.base_url) + path, encoded=False)
+
+    @asynccontextmanager
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        data: Any = None,
+        json: Any = None,
+        timeout_s: float | None = None,
+        read_timeout_s: float | None = None,
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """One request; the response is open inside the `async with` block.
+
+        `timeout_s` bounds the whole exchange (default: the site's request timeout);
+        downloads pass a longer one with `read_timeout_s` so a stalled body still fails fast.
+        """
+        url = self.url(path)
+        total = timeout_s if timeout_s is not None else self.timeout_s
+        timeout = aiohttp.ClientTimeout(
+            total=total, connect=min(total, 10.0), sock_read=read_timeout_s
+        )
+        where = f"{method} {url.with_query(None)}"
+        try:
+            async with self._session.request(
+                method,
+                url,
+                params=params,
+                headers=headers,
+                data=data,
+                json=json,
+                timeout=timeout,
+                ssl=self._ssl,
+                allow_redirects=False,
+            ) as response:
+                yield response
+        except aiohttp.ServerFingerprintMismatch as exc:
+            raise TlsFailure(
+                f"{where}: certificate does not match the configured pin "
+                f"(got sha256 {exc.got.hex()})",
+                sent=False,
+            ) from None
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise TlsFailure(
+                f"{where}: TLS certificate not trusted ({exc.certificate_error})", sent=False
+            ) from None
+        except aiohttp.ClientSSLError as exc:
+            raise TlsFailure(f"{where}: TLS failed ({exc})", sent=False) from None
+        except aiohttp.ClientConnectorError as exc:
+            raise DeviceUnreachable(
+                f"{where}: cannot connect ({exc.os_error})", sent=False
+            ) from None
+        except TimeoutError:
+            raise DeviceTimeout(f"{where}: no answer within {total:g} s", sent=True) from None
+        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as exc:
+            raise DeviceUnreachable(f"{where}: connection broke ({exc})", sent=True) from None
+        except aiohttp.ClientError as exc:
+            raise DeviceUnreachable(f"{where}: {type(exc).__name__}: {exc}", sent=True) from None
+
+
+async def read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """Read a small body (JSON answers) with a hard size limit against hostile devices."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_chunked(65536):
+        size += len(chunk)
+        if size > limit:
+            raise DeviceUnreachable(
+                f"{response.method} {response.url.with_query(None)}: body over {limit} bytes",
+                sent=True,
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)

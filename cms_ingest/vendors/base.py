@@ -1,0 +1,129 @@
+"""The one small Protocol every vendor implements, and the errors vendors raise.
+
+The runtime (pollers, media fetcher, action worker) knows vendors only through `VendorClient`.
+A vendor module turns its device's API into `Alarm`s, media answers and action results; the
+runtime owns scheduling, persistence, retries and health.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from cms_ingest.domain import Action, ActionResult, Alarm, MediaKind
+from cms_ingest.sitehttp import TransportError
+
+Cursor = Mapping[str, Any]  # JSON-serializable; persisted with the alarms it covers
+
+
+class VendorError(Exception):
+    """A vendor client's failure that is not a transport failure."""
+
+
+class AuthenticationFailed(VendorError):
+    """The device refused our credentials (login, refresh, or a token it keeps rejecting)."""
+
+
+class BadDeviceResponse(VendorError):
+    """The device answered, but not with something we can read (malformed JSON, wrong shape)."""
+
+
+class DeviceRefused(VendorError):
+    """The device understood an action and said no. Never retried."""
+
+    def __init__(self, message: str, *, answer: Mapping[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.answer = dict(answer or {})
+
+
+class InvalidAction(VendorError):
+    """The operator's action row cannot be carried out as written (kind, target, params)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PollResult:
+    """New alarms and the cursor that comes after them; committed together or not at all."""
+
+    alarms: list[Alarm]
+    cursor: Cursor
+    notes: list[str] = field(default_factory=list)  # e.g. "caught up 750 alarms in 3 pages"
+
+
+@dataclass(frozen=True, slots=True)
+class MediaProbe:
+    """Where a piece of media stands on the device right now."""
+
+    state: Literal["ready", "pending", "unavailable"]
+    path: str | None = None  # relative to the site URL when ready
+    detail: str = ""
+
+
+@dataclass(slots=True)
+class Download:
+    """An open media download: headers known, body streamed."""
+
+    content_type: str | None
+    content_length: int | None
+    chunks: AsyncIterator[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class ActionSpec:
+    """What the action worker must know about an action kind.
+
+    `idempotent`: firing it twice has the same effect as once, so an attempt whose outcome is
+    unknown (timeout after sending, crash while running) may be repeated.
+    """
+
+    idempotent: bool
+
+
+class ProblemReporter(Protocol):
+    """Where a vendor client reports bad input from its device.
+
+    The runtime logs each `what` once per site (not once per poll) and counts every report.
+    """
+
+    def bad_input(self, what: str, detail: str) -> None: ...
+
+
+class VendorClient(Protocol):
+    """One configured site, as its vendor's API presents it."""
+
+    vendor: str
+    actions: Mapping[str, ActionSpec]
+
+    async def poll(self, cursor: Cursor | None) -> PollResult:
+        """Alarms after `cursor` (None: first start on this site) and the cursor after them."""
+        ...
+
+    async def media_status(self, kind: MediaKind, locator: Mapping[str, Any]) -> MediaProbe: ...
+
+    def download(self, path: str) -> AbstractAsyncContextManager[Download]:
+        """Stream a media file at a site-relative path (from a ready `MediaProbe`)."""
+        ...
+
+    async def perform(self, action: Action) -> ActionResult:
+        """Fire an action; raise DeviceRefused, InvalidAction or TransportError."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+__all__ = [
+    "ActionSpec",
+    "AuthenticationFailed",
+    "BadDeviceResponse",
+    "Cursor",
+    "DeviceRefused",
+    "Download",
+    "InvalidAction",
+    "MediaProbe",
+    "PollResult",
+    "ProblemReporter",
+    "TransportError",
+    "VendorClient",
+    "VendorError",
+]
