@@ -69,10 +69,10 @@ def _dumps(value: Any) -> str:
 
 
 async def serve(app: web.Application, host: str, port: int, stop: asyncio.Event) -> None:
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, shutdown_timeout=1.0)
+        site = web.TCPSite(runner, host, port)
         await site.start()
         await stop.wait()
     finally:

@@ -1,0 +1,243 @@
+"""The daemon against simulated Davantis sites over real HTTP and a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import asyncpg
+
+from cms_ingest.simulators.davantis import DavantisSimulator, DavantisSite
+from tests.conftest import eventually
+from tests.support import app_config, davantis_site, running_daemon
+
+
+async def alarm_ids(db: asyncpg.Connection, site_id: str = "d1") -> list[int]:
+    rows = await db.fetch(
+        "SELECT source_id FROM alarms WHERE site_id = $1 ORDER BY source_id::bigint", site_id
+    )
+    return [int(row["source_id"]) for row in rows]
+
+
+async def cursor_of(db: asyncpg.Connection, site_id: str = "d1") -> int | None:
+    value = await db.fetchval("SELECT cursor->>'last_id' FROM site_state WHERE site_id = $1", site_id)
+    return None if value is None else int(value)
+
+
+async def has_cursor(db: asyncpg.Connection, site_id: str = "d1") -> bool:
+    return await cursor_of(db, site_id) is not None
+
+
+async def test_new_alarms_become_rows_with_mapping(database_url: str, db: asyncpg.Connection, tmp_path: Path) -> None:
+    site = DavantisSite(media_delay=0.2)
+    site.add_alarms(5)  # history: a first start takes the newest id, no backlog flood
+    async with DavantisSimulator({"default": site}) as sim:
+        config = app_config(database_url, tmp_path, [davantis_site("d1", sim.url())])
+        async with running_daemon(config):
+            await eventually(lambda: has_cursor(db), what="first cursor")
+            assert await cursor_of(db) == 5
+            site.add_alarm(event=11, camera=2)
+            site.add_alarm(event=1, camera=1)
+            site.add_alarm(event=2, camera=3, snapshot="unavailable", video="unavailable")
+            await eventually(lambda: _count(db, 3), what="3 alarms")
+            rows = await db.fetch("SELECT * FROM alarms ORDER BY source_id::bigint")
+            assert [r["source_id"] for r in rows] == ["6", "7", "8"]
+            assert [r["event_type"] for r in rows] == ["intrusion", "motion", "person"]
+            assert [r["vendor_event"] for r in rows] == ["11", "1", "2"]
+            assert [r["priority"] for r in rows] == [1, 5, 2]
+            assert all(r["vendor"] == "davantis" and r["status"] == "new" for r in rows)
+            assert all(r["armed"] is True for r in rows)
+            assert rows[0]["camera_id"] == "2" and rows[0]["camera_name"]
+            assert rows[0]["description"] == "Intrusion detected"
+            assert '"idcamera"' in rows[0]["raw"]
+            assert rows[0]["occurred_at"] <= rows[0]["received_at"]
+            # Media: ready after the device finishes recording; "unavailable" stays so.
+            await eventually(lambda: _media_settled(db, 6), timeout=15, what="media settled")
+            media = {
+                (r["alarm_id"], r["kind"]): r
+                for r in await db.fetch("SELECT m.*, a.source_id FROM alarm_media m JOIN alarms a ON a.id = m.alarm_id")
+            }
+            states = sorted((r["source_id"], r["kind"], r["state"]) for r in media.values())
+            assert states == [
+                ("6", "snapshot", "ready"), ("6", "video", "ready"),
+                ("7", "snapshot", "ready"), ("7", "video", "ready"),
+                ("8", "snapshot", "unavailable"), ("8", "video", "unavailable"),
+            ]
+            snapshot = next(r for r in media.values() if r["source_id"] == "6" and r["kind"] == "snapshot")
+            alarm_id = snapshot["alarm_id"]
+            day = rows[0]["occurred_at"].strftime("%Y/%m/%d")
+            assert snapshot["path"] == f"d1/{day}/{alarm_id}-snapshot.jpg"
+            assert snapshot["content_type"] == "image/jpeg"
+            stored = tmp_path / "media" / snapshot["path"]
+            assert stored.read_bytes()[:3] == b"\xff\xd8\xff"
+            assert snapshot["size_bytes"] == stored.stat().st_size
+            import hashlib
+
+            assert snapshot["sha256"] == hashlib.sha256(stored.read_bytes()).hexdigest()
+            video = next(r for r in media.values() if r["source_id"] == "6" and r["kind"] == "video")
+            assert video["path"].endswith(f"{alarm_id}-video.mp4") and video["content_type"] == "video/mp4"
+    # The media URLs the device advertises (a NAT address) were never used.
+    assert not list((tmp_path / "media" / ".partial").glob("*"))
+
+
+async def _count(db: asyncpg.Connection, n: int) -> bool:
+    return int(await db.fetchval("SELECT count(*) FROM alarms")) >= n
+
+
+async def _media_settled(db: asyncpg.Connection, n: int) -> bool:
+    pending = await db.fetchval("SELECT count(*) FROM alarm_media WHERE state = 'pending'")
+    total = await db.fetchval("SELECT count(*) FROM alarm_media")
+    return pending == 0 and total >= n
+
+
+async def test_catch_up_of_750_alarms_after_downtime(database_url: str, db: asyncpg.Connection, tmp_path: Path) -> None:
+    site = DavantisSite(media_delay=0)
+    site.add_alarms(2)
+    async with DavantisSimulator({"default": site}) as sim:
+        config = app_config(database_url, tmp_path, [davantis_site("d1", sim.url())])
+        async with running_daemon(config):
+            await eventually(lambda: has_cursor(db), what="first cursor")
+        # The daemon is down while 750 alarms arrive: 2.5 times the 300-per-answer cap.
+        site.add_alarms(750, event=1)
+        async with running_daemon(config):
+            await eventually(lambda: _count(db, 750), timeout=30, what="750 alarms")
+            await eventually(lambda: has_cursor(db), what="cursor")
+            assert await alarm_ids(db) == list(range(3, 753))
+            assert await cursor_of(db) == 752
+            # It paged back with max_date rather than dropping the older ones.
+            assert site.requests["GET /alarms"] >= 3
+
+
+async def test_backfill_ingests_history_on_first_start(database_url: str, db: asyncpg.Connection, tmp_path: Path) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    site = DavantisSite(media_delay=0)
+    site.add_alarm(started=datetime.now(UTC) - timedelta(hours=5))
+    site.add_alarm(started=datetime.now(UTC) - timedelta(minutes=30))
+    site.add_alarm(started=datetime.now(UTC) - timedelta(minutes=10))
+    async with DavantisSimulator({"default": site}) as sim:
+        config = app_config(
+            database_url, tmp_path, [davantis_site("d1", sim.url(), options={"backfill": "1h"})]
+        )
+        async with running_daemon(config):
+            await eventually(lambda: has_cursor(db), what="first cursor")
+            assert await alarm_ids(db) == [2, 3]
+            assert await cursor_of(db) == 3
+
+
+async def test_token_expiry_and_revocation_during_polling(database_url: str, db: asyncpg.Connection, tmp_path: Path) -> None:
+    site = DavantisSite(media_delay=0)
+    async with DavantisSimulator({"default": site}) as sim:
+        config = app_config(database_url, tmp_path, [davantis_site("d1", sim.url())])
+        async with running_daemon(config):
+            await eventually(lambda: has_cursor(db), what="first cursor")
+            site.add_alarm()
+            await eventually(lambda: _count(db, 1), what="alarm 1")
+            site.expire_access_tokens()  # -> access_token_expired: refresh with the refresh token
+            site.add_alarm()
+            await eventually(lambda: _count(db, 2), what="alarm 2 after expiry")
+            assert site.refreshes >= 1
+            logins = site.logins
+            site.revoke_tokens()  # access and refresh both refused: log in again
+            site.add_alarm()
+            await eventually(lambda: _count(db, 3), what="alarm 3 after revocation")
+            assert site.logins == logins + 1
+            assert await alarm_ids(db) == [1, 2, 3]
+
+
+async def test_token_with_short_lifetime_is_refreshed_before_expiry(database_url: str, db: asyncpg.Connection, tmp_path: Path) -> None:
+    site = DavantisSite(media_delay=0, access_ttl=2.0)
+    async with DavantisSimulator({"default": site}) as sim:
+        config = app_config(database_url, tmp_path, [davantis_site("d1", sim.url())])
+        async with running_daemon(config):
+            await eventually(lambda: site.refreshes >= 2, timeout=10, what="two refreshes")
+            site.add_alarm()
+            await eventually(lambda: _count(db, 1), what="alarm")
+    assert site.logins == 1  # refreshed ahead of expiry, never had to log in again
+
+
+async def test_faulty_site_recovers_and_never_delays_another(database_url: str, db: asyncpg.Connection, tmp_path: Path) -> None:
+    good, bad = DavantisSite(media_delay=0), DavantisSite(media_delay=0)
+    async with DavantisSimulator({"default": good, "bad": bad}) as sim:
+        config = app_config(
+            database_url,
+            tmp_path,
+            [davantis_site("good", sim.url()), davantis_site("bad", sim.url("bad"))],
+        )
+        async with running_daemon(config) as daemon:
+            await eventually(lambda: has_cursor(db, "bad"), what="bad cursor")
+            await eventually(lambda: has_cursor(db, "good"), what="good cursor")
+            for fault in ("malformed", "fail", "slow"):
+                if fault == "malformed":
+                    bad.malformed_alarm_polls(5)
+                elif fault == "fail":
+                    bad.fail_alarm_polls(6, status=500)  # a burst of 500s (~10 s of backoff)
+                else:
+                    bad.slow_alarm_polls(2, delay=3.0)  # beyond the 2 s request timeout
+                bad.add_alarm()
+                good.add_alarm()
+                # The healthy site's alarm lands promptly while the other one is failing.
+                await eventually(
+                    lambda: _site_count(db, "good", len(good.alarms)), timeout=2.0, what="good alarm"
+                )
+                await eventually(
+                    lambda: _site_count(db, "bad", len(bad.alarms)), timeout=30, what=f"bad recovers from {fault}"
+                )
+                assert daemon.sites is not None
+                assert daemon.sites.by_id["bad"].health.up is True
+            assert await alarm_ids(db, "bad") == [1, 2, 3]
+            polls = await _metric(daemon, 'cms_ingest_polls_total{outcome="bad_response",site_id="bad",vendor="davantis"}')
+            assert polls >= 5
+
+
+async def _site_count(db: asyncpg.Connection, site_id: str, n: int) -> bool:
+    return int(await db.fetchval("SELECT count(*) FROM alarms WHERE site_id = $1", site_id)) >= n
+
+
+async def _metric(daemon: object, sample: str) -> float:
+    from prometheus_client import generate_latest
+
+    from cms_ingest.metrics import REGISTRY
+
+    for line in generate_latest(REGISTRY).decode().splitlines():
+        if line.startswith(sample):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_media_late_missing_too_large_and_past_deadline(database_url: str, db: asyncpg.Connection, tmp_path: Path) -> None:
+    from cms_ingest.config import MediaConfig
+
+    site = DavantisSite(media_delay=0)
+    async with DavantisSimulator({"default": site}) as sim:
+        config = app_config(
+            database_url,
+            tmp_path,
+            [davantis_site("d1", sim.url(), media_deadline_s=3.0)],
+            media=MediaConfig(max_bytes=10_000, retry_base_s=0.2, retry_max_s=0.5),
+        )
+        async with running_daemon(config):
+            await eventually(lambda: has_cursor(db), what="first cursor")
+            site.add_alarm(media_delay=1.0)                       # 1: late, then ready
+            site.add_alarm(snapshot="unavailable", video="unavailable")  # 2: none at all
+            site.add_alarm(video_size=50_000)                     # 3: video over the cap
+            site.add_alarm(media_delay=3600)                      # 4: never ready in time
+            site.add_alarm(event=0)                               # 5: system event: no media
+            await eventually(lambda: _count(db, 5), what="5 alarms")
+            await eventually(lambda: _media_settled(db, 10), timeout=20, what="all media settled")
+            rows = await db.fetch(
+                "SELECT a.source_id, m.kind, m.state, m.last_error, m.attempts FROM alarm_media m "
+                "JOIN alarms a ON a.id = m.alarm_id ORDER BY a.source_id::bigint, m.kind"
+            )
+            got = {(r["source_id"], r["kind"]): r for r in rows}
+            assert got[("1", "snapshot")]["state"] == "ready" and got[("1", "snapshot")]["attempts"] >= 2
+            assert got[("1", "video")]["state"] == "ready"
+            assert got[("2", "snapshot")]["state"] == "unavailable"
+            assert got[("3", "snapshot")]["state"] == "ready"
+            assert got[("3", "video")]["state"] == "failed"
+            assert "cap" in got[("3", "video")]["last_error"]
+            assert got[("4", "video")]["state"] == "failed"
+            assert "deadline" in got[("4", "video")]["last_error"]
+            assert "recording" in got[("4", "video")]["last_error"]
+            assert got[("5", "snapshot")]["state"] == "unavailable"
+            assert not [p for p in (tmp_path / "media").rglob("*-video.*") if "/3-" in str(p)]
