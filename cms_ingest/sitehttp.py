@@ -109,9 +109,9 @@ class SiteHttp:
         URL is accepted only when scheme, host and port are the site's own.
         """
         if path_or_url.startswith(("http://", "https://", "//")):
+            if path_or_url.startswith("//"):  # protocol-relative: take the site's scheme
+                path_or_url = f"{self.base_url.scheme}:{path_or_url}"
             candidate = URL(path_or_url)
-            if not candidate.is_absolute():  # protocol-relative: take the site's scheme
-                candidate = URL(f"{self.base_url.scheme}:{path_or_url}")
             if candidate.origin() != self.base_url.origin():
                 raise UnsafeUrl(
                     f"refusing {candidate.origin()}: not the configured site "

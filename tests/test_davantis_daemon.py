@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import asyncpg
@@ -20,7 +19,9 @@ async def alarm_ids(db: asyncpg.Connection, site_id: str = "d1") -> list[int]:
 
 
 async def cursor_of(db: asyncpg.Connection, site_id: str = "d1") -> int | None:
-    value = await db.fetchval("SELECT cursor->>'last_id' FROM site_state WHERE site_id = $1", site_id)
+    value = await db.fetchval(
+        "SELECT cursor->>'last_id' FROM site_state WHERE site_id = $1", site_id
+    )
     return None if value is None else int(value)
 
 
@@ -28,7 +29,9 @@ async def has_cursor(db: asyncpg.Connection, site_id: str = "d1") -> bool:
     return await cursor_of(db, site_id) is not None
 
 
-async def test_new_alarms_become_rows_with_mapping(database_url: str, db: asyncpg.Connection, tmp_path: Path) -> None:
+async def test_new_alarms_become_rows_with_mapping(
+    database_url: str, db: asyncpg.Connection, tmp_path: Path
+) -> None:
     site = DavantisSite(media_delay=0.2)
     site.add_alarms(5)  # history: a first start takes the newest id, no backlog flood
     async with DavantisSimulator({"default": site}) as sim:
@@ -55,15 +58,22 @@ async def test_new_alarms_become_rows_with_mapping(database_url: str, db: asyncp
             await eventually(lambda: _media_settled(db, 6), timeout=15, what="media settled")
             media = {
                 (r["alarm_id"], r["kind"]): r
-                for r in await db.fetch("SELECT m.*, a.source_id FROM alarm_media m JOIN alarms a ON a.id = m.alarm_id")
+                for r in await db.fetch(
+                    "SELECT m.*, a.source_id FROM alarm_media m JOIN alarms a ON a.id = m.alarm_id"
+                )
             }
             states = sorted((r["source_id"], r["kind"], r["state"]) for r in media.values())
             assert states == [
-                ("6", "snapshot", "ready"), ("6", "video", "ready"),
-                ("7", "snapshot", "ready"), ("7", "video", "ready"),
-                ("8", "snapshot", "unavailable"), ("8", "video", "unavailable"),
+                ("6", "snapshot", "ready"),
+                ("6", "video", "ready"),
+                ("7", "snapshot", "ready"),
+                ("7", "video", "ready"),
+                ("8", "snapshot", "unavailable"),
+                ("8", "video", "unavailable"),
             ]
-            snapshot = next(r for r in media.values() if r["source_id"] == "6" and r["kind"] == "snapshot")
+            snapshot = next(
+                r for r in media.values() if r["source_id"] == "6" and r["kind"] == "snapshot"
+            )
             alarm_id = snapshot["alarm_id"]
             day = rows[0]["occurred_at"].strftime("%Y/%m/%d")
             assert snapshot["path"] == f"d1/{day}/{alarm_id}-snapshot.jpg"
@@ -74,8 +84,13 @@ async def test_new_alarms_become_rows_with_mapping(database_url: str, db: asyncp
             import hashlib
 
             assert snapshot["sha256"] == hashlib.sha256(stored.read_bytes()).hexdigest()
-            video = next(r for r in media.values() if r["source_id"] == "6" and r["kind"] == "video")
-            assert video["path"].endswith(f"{alarm_id}-video.mp4") and video["content_type"] == "video/mp4"
+            video = next(
+                r for r in media.values() if r["source_id"] == "6" and r["kind"] == "video"
+            )
+            assert (
+                video["path"].endswith(f"{alarm_id}-video.mp4")
+                and video["content_type"] == "video/mp4"
+            )
     # The media URLs the device advertises (a NAT address) were never used.
     assert not list((tmp_path / "media" / ".partial").glob("*"))
 
@@ -90,7 +105,9 @@ async def _media_settled(db: asyncpg.Connection, n: int) -> bool:
     return pending == 0 and total >= n
 
 
-async def test_catch_up_of_750_alarms_after_downtime(database_url: str, db: asyncpg.Connection, tmp_path: Path) -> None:
+async def test_catch_up_of_750_alarms_after_downtime(
+    database_url: str, db: asyncpg.Connection, tmp_path: Path
+) -> None:
     site = DavantisSite(media_delay=0)
     site.add_alarms(2)
     async with DavantisSimulator({"default": site}) as sim:
@@ -108,7 +125,9 @@ async def test_catch_up_of_750_alarms_after_downtime(database_url: str, db: asyn
             assert site.requests["GET /alarms"] >= 3
 
 
-async def test_backfill_ingests_history_on_first_start(database_url: str, db: asyncpg.Connection, tmp_path: Path) -> None:
+async def test_backfill_ingests_history_on_first_start(
+    database_url: str, db: asyncpg.Connection, tmp_path: Path
+) -> None:
     from datetime import UTC, datetime, timedelta
 
     site = DavantisSite(media_delay=0)
@@ -125,7 +144,9 @@ async def test_backfill_ingests_history_on_first_start(database_url: str, db: as
             assert await cursor_of(db) == 3
 
 
-async def test_token_expiry_and_revocation_during_polling(database_url: str, db: asyncpg.Connection, tmp_path: Path) -> None:
+async def test_token_expiry_and_revocation_during_polling(
+    database_url: str, db: asyncpg.Connection, tmp_path: Path
+) -> None:
     site = DavantisSite(media_delay=0)
     async with DavantisSimulator({"default": site}) as sim:
         config = app_config(database_url, tmp_path, [davantis_site("d1", sim.url())])
@@ -145,7 +166,9 @@ async def test_token_expiry_and_revocation_during_polling(database_url: str, db:
             assert await alarm_ids(db) == [1, 2, 3]
 
 
-async def test_token_with_short_lifetime_is_refreshed_before_expiry(database_url: str, db: asyncpg.Connection, tmp_path: Path) -> None:
+async def test_token_with_short_lifetime_is_refreshed_before_expiry(
+    database_url: str, db: asyncpg.Connection, tmp_path: Path
+) -> None:
     site = DavantisSite(media_delay=0, access_ttl=2.0)
     async with DavantisSimulator({"default": site}) as sim:
         config = app_config(database_url, tmp_path, [davantis_site("d1", sim.url())])
@@ -156,7 +179,9 @@ async def test_token_with_short_lifetime_is_refreshed_before_expiry(database_url
     assert site.logins == 1  # refreshed ahead of expiry, never had to log in again
 
 
-async def test_faulty_site_recovers_and_never_delays_another(database_url: str, db: asyncpg.Connection, tmp_path: Path) -> None:
+async def test_faulty_site_recovers_and_never_delays_another(
+    database_url: str, db: asyncpg.Connection, tmp_path: Path
+) -> None:
     good, bad = DavantisSite(media_delay=0), DavantisSite(media_delay=0)
     async with DavantisSimulator({"default": good, "bad": bad}) as sim:
         config = app_config(
@@ -178,15 +203,22 @@ async def test_faulty_site_recovers_and_never_delays_another(database_url: str, 
                 good.add_alarm()
                 # The healthy site's alarm lands promptly while the other one is failing.
                 await eventually(
-                    lambda: _site_count(db, "good", len(good.alarms)), timeout=2.0, what="good alarm"
+                    lambda: _site_count(db, "good", len(good.alarms)),
+                    timeout=2.0,
+                    what="good alarm",
                 )
                 await eventually(
-                    lambda: _site_count(db, "bad", len(bad.alarms)), timeout=30, what=f"bad recovers from {fault}"
+                    lambda: _site_count(db, "bad", len(bad.alarms)),
+                    timeout=30,
+                    what=f"bad recovers from {fault}",
                 )
                 assert daemon.sites is not None
                 assert daemon.sites.by_id["bad"].health.up is True
             assert await alarm_ids(db, "bad") == [1, 2, 3]
-            polls = await _metric(daemon, 'cms_ingest_polls_total{outcome="bad_response",site_id="bad",vendor="davantis"}')
+            polls = await _metric(
+                daemon,
+                'cms_ingest_polls_total{outcome="bad_response",site_id="bad",vendor="davantis"}',
+            )
             assert polls >= 5
 
 
@@ -205,7 +237,9 @@ async def _metric(daemon: object, sample: str) -> float:
     return 0.0
 
 
-async def test_media_late_missing_too_large_and_past_deadline(database_url: str, db: asyncpg.Connection, tmp_path: Path) -> None:
+async def test_media_late_missing_too_large_and_past_deadline(
+    database_url: str, db: asyncpg.Connection, tmp_path: Path
+) -> None:
     from cms_ingest.config import MediaConfig
 
     site = DavantisSite(media_delay=0)
@@ -218,11 +252,11 @@ async def test_media_late_missing_too_large_and_past_deadline(database_url: str,
         )
         async with running_daemon(config):
             await eventually(lambda: has_cursor(db), what="first cursor")
-            site.add_alarm(media_delay=1.0)                       # 1: late, then ready
+            site.add_alarm(media_delay=1.0)  # 1: late, then ready
             site.add_alarm(snapshot="unavailable", video="unavailable")  # 2: none at all
-            site.add_alarm(video_size=50_000)                     # 3: video over the cap
-            site.add_alarm(media_delay=3600)                      # 4: never ready in time
-            site.add_alarm(event=0)                               # 5: system event: no media
+            site.add_alarm(video_size=50_000)  # 3: video over the cap
+            site.add_alarm(media_delay=3600)  # 4: never ready in time
+            site.add_alarm(event=0)  # 5: system event: no media
             await eventually(lambda: _count(db, 5), what="5 alarms")
             await eventually(lambda: _media_settled(db, 10), timeout=20, what="all media settled")
             rows = await db.fetch(
@@ -230,7 +264,10 @@ async def test_media_late_missing_too_large_and_past_deadline(database_url: str,
                 "JOIN alarms a ON a.id = m.alarm_id ORDER BY a.source_id::bigint, m.kind"
             )
             got = {(r["source_id"], r["kind"]): r for r in rows}
-            assert got[("1", "snapshot")]["state"] == "ready" and got[("1", "snapshot")]["attempts"] >= 2
+            assert (
+                got[("1", "snapshot")]["state"] == "ready"
+                and got[("1", "snapshot")]["attempts"] >= 2
+            )
             assert got[("1", "video")]["state"] == "ready"
             assert got[("2", "snapshot")]["state"] == "unavailable"
             assert got[("3", "snapshot")]["state"] == "ready"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import random
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -70,7 +71,8 @@ class SitePoller:
     async def run(self, stop: asyncio.Event) -> None:
         structlog.contextvars.bind_contextvars(**self._labels)
         interval = self._site.config.poll_interval
-        next_at = time.monotonic()
+        # Spread thousands of sites over the interval instead of polling them in lockstep.
+        next_at = time.monotonic() + random.uniform(0, min(interval, 1.0))
         while not stop.is_set():
             ok = await self.poll_once()
             now = time.monotonic()

@@ -1,0 +1,131 @@
+"""Transport rules: same origin only, TLS verified, pinned or CA-checked, errors mapped."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import ssl
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from cms_ingest.sitehttp import (
+    DeviceTimeout,
+    DeviceUnreachable,
+    SiteHttp,
+    TlsFailure,
+    TlsPolicy,
+    UnsafeUrl,
+    new_client_session,
+)
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with new_client_session() as client:
+        yield client
+
+
+async def test_only_the_configured_origin_is_requested(session: aiohttp.ClientSession) -> None:
+    http = SiteHttp(session, "http://192.0.2.10:21000/t/x/")
+    assert str(http.url("/alarms/5/video")) == "http://192.0.2.10:21000/t/x/alarms/5/video"
+    assert str(http.url("//192.0.2.10:21000/a")) == "http://192.0.2.10:21000/a"
+    for foreign in (
+        "http://10.20.30.40:8080/alarms/5/video",  # a device's *_absolute NAT address
+        "https://192.0.2.10:21000/a",  # same host, other scheme
+        "http://192.0.2.10:21001/a",  # other port
+        "//evil.example/a",  # protocol-relative to another host
+    ):
+        with pytest.raises(UnsafeUrl):
+            http.url(foreign)
+
+
+async def test_connection_refused_is_unsent_and_timeout_is_bounded(
+    session: aiohttp.ClientSession, unused_tcp_port: int
+) -> None:
+    http = SiteHttp(session, f"http://127.0.0.1:{unused_tcp_port}", timeout_s=1)
+    with pytest.raises(DeviceUnreachable) as refused:
+        async with http.request("GET", "/x"):
+            pass
+    assert refused.value.sent is False
+
+    async def slow(_request: web.Request) -> web.Response:
+        import asyncio
+
+        await asyncio.sleep(5)
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_get("/slow", slow)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        http = SiteHttp(session, f"http://127.0.0.1:{port}", timeout_s=0.3)
+        with pytest.raises(DeviceTimeout) as timed_out:
+            async with http.request("GET", "/slow"):
+                pass
+        assert timed_out.value.sent is True
+        assert "0.3 s" in str(timed_out.value)
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )
+    der = ssl.PEM_cert_to_DER_cert(cert.read_text())
+    return cert, key, hashlib.sha256(der).hexdigest()
+
+
+@pytest.fixture
+async def https_url(certificate: tuple[Path, Path, str]) -> AsyncIterator[str]:
+    cert, key, _pin = certificate
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+
+    async def hello(_request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_get("/hello", hello)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield f"https://127.0.0.1:{port}"
+    await runner.cleanup()
+
+
+async def _hello(http: SiteHttp) -> int:
+    async with http.request("GET", "/hello") as response:
+        return response.status
+
+
+async def test_self_signed_device_refused_by_default_then_pinned_or_ca(
+    session: aiohttp.ClientSession, https_url: str, certificate: tuple[Path, Path, str]
+) -> None:
+    cert, _key, pin = certificate
+    with pytest.raises(TlsFailure, match="not trusted"):
+        await _hello(SiteHttp(session, https_url))
+    assert await _hello(SiteHttp(session, https_url, tls=TlsPolicy(pin_sha256=pin))) == 200
+    assert await _hello(SiteHttp(session, https_url, tls=TlsPolicy(ca_file=cert))) == 200
+    wrong_pin = "00" * 32
+    with pytest.raises(TlsFailure, match="pin"):
+        await _hello(SiteHttp(session, https_url, tls=TlsPolicy(pin_sha256=wrong_pin)))
