@@ -73,7 +73,7 @@ class SitePoller:
         interval = self._site.config.poll_interval
         # Spread thousands of sites over the interval instead of polling them in lockstep.
         next_at = time.monotonic() + random.uniform(0, min(interval, 1.0))
-        while not stop.is_set():
+        while not await sleep_or_stop(next_at - time.monotonic(), stop):
             ok = await self.poll_once()
             now = time.monotonic()
             if ok:
@@ -81,8 +81,6 @@ class SitePoller:
             else:
                 failures = max(1, self._site.health.consecutive_failures)
                 next_at = now + max(interval, FAILURE_BACKOFF.delay(failures))
-            if await sleep_or_stop(next_at - now, stop):
-                return
 
     async def poll_once(self) -> bool:
         """One poll and its commit. True when the site answered and the result is stored."""
