@@ -173,11 +173,15 @@ async def run(args: argparse.Namespace) -> None:
             peak = peak_rss_mib(daemon.pid)
             latency = await connection.fetchrow(
                 """
+                WITH l AS (
+                    SELECT extract(epoch FROM received_at - occurred_at) AS s
+                    FROM alarms WHERE received_at > $1
+                )
                 SELECT count(*) AS n,
-                       percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM received_at - occurred_at)) AS p50,
-                       percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM received_at - occurred_at)) AS p99,
-                       max(extract(epoch FROM received_at - occurred_at)) AS worst
-                FROM alarms WHERE received_at > $1
+                       percentile_cont(0.5) WITHIN GROUP (ORDER BY s) AS p50,
+                       percentile_cont(0.99) WITHIN GROUP (ORDER BY s) AS p99,
+                       max(s) AS worst
+                FROM l
                 """,
                 window_start,
             )
