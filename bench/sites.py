@@ -202,12 +202,12 @@ async def run(args: argparse.Namespace) -> None:
     target = args.sites / 1.0
     achieved = (polls_after - polls_before) / elapsed
     print(
-        f"sites                 {args.sites} at 1 Hz, {args.rate} alarms/s per site, {elapsed:.0f} s measured"
+        f"sites                 {args.sites} at 1 Hz, {args.rate} alarms/s per site, "
+        f"{elapsed:.0f} s measured"
     )
     print(f"warm-up               {warmup:.1f} s until every site had its first poll committed")
-    print(
-        f"polls/s               {achieved:.1f} achieved / {target:.1f} target ({100 * achieved / target:.1f} %)"
-    )
+    share = 100 * achieved / target
+    print(f"polls/s               {achieved:.1f} achieved / {target:.1f} target ({share:.1f} %)")
     print(f"alarms in window      {latency['n']}")
     if latency["n"]:
         print(
