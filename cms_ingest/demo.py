@@ -153,6 +153,7 @@ async def run_demo(
         if daemon is None:
             return 1
         await _wait_ready(daemon, daemon_task)
+        await daemon.first_polls()
         store = Store(create_engine(daemon.url, pool_size=2))
         view = LiveView(store, out)
         listener = Listener(daemon.url, ["cms_alarms"], on_notify=view.on_alarm)
@@ -163,6 +164,7 @@ async def run_demo(
             asyncio.create_task(play_operator(store, view, stop)),
         ]
         view.line("READY", "daemon running; alarms will appear as the simulated site raises them")
+        davantis.site().add_alarm(event=11, camera=1)  # something to see at once
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=duration)
         stop.set()

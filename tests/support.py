@@ -52,13 +52,8 @@ async def running_daemon(config: AppConfig) -> AsyncIterator[Daemon]:
     try:
         daemon = await asyncio.wait_for(started.get(), timeout=30)
         await asyncio.wait_for(daemon.readiness.wait(), timeout=30)
-        await asyncio.wait_for(_pollers_started(daemon, len(config.sites)), timeout=30)
+        await asyncio.wait_for(daemon.first_polls(), timeout=30)
         yield daemon
     finally:
         stop.set()
         await asyncio.wait_for(task, timeout=15)
-
-
-async def _pollers_started(daemon: Daemon, count: int) -> None:
-    while len([n for n in daemon.supervisor.names if n.startswith("poller:")]) < count:
-        await asyncio.sleep(0.02)

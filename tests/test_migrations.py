@@ -32,7 +32,7 @@ async def test_migrations_match_the_models(empty_database_url: str) -> None:
 
 
 async def test_concurrent_migrations_do_not_collide(empty_database_url: str) -> None:
-    engines = [create_engine(empty_database_url, pool_size=1) for _ in range(3)]
+    engines = [create_engine(empty_database_url, pool_size=1) for _ in range(5)]
     try:
         await asyncio.gather(*(migrate(engine) for engine in engines))
         assert await current_revision(engines[0]) == head_revision()
@@ -71,3 +71,35 @@ async def test_inserts_are_announced(database_url: str) -> None:
     finally:
         await writer.close()
         await listener.close()
+
+
+async def test_media_lease_of_a_dead_worker_is_taken_back(
+    store: object, db: asyncpg.Connection
+) -> None:
+    from cms_ingest.db.store import PollCommit, Store
+    from cms_ingest.domain import Alarm, EventType, MediaKind, MediaRequest
+
+    assert isinstance(store, Store)
+    from datetime import UTC, datetime
+
+    alarm = Alarm(
+        site_id="s",
+        vendor="davantis",
+        source_id="1",
+        event_type=EventType.MOTION,
+        vendor_event="1",
+        description="",
+        occurred_at=datetime.now(UTC),
+        media=(MediaRequest(MediaKind.SNAPSHOT, {"alarm_id": 1}),),
+    )
+    await store.commit_polls([PollCommit("s", "davantis", [alarm], {"last_id": 1}, 60.0)])
+    first = await store.claim_media(limit=10, lease_s=0.3)
+    assert len(first) == 1
+    assert await store.claim_media(limit=10, lease_s=0.3) == []  # leased: nobody else gets it
+    await asyncio.sleep(0.4)  # the worker "died" holding it
+    again = await store.claim_media(limit=10, lease_s=0.3)
+    assert [job.id for job in again] == [first[0].id]
+    # A replayed poll changes nothing: one alarm, one media row, the cursor as committed.
+    await store.commit_polls([PollCommit("s", "davantis", [alarm], {"last_id": 1}, 60.0)])
+    assert await db.fetchval("SELECT count(*) FROM alarms") == 1
+    assert await db.fetchval("SELECT count(*) FROM alarm_media") == 1

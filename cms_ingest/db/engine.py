@@ -88,13 +88,19 @@ def head_revision() -> str | None:
 
 
 def _upgrade(connection: Connection) -> None:
+    # A session-level lock, released only after the migration committed: the next
+    # migrator then sees the finished schema and has nothing left to do.
     connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+    connection.commit()
     try:
         config = alembic_config()
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
+        connection.commit()
     finally:
+        connection.rollback()
         connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK_KEY})
+        connection.commit()
 
 
 async def migrate(engine: AsyncEngine) -> None:

@@ -67,6 +67,7 @@ class Daemon:
         self.supervisor = Supervisor()
         self.store = Store(create_engine(url))
         self.sites: SiteRegistry | None = None
+        self._sites_built = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
         session = new_client_session()
@@ -75,6 +76,7 @@ class Daemon:
             if not await self._prepare_database(stop):
                 return
             self.sites = SiteRegistry(self.config, session)
+            self._sites_built.set()
             cursors = await self._load_cursors(stop)
             if cursors is None:
                 return
@@ -187,6 +189,12 @@ class Daemon:
         if self.sites is not None:
             await self.sites.close()
         log.info("stopped")
+
+    async def first_polls(self) -> None:
+        """Until every site was polled once (the demo and tests start from there)."""
+        await self._sites_built.wait()
+        assert self.sites is not None
+        await asyncio.gather(*(site.health.polled.wait() for site in self.sites))
 
     # ------------------------------------------------------------------ status
 

@@ -6,6 +6,7 @@ the media fetcher and the action worker, so a site has one login and one token.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -60,6 +61,8 @@ class SiteHealthState:
     last_error: str | None = None
     failing_since: float | None = None
     dirty: bool = field(default=False)
+    # Set after the first poll, good or bad: the site's cursor now exists (when it was good).
+    polled: asyncio.Event = field(default_factory=asyncio.Event)
 
     def success(self) -> None:
         now = datetime.now(UTC)
@@ -78,6 +81,7 @@ class SiteHealthState:
         self.last_error = None
         self.last_poll_at = self.last_success_at = now
         self._export()
+        self.polled.set()
 
     def failure(self, error: str) -> None:
         now = datetime.now(UTC)
@@ -93,6 +97,7 @@ class SiteHealthState:
         self.last_poll_at = now
         self.dirty = True
         self._export()
+        self.polled.set()
 
     def _stale_success(self, now: datetime) -> bool:
         # Persist a healthy site's last success every 30 s, not on every poll.

@@ -1,0 +1,113 @@
+"""The demo and probe commands as a user runs them, and supervision of dying tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+from pathlib import Path
+
+from cms_ingest.metrics import TASK_RESTARTS
+from cms_ingest.retry import RetryPolicy
+from cms_ingest.runtime.supervisor import Supervisor
+from cms_ingest.simulators.davantis import DavantisSimulator, DavantisSite
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_demo_shows_alarms_media_and_stops_by_itself(tmp_path: Path) -> None:
+    """The README's first command, minus the install: embedded PostgreSQL and all."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "cms_ingest.cli",
+        "demo",
+        "--duration",
+        "12",
+        "--data-dir",
+        str(tmp_path / "demo"),
+        "--listen",
+        f"127.0.0.1:{free_port()}",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout=120)
+    text = out.decode()
+    assert process.returncode == 0, text + err.decode()
+    assert "READY" in text
+    assert "ALARM   #1 demo-davantis p1 intrusion" in text
+    assert "snapshot ready" in text
+    assert list((tmp_path / "demo" / "media" / "demo-davantis").rglob("1-snapshot.jpg"))
+
+
+async def test_probe_reports_each_step(tmp_path: Path) -> None:
+    site = DavantisSite(media_delay=0)
+    site.add_alarms(2)
+    async with DavantisSimulator({"default": site}) as sim:
+        config = tmp_path / "cms.yaml"
+        config.write_text(
+            "sites:\n"
+            f"  - {{id: p1, vendor: davantis, url: '{sim.url()}', username: cms, password: secret}}\n"
+            f"  - {{id: p2, vendor: davantis, url: '{sim.url()}', username: cms, password: wrong}}\n"
+        )
+        ok = await _run("probe", "--config", str(config), "p1")
+        assert ok[0] == 0, ok[1]
+        assert "[ok  ] authentication and first poll" in ok[1]
+        assert "cameras:" in ok[1] and "relays:" in ok[1]
+        assert "[ok  ] one snapshot" in ok[1] and "image/jpeg" in ok[1]
+        bad = await _run("probe", "--config", str(config), "p2")
+        assert bad[0] == 1
+        assert "[FAIL] authentication and first poll" in bad[1]
+        assert "wrong" not in bad[1]  # the password is never echoed
+
+
+async def _run(*args: str) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "cms_ingest.cli",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(process.communicate(), timeout=60)
+    return int(process.returncode or 0), out.decode()
+
+
+async def test_a_dying_task_is_restarted_and_others_keep_running() -> None:
+    supervisor = Supervisor()
+    runs = 0
+    healthy_ticks = 0
+    recovered = asyncio.Event()
+
+    async def flaky(stop: asyncio.Event) -> None:
+        nonlocal runs
+        runs += 1
+        if runs < 3:
+            raise RuntimeError(f"crash {runs}")
+        recovered.set()
+        await stop.wait()
+
+    async def steady(stop: asyncio.Event) -> None:
+        nonlocal healthy_ticks
+        while not stop.is_set():
+            healthy_ticks += 1
+            await asyncio.sleep(0.01)
+
+    before = TASK_RESTARTS.labels(task="flaky")._value.get()
+    fast = RetryPolicy(base=0.05, factor=2, cap=0.2, jitter=0)
+    supervisor.start("flaky", flaky, policy=fast)
+    supervisor.start("steady", steady)
+    await asyncio.wait_for(recovered.wait(), timeout=5)
+    assert runs == 3
+    assert TASK_RESTARTS.labels(task="flaky")._value.get() - before == 2
+    assert supervisor.names == ["flaky", "steady"]
+    ticks = healthy_ticks
+    await asyncio.sleep(0.05)
+    assert healthy_ticks > ticks  # the other task never noticed
+    await supervisor.stop_all(timeout=2)
+    assert supervisor.names == []
