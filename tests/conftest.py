@@ -8,6 +8,7 @@ cloned from a template that was migrated once: clean state in a few milliseconds
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
 import warnings
@@ -61,30 +62,34 @@ async def template_db(pg_server_url: str) -> AsyncIterator[str]:
     await admin.close()
 
 
-@pytest.fixture
-async def database_url(pg_server_url: str, template_db: str) -> AsyncIterator[str]:
-    """A fresh, migrated database for this test alone."""
-    name = f"cms_t_{uuid.uuid4().hex[:12]}"
-    admin = await _admin(pg_server_url)
+@contextlib.asynccontextmanager
+async def scratch_database(
+    server_url: str, prefix: str, template: str | None = None
+) -> AsyncIterator[str]:
+    """A database of its own for one test, dropped afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    clause = f' TEMPLATE "{template}"' if template else ""
+    admin = await _admin(server_url)
     try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
-        yield with_database(pg_server_url, name)
+        await admin.execute(f'CREATE DATABASE "{name}"{clause}')
+        yield with_database(server_url, name)
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await admin.close()
+
+
+@pytest.fixture
+async def database_url(pg_server_url: str, template_db: str) -> AsyncIterator[str]:
+    """A fresh, migrated database for this test alone."""
+    async with scratch_database(pg_server_url, "cms_t", template_db) as url:
+        yield url
 
 
 @pytest.fixture
 async def empty_database_url(pg_server_url: str) -> AsyncIterator[str]:
     """A database with no schema at all (for migration tests)."""
-    name = f"cms_e_{uuid.uuid4().hex[:12]}"
-    admin = await _admin(pg_server_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        yield with_database(pg_server_url, name)
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    async with scratch_database(pg_server_url, "cms_e") as url:
+        yield url
 
 
 @pytest.fixture

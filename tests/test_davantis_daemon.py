@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import asyncpg
@@ -278,3 +279,67 @@ async def test_media_late_missing_too_large_and_past_deadline(
             assert "recording" in got[("4", "video")]["last_error"]
             assert got[("5", "snapshot")]["state"] == "unavailable"
             assert not [p for p in (tmp_path / "media").rglob("*-video.*") if "/3-" in str(p)]
+
+
+async def test_every_event_code_maps_and_armed_only_false_takes_all(
+    database_url: str, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    site = DavantisSite(media_delay=0)
+    async with DavantisSimulator({"default": site}) as sim:
+        config = app_config(
+            database_url, tmp_path, [davantis_site("d1", sim.url(), options={"armed_only": False})]
+        )
+        async with running_daemon(config):
+            for event in (0, 1, 2, 3, 7, 10, 11, 18, 42):
+                site.add_alarm(event=event, armed=False)  # disarmed: only seen without cra=yes
+            site.set_input(1, False)  # raises event 102 "Disarmed"
+            site.set_input(1, True)  # and 102 "Armed"
+            await eventually(lambda: _count(db, 11), what="11 alarms")
+            rows = await db.fetch(
+                "SELECT vendor_event, event_type, armed FROM alarms ORDER BY source_id::bigint"
+            )
+            assert [(r["vendor_event"], r["event_type"]) for r in rows] == [
+                ("0", "system"),
+                ("1", "motion"),
+                ("2", "person"),
+                ("3", "vehicle"),
+                ("7", "other"),
+                ("10", "sabotage"),
+                ("11", "intrusion"),
+                ("18", "input"),
+                ("42", "other"),
+                ("102", "disarmed"),
+                ("102", "armed"),
+            ]
+            assert all(r["armed"] is None for r in rows)  # unknown without the cra filter
+            assert "cra=" not in str(site.requests)
+
+
+async def test_one_token_renewal_however_many_callers(tmp_path: Path) -> None:
+    import aiohttp
+
+    from cms_ingest.domain import MediaKind
+    from cms_ingest.runtime.sites import SiteProblems
+    from cms_ingest.sitehttp import SiteHttp
+    from cms_ingest.vendors.davantis import DavantisClient, DavantisOptions
+
+    site = DavantisSite(media_delay=0)
+    site.add_alarms(3)
+    async with DavantisSimulator({"default": site}) as sim, aiohttp.ClientSession() as session:
+        client = DavantisClient(
+            site_id="d1",
+            http=SiteHttp(session, sim.url(), timeout_s=5),
+            username="cms",
+            password="secret",
+            options=DavantisOptions(),
+            problems=SiteProblems("d1", "davantis"),
+        )
+        await client.poll(None)
+        assert (site.logins, site.refreshes) == (1, 0)
+        site.expire_access_tokens()
+        # The poller, the media fetcher and the action worker all hit the expiry at once.
+        await asyncio.gather(
+            *(client.poll({"last_id": 0}) for _ in range(5)),
+            *(client.media_status(MediaKind.SNAPSHOT, {"alarm_id": 2}) for _ in range(5)),
+        )
+        assert (site.logins, site.refreshes) == (1, 1)

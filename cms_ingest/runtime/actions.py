@@ -155,6 +155,8 @@ class ActionWorker:
         try:
             result = await site.client.perform(action)
         except (InvalidAction, DeviceRefused) as exc:
+            if isinstance(exc, InvalidAction):
+                _bad_row("invalid_action")
             answer = exc.answer if isinstance(exc, DeviceRefused) else None
             await self._settle(action, site, ActionState.FAILED, error=str(exc), result=answer)
         except (TransportError, AuthenticationFailed, VendorError) as exc:
@@ -248,6 +250,11 @@ class ActionWorker:
                 kind=action.kind,
                 error=error,
             )
+
+
+def _bad_row(what: str) -> None:
+    """An operator's row we cannot carry out: counted like any bad input (logged per row)."""
+    metrics.BAD_INPUT.labels(source="actions", what=what).inc()
 
 
 def _too_late(action: Action) -> bool:
