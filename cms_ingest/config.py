@@ -22,7 +22,6 @@ messages never quote a value that may hold a secret, and the models hide input i
 from __future__ import annotations
 
 import difflib
-import importlib
 import os
 import re
 from collections.abc import Hashable, Iterable, Mapping
@@ -771,14 +770,10 @@ def _missing_credentials(merged: dict[str, Any], from_file: set[str]) -> list[_P
 
 
 def _default_options_models() -> Mapping[str, type[BaseModel]]:
-    # Imported lazily and by name: the vendors package imports this module, and it may not
-    # define OPTIONS_MODELS yet, in which case options are passed through unvalidated.
-    try:
-        vendors = importlib.import_module("cms_ingest.vendors")
-    except ImportError:
-        return {}
-    models: Mapping[str, type[BaseModel]] = getattr(vendors, "OPTIONS_MODELS", {})
-    return models
+    # Lazy: the vendor modules are heavier than the config and not needed to parse it.
+    from cms_ingest.vendors import OPTIONS_MODELS
+
+    return OPTIONS_MODELS
 
 
 def load_config_text(

@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ConfigDict, SecretStr
 
-import cms_ingest.vendors
 from cms_ingest.config import (
     VENDOR_DEFAULT_POLL_INTERVAL,
     AppConfig,
@@ -482,22 +481,16 @@ def test_options_model_errors(tmp_path: Path) -> None:
     assert set(found) == {"sites[0].options.max_cameras", "sites[0].options.colour"}
 
 
-def test_options_models_default_to_vendors_module(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(
-        cms_ingest.vendors, "OPTIONS_MODELS", {"davantis": _DavantisOptions}, raising=False
+def test_real_davantis_options_are_validated_and_filled(tmp_path: Path) -> None:
+    config = load(tmp_path, sites(DAVANTIS + "    options: {backfill: 2h}\n"), options_models=None)
+    assert config.sites[0].options == {"armed_only": True, "backfill": 7200.0, "page_cap": 300}
+    found = problems(
+        tmp_path,
+        sites(DAVANTIS + "    options: {backfill: soon, armed_onyl: false}\n"),
+        options_models=None,
     )
-    config = load(tmp_path, sites(DAVANTIS), options_models=None)
-    assert config.sites[0].options["max_cameras"] == 16
-
-
-def test_no_options_validation_without_vendors_models(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.delattr(cms_ingest.vendors, "OPTIONS_MODELS", raising=False)
-    config = load(tmp_path, sites(DAVANTIS + "    options: {anything: 1}\n"), options_models=None)
-    assert config.sites[0].options == {"anything": 1}
+    assert set(found) == {"sites[0].options.backfill", "sites[0].options.armed_onyl"}
+    assert "15m" in found["sites[0].options.backfill"]
 
 
 # --------------------------------------------------------------------------- reporting
