@@ -13,7 +13,7 @@ from typing import Any
 
 from cms_ingest.config import AppConfig, ConfigError, ConfigProblem, check_config, load_config
 from cms_ingest.logs import configure_logging
-from cms_ingest.vendors import BUILDERS, supported_vendors
+from cms_ingest.vendors import BUILDERS, SITE_CHECKS, supported_vendors
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -22,16 +22,23 @@ EXIT_CONFIG = 2
 FINAL_ACTION_STATES = frozenset({"succeeded", "failed", "expired"})
 
 
-def _unsupported_vendors(config: AppConfig) -> list[ConfigProblem]:
-    return [
-        ConfigProblem(
-            f"sites[{index}].vendor",
-            f"vendor {site.vendor!r} is not supported by this build yet "
-            f"(supported: {', '.join(supported_vendors())})",
-        )
-        for index, site in enumerate(config.sites)
-        if site.vendor not in BUILDERS
-    ]
+def vendor_problems(config: AppConfig) -> list[ConfigProblem]:
+    """What the config schema cannot see: vendors this build lacks, vendor-specific rules."""
+    problems: list[ConfigProblem] = []
+    for index, site in enumerate(config.sites):
+        if site.vendor not in BUILDERS:
+            problems.append(
+                ConfigProblem(
+                    f"sites[{index}].vendor",
+                    f"vendor {site.vendor!r} is not supported by this build yet "
+                    f"(supported: {', '.join(supported_vendors())})",
+                )
+            )
+            continue
+        check = SITE_CHECKS.get(site.vendor)
+        for key, message in check(site.url, site.options) if check else []:
+            problems.append(ConfigProblem(f"sites[{index}].options.{key}", message))
+    return problems
 
 
 def load_or_exit(path: str) -> AppConfig:
@@ -41,7 +48,7 @@ def load_or_exit(path: str) -> AppConfig:
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         raise SystemExit(EXIT_CONFIG) from None
-    problems = _unsupported_vendors(config)
+    problems = vendor_problems(config)
     if problems:
         print(str(ConfigError(problems, source=path)), file=sys.stderr)
         raise SystemExit(EXIT_CONFIG)
@@ -85,7 +92,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     problems = check_config(args.path)
     if not problems:
         try:
-            problems = _unsupported_vendors(load_config(args.path))
+            problems = vendor_problems(load_config(args.path))
         except ConfigError as exc:  # the file changed under us; report what it says now
             problems = exc.problems
     if problems:

@@ -118,3 +118,15 @@ SITES = Gauge(
     ["vendor"],
     registry=REGISTRY,
 )
+CLOCK_SKEW = Gauge(
+    "cms_ingest_clock_skew_seconds",
+    "The device's clock minus ours, as last measured (positive: the device is ahead).",
+    ["site_id", "vendor"],
+    registry=REGISTRY,
+)
+DEVICE_HEALTH = Gauge(
+    "cms_ingest_device_health",
+    "What the device reports about its own parts (1 healthy, 0 in error), e.g. recorder, cameras.",
+    ["site_id", "vendor", "component"],
+    registry=REGISTRY,
+)

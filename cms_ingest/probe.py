@@ -15,7 +15,7 @@ from cms_ingest.config import SiteConfig
 from cms_ingest.domain import MediaKind
 from cms_ingest.runtime.sites import build_site
 from cms_ingest.sitehttp import TransportError, new_client_session
-from cms_ingest.vendors.base import VendorClient, VendorError
+from cms_ingest.vendors.base import MediaNotReady, VendorClient, VendorError
 
 MAX_SNAPSHOT_BYTES = 20 * 1024 * 1024
 
@@ -89,20 +89,28 @@ def _summary(value: Any) -> str:
 
 
 async def _snapshot(client: VendorClient) -> str:
-    recent = await client.poll({"last_id": 0}) if client.vendor == "davantis" else None
-    alarms = recent.alarms if recent else []
-    for alarm in reversed(alarms):
+    recent = getattr(client, "recent_alarms", None)
+    alarms = await recent(20) if recent is not None else []
+    for alarm in alarms:
         for media in alarm.media:
             if media.kind is not MediaKind.SNAPSHOT or not media.available:
                 continue
             probe = await client.media_status(media.kind, media.locator)
             if probe.state != "ready" or not probe.path:
                 continue
-            size = 0
-            async with client.download(probe.path) as download:
-                async for chunk in download.chunks:
-                    size += len(chunk)
-                    if size > MAX_SNAPSHOT_BYTES:
-                        break
-            return f"alarm {alarm.source_id}: {size} bytes ({download.content_type})"
+            try:
+                size, content_type = await _download_size(client, probe.path)
+            except MediaNotReady:
+                continue  # announced but not served yet: try an older alarm
+            return f"alarm {alarm.source_id}: {size} bytes ({content_type})"
     return "no alarm with a ready snapshot on the device yet (nothing to download)"
+
+
+async def _download_size(client: VendorClient, path: str) -> tuple[int, str | None]:
+    size = 0
+    async with client.download(path) as download:
+        async for chunk in download.chunks:
+            size += len(chunk)
+            if size > MAX_SNAPSHOT_BYTES:
+                break
+    return size, download.content_type

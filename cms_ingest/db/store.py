@@ -376,12 +376,21 @@ class Store:
         result: Mapping[str, Any] | None = None,
         error: str | None = None,
         expected: ActionState = ActionState.RUNNING,
+        only_if_lease_expired: bool = False,
     ) -> bool:
-        """Move an action to a final state; False when it was no longer in `expected`."""
+        """Move an action to a final state; False when it was no longer in `expected`.
+
+        `only_if_lease_expired`: for recovering a crashed worker's row, which must not race a
+        live worker that still holds (and renews) the lease.
+        """
         async with self.engine.begin() as connection:
             outcome = await connection.execute(
                 update(actions)
-                .where(actions.c.id == action_id, actions.c.state == expected.value)
+                .where(
+                    actions.c.id == action_id,
+                    actions.c.state == expected.value,
+                    *_lease_expired(only_if_lease_expired),
+                )
                 .values(
                     state=state.value,
                     result=None if result is None else _jsonable(result),
@@ -399,11 +408,16 @@ class Store:
         delay_s: float,
         error: str,
         expected: ActionState = ActionState.RUNNING,
+        only_if_lease_expired: bool = False,
     ) -> bool:
         async with self.engine.begin() as connection:
             outcome = await connection.execute(
                 update(actions)
-                .where(actions.c.id == action_id, actions.c.state == expected.value)
+                .where(
+                    actions.c.id == action_id,
+                    actions.c.state == expected.value,
+                    *_lease_expired(only_if_lease_expired),
+                )
                 .values(
                     state=ActionState.QUEUED.value,
                     error=error,
@@ -460,6 +474,10 @@ class Store:
 
 def _seconds(value: float) -> Any:
     return func.make_interval(0, 0, 0, 0, 0, 0, value)
+
+
+def _lease_expired(required: bool) -> list[Any]:
+    return [actions.c.claimed_until < func.now()] if required else []
 
 
 def _jsonable(value: Mapping[str, Any]) -> Any:

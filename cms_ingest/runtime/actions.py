@@ -120,12 +120,19 @@ class ActionWorker:
         reason = "the daemon running it stopped mid-attempt"
         if spec is not None and spec.idempotent and not _too_late(action):
             await self._store.requeue_action(
-                action.id, delay_s=0, error=f"{reason}; retried (idempotent)"
+                action.id,
+                delay_s=0,
+                error=f"{reason}; retried (idempotent)",
+                only_if_lease_expired=True,
             )
-        else:
-            await self._fail(
-                action, site, f"{reason}; outcome unknown, not retried (it could fire twice)"
-            )
+            return
+        error = f"{reason}; outcome unknown, not retried (it could fire twice)"
+        if await self._store.finish_action(
+            action.id, ActionState.FAILED, error=error, only_if_lease_expired=True
+        ):
+            vendor = site.config.vendor if site else "unknown"
+            metrics.ACTIONS.labels(vendor=vendor, kind=action.kind, outcome="failed").inc()
+            log.warning("action_failed", action_id=action.id, site_id=action.site_id, error=error)
 
     async def _execute(self, action: Action) -> None:
         bound = log.bind(

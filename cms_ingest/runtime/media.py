@@ -22,7 +22,7 @@ from cms_ingest.retry import RetryPolicy
 from cms_ingest.runtime.mediafiles import MediaTooLarge, store_stream
 from cms_ingest.runtime.sites import SiteRegistry, SiteRuntime
 from cms_ingest.sitehttp import TransportError, UnsafeUrl
-from cms_ingest.vendors.base import MediaProbe, VendorError
+from cms_ingest.vendors.base import MediaNotReady, MediaProbe, VendorError
 
 log = structlog.get_logger("cms_ingest.media")
 
@@ -121,6 +121,8 @@ class MediaFetcher:
                 )
             else:
                 await self._later(job, site, probe, f"not ready: {probe.detail}", "not_ready")
+        except MediaNotReady as exc:
+            await self._later(job, site, None, f"not ready: {exc}", "not_ready")
         except MediaTooLarge as exc:
             await self._settle(job, MediaState.FAILED, str(exc), "too_large", site)
         except UnsafeUrl as exc:

@@ -63,6 +63,8 @@ class SitePoller:
         self.cursor = cursor
         self._media_deadline_s = media_deadline_s
         self._db_failing = False
+        self._polls_ok = metrics.POLLS.labels(**self._labels, outcome="ok")
+        self._poll_duration = metrics.POLL_DURATION.labels(vendor=site.config.vendor)
 
     @property
     def _labels(self) -> dict[str, str]:
@@ -85,7 +87,6 @@ class SitePoller:
     async def poll_once(self) -> bool:
         """One poll and its commit. True when the site answered and the result is stored."""
         client = self._site.client
-        vendor = self._site.config.vendor
         started = time.monotonic()
         try:
             result = await client.poll(self.cursor)
@@ -94,11 +95,11 @@ class SitePoller:
             self._site.health.failure(_describe(exc))
             return False
         finally:
-            metrics.POLL_DURATION.labels(vendor=vendor).observe(time.monotonic() - started)
+            self._poll_duration.observe(time.monotonic() - started)
         changed = bool(result.alarms) or result.cursor != self.cursor
         if changed and not await self._commit(result.alarms, result.cursor, result.notes):
             return False
-        metrics.POLLS.labels(**self._labels, outcome="ok").inc()
+        self._polls_ok.inc()
         self._site.health.success()
         return True
 

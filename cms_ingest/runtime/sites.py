@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import aiohttp
 import structlog
@@ -63,6 +64,16 @@ class SiteHealthState:
     dirty: bool = field(default=False)
     # Set after the first poll, good or bad: the site's cursor now exists (when it was good).
     polled: asyncio.Event = field(default_factory=asyncio.Event)
+    # This site's metric series, looked up once (a label lookup per poll adds up at 2,000).
+    _gauges: tuple[Any, Any, Any] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        labels = {"site_id": self.site_id, "vendor": self.vendor}
+        self._gauges = (
+            metrics.SITE_UP.labels(**labels),
+            metrics.SITE_CONSECUTIVE_FAILURES.labels(**labels),
+            metrics.SITE_LAST_SUCCESS.labels(**labels),
+        )
 
     def success(self) -> None:
         now = datetime.now(UTC)
@@ -104,11 +115,11 @@ class SiteHealthState:
         return self.last_success_at is None or (now - self.last_success_at).total_seconds() > 30
 
     def _export(self) -> None:
-        labels = {"site_id": self.site_id, "vendor": self.vendor}
-        metrics.SITE_UP.labels(**labels).set(1 if self.up else 0)
-        metrics.SITE_CONSECUTIVE_FAILURES.labels(**labels).set(self.consecutive_failures)
+        up, failures, last_success = self._gauges
+        up.set(1 if self.up else 0)
+        failures.set(self.consecutive_failures)
         if self.last_success_at is not None:
-            metrics.SITE_LAST_SUCCESS.labels(**labels).set(self.last_success_at.timestamp())
+            last_success.set(self.last_success_at.timestamp())
 
     def snapshot(self) -> SiteHealth | None:
         if not self.dirty or self.last_poll_at is None:

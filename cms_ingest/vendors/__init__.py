@@ -11,15 +11,23 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from cms_ingest.vendors import davantis
+from cms_ingest.vendors import camtrace, davantis
 from cms_ingest.vendors.base import VendorClient
 
 OPTIONS_MODELS: Mapping[str, type[BaseModel]] = {
     "davantis": davantis.DavantisOptions,
+    "camtrace": camtrace.CamTraceOptions,
 }
 
 BUILDERS: Mapping[str, Callable[..., VendorClient]] = {
     "davantis": davantis.build,
+    "camtrace": camtrace.build,
+}
+
+
+# Optional per-vendor checks of a site beyond its options model: (options key, message).
+SITE_CHECKS: Mapping[str, Callable[[str, Mapping[str, Any]], list[tuple[str, str]]]] = {
+    "camtrace": camtrace.check_site,
 }
 
 

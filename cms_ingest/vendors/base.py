@@ -30,6 +30,10 @@ class BadDeviceResponse(VendorError):
     """The device answered, but not with something we can read (malformed JSON, wrong shape)."""
 
 
+class MediaNotReady(VendorError):
+    """The media was announced ready but the device cannot serve it yet (a 404): ask again later."""
+
+
 class DeviceRefused(VendorError):
     """The device understood an action and said no. Never retried."""
 
@@ -120,6 +124,7 @@ __all__ = [
     "DeviceRefused",
     "Download",
     "InvalidAction",
+    "MediaNotReady",
     "MediaProbe",
     "PollResult",
     "ProblemReporter",

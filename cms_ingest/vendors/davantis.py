@@ -38,6 +38,7 @@ from cms_ingest.vendors.base import (
     DeviceRefused,
     Download,
     InvalidAction,
+    MediaNotReady,
     MediaProbe,
     PollResult,
     ProblemReporter,
@@ -145,6 +146,8 @@ class DavantisClient:
                 body = await read_limited(response, MAX_JSON_BYTES)
                 status = response.status
             payload = _parse_json(body) if body else None
+            if payload is _MALFORMED and status >= 300:
+                payload = None  # an error page: the status says enough
             if status == 401 or _error_code(payload) in TOKEN_ERROR_CODES:
                 if attempt == 1:
                     self._invalidate(generation)
@@ -363,6 +366,11 @@ class DavantisClient:
         except (BadDeviceResponse, KeyError, TypeError) as exc:
             self._problems.bad_input("cameras", f"camera list unreadable: {exc}")
 
+    async def recent_alarms(self, count: int) -> list[Alarm]:
+        """The newest alarms on the device, whatever their state (for the probe)."""
+        await self._refresh_context()
+        return [self._alarm(item) for item in (await self._alarm_page({}))[:count]]
+
     async def describe(self) -> dict[str, Any]:
         """Cameras, relays and inputs, for the commissioning probe."""
         await self._refresh_context()
@@ -413,6 +421,8 @@ class DavantisClient:
                 if response.status == 401 and attempt == 1:
                     self._invalidate(generation)
                     continue
+                if response.status == 404:
+                    raise MediaNotReady(f"GET {path} answered 404")
                 if response.status != 200:
                     raise BadDeviceResponse(f"GET {path} answered {response.status}")
                 yield Download(
