@@ -24,23 +24,35 @@ from cms_ingest.db.notify import Listener
 from cms_ingest.db.store import Store
 from cms_ingest.logs import configure_logging
 from cms_ingest.runtime.daemon import Daemon, run_daemon
+from cms_ingest.simulators.camtrace import CamTraceSimulator, CamTraceSite
 from cms_ingest.simulators.davantis import DavantisSimulator, DavantisSite
 
 OPERATOR_EVERY_S = 20.0
 DEMO_PASSWORD = "demo-secret"  # noqa: S105 - the simulated site's password, on loopback only
 
 
-def demo_config(data_dir: Path, listen: str, davantis_url: str) -> AppConfig:
-    site = SiteConfig(
+def demo_config(data_dir: Path, listen: str, urls: dict[str, str]) -> AppConfig:
+    """One site per simulated vendor, each on its own loopback port."""
+    davantis = SiteConfig(
         id="demo-davantis",
         name="Demo warehouse (simulated Davantis)",
         vendor="davantis",
-        url=davantis_url,
+        url=urls["davantis"],
         username="cms",
         password=SecretStr(DEMO_PASSWORD),
         poll_interval=0.5,
     )
-    return AppConfig(data_dir=data_dir, listen=listen, sites=[site])
+    camtrace = SiteConfig(
+        id="demo-camtrace",
+        name="Demo depot (simulated CamTrace)",
+        vendor="camtrace",
+        url=urls["camtrace"],
+        username="cms",
+        password=SecretStr(DEMO_PASSWORD),
+        poll_interval=1.0,
+        options={"input_types": ["porte1"]},
+    )
+    return AppConfig(data_dir=data_dir, listen=listen, sites=[davantis, camtrace])
 
 
 class LiveView:
@@ -115,16 +127,26 @@ async def play_operator(store: Store, view: LiveView, stop: asyncio.Event) -> No
         if stop.is_set():
             return
         round_no += 1
-        if round_no == 2:
-            kind, target, params = "disarm", "2", {}
-            note = "disarm via the hardware keyswitch input (the device will refuse)"
-        else:
-            kind, target, params = "relay", "1", {"duration_s": 30}
-            note = "siren relay 1 on"
+        site_id, kind, target, params, note = _operator_request(round_no)
         action_id = await store.enqueue_action(
-            site_id="demo-davantis", kind=kind, target=target, params=params, requested_by="demo"
+            site_id=site_id, kind=kind, target=target, params=params, requested_by="demo"
         )
         view.line("REQUEST", f"#{action_id} operator asks: {note}")
+
+
+def _operator_request(round_no: int) -> tuple[str, str, str, dict[str, Any], str]:
+    """What the demo operator asks for on its Nth round: (site, kind, target, params, note)."""
+    if round_no == 2:
+        return (
+            "demo-davantis",
+            "disarm",
+            "2",
+            {},
+            "disarm via the hardware keyswitch input (the device will refuse)",
+        )
+    if round_no % 2 == 1:
+        return "demo-davantis", "relay", "1", {"duration_s": 30}, "siren relay 1 on"
+    return "demo-camtrace", "command", "7", {}, "CamTrace command 7 (floodlight)"
 
 
 async def run_demo(
@@ -138,15 +160,19 @@ async def run_demo(
         loop.add_signal_handler(signum, stop.set)
 
     davantis = DavantisSimulator({"default": DavantisSite(password=DEMO_PASSWORD, media_delay=3.0)})
-    davantis_url = await davantis.start()
+    camtrace = CamTraceSimulator(
+        {"default": CamTraceSite(password=DEMO_PASSWORD, media_delay=1.0, slice_after_s=4.0)}
+    )
+    urls = {"davantis": await davantis.start(), "camtrace": await camtrace.start()}
     davantis.site().add_alarms(3)  # history before the daemon starts: not ingested (no backfill)
-    config = demo_config(data_dir, listen, davantis_url)
+    config = demo_config(data_dir, listen, urls)
     started: asyncio.Queue[Daemon] = asyncio.Queue()
     daemon_task = asyncio.create_task(run_daemon(config, stop=stop, on_started=started.put_nowait))
     out.write(
         f"cms-ingest demo: data in {data_dir}, logs in {data_dir / 'demo.log'}, "
         f"metrics on http://{listen}/metrics\n"
-        f"simulated Davantis site at {davantis_url}; Ctrl-C to stop.\n\n"
+        f"simulated sites: Davantis at {urls['davantis']}, CamTrace at {urls['camtrace']}; "
+        "Ctrl-C to stop.\n\n"
     )
     try:
         daemon = await _wait_started(started, daemon_task)
@@ -158,6 +184,7 @@ async def run_demo(
         view = LiveView(store, out)
         listener = Listener(daemon.url, ["cms_alarms"], on_notify=view.on_alarm)
         davantis.start_generator(0.25, events=(1, 2, 3, 10, 11))
+        camtrace.start_generator(0.15)
         helpers = [
             asyncio.create_task(listener.run(stop)),
             asyncio.create_task(view.run(stop)),
@@ -165,6 +192,7 @@ async def run_demo(
         ]
         view.line("READY", "daemon running; alarms will appear as the simulated site raises them")
         davantis.site().add_alarm(event=11, camera=1)  # something to see at once
+        camtrace.site().add_alarm(camera=2, description="MOTION Alarm")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=duration)
         stop.set()
@@ -174,8 +202,9 @@ async def run_demo(
         return 0
     finally:
         stop.set()
-        await davantis.stop_generator()
-        await davantis.stop()
+        for simulator in (davantis, camtrace):
+            await simulator.stop_generator()
+            await simulator.stop()
         if not daemon_task.done():
             await asyncio.wait([daemon_task], timeout=10)
         log_file.close()

@@ -40,6 +40,9 @@ async def test_demo_shows_alarms_media_and_stops_by_itself(tmp_path: Path) -> No
     assert process.returncode == 0, text + err.decode()
     assert "READY" in text
     assert "ALARM   #1 demo-davantis p1 intrusion" in text
+    assert "demo-camtrace p5 motion" in text
+    assert "video ready: demo-camtrace/" in text and ".mkv" in text
+    assert "Warning" not in err.decode()
     assert "snapshot ready" in text
     assert list((tmp_path / "demo" / "media" / "demo-davantis").rglob("1-snapshot.jpg"))
 
@@ -63,6 +66,24 @@ async def test_probe_reports_each_step(tmp_path: Path) -> None:
         assert bad[0] == 1
         assert "[FAIL] authentication and first poll" in bad[1]
         assert "wrong" not in bad[1]  # the password is never echoed
+
+
+async def test_probe_camtrace_lists_what_operators_target(tmp_path: Path) -> None:
+    from cms_ingest.simulators.camtrace import CamTraceSimulator, CamTraceSite
+
+    site = CamTraceSite(media_delay=0, clock_offset_s=12.0)
+    site.add_alarms(2)
+    async with CamTraceSimulator({"default": site}) as sim:
+        config = tmp_path / "cms.yaml"
+        config.write_text(
+            "sites:\n"
+            f"  - {{id: ct, vendor: camtrace, url: '{sim.url()}', username: cms, password: secret}}\n"
+        )
+        code, out = await _run("probe", "--config", str(config), "ct")
+        assert code == 0, out
+        assert "commands (exturls):" in out and "scenarios:" in out
+        assert "clock skew (s): 1" in out  # about 12 s ahead
+        assert "[ok  ] one snapshot" in out
 
 
 async def _run(*args: str) -> tuple[int, str]:

@@ -211,7 +211,12 @@ async def test_check_config_accepts_the_example(tmp_path: Path) -> None:
         str(example),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "ACME_NORTH_PASSWORD": "x", "ACME_SOUTH_PASSWORD": "y", "DEPOT_EAST_PASSWORD": "z"},
+        env={
+            **os.environ,
+            "ACME_NORTH_PASSWORD": "x",
+            "ACME_SOUTH_PASSWORD": "y",
+            "DEPOT_EAST_PASSWORD": "z",
+        },
     )
     out, err = await asyncio.wait_for(process.communicate(), timeout=30)
     assert process.returncode == 0, out.decode() + err.decode()
