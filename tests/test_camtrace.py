@@ -223,3 +223,52 @@ async def test_every_camtrace_action(
             assert site.triggers[0][1]["type"] == "porte1"
             # The triggered alarms come back through the poll like any other.
             await eventually(lambda: count_at_least(db, 2), what="triggered alarms ingested")
+
+
+async def test_health_errors_are_reported_once_and_in_metrics(
+    database_url: str, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    from prometheus_client import generate_latest
+
+    from cms_ingest.metrics import REGISTRY
+
+    def health(component: str) -> float | None:
+        prefix = (
+            f'cms_ingest_device_health{{component="{component}",site_id="c1",vendor="camtrace"}}'
+        )
+        for line in generate_latest(REGISTRY).decode().splitlines():
+            if line.startswith(prefix):
+                return float(line.rsplit(" ", 1)[1])
+        return None
+
+    site = CamTraceSite(media_delay=0)
+    async with CamTraceSimulator({"default": site}) as sim:
+        config = app_config(
+            database_url,
+            tmp_path,
+            [camtrace_site("c1", sim.url(), options={"health_interval_s": 0.2})],
+        )
+        async with running_daemon(config):
+            await eventually(lambda: health("cameras") == 1.0, what="cameras healthy")
+            site.set_camera_error(1, "No image")
+            await eventually(lambda: health("cameras") == 0.0, what="camera error seen")
+            assert health("recorder") == 1.0
+            site.clear_errors()
+            await eventually(lambda: health("cameras") == 1.0, what="camera recovered")
+            assert site.requests["GET /api/v1.2/health"] >= 3
+
+
+async def test_http_basic_when_configured(
+    database_url: str, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    site = CamTraceSite(media_delay=0)
+    async with CamTraceSimulator({"default": site}) as sim:
+        options = {"auth": "basic", "allow_basic_over_http": True}
+        config = app_config(
+            database_url, tmp_path, [camtrace_site("c1", sim.url(), options=options)]
+        )
+        async with running_daemon(config):
+            await eventually(lambda: has_cursor(db), what="cursor")
+            site.add_alarm(recording=False)
+            await eventually(lambda: count_at_least(db, 1), what="alarm over Basic")
+            assert site.requests["GET /api/v1.2/users/cms/auth"] == 0  # no WSSE salt needed

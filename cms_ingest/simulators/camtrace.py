@@ -61,29 +61,38 @@ import base64
 import binascii
 import bisect
 import collections
-import contextlib
 import functools
 import hashlib
 import hmac
-import json
 import random
 import re
-import signal
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from time import monotonic
-from types import TracebackType
 from typing import Any, NamedTuple
 from urllib.parse import quote, urlencode
 
 import bcrypt
 from aiohttp import web
 
+from cms_ingest.simulators import base
+from cms_ingest.simulators.base import (
+    DEFAULT_TENANT,
+    Route,
+    TenantSimulator,
+    as_bool,
+    as_datetime,
+    check_rate,
+    control_body,
+    control_routes,
+    parse_cli_args,
+    serve_cli,
+    tenant_names,
+)
 from cms_ingest.simulators.davantis import snapshot_jpeg
 
-DEFAULT_TENANT = "default"
 DEFAULT_PORT = 21100
 API = "/api/v1.2"
 API_MISSPELT = "/ap1/v1.2"  # the manual prints some paths this way: served too
@@ -94,7 +103,6 @@ MAX_LIMIT = 500
 PRE_ALARM = timedelta(seconds=5)
 SLICE_BYTES = 4096
 MIN_SLICE_BYTES = 64
-GENERATOR_TICK = 0.05
 NONCE_MEMORY_ABOVE = 4096
 WWW_AUTHENTICATE = 'WSSE realm="CamTrace", profile="UsernameToken"'
 AUTH_QUERY_PARAMS = frozenset({"_username", "_password", "_nonce", "_created_at"})
@@ -803,8 +811,10 @@ def slice_mkv(alarm_id: int, size: int = SLICE_BYTES) -> bytes:
 
 
 # ---------------------------------------------------------------- handlers
-SiteHandler = Callable[[CamTraceSite, web.Request], Awaitable[web.StreamResponse]]
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+SiteHandler = base.SiteHandler[CamTraceSite]
+# Names this module has always offered, now defined in base.py.
+Handler = base.Handler
+GENERATOR_TICK = base.GENERATOR_TICK
 
 
 def _empty_html() -> web.Response:
@@ -947,81 +957,45 @@ async def _health(site: CamTraceSite, request: web.Request) -> web.StreamRespons
     return web.json_response({"health": site.health})
 
 
-class _Route(NamedTuple):
-    method: str
-    path: str
-    handler: SiteHandler
-    auth: bool = True
-    poll_faults: bool = False
-
-
 DEVICE_ROUTES = (
-    _Route("GET", f"{API}/users/{{name}}/auth", _auth_methods, auth=False),
-    _Route("GET", f"{API_MISSPELT}/users/{{name}}/auth", _auth_methods, auth=False),
-    _Route("GET", f"{API}/getservertime", _server_time, auth=False),
-    _Route("GET", f"{API}/cameras", _cameras),
-    _Route("GET", f"{API}/cameras/alarms", _alarms, poll_faults=True),
-    _Route("GET", f"{API}/cameras/alarms/trigger", _trigger),
-    _Route("GET", f"{API}/cameras/alarms/untrigger", _untrigger),
-    _Route("GET", f"{API}/cameras/alarms/{{alarm_id:\\d+}}.jpg", _snapshot, auth=False),
-    _Route("GET", f"{API}/cameras/{{camera_id:\\d+}}", _camera),
-    _Route("GET", f"{API}/cameras/{{camera_id:\\d+}}/alarms", _alarms, poll_faults=True),
-    _Route("GET", f"{API}/exturls", _exturls),
-    _Route("GET", f"{API}/exturls/{{item_id:\\d+}}", _exturl),
-    _Route("GET", f"{API}/exturls/{{item_id:\\d+}}/trigger", _exturl_trigger),
-    _Route("GET", f"{API}/scenarios", _scenarios),
-    _Route("GET", f"{API}/scenarios/{{item_id:\\d+}}/trigger", _scenario_trigger),
-    _Route("GET", f"{API}/slices", _slices),
-    _Route("GET", f"{API}/slices/{{camera_id:\\d+}}/{{start}}/{{kind}}/download", _slice_download),
-    _Route("GET", f"{API}/health", _health),
-    _Route("GET", f"{API_MISSPELT}/health", _health),
+    Route("GET", f"{API}/users/{{name}}/auth", _auth_methods, auth=False),
+    Route("GET", f"{API_MISSPELT}/users/{{name}}/auth", _auth_methods, auth=False),
+    Route("GET", f"{API}/getservertime", _server_time, auth=False),
+    Route("GET", f"{API}/cameras", _cameras),
+    Route("GET", f"{API}/cameras/alarms", _alarms, poll_faults=True),
+    Route("GET", f"{API}/cameras/alarms/trigger", _trigger),
+    Route("GET", f"{API}/cameras/alarms/untrigger", _untrigger),
+    Route("GET", f"{API}/cameras/alarms/{{alarm_id:\\d+}}.jpg", _snapshot, auth=False),
+    Route("GET", f"{API}/cameras/{{camera_id:\\d+}}", _camera),
+    Route("GET", f"{API}/cameras/{{camera_id:\\d+}}/alarms", _alarms, poll_faults=True),
+    Route("GET", f"{API}/exturls", _exturls),
+    Route("GET", f"{API}/exturls/{{item_id:\\d+}}", _exturl),
+    Route("GET", f"{API}/exturls/{{item_id:\\d+}}/trigger", _exturl_trigger),
+    Route("GET", f"{API}/scenarios", _scenarios),
+    Route("GET", f"{API}/scenarios/{{item_id:\\d+}}/trigger", _scenario_trigger),
+    Route("GET", f"{API}/slices", _slices),
+    Route("GET", f"{API}/slices/{{camera_id:\\d+}}/{{start}}/{{kind}}/download", _slice_download),
+    Route("GET", f"{API}/health", _health),
+    Route("GET", f"{API_MISSPELT}/health", _health),
 )
 
 
 # ----------------------------------------------------- /_sim control surface
-def _as_bool(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"expected true or false, got {value!r}")
-    return value
-
-
-def _as_datetime(value: Any) -> datetime:
-    return datetime.fromisoformat(str(value))
-
-
 _ALARM_FIELDS: dict[str, Callable[[Any], Any]] = {
     "camera": int,
     "description": str,
-    "time": _as_datetime,
-    "recording": _as_bool,
+    "time": as_datetime,
+    "recording": as_bool,
     "media_delay": float,
 }
 
 
-async def _control_body(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
-    body = json.loads(raw) if raw.strip() else {}
-    if not isinstance(body, dict):
-        raise ValueError("the body must be a JSON object")
-    return body
-
-
-async def _sim_alarms(site: CamTraceSite, request: web.Request) -> web.StreamResponse:
-    body = await _control_body(request)
-    count = int(body.pop("count", 1))
-    unknown = set(body) - set(_ALARM_FIELDS)
-    if unknown:
-        raise ValueError(f"unknown alarm fields: {sorted(unknown)}")
-    kwargs = {key: _ALARM_FIELDS[key](value) for key, value in body.items()}
-    return web.json_response([alarm.id for alarm in site.add_alarms(count, **kwargs)])
-
-
 async def _sim_faults(site: CamTraceSite, request: web.Request) -> web.StreamResponse:
-    body = await _control_body(request)
+    body = await control_body(request)
     if "fail" in body:
         site.fail_alarm_polls(int(body["fail"]), int(body.get("status", 500)))
     if "offline" in body:
-        site.offline = _as_bool(body["offline"])
+        site.offline = as_bool(body["offline"])
     if "clock_offset_s" in body:
         site.clock_offset_s = float(body["clock_offset_s"])
     if body.get("expire_digests"):
@@ -1034,116 +1008,31 @@ async def _sim_faults(site: CamTraceSite, request: web.Request) -> web.StreamRes
     return web.json_response(site.state())
 
 
-async def _sim_state(site: CamTraceSite, request: web.Request) -> web.StreamResponse:
-    return web.json_response(site.state())
-
-
-CONTROL_ROUTES = (
-    _Route("POST", "/_sim/alarms", _sim_alarms, auth=False),
-    _Route("POST", "/_sim/faults", _sim_faults, auth=False),
-    _Route("GET", "/_sim/state", _sim_state, auth=False),
-)
+CONTROL_ROUTES = control_routes(_ALARM_FIELDS, _sim_faults)
 
 
 # --------------------------------------------------------------- the server
-def _base_url(address: Any) -> str:
-    host, port = address[0], address[1]
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
-class CamTraceSimulator:
+class CamTraceSimulator(TenantSimulator[CamTraceSite]):
     """An HTTP server hosting one or many simulated CamTrace servers (tenants)."""
 
+    control_errors = (ValueError, TypeError, KeyError)
+
     def __init__(self, sites: dict[str, CamTraceSite] | None = None) -> None:
-        self.sites: dict[str, CamTraceSite] = (
-            dict(sites) if sites is not None else {DEFAULT_TENANT: CamTraceSite()}
-        )
-        self._runner: web.AppRunner | None = None
-        self._base: str | None = None
-        self._generator: asyncio.Task[None] | None = None
+        super().__init__(sites if sites is not None else {DEFAULT_TENANT: CamTraceSite()})
 
-    async def __aenter__(self) -> CamTraceSimulator:
-        await self.start()
-        return self
+    def _device_routes(self) -> Iterable[Route[CamTraceSite]]:
+        return DEVICE_ROUTES
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.stop()
+    def _control_routes(self) -> Iterable[Route[CamTraceSite]]:
+        return CONTROL_ROUTES
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        """Serve on ``host:port`` (0 = any free port) and return the base URL."""
-        runner = web.AppRunner(self._build_app(), access_log=None, shutdown_timeout=1.0)
-        await runner.setup()
-        await web.TCPSite(runner, host, port).start()
-        self._runner = runner
-        self._base = _base_url(runner.addresses[0])
-        return self._base
+    async def _answer(
+        self, site: CamTraceSite, route: Route[CamTraceSite], request: web.Request
+    ) -> web.StreamResponse:
+        response = await _respond(site, route, request)
+        response.headers["Date"] = http_date(site.now())  # the server's clock, not ours
+        return response
 
-    async def stop(self) -> None:
-        await self.stop_generator()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    def url(self, tenant: str = DEFAULT_TENANT) -> str:
-        if self._base is None:
-            raise RuntimeError("the simulator is not started")
-        return self._base if tenant == DEFAULT_TENANT else f"{self._base}/t/{tenant}"
-
-    def site(self, tenant: str = DEFAULT_TENANT) -> CamTraceSite:
-        return self.sites[tenant]
-
-    def add_site(self, tenant: str, site: CamTraceSite) -> None:
-        self.sites[tenant] = site
-
-    def _build_app(self) -> web.Application:
-        app = web.Application()
-        for route in DEVICE_ROUTES:
-            self._add_route(app, route, self._device_handler(route))
-        for route in CONTROL_ROUTES:
-            self._add_route(app, route, self._control_handler(route.handler))
-        return app
-
-    @staticmethod
-    def _add_route(app: web.Application, route: _Route, handler: Handler) -> None:
-        app.router.add_route(route.method, route.path, handler)
-        app.router.add_route(route.method, "/t/{tenant}" + route.path, handler)
-
-    def _resolve(self, request: web.Request) -> tuple[CamTraceSite, str]:
-        """The tenant's site and the request path without the tenant prefix."""
-        tenant = request.match_info.get("tenant")
-        site = self.sites.get(DEFAULT_TENANT if tenant is None else tenant)
-        if site is None:
-            raise web.HTTPNotFound(text=f"unknown tenant {tenant!r}")
-        path = request.path if tenant is None else request.path[len(f"/t/{tenant}") :]
-        return site, path
-
-    def _device_handler(self, route: _Route) -> Handler:
-        async def handle(request: web.Request) -> web.StreamResponse:
-            site, path = self._resolve(request)
-            site.requests[f"{request.method} {path}"] += 1
-            response = await _answer(site, route, request)
-            response.headers["Date"] = http_date(site.now())  # the server's clock, not ours
-            return response
-
-        return handle
-
-    def _control_handler(self, handler: SiteHandler) -> Handler:
-        async def handle(request: web.Request) -> web.StreamResponse:
-            site, _ = self._resolve(request)
-            try:
-                return await handler(site, request)
-            except (ValueError, TypeError, KeyError) as error:
-                return web.json_response({"error": str(error)}, status=400)
-
-        return handle
-
-    # ------------------------------------------------------------ generator
     def start_generator(
         self,
         rate_per_site: float,
@@ -1152,46 +1041,22 @@ class CamTraceSimulator:
         seed: int | None = None,
     ) -> None:
         """Add alarms to every site as independent Poisson processes (one task for all)."""
-        if rate_per_site <= 0:
-            raise ValueError("rate_per_site must be positive")
+        check_rate(rate_per_site)
         if not descriptions:
             raise ValueError("descriptions must not be empty")
-        if self._generator is not None:
-            raise RuntimeError("the generator is already running")
-        loop = asyncio.get_running_loop()
-        work = self._generate(rate_per_site, tuple(descriptions), random.Random(seed))
-        self._generator = loop.create_task(work)
-
-    async def stop_generator(self) -> None:
-        task, self._generator = self._generator, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def _generate(
-        self, rate: float, descriptions: tuple[str, ...], rng: random.Random
-    ) -> None:
-        """Superposed Poisson processes: the merged stream runs at ``rate * sites`` and each
-        arrival goes to a uniformly chosen site; sites added later join without a restart."""
-        budget = rng.expovariate(1.0)
-        last = monotonic()
-        while True:
-            await asyncio.sleep(GENERATOR_TICK)
-            now = monotonic()
-            sites = list(self.sites.values())
-            budget -= (now - last) * rate * len(sites)
-            last = now
-            while sites and budget <= 0:
-                site = rng.choice(sites)
-                site.add_alarm(
-                    camera=rng.randint(1, max(1, site.cameras)),
-                    description=rng.choice(descriptions),
-                )
-                budget += rng.expovariate(1.0)
+        choices = tuple(descriptions)
+        self._start_generator(
+            rate_per_site, seed, lambda site, rng: _generated_alarm(site, choices, rng)
+        )
 
 
-async def _answer(site: CamTraceSite, route: _Route, request: web.Request) -> web.StreamResponse:
+def _generated_alarm(site: CamTraceSite, texts: tuple[str, ...], rng: random.Random) -> None:
+    site.add_alarm(camera=rng.randint(1, max(1, site.cameras)), description=rng.choice(texts))
+
+
+async def _respond(
+    site: CamTraceSite, route: Route[CamTraceSite], request: web.Request
+) -> web.StreamResponse:
     if site.offline:
         return web.json_response({"error": "Service unavailable"}, status=503)
     try:
@@ -1205,55 +1070,29 @@ async def _answer(site: CamTraceSite, route: _Route, request: web.Request) -> we
 
 
 # ------------------------------------------------------------ command line
-def tenant_names(count: int) -> list[str]:
-    """``default`` for a single site, else ``s0000``, ``s0001``, ..."""
-    return [DEFAULT_TENANT] if count == 1 else [f"s{index:04d}" for index in range(count)]
-
-
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Serve simulated CamTrace servers.")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
-    parser.add_argument("--sites", type=int, default=1)
-    parser.add_argument("--rate", type=float, default=0.0, help="alarms per second per site")
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--media-delay", type=float, default=1.0)
     parser.add_argument("--slice-after", type=float, default=2.0)
-    parser.add_argument("--seed", type=int, default=None)
-    args = parser.parse_args(argv)
-    if args.sites < 1:
-        parser.error("--sites must be at least 1")
-    return args
-
-
-def _make_sites(names: Iterable[str], args: argparse.Namespace) -> dict[str, CamTraceSite]:
-    return {
-        name: CamTraceSite(
-            media_delay=args.media_delay, slice_after_s=args.slice_after, name=f"CamTrace {name}"
-        )
-        for name in names
-    }
 
 
 async def serve(args: argparse.Namespace) -> None:
-    simulator = CamTraceSimulator(_make_sites(tenant_names(args.sites), args))
-    await simulator.start(args.host, args.port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    try:
-        if args.rate > 0:
-            simulator.start_generator(args.rate, seed=args.seed)
-        for tenant in simulator.sites:
-            print(simulator.url(tenant), flush=True)
-        print("READY", flush=True)
-        await stop.wait()
-    finally:
-        await simulator.stop()
+    sites = {
+        name: CamTraceSite(
+            media_delay=args.media_delay, slice_after_s=args.slice_after, name=f"CamTrace {name}"
+        )
+        for name in tenant_names(args.sites)
+    }
+    await serve_cli(CamTraceSimulator(sites), args)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    asyncio.run(serve(_parse_args(argv)))
+    args = parse_cli_args(
+        argv,
+        description="Serve simulated CamTrace servers.",
+        default_port=DEFAULT_PORT,
+        add_arguments=_add_arguments,
+    )
+    asyncio.run(serve(args))
 
 
 if __name__ == "__main__":

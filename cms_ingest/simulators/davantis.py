@@ -45,24 +45,34 @@ import argparse
 import asyncio
 import bisect
 import collections
-import contextlib
 import json
 import random
 import secrets
-import signal
 import string
 import struct
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from types import TracebackType
-from typing import Any, NamedTuple
+from typing import Any
 from urllib.parse import parse_qs
 
 from aiohttp import web
 
-DEFAULT_TENANT = "default"
+from cms_ingest.simulators import base
+from cms_ingest.simulators.base import (
+    DEFAULT_TENANT,
+    Route,
+    TenantSimulator,
+    as_bool,
+    as_datetime,
+    control_body,
+    control_routes,
+    parse_cli_args,
+    serve_cli,
+    tenant_names,
+)
+
 DEFAULT_PORT = 21000
 ARMING_EVENT = 102
 SYSTEM_EVENTS = frozenset({0, ARMING_EVENT})
@@ -83,7 +93,6 @@ ADVERTISED_MEDIA_BASE = "http://10.20.30.40:8080"
 TOKEN_LENGTH = 16
 TOKEN_ALPHABET = string.ascii_letters + string.digits
 MIN_VIDEO_SIZE = 32
-GENERATOR_TICK = 0.05
 ERR_INVALID_CREDENTIALS = "keymanagement.service.invalid_credentials"
 ERR_INVALID_REFRESH = "keymanagement.service.invalid_refresh_token"
 ERR_INVALID_ACCESS = "keymanagement.service.invalid_access_token"
@@ -631,8 +640,10 @@ def video_mp4(alarm_id: int, size: int) -> bytes:
 
 
 # ---------------------------------------------------------------- handlers
-SiteHandler = Callable[[DavantisSite, web.Request], Awaitable[web.StreamResponse]]
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+SiteHandler = base.SiteHandler[DavantisSite]
+# Names this module has always offered, now defined in base.py.
+Handler = base.Handler
+GENERATOR_TICK = base.GENERATOR_TICK
 
 
 def _parse_form(body: str) -> dict[str, str]:
@@ -739,46 +750,28 @@ async def _patch_input(site: DavantisSite, request: web.Request) -> web.StreamRe
     return web.json_response(site.set_input(input_id, status))
 
 
-class _Route(NamedTuple):
-    method: str
-    path: str
-    handler: SiteHandler
-    auth: bool = True
-    poll_faults: bool = False
-
-
 DEVICE_ROUTES = (
-    _Route("POST", "/oauth/token", _token, auth=False),
-    _Route("GET", "/installation", _installation),
-    _Route("GET", "/cameras", _cameras),
-    _Route("GET", "/alarms", _alarms, poll_faults=True),
-    _Route("GET", "/alarms/{alarm_id}/snapshot", _snapshot),
-    _Route("GET", "/alarms/{alarm_id}/video", _video),
-    _Route("GET", "/relays", _relays),
-    _Route("PATCH", "/relays/{item_id}", _patch_relay),
-    _Route("GET", "/inputs", _inputs),
-    _Route("PATCH", "/inputs/{item_id}", _patch_input),
+    Route("POST", "/oauth/token", _token, auth=False),
+    Route("GET", "/installation", _installation),
+    Route("GET", "/cameras", _cameras),
+    Route("GET", "/alarms", _alarms, poll_faults=True),
+    Route("GET", "/alarms/{alarm_id}/snapshot", _snapshot),
+    Route("GET", "/alarms/{alarm_id}/video", _video),
+    Route("GET", "/relays", _relays),
+    Route("PATCH", "/relays/{item_id}", _patch_relay),
+    Route("GET", "/inputs", _inputs),
+    Route("PATCH", "/inputs/{item_id}", _patch_input),
 )
 
 
 # ----------------------------------------------------- /_sim control surface
-def _as_bool(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"expected true or false, got {value!r}")
-    return value
-
-
-def _as_datetime(value: Any) -> datetime:
-    return datetime.fromisoformat(str(value))
-
-
 _ALARM_FIELDS: dict[str, Callable[[Any], Any]] = {
     "event": int,
     "camera": int,
     "description": str,
-    "armed": _as_bool,
-    "started": _as_datetime,
-    "ended": _as_datetime,
+    "armed": as_bool,
+    "started": as_datetime,
+    "ended": as_datetime,
     "snapshot": str,
     "video": str,
     "media_delay": float,
@@ -786,26 +779,8 @@ _ALARM_FIELDS: dict[str, Callable[[Any], Any]] = {
 }
 
 
-async def _control_body(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
-    body = json.loads(raw) if raw.strip() else {}
-    if not isinstance(body, dict):
-        raise ValueError("the body must be a JSON object")
-    return body
-
-
-async def _sim_alarms(site: DavantisSite, request: web.Request) -> web.StreamResponse:
-    body = await _control_body(request)
-    count = int(body.pop("count", 1))
-    unknown = set(body) - set(_ALARM_FIELDS)
-    if unknown:
-        raise ValueError(f"unknown alarm fields: {sorted(unknown)}")
-    kwargs = {key: _ALARM_FIELDS[key](value) for key, value in body.items()}
-    return web.json_response([alarm.id for alarm in site.add_alarms(count, **kwargs)])
-
-
 async def _sim_faults(site: DavantisSite, request: web.Request) -> web.StreamResponse:
-    body = await _control_body(request)
+    body = await control_body(request)
     if "fail" in body:
         site.fail_alarm_polls(int(body["fail"]), int(body.get("status", 500)))
     if "malformed" in body:
@@ -817,127 +792,40 @@ async def _sim_faults(site: DavantisSite, request: web.Request) -> web.StreamRes
     if body.get("revoke_tokens"):
         site.revoke_tokens()
     if "offline" in body:
-        site.offline = _as_bool(body["offline"])
+        site.offline = as_bool(body["offline"])
     return web.json_response(site.state())
 
 
-async def _sim_state(site: DavantisSite, request: web.Request) -> web.StreamResponse:
-    return web.json_response(site.state())
-
-
-CONTROL_ROUTES = (
-    _Route("POST", "/_sim/alarms", _sim_alarms, auth=False),
-    _Route("POST", "/_sim/faults", _sim_faults, auth=False),
-    _Route("GET", "/_sim/state", _sim_state, auth=False),
-)
+CONTROL_ROUTES = control_routes(_ALARM_FIELDS, _sim_faults)
 
 
 # --------------------------------------------------------------- the server
-def _base_url(address: Any) -> str:
-    host, port = address[0], address[1]
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
-class DavantisSimulator:
+class DavantisSimulator(TenantSimulator[DavantisSite]):
     """An HTTP server hosting one or many simulated Davantis sites (tenants)."""
 
     def __init__(self, sites: dict[str, DavantisSite] | None = None) -> None:
-        self.sites: dict[str, DavantisSite] = (
-            dict(sites) if sites is not None else {DEFAULT_TENANT: DavantisSite()}
-        )
-        self._runner: web.AppRunner | None = None
-        self._base: str | None = None
-        self._generator: asyncio.Task[None] | None = None
+        super().__init__(sites if sites is not None else {DEFAULT_TENANT: DavantisSite()})
 
-    async def __aenter__(self) -> DavantisSimulator:
-        await self.start()
-        return self
+    def _device_routes(self) -> Iterable[Route[DavantisSite]]:
+        return DEVICE_ROUTES
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.stop()
+    def _control_routes(self) -> Iterable[Route[DavantisSite]]:
+        return CONTROL_ROUTES
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        """Serve on ``host:port`` (0 = any free port) and return the base URL."""
-        runner = web.AppRunner(self._build_app(), access_log=None, shutdown_timeout=1.0)
-        await runner.setup()
-        await web.TCPSite(runner, host, port).start()
-        self._runner = runner
-        self._base = _base_url(runner.addresses[0])
-        return self._base
+    async def _answer(
+        self, site: DavantisSite, route: Route[DavantisSite], request: web.Request
+    ) -> web.StreamResponse:
+        if site.offline:
+            return web.Response(status=503, text="site offline")
+        try:
+            if route.poll_faults and (answer := await site.poll_fault()) is not None:
+                return answer
+            if route.auth:
+                site.check_access(request.headers.get("Authorization"))
+            return await route.handler(site, request)
+        except DeviceError as fault:
+            return fault.response()
 
-    async def stop(self) -> None:
-        await self.stop_generator()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    def url(self, tenant: str = DEFAULT_TENANT) -> str:
-        if self._base is None:
-            raise RuntimeError("the simulator is not started")
-        return self._base if tenant == DEFAULT_TENANT else f"{self._base}/t/{tenant}"
-
-    def site(self, tenant: str = DEFAULT_TENANT) -> DavantisSite:
-        return self.sites[tenant]
-
-    def add_site(self, tenant: str, site: DavantisSite) -> None:
-        self.sites[tenant] = site
-
-    def _build_app(self) -> web.Application:
-        app = web.Application()
-        for route in DEVICE_ROUTES:
-            self._add_route(app, route, self._device_handler(route))
-        for route in CONTROL_ROUTES:
-            self._add_route(app, route, self._control_handler(route.handler))
-        return app
-
-    @staticmethod
-    def _add_route(app: web.Application, route: _Route, handler: Handler) -> None:
-        app.router.add_route(route.method, route.path, handler)
-        app.router.add_route(route.method, "/t/{tenant}" + route.path, handler)
-
-    def _resolve(self, request: web.Request) -> tuple[DavantisSite, str]:
-        """The tenant's site and the request path without the tenant prefix."""
-        tenant = request.match_info.get("tenant")
-        site = self.sites.get(DEFAULT_TENANT if tenant is None else tenant)
-        if site is None:
-            raise web.HTTPNotFound(text=f"unknown tenant {tenant!r}")
-        path = request.path if tenant is None else request.path[len(f"/t/{tenant}") :]
-        return site, path
-
-    def _device_handler(self, route: _Route) -> Handler:
-        async def handle(request: web.Request) -> web.StreamResponse:
-            site, path = self._resolve(request)
-            site.requests[f"{request.method} {path}"] += 1
-            if site.offline:
-                return web.Response(status=503, text="site offline")
-            try:
-                if route.poll_faults and (answer := await site.poll_fault()) is not None:
-                    return answer
-                if route.auth:
-                    site.check_access(request.headers.get("Authorization"))
-                return await route.handler(site, request)
-            except DeviceError as fault:
-                return fault.response()
-
-        return handle
-
-    def _control_handler(self, handler: SiteHandler) -> Handler:
-        async def handle(request: web.Request) -> web.StreamResponse:
-            site, _ = self._resolve(request)
-            try:
-                return await handler(site, request)
-            except (ValueError, TypeError) as error:
-                return web.json_response({"error": str(error)}, status=400)
-
-        return handle
-
-    # ------------------------------------------------------------ generator
     def start_generator(
         self,
         rate_per_site: float,
@@ -946,36 +834,10 @@ class DavantisSimulator:
         seed: int | None = None,
     ) -> None:
         """Add alarms to every site as independent Poisson processes (one task for all)."""
-        if rate_per_site <= 0:
-            raise ValueError("rate_per_site must be positive")
-        if self._generator is not None:
-            raise RuntimeError("the generator is already running")
-        loop = asyncio.get_running_loop()
-        work = self._generate(rate_per_site, tuple(events), random.Random(seed))
-        self._generator = loop.create_task(work)
-
-    async def stop_generator(self) -> None:
-        task, self._generator = self._generator, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def _generate(self, rate: float, events: tuple[int, ...], rng: random.Random) -> None:
-        """Superposed Poisson processes: the merged stream runs at ``rate * sites``
-        and each arrival goes to a uniformly chosen site. Arrivals are drawn in
-        unit-rate time, so sites added later join without a restart."""
-        budget = rng.expovariate(1.0)
-        last = time.monotonic()
-        while True:
-            await asyncio.sleep(GENERATOR_TICK)
-            now = time.monotonic()
-            sites = list(self.sites.values())
-            budget -= (now - last) * rate * len(sites)
-            last = now
-            while sites and budget <= 0:
-                _generated_alarm(rng.choice(sites), events, rng)
-                budget += rng.expovariate(1.0)
+        choices = tuple(events)
+        self._start_generator(
+            rate_per_site, seed, lambda site, rng: _generated_alarm(site, choices, rng)
+        )
 
 
 def _generated_alarm(site: DavantisSite, events: tuple[int, ...], rng: random.Random) -> None:
@@ -983,55 +845,29 @@ def _generated_alarm(site: DavantisSite, events: tuple[int, ...], rng: random.Ra
 
 
 # ------------------------------------------------------------ command line
-def tenant_names(count: int) -> list[str]:
-    """``default`` for a single site, else ``s0000``, ``s0001``, ..."""
-    return [DEFAULT_TENANT] if count == 1 else [f"s{index:04d}" for index in range(count)]
-
-
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Serve simulated Davantis sites.")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
-    parser.add_argument("--sites", type=int, default=1)
-    parser.add_argument("--rate", type=float, default=0.0, help="alarms per second per site")
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--page-cap", type=int, default=300)
     parser.add_argument("--media-delay", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=None)
-    args = parser.parse_args(argv)
-    if args.sites < 1:
-        parser.error("--sites must be at least 1")
-    return args
-
-
-def _make_sites(names: Iterable[str], args: argparse.Namespace) -> dict[str, DavantisSite]:
-    return {
-        name: DavantisSite(
-            page_cap=args.page_cap, media_delay=args.media_delay, name=f"DAVANTIS {name}"
-        )
-        for name in names
-    }
 
 
 async def serve(args: argparse.Namespace) -> None:
-    simulator = DavantisSimulator(_make_sites(tenant_names(args.sites), args))
-    await simulator.start(args.host, args.port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    try:
-        if args.rate > 0:
-            simulator.start_generator(args.rate, seed=args.seed)
-        for tenant in simulator.sites:
-            print(simulator.url(tenant), flush=True)
-        print("READY", flush=True)
-        await stop.wait()
-    finally:
-        await simulator.stop()
+    sites = {
+        name: DavantisSite(
+            page_cap=args.page_cap, media_delay=args.media_delay, name=f"DAVANTIS {name}"
+        )
+        for name in tenant_names(args.sites)
+    }
+    await serve_cli(DavantisSimulator(sites), args)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    asyncio.run(serve(_parse_args(argv)))
+    args = parse_cli_args(
+        argv,
+        description="Serve simulated Davantis sites.",
+        default_port=DEFAULT_PORT,
+        add_arguments=_add_arguments,
+    )
+    asyncio.run(serve(args))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,321 @@
+"""The plumbing every vendor simulator shares: tenants, routing, the alarm generator, the CLI.
+
+One server hosts many simulated sites (tenants): the ``default`` tenant answers at the root,
+every other tenant under ``/t/<tenant>``, so a benchmark can run thousands of sites behind one
+port. A vendor simulator module provides:
+
+* a site class (the device's state and behaviour) with a ``requests`` counter of
+  ``"METHOD /path"`` strings, ``state()`` (the ``/_sim/state`` body) and
+  ``add_alarms(n, **fields)``;
+* its device routes, a tuple of ``Route`` whose handlers take ``(site, request)``, and its
+  control routes, built by ``control_routes(alarm_fields, faults_handler)``;
+* a ``TenantSimulator[Site]`` subclass implementing ``_device_routes``, ``_control_routes``,
+  ``_answer`` (what one device request goes through: offline sites, faults, authentication,
+  the device's error body, extra headers) and ``start_generator`` (its own keyword arguments,
+  then ``_start_generator`` with a function adding one random alarm to a site);
+* ``main(argv)`` for ``python -m``: ``parse_cli_args`` with its own flags, then ``serve_cli``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import random
+import signal
+import time
+from abc import ABC, abstractmethod
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Generic, NamedTuple, Protocol, Self, TypeVar
+
+from aiohttp import web
+
+DEFAULT_TENANT = "default"
+GENERATOR_TICK = 0.05
+
+
+class Alarm(Protocol):
+    @property
+    def id(self) -> int: ...
+
+
+class Site(Protocol):
+    """What the shared plumbing needs of a vendor's site class."""
+
+    requests: Counter[str]
+
+    def state(self) -> dict[str, Any]: ...
+
+    def add_alarms(self, n: int, **kw: Any) -> Sequence[Alarm]: ...
+
+
+SiteT = TypeVar("SiteT", bound=Site)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+SiteHandler = Callable[[SiteT, web.Request], Awaitable[web.StreamResponse]]
+AlarmMaker = Callable[[SiteT, random.Random], object]
+
+
+class Route(NamedTuple, Generic[SiteT]):
+    """One route, served at the root and under ``/t/{tenant}``; ``auth`` and ``poll_faults``
+    are read by the vendor's ``_answer``."""
+
+    method: str
+    path: str
+    handler: SiteHandler[SiteT]
+    auth: bool = True
+    poll_faults: bool = False
+
+
+def base_url(address: Any) -> str:
+    """``http://host:port`` for a listening address (a wildcard host becomes loopback)."""
+    host, port = address[0], address[1]
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+class TenantSimulator(ABC, Generic[SiteT]):
+    """An HTTP server hosting one or many simulated sites of one vendor (tenants)."""
+
+    control_errors: tuple[type[Exception], ...] = (ValueError, TypeError)
+    """What a ``/_sim`` handler may raise to answer 400 ``{"error": ...}``."""
+
+    def __init__(self, sites: Mapping[str, SiteT]) -> None:
+        self.sites: dict[str, SiteT] = dict(sites)
+        self._runner: web.AppRunner | None = None
+        self._base: str | None = None
+        self._generator: asyncio.Task[None] | None = None
+
+    @abstractmethod
+    def _device_routes(self) -> Iterable[Route[SiteT]]:
+        """The device's API."""
+
+    @abstractmethod
+    def _control_routes(self) -> Iterable[Route[SiteT]]:
+        """The ``/_sim/...`` control surface (see ``control_routes`` in this module)."""
+
+    @abstractmethod
+    async def _answer(
+        self, site: SiteT, route: Route[SiteT], request: web.Request
+    ) -> web.StreamResponse:
+        """Answer one device request (already counted in ``site.requests``)."""
+
+    @abstractmethod
+    def start_generator(self, rate_per_site: float, *, seed: int | None = None) -> None:
+        """Add alarms to every site as independent Poisson processes (one task for all)."""
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Serve on ``host:port`` (0 = any free port) and return the base URL."""
+        runner = web.AppRunner(self._build_app(), access_log=None, shutdown_timeout=1.0)
+        await runner.setup()
+        await web.TCPSite(runner, host, port).start()
+        self._runner = runner
+        self._base = base_url(runner.addresses[0])
+        return self._base
+
+    async def stop(self) -> None:
+        await self.stop_generator()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def url(self, tenant: str = DEFAULT_TENANT) -> str:
+        if self._base is None:
+            raise RuntimeError("the simulator is not started")
+        return self._base if tenant == DEFAULT_TENANT else f"{self._base}/t/{tenant}"
+
+    def site(self, tenant: str = DEFAULT_TENANT) -> SiteT:
+        return self.sites[tenant]
+
+    def add_site(self, tenant: str, site: SiteT) -> None:
+        self.sites[tenant] = site
+
+    # ---------------------------------------------------------------- routing
+    def _build_app(self) -> web.Application:
+        app = web.Application()
+        for route in self._device_routes():
+            self._add_route(app, route, self._device_handler(route))
+        for route in self._control_routes():
+            self._add_route(app, route, self._control_handler(route.handler))
+        return app
+
+    @staticmethod
+    def _add_route(app: web.Application, route: Route[SiteT], handler: Handler) -> None:
+        app.router.add_route(route.method, route.path, handler)
+        app.router.add_route(route.method, "/t/{tenant}" + route.path, handler)
+
+    def _resolve(self, request: web.Request) -> tuple[SiteT, str]:
+        """The tenant's site and the request path without the tenant prefix."""
+        tenant = request.match_info.get("tenant")
+        site = self.sites.get(DEFAULT_TENANT if tenant is None else tenant)
+        if site is None:
+            raise web.HTTPNotFound(text=f"unknown tenant {tenant!r}")
+        path = request.path if tenant is None else request.path[len(f"/t/{tenant}") :]
+        return site, path
+
+    def _device_handler(self, route: Route[SiteT]) -> Handler:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            site, path = self._resolve(request)
+            site.requests[f"{request.method} {path}"] += 1
+            return await self._answer(site, route, request)
+
+        return handle
+
+    def _control_handler(self, handler: SiteHandler[SiteT]) -> Handler:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            site, _ = self._resolve(request)
+            try:
+                return await handler(site, request)
+            except self.control_errors as error:
+                return web.json_response({"error": str(error)}, status=400)
+
+        return handle
+
+    # -------------------------------------------------------------- generator
+    def _start_generator(
+        self, rate_per_site: float, seed: int | None, add_alarm: AlarmMaker[SiteT]
+    ) -> None:
+        """Run ``add_alarm(site, rng)`` at ``rate_per_site`` per site (one task for all)."""
+        check_rate(rate_per_site)
+        if self._generator is not None:
+            raise RuntimeError("the generator is already running")
+        loop = asyncio.get_running_loop()
+        work = self._generate(rate_per_site, random.Random(seed), add_alarm)
+        self._generator = loop.create_task(work)
+
+    async def stop_generator(self) -> None:
+        task, self._generator = self._generator, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _generate(
+        self, rate: float, rng: random.Random, add_alarm: AlarmMaker[SiteT]
+    ) -> None:
+        """Superposed Poisson processes: the merged stream runs at ``rate * sites``
+        and each arrival goes to a uniformly chosen site. Arrivals are drawn in
+        unit-rate time, so sites added later join without a restart."""
+        budget = rng.expovariate(1.0)
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(GENERATOR_TICK)
+            now = time.monotonic()
+            sites = list(self.sites.values())
+            budget -= (now - last) * rate * len(sites)
+            last = now
+            while sites and budget <= 0:
+                add_alarm(rng.choice(sites), rng)
+                budget += rng.expovariate(1.0)
+
+
+def check_rate(rate_per_site: float) -> None:
+    if rate_per_site <= 0:
+        raise ValueError("rate_per_site must be positive")
+
+
+# ----------------------------------------------------- /_sim control surface
+def as_bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
+def as_datetime(value: Any) -> datetime:
+    return datetime.fromisoformat(str(value))
+
+
+async def control_body(request: web.Request) -> dict[str, Any]:
+    """A control request's JSON object (an empty body is ``{}``)."""
+    raw = await request.read()
+    body = json.loads(raw) if raw.strip() else {}
+    if not isinstance(body, dict):
+        raise ValueError("the body must be a JSON object")
+    return body
+
+
+def control_routes(
+    alarm_fields: Mapping[str, Callable[[Any], Any]], faults: SiteHandler[SiteT]
+) -> tuple[Route[SiteT], ...]:
+    """``POST /_sim/alarms`` (``count`` and the ``alarm_fields``, each read by its converter,
+    answering the new ids), ``POST /_sim/faults`` (``faults``) and ``GET /_sim/state``."""
+
+    async def add_alarms(site: SiteT, request: web.Request) -> web.StreamResponse:
+        body = await control_body(request)
+        count = int(body.pop("count", 1))
+        unknown = set(body) - set(alarm_fields)
+        if unknown:
+            raise ValueError(f"unknown alarm fields: {sorted(unknown)}")
+        kwargs = {key: alarm_fields[key](value) for key, value in body.items()}
+        return web.json_response([alarm.id for alarm in site.add_alarms(count, **kwargs)])
+
+    async def state(site: SiteT, request: web.Request) -> web.StreamResponse:
+        return web.json_response(site.state())
+
+    return (
+        Route("POST", "/_sim/alarms", add_alarms, auth=False),
+        Route("POST", "/_sim/faults", faults, auth=False),
+        Route("GET", "/_sim/state", state, auth=False),
+    )
+
+
+# ------------------------------------------------------------ command line
+def tenant_names(count: int) -> list[str]:
+    """``default`` for a single site, else ``s0000``, ``s0001``, ..."""
+    return [DEFAULT_TENANT] if count == 1 else [f"s{index:04d}" for index in range(count)]
+
+
+def parse_cli_args(
+    argv: Sequence[str] | None,
+    *,
+    description: str,
+    default_port: int,
+    add_arguments: Callable[[argparse.ArgumentParser], object],
+) -> argparse.Namespace:
+    """The common flags (``--host``, ``--port``, ``--sites``, ``--rate``, then the vendor's
+    from ``add_arguments``, then ``--seed``)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=default_port)
+    parser.add_argument("--sites", type=int, default=1)
+    parser.add_argument("--rate", type=float, default=0.0, help="alarms per second per site")
+    add_arguments(parser)
+    parser.add_argument("--seed", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.sites < 1:
+        parser.error("--sites must be at least 1")
+    return args
+
+
+async def serve_cli(simulator: TenantSimulator[Any], args: argparse.Namespace) -> None:
+    """Serve on ``args.host:args.port``, generate alarms at ``args.rate``, print one URL per
+    tenant then ``READY``, and run until SIGTERM/SIGINT."""
+    await simulator.start(args.host, args.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        if args.rate > 0:
+            simulator.start_generator(args.rate, seed=args.seed)
+        for tenant in simulator.sites:
+            print(simulator.url(tenant), flush=True)
+        print("READY", flush=True)
+        await stop.wait()
+    finally:
+        await simulator.stop()
