@@ -26,6 +26,7 @@ from cms_ingest.logs import configure_logging
 from cms_ingest.runtime.daemon import Daemon, run_daemon
 from cms_ingest.simulators.camtrace import CamTraceSimulator, CamTraceSite
 from cms_ingest.simulators.davantis import DavantisSimulator, DavantisSite
+from cms_ingest.simulators.videoloft import VideoloftAccount, VideoloftSimulator
 
 OPERATOR_EVERY_S = 20.0
 DEMO_PASSWORD = "demo-secret"  # noqa: S105 - the simulated site's password, on loopback only
@@ -52,7 +53,17 @@ def demo_config(data_dir: Path, listen: str, urls: dict[str, str]) -> AppConfig:
         poll_interval=1.0,
         options={"input_types": ["porte1"]},
     )
-    return AppConfig(data_dir=data_dir, listen=listen, sites=[davantis, camtrace])
+    videoloft = SiteConfig(
+        id="demo-videoloft",
+        name="Demo branch offices (simulated Videoloft account)",
+        vendor="videoloft",
+        url=urls["videoloft"],
+        username="cms@example.com",
+        password=SecretStr(DEMO_PASSWORD),
+        poll_interval=0.5,
+        options={"tail_s": 3.0},
+    )
+    return AppConfig(data_dir=data_dir, listen=listen, sites=[davantis, camtrace, videoloft])
 
 
 class LiveView:
@@ -144,8 +155,10 @@ def _operator_request(round_no: int) -> tuple[str, str, str, dict[str, Any], str
             {},
             "disarm via the hardware keyswitch input (the device will refuse)",
         )
-    if round_no % 2 == 1:
+    if round_no % 3 == 1:
         return "demo-davantis", "relay", "1", {"duration_s": 30}, "siren relay 1 on"
+    if round_no % 3 == 2:
+        return "demo-videoloft", "snapshot_request", "12345.1", {}, "Videoloft thumbnail request"
     return "demo-camtrace", "command", "7", {}, "CamTrace command 7 (floodlight)"
 
 
@@ -163,7 +176,14 @@ async def run_demo(
     camtrace = CamTraceSimulator(
         {"default": CamTraceSite(password=DEMO_PASSWORD, media_delay=1.0, slice_after_s=4.0)}
     )
-    urls = {"davantis": await davantis.start(), "camtrace": await camtrace.start()}
+    videoloft = VideoloftSimulator(
+        VideoloftAccount(password=DEMO_PASSWORD, media_delay=1.0, tail_s=3.0)
+    )
+    urls = {
+        "davantis": await davantis.start(),
+        "camtrace": await camtrace.start(),
+        "videoloft": await videoloft.start(),
+    }
     davantis.site().add_alarms(3)  # history before the daemon starts: not ingested (no backfill)
     config = demo_config(data_dir, listen, urls)
     started: asyncio.Queue[Daemon] = asyncio.Queue()
@@ -171,8 +191,8 @@ async def run_demo(
     out.write(
         f"cms-ingest demo: data in {data_dir}, logs in {data_dir / 'demo.log'}, "
         f"metrics on http://{listen}/metrics\n"
-        f"simulated sites: Davantis at {urls['davantis']}, CamTrace at {urls['camtrace']}; "
-        "Ctrl-C to stop.\n\n"
+        f"simulated sites: Davantis at {urls['davantis']}, CamTrace at {urls['camtrace']}, "
+        f"Videoloft at {urls['videoloft']}; Ctrl-C to stop.\n\n"
     )
     try:
         daemon = await _wait_started(started, daemon_task)
@@ -185,6 +205,7 @@ async def run_demo(
         listener = Listener(daemon.url, ["cms_alarms"], on_notify=view.on_alarm)
         davantis.start_generator(0.25, events=(1, 2, 3, 10, 11))
         camtrace.start_generator(0.15)
+        videoloft.start_generator(0.1)
         helpers = [
             asyncio.create_task(listener.run(stop)),
             asyncio.create_task(view.run(stop)),
@@ -193,6 +214,7 @@ async def run_demo(
         view.line("READY", "daemon running; alarms will appear as the simulated site raises them")
         davantis.site().add_alarm(event=11, camera=1)  # something to see at once
         camtrace.site().add_alarm(camera=2, description="MOTION Alarm")
+        await _first_live_alert(videoloft)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=duration)
         stop.set()
@@ -202,12 +224,21 @@ async def run_demo(
         return 0
     finally:
         stop.set()
-        for simulator in (davantis, camtrace):
+        for simulator in (davantis, camtrace, videoloft):
             await simulator.stop_generator()
             await simulator.stop()
         if not daemon_task.done():
             await asyncio.wait([daemon_task], timeout=10)
         log_file.close()
+
+
+async def _first_live_alert(videoloft: VideoloftSimulator) -> None:
+    """A Videoloft alert once the daemon's long-polls are open (it is delivered live)."""
+    for _ in range(50):
+        if videoloft.account.open_live > 0:
+            break
+        await asyncio.sleep(0.1)
+    videoloft.account.add_alert("12345.1", duration_s=1.0)
 
 
 def _open_log(data_dir: Path) -> TextIO:

@@ -12,8 +12,9 @@ thousand sites must not mean a thousand pools.
 
 from __future__ import annotations
 
+import re
 import ssl
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ from typing import Any
 
 import aiohttp
 from yarl import URL
+
+_HOST_RE = re.compile(r"[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:]+\](:[0-9]{1,5})?")
 
 
 class TransportError(Exception):
@@ -98,8 +101,23 @@ class SiteHttp:
     ) -> None:
         self._session = session
         self.base_url = URL(base_url.rstrip("/"))
-        self._ssl = ssl_option(tls or TlsPolicy())
+        self._tls = tls or TlsPolicy()
+        self._ssl = ssl_option(self._tls)
         self.timeout_s = timeout_s
+
+    def for_host(self, host: str) -> SiteHttp:
+        """The same site's rules for a host its API handed back (a regional server, a logger).
+
+        Contacted with the scheme of the configured URL. The host must be a plain
+        `name[:port]`: anything else (a path, credentials, another scheme) is refused. A
+        certificate pin belongs to the configured host only; other hosts are verified.
+        """
+        if not _HOST_RE.fullmatch(host):
+            raise UnsafeUrl(f"refusing host {host[:100]!r} handed back by the site", sent=False)
+        tls = TlsPolicy(verify=self._tls.verify, ca_file=self._tls.ca_file, pin_sha256=None)
+        return SiteHttp(
+            self._session, f"{self.base_url.scheme}://{host}", tls=tls, timeout_s=self.timeout_s
+        )
 
     def url(self, path_or_url: str) -> URL:
         """Resolve a path against the site URL; refuse anything on another origin.
@@ -128,7 +146,7 @@ class SiteHttp:
         method: str,
         path: str,
         *,
-        params: Mapping[str, str] | None = None,
+        params: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
         headers: Mapping[str, str] | None = None,
         data: Any = None,
         json: Any = None,

@@ -42,6 +42,20 @@ def camtrace_site(site_id: str, url: str, **overrides: Any) -> SiteConfig:
     return SiteConfig(**values)
 
 
+def videoloft_site(site_id: str, url: str, **overrides: Any) -> SiteConfig:
+    values: dict[str, Any] = {
+        "id": site_id,
+        "vendor": "videoloft",
+        "url": url,
+        "username": "cms@example.com",
+        "password": SecretStr("secret"),
+        "poll_interval": 0.1,
+        "request_timeout_s": 2.0,
+    }
+    values.update(overrides)
+    return SiteConfig(**values)
+
+
 def app_config(
     database_url: str, data_dir: Path, sites: list[SiteConfig], **overrides: Any
 ) -> AppConfig:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import sys
 from pathlib import Path
@@ -39,9 +40,10 @@ async def test_demo_shows_alarms_media_and_stops_by_itself(tmp_path: Path) -> No
     text = out.decode()
     assert process.returncode == 0, text + err.decode()
     assert "READY" in text
-    assert "ALARM   #1 demo-davantis p1 intrusion" in text
+    assert re.search(r"ALARM +#\d+ demo-davantis p1 intrusion", text)
     assert "demo-camtrace p5 motion" in text
     assert "video ready: demo-camtrace/" in text and ".mkv" in text
+    assert "demo-videoloft p5 motion" in text
     assert "Warning" not in err.decode()
     assert "snapshot ready" in text
     assert list((tmp_path / "demo" / "media" / "demo-davantis").rglob("1-snapshot.jpg"))

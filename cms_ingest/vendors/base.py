@@ -60,7 +60,8 @@ class MediaProbe:
     """Where a piece of media stands on the device right now."""
 
     state: Literal["ready", "pending", "unavailable"]
-    path: str | None = None  # relative to the site URL when ready
+    path: str | None = None  # when ready: what `download` takes (a site-relative path, or the
+    # vendor's own reference to a media file on a host its API named); never stored
     detail: str = ""
 
 
