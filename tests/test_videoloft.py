@@ -239,3 +239,44 @@ async def act_slow(db: asyncpg.Connection, uidd: str) -> asyncpg.Record:
         return row if row["state"] in ("succeeded", "failed", "expired") else None
 
     return await eventually(done, timeout=30, what="record action")
+
+
+async def test_live_records_come_again_until_their_commit_is_confirmed() -> None:
+    """A poll whose result was not committed (database down) is answered again, not lost."""
+    import aiohttp
+
+    from cms_ingest.runtime.sites import SiteProblems
+    from cms_ingest.sitehttp import SiteHttp
+    from cms_ingest.vendors.videoloft import VideoloftClient, VideoloftOptions
+
+    account = VideoloftAccount(media_delay=0, tail_s=0)
+    async with VideoloftSimulator(account) as sim, aiohttp.ClientSession() as session:
+        client = VideoloftClient(
+            site_id="v1",
+            http=SiteHttp(session, sim.url, timeout_s=5),
+            username="cms@example.com",
+            password="secret",
+            options=VideoloftOptions(),
+            problems=SiteProblems("v1", "videoloft"),
+        )
+        try:
+            start = await client.poll(None)  # every device's cursor; long-polls open
+            await eventually(lambda: streams_open(account, 2), what="long-polls")
+            alert = account.add_alert("12345.1")
+            first = await eventually(
+                lambda: _poll_with_alarms(client, start.cursor), what="live alert"
+            )
+            assert [a.source_id for a in first.alarms] == [f"12345.1:{alert.id}"]
+            # The poller could not commit: it polls again with the old cursor.
+            again = await client.poll(start.cursor)
+            assert [a.source_id for a in again.alarms] == [f"12345.1:{alert.id}"]
+            # Committed this time: the next poll (with the new cursor) has nothing new.
+            after = await client.poll(again.cursor)
+            assert after.alarms == []
+        finally:
+            await client.close()
+
+
+async def _poll_with_alarms(client, cursor):  # type: ignore[no-untyped-def]
+    result = await client.poll(cursor)  # nothing yet: the cursor comes back unchanged
+    return result if result.alarms else None
