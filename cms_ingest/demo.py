@@ -26,6 +26,7 @@ from cms_ingest.logs import configure_logging
 from cms_ingest.runtime.daemon import Daemon, run_daemon
 from cms_ingest.simulators.camtrace import CamTraceSimulator, CamTraceSite
 from cms_ingest.simulators.davantis import DavantisSimulator, DavantisSite
+from cms_ingest.simulators.exacq import ExacqSimulator, ExacqSite
 from cms_ingest.simulators.videoloft import VideoloftAccount, VideoloftSimulator
 
 OPERATOR_EVERY_S = 20.0
@@ -63,7 +64,17 @@ def demo_config(data_dir: Path, listen: str, urls: dict[str, str]) -> AppConfig:
         poll_interval=0.5,
         options={"tail_s": 3.0},
     )
-    return AppConfig(data_dir=data_dir, listen=listen, sites=[davantis, camtrace, videoloft])
+    exacq = SiteConfig(
+        id="demo-exacq",
+        name="Demo mall (simulated exacqVision)",
+        vendor="exacq",
+        url=urls["exacq"],
+        username="cms",
+        password=SecretStr(DEMO_PASSWORD),
+        poll_interval=1.0,
+        options={"pre_seconds": 2, "post_seconds": 3},
+    )
+    return AppConfig(data_dir=data_dir, listen=listen, sites=[davantis, camtrace, videoloft, exacq])
 
 
 class LiveView:
@@ -155,11 +166,13 @@ def _operator_request(round_no: int) -> tuple[str, str, str, dict[str, Any], str
             {},
             "disarm via the hardware keyswitch input (the device will refuse)",
         )
-    if round_no % 3 == 1:
-        return "demo-davantis", "relay", "1", {"duration_s": 30}, "siren relay 1 on"
-    if round_no % 3 == 2:
-        return "demo-videoloft", "snapshot_request", "12345.1", {}, "Videoloft thumbnail request"
-    return "demo-camtrace", "command", "7", {}, "CamTrace command 7 (floodlight)"
+    requests: list[tuple[str, str, str, dict[str, Any], str]] = [
+        ("demo-davantis", "relay", "1", {"duration_s": 30}, "siren relay 1 on"),
+        ("demo-exacq", "soft_trigger", "3", {"duration_s": 5}, "exacq soft trigger 3 held 5 s"),
+        ("demo-videoloft", "snapshot_request", "12345.1", {}, "Videoloft thumbnail request"),
+        ("demo-camtrace", "command", "7", {}, "CamTrace command 7 (floodlight)"),
+    ]
+    return requests[round_no % len(requests)]
 
 
 async def run_demo(
@@ -179,7 +192,9 @@ async def run_demo(
     videoloft = VideoloftSimulator(
         VideoloftAccount(password=DEMO_PASSWORD, media_delay=1.0, tail_s=3.0)
     )
+    exacq = ExacqSimulator({"default": ExacqSite(password=DEMO_PASSWORD, export_seconds=2.0)})
     urls = {
+        "exacq": await exacq.start(),
         "davantis": await davantis.start(),
         "camtrace": await camtrace.start(),
         "videoloft": await videoloft.start(),
@@ -192,7 +207,8 @@ async def run_demo(
         f"cms-ingest demo: data in {data_dir}, logs in {data_dir / 'demo.log'}, "
         f"metrics on http://{listen}/metrics\n"
         f"simulated sites: Davantis at {urls['davantis']}, CamTrace at {urls['camtrace']}, "
-        f"Videoloft at {urls['videoloft']}; Ctrl-C to stop.\n\n"
+        f"Videoloft at {urls['videoloft']}, exacqVision at {urls['exacq']}; "
+        "Ctrl-C to stop.\n\n"
     )
     try:
         daemon = await _wait_started(started, daemon_task)
@@ -206,6 +222,7 @@ async def run_demo(
         davantis.start_generator(0.25, events=(1, 2, 3, 10, 11))
         camtrace.start_generator(0.15)
         videoloft.start_generator(0.1)
+        exacq.start_generator(0.05)
         helpers = [
             asyncio.create_task(listener.run(stop)),
             asyncio.create_task(view.run(stop)),
@@ -215,6 +232,7 @@ async def run_demo(
         davantis.site().add_alarm(event=11, camera=1)  # something to see at once
         camtrace.site().add_alarm(camera=2, description="MOTION Alarm")
         await _first_live_alert(videoloft)
+        exacq.site().end_event_later(exacq.site().activate_event(1, 11), 4.0)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=duration)
         stop.set()
@@ -224,7 +242,7 @@ async def run_demo(
         return 0
     finally:
         stop.set()
-        for simulator in (davantis, camtrace, videoloft):
+        for simulator in (davantis, camtrace, videoloft, exacq):
             await simulator.stop_generator()
             await simulator.stop()
         if not daemon_task.done():

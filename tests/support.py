@@ -56,6 +56,20 @@ def videoloft_site(site_id: str, url: str, **overrides: Any) -> SiteConfig:
     return SiteConfig(**values)
 
 
+def exacq_site(site_id: str, url: str, **overrides: Any) -> SiteConfig:
+    values: dict[str, Any] = {
+        "id": site_id,
+        "vendor": "exacq",
+        "url": url,
+        "username": "cms",
+        "password": SecretStr("secret"),
+        "poll_interval": 0.1,
+        "request_timeout_s": 2.0,
+    }
+    values.update(overrides)
+    return SiteConfig(**values)
+
+
 def app_config(
     database_url: str, data_dir: Path, sites: list[SiteConfig], **overrides: Any
 ) -> AppConfig:

@@ -44,9 +44,10 @@ async def test_demo_shows_alarms_media_and_stops_by_itself(tmp_path: Path) -> No
     assert "demo-camtrace p5 motion" in text
     assert "video ready: demo-camtrace/" in text and ".mkv" in text
     assert "demo-videoloft p5 motion" in text
+    assert re.search(r"demo-exacq p5 motion +camera 'Gate cam': Video motion on Gate cam", text)
     assert "Warning" not in err.decode()
     assert "snapshot ready" in text
-    assert list((tmp_path / "demo" / "media" / "demo-davantis").rglob("1-snapshot.jpg"))
+    assert list((tmp_path / "demo" / "media" / "demo-davantis").rglob("*-snapshot.jpg"))
 
 
 async def test_probe_reports_each_step(tmp_path: Path) -> None:

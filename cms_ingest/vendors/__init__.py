@@ -11,19 +11,21 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from cms_ingest.vendors import camtrace, davantis, videoloft
+from cms_ingest.vendors import camtrace, davantis, exacq, videoloft
 from cms_ingest.vendors.base import VendorClient
 
 OPTIONS_MODELS: Mapping[str, type[BaseModel]] = {
     "davantis": davantis.DavantisOptions,
     "camtrace": camtrace.CamTraceOptions,
     "videoloft": videoloft.VideoloftOptions,
+    "exacq": exacq.ExacqOptions,
 }
 
 BUILDERS: Mapping[str, Callable[..., VendorClient]] = {
     "davantis": davantis.build,
     "camtrace": camtrace.build,
     "videoloft": videoloft.build,
+    "exacq": exacq.build,
 }
 
 

@@ -1,0 +1,202 @@
+"""exacqVision sites: the daemon against the exacq simulator over real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from cms_ingest.simulators.exacq import ExacqSimulator, ExacqSite
+from cms_ingest.vendors.exacq import API, event_key
+from tests.conftest import eventually
+from tests.support import app_config, exacq_site, running_daemon
+
+
+async def alarm_rows(db: asyncpg.Connection) -> list[asyncpg.Record]:
+    return await db.fetch("SELECT * FROM alarms ORDER BY id")
+
+
+async def count_at_least(db: asyncpg.Connection, n: int) -> bool:
+    return len(await alarm_rows(db)) >= n
+
+
+async def has_cursor(db: asyncpg.Connection) -> bool:
+    return bool(await db.fetchval("SELECT count(*) FROM site_state WHERE cursor IS NOT NULL"))
+
+
+def test_event_identity_without_id() -> None:
+    assert event_key({"id": "abc", "type": 1}) == "abc"
+    assert event_key({"type": 1, "sourceId": 11, "start": "2026-11-21T05:00:00-05:00"}) == (
+        "1:11:2026-11-21T05:00:00-05:00"
+    )
+    assert event_key({"type": 1}) is None
+    assert API.events == "/v1/events.web"  # the assumed path lives in one place
+
+
+async def test_a_lasting_event_is_one_alarm_also_across_a_restart(
+    database_url: str, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    site = ExacqSite(event_ids=False)  # identified by type, source and start
+    async with ExacqSimulator({"default": site}) as sim:
+        config = app_config(database_url, tmp_path, [exacq_site("x1", sim.url())])
+        async with running_daemon(config):
+            event = site.activate_event(1, 11)
+            await eventually(lambda: count_at_least(db, 1), what="the event")
+            polls = site.requests["GET /v1/events.web"]
+            await eventually(
+                lambda: site.requests["GET /v1/events.web"] >= polls + 20, what="20 more polls"
+            )
+        async with running_daemon(config):  # still active after the restart: not new
+            polls = site.requests["GET /v1/events.web"]
+            await eventually(
+                lambda: site.requests["GET /v1/events.web"] >= polls + 20, what="polls"
+            )
+            assert len(await alarm_rows(db)) == 1
+            site.end_event(event)
+            await asyncio.sleep(0.3)
+            site.activate_event(1, 11)  # ends and starts again: a second alarm
+            await eventually(lambda: count_at_least(db, 2), what="the recurrence")
+            rows = await alarm_rows(db)
+            assert [r["event_type"] for r in rows] == ["motion", "motion"]
+            assert rows[0]["source_id"] != rows[1]["source_id"]
+            assert rows[0]["camera_name"] == "Gate cam" and rows[0]["vendor_event"] == "1"
+            assert rows[0]["description"] == "Video motion on Gate cam"
+
+
+async def test_event_types_map_and_filter(
+    database_url: str, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    site = ExacqSite()
+    async with ExacqSimulator({"default": site}) as sim:
+        config = app_config(database_url, tmp_path, [exacq_site("x1", sim.url())])
+        async with running_daemon(config):
+            await eventually(lambda: has_cursor(db), what="first poll")
+            for kind in (1, 2, 3, 21, 24, 27, 28, 11):  # 11 (storage) is not in the default filter
+                site.activate_event(kind, 12)
+            await eventually(lambda: count_at_least(db, 7), what="7 events")
+            await asyncio.sleep(0.3)
+            rows = await alarm_rows(db)
+            got = sorted((int(r["vendor_event"]), r["event_type"]) for r in rows)
+            assert got == [
+                (1, "motion"),
+                (2, "video_loss"),
+                (3, "input"),
+                (21, "camera_offline"),
+                (24, "analytics"),
+                (27, "intrusion"),
+                (28, "intrusion"),
+            ]
+
+
+@pytest.mark.parametrize("mode", ["401", "403", "302", "html", "success_false"])
+async def test_each_expired_session_symptom_means_one_new_login(
+    mode: str, database_url: str, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    site = ExacqSite(expiry_mode=mode, session_key="sessionID" if mode == "403" else "sessionId")
+    async with ExacqSimulator({"default": site}) as sim:
+        config = app_config(database_url, tmp_path, [exacq_site("x1", sim.url())])
+        async with running_daemon(config) as daemon:
+            await eventually(lambda: has_cursor(db), what="first poll")
+            assert site.logins == 1
+            site.expire_sessions()
+            site.activate_event(1, 11)
+            await eventually(lambda: count_at_least(db, 1), what=f"event after a {mode} expiry")
+            assert site.logins == 2
+            assert daemon.sites is not None
+            assert daemon.sites.by_id["x1"].health.up is True
+        assert site.logouts == 1  # logged out on shutdown
+
+
+async def test_frame_and_a_slow_export(
+    database_url: str, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from cms_ingest.config import MediaConfig
+
+    site = ExacqSite(export_seconds=2.0)
+    async with ExacqSimulator({"default": site}) as sim:
+        options = {"pre_seconds": 1, "post_seconds": 1}
+        config = app_config(
+            database_url,
+            tmp_path,
+            [exacq_site("x1", sim.url(), options=options)],
+            media=MediaConfig(retry_base_s=0.2, retry_max_s=0.5),
+        )
+        async with running_daemon(config):
+            await eventually(lambda: has_cursor(db), what="first poll")
+            site.activate_event(1, 13, start=datetime.now(UTC) - timedelta(seconds=1))
+
+            async def settled() -> bool:
+                pending = await db.fetchval(
+                    "SELECT count(*) FROM alarm_media WHERE state = 'pending'"
+                )
+                total = await db.fetchval("SELECT count(*) FROM alarm_media")
+                return total == 2 and pending == 0
+
+            await eventually(settled, timeout=20, what="media settled")
+            media = {r["kind"]: r for r in await db.fetch("SELECT * FROM alarm_media")}
+            assert (
+                media["snapshot"]["state"] == "ready"
+                and media["snapshot"]["content_type"] == "image/jpeg"
+            )
+            video = media["video"]
+            assert video["state"] == "ready", video["last_error"]
+            assert video["content_type"] == "video/mp4" and video["attempts"] >= 3  # it was slow
+            exports = list(site.exports.values())
+            assert len(exports) == 1 and exports[0]["finished"]  # finished: the server freed it
+            assert exports[0]["downloaded"]
+            assert site.requests["GET /v1/export.web"] >= 4
+
+
+async def test_soft_trigger_held_for_5_s_then_off(
+    database_url: str, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    from tests.test_actions import final
+
+    site = ExacqSite()
+    async with ExacqSimulator({"default": site}) as sim:
+        config = app_config(database_url, tmp_path, [exacq_site("x1", sim.url())])
+        async with running_daemon(config):
+            started = time.monotonic()
+            action_id = await db.fetchval(
+                "INSERT INTO actions (site_id, kind, target, params) "
+                "VALUES ('x1', 'soft_trigger', '3', '{\"duration_s\": 5}') RETURNING id"
+            )
+            row = await final(db, int(action_id))
+            assert row["state"] == "succeeded", row["error"]
+            transitions = site.trigger_transitions[3]
+            assert [state for _, state in transitions] == ["on", "off"]  # on the whole time
+            held = transitions[1][0] - transitions[0][0]
+            assert 4.8 <= held <= 6.0
+            assert site.trigger_state(3) == "off"
+            assert time.monotonic() - started >= 5
+            unknown = await db.fetchval(
+                "INSERT INTO actions (site_id, kind, target) VALUES ('x1', 'soft_trigger', '99') RETURNING id"
+            )
+            refused = await final(db, int(unknown))
+            assert refused["state"] == "failed" and "refused" in refused["error"]
+
+
+async def test_daemon_stopping_mid_hold_turns_the_trigger_off(
+    database_url: str, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    site = ExacqSite()
+    async with ExacqSimulator({"default": site}) as sim:
+        config = app_config(database_url, tmp_path, [exacq_site("x1", sim.url())])
+        async with running_daemon(config):
+            await db.execute(
+                "INSERT INTO actions (site_id, kind, target, params) "
+                "VALUES ('x1', 'soft_trigger', '4', '{\"duration_s\": 60}')"
+            )
+            await eventually(lambda: site.trigger_state(4) == "on", what="hold started")
+            await asyncio.sleep(1.5)
+        # The daemon stopped (SIGTERM path): the hold ended with an explicit off.
+        assert site.trigger_state(4) == "off"
+        assert [state for _, state in site.trigger_transitions[4]] == ["on", "off"]
+        assert site.trigger_sets[-1][1] == "off"
+        row = await db.fetchrow("SELECT state, error FROM actions")
+        assert row["state"] == "failed" and "stopped" in row["error"]
