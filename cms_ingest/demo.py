@@ -24,6 +24,7 @@ from cms_ingest.db.notify import Listener
 from cms_ingest.db.store import Store
 from cms_ingest.logs import configure_logging
 from cms_ingest.runtime.daemon import Daemon, run_daemon
+from cms_ingest.simulators.camstreamer import CamStreamerAccount, CamStreamerSimulator
 from cms_ingest.simulators.camtrace import CamTraceSimulator, CamTraceSite
 from cms_ingest.simulators.davantis import DavantisSimulator, DavantisSite
 from cms_ingest.simulators.exacq import ExacqSimulator, ExacqSite
@@ -31,9 +32,13 @@ from cms_ingest.simulators.videoloft import VideoloftAccount, VideoloftSimulator
 
 OPERATOR_EVERY_S = 20.0
 DEMO_PASSWORD = "demo-secret"  # noqa: S105 - the simulated site's password, on loopback only
+DEMO_TOKEN = "demo-api-token"  # noqa: S105 - the simulated account's token, on loopback only
+DEMO_DEVICE_TOKEN = "demo-device-token"  # noqa: S105 - likewise
 
 
-def demo_config(data_dir: Path, listen: str, urls: dict[str, str]) -> AppConfig:
+def demo_config(
+    data_dir: Path, listen: str, urls: dict[str, str], device_template: str
+) -> AppConfig:
     """One site per simulated vendor, each on its own loopback port."""
     davantis = SiteConfig(
         id="demo-davantis",
@@ -74,7 +79,26 @@ def demo_config(data_dir: Path, listen: str, urls: dict[str, str]) -> AppConfig:
         poll_interval=1.0,
         options={"pre_seconds": 2, "post_seconds": 3},
     )
-    return AppConfig(data_dir=data_dir, listen=listen, sites=[davantis, camtrace, videoloft, exacq])
+    camstreamer = SiteConfig(
+        id="demo-camstreamer",
+        name="Demo camera fleet (simulated CamStreamer cloud account)",
+        vendor="camstreamer",
+        url=urls["camstreamer"],
+        token=SecretStr(DEMO_TOKEN),
+        poll_interval=2.0,
+        options={
+            "offline_grace_s": 4,
+            "clip_seconds": 10,
+            "daily_limit": 1_000_000,  # a demo plan: status every 2 s instead of every 10
+            "device_url_template": device_template,
+            "device_access_token": DEMO_DEVICE_TOKEN,
+        },
+    )
+    return AppConfig(
+        data_dir=data_dir,
+        listen=listen,
+        sites=[davantis, camtrace, videoloft, exacq, camstreamer],
+    )
 
 
 class LiveView:
@@ -171,6 +195,13 @@ def _operator_request(round_no: int) -> tuple[str, str, str, dict[str, Any], str
         ("demo-exacq", "soft_trigger", "3", {"duration_s": 5}, "exacq soft trigger 3 held 5 s"),
         ("demo-videoloft", "snapshot_request", "12345.1", {}, "Videoloft thumbnail request"),
         ("demo-camtrace", "command", "7", {}, "CamTrace command 7 (floodlight)"),
+        (
+            "demo-camstreamer",
+            "output",
+            "ACCC8EE8A9CA",
+            {"port": 1, "duration_s": 3},
+            "CamStreamer camera output 1 for 3 s",
+        ),
     ]
     return requests[round_no % len(requests)]
 
@@ -193,22 +224,30 @@ async def run_demo(
         VideoloftAccount(password=DEMO_PASSWORD, media_delay=1.0, tail_s=3.0)
     )
     exacq = ExacqSimulator({"default": ExacqSite(password=DEMO_PASSWORD, export_seconds=2.0)})
+    camstreamer = CamStreamerSimulator(
+        {
+            "default": CamStreamerAccount(
+                token=DEMO_TOKEN, device_token=DEMO_DEVICE_TOKEN, prepare_seconds=2.0
+            )
+        }
+    )
     urls = {
         "exacq": await exacq.start(),
+        "camstreamer": await camstreamer.start(),
         "davantis": await davantis.start(),
         "camtrace": await camtrace.start(),
         "videoloft": await videoloft.start(),
     }
     davantis.site().add_alarms(3)  # history before the daemon starts: not ingested (no backfill)
-    config = demo_config(data_dir, listen, urls)
+    config = demo_config(data_dir, listen, urls, camstreamer.device_url_template())
     started: asyncio.Queue[Daemon] = asyncio.Queue()
     daemon_task = asyncio.create_task(run_daemon(config, stop=stop, on_started=started.put_nowait))
     out.write(
         f"cms-ingest demo: data in {data_dir}, logs in {data_dir / 'demo.log'}, "
         f"metrics on http://{listen}/metrics\n"
         f"simulated sites: Davantis at {urls['davantis']}, CamTrace at {urls['camtrace']}, "
-        f"Videoloft at {urls['videoloft']}, exacqVision at {urls['exacq']}; "
-        "Ctrl-C to stop.\n\n"
+        f"Videoloft at {urls['videoloft']}, exacqVision at {urls['exacq']}, "
+        f"CamStreamer at {urls['camstreamer']}; Ctrl-C to stop.\n\n"
     )
     try:
         daemon = await _wait_started(started, daemon_task)
@@ -223,6 +262,7 @@ async def run_demo(
         camtrace.start_generator(0.15)
         videoloft.start_generator(0.1)
         exacq.start_generator(0.05)
+        camstreamer.start_generator(0.02, offline_s=(8, 15))
         helpers = [
             asyncio.create_task(listener.run(stop)),
             asyncio.create_task(view.run(stop)),
@@ -233,6 +273,8 @@ async def run_demo(
         camtrace.site().add_alarm(camera=2, description="MOTION Alarm")
         await _first_live_alert(videoloft)
         exacq.site().end_event_later(exacq.site().activate_event(1, 11), 4.0)
+        camstreamer.site().disconnect("ACCC8EE8A9CB")  # offline, then back after 10 s
+        asyncio.get_running_loop().call_later(10.0, camstreamer.site().connect, "ACCC8EE8A9CB")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=duration)
         stop.set()
@@ -242,7 +284,7 @@ async def run_demo(
         return 0
     finally:
         stop.set()
-        for simulator in (davantis, camtrace, videoloft, exacq):
+        for simulator in (davantis, camtrace, videoloft, exacq, camstreamer):
             await simulator.stop_generator()
             await simulator.stop()
         if not daemon_task.done():

@@ -130,3 +130,9 @@ DEVICE_HEALTH = Gauge(
     ["site_id", "vendor", "component"],
     registry=REGISTRY,
 )
+API_BUDGET_REMAINING = Gauge(
+    "cms_ingest_api_budget_remaining",
+    "Queries left today in an account's daily API budget (CamStreamer).",
+    ["site_id", "vendor"],
+    registry=REGISTRY,
+)

@@ -119,6 +119,15 @@ class SiteHttp:
             self._session, f"{self.base_url.scheme}://{host}", tls=tls, timeout_s=self.timeout_s
         )
 
+    def for_url(self, base_url: str) -> SiteHttp:
+        """The same site's rules for another configured base URL (a device-access template).
+
+        For URLs the installer configured, not ones a device handed back. Chain
+        verification applies; a pin belongs to the site URL only.
+        """
+        tls = TlsPolicy(verify=self._tls.verify, ca_file=self._tls.ca_file, pin_sha256=None)
+        return SiteHttp(self._session, base_url, tls=tls, timeout_s=self.timeout_s)
+
     def url(self, path_or_url: str) -> URL:
         """Resolve a path against the site URL; refuse anything on another origin.
 

@@ -70,6 +70,19 @@ def exacq_site(site_id: str, url: str, **overrides: Any) -> SiteConfig:
     return SiteConfig(**values)
 
 
+def camstreamer_site(site_id: str, url: str, **overrides: Any) -> SiteConfig:
+    values: dict[str, Any] = {
+        "id": site_id,
+        "vendor": "camstreamer",
+        "url": url,
+        "token": SecretStr("api-token"),
+        "poll_interval": 1.2,
+        "request_timeout_s": 2.0,
+    }
+    values.update(overrides)
+    return SiteConfig(**values)
+
+
 def app_config(
     database_url: str, data_dir: Path, sites: list[SiteConfig], **overrides: Any
 ) -> AppConfig:

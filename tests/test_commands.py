@@ -28,7 +28,7 @@ async def test_demo_shows_alarms_media_and_stops_by_itself(tmp_path: Path) -> No
         "cms_ingest.cli",
         "demo",
         "--duration",
-        "12",
+        "16",
         "--data-dir",
         str(tmp_path / "demo"),
         "--listen",
@@ -45,6 +45,7 @@ async def test_demo_shows_alarms_media_and_stops_by_itself(tmp_path: Path) -> No
     assert "video ready: demo-camtrace/" in text and ".mkv" in text
     assert "demo-videoloft p5 motion" in text
     assert re.search(r"demo-exacq p5 motion +camera 'Gate cam': Video motion on Gate cam", text)
+    assert re.search(r"demo-camstreamer p4 camera_offline +camera 'Yard'", text)
     assert "Warning" not in err.decode()
     assert "snapshot ready" in text
     assert list((tmp_path / "demo" / "media" / "demo-davantis").rglob("*-snapshot.jpg"))

@@ -218,6 +218,7 @@ async def test_check_config_accepts_the_example(tmp_path: Path) -> None:
             "DEPOT_EAST_PASSWORD": "z",
             "ACME_CLOUD_PASSWORD": "w",
             "MALL_WEST_PASSWORD": "v",
+            "ACME_CAMSTREAMER_TOKEN": "u",
         },
     )
     out, err = await asyncio.wait_for(process.communicate(), timeout=30)

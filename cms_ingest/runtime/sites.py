@@ -158,6 +158,7 @@ def build_site(site: SiteConfig, session: aiohttp.ClientSession) -> SiteRuntime:
         http=http,
         username=site.username or "",
         password=site.password.get_secret_value() if site.password else "",
+        token=site.token.get_secret_value() if site.token else "",
         options=site.options,
         problems=problems,
     )

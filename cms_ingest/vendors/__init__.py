@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from cms_ingest.vendors import camtrace, davantis, exacq, videoloft
+from cms_ingest.vendors import camstreamer, camtrace, davantis, exacq, videoloft
 from cms_ingest.vendors.base import VendorClient
 
 OPTIONS_MODELS: Mapping[str, type[BaseModel]] = {
@@ -19,6 +19,7 @@ OPTIONS_MODELS: Mapping[str, type[BaseModel]] = {
     "camtrace": camtrace.CamTraceOptions,
     "videoloft": videoloft.VideoloftOptions,
     "exacq": exacq.ExacqOptions,
+    "camstreamer": camstreamer.CamStreamerOptions,
 }
 
 BUILDERS: Mapping[str, Callable[..., VendorClient]] = {
@@ -26,12 +27,14 @@ BUILDERS: Mapping[str, Callable[..., VendorClient]] = {
     "camtrace": camtrace.build,
     "videoloft": videoloft.build,
     "exacq": exacq.build,
+    "camstreamer": camstreamer.build,
 }
 
 
 # Optional per-vendor checks of a site beyond its options model: (options key, message).
 SITE_CHECKS: Mapping[str, Callable[[str, Mapping[str, Any]], list[tuple[str, str]]]] = {
     "camtrace": camtrace.check_site,
+    "camstreamer": camstreamer.check_site,
 }
 
 

@@ -720,6 +720,7 @@ def build(
     password: str,
     options: Mapping[str, Any],
     problems: ProblemReporter,
+    token: str = "",  # unused: this vendor logs in with username and password
 ) -> CamTraceClient:
     return CamTraceClient(
         site_id=site_id,

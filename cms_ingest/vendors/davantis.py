@@ -558,6 +558,7 @@ def build(
     password: str,
     options: Mapping[str, Any],
     problems: ProblemReporter,
+    token: str = "",  # unused: this vendor logs in with username and password
 ) -> DavantisClient:
     return DavantisClient(
         site_id=site_id,

@@ -569,6 +569,7 @@ def build(
     password: str,
     options: Mapping[str, Any],
     problems: ProblemReporter,
+    token: str = "",  # unused: this vendor logs in with username and password
 ) -> ExacqClient:
     return ExacqClient(
         site_id=site_id,

@@ -890,6 +890,7 @@ def build(
     password: str,
     options: Mapping[str, Any],
     problems: ProblemReporter,
+    token: str = "",  # unused: this vendor logs in with username and password
 ) -> VideoloftClient:
     return VideoloftClient(
         site_id=site_id,
