@@ -13,7 +13,7 @@ from typing import Any
 
 from cms_ingest.config import AppConfig, ConfigError, ConfigProblem, check_config, load_config
 from cms_ingest.logs import configure_logging
-from cms_ingest.vendors import BUILDERS, SITE_CHECKS, supported_vendors
+from cms_ingest.vendors import SITE_CHECKS, VENDORS, supported_vendors
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -26,7 +26,7 @@ def vendor_problems(config: AppConfig) -> list[ConfigProblem]:
     """What the config schema cannot see: vendors this build lacks, vendor-specific rules."""
     problems: list[ConfigProblem] = []
     for index, site in enumerate(config.sites):
-        if site.vendor not in BUILDERS:
+        if site.vendor not in VENDORS:
             problems.append(
                 ConfigProblem(
                     f"sites[{index}].vendor",

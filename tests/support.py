@@ -13,74 +13,48 @@ from pydantic import SecretStr
 from cms_ingest.config import ActionsConfig, AppConfig, MediaConfig, SiteConfig
 from cms_ingest.runtime.daemon import Daemon, run_daemon
 
+# What each vendor's simulator accepts by default.
+CREDENTIALS: dict[str, dict[str, Any]] = {
+    "davantis": {"username": "cms", "password": SecretStr("secret")},
+    "camtrace": {"username": "cms", "password": SecretStr("secret")},
+    "videoloft": {"username": "cms@example.com", "password": SecretStr("secret")},
+    "exacq": {"username": "cms", "password": SecretStr("secret")},
+    "camstreamer": {"token": SecretStr("api-token"), "poll_interval": 1.2},
+}
 
-def davantis_site(site_id: str, url: str, **overrides: Any) -> SiteConfig:
+
+def site_config(vendor: str, site_id: str, url: str, **overrides: Any) -> SiteConfig:
+    """A site polling fast against a simulator, with the simulator's default credentials."""
     values: dict[str, Any] = {
         "id": site_id,
-        "vendor": "davantis",
+        "vendor": vendor,
         "url": url,
-        "username": "cms",
-        "password": SecretStr("secret"),
         "poll_interval": 0.1,
         "request_timeout_s": 2.0,
+        **CREDENTIALS[vendor],
     }
     values.update(overrides)
     return SiteConfig(**values)
+
+
+def davantis_site(site_id: str, url: str, **overrides: Any) -> SiteConfig:
+    return site_config("davantis", site_id, url, **overrides)
 
 
 def camtrace_site(site_id: str, url: str, **overrides: Any) -> SiteConfig:
-    values: dict[str, Any] = {
-        "id": site_id,
-        "vendor": "camtrace",
-        "url": url,
-        "username": "cms",
-        "password": SecretStr("secret"),
-        "poll_interval": 0.1,
-        "request_timeout_s": 2.0,
-    }
-    values.update(overrides)
-    return SiteConfig(**values)
+    return site_config("camtrace", site_id, url, **overrides)
 
 
 def videoloft_site(site_id: str, url: str, **overrides: Any) -> SiteConfig:
-    values: dict[str, Any] = {
-        "id": site_id,
-        "vendor": "videoloft",
-        "url": url,
-        "username": "cms@example.com",
-        "password": SecretStr("secret"),
-        "poll_interval": 0.1,
-        "request_timeout_s": 2.0,
-    }
-    values.update(overrides)
-    return SiteConfig(**values)
+    return site_config("videoloft", site_id, url, **overrides)
 
 
 def exacq_site(site_id: str, url: str, **overrides: Any) -> SiteConfig:
-    values: dict[str, Any] = {
-        "id": site_id,
-        "vendor": "exacq",
-        "url": url,
-        "username": "cms",
-        "password": SecretStr("secret"),
-        "poll_interval": 0.1,
-        "request_timeout_s": 2.0,
-    }
-    values.update(overrides)
-    return SiteConfig(**values)
+    return site_config("exacq", site_id, url, **overrides)
 
 
 def camstreamer_site(site_id: str, url: str, **overrides: Any) -> SiteConfig:
-    values: dict[str, Any] = {
-        "id": site_id,
-        "vendor": "camstreamer",
-        "url": url,
-        "token": SecretStr("api-token"),
-        "poll_interval": 1.2,
-        "request_timeout_s": 2.0,
-    }
-    values.update(overrides)
-    return SiteConfig(**values)
+    return site_config("camstreamer", site_id, url, **overrides)
 
 
 def app_config(

@@ -319,21 +319,12 @@ async def test_one_token_renewal_however_many_callers(tmp_path: Path) -> None:
     import aiohttp
 
     from cms_ingest.domain import MediaKind
-    from cms_ingest.runtime.sites import SiteProblems
-    from cms_ingest.sitehttp import SiteHttp
-    from cms_ingest.vendors.davantis import DavantisClient, DavantisOptions
+    from cms_ingest.runtime.sites import build_site
 
     site = DavantisSite(media_delay=0)
     site.add_alarms(3)
     async with DavantisSimulator({"default": site}) as sim, aiohttp.ClientSession() as session:
-        client = DavantisClient(
-            site_id="d1",
-            http=SiteHttp(session, sim.url(), timeout_s=5),
-            username="cms",
-            password="secret",
-            options=DavantisOptions(),
-            problems=SiteProblems("d1", "davantis"),
-        )
+        client = build_site(davantis_site("d1", sim.url()), session).client
         await client.poll(None)
         assert (site.logins, site.refreshes) == (1, 0)
         site.expire_access_tokens()

@@ -245,20 +245,11 @@ async def test_live_records_come_again_until_their_commit_is_confirmed() -> None
     """A poll whose result was not committed (database down) is answered again, not lost."""
     import aiohttp
 
-    from cms_ingest.runtime.sites import SiteProblems
-    from cms_ingest.sitehttp import SiteHttp
-    from cms_ingest.vendors.videoloft import VideoloftClient, VideoloftOptions
+    from cms_ingest.runtime.sites import build_site
 
     account = VideoloftAccount(media_delay=0, tail_s=0)
     async with VideoloftSimulator(account) as sim, aiohttp.ClientSession() as session:
-        client = VideoloftClient(
-            site_id="v1",
-            http=SiteHttp(session, sim.url, timeout_s=5),
-            username="cms@example.com",
-            password="secret",
-            options=VideoloftOptions(),
-            problems=SiteProblems("v1", "videoloft"),
-        )
+        client = build_site(videoloft_site("v1", sim.url), session).client
         try:
             start = await client.poll(None)  # every device's cursor; long-polls open
             await eventually(lambda: streams_open(account, 2), what="long-polls")

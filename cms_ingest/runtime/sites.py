@@ -22,7 +22,7 @@ from cms_ingest.db.store import SiteHealth
 from cms_ingest.logs import redact_text
 from cms_ingest.sitehttp import SiteHttp, TlsPolicy
 from cms_ingest.vendors import build_client
-from cms_ingest.vendors.base import VendorClient
+from cms_ingest.vendors.base import VendorClient, VendorContext
 
 log = structlog.get_logger("cms_ingest.sites")
 
@@ -152,16 +152,15 @@ def tls_policy(site: SiteConfig) -> TlsPolicy:
 def build_site(site: SiteConfig, session: aiohttp.ClientSession) -> SiteRuntime:
     problems = SiteProblems(site.id, site.vendor)
     http = SiteHttp(session, site.url, tls=tls_policy(site), timeout_s=site.request_timeout_s)
-    client = build_client(
-        site.vendor,
+    context = VendorContext(
         site_id=site.id,
         http=http,
+        problems=problems,
         username=site.username or "",
         password=site.password.get_secret_value() if site.password else "",
         token=site.token.get_secret_value() if site.token else "",
-        options=site.options,
-        problems=problems,
     )
+    client = build_client(site.vendor, context, site.options)
     return SiteRuntime(
         config=site,
         client=client,

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from cms_ingest.domain import Action, ActionResult, Alarm, MediaKind
-from cms_ingest.sitehttp import TransportError
+from cms_ingest.sitehttp import SiteHttp, TransportError
 
 Cursor = Mapping[str, Any]  # JSON-serializable; persisted with the alarms it covers
 
@@ -94,6 +94,18 @@ class ProblemReporter(Protocol):
     def bad_input(self, what: str, detail: str) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class VendorContext:
+    """What every vendor client is built with: its site, its transport, its credentials."""
+
+    site_id: str
+    http: SiteHttp  # the configured site URL, its TLS policy and timeout
+    problems: ProblemReporter
+    username: str = ""
+    password: str = ""
+    token: str = ""
+
+
 class VendorClient(Protocol):
     """One configured site, as its vendor's API presents it."""
 
@@ -131,5 +143,6 @@ __all__ = [
     "ProblemReporter",
     "TransportError",
     "VendorClient",
+    "VendorContext",
     "VendorError",
 ]

@@ -23,7 +23,6 @@ lead to a new access token, `client` is logged once, a rate-limit answer backs o
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -49,8 +48,9 @@ from cms_ingest.vendors.base import (
     InvalidAction,
     MediaProbe,
     PollResult,
-    ProblemReporter,
+    VendorContext,
 )
+from cms_ingest.vendors.common import parse_json
 
 VENDOR = "camstreamer"
 log = structlog.get_logger("cms_ingest.vendors.camstreamer")
@@ -158,25 +158,19 @@ class CamStreamerClient:
     # A hold cut short and re-run would pulse the output again: never repeated on doubt.
     actions: Mapping[str, ActionSpec] = {"output": ActionSpec(idempotent=False)}
 
-    def __init__(
-        self,
-        *,
-        site_id: str,
-        http: SiteHttp,
-        token: str,
-        options: CamStreamerOptions,
-        problems: ProblemReporter,
-    ) -> None:
-        self.site_id = site_id
-        self._http = http
-        self._static_token = token or None
+    def __init__(self, context: VendorContext, options: CamStreamerOptions) -> None:
+        self.site_id = context.site_id
+        self._http = context.http
+        self._static_token = context.token or None  # an account is reached with a token
         self._options = options
-        self._problems = problems
+        self._problems = context.problems
         self._access: str | None = self._static_token
         self._refresh: str | None = options.refresh_token
         self._auth_lock = asyncio.Lock()
         self.budget = QueryBudget(options.rate_per_s, options.daily_limit, options.status_share)
-        self._budget_gauge = metrics.API_BUDGET_REMAINING.labels(site_id=site_id, vendor=VENDOR)
+        self._budget_gauge = metrics.API_BUDGET_REMAINING.labels(
+            site_id=self.site_id, vendor=VENDOR
+        )
         self._last_status_at: float | None = None
         self._recordings: dict[str, _Recording] = {}
         self._devices: dict[str, SiteHttp] = {}
@@ -206,7 +200,7 @@ class CamStreamerClient:
             "refresh_token": self._refresh,
         }
         async with self._http.request("POST", TOKEN_PATH, data=form) as response:
-            payload = _json(await read_limited(response, MAX_JSON_BYTES))
+            payload = parse_json(await read_limited(response, MAX_JSON_BYTES))
             status = response.status
         if status != 200 or not isinstance(payload, dict) or not payload.get("access_token"):
             error = payload.get("error") if isinstance(payload, dict) else None
@@ -225,7 +219,7 @@ class CamStreamerClient:
             async with self._http.request(
                 "POST", GRAPHQL_PATH, json=body, headers={"Authorization": f"Bearer {token}"}
             ) as response:
-                payload = _json(await read_limited(response, MAX_JSON_BYTES))
+                payload = parse_json(await read_limited(response, MAX_JSON_BYTES))
                 status = response.status
             category, message = _first_error(payload)
             if category in ("authError", "expired") and attempt == 1:
@@ -470,13 +464,6 @@ class CamStreamerClient:
 # ---------------------------------------------------------------------- helpers
 
 
-def _json(body: bytes) -> Any:
-    try:
-        return json.loads(body) if body else None
-    except (ValueError, UnicodeDecodeError):
-        return None
-
-
 def _mapping(value: Any) -> dict[str, Any]:
     return dict(value) if isinstance(value, dict) else {}
 
@@ -497,23 +484,3 @@ def check_site(url: str, options: Mapping[str, Any]) -> list[tuple[str, str]]:
         problems.append(("refresh_token", "OAuth2 needs the refresh token the portal issued"))
     del url
     return problems
-
-
-def build(
-    *,
-    site_id: str,
-    http: SiteHttp,
-    username: str,
-    password: str,
-    options: Mapping[str, Any],
-    problems: ProblemReporter,
-    token: str = "",
-) -> CamStreamerClient:
-    del username, password  # an account is reached with a token, not a login
-    return CamStreamerClient(
-        site_id=site_id,
-        http=http,
-        token=token,
-        options=CamStreamerOptions.model_validate(options),
-        problems=problems,
-    )

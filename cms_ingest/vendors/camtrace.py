@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cms_ingest import metrics
 from cms_ingest.domain import Action, ActionResult, Alarm, EventType, MediaKind, MediaRequest
-from cms_ingest.sitehttp import SiteHttp, read_limited
+from cms_ingest.sitehttp import read_limited
 from cms_ingest.units import Duration
 from cms_ingest.vendors.base import (
     ActionSpec,
@@ -54,7 +54,9 @@ from cms_ingest.vendors.base import (
     MediaProbe,
     PollResult,
     ProblemReporter,
+    VendorContext,
 )
+from cms_ingest.vendors.common import error_text, parse_json
 
 VENDOR = "camtrace"
 API = "/api/v1.2"
@@ -132,20 +134,15 @@ class CamTraceClient:
 
     def __init__(
         self,
-        *,
-        site_id: str,
-        http: SiteHttp,
-        username: str,
-        password: str,
+        context: VendorContext,
         options: CamTraceOptions,
-        problems: ProblemReporter,
     ) -> None:
-        self.site_id = site_id
-        self._http = http
-        self._username = username
-        self._password = password
+        self.site_id = context.site_id
+        self._http = context.http
+        self._username = context.username
+        self._password = context.password
         self._options = options
-        self._problems = problems
+        self._problems = context.problems
         self._hashed: str | None = None
         self._auth_lock = asyncio.Lock()
         self._offset_s: float | None = None  # server clock minus ours
@@ -154,7 +151,7 @@ class CamTraceClient:
         self._cameras_loaded_at: float | None = None
         self._health_checked_at: float | None = None
         self._health_errors: dict[str, str] = {}
-        self._skew_gauge = metrics.CLOCK_SKEW.labels(site_id=site_id, vendor=VENDOR)
+        self._skew_gauge = metrics.CLOCK_SKEW.labels(site_id=self.site_id, vendor=VENDOR)
 
     # ------------------------------------------------------------------ authentication
 
@@ -179,7 +176,7 @@ class CamTraceClient:
         async with self._http.request("GET", path) as response:
             body = await read_limited(response, MAX_JSON_BYTES)
             status = response.status
-        payload = _json(body)
+        payload = parse_json(body)
         if status != 200 or not isinstance(payload, dict):
             raise AuthenticationFailed(f"GET {path} answered {status}: cannot learn the salt")
         methods = payload.get("auth")
@@ -198,7 +195,7 @@ class CamTraceClient:
             date_header = response.headers.get("Date")
         received = time.time()
         ours = (sent + received) / 2
-        server = _server_time(_json(body), date_header)
+        server = _server_time(parse_json(body), date_header)
         if server is None:
             self._problems.bad_input("server_time", "neither getservertime nor Date is readable")
             self._offset_s = 0.0
@@ -248,9 +245,9 @@ class CamTraceClient:
                 continue
             if status == 401:
                 raise AuthenticationFailed(
-                    f"GET {_path_only(path)} refused (401): {_error_text(_json(body))}"
+                    f"GET {_path_only(path)} refused (401): {error_text(parse_json(body))}"
                 )
-            return status, _json(body), headers
+            return status, parse_json(body), headers
         raise AssertionError("unreachable")
 
     async def _after_401(self, headers: Mapping[str, str]) -> None:
@@ -556,35 +553,16 @@ class CamTraceClient:
             return ActionResult(result={"status": status, "answer": answer})
         if 400 <= status < 500:
             raise DeviceRefused(
-                f"GET {path} refused ({status}): {_error_text(payload) or 'no reason given'}",
+                f"GET {path} refused ({status}): {error_text(payload) or 'no reason given'}",
                 answer=answer,
             )
-        raise BadDeviceResponse(f"GET {path} answered {status}: {_error_text(payload)}")
+        raise BadDeviceResponse(f"GET {path} answered {status}: {error_text(payload)}")
 
     async def close(self) -> None:
         """Nothing to release: the HTTP session belongs to the process."""
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def _json(body: bytes) -> Any:
-    import json
-
-    if not body:
-        return None
-    try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None
-
-
-def _error_text(payload: Any) -> str:
-    if isinstance(payload, dict):
-        for key in ("error", "message", "detail"):
-            if isinstance(payload.get(key), str):
-                return str(payload[key])
-    return ""
 
 
 def _path_only(path: str) -> str:
@@ -605,7 +583,7 @@ def _id(item: Mapping[str, Any]) -> int | None:
 def _alarm_items(status: int, payload: Any, problems: ProblemReporter) -> list[dict[str, Any]]:
     if status != 200:
         raise BadDeviceResponse(
-            f"GET {API}/cameras/alarms answered {status}: {_error_text(payload)}"
+            f"GET {API}/cameras/alarms answered {status}: {error_text(payload)}"
         )
     alarms = payload.get("alarms") if isinstance(payload, dict) else None
     if not isinstance(alarms, list):
@@ -710,23 +688,3 @@ def check_site(url: str, options: Mapping[str, Any]) -> list[tuple[str, str]]:
             )
         ]
     return []
-
-
-def build(
-    *,
-    site_id: str,
-    http: SiteHttp,
-    username: str,
-    password: str,
-    options: Mapping[str, Any],
-    problems: ProblemReporter,
-    token: str = "",  # unused: this vendor logs in with username and password
-) -> CamTraceClient:
-    return CamTraceClient(
-        site_id=site_id,
-        http=http,
-        username=username,
-        password=password,
-        options=CamTraceOptions.model_validate(options),
-        problems=problems,
-    )

@@ -28,7 +28,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from cms_ingest.domain import Action, ActionResult, Alarm, EventType, MediaKind, MediaRequest
-from cms_ingest.sitehttp import SiteHttp, read_limited
+from cms_ingest.sitehttp import read_limited
 from cms_ingest.units import Duration
 from cms_ingest.vendors.base import (
     ActionSpec,
@@ -41,7 +41,7 @@ from cms_ingest.vendors.base import (
     MediaNotReady,
     MediaProbe,
     PollResult,
-    ProblemReporter,
+    VendorContext,
 )
 
 VENDOR = "davantis"
@@ -101,21 +101,16 @@ class DavantisClient:
 
     def __init__(
         self,
-        *,
-        site_id: str,
-        http: SiteHttp,
-        username: str,
-        password: str,
+        context: VendorContext,
         options: DavantisOptions,
-        problems: ProblemReporter,
         clock: Any = time.monotonic,
     ) -> None:
-        self.site_id = site_id
-        self._http = http
-        self._username = username
-        self._password = password
+        self.site_id = context.site_id
+        self._http = context.http
+        self._username = context.username
+        self._password = context.password
         self._options = options
-        self._problems = problems
+        self._problems = context.problems
         self._clock = clock
         self._token = _Token()
         self._token_lock = asyncio.Lock()
@@ -548,23 +543,3 @@ def _resource_id(action: Action) -> int:
     if not target.isdigit():
         raise InvalidAction(f"target must be a numeric relay or input id, not {action.target!r}")
     return int(target)
-
-
-def build(
-    *,
-    site_id: str,
-    http: SiteHttp,
-    username: str,
-    password: str,
-    options: Mapping[str, Any],
-    problems: ProblemReporter,
-    token: str = "",  # unused: this vendor logs in with username and password
-) -> DavantisClient:
-    return DavantisClient(
-        site_id=site_id,
-        http=http,
-        username=username,
-        password=password,
-        options=DavantisOptions.model_validate(options),
-        problems=problems,
-    )

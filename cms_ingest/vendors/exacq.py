@@ -23,7 +23,6 @@ correction from the field is a one-line change.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -35,7 +34,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
 from cms_ingest.domain import Action, ActionResult, Alarm, EventType, MediaKind, MediaRequest
-from cms_ingest.sitehttp import SiteHttp, read_limited
+from cms_ingest.sitehttp import read_limited
 from cms_ingest.vendors.base import (
     ActionSpec,
     AuthenticationFailed,
@@ -47,8 +46,9 @@ from cms_ingest.vendors.base import (
     MediaNotReady,
     MediaProbe,
     PollResult,
-    ProblemReporter,
+    VendorContext,
 )
+from cms_ingest.vendors.common import as_int, error_text, parse_json
 
 VENDOR = "exacq"
 log = structlog.get_logger("cms_ingest.vendors.exacq")
@@ -143,20 +143,15 @@ class ExacqClient:
 
     def __init__(
         self,
-        *,
-        site_id: str,
-        http: SiteHttp,
-        username: str,
-        password: str,
+        context: VendorContext,
         options: ExacqOptions,
-        problems: ProblemReporter,
     ) -> None:
-        self.site_id = site_id
-        self._http = http
-        self._username = username
-        self._password = password
+        self.site_id = context.site_id
+        self._http = context.http
+        self._username = context.username
+        self._password = context.password
         self._options = options
-        self._problems = problems
+        self._problems = context.problems
         self._session: str | None = None
         self._login_lock = asyncio.Lock()
         self._cameras: dict[str, str] = {}
@@ -184,13 +179,13 @@ class ExacqClient:
             "s": str(self._options.server),
         }
         async with self._http.request("POST", API.login, data=form) as response:
-            payload = _json(await read_limited(response, MAX_JSON_BYTES))
+            payload = parse_json(await read_limited(response, MAX_JSON_BYTES))
             status = response.status
         session = None
         if isinstance(payload, dict) and payload.get("success") is not False:
             session = next((payload[k] for k in API.session_keys if payload.get(k)), None)
         if status != 200 or not session:
-            raise AuthenticationFailed(f"login refused (HTTP {status}): {_error(payload)}")
+            raise AuthenticationFailed(f"login refused (HTTP {status}): {error_text(payload)}")
         self._session = str(session)
 
     def _expire(self, session: str) -> None:
@@ -220,7 +215,7 @@ class ExacqClient:
                             f"{path}: session refused after a new login ({exc})"
                         ) from None
                     continue
-                return response.status, _json(body) if body else None
+                return response.status, parse_json(body) if body else None
         raise AssertionError("unreachable")
 
     # ------------------------------------------------------------------ inventory
@@ -261,7 +256,7 @@ class ExacqClient:
         status, payload = await self._call("GET", API.events, params)
         items = payload.get(API.events_key) if isinstance(payload, dict) else None
         if status != 200 or not isinstance(items, list):
-            raise BadDeviceResponse(f"GET {API.events} answered {status}: {_error(payload)}")
+            raise BadDeviceResponse(f"GET {API.events} answered {status}: {error_text(payload)}")
         previous = set(cursor.get("active", [])) if cursor else set()
         active: dict[str, Mapping[str, Any]] = {}
         for item in items:
@@ -276,7 +271,7 @@ class ExacqClient:
         return PollResult(alarms=alarms, cursor={"active": sorted(active)})
 
     def _alarm(self, key: str, item: Mapping[str, Any]) -> Alarm:
-        event_type = _int(item.get(API.event_type))
+        event_type = as_int(item.get(API.event_type))
         source = item.get(API.event_source)
         camera_id = None if source is None else str(source)
         occurred = self._server_time(item.get(API.event_start))
@@ -340,9 +335,9 @@ class ExacqClient:
         if status == 404:
             del self._exports[key]  # the server forgot it (a restart, a 15-minute cleanup)
             return MediaProbe("pending", detail="export gone on the server; creating it again")
-        progress = _int(payload.get("progress")) if isinstance(payload, dict) else None
+        progress = as_int(payload.get("progress")) if isinstance(payload, dict) else None
         if status != 200 or progress is None:
-            raise BadDeviceResponse(f"export status answered {status}: {_error(payload)}")
+            raise BadDeviceResponse(f"export status answered {status}: {error_text(payload)}")
         if progress < 100:
             return MediaProbe("pending", detail=f"export at {progress}%")
         return MediaProbe("ready", path=f"export|{export_id}|{key}")
@@ -357,7 +352,7 @@ class ExacqClient:
         status, payload = await self._call("GET", API.export, params)
         export_id = payload.get("export") if isinstance(payload, dict) else None
         if status != 200 or not export_id:
-            raise BadDeviceResponse(f"export refused ({status}): {_error(payload)}")
+            raise BadDeviceResponse(f"export refused ({status}): {error_text(payload)}")
         return str(export_id)
 
     @asynccontextmanager
@@ -454,7 +449,7 @@ class ExacqClient:
         )
         if 400 <= status < 500:
             raise DeviceRefused(
-                f"soft trigger {trigger} {state} refused ({status}): {_error(payload)}"
+                f"soft trigger {trigger} {state} refused ({status}): {error_text(payload)}"
             )
         if status >= 500:
             raise BadDeviceResponse(f"soft trigger {trigger} {state} answered {status}")
@@ -513,36 +508,9 @@ def _looks_expired(status: int, headers: Mapping[str, str], body: bytes) -> bool
     if status == 200 and "text/html" in content_type:
         return True
     if status == 200 and body[:1] == b"{":
-        payload = _json(body)
+        payload = parse_json(body)
         return isinstance(payload, dict) and payload.get("success") is False
     return False
-
-
-def _json(body: bytes) -> Any:
-    try:
-        return json.loads(body) if body else None
-    except (ValueError, UnicodeDecodeError):
-        return None
-
-
-def _error(payload: Any) -> str:
-    if isinstance(payload, dict):
-        for key in ("error", "message", "detail"):
-            if isinstance(payload.get(key), str):
-                return str(payload[key])
-    return ""
-
-
-def _int(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float):
-        return int(value)
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value.strip())
-    return None
 
 
 def _parse(value: Any) -> datetime | None:
@@ -559,23 +527,3 @@ def _pairs(params: Mapping[str, Any] | list[tuple[str, str]] | None) -> list[tup
     if isinstance(params, list):
         return params
     return [(key, str(value)) for key, value in params.items()]
-
-
-def build(
-    *,
-    site_id: str,
-    http: SiteHttp,
-    username: str,
-    password: str,
-    options: Mapping[str, Any],
-    problems: ProblemReporter,
-    token: str = "",  # unused: this vendor logs in with username and password
-) -> ExacqClient:
-    return ExacqClient(
-        site_id=site_id,
-        http=http,
-        username=username,
-        password=password,
-        options=ExacqOptions.model_validate(options),
-        problems=problems,
-    )

@@ -54,8 +54,9 @@ from cms_ingest.vendors.base import (
     MediaNotReady,
     MediaProbe,
     PollResult,
-    ProblemReporter,
+    VendorContext,
 )
+from cms_ingest.vendors.common import error_text, parse_json
 
 VENDOR = "videoloft"
 log = structlog.get_logger("cms_ingest.vendors.videoloft")
@@ -224,23 +225,14 @@ class VideoloftClient:
         "snapshot_request": ActionSpec(idempotent=True),
     }
 
-    def __init__(
-        self,
-        *,
-        site_id: str,
-        http: SiteHttp,
-        username: str,
-        password: str,
-        options: VideoloftOptions,
-        problems: ProblemReporter,
-    ) -> None:
-        self.site_id = site_id
-        self._http = http  # the configured (global or regional) authenticator
-        self._auth_http = http
-        self._email = username
-        self._password = password
+    def __init__(self, context: VendorContext, options: VideoloftOptions) -> None:
+        self.site_id = context.site_id
+        self._http = context.http  # the configured (global or regional) authenticator
+        self._auth_http = context.http
+        self._email = context.username
+        self._password = context.password
         self._options = options
-        self._problems = problems
+        self._problems = context.problems
         self._token = _Token()
         self._token_lock = asyncio.Lock()
         self._max_age_ms: int | None = None
@@ -283,11 +275,11 @@ class VideoloftClient:
         body = {"email": self._email, "password": self._password}
         for _hop in range(3):  # global authenticator -> regional one (at most a couple of hops)
             async with http.request("POST", "/login", json=body) as response:
-                payload = _json(await read_limited(response, MAX_JSON_BYTES))
+                payload = parse_json(await read_limited(response, MAX_JSON_BYTES))
                 status = response.status
                 cookie = _cookie(response)
             if status != 200 or not isinstance(payload, dict):
-                raise AuthenticationFailed(f"login refused (HTTP {status}): {_error(payload)}")
+                raise AuthenticationFailed(f"login refused (HTTP {status}): {error_text(payload)}")
             if payload.get("location") and not _result(payload).get("authToken"):
                 http = self._host(str(payload["location"]))
                 continue
@@ -303,7 +295,7 @@ class VideoloftClient:
             params={"caller": "cookielogin"},
             headers={"Cookie": self._token.cookie},
         ) as response:
-            payload = _json(await read_limited(response, MAX_JSON_BYTES))
+            payload = parse_json(await read_limited(response, MAX_JSON_BYTES))
             status = response.status
             cookie = _cookie(response)
         if status != 200 or not isinstance(payload, dict) or not _result(payload).get("authToken"):
@@ -345,7 +337,7 @@ class VideoloftClient:
                 continue
             if status == 401:
                 raise AuthenticationFailed(f"GET {path}: a fresh token is refused")
-            return status, _json(body)
+            return status, parse_json(body)
         raise AssertionError("unreachable")
 
     # ------------------------------------------------------------------ devices
@@ -357,7 +349,7 @@ class VideoloftClient:
             return
         status, payload = await self._get(self._auth_http, "/devices")
         if status != 200 or not isinstance(payload, dict):
-            raise BadDeviceResponse(f"GET /devices answered {status}: {_error(payload)}")
+            raise BadDeviceResponse(f"GET /devices answered {status}: {error_text(payload)}")
         listed = _flatten_devices(_result(payload))
         wanted = set(self._options.devices) if self._options.devices else None
         devices = {u: d for u, d in listed.items() if wanted is None or u in wanted}
@@ -767,7 +759,7 @@ class VideoloftClient:
             self._refresh_devices_now = True
         if 400 <= status < 500:
             raise DeviceRefused(
-                f"sendcameratask {task} refused ({status}): {_error(payload)}",
+                f"sendcameratask {task} refused ({status}): {error_text(payload)}",
                 answer=payload if isinstance(payload, dict) else None,
             )
         raise BadDeviceResponse(f"sendcameratask {task} answered {status}")
@@ -834,25 +826,10 @@ class _CursorState:
 # ---------------------------------------------------------------------- helpers
 
 
-def _json(body: bytes) -> Any:
-    try:
-        return json.loads(body) if body else None
-    except (ValueError, UnicodeDecodeError):
-        return None
-
-
 def _result(payload: Any) -> Any:
     if isinstance(payload, dict) and "result" in payload:
         return payload["result"]
     return payload if payload is not None else {}
-
-
-def _error(payload: Any) -> str:
-    if isinstance(payload, dict):
-        for key in ("error", "message", "result"):
-            if isinstance(payload.get(key), str):
-                return str(payload[key])
-    return ""
 
 
 def _cookie(response: aiohttp.ClientResponse) -> str | None:
@@ -880,23 +857,3 @@ def _flatten_devices(result: Any) -> dict[str, _Device]:
                     logger=str(item["logger"]) if item.get("logger") else None,
                 )
     return devices
-
-
-def build(
-    *,
-    site_id: str,
-    http: SiteHttp,
-    username: str,
-    password: str,
-    options: Mapping[str, Any],
-    problems: ProblemReporter,
-    token: str = "",  # unused: this vendor logs in with username and password
-) -> VideoloftClient:
-    return VideoloftClient(
-        site_id=site_id,
-        http=http,
-        username=username,
-        password=password,
-        options=VideoloftOptions.model_validate(options),
-        problems=problems,
-    )
