@@ -136,3 +136,9 @@ API_BUDGET_REMAINING = Gauge(
     ["site_id", "vendor"],
     registry=REGISTRY,
 )
+SITE_SECONDS_SINCE_SUCCESS = Gauge(
+    "cms_ingest_site_seconds_since_success",
+    "Seconds since the site's last successful poll (supervision: comm_lost after the timeout).",
+    ["site_id", "vendor"],
+    registry=REGISTRY,
+)

@@ -483,7 +483,12 @@ def test_options_model_errors(tmp_path: Path) -> None:
 
 def test_real_davantis_options_are_validated_and_filled(tmp_path: Path) -> None:
     config = load(tmp_path, sites(DAVANTIS + "    options: {backfill: 2h}\n"), options_models=None)
-    assert config.sites[0].options == {"armed_only": True, "backfill": 7200.0, "page_cap": 300}
+    assert config.sites[0].options == {
+        "restore_after_s": 10.0,
+        "armed_only": True,
+        "backfill": 7200.0,
+        "page_cap": 300,
+    }
     found = problems(
         tmp_path,
         sites(DAVANTIS + "    options: {backfill: soon, armed_onyl: false}\n"),

@@ -58,6 +58,12 @@ alarms = Table(
 )
 Index("alarms_occurred_at_idx", alarms.c.occurred_at)
 Index("alarms_open_idx", alarms.c.status, postgresql_where=text("status <> 'closed'"))
+Index(
+    "alarms_comm_idx",
+    alarms.c.site_id,
+    alarms.c.id,
+    postgresql_where=text("event_type IN ('comm_lost', 'comm_restored')"),
+)
 
 alarm_media = Table(
     "alarm_media",

@@ -17,7 +17,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import bindparam, func, select, text, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.dialects.postgresql import distinct_on, insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from cms_ingest.db.schema import actions, alarm_media, alarms, site_state
@@ -31,7 +31,7 @@ class PollCommit:
     site_id: str
     vendor: str
     alarms: Sequence[Alarm]
-    cursor: Mapping[str, Any]
+    cursor: Mapping[str, Any] | None  # None: the site has no cursor yet (leave it so)
     media_deadline_s: float
 
 
@@ -89,6 +89,39 @@ class Store:
             found = {row.site_id: row.cursor for row in rows}
         return {site_id: found.get(site_id) for site_id in ids}
 
+    async def supervision_states(
+        self, site_ids: Iterable[str]
+    ) -> dict[str, tuple[datetime | None, tuple[str, datetime] | None]]:
+        """Per site: its last successful poll, and its open outage (comm_lost source id and
+        the start of the silence) when its newest comm_* alarm is a comm_lost."""
+        ids = list(site_ids)
+        newest_comm = (
+            select(alarms.c.site_id, alarms.c.event_type, alarms.c.source_id, alarms.c.raw)
+            .where(
+                alarms.c.site_id.in_(ids),
+                alarms.c.event_type.in_(("comm_lost", "comm_restored")),
+            )
+            .order_by(alarms.c.site_id, alarms.c.id.desc())
+            .ext(distinct_on(alarms.c.site_id))
+        )
+        async with self.engine.connect() as connection:
+            successes = {
+                row.site_id: row.last_success_at
+                for row in await connection.execute(
+                    select(site_state.c.site_id, site_state.c.last_success_at).where(
+                        site_state.c.site_id.in_(ids)
+                    )
+                )
+            }
+            outages: dict[str, tuple[str, datetime]] = {}
+            for row in await connection.execute(newest_comm):
+                if row.event_type == "comm_lost":
+                    silent = (row.raw or {}).get("silent_since")
+                    since = datetime.fromisoformat(silent) if silent else None
+                    if since is not None:
+                        outages[row.site_id] = (row.source_id, since)
+        return {site_id: (successes.get(site_id), outages.get(site_id)) for site_id in ids}
+
     async def commit_polls(self, commits: Sequence[PollCommit]) -> list[InsertedAlarm]:
         """Alarms, media rows and cursors of several sites in one transaction."""
         async with self.engine.begin() as connection:
@@ -117,8 +150,12 @@ class Store:
                 media_rows,
             )
         cursor_rows = [
-            {"site_id": c.site_id, "vendor": c.vendor, "cursor": dict(c.cursor)} for c in commits
+            {"site_id": c.site_id, "vendor": c.vendor, "cursor": dict(c.cursor)}
+            for c in commits
+            if c.cursor is not None
         ]
+        if not cursor_rows:
+            return inserted
         upsert = insert(site_state)
         await connection.execute(
             upsert.on_conflict_do_update(

@@ -27,6 +27,7 @@ from cms_ingest.runtime.httpserver import Readiness, make_app, serve
 from cms_ingest.runtime.media import MediaFetcher
 from cms_ingest.runtime.poller import SitePoller
 from cms_ingest.runtime.sites import SiteRegistry
+from cms_ingest.runtime.supervision import OpenOutage, Supervision
 from cms_ingest.runtime.supervisor import Supervisor, sleep_or_stop
 from cms_ingest.runtime.writer import AlarmWriter
 from cms_ingest.sitehttp import new_client_session
@@ -35,6 +36,7 @@ log = structlog.get_logger("cms_ingest.daemon")
 
 STARTUP_RETRY = RetryPolicy(base=1.0, factor=2.0, cap=15.0, jitter=0.2)
 HOUSEKEEPING_INTERVAL_S = 5.0
+DEFAULT_RESTORE_AFTER_S = 10.0  # options.restore_after_s (SiteOptions) when not set
 
 
 @contextlib.asynccontextmanager
@@ -78,9 +80,10 @@ class Daemon:
             self.sites = SiteRegistry(self.config, session)
             self._sites_built.set()
             cursors = await self._load_cursors(stop)
-            if cursors is None:
+            supervision = await self._load_supervision(stop)
+            if cursors is None or supervision is None:
                 return
-            self._start_parts(self.sites, cursors)
+            self._start_parts(self.sites, cursors, supervision)
             log.info("started", sites=len(self.sites), listen=self.config.listen)
             await stop.wait()
         finally:
@@ -121,7 +124,21 @@ class Daemon:
                 await sleep_or_stop(STARTUP_RETRY.delay(failures), stop)
         return None
 
-    def _start_parts(self, sites: SiteRegistry, cursors: dict[str, Any]) -> None:
+    async def _load_supervision(self, stop: asyncio.Event) -> dict[str, Any] | None:
+        assert self.sites is not None
+        failures = 0
+        while not stop.is_set():
+            try:
+                return await self.store.supervision_states(s.config.id for s in self.sites)
+            except Exception as exc:
+                failures += 1
+                log.warning("supervision_load_failed", error=str(exc), attempt=failures)
+                await sleep_or_stop(STARTUP_RETRY.delay(failures), stop)
+        return None
+
+    def _start_parts(
+        self, sites: SiteRegistry, cursors: dict[str, Any], supervision: dict[str, Any]
+    ) -> None:
         media = MediaFetcher(
             self.store, sites, root=self.config.data_dir / "media", config=self.config.media
         )
@@ -139,11 +156,21 @@ class Daemon:
         self.supervisor.start("listener", listener.run)
         self.supervisor.start("housekeeping", self._housekeeping)
         for site in sites:
+            last_success, outage = supervision.get(site.config.id, (None, None))
             poller = SitePoller(
                 site,
                 writer,
                 cursor=cursors.get(site.config.id),
                 media_deadline_s=site.config.media_deadline_s or self.config.media.deadline_s,
+                supervision=Supervision(
+                    site_id=site.config.id,
+                    timeout_s=site.config.supervision_timeout,
+                    restore_after_s=float(
+                        site.config.options.get("restore_after_s", DEFAULT_RESTORE_AFTER_S)
+                    ),
+                    open_outage=OpenOutage(*outage) if outage else None,
+                    last_success=last_success,
+                ),
             )
             self.supervisor.start(f"poller:{site.config.id}", poller.run)
 

@@ -24,6 +24,7 @@ from cms_ingest.db.store import PollCommit
 from cms_ingest.domain import Alarm, default_priority
 from cms_ingest.retry import RetryPolicy
 from cms_ingest.runtime.sites import SiteRuntime
+from cms_ingest.runtime.supervision import Supervision
 from cms_ingest.runtime.supervisor import sleep_or_stop
 from cms_ingest.runtime.writer import AlarmWriter
 from cms_ingest.sitehttp import DeviceTimeout, TlsFailure, TransportError
@@ -57,12 +58,17 @@ class SitePoller:
         *,
         cursor: Mapping[str, Any] | None,
         media_deadline_s: float,
+        supervision: Supervision,
     ) -> None:
         self._site = site
         self._writer = writer
         self.cursor = cursor
         self._media_deadline_s = media_deadline_s
+        self._supervision = supervision
         self._db_failing = False
+        metrics.SITE_SECONDS_SINCE_SUCCESS.labels(**self._labels).set_function(
+            supervision.seconds_since_success
+        )
         self._polls_ok = metrics.POLLS.labels(**self._labels, outcome="ok")
         self._poll_duration = metrics.POLL_DURATION.labels(vendor=site.config.vendor)
 
@@ -93,18 +99,27 @@ class SitePoller:
         except (TransportError, VendorError) as exc:
             metrics.POLLS.labels(**self._labels, outcome=_outcome(exc)).inc()
             self._site.health.failure(_describe(exc))
+            await self._supervise(ok=False, error=_describe(exc))
             return False
         finally:
             self._poll_duration.observe(time.monotonic() - started)
         changed = bool(result.alarms) or result.cursor != self.cursor
         if changed and not await self._commit(result.alarms, result.cursor, result.notes):
-            return False
+            return False  # our database failed, not the site: supervision is not told
         self._polls_ok.inc()
         self._site.health.success()
+        await self._supervise(ok=True)
         return True
 
+    async def _supervise(self, *, ok: bool, error: str = "") -> None:
+        """comm_lost / comm_restored, committed like any alarm; kept pending if that fails."""
+        before = self._supervision.outage
+        alarms = self._supervision.observe(ok, error)
+        if alarms and not await self._commit(alarms, self.cursor, []):
+            self._supervision.outage = before  # raise it again on the next poll
+
     async def _commit(
-        self, alarms: list[Alarm], cursor: Mapping[str, Any], notes: list[str]
+        self, alarms: list[Alarm], cursor: Mapping[str, Any] | None, notes: list[str]
     ) -> bool:
         prioritized = [_with_default_priority(alarm) for alarm in alarms]
         commit = PollCommit(

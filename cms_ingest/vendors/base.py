@@ -12,10 +12,21 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from cms_ingest.domain import Action, ActionResult, Alarm, MediaKind
 from cms_ingest.sitehttp import SiteHttp, TransportError
 
 Cursor = Mapping[str, Any]  # JSON-serializable; persisted with the alarms it covers
+
+
+class SiteOptions(BaseModel):
+    """`options:` every vendor accepts; each vendor's own options model extends it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Supervision: polls must succeed this long after an outage before comm_restored.
+    restore_after_s: float = Field(default=10.0, ge=0)
 
 
 class VendorError(Exception):
@@ -141,6 +152,7 @@ __all__ = [
     "MediaProbe",
     "PollResult",
     "ProblemReporter",
+    "SiteOptions",
     "TransportError",
     "VendorClient",
     "VendorContext",

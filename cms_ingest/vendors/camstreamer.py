@@ -33,7 +33,7 @@ from typing import Any
 from urllib.parse import quote
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from cms_ingest import metrics
 from cms_ingest.domain import Action, ActionResult, Alarm, EventType, MediaKind, MediaRequest
@@ -48,6 +48,7 @@ from cms_ingest.vendors.base import (
     InvalidAction,
     MediaProbe,
     PollResult,
+    SiteOptions,
     VendorContext,
 )
 from cms_ingest.vendors.common import parse_json
@@ -76,7 +77,7 @@ RATE_LIMIT_BACKOFF_S = 5.0
 _SERIAL_RE = re.compile(r"[A-Za-z0-9]{1,32}")
 
 
-class CamStreamerOptions(BaseModel):
+class CamStreamerOptions(SiteOptions):
     """`options:` of a CamStreamer account."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -36,7 +36,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any, Literal
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from cms_ingest import metrics
 from cms_ingest.domain import Action, ActionResult, Alarm, EventType, MediaKind, MediaRequest
@@ -54,6 +54,7 @@ from cms_ingest.vendors.base import (
     MediaProbe,
     PollResult,
     ProblemReporter,
+    SiteOptions,
     VendorContext,
 )
 from cms_ingest.vendors.common import error_text, parse_json
@@ -86,7 +87,7 @@ SKEW_WARN_S = 5.0
 NO_SLICE_AFTER_S = 300.0  # no alarm slice this long after the alarm: the camera has none
 
 
-class CamTraceOptions(BaseModel):
+class CamTraceOptions(SiteOptions):
     """`options:` of a CamTrace site."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -25,7 +25,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from cms_ingest.domain import Action, ActionResult, Alarm, EventType, MediaKind, MediaRequest
 from cms_ingest.sitehttp import read_limited
@@ -41,6 +41,7 @@ from cms_ingest.vendors.base import (
     MediaNotReady,
     MediaProbe,
     PollResult,
+    SiteOptions,
     VendorContext,
 )
 
@@ -70,7 +71,7 @@ MAX_JSON_BYTES = 16 * 1024 * 1024  # 300 alarms are ~200 kB; anything near this 
 CAMERA_NAMES_TTL_S = 600.0
 
 
-class DavantisOptions(BaseModel):
+class DavantisOptions(SiteOptions):
     """`options:` of a Davantis site."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -31,7 +31,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from cms_ingest.domain import Action, ActionResult, Alarm, EventType, MediaKind, MediaRequest
 from cms_ingest.sitehttp import read_limited
@@ -46,6 +46,7 @@ from cms_ingest.vendors.base import (
     MediaNotReady,
     MediaProbe,
     PollResult,
+    SiteOptions,
     VendorContext,
 )
 from cms_ingest.vendors.common import as_int, error_text, parse_json
@@ -111,7 +112,7 @@ INVENTORY_TTL_S = 3600.0
 HOLD_RESEND_S = 1.0  # a soft trigger drops to off ~3 s after the last `on`
 
 
-class ExacqOptions(BaseModel):
+class ExacqOptions(SiteOptions):
     """`options:` of an exacqVision site."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -38,7 +38,7 @@ from typing import Any
 
 import aiohttp
 import structlog
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from cms_ingest.domain import Action, ActionResult, Alarm, EventType, MediaKind, MediaRequest
 from cms_ingest.sitehttp import SiteHttp, TransportError, read_limited
@@ -54,6 +54,7 @@ from cms_ingest.vendors.base import (
     MediaNotReady,
     MediaProbe,
     PollResult,
+    SiteOptions,
     VendorContext,
 )
 from cms_ingest.vendors.common import error_text, parse_json
@@ -71,7 +72,7 @@ _END_FIELDS = ("endt", "endtt", "enddt", "end")
 _SECONDS_BEFORE = 100_000_000_000  # a "time" below this is in seconds, not milliseconds
 
 
-class VideoloftOptions(BaseModel):
+class VideoloftOptions(SiteOptions):
     """`options:` of a Videoloft account."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
