@@ -27,7 +27,7 @@ import re
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
 import yaml
@@ -41,6 +41,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from cms_ingest.domain import EventType, default_priority
 
 __all__ = [
     "VENDOR_DEFAULT_POLL_INTERVAL",
@@ -56,6 +58,8 @@ __all__ = [
     "load_config",
     "load_config_text",
 ]
+
+Priority = Annotated[int, Field(ge=1, le=9)]
 
 VendorName = Literal["davantis", "camtrace", "videoloft", "exacq", "camstreamer"]
 VENDORS: tuple[str, ...] = get_args(VendorName)
@@ -80,7 +84,7 @@ _DATABASE_SCHEMES = ("postgresql", "postgres", "postgresql+asyncpg")
 # into `password` / `token` by the loader.
 _SECRET_FILE_KEYS = {"password": "password_file", "token": "token_file"}
 # Site keys whose mappings are merged key by key with `defaults` instead of replaced.
-_MERGED_KEY_BY_KEY = ("tls", "options")
+_MERGED_KEY_BY_KEY = ("tls", "options", "priorities")
 
 Loc = tuple[str | int, ...]
 _Problem = tuple[Loc, str]
@@ -187,6 +191,10 @@ class SiteConfig(_Model):
     request_timeout_s: float = Field(default=10.0, gt=0)  # per HTTP request to the device
     tls: TlsConfig = Field(default_factory=TlsConfig)
     options: dict[str, Any] = Field(default_factory=dict)
+    # Alarm priority (1 most urgent .. 9) by event type, over the built-in CMS defaults;
+    # `defaults.priorities` and the site's are merged key by key; cameras override both.
+    priorities: dict[EventType, Priority] = Field(default_factory=dict)
+    camera_priorities: dict[str, dict[EventType, Priority]] = Field(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
@@ -215,10 +223,17 @@ class SiteConfig(_Model):
     def _check_url(cls, value: str) -> str:
         return _check_site_url(value)
 
-    @field_validator("tls", "options", mode="before")
+    @field_validator("tls", "options", "priorities", "camera_priorities", mode="before")
     @classmethod
     def _null_is_empty(cls, value: Any) -> Any:
         return _empty_mapping_if_none(value)
+
+    def priority(self, event_type: EventType, camera_id: str | None) -> int:
+        """The camera's override, else the site's (with defaults), else the CMS default."""
+        camera = self.camera_priorities.get(camera_id or "", {})
+        if event_type in camera:
+            return camera[event_type]
+        return self.priorities.get(event_type, default_priority(event_type))
 
     def __repr_args__(self) -> Iterable[tuple[str | None, Any]]:
         # Vendor options may hold secrets (camstreamer's client_secret) as plain strings when

@@ -569,3 +569,30 @@ def test_site_config_built_in_code() -> None:
     # The demo builds sites directly: derived defaults apply there too.
     site = SiteConfig(id="sim", vendor="camstreamer", url="http://127.0.0.1:1/")
     assert (site.name, site.poll_interval, site.url) == ("sim", 10.0, "http://127.0.0.1:1")
+
+
+def test_priorities_merge_from_defaults_and_cameras_override(tmp_path: Path) -> None:
+    from cms_ingest.domain import EventType
+
+    text = "defaults:\n  priorities: {motion: 6, system: 9}\n" + sites(
+        DAVANTIS + "    priorities: {motion: 4}\n    camera_priorities: {'3': {intrusion: 2}}\n"
+    )
+    site = load(tmp_path, text).sites[0]
+    assert site.priority(EventType.MOTION, "1") == 4  # the site's own over defaults
+    assert site.priority(EventType.SYSTEM, "1") == 9  # defaults, merged key by key
+    assert site.priority(EventType.INTRUSION, "3") == 2  # the camera's over everything
+    assert site.priority(EventType.INTRUSION, "1") == 1  # the built-in CMS default
+    assert site.priority(EventType.CAMERA_ONLINE, None) == 8
+
+
+def test_bad_priorities_name_their_path(tmp_path: Path) -> None:
+    found = problems(
+        tmp_path,
+        sites(
+            DAVANTIS
+            + "    priorities: {motion: 0, burglary: 1}\n    camera_priorities: {'3': {person: 12}}\n"
+        ),
+    )
+    assert any(path.startswith("sites[0].priorities.motion") for path in found), found
+    assert any("burglary" in path for path in found), found
+    assert any(path.startswith("sites[0].camera_priorities.3.person") for path in found), found

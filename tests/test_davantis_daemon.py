@@ -334,3 +334,20 @@ async def test_one_token_renewal_however_many_callers(tmp_path: Path) -> None:
             *(client.media_status(MediaKind.SNAPSHOT, {"alarm_id": 2}) for _ in range(5)),
         )
         assert (site.logins, site.refreshes) == (1, 1)
+
+
+async def test_priority_overrides_per_site_and_camera(
+    database_url: str, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    site = DavantisSite(media_delay=0)
+    async with DavantisSimulator({"default": site}) as sim:
+        overrides = {"priorities": {"motion": 4}, "camera_priorities": {"2": {"intrusion": 3}}}
+        config = app_config(database_url, tmp_path, [davantis_site("d1", sim.url(), **overrides)])
+        async with running_daemon(config):
+            await eventually(lambda: has_cursor(db), what="first cursor")
+            site.add_alarm(event=1, camera=1)  # motion: the site's 4
+            site.add_alarm(event=11, camera=2)  # intrusion on camera 2: the camera's 3
+            site.add_alarm(event=11, camera=1)  # intrusion elsewhere: the CMS default 1
+            await eventually(lambda: _count(db, 3), what="3 alarms")
+            rows = await db.fetch("SELECT priority FROM alarms ORDER BY source_id::bigint")
+            assert [r["priority"] for r in rows] == [4, 3, 1]

@@ -21,7 +21,7 @@ import structlog
 
 from cms_ingest import metrics
 from cms_ingest.db.store import PollCommit
-from cms_ingest.domain import Alarm, default_priority
+from cms_ingest.domain import Alarm
 from cms_ingest.retry import RetryPolicy
 from cms_ingest.runtime.sites import SiteRuntime
 from cms_ingest.runtime.supervision import Supervision
@@ -121,7 +121,11 @@ class SitePoller:
     async def _commit(
         self, alarms: list[Alarm], cursor: Mapping[str, Any] | None, notes: list[str]
     ) -> bool:
-        prioritized = [_with_default_priority(alarm) for alarm in alarms]
+        site = self._site.config
+        prioritized = [
+            dataclasses.replace(alarm, priority=site.priority(alarm.event_type, alarm.camera_id))
+            for alarm in alarms
+        ]
         commit = PollCommit(
             site_id=self._site.config.id,
             vendor=self._site.config.vendor,
@@ -156,10 +160,6 @@ class SitePoller:
             metrics.ALARMS.labels(vendor=vendor, event_type=alarm.event_type.value).inc()
             latency = (now - alarm.occurred_at).total_seconds()
             metrics.INGEST_LATENCY.labels(vendor=vendor).observe(max(0.0, latency))
-
-
-def _with_default_priority(alarm: Alarm) -> Alarm:
-    return dataclasses.replace(alarm, priority=default_priority(alarm.event_type))
 
 
 def _describe(exc: BaseException) -> str:
