@@ -50,6 +50,7 @@ __all__ = [
     "AppConfig",
     "ConfigError",
     "ConfigProblem",
+    "FloodConfig",
     "MediaConfig",
     "SiteConfig",
     "TlsConfig",
@@ -270,6 +271,14 @@ class MediaConfig(_Model):
         return value
 
 
+class FloodConfig(_Model):
+    """A camera firing far above normal: its alarms beyond the limit are grouped."""
+
+    max_per_minute: int = Field(default=20, ge=1)  # per site and camera
+    quiet_s: float = Field(default=60.0, gt=0)  # the burst ends after this long without alarms
+    fetch_media: bool = False  # media of grouped alarms (the burst's first alarm always gets it)
+
+
 class ActionsConfig(_Model):
     workers: int = Field(default=4, ge=1, le=64)
     sweep_interval_s: float = Field(default=5.0, gt=0)
@@ -305,6 +314,7 @@ class AppConfig(_Model):
     log_format: Literal["auto", "json", "console"] = "auto"
     media: MediaConfig = Field(default_factory=MediaConfig)
     actions: ActionsConfig = Field(default_factory=ActionsConfig)
+    flood: FloodConfig = Field(default_factory=FloodConfig)
     sites: list[SiteConfig] = Field(min_length=1)
     # Where the config was loaded from; set by load_config, never read from the YAML.
     config_path: Path | None = Field(default=None, exclude=True)
@@ -346,7 +356,7 @@ class AppConfig(_Model):
     def _lowercase(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
 
-    @field_validator("media", "actions", mode="before")
+    @field_validator("media", "actions", "flood", mode="before")
     @classmethod
     def _null_is_empty(cls, value: Any) -> Any:
         return _empty_mapping_if_none(value)

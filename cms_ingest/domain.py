@@ -88,6 +88,8 @@ class Alarm:
     priority: int = 5
     raw: Mapping[str, Any] = field(default_factory=dict)
     media: tuple[MediaRequest, ...] = ()
+    # Flood: the source_id of the burst's first alarm, which this one joins (same site).
+    group_of: str | None = None
 
     def __post_init__(self) -> None:
         if self.occurred_at.tzinfo is None:

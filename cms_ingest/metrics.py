@@ -142,3 +142,9 @@ SITE_SECONDS_SINCE_SUCCESS = Gauge(
     ["site_id", "vendor"],
     registry=REGISTRY,
 )
+FLOOD_GROUPED = Counter(
+    "cms_ingest_flood_grouped_total",
+    "Alarms stored as members of a flood burst (their media skipped unless flood.fetch_media).",
+    ["vendor"],
+    registry=REGISTRY,
+)

@@ -140,6 +140,7 @@ class Store:
                 alarm_rows,
             )
             inserted = [InsertedAlarm(row.id, row.site_id, row.source_id) for row in result]
+        await _link_groups(connection, commits, inserted)
         media_rows = _media_rows(commits, inserted)
         if media_rows:
             await connection.execute(
@@ -537,6 +538,33 @@ def _alarm_row(alarm: Alarm) -> dict[str, Any]:
         "priority": alarm.priority,
         "raw": _jsonable(alarm.raw),
     }
+
+
+async def _link_groups(
+    connection: AsyncConnection, commits: Sequence[PollCommit], inserted: Sequence[InsertedAlarm]
+) -> None:
+    """Flood members point at their burst's first alarm, whose repeat_count counts them."""
+    new_ids = {(row.site_id, row.source_id): row.id for row in inserted}
+    members: dict[tuple[str, str], list[int]] = {}
+    for commit in commits:
+        for alarm in commit.alarms:
+            alarm_id = new_ids.get((alarm.site_id, alarm.source_id))
+            if alarm.group_of is not None and alarm_id is not None:
+                members.setdefault((alarm.site_id, alarm.group_of), []).append(alarm_id)
+    for (site_id, head_source), ids in members.items():
+        head = await connection.scalar(
+            select(alarms.c.id).where(
+                alarms.c.site_id == site_id, alarms.c.source_id == head_source
+            )
+        )
+        if head is None:
+            continue  # the head is always stored first (one site's alarms in order)
+        await connection.execute(update(alarms).where(alarms.c.id.in_(ids)).values(group_id=head))
+        await connection.execute(
+            update(alarms)
+            .where(alarms.c.id == head)
+            .values(repeat_count=alarms.c.repeat_count + len(ids))
+        )
 
 
 def _media_rows(

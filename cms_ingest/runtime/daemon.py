@@ -23,6 +23,7 @@ from cms_ingest.db.notify import Listener
 from cms_ingest.db.store import Store
 from cms_ingest.retry import RetryPolicy
 from cms_ingest.runtime.actions import ActionWorker
+from cms_ingest.runtime.flood import FloodTracker
 from cms_ingest.runtime.httpserver import Readiness, make_app, serve
 from cms_ingest.runtime.media import MediaFetcher
 from cms_ingest.runtime.poller import SitePoller
@@ -170,6 +171,11 @@ class Daemon:
                     ),
                     open_outage=OpenOutage(*outage) if outage else None,
                     last_success=last_success,
+                ),
+                flood=FloodTracker(
+                    max_per_minute=self.config.flood.max_per_minute,
+                    quiet_s=self.config.flood.quiet_s,
+                    fetch_media=self.config.flood.fetch_media,
                 ),
             )
             self.supervisor.start(f"poller:{site.config.id}", poller.run)

@@ -23,6 +23,7 @@ from cms_ingest import metrics
 from cms_ingest.db.store import PollCommit
 from cms_ingest.domain import Alarm
 from cms_ingest.retry import RetryPolicy
+from cms_ingest.runtime.flood import FloodTracker
 from cms_ingest.runtime.sites import SiteRuntime
 from cms_ingest.runtime.supervision import Supervision
 from cms_ingest.runtime.supervisor import sleep_or_stop
@@ -59,12 +60,14 @@ class SitePoller:
         cursor: Mapping[str, Any] | None,
         media_deadline_s: float,
         supervision: Supervision,
+        flood: FloodTracker,
     ) -> None:
         self._site = site
         self._writer = writer
         self.cursor = cursor
         self._media_deadline_s = media_deadline_s
         self._supervision = supervision
+        self._flood = flood
         self._db_failing = False
         metrics.SITE_SECONDS_SINCE_SUCCESS.labels(**self._labels).set_function(
             supervision.seconds_since_success
@@ -124,7 +127,7 @@ class SitePoller:
         site = self._site.config
         prioritized = [
             dataclasses.replace(alarm, priority=site.priority(alarm.event_type, alarm.camera_id))
-            for alarm in alarms
+            for alarm in self._flood.apply(alarms, datetime.now(UTC))
         ]
         commit = PollCommit(
             site_id=self._site.config.id,
@@ -158,6 +161,8 @@ class SitePoller:
             if alarm.source_id not in new_ids:
                 continue
             metrics.ALARMS.labels(vendor=vendor, event_type=alarm.event_type.value).inc()
+            if alarm.group_of is not None:
+                metrics.FLOOD_GROUPED.labels(vendor=vendor).inc()
             latency = (now - alarm.occurred_at).total_seconds()
             metrics.INGEST_LATENCY.labels(vendor=vendor).observe(max(0.0, latency))
 

@@ -1,0 +1,61 @@
+"""Alarm floods: a camera firing far above normal must not bury everyone else's alarms.
+
+Every alarm is still stored. Once a camera has raised more than `max_per_minute` alarms in
+the last minute, its further alarms join a burst: they point (`group_of`, stored as
+`alarms.group_id`) at the burst's first alarm, which counts them in `repeat_count`, and their
+media is not fetched unless `flood.fetch_media`. The burst ends after `quiet_s` without
+alarms from that camera. Pure logic, per site; the poller applies it before committing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from cms_ingest.domain import Alarm
+
+WINDOW = timedelta(minutes=1)
+# Alarms the daemon raises about the site itself are never grouped.
+NEVER_GROUPED = frozenset({"comm_lost", "comm_restored"})
+
+
+@dataclass(slots=True)
+class _Camera:
+    recent: deque[datetime] = field(default_factory=deque)
+    head: str | None = None  # source_id of the open burst's first alarm
+    last_at: datetime | None = None
+
+
+class FloodTracker:
+    def __init__(self, *, max_per_minute: int, quiet_s: float, fetch_media: bool) -> None:
+        self._limit = max_per_minute
+        self._quiet = timedelta(seconds=quiet_s)
+        self._fetch_media = fetch_media
+        self._cameras: dict[str, _Camera] = {}
+
+    def apply(self, alarms: list[Alarm], now: datetime) -> list[Alarm]:
+        """The same alarms, those in a burst marked with their group (and without media)."""
+        return [self._one(alarm, now) for alarm in alarms]
+
+    def _one(self, alarm: Alarm, now: datetime) -> Alarm:
+        if alarm.event_type.value in NEVER_GROUPED:
+            return alarm
+        camera = self._cameras.setdefault(alarm.camera_id or "", _Camera())
+        if camera.head is not None and camera.last_at and now - camera.last_at >= self._quiet:
+            camera.head = None  # a quiet spell ended the burst
+        camera.last_at = now
+        camera.recent.append(now)
+        while camera.recent and now - camera.recent[0] > WINDOW:
+            camera.recent.popleft()
+        if camera.head is None:
+            if len(camera.recent) <= self._limit:
+                return alarm
+            camera.head = alarm.source_id  # the first alarm beyond the limit leads the burst
+            return alarm
+        media = alarm.media if self._fetch_media else ()
+        return dataclasses.replace(alarm, group_of=camera.head, media=media)
+
+    def open_bursts(self) -> int:
+        return sum(1 for camera in self._cameras.values() if camera.head is not None)
