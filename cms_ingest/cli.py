@@ -168,6 +168,14 @@ def cmd_action(args: argparse.Namespace) -> int:
     return EXIT_OK if row["state"] == "succeeded" else EXIT_FAILED
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from cms_ingest.status import run_status
+
+    config = load_or_exit(args.config)
+    configure_logging("warning", "console")
+    return asyncio.run(run_status(config, out=sys.stdout))
+
+
 def cmd_probe(args: argparse.Namespace) -> int:
     from cms_ingest.probe import run_probe
 
@@ -221,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--config", required=True)
     probe.add_argument("site_id")
     probe.set_defaults(func=cmd_probe)
+
+    status = commands.add_parser("status", help="one line per site: health, alarms, backlogs")
+    status.add_argument("--config", required=True)
+    status.set_defaults(func=cmd_status)
 
     action = commands.add_parser("action", help="enqueue an action and wait for its outcome")
     action.add_argument("--config", required=True)

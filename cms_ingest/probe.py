@@ -29,7 +29,7 @@ class _Report:
         started = time.monotonic()
         try:
             detail = await body()
-            mark = "ok  "
+            mark = "PASS"
         except (TransportError, VendorError) as exc:
             detail = f"{type(exc).__name__}: {exc}"
             mark = "FAIL"
@@ -48,10 +48,15 @@ async def run_probe(site: SiteConfig, *, out: TextIO) -> int:
         client = runtime.client
         newest: dict[str, Any] = {}
         await report.step("authentication and first poll", lambda: _first_poll(client, newest))
+        await report.step("clock", lambda: _clock(runtime.problems.skew_s))
         await report.step("site inventory", lambda: _inventory(client))
         await report.step("one snapshot", lambda: _snapshot(client))
         await client.close()
-    out.write("all checks passed\n" if not report.failed else f"{report.failed} check(s) failed\n")
+    out.write(
+        "PASS: all checks passed\n"
+        if not report.failed
+        else f"FAIL: {report.failed} check(s) failed\n"
+    )
     return 0 if not report.failed else 1
 
 
@@ -59,6 +64,13 @@ async def _first_poll(client: VendorClient, newest: dict[str, Any]) -> str:
     result = await client.poll(None)
     newest.update(result.cursor)
     return f"logged in; the daemon would start from cursor {dict(result.cursor)}"
+
+
+async def _clock(skew_s: float | None) -> str:
+    if skew_s is None:
+        return "skew not measured for this vendor (alarm times are the device's own)"
+    verdict = "fix the device's NTP" if abs(skew_s) > 30 else "within tolerance"
+    return f"device clock {skew_s:+.1f} s from ours: {verdict}"
 
 
 async def _inventory(client: VendorClient) -> str:

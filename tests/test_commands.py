@@ -63,9 +63,9 @@ async def test_probe_reports_each_step(tmp_path: Path) -> None:
         )
         ok = await _run("probe", "--config", str(config), "p1")
         assert ok[0] == 0, ok[1]
-        assert "[ok  ] authentication and first poll" in ok[1]
+        assert "[PASS] authentication and first poll" in ok[1]
         assert "cameras:" in ok[1] and "relays:" in ok[1]
-        assert "[ok  ] one snapshot" in ok[1] and "image/jpeg" in ok[1]
+        assert "[PASS] one snapshot" in ok[1] and "image/jpeg" in ok[1]
         bad = await _run("probe", "--config", str(config), "p2")
         assert bad[0] == 1
         assert "[FAIL] authentication and first poll" in bad[1]
@@ -87,7 +87,37 @@ async def test_probe_camtrace_lists_what_operators_target(tmp_path: Path) -> Non
         assert code == 0, out
         assert "commands (exturls):" in out and "scenarios:" in out
         assert "clock skew (s): 1" in out  # about 12 s ahead
-        assert "[ok  ] one snapshot" in out
+        assert "[PASS] clock" in out and "device clock +1" in out
+        assert "[PASS] one snapshot" in out
+
+
+async def test_probe_every_other_vendor(tmp_path: Path) -> None:
+    from cms_ingest.simulators.camstreamer import CamStreamerAccount, CamStreamerSimulator
+    from cms_ingest.simulators.exacq import ExacqSimulator, ExacqSite
+    from cms_ingest.simulators.videoloft import VideoloftAccount, VideoloftSimulator
+
+    account = VideoloftAccount(media_delay=0)
+    account.add_alert("12345.1", duration_s=1.0)
+    async with (
+        VideoloftSimulator(account) as vl,
+        ExacqSimulator({"default": ExacqSite()}) as ex,
+        CamStreamerSimulator({"default": CamStreamerAccount()}) as cs,
+    ):
+        config = tmp_path / "cms.yaml"
+        config.write_text(
+            "sites:\n"
+            f"  - {{id: vl, vendor: videoloft, url: '{vl.url}', username: cms@example.com, password: secret}}\n"
+            f"  - {{id: ex, vendor: exacq, url: '{ex.url()}', username: cms, password: secret}}\n"
+            f"  - {{id: cs, vendor: camstreamer, url: '{cs.url()}', token: api-token}}\n"
+            f"  - {{id: exbad, vendor: exacq, url: '{ex.url()}', username: cms, password: wrong}}\n"
+        )
+        for site_id, expect in (("vl", "12345.1"), ("ex", "soft triggers"), ("cs", "ACCC8EE8A9CA")):
+            code, out = await _run("probe", "--config", str(config), site_id)
+            assert code == 0, out
+            assert "PASS: all checks passed" in out and expect in out, out
+        code, out = await _run("probe", "--config", str(config), "exbad")
+        assert code == 1 and "[FAIL] authentication and first poll" in out
+        assert "Invalid username or password" in out and "wrong" not in out
 
 
 async def _run(*args: str) -> tuple[int, str]:
@@ -136,3 +166,42 @@ async def test_a_dying_task_is_restarted_and_others_keep_running() -> None:
     assert healthy_ticks > ticks  # the other task never noticed
     await supervisor.stop_all(timeout=2)
     assert supervisor.names == []
+
+
+async def test_status_one_line_per_site(database_url: str, tmp_path: Path) -> None:
+    from cms_ingest.simulators.camtrace import CamTraceSimulator, CamTraceSite
+    from tests.conftest import eventually
+    from tests.support import app_config, camtrace_site, davantis_site, running_daemon
+
+    ahead = CamTraceSite(media_delay=0, clock_offset_s=40.0)  # skew warned past 30 s
+    down = DavantisSite()
+    down.offline = True
+    async with (
+        CamTraceSimulator({"default": ahead}) as ct,
+        DavantisSimulator({"default": down}) as dv,
+    ):
+        port = free_port()
+        sites = [camtrace_site("depot", ct.url()), davantis_site("gate", dv.url())]
+        config = app_config(database_url, tmp_path, sites, listen=f"127.0.0.1:{port}")
+        config_file = tmp_path / "cms.yaml"
+        config_file.write_text(
+            f"database_url: {database_url}\nlisten: 127.0.0.1:{port}\nsites:\n"
+            f"  - {{id: depot, vendor: camtrace, url: '{ct.url()}', username: cms, password: secret}}\n"
+            f"  - {{id: gate, vendor: davantis, url: '{dv.url()}', username: cms, password: secret}}\n"
+        )
+        async with running_daemon(config) as daemon:
+            assert daemon.sites is not None
+            await eventually(
+                lambda: daemon.sites.by_id["gate"].health.up is False, what="gate down"
+            )
+            ahead.add_alarm(recording=False)
+            code, out = await _run("status", "--config", str(config_file))
+    lines = {line.split()[0]: line for line in out.splitlines() if line.strip()}
+    assert code == 1, out  # a site is down
+    header = lines["site"].split()
+    depot = lines["depot"].split()
+    assert depot[2] == "up"
+    skew = float(depot[header.index("skew")].rstrip("s"))
+    assert 38 <= skew <= 42
+    assert "DOWN" in lines["gate"].split()
+    assert lines["site"].split()[:3] == ["site", "vendor", "state"]

@@ -492,6 +492,38 @@ class Store:
             )
             return [dict(row._mapping) for row in rows]
 
+    async def site_overview(self, site_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """Per site, for `cms-ingest status`: health, last alarm, latency, backlogs."""
+        ids = list(site_ids)
+        overview: dict[str, dict[str, Any]] = {site_id: {} for site_id in ids}
+        queries = {
+            "state": text(
+                "SELECT site_id, last_success_at, consecutive_failures, last_error "
+                "FROM site_state WHERE site_id = ANY(:ids)"
+            ),
+            "alarms": text(
+                "SELECT site_id, max(received_at) AS last_alarm_at, "
+                "percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM "
+                "received_at - occurred_at)) FILTER (WHERE received_at > now() - interval '1 hour')"
+                " AS latency_p50_s FROM alarms WHERE site_id = ANY(:ids) GROUP BY site_id"
+            ),
+            "media": text(
+                "SELECT site_id, count(*) AS media_pending FROM alarm_media "
+                "WHERE state = 'pending' AND site_id = ANY(:ids) GROUP BY site_id"
+            ),
+            "actions": text(
+                "SELECT site_id, count(*) AS actions_open FROM actions "
+                "WHERE state IN ('queued', 'running') AND site_id = ANY(:ids) GROUP BY site_id"
+            ),
+        }
+        async with self.engine.connect() as connection:
+            for query in queries.values():
+                for row in await connection.execute(query, {"ids": ids}):
+                    overview[row.site_id].update(
+                        {k: v for k, v in row._mapping.items() if k != "site_id"}
+                    )
+        return overview
+
     async def queue_depths(self) -> dict[str, int]:
         async with self.engine.connect() as connection:
             media = await connection.scalar(

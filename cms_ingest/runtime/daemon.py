@@ -243,6 +243,7 @@ class Daemon:
                     "consecutive_failures": health.consecutive_failures,
                     "last_success_at": health.last_success_at,
                     "last_error": health.last_error,
+                    "clock_skew_s": site.problems.skew_s,
                 }
             )
         return {"ready": self.readiness.ready, "tasks": self.supervisor.names, "sites": sites}

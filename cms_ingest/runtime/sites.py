@@ -27,13 +27,32 @@ from cms_ingest.vendors.base import VendorClient, VendorContext
 log = structlog.get_logger("cms_ingest.sites")
 
 
+SKEW_WARN_S = 30.0  # occurred_at stays the device's time; an operator should know it is off
+
+
 class SiteProblems:
-    """`ProblemReporter` for one site: each kind of bad input logged once, always counted."""
+    """`ProblemReporter` for one site: each kind of bad input logged once, always counted;
+    the device's clock skew kept, exported, and warned about once past 30 s."""
 
     def __init__(self, site_id: str, vendor: str) -> None:
         self.site_id = site_id
         self.vendor = vendor
         self._seen: set[str] = set()
+        self.skew_s: float | None = None
+        self._skew_warned = False
+
+    def clock_skew(self, seconds: float) -> None:
+        self.skew_s = seconds
+        metrics.CLOCK_SKEW.labels(site_id=self.site_id, vendor=self.vendor).set(seconds)
+        if abs(seconds) > SKEW_WARN_S and not self._skew_warned:
+            self._skew_warned = True
+            log.warning(
+                "device_clock_skew",
+                site_id=self.site_id,
+                vendor=self.vendor,
+                skew_s=round(seconds, 1),
+                note="occurred_at stays the device's time; fix the device's NTP",
+            )
 
     def bad_input(self, what: str, detail: str) -> None:
         metrics.BAD_INPUT.labels(source=f"device:{self.vendor}", what=what).inc()

@@ -104,6 +104,10 @@ class ProblemReporter(Protocol):
 
     def bad_input(self, what: str, detail: str) -> None: ...
 
+    def clock_skew(self, seconds: float) -> None:
+        """The device's clock minus ours, as the vendor measured it (positive: ahead)."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class VendorContext:

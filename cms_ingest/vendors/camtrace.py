@@ -152,7 +152,6 @@ class CamTraceClient:
         self._cameras_loaded_at: float | None = None
         self._health_checked_at: float | None = None
         self._health_errors: dict[str, str] = {}
-        self._skew_gauge = metrics.CLOCK_SKEW.labels(site_id=self.site_id, vendor=VENDOR)
 
     # ------------------------------------------------------------------ authentication
 
@@ -205,7 +204,7 @@ class CamTraceClient:
 
     def _set_offset(self, offset: float) -> None:
         self._offset_s = offset
-        self._skew_gauge.set(offset)
+        self._problems.clock_skew(offset)
         if abs(offset) > SKEW_WARN_S and not self._skew_warned:
             self._skew_warned = True
             log.warning(
