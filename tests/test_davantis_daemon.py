@@ -311,7 +311,8 @@ async def test_every_event_code_maps_and_armed_only_false_takes_all(
                 ("102", "disarmed"),
                 ("102", "armed"),
             ]
-            assert all(r["armed"] is None for r in rows)  # unknown without the cra filter
+            # Without cra=yes the state comes from the inputs (all armed), then from event 102.
+            assert [r["armed"] for r in rows] == [True] * 9 + [False, True]
             assert "cra=" not in str(site.requests)
 
 
@@ -351,3 +352,29 @@ async def test_priority_overrides_per_site_and_camera(
             await eventually(lambda: _count(db, 3), what="3 alarms")
             rows = await db.fetch("SELECT priority FROM alarms ORDER BY source_id::bigint")
             assert [r["priority"] for r in rows] == [4, 3, 1]
+
+
+async def test_armed_state_per_camera_from_inputs_and_arming_events(
+    database_url: str, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    site = DavantisSite(media_delay=0, cameras=4)  # input 1 covers cameras 1-2, input 2 3-4
+    async with DavantisSimulator({"default": site}) as sim:
+        options = {"armed_only": False}
+        config = app_config(
+            database_url, tmp_path, [davantis_site("d1", sim.url(), options=options)]
+        )
+        async with running_daemon(config):
+            await eventually(lambda: has_cursor(db), what="first cursor")
+            site.set_input(1, False)  # someone on site disarms the perimeter (cameras 1-2)
+            await eventually(lambda: _count(db, 1), what="the 102 Disarmed event")
+            site.add_alarm(event=2, camera=1)
+            site.add_alarm(event=2, camera=3)
+            await eventually(lambda: _count(db, 3), what="two person alarms")
+            rows = await db.fetch(
+                "SELECT event_type, camera_id, armed FROM alarms ORDER BY source_id::bigint"
+            )
+            assert [(r["event_type"], r["camera_id"], r["armed"]) for r in rows] == [
+                ("disarmed", "0", False),
+                ("person", "1", False),  # its input is disarmed
+                ("person", "3", True),  # the other input is still armed
+            ]

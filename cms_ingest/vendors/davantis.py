@@ -69,6 +69,7 @@ TOKEN_ERROR_CODES = frozenset(
 )
 MAX_JSON_BYTES = 16 * 1024 * 1024  # 300 alarms are ~200 kB; anything near this is hostile
 CAMERA_NAMES_TTL_S = 600.0
+ARMING_TTL_S = 60.0  # /inputs re-read this often (and right after an arming change)
 
 
 class DavantisOptions(SiteOptions):
@@ -118,6 +119,11 @@ class DavantisClient:
         self._cameras: dict[str, str] = {}
         self._cameras_loaded_at: float | None = None
         self._utc_offset: timezone | None = None
+        # Arming, when not filtered by cra=yes: per camera from the inputs that cover it,
+        # else the site's (any input armed); event 102 updates it as it streams in.
+        self._site_armed: bool | None = None
+        self._camera_armed: dict[str, bool] = {}
+        self._arming_loaded_at: float | None = None
 
     # ------------------------------------------------------------------ requests
 
@@ -260,6 +266,8 @@ class DavantisClient:
 
     async def poll(self, cursor: Cursor | None) -> PollResult:
         await self._refresh_context()
+        if not self._options.armed_only:
+            await self._refresh_arming()
         if cursor is None:
             return await self._first_poll()
         last_id = int(cursor["last_id"])
@@ -306,13 +314,51 @@ class DavantisClient:
             occurred_at=started,
             camera_id=camera_id,
             camera_name=self._cameras.get(camera_id or ""),
-            armed=True if self._options.armed_only else None,
+            armed=self._armed(event, camera_id, item),
             raw=dict(item),
             media=(
                 self._media(MediaKind.SNAPSHOT, item, "snapshot_status", has_media),
                 self._media(MediaKind.VIDEO, item, "video_status", has_media),
             ),
         )
+
+    def _armed(
+        self, event: int | None, camera_id: str | None, item: Mapping[str, Any]
+    ) -> bool | None:
+        """Whether the camera was armed: known for cra=yes; else from inputs and event 102."""
+        if self._options.armed_only:
+            return True  # cra=yes lists only alarms raised while armed
+        if event == ARMING_EVENT:
+            # The site's state changed now; which input did is re-read on the next poll.
+            self._site_armed = _event_type(event, item) is EventType.ARMED
+            self._camera_armed.clear()
+            self._arming_loaded_at = None
+            return self._site_armed
+        return self._camera_armed.get(camera_id or "", self._site_armed)
+
+    async def _refresh_arming(self) -> None:
+        now = self._clock()
+        if self._arming_loaded_at is not None and now - self._arming_loaded_at < ARMING_TTL_S:
+            return
+        self._arming_loaded_at = now
+        status, inputs = await self._request("GET", "/inputs")
+        if status != 200 or not isinstance(inputs, list):
+            self._problems.bad_input("inputs", f"input list unreadable (HTTP {status})")
+            return
+        armed_cameras: dict[str, bool] = {}
+        for item in inputs:
+            if not isinstance(item, dict) or not isinstance(item.get("status"), bool):
+                continue
+            for camera in item.get("cameras") or []:  # a camera is armed if any input is
+                key = str(camera)
+                armed_cameras[key] = armed_cameras.get(key, False) or item["status"]
+        states = [
+            item["status"]
+            for item in inputs
+            if isinstance(item, dict) and isinstance(item.get("status"), bool)
+        ]
+        self._site_armed = any(states) if states else None
+        self._camera_armed = armed_cameras
 
     def _media(
         self, kind: MediaKind, item: Mapping[str, Any], field: str, has_media: bool
@@ -438,6 +484,7 @@ class DavantisClient:
                 raise InvalidAction(f"params.state must be true or false, not {state!r}")
             return await self._patch(f"/relays/{resource_id}", state)
         if action.kind in ("arm", "disarm"):
+            self._arming_loaded_at = None  # re-read the inputs on the next poll
             return await self._patch(f"/inputs/{resource_id}", action.kind == "arm")
         raise InvalidAction(
             f"davantis has no action {action.kind!r} (it has: {', '.join(sorted(self.actions))})"
