@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import re
 import ssl
-from collections.abc import AsyncIterator, Mapping, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from yarl import URL
 
+SKEW_EVERY_S = 60.0
 _HOST_RE = re.compile(r"[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:]+\](:[0-9]{1,5})?")
 
 
@@ -98,12 +101,16 @@ class SiteHttp:
         *,
         tls: TlsPolicy | None = None,
         timeout_s: float = 10.0,
+        on_clock_skew: Callable[[float], None] | None = None,
     ) -> None:
         self._session = session
         self.base_url = URL(base_url.rstrip("/"))
         self._tls = tls or TlsPolicy()
         self._ssl = ssl_option(self._tls)
         self.timeout_s = timeout_s
+        # The device's clock, read off its `Date` header (1 s resolution) now and then.
+        self._on_clock_skew = on_clock_skew
+        self._skew_measured_at = 0.0
 
     def for_host(self, host: str) -> SiteHttp:
         """The same site's rules for a host its API handed back (a regional server, a logger).
@@ -173,6 +180,7 @@ class SiteHttp:
             total=total, connect=min(total, 10.0), sock_read=read_timeout_s
         )
         where = f"{method} {url.with_query(None)}"
+        sent = time.time()
         try:
             async with self._session.request(
                 method,
@@ -185,6 +193,7 @@ class SiteHttp:
                 ssl=self._ssl,
                 allow_redirects=False,
             ) as response:
+                self._measure_clock(response, sent)
                 yield response
         except aiohttp.ServerFingerprintMismatch as exc:
             raise TlsFailure(
@@ -208,6 +217,20 @@ class SiteHttp:
             raise DeviceUnreachable(f"{where}: connection broke ({exc})", sent=True) from None
         except aiohttp.ClientError as exc:
             raise DeviceUnreachable(f"{where}: {type(exc).__name__}: {exc}", sent=True) from None
+
+    def _measure_clock(self, response: aiohttp.ClientResponse, sent: float) -> None:
+        received = time.time()
+        if self._on_clock_skew is None or received - self._skew_measured_at < SKEW_EVERY_S:
+            return
+        header = response.headers.get("Date")
+        try:
+            server = parsedate_to_datetime(header).timestamp() if header else None
+        except (TypeError, ValueError):
+            server = None
+        if server is not None:
+            self._skew_measured_at = received
+            # The header is truncated to the second: compare with the middle of our window.
+            self._on_clock_skew(server + 0.5 - (sent + received) / 2)
 
 
 async def read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes:

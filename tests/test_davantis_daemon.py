@@ -37,9 +37,13 @@ async def test_new_alarms_become_rows_with_mapping(
     site.add_alarms(5)  # history: a first start takes the newest id, no backlog flood
     async with DavantisSimulator({"default": site}) as sim:
         config = app_config(database_url, tmp_path, [davantis_site("d1", sim.url())])
-        async with running_daemon(config):
+        async with running_daemon(config) as daemon:
             await eventually(lambda: has_cursor(db), what="first cursor")
             assert await cursor_of(db) == 5
+            # Clock skew read off the device's Date header (the simulator is on our clock).
+            assert daemon.sites is not None
+            skew = daemon.sites.by_id["d1"].problems.skew_s
+            assert skew is not None and abs(skew) < 2
             site.add_alarm(event=11, camera=2)
             site.add_alarm(event=1, camera=1)
             site.add_alarm(event=2, camera=3, snapshot="unavailable", video="unavailable")

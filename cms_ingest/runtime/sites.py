@@ -170,7 +170,13 @@ def tls_policy(site: SiteConfig) -> TlsPolicy:
 
 def build_site(site: SiteConfig, session: aiohttp.ClientSession) -> SiteRuntime:
     problems = SiteProblems(site.id, site.vendor)
-    http = SiteHttp(session, site.url, tls=tls_policy(site), timeout_s=site.request_timeout_s)
+    http = SiteHttp(
+        session,
+        site.url,
+        tls=tls_policy(site),
+        timeout_s=site.request_timeout_s,
+        on_clock_skew=problems.clock_skew,
+    )
     context = VendorContext(
         site_id=site.id,
         http=http,
