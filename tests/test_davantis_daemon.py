@@ -105,9 +105,12 @@ async def _count(db: asyncpg.Connection, n: int) -> bool:
 
 
 async def _media_settled(db: asyncpg.Connection, n: int) -> bool:
-    pending = await db.fetchval("SELECT count(*) FROM alarm_media WHERE state = 'pending'")
-    total = await db.fetchval("SELECT count(*) FROM alarm_media")
-    return pending == 0 and total >= n
+    # One statement: two would race a commit landing between them.
+    row = await db.fetchrow(
+        "SELECT count(*) FILTER (WHERE state = 'pending') AS pending, count(*) AS total "
+        "FROM alarm_media"
+    )
+    return row["pending"] == 0 and row["total"] >= n
 
 
 async def test_catch_up_of_750_alarms_after_downtime(

@@ -131,14 +131,17 @@ async def test_frame_and_a_slow_export(
             site.activate_event(1, 13, start=datetime.now(UTC) - timedelta(seconds=1))
 
             async def settled() -> bool:
-                pending = await db.fetchval(
-                    "SELECT count(*) FROM alarm_media WHERE state = 'pending'"
+                row = await db.fetchrow(  # one statement: two would race a commit
+                    "SELECT count(*) FILTER (WHERE state = 'pending') AS pending, "
+                    "count(*) AS total FROM alarm_media"
                 )
-                total = await db.fetchval("SELECT count(*) FROM alarm_media")
-                return total == 2 and pending == 0
+                return row["total"] == 2 and row["pending"] == 0
 
             await eventually(settled, timeout=20, what="media settled")
-            media = {r["kind"]: r for r in await db.fetch("SELECT * FROM alarm_media")}
+            rows = await db.fetch("SELECT * FROM alarm_media ORDER BY id")
+            alarms = await db.fetch("SELECT id, source_id FROM alarms")
+            media = {r["kind"]: r for r in rows}
+            assert len(rows) == 2, (rows, alarms)
             assert (
                 media["snapshot"]["state"] == "ready"
                 and media["snapshot"]["content_type"] == "image/jpeg"
