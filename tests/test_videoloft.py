@@ -271,3 +271,43 @@ async def test_live_records_come_again_until_their_commit_is_confirmed() -> None
 async def _poll_with_alarms(client, cursor):  # type: ignore[no-untyped-def]
     result = await client.poll(cursor)  # nothing yet: the cursor comes back unchanged
     return result if result.alarms else None
+
+
+async def test_no_live_long_poll_is_a_communication_failure(
+    database_url: str, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    account = VideoloftAccount(media_delay=0, tail_s=0)
+    async with VideoloftSimulator(account) as sim:
+        site = videoloft_site(
+            "v1", sim.url, supervision_timeout=1.5, options={"restore_after_s": 1.0}
+        )
+        config = app_config(database_url, tmp_path, [site])
+        async with running_daemon(config) as daemon:
+            await eventually(lambda: streams_open(account, 2), what="long-polls")
+            account.set_logger_offline(0)  # one logger down: the other still streams
+            healthy = account.add_alert("12345.2")  # a camera on the logger still up
+            await eventually(lambda: count_at_least(db, 1), timeout=5, what="alert not held back")
+            assert await source_ids(db) == [f"12345.2:{healthy.id}"]
+            await asyncio.sleep(2.0)
+            assert await _comm(db) == []
+            assert daemon.sites is not None and daemon.sites.by_id["v1"].health.up is True
+            account.set_logger_offline(1)  # now no live long-poll at all
+            await eventually(lambda: _comm_is(db, ["comm_lost"]), timeout=20, what="comm_lost")
+            lost = await db.fetchval(
+                "SELECT description FROM alarms WHERE event_type = 'comm_lost'"
+            )
+            assert "no live long-poll" in lost
+            account.set_logger_offline(0, False)
+            account.set_logger_offline(1, False)
+            await eventually(
+                lambda: _comm_is(db, ["comm_lost", "comm_restored"]), timeout=30, what="restored"
+            )
+
+
+async def _comm(db: asyncpg.Connection) -> list[str]:
+    rows = await db.fetch("SELECT event_type FROM alarms WHERE vendor = 'cms' ORDER BY id")
+    return [r["event_type"] for r in rows]
+
+
+async def _comm_is(db: asyncpg.Connection, expected: list[str]) -> bool:
+    return await _comm(db) == expected

@@ -334,6 +334,7 @@ class VideoloftAccount:
         self.logins = 0
         self.cookie_logins = 0
         self.live_connections = 0
+        self.offline_loggers: set[int] = set()
         self.requests: collections.Counter[str] = collections.Counter()
         self.auth_host: str | None = None  # host:port, set by the simulator
         self.logger_hosts: list[str] = []  # host:port per logger, set by the simulator
@@ -579,6 +580,17 @@ class VideoloftAccount:
     def drop_live_connections(self) -> None:
         """Reset every open realtime stream (no final chunk)."""
         self._end_feeds(_DROP)
+
+    def set_logger_offline(self, logger: int, offline: bool = True) -> None:
+        """A logger server going down (503 to everything, its streams reset) or coming back."""
+        if offline:
+            self.offline_loggers.add(logger)
+            feeds = [feed for feed in self._feeds if feed.logger == logger]
+            for feed in feeds:
+                self._feeds.remove(feed)
+                feed.queue.put_nowait(_DROP)
+        else:
+            self.offline_loggers.discard(logger)
 
     def end_live_connections(self) -> None:
         """End every open realtime stream cleanly."""
@@ -1033,6 +1045,8 @@ def _device_handler(account: VideoloftAccount, route: Route[VideoloftAccount]) -
 
     async def handle(request: web.Request) -> web.StreamResponse:
         account.requests[f"{request.app[_ROLE]} {request.method} {key}"] += 1
+        if request.app[_LOGGER] in account.offline_loggers:
+            return web.json_response({"error": "logger unavailable"}, status=503)
         try:
             if route.auth:
                 account.check_token(request_token(request))

@@ -65,7 +65,10 @@ log = structlog.get_logger("cms_ingest.vendors.videoloft")
 MAX_JSON_BYTES = 16 * 1024 * 1024
 DEFAULT_TOKEN_TTL_S = 1200.0
 RENEW_AT = 0.75  # of the token's lifetime: 15 of 20 minutes
-TRIGGER_EVERY_S = 15.0  # triggerevent keeps a recording going for ~20 s after each call
+TRIGGER_EVERY_S = 15.0
+# A logger whose long-poll failed this many times in a row counts as not answering; when
+# every logger in use is in that state the poll fails (supervision: "no live long-poll").
+STREAM_FAILURES_DOWN = 3  # triggerevent keeps a recording going for ~20 s after each call
 OFFLINE_STATES = frozenset({"offline", "novideo"})
 EVENT_TYPES = {"motion": EventType.MOTION, "audio": EventType.AUDIO}
 _END_FIELDS = ("endt", "endtt", "enddt", "end")
@@ -243,6 +246,7 @@ class VideoloftClient:
         self._hosts: dict[str, SiteHttp] = {}
         self._streams: dict[str, _LiveStream] = {}
         self._inbox = _Inbox()
+        self._stream_failures: dict[str, tuple[int, str]] = {}  # logger -> (in a row, last)
         self._unacked = _Inbox()
         self._returned_cursor: Cursor | None = None
         self._refresh_devices_now = False
@@ -445,15 +449,37 @@ class VideoloftClient:
             ) as response:
                 if response.status == 401:
                     self._invalidate(token)
+                    self._stream_failed(logger, "long-poll refused the token (401)")
                     return
                 if response.status != 200:
                     self._refresh_devices_now = True  # a logger that stops answering
+                    self._stream_failed(logger, f"long-poll answered {response.status}")
                     return
+                self._stream_failures.pop(logger, None)  # connected: the logger answers
                 await asyncio.wait_for(self._read_stream(response, logger, decoder), timeout=hold)
         except TimeoutError:
             return  # the planned reconnect, ahead of the server's cut
         except (TransportError, aiohttp.ClientError) as exc:
             log.info("videoloft_live_dropped", site_id=self.site_id, logger=logger, error=str(exc))
+            if isinstance(exc, TransportError) and not exc.sent:
+                self._stream_failed(logger, str(exc))  # could not even connect
+
+    def _stream_failed(self, logger: str, error: str) -> None:
+        count, _ = self._stream_failures.get(logger, (0, ""))
+        self._stream_failures[logger] = (count + 1, error)
+
+    def _no_live_stream(self) -> str | None:
+        """Why no logger in use has a live long-poll, or None while one does."""
+        loggers = {d.logger for d in self._devices.values() if d.logger}
+        failing = {
+            logger: self._stream_failures[logger]
+            for logger in loggers
+            if self._stream_failures.get(logger, (0, ""))[0] >= STREAM_FAILURES_DOWN
+        }
+        if not loggers or len(failing) < len(loggers):
+            return None
+        logger, (count, error) = next(iter(sorted(failing.items())))
+        return f"no live long-poll: logger {logger} failed {count} times in a row ({error})"
 
     async def _read_stream(
         self, response: aiohttp.ClientResponse, logger: str, decoder: StreamDecoder
@@ -481,6 +507,9 @@ class VideoloftClient:
         await self._check_residency()
         await self._ensure_devices()
         self._ensure_streams()
+        broken = self._no_live_stream()
+        if broken is not None:
+            raise BadDeviceResponse(broken)  # supervision counts it; streams keep retrying
         inbox, self._inbox = self._inbox, _Inbox()
         try:
             result = await self._collect(inbox, _CursorState.load(cursor))
@@ -494,15 +523,28 @@ class VideoloftClient:
     async def _collect(self, inbox: _Inbox, state: _CursorState) -> PollResult:
         alerts: dict[tuple[str, int], VlAlert] = {}
         notes: list[str] = []
+        pending: set[str] = set()  # devices whose gap could not be read back yet
         for uidd in sorted(inbox.gaps & set(self._devices)):
-            caught = await self._catch_up(uidd, state)
+            try:
+                caught = await self._catch_up(uidd, state)
+            except (TransportError, BadDeviceResponse) as exc:
+                # One logger down must not hold back the other cameras: this device keeps
+                # its gap (and its live records) for a later poll, everyone else goes on.
+                self._problems.bad_input("catch_up", f"{uidd}: cannot read /alert back: {exc}")
+                pending.add(uidd)
+                continue
             for alert in caught:
                 alerts[(alert.uidd, alert.id)] = alert
             if len(caught) > 1:
                 notes.append(f"{uidd}: caught up {len(caught)} alerts after a gap")
+        deferred = _Inbox(gaps=pending)
         statuses: list[tuple[str, str, int]] = []
-        for _logger, record in inbox.records:
+        for logger, record in inbox.records:
+            if _record_device(record) in pending:
+                deferred.records.append((logger, record))  # never past an unread gap
+                continue
             self._take_record(record, alerts, statuses)
+        self._inbox.merge_before(deferred)
         alarms = [self._alarm(alert) for alert in sorted(alerts.values(), key=lambda a: a.id)]
         for alert in alerts.values():
             state.advance(alert.uidd, alert.id)
@@ -836,6 +878,17 @@ def _result(payload: Any) -> Any:
 def _cookie(response: aiohttp.ClientResponse) -> str | None:
     cookies = [f"{name}={morsel.value}" for name, morsel in response.cookies.items()]
     return "; ".join(cookies) or None
+
+
+def _record_device(record: Any) -> str | None:
+    """The uidd a long-poll record is about, whatever its wrapping."""
+    data = record.get("data") if isinstance(record, dict) else None
+    if isinstance(data, dict) and isinstance(data.get("data"), dict):
+        data = data["data"]
+    if not isinstance(data, dict):
+        return None
+    device = data.get("uidd") or data.get("uid")
+    return str(device) if device else None
 
 
 def _flatten_devices(result: Any) -> dict[str, _Device]:
