@@ -118,3 +118,42 @@ async def test_site_down_then_back_across_a_restart(
 
 async def _events_are(db: asyncpg.Connection, expected: list[str]) -> bool:
     return await comm_events(db) == expected
+
+
+async def test_simulator_stopped_flapping_then_back(
+    database_url: str, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """The site's server really goes away (connection refused), bounces, then stays."""
+    import asyncio
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    site = DavantisSite()
+    sim = DavantisSimulator({"default": site})
+    await sim.start(port=port)
+    config = app_config(
+        database_url,
+        tmp_path,
+        [davantis_site("d1", sim.url(), supervision_timeout=2.0, options={"restore_after_s": 2.0})],
+    )
+    try:
+        async with running_daemon(config):
+            await sim.stop()  # the site's server is gone
+            started = asyncio.get_running_loop().time()
+            await eventually(lambda: _events_are(db, ["comm_lost"]), timeout=15, what="comm_lost")
+            detected = asyncio.get_running_loop().time() - started
+            assert 1.5 <= detected <= 14  # the timeout, plus at most one backoff step
+            for _ in range(3):  # flapping: up for less than restore_after_s, then down again
+                await sim.start(port=port)
+                await asyncio.sleep(0.8)
+                await sim.stop()
+                await asyncio.sleep(0.5)
+            assert await comm_events(db) == ["comm_lost"]  # one outage, no restore yet
+            await sim.start(port=port)  # back for good
+            await eventually(
+                lambda: _events_are(db, ["comm_lost", "comm_restored"]), timeout=25, what="restored"
+            )
+    finally:
+        await sim.stop()
