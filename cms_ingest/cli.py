@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from cms_ingest.config import AppConfig, ConfigError, ConfigProblem, check_config, load_config
+from cms_ingest.config import AppConfig, ConfigError, ConfigProblem, load_config
 from cms_ingest.logs import configure_logging
 from cms_ingest.vendors import SITE_CHECKS, VENDORS, supported_vendors
 
@@ -89,18 +89,17 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    problems = check_config(args.path)
-    if not problems:
-        try:
-            problems = vendor_problems(load_config(args.path))
-        except ConfigError as exc:  # the file changed under us; report what it says now
-            problems = exc.problems
-    if problems:
+    config: AppConfig | None = None
+    try:
+        config = load_config(args.path)
+        problems = vendor_problems(config)
+    except ConfigError as exc:
+        problems = exc.problems
+    if problems or config is None:
         for problem in problems:
             print(f"{args.path}: {problem}")
         print(f"{len(problems)} problem(s) found", file=sys.stderr)
         return EXIT_CONFIG
-    config = load_config(args.path)
     print(f"{args.path}: valid ({len(config.sites)} site(s))")
     return EXIT_OK
 

@@ -46,8 +46,7 @@ async def run_probe(site: SiteConfig, *, out: TextIO) -> int:
     async with new_client_session() as session:
         runtime = build_site(site, session)
         client = runtime.client
-        newest: dict[str, Any] = {}
-        await report.step("authentication and first poll", lambda: _first_poll(client, newest))
+        await report.step("authentication and first poll", lambda: _first_poll(client))
         await report.step("clock", lambda: _clock(runtime.problems.skew_s))
         await report.step("site inventory", lambda: _inventory(client))
         await report.step("one snapshot", lambda: _snapshot(client))
@@ -60,9 +59,8 @@ async def run_probe(site: SiteConfig, *, out: TextIO) -> int:
     return 0 if not report.failed else 1
 
 
-async def _first_poll(client: VendorClient, newest: dict[str, Any]) -> str:
+async def _first_poll(client: VendorClient) -> str:
     result = await client.poll(None)
-    newest.update(result.cursor)
     return f"logged in; the daemon would start from cursor {dict(result.cursor)}"
 
 

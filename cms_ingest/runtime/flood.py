@@ -56,6 +56,3 @@ class FloodTracker:
             return alarm
         media = alarm.media if self._fetch_media else ()
         return dataclasses.replace(alarm, group_of=camera.head, media=media)
-
-    def open_bursts(self) -> int:
-        return sum(1 for camera in self._cameras.values() if camera.head is not None)
