@@ -42,6 +42,18 @@ def test_beyond_the_limit_alarms_join_the_first_one_and_a_quiet_minute_ends_it()
     assert later.group_of is None  # a quiet minute ended the burst
 
 
+def test_a_batch_polled_again_gets_the_same_answer() -> None:
+    """A failed commit brings the same alarms back: no double count, no self-grouping."""
+    tracker = FloodTracker(max_per_minute=2, quiet_s=60, fetch_media=False)
+    batch = [alarm(n) for n in range(1, 6)]
+    first = tracker.apply(batch, T0)
+    again = tracker.apply(batch, T0 + timedelta(seconds=1))
+    assert (
+        [a.group_of for a in again] == [a.group_of for a in first] == [None, None, None, "3", "3"]
+    )
+    assert tracker.apply([alarm(6)], T0 + timedelta(seconds=2))[0].group_of == "3"
+
+
 def test_fetch_media_keeps_the_members_media() -> None:
     tracker = FloodTracker(max_per_minute=1, quiet_s=60, fetch_media=True)
     out = tracker.apply([alarm(1), alarm(2), alarm(3)], T0)

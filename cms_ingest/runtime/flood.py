@@ -10,13 +10,14 @@ alarms from that camera. Pure logic, per site; the poller applies it before comm
 from __future__ import annotations
 
 import dataclasses
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from cms_ingest.domain import Alarm
 
 WINDOW = timedelta(minutes=1)
+REMEMBERED = 10_000  # recent decisions kept, so a batch polled again is decided the same way
 # Alarms the daemon raises about the site itself are never grouped.
 NEVER_GROUPED = frozenset({"comm_lost", "comm_restored"})
 
@@ -34,6 +35,9 @@ class FloodTracker:
         self._quiet = timedelta(seconds=quiet_s)
         self._fetch_media = fetch_media
         self._cameras: dict[str, _Camera] = {}
+        # source_id -> group_of. A commit that failed brings the same alarms back: they must
+        # get the same answer, not be counted twice (nor the head join its own burst).
+        self._decided: OrderedDict[str, str | None] = OrderedDict()
 
     def apply(self, alarms: list[Alarm], now: datetime) -> list[Alarm]:
         """The same alarms, those in a burst marked with their group (and without media)."""
@@ -42,6 +46,22 @@ class FloodTracker:
     def _one(self, alarm: Alarm, now: datetime) -> Alarm:
         if alarm.event_type.value in NEVER_GROUPED:
             return alarm
+        if alarm.source_id in self._decided:
+            return self._marked(alarm, self._decided[alarm.source_id])
+        group_of = self._decide(alarm, now)
+        self._decided[alarm.source_id] = group_of
+        if len(self._decided) > REMEMBERED:
+            self._decided.popitem(last=False)
+        return self._marked(alarm, group_of)
+
+    def _marked(self, alarm: Alarm, group_of: str | None) -> Alarm:
+        if group_of is None:
+            return alarm
+        media = alarm.media if self._fetch_media else ()
+        return dataclasses.replace(alarm, group_of=group_of, media=media)
+
+    def _decide(self, alarm: Alarm, now: datetime) -> str | None:
+        """The burst this new alarm joins (its first alarm's source_id), or None."""
         camera = self._cameras.setdefault(alarm.camera_id or "", _Camera())
         if camera.head is not None and camera.last_at and now - camera.last_at >= self._quiet:
             camera.head = None  # a quiet spell ended the burst
@@ -50,9 +70,7 @@ class FloodTracker:
         while camera.recent and now - camera.recent[0] > WINDOW:
             camera.recent.popleft()
         if camera.head is None:
-            if len(camera.recent) <= self._limit:
-                return alarm
-            camera.head = alarm.source_id  # the first alarm beyond the limit leads the burst
-            return alarm
-        media = alarm.media if self._fetch_media else ()
-        return dataclasses.replace(alarm, group_of=camera.head, media=media)
+            if len(camera.recent) > self._limit:
+                camera.head = alarm.source_id  # the first alarm beyond the limit leads it
+            return None
+        return camera.head
