@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import structlog
 
@@ -32,12 +32,13 @@ from cms_ingest.runtime.supervision import OpenOutage, Supervision
 from cms_ingest.runtime.supervisor import Supervisor, sleep_or_stop
 from cms_ingest.runtime.writer import AlarmWriter
 from cms_ingest.sitehttp import new_client_session
+from cms_ingest.vendors import OPTIONS_MODELS
 
 log = structlog.get_logger("cms_ingest.daemon")
 
 STARTUP_RETRY = RetryPolicy(base=1.0, factor=2.0, cap=15.0, jitter=0.2)
 HOUSEKEEPING_INTERVAL_S = 5.0
-DEFAULT_RESTORE_AFTER_S = 10.0  # options.restore_after_s (SiteOptions) when not set
+T = TypeVar("T")
 
 
 @contextlib.asynccontextmanager
@@ -80,8 +81,13 @@ class Daemon:
                 return
             self.sites = SiteRegistry(self.config, session)
             self._sites_built.set()
-            cursors = await self._load_cursors(stop)
-            supervision = await self._load_supervision(stop)
+            site_ids = [site.config.id for site in self.sites]
+            cursors = await self._until_loaded(
+                stop, "cursors", lambda: self.store.load_cursors(site_ids)
+            )
+            supervision = await self._until_loaded(
+                stop, "supervision", lambda: self.store.supervision_states(site_ids)
+            )
             if cursors is None or supervision is None:
                 return
             self._start_parts(self.sites, cursors, supervision)
@@ -113,27 +119,17 @@ class Daemon:
                 await sleep_or_stop(STARTUP_RETRY.delay(failures), stop)
         return False
 
-    async def _load_cursors(self, stop: asyncio.Event) -> dict[str, Any] | None:
-        assert self.sites is not None
+    async def _until_loaded(
+        self, stop: asyncio.Event, what: str, load: Callable[[], Awaitable[T]]
+    ) -> T | None:
+        """`load()`, retried with backoff while the database fails; None when stopping."""
         failures = 0
         while not stop.is_set():
             try:
-                return await self.store.load_cursors(s.config.id for s in self.sites)
+                return await load()
             except Exception as exc:
                 failures += 1
-                log.warning("cursor_load_failed", error=str(exc), attempt=failures)
-                await sleep_or_stop(STARTUP_RETRY.delay(failures), stop)
-        return None
-
-    async def _load_supervision(self, stop: asyncio.Event) -> dict[str, Any] | None:
-        assert self.sites is not None
-        failures = 0
-        while not stop.is_set():
-            try:
-                return await self.store.supervision_states(s.config.id for s in self.sites)
-            except Exception as exc:
-                failures += 1
-                log.warning("supervision_load_failed", error=str(exc), attempt=failures)
+                log.warning("startup_load_failed", what=what, error=str(exc), attempt=failures)
                 await sleep_or_stop(STARTUP_RETRY.delay(failures), stop)
         return None
 
@@ -166,9 +162,9 @@ class Daemon:
                 supervision=Supervision(
                     site_id=site.config.id,
                     timeout_s=site.config.supervision_timeout,
-                    restore_after_s=float(
-                        site.config.options.get("restore_after_s", DEFAULT_RESTORE_AFTER_S)
-                    ),
+                    restore_after_s=OPTIONS_MODELS[site.config.vendor]
+                    .model_validate(site.config.options)
+                    .restore_after_s,
                     open_outage=OpenOutage(*outage) if outage else None,
                     last_success=last_success,
                 ),

@@ -11,10 +11,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel
-
 from cms_ingest.vendors import camstreamer, camtrace, davantis, exacq, videoloft
-from cms_ingest.vendors.base import VendorClient, VendorContext
+from cms_ingest.vendors.base import SiteOptions, VendorClient, VendorContext
 
 SiteCheck = Callable[[str, Mapping[str, Any]], list[tuple[str, str]]]
 
@@ -22,7 +20,7 @@ SiteCheck = Callable[[str, Mapping[str, Any]], list[tuple[str, str]]]
 @dataclass(frozen=True, slots=True)
 class Vendor:
     client: Callable[[VendorContext, Any], VendorClient]
-    options: type[BaseModel]
+    options: type[SiteOptions]
     # Rules beyond the options model, for check-config: (options key, message) per problem.
     check: SiteCheck | None = None
 
@@ -38,7 +36,7 @@ VENDORS: Mapping[str, Vendor] = {
 }
 
 # What the config loader validates each site's `options` with.
-OPTIONS_MODELS: Mapping[str, type[BaseModel]] = {name: v.options for name, v in VENDORS.items()}
+OPTIONS_MODELS: Mapping[str, type[SiteOptions]] = {name: v.options for name, v in VENDORS.items()}
 SITE_CHECKS: Mapping[str, SiteCheck] = {
     name: v.check for name, v in VENDORS.items() if v.check is not None
 }
