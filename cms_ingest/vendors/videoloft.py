@@ -512,15 +512,16 @@ class VideoloftClient:
             raise BadDeviceResponse(broken)  # supervision counts it; streams keep retrying
         inbox, self._inbox = self._inbox, _Inbox()
         try:
-            result = await self._collect(inbox, _CursorState.load(cursor))
+            result, delivered = await self._collect(inbox, _CursorState.load(cursor))
         except BaseException:
             self._inbox.merge_before(inbox)
             raise
-        self._unacked = inbox
+        self._unacked = delivered  # what was deferred is back in the inbox already
         self._returned_cursor = result.cursor
         return result
 
-    async def _collect(self, inbox: _Inbox, state: _CursorState) -> PollResult:
+    async def _collect(self, inbox: _Inbox, state: _CursorState) -> tuple[PollResult, _Inbox]:
+        """This poll's result, and the part of `inbox` it delivered (the rest is deferred)."""
         alerts: dict[tuple[str, int], VlAlert] = {}
         notes: list[str] = []
         pending: set[str] = set()  # devices whose gap could not be read back yet
@@ -538,18 +539,20 @@ class VideoloftClient:
             if len(caught) > 1:
                 notes.append(f"{uidd}: caught up {len(caught)} alerts after a gap")
         deferred = _Inbox(gaps=pending)
+        delivered = _Inbox(gaps=inbox.gaps - pending)
         statuses: list[tuple[str, str, int]] = []
         for logger, record in inbox.records:
             if _record_device(record) in pending:
                 deferred.records.append((logger, record))  # never past an unread gap
                 continue
+            delivered.records.append((logger, record))
             self._take_record(record, alerts, statuses)
         self._inbox.merge_before(deferred)
         alarms = [self._alarm(alert) for alert in sorted(alerts.values(), key=lambda a: a.id)]
         for alert in alerts.values():
             state.advance(alert.uidd, alert.id)
         alarms += self._status_alarms(statuses, state)
-        return PollResult(alarms=alarms, cursor=state.dump(), notes=notes)
+        return PollResult(alarms=alarms, cursor=state.dump(), notes=notes), delivered
 
     def _take_record(
         self,
