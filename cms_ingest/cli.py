@@ -11,9 +11,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from cms_ingest.config import AppConfig, ConfigError, ConfigProblem, load_config
+from cms_ingest.config import AppConfig, ConfigError, load_config
+from cms_ingest.configcheck import load_checked, vendor_problems
 from cms_ingest.logs import configure_logging
-from cms_ingest.vendors import SITE_CHECKS, VENDORS, supported_vendors
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -22,37 +22,13 @@ EXIT_CONFIG = 2
 FINAL_ACTION_STATES = frozenset({"succeeded", "failed", "expired"})
 
 
-def vendor_problems(config: AppConfig) -> list[ConfigProblem]:
-    """What the config schema cannot see: vendors this build lacks, vendor-specific rules."""
-    problems: list[ConfigProblem] = []
-    for index, site in enumerate(config.sites):
-        if site.vendor not in VENDORS:
-            problems.append(
-                ConfigProblem(
-                    f"sites[{index}].vendor",
-                    f"vendor {site.vendor!r} is not supported by this build yet "
-                    f"(supported: {', '.join(supported_vendors())})",
-                )
-            )
-            continue
-        check = SITE_CHECKS.get(site.vendor)
-        for key, message in check(site.url, site.options) if check else []:
-            problems.append(ConfigProblem(f"sites[{index}].options.{key}", message))
-    return problems
-
-
 def load_or_exit(path: str) -> AppConfig:
     """The config, or every problem printed to stderr and exit code 2."""
     try:
-        config = load_config(path)
+        return load_checked(path)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         raise SystemExit(EXIT_CONFIG) from None
-    problems = vendor_problems(config)
-    if problems:
-        print(str(ConfigError(problems, source=path)), file=sys.stderr)
-        raise SystemExit(EXIT_CONFIG)
-    return config
 
 
 # ---------------------------------------------------------------------- commands

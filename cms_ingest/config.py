@@ -315,6 +315,11 @@ class AppConfig(_Model):
     media: MediaConfig = Field(default_factory=MediaConfig)
     actions: ActionsConfig = Field(default_factory=ActionsConfig)
     flood: FloodConfig = Field(default_factory=FloodConfig)
+    # Several daemons may share one database and this config: each site is polled by the
+    # one holding its lease, renewed every lease_ttl/3; a dead daemon's sites move after this.
+    lease_ttl: float = Field(default=15.0, ge=3.0, le=300.0)  # seconds
+    # This daemon's name in leases and `cms-ingest status`; default: hostname and pid.
+    instance_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:@-]{1,100}$")
     sites: list[SiteConfig] = Field(min_length=1)
     # Where the config was loaded from; set by load_config, never read from the YAML.
     config_path: Path | None = Field(default=None, exclude=True)

@@ -148,3 +148,56 @@ FLOOD_GROUPED = Counter(
     ["vendor"],
     registry=REGISTRY,
 )
+CONFIG_RELOADS = Counter(
+    "cms_ingest_config_reloads_total",
+    "Config reloads on SIGHUP, by outcome (applied, invalid, failed).",
+    ["outcome"],
+    registry=REGISTRY,
+)
+SITES_OWNED = Gauge(
+    "cms_ingest_sites_owned",
+    "Sites whose lease this daemon holds (and therefore polls).",
+    registry=REGISTRY,
+)
+LEASE_TAKEOVERS = Counter(
+    "cms_ingest_lease_takeovers_total",
+    "Site leases this daemon took from another daemon whose lease had expired.",
+    registry=REGISTRY,
+)
+LEASE_HANDOFFS = Counter(
+    "cms_ingest_lease_handoffs_total",
+    "Site leases this daemon gave up on purpose (rebalance, reload, shutdown).",
+    registry=REGISTRY,
+)
+LEASES_LOST = Counter(
+    "cms_ingest_leases_lost_total",
+    "Site leases this daemon found taken or expired when renewing (it stopped those sites).",
+    registry=REGISTRY,
+)
+FENCING_REFUSALS = Counter(
+    "cms_ingest_fencing_refusals_total",
+    "Poll commits refused because this daemon no longer held the site's lease.",
+    registry=REGISTRY,
+)
+DAEMONS_LIVE = Gauge(
+    "cms_ingest_daemons_live",
+    "Daemons sharing the database, as last seen by this one (heartbeat not expired).",
+    registry=REGISTRY,
+)
+
+
+# Per-site gauges: only the daemon holding a site exports them, so a site handed to another
+# daemon must not leave a stale "down" (or "up") behind here.
+_PER_SITE_GAUGES = (
+    SITE_UP,
+    SITE_CONSECUTIVE_FAILURES,
+    SITE_LAST_SUCCESS,
+    SITE_SECONDS_SINCE_SUCCESS,
+    CLOCK_SKEW,
+    DEVICE_HEALTH,
+)
+
+
+def forget_site(site_id: str) -> None:
+    for gauge in _PER_SITE_GAUGES:
+        gauge.remove_by_labels({"site_id": site_id})

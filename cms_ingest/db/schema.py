@@ -148,3 +148,30 @@ site_state = Table(
     Column("consecutive_failures", Integer, nullable=False, server_default="0"),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=NOW),
 )
+
+# Several daemons over one database: each site is polled by the holder of its lease. `epoch`
+# grows with every acquisition, and a poll commits only while its epoch is still the row's
+# (checked in the commit's own transaction), so a paused or cut-off daemon cannot write.
+site_leases = Table(
+    "site_leases",
+    metadata,
+    Column("site_id", Text, primary_key=True),
+    Column("owner", Text),  # a daemons.daemon_id; NULL: free (released or never taken)
+    Column("epoch", BigInteger, nullable=False, server_default="0"),
+    Column("expires_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Column("acquired_at", DateTime(timezone=True)),
+)
+
+# The live daemons (heartbeat not expired) share the sites evenly between them.
+daemons = Table(
+    "daemons",
+    metadata,
+    Column("daemon_id", Text, primary_key=True),
+    Column("host", Text, nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("boot_id", Text, nullable=False, server_default=""),
+    Column("version", Text, nullable=False, server_default=""),
+    Column("started_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Column("heartbeat_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+)

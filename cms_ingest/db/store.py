@@ -16,11 +16,25 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, func, select, text, update
+from sqlalchemy import (
+    ARRAY,
+    Text,
+    any_,
+    bindparam,
+    exists,
+    func,
+    literal,
+    or_,
+    select,
+    text,
+    true,
+    update,
+)
 from sqlalchemy.dialects.postgresql import distinct_on, insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from cms_ingest.db.schema import actions, alarm_media, alarms, site_state
+from cms_ingest.db.leases import fenced_sites
+from cms_ingest.db.schema import actions, alarm_media, alarms, site_leases, site_state
 from cms_ingest.domain import Action, ActionState, Alarm, MediaKind, MediaState
 
 
@@ -33,6 +47,8 @@ class PollCommit:
     alarms: Sequence[Alarm]
     cursor: Mapping[str, Any] | None  # None: the site has no cursor yet (leave it so)
     media_deadline_s: float
+    # The lease this poll ran under (daemon id, epoch); None only outside a daemon (tools).
+    lease: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +56,12 @@ class InsertedAlarm:
     id: int
     site_id: str
     source_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class CommitResult:
+    inserted: list[InsertedAlarm]
+    fenced: set[str]  # sites whose lease was lost: nothing of theirs was written
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,10 +144,13 @@ class Store:
                         outages[row.site_id] = (row.source_id, since)
         return {site_id: (successes.get(site_id), outages.get(site_id)) for site_id in ids}
 
-    async def commit_polls(self, commits: Sequence[PollCommit]) -> list[InsertedAlarm]:
-        """Alarms, media rows and cursors of several sites in one transaction."""
+    async def commit_polls(self, commits: Sequence[PollCommit]) -> CommitResult:
+        """Alarms, media rows and cursors of several sites in one transaction; the commits of
+        sites whose lease is no longer held at the commit's epoch are left out (fencing)."""
         async with self.engine.begin() as connection:
-            return await self._commit_polls(connection, commits)
+            fenced = await _fence(connection, commits)
+            admitted = [commit for commit in commits if commit.site_id not in fenced]
+            return CommitResult(await self._commit_polls(connection, admitted), fenced)
 
     async def _commit_polls(
         self, connection: AsyncConnection, commits: Sequence[PollCommit]
@@ -206,11 +231,15 @@ class Store:
 
     # ------------------------------------------------------------------ media queue
 
-    async def claim_media(self, *, limit: int, lease_s: float) -> list[MediaJob]:
-        """Due pending media rows, leased to the caller for `lease_s` seconds."""
+    async def claim_media(
+        self, *, limit: int, lease_s: float, site_ids: Sequence[str] | None = None
+    ) -> list[MediaJob]:
+        """Due pending media rows, leased to the caller for `lease_s` seconds; only of
+        `site_ids` (the sites this daemon holds) when given."""
         claimable = (
             select(alarm_media.c.id)
             .where(
+                _of_sites(alarm_media.c.site_id, site_ids),
                 alarm_media.c.state == MediaState.PENDING.value,
                 alarm_media.c.next_attempt_at <= func.now(),
                 (alarm_media.c.claimed_until.is_(None))
@@ -356,12 +385,13 @@ class Store:
             )
             return int(result.rowcount)
 
-    async def stale_running_actions(self) -> list[Action]:
+    async def stale_running_actions(self, site_ids: Sequence[str] | None = None) -> list[Action]:
         """Actions left `running` by a worker whose lease ran out (a crash, a kill)."""
         async with self.engine.connect() as connection:
             rows = (
                 await connection.execute(
                     select(actions).where(
+                        _of_sites(actions.c.site_id, site_ids),
                         actions.c.state == ActionState.RUNNING.value,
                         actions.c.claimed_until < func.now(),
                     )
@@ -369,10 +399,13 @@ class Store:
             ).all()
         return [_action(row._mapping) for row in rows]
 
-    async def claim_actions(self, *, limit: int, lease_s: float, owner: str) -> list[Action]:
+    async def claim_actions(
+        self, *, limit: int, lease_s: float, owner: str, site_ids: Sequence[str] | None = None
+    ) -> list[Action]:
         claimable = (
             select(actions.c.id)
             .where(
+                _of_sites(actions.c.site_id, site_ids),
                 actions.c.state == ActionState.QUEUED.value,
                 actions.c.next_attempt_at <= func.now(),
                 actions.c.not_after.is_(None) | (actions.c.not_after > func.now()),
@@ -540,6 +573,27 @@ class Store:
 
 
 # ---------------------------------------------------------------------- row helpers
+
+
+def _of_sites(column: Any, site_ids: Sequence[str] | None) -> Any:
+    """Rows of the given sites, plus rows of sites no daemon has a lease row for (a site in
+    no config: whoever claims it fails it with a clear error instead of leaving it queued)."""
+    if site_ids is None:
+        return true()
+    unleased = ~exists().where(site_leases.c.site_id == column)
+    return or_(column == any_(literal(list(site_ids), ARRAY(Text))), unleased)
+
+
+async def _fence(connection: AsyncConnection, commits: Sequence[PollCommit]) -> set[str]:
+    by_owner: dict[str, dict[str, int]] = {}
+    for commit in commits:
+        if commit.lease is not None:
+            owner, epoch = commit.lease
+            by_owner.setdefault(owner, {})[commit.site_id] = epoch
+    fenced: set[str] = set()
+    for owner, leases in by_owner.items():
+        fenced |= await fenced_sites(connection, owner, leases)
+    return fenced
 
 
 def _seconds(value: float) -> Any:

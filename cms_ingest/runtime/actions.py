@@ -76,7 +76,7 @@ class ActionWorker:
             if expired:
                 metrics.ACTIONS.labels(vendor="any", kind="any", outcome="expired").inc(expired)
                 log.warning("actions_expired", count=expired)
-            for action in await self._store.stale_running_actions():
+            for action in await self._store.stale_running_actions(self._sites.owned_ids()):
                 await self._recover(action)
         except Exception as exc:
             metrics.DB_ERRORS.labels(operation="action_sweep").inc()
@@ -88,7 +88,10 @@ class ActionWorker:
             return
         try:
             claimed = await self._store.claim_actions(
-                limit=free, lease_s=self._config.running_timeout_s, owner=self._owner
+                limit=free,
+                lease_s=self._config.running_timeout_s,
+                owner=self._owner,
+                site_ids=self._sites.owned_ids(),
             )
         except Exception as exc:
             metrics.DB_ERRORS.labels(operation="claim_actions").inc()

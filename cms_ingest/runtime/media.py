@@ -64,7 +64,9 @@ class MediaFetcher:
 
     async def _claim(self, limit: int) -> list[MediaJob]:
         try:
-            return await self._store.claim_media(limit=limit, lease_s=LEASE_S)
+            return await self._store.claim_media(
+                limit=limit, lease_s=LEASE_S, site_ids=self._sites.owned_ids()
+            )
         except Exception as exc:
             metrics.DB_ERRORS.labels(operation="claim_media").inc()
             log.warning("media_claim_failed", error=str(exc))

@@ -27,7 +27,7 @@ from cms_ingest.runtime.flood import FloodTracker
 from cms_ingest.runtime.sites import SiteRuntime
 from cms_ingest.runtime.supervision import Supervision
 from cms_ingest.runtime.supervisor import sleep_or_stop
-from cms_ingest.runtime.writer import AlarmWriter
+from cms_ingest.runtime.writer import AlarmWriter, LeaseLost
 from cms_ingest.sitehttp import DeviceTimeout, TlsFailure, TransportError
 from cms_ingest.vendors.base import AuthenticationFailed, BadDeviceResponse, VendorError
 
@@ -61,8 +61,11 @@ class SitePoller:
         media_deadline_s: float,
         supervision: Supervision,
         flood: FloodTracker,
+        lease: tuple[str, int] | None = None,
     ) -> None:
         self._site = site
+        self._lease = lease
+        self.fenced = False  # set when a commit was refused: the site is another daemon's now
         self._writer = writer
         self.cursor = cursor
         self._media_deadline_s = media_deadline_s
@@ -86,6 +89,10 @@ class SitePoller:
         next_at = time.monotonic() + random.uniform(0, min(interval, 1.0))
         while not await sleep_or_stop(next_at - time.monotonic(), stop):
             ok = await self.poll_once()
+            if self.fenced:
+                # Not ours any more: poll nothing until the lease keeper stops this task.
+                await stop.wait()
+                return
             now = time.monotonic()
             if ok:
                 next_at = max(next_at + interval, now)  # keep cadence; never burst to catch up
@@ -135,9 +142,18 @@ class SitePoller:
             alarms=prioritized,
             cursor=cursor,
             media_deadline_s=self._media_deadline_s,
+            lease=self._lease,
         )
         try:
             inserted = await self._writer.commit(commit)
+        except LeaseLost:
+            self.fenced = True
+            log.warning(
+                "commit_refused_lease_lost",
+                alarms=len(alarms),
+                note="another daemon holds this site now; it resumes from the committed cursor",
+            )
+            return False
         except Exception as exc:
             # The database, not the site, failed: keep the cursor, poll the same range again.
             metrics.POLLS.labels(**self._labels, outcome="db_error").inc()

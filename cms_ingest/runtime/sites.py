@@ -195,19 +195,24 @@ def build_site(site: SiteConfig, session: aiohttp.ClientSession) -> SiteRuntime:
 
 
 class SiteRegistry:
-    """The sites this daemon runs, by id. Shared by pollers, media fetcher, action worker."""
+    """The configured sites by id, each with its client (shared by its poller, the media
+    fetcher and the action worker), and which of them this daemon holds the lease of."""
 
     def __init__(self, config: AppConfig, session: aiohttp.ClientSession) -> None:
+        self._session = session
         self._sites: dict[str, SiteRuntime] = {}
+        self.owned: dict[str, int] = {}  # site_id -> lease epoch, kept by the daemon
         for site in config.sites:
-            self._sites[site.id] = build_site(site, session)
-            metrics.SITES.labels(vendor=site.vendor).inc()
+            self.add(site)
 
     def get(self, site_id: str) -> SiteRuntime | None:
         return self._sites.get(site_id)
 
+    def owned_ids(self) -> list[str]:
+        return list(self.owned)
+
     def __iter__(self) -> Iterator[SiteRuntime]:
-        return iter(self._sites.values())
+        return iter(list(self._sites.values()))
 
     def __len__(self) -> int:
         return len(self._sites)
@@ -215,6 +220,22 @@ class SiteRegistry:
     @property
     def by_id(self) -> Mapping[str, SiteRuntime]:
         return self._sites
+
+    def add(self, site: SiteConfig) -> None:
+        self._sites[site.id] = build_site(site, self._session)
+        metrics.SITES.labels(vendor=site.vendor).inc()
+
+    async def remove(self, site_id: str) -> None:
+        runtime = self._sites.pop(site_id, None)
+        if runtime is not None:
+            metrics.SITES.labels(vendor=runtime.config.vendor).dec()
+            metrics.forget_site(site_id)
+            await runtime.client.close()
+
+    async def replace(self, site: SiteConfig) -> None:
+        """A changed site: a new client (new credentials, URL, options) from the new config."""
+        await self.remove(site.id)
+        self.add(site)
 
     async def close(self) -> None:
         for site in self._sites.values():

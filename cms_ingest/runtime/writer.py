@@ -4,7 +4,8 @@ Two thousand pollers must not mean two thousand database connections. Pollers ha
 `PollCommit` to the writer and await the outcome; the writer commits whatever has gathered
 (up to `max_batch` sites, waiting at most `max_wait_s` for company) in one transaction. When
 a batch fails, each site is committed on its own so one bad payload cannot hold back others.
-A poller advances its in-memory cursor only after its commit succeeded.
+A poller advances its in-memory cursor only after its commit succeeded. A commit whose site
+lease this daemon no longer holds is refused inside the transaction (`LeaseLost`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,14 @@ from cms_ingest.db.store import InsertedAlarm, PollCommit, Store
 log = structlog.get_logger("cms_ingest.writer")
 
 _Pending = tuple[PollCommit, asyncio.Future[list[InsertedAlarm]]]
+
+
+class LeaseLost(Exception):
+    """The commit was refused: another daemon holds the site's lease now (fencing)."""
+
+    def __init__(self, site_id: str) -> None:
+        super().__init__(f"site {site_id}: lease lost to another daemon; commit refused")
+        self.site_id = site_id
 
 
 class AlarmWriter:
@@ -76,7 +85,7 @@ class AlarmWriter:
     async def _commit(self, batch: list[_Pending]) -> None:
         metrics.COMMIT_BATCH.observe(len(batch))
         try:
-            inserted = await self._store.commit_polls([commit for commit, _ in batch])
+            result = await self._store.commit_polls([commit for commit, _ in batch])
         except Exception as exc:
             if len(batch) == 1:
                 metrics.DB_ERRORS.labels(operation="commit_polls").inc()
@@ -87,12 +96,15 @@ class AlarmWriter:
                 await self._commit([item])
             return
         by_site: dict[str, list[InsertedAlarm]] = {}
-        for row in inserted:
+        for row in result.inserted:
             by_site.setdefault(row.site_id, []).append(row)
         for commit, future in batch:
-            if not future.done():
+            if commit.site_id in result.fenced:
+                metrics.FENCING_REFUSALS.inc()
+                _resolve_error(future, LeaseLost(commit.site_id))
+            elif not future.done():
                 future.set_result(by_site.get(commit.site_id, []))
-        if inserted and self._on_media_added is not None:
+        if result.inserted and self._on_media_added is not None:
             self._on_media_added()
 
 

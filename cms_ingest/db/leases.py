@@ -1,0 +1,290 @@
+"""Site leases and daemon membership: the SQL behind several daemons sharing one database.
+
+- A daemon announces itself in `daemons` with a heartbeat; the live ones (heartbeat not
+  expired) split the configured sites evenly between them.
+- A site is polled only by the holder of its row in `site_leases`. Taking a lease bumps its
+  `epoch`; renewing or releasing it requires the epoch the holder got, so a daemon that was
+  paused past its lease finds it gone.
+- `fenced_sites` runs inside the poll commit's transaction: a commit whose epoch is no longer
+  the row's is refused, and the row is share-locked until the commit ends, so a take-over
+  waits for a commit in flight and then reads its cursor.
+
+Rows are always locked in site_id order, so two daemons (or a renewal and a commit of the
+same daemon) never wait on each other in a cycle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import delete, func, select, text
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from cms_ingest.db.schema import daemons, site_leases
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonIdentity:
+    daemon_id: str
+    host: str
+    pid: int
+    boot_id: str
+    version: str
+
+
+@dataclass(frozen=True, slots=True)
+class Acquired:
+    site_id: str
+    epoch: int
+    previous_owner: str | None  # another daemon's id: a take-over after its lease expired
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    renewed: dict[str, int]  # site_id -> epoch, of the leases still ours
+    live: list[str]  # the live daemons' ids, sorted (ours included)
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRow:
+    site_id: str
+    owner: str | None
+    epoch: int
+    expires_at: datetime
+    live: bool  # held by someone and not expired
+
+
+_RENEW = text(
+    """
+    WITH mine AS (
+        SELECT l.site_id FROM site_leases l
+        JOIN unnest(CAST(:sites AS text[]), CAST(:epochs AS bigint[])) AS h(site_id, epoch)
+          ON h.site_id = l.site_id AND h.epoch = l.epoch
+        WHERE l.owner = :me
+        ORDER BY l.site_id
+        FOR UPDATE OF l
+    )
+    UPDATE site_leases l SET expires_at = now() + make_interval(secs => :ttl)
+    FROM mine WHERE l.site_id = mine.site_id
+    RETURNING l.site_id, l.epoch
+    """
+)
+
+_ACQUIRE = text(
+    """
+    WITH pick AS (
+        SELECT site_id, owner FROM site_leases
+        WHERE site_id = ANY(CAST(:candidates AS text[]))
+          AND (owner IS NULL OR owner = :me OR expires_at <= now())
+        ORDER BY random()
+        LIMIT :limit
+        FOR UPDATE SKIP LOCKED
+    )
+    UPDATE site_leases l
+    SET owner = :me, epoch = l.epoch + 1, acquired_at = now(),
+        expires_at = now() + make_interval(secs => :ttl)
+    FROM pick WHERE l.site_id = pick.site_id
+    RETURNING l.site_id, l.epoch, pick.owner AS previous_owner
+    """
+)
+
+_RELEASE = text(
+    """
+    WITH mine AS (
+        SELECT l.site_id FROM site_leases l
+        JOIN unnest(CAST(:sites AS text[]), CAST(:epochs AS bigint[])) AS h(site_id, epoch)
+          ON h.site_id = l.site_id AND h.epoch = l.epoch
+        WHERE l.owner = :me
+        ORDER BY l.site_id
+        FOR UPDATE OF l
+    )
+    UPDATE site_leases l SET owner = NULL, expires_at = now()
+    FROM mine WHERE l.site_id = mine.site_id
+    RETURNING l.site_id
+    """
+)
+
+_STILL_HELD = text(
+    """
+    SELECT l.site_id FROM site_leases l
+    JOIN unnest(CAST(:sites AS text[]), CAST(:epochs AS bigint[])) AS h(site_id, epoch)
+      ON h.site_id = l.site_id AND h.epoch = l.epoch
+    WHERE l.owner = :me
+    ORDER BY l.site_id
+    FOR SHARE OF l
+    """
+)
+
+
+LEASES_CHANNEL = "cms_leases"
+
+
+def _notice(me: str) -> dict[str, str]:
+    return {"channel": LEASES_CHANNEL, "me": me}
+
+
+def _arrays(leases: Mapping[str, int]) -> dict[str, list[str] | list[int]]:
+    sites = sorted(leases)
+    return {"sites": sites, "epochs": [leases[site] for site in sites]}
+
+
+async def fenced_sites(
+    connection: AsyncConnection, owner: str, leases: Mapping[str, int]
+) -> set[str]:
+    """Of `leases` (site -> epoch), the sites whose lease `owner` no longer holds at that
+    epoch. The others stay share-locked until the caller's transaction ends."""
+    if not leases:
+        return set()
+    rows = await connection.execute(_STILL_HELD, {"me": owner, **_arrays(leases)})
+    return set(leases) - {row.site_id for row in rows}
+
+
+class LeaseStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def ensure_sites(self, site_ids: Iterable[str]) -> None:
+        """A lease row for every configured site (free until someone takes it)."""
+        rows = [{"site_id": site_id} for site_id in site_ids]
+        if not rows:
+            return
+        async with self.engine.begin() as connection:
+            await connection.execute(
+                insert(site_leases).on_conflict_do_nothing(index_elements=["site_id"]), rows
+            )
+
+    async def heartbeat(
+        self, me: DaemonIdentity, ttl_s: float, held: Mapping[str, int]
+    ) -> Heartbeat:
+        """Announce ourselves, renew the leases we hold, and see who else is alive."""
+        upsert = insert(daemons).values(
+            daemon_id=me.daemon_id,
+            host=me.host,
+            pid=me.pid,
+            boot_id=me.boot_id,
+            version=me.version,
+            heartbeat_at=func.now(),
+            expires_at=func.now() + func.make_interval(0, 0, 0, 0, 0, 0, ttl_s),
+        )
+        async with self.engine.begin() as connection:
+            await connection.execute(
+                upsert.on_conflict_do_update(
+                    index_elements=["daemon_id"],
+                    set_={
+                        "heartbeat_at": upsert.excluded.heartbeat_at,
+                        "expires_at": upsert.excluded.expires_at,
+                    },
+                )
+            )
+            renewed: dict[str, int] = {}
+            if held:
+                rows = await connection.execute(
+                    _RENEW, {"me": me.daemon_id, "ttl": ttl_s, **_arrays(held)}
+                )
+                renewed = {row.site_id: row.epoch for row in rows}
+            # Daemons gone for a day are history; keep the table small.
+            await connection.execute(
+                delete(daemons).where(daemons.c.expires_at < func.now() - text("interval '1 day'"))
+            )
+            live = await connection.execute(
+                select(daemons.c.daemon_id)
+                .where(daemons.c.expires_at > func.now())
+                .order_by(daemons.c.daemon_id)
+            )
+            return Heartbeat(renewed=renewed, live=[row.daemon_id for row in live])
+
+    async def acquire(
+        self, me: str, ttl_s: float, candidates: Sequence[str], limit: int
+    ) -> list[Acquired]:
+        """Up to `limit` of `candidates` that are free, expired, or left by an earlier
+        process under our own id; each taken at a new epoch."""
+        if limit <= 0 or not candidates:
+            return []
+        async with self.engine.begin() as connection:
+            rows = await connection.execute(
+                _ACQUIRE,
+                {"me": me, "ttl": ttl_s, "candidates": list(candidates), "limit": limit},
+            )
+            return [
+                Acquired(
+                    row.site_id,
+                    row.epoch,
+                    row.previous_owner if row.previous_owner != me else None,
+                )
+                for row in rows
+            ]
+
+    async def release(self, me: str, leases: Mapping[str, int]) -> set[str]:
+        """Give leases up at once (hand-off, shutdown); returns the sites released."""
+        if not leases:
+            return set()
+        async with self.engine.begin() as connection:
+            rows = await connection.execute(_RELEASE, {"me": me, **_arrays(leases)})
+            released = {row.site_id for row in rows}
+            await connection.execute(text("SELECT pg_notify(:channel, :me)"), _notice(me))
+            return released
+
+    async def announce(self, me: str) -> None:
+        """Tell the other daemons (LISTEN cms_leases) to look at the sites' split now."""
+        async with self.engine.begin() as connection:
+            await connection.execute(text("SELECT pg_notify(:channel, :me)"), _notice(me))
+
+    async def leave(self, me: str) -> None:
+        async with self.engine.begin() as connection:
+            await connection.execute(delete(daemons).where(daemons.c.daemon_id == me))
+
+    async def local_daemons(self, host: str, boot_id: str) -> list[tuple[str, int]]:
+        """Live daemons recorded on this very machine (same host name and boot): id, pid."""
+        async with self.engine.connect() as connection:
+            rows = await connection.execute(
+                select(daemons.c.daemon_id, daemons.c.pid).where(
+                    daemons.c.host == host,
+                    daemons.c.boot_id == boot_id,
+                    daemons.c.expires_at > func.now(),
+                )
+            )
+            return [(row.daemon_id, row.pid) for row in rows]
+
+    async def expire_daemons(self, daemon_ids: Sequence[str]) -> int:
+        """Declare daemons dead now (their process is known gone): their leases expire at
+        once instead of after lease_ttl. Returns how many leases that freed."""
+        if not daemon_ids:
+            return 0
+        ids = list(daemon_ids)
+        async with self.engine.begin() as connection:
+            await connection.execute(
+                daemons.update().where(daemons.c.daemon_id.in_(ids)).values(expires_at=func.now())
+            )
+            result = await connection.execute(
+                site_leases.update()
+                .where(site_leases.c.owner.in_(ids), site_leases.c.expires_at > func.now())
+                .values(expires_at=func.now())
+            )
+            return int(result.rowcount)
+
+    async def lease_rows(self, site_ids: Sequence[str]) -> dict[str, LeaseRow]:
+        async with self.engine.connect() as connection:
+            rows = await connection.execute(
+                select(
+                    site_leases,
+                    (
+                        site_leases.c.owner.is_not(None) & (site_leases.c.expires_at > func.now())
+                    ).label("live"),
+                ).where(site_leases.c.site_id.in_(list(site_ids)))
+            )
+            return {
+                row.site_id: LeaseRow(row.site_id, row.owner, row.epoch, row.expires_at, row.live)
+                for row in rows
+            }
+
+    async def daemon_rows(self) -> list[dict[str, object]]:
+        async with self.engine.connect() as connection:
+            rows = await connection.execute(
+                select(daemons, (daemons.c.expires_at > func.now()).label("live")).order_by(
+                    daemons.c.daemon_id
+                )
+            )
+            return [dict(row._mapping) for row in rows]

@@ -1,0 +1,272 @@
+"""The lease keeper: which of the configured sites this daemon polls.
+
+Every few seconds it heartbeats, renews the leases it holds, and compares what it holds with
+its fair share of the sites among the live daemons:
+- a lease found gone (another daemon took it while we were paused or cut off) stops that
+  site's poller at once; its commits were refused anyway (fencing, in the commit);
+- above its share it hands sites over gracefully: poller stopped, its last commit done, then
+  the lease released, so the next daemon starts from the committed cursor;
+- below its share it takes free or expired leases, each at a new epoch, and starts pollers.
+While the database is unreachable the leases cannot be renewed: past 80 % of `lease_ttl`
+the keeper stops its pollers itself, since another daemon may take them when they expire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import os
+import socket
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import structlog
+
+from cms_ingest import metrics
+from cms_ingest.db.leases import DaemonIdentity, Heartbeat, LeaseStore
+
+log = structlog.get_logger("cms_ingest.leases")
+
+SELF_FENCE_AT = 0.8  # of lease_ttl without a renewal: stop polling before anyone may take over
+
+
+class SiteControl(Protocol):
+    """What the keeper needs from the daemon: start and stop pollers."""
+
+    def configured(self) -> list[str]: ...
+
+    async def start_sites(self, leases: dict[str, int]) -> set[str]:
+        """Start pollers under these leases; returns the sites actually started."""
+        ...
+
+    async def stop_sites(self, site_ids: Iterable[str]) -> None:
+        """Stop these sites' pollers and wait until their last commit is done."""
+        ...
+
+
+def fair_share(sites: int, live: Sequence[str], me: str) -> int:
+    """This daemon's number of sites: an even split, the remainder going to the first ids,
+    so every daemon computes the same split from the same membership."""
+    members = sorted(set(live) | {me})
+    base, extra = divmod(sites, len(members))
+    return base + (1 if members.index(me) < extra else 0)
+
+
+def local_identity(instance_id: str | None) -> DaemonIdentity:
+    host = socket.gethostname()
+    pid = os.getpid()
+    return DaemonIdentity(
+        daemon_id=instance_id or f"{host}:{pid}",
+        host=host,
+        pid=pid,
+        boot_id=_boot_id(),
+        version=_version(),
+    )
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("cms-ingest")
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _process_gone(pid: int) -> bool:
+    if pid == os.getpid():
+        return True  # a former process of ours (a container restarted under the same pid)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, another user's
+    return False
+
+
+class LeaseKeeper:
+    def __init__(
+        self, store: LeaseStore, me: DaemonIdentity, ttl_s: float, control: SiteControl
+    ) -> None:
+        self._store = store
+        self.me = me
+        self._ttl_s = ttl_s
+        self._control = control
+        self.held: dict[str, int] = {}  # site_id -> epoch
+        self.live: list[str] = []
+        self.lock = asyncio.Lock()  # ticks, reloads and shutdown change `held` one at a time
+        self._kick = asyncio.Event()
+        self._renewed_at: float | None = None  # monotonic time of the last good heartbeat
+        self._db_failing = False
+        self._rows_needed = True  # lease rows must exist for newly configured sites
+
+    @property
+    def interval_s(self) -> float:
+        return min(2.0, self._ttl_s / 3)
+
+    def kick(self) -> None:
+        """Look again now (another daemon released sites or joined, or the config changed)."""
+        self._kick.set()
+
+    def sites_changed(self) -> None:
+        self._rows_needed = True
+        self.kick()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self._forget_dead_local_daemons()
+        while not stop.is_set():
+            async with self.lock:
+                await self._tick()
+            await self._wait(stop)
+
+    async def _wait(self, stop: asyncio.Event) -> None:
+        waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._kick.wait())]
+        await asyncio.wait(waiters, timeout=self.interval_s, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in waiters:
+            waiter.cancel()
+        self._kick.clear()
+
+    async def _forget_dead_local_daemons(self) -> None:
+        """A daemon of this machine that died (a crash, SIGKILL, a restart) left leases that
+        would block its sites for lease_ttl; its process is provably gone, so free them now."""
+        try:
+            local = await self._store.local_daemons(self.me.host, self.me.boot_id)
+            dead = [d for d, pid in local if d != self.me.daemon_id and _process_gone(pid)]
+            freed = await self._store.expire_daemons(dead)
+        except Exception as exc:
+            log.warning("dead_daemon_check_failed", error=str(exc))
+            return
+        if dead:
+            log.info("previous_daemon_gone", daemons=dead, leases_freed=freed)
+
+    async def _tick(self) -> None:
+        try:
+            if self._rows_needed:
+                await self._store.ensure_sites(self._control.configured())
+                self._rows_needed = False
+            beat = await self._store.heartbeat(self.me, self._ttl_s, self.held)
+        except Exception as exc:
+            await self._database_failed(exc)
+            return
+        if self._renewed_at is None:
+            await self._announce()  # the others rebalance now rather than at their next tick
+        self._database_back()
+        self._renewed_at = time.monotonic()
+        await self._drop_lost(beat)
+        self.live = beat.live
+        metrics.DAEMONS_LIVE.set(len(beat.live))
+        share = fair_share(len(self._control.configured()), beat.live, self.me.daemon_id)
+        if len(self.held) > share:
+            await self._hand_off(len(self.held) - share)
+        elif len(self.held) < share:
+            await self._acquire(share - len(self.held))
+        metrics.SITES_OWNED.set(len(self.held))
+
+    async def _announce(self) -> None:
+        try:
+            await self._store.announce(self.me.daemon_id)
+        except Exception as exc:
+            log.warning("daemon_announce_failed", error=str(exc))
+
+    async def _drop_lost(self, beat: Heartbeat) -> None:
+        lost = [site for site, epoch in self.held.items() if beat.renewed.get(site) != epoch]
+        if not lost:
+            return
+        metrics.LEASES_LOST.inc(len(lost))
+        log.warning(
+            "leases_lost",
+            sites=len(lost),
+            examples=sorted(lost)[:10],
+            note="another daemon took them while this one could not renew; polling stopped",
+        )
+        for site in lost:
+            self.held.pop(site, None)
+        await self._control.stop_sites(lost)
+
+    async def _hand_off(self, count: int) -> None:
+        sites = sorted(self.held)[-count:]
+        await self.release(sites, reason="rebalance")
+
+    async def release(self, site_ids: Iterable[str], *, reason: str) -> None:
+        """Stop these sites' pollers, then give their leases up at once."""
+        leases = {site: self.held[site] for site in site_ids if site in self.held}
+        if not leases:
+            return
+        await self._control.stop_sites(list(leases))
+        for site in leases:
+            self.held.pop(site, None)
+        try:
+            released = await self._store.release(self.me.daemon_id, leases)
+        except Exception as exc:
+            log.warning("lease_release_failed", error=str(exc), note="they expire by themselves")
+            return
+        metrics.LEASE_HANDOFFS.inc(len(released))
+        metrics.SITES_OWNED.set(len(self.held))
+        log.info("leases_released", reason=reason, sites=len(released))
+
+    async def release_all(self, *, reason: str) -> None:
+        async with self.lock:
+            await self.release(list(self.held), reason=reason)
+            try:
+                await self._store.leave(self.me.daemon_id)
+            except Exception as exc:
+                log.warning("daemon_leave_failed", error=str(exc))
+
+    async def _acquire(self, count: int) -> None:
+        candidates = [site for site in self._control.configured() if site not in self.held]
+        try:
+            taken = await self._store.acquire(self.me.daemon_id, self._ttl_s, candidates, count)
+        except Exception as exc:
+            await self._database_failed(exc)
+            return
+        if not taken:
+            return
+        leases = {lease.site_id: lease.epoch for lease in taken}
+        started = await self._control.start_sites(leases)
+        self.held.update({site: leases[site] for site in started})
+        not_started = {site: epoch for site, epoch in leases.items() if site not in started}
+        if not_started:  # their cursors could not be loaded: let them go for another try
+            try:
+                await self._store.release(self.me.daemon_id, not_started)
+            except Exception as exc:
+                log.warning("lease_release_failed", error=str(exc))
+        takeovers = sorted({lease.previous_owner for lease in taken if lease.previous_owner})
+        taken_over = sum(1 for lease in taken if lease.previous_owner)
+        metrics.LEASE_TAKEOVERS.inc(taken_over)
+        log.info(
+            "leases_acquired",
+            sites=len(started),
+            taken_over=taken_over,
+            from_daemons=takeovers,
+            live_daemons=len(self.live),
+        )
+
+    async def _database_failed(self, exc: Exception) -> None:
+        metrics.DB_ERRORS.labels(operation="leases").inc()
+        if not self._db_failing:
+            self._db_failing = True
+            log.error("lease_renewal_failed", error=str(exc), held=len(self.held))
+        silent_for = time.monotonic() - (self._renewed_at or 0.0)
+        if self.held and silent_for > SELF_FENCE_AT * self._ttl_s:
+            log.warning(
+                "leases_abandoned",
+                sites=len(self.held),
+                note="not renewed for too long; polling stopped until the database is back",
+            )
+            sites = list(self.held)
+            self.held.clear()
+            metrics.SITES_OWNED.set(0)
+            await self._control.stop_sites(sites)
+
+    def _database_back(self) -> None:
+        if self._db_failing:
+            self._db_failing = False
+            log.info("lease_renewal_recovered", held=len(self.held))
