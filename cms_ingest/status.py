@@ -3,13 +3,15 @@
 Ages (`last_ok`, `last_alarm`) read "12s", "5m", "3h". From the database (works whether or
 not the daemon runs): last successful poll, failures in
 a row, the newest alarm, the median ingest latency of the last hour, media and action
-backlogs. From the running daemon's `/status` (when it answers on `listen`): up/down as it
-sees it now, and the measured clock skew.
+backlogs, and which daemon holds the site's lease (`owner`; "-" when nobody does, a name
+in brackets when its lease expired). From the running daemon's `/status` (when it answers
+on `listen`): up/down as it sees it now and the measured clock skew, for the sites it holds.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -23,6 +25,7 @@ from cms_ingest.runtime.daemon import database_url
 COLUMNS = (
     "site",
     "vendor",
+    "owner",
     "state",
     "last_ok",
     "fails",
@@ -53,6 +56,7 @@ async def run_status(config: AppConfig, *, out: TextIO) -> int:
             (
                 site.id,
                 site.vendor,
+                _owner(data),
                 state,
                 _ago(data.get("last_success_at")),
                 str(data.get("consecutive_failures", 0)),
@@ -67,6 +71,7 @@ async def run_status(config: AppConfig, *, out: TextIO) -> int:
     for row in rows:
         out.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
         out.write("\n")
+    out.write(_daemons_line(overview))
     if not live:
         out.write(f"(no daemon answered on {config.listen}: state from the database only)\n")
     return 1 if down else 0
@@ -83,8 +88,24 @@ async def _daemon_status(config: AppConfig) -> dict[str, dict[str, Any]]:
     return {site["site_id"]: site for site in payload.get("sites", []) if "site_id" in site}
 
 
+def _daemons_line(overview: dict[str, dict[str, Any]]) -> str:
+    held = Counter(str(d["owner"]) for d in overview.values() if d.get("lease_live"))
+    unheld = sum(1 for d in overview.values() if not d.get("lease_live"))
+    parts = [f"{owner} ({count} sites)" for owner, count in sorted(held.items())]
+    if unheld:
+        parts.append(f"nobody ({unheld} sites)")
+    return f"daemons: {', '.join(parts) or 'none'}\n"
+
+
+def _owner(data: dict[str, Any]) -> str:
+    owner = data.get("owner")
+    if not owner:
+        return "-"
+    return str(owner) if data.get("lease_live") else f"({owner})"
+
+
 def _state(live: dict[str, Any], data: dict[str, Any]) -> str:
-    if live:
+    if live.get("owned", True) and live:
         return "up" if live.get("up") else "DOWN" if live.get("up") is False else "starting"
     if data.get("consecutive_failures"):
         return "DOWN"

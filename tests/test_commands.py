@@ -196,12 +196,14 @@ async def test_status_one_line_per_site(database_url: str, tmp_path: Path) -> No
             )
             ahead.add_alarm(recording=False)
             code, out = await _run("status", "--config", str(config_file))
+            owner = daemon.identity.daemon_id
     lines = {line.split()[0]: line for line in out.splitlines() if line.strip()}
     assert code == 1, out  # a site is down
     header = lines["site"].split()
     depot = lines["depot"].split()
-    assert depot[2] == "up"
+    assert depot[header.index("state")] == "up"
+    assert depot[header.index("owner")] == owner  # the daemon holding the lease
     skew = float(depot[header.index("skew")].rstrip("s"))
     assert 38 <= skew <= 42
     assert "DOWN" in lines["gate"].split()
-    assert lines["site"].split()[:3] == ["site", "vendor", "state"]
+    assert header[:4] == ["site", "vendor", "owner", "state"]

@@ -548,6 +548,10 @@ class Store:
                 "SELECT site_id, count(*) AS actions_open FROM actions "
                 "WHERE state IN ('queued', 'running') AND site_id = ANY(:ids) GROUP BY site_id"
             ),
+            "lease": text(
+                "SELECT site_id, owner, owner IS NOT NULL AND expires_at > now() AS lease_live "
+                "FROM site_leases WHERE site_id = ANY(:ids)"
+            ),
         }
         async with self.engine.connect() as connection:
             for query in queries.values():
