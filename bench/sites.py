@@ -1,13 +1,14 @@
-"""Benchmark: N simulated Davantis sites polled at 1 Hz by one daemon process.
+"""Benchmark: N simulated Davantis sites polled at 1 Hz by one or more daemon processes.
 
-    .venv/bin/python bench/sites.py [--sites 500] [--duration 60] [--rate 0.02]
+    .venv/bin/python bench/sites.py [--sites 500] [--duration 60] [--rate 0.02] [--daemons 1]
 
-Runs the simulator (one process, all sites behind one port) and `cms-ingest run` (another
-process) against PostgreSQL ($CMS_INGEST_TEST_DATABASE_URL, else an embedded one), warms up
-until every site has its cursor, then measures for `--duration` seconds and prints:
-achieved polls/s against the target, alarm latency from the device's creation time to commit
-(p50/p99), the daemon's CPU (cores used) and peak memory. Nothing here asserts a threshold;
-the figures go into notes and are compared by people.
+Runs the simulator (one process, all sites behind one port) and `--daemons` processes of
+`cms-ingest run` with the same config (they split the sites through their leases) against
+PostgreSQL ($CMS_INGEST_TEST_DATABASE_URL, else an embedded one), warms up until every site
+has its cursor and a holder, then measures for `--duration` seconds and prints: achieved
+polls/s against the target, alarm latency from the device's creation time to commit
+(p50/p99), the daemons' CPU (cores used, summed) and peak memory. Nothing here asserts a
+threshold; the figures go into notes and are compared by people.
 """
 
 from __future__ import annotations
@@ -77,11 +78,14 @@ async def start_simulator(sites: int, rate: float) -> tuple[asyncio.subprocess.P
     return process, urls
 
 
-def write_config(path: Path, database_url: str, urls: list[str], port: int, data_dir: Path) -> None:
+def write_config(
+    path: Path, database_url: str, urls: list[str], port: int, data_dir: Path, instance: str
+) -> None:
     lines = [
         f"database_url: {database_url}",
         f"data_dir: {data_dir}",
         f"listen: 127.0.0.1:{port}",
+        f"instance_id: {instance}",
         "log_level: warning",
         "log_format: json",
         "defaults: {username: cms, password: secret, poll_interval: 1.0}",
@@ -128,49 +132,62 @@ async def run(args: argparse.Namespace) -> None:
         server_url = embedded.get_uri()
     db_name, db_url = await database(server_url)
     simulator, urls = await start_simulator(args.sites, args.rate)
-    port = 19000 + os.getpid() % 1000
-    config = workdir / "bench.yaml"
-    write_config(config, db_url, urls, port, workdir / "data")
-    log = (workdir / "daemon.log").open("wb")
-    daemon = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "cms_ingest.cli",
-        "run",
-        "--config",
-        str(config),
-        stdout=log,
-        stderr=log,
-    )
+    ports = [19000 + (os.getpid() % 900) + i for i in range(args.daemons)]
+    daemons = []
+    for i, port in enumerate(ports):
+        config = workdir / f"bench-{i}.yaml"
+        write_config(config, db_url, urls, port, workdir / "data", f"bench-{i}")
+        log = (workdir / f"daemon-{i}.log").open("wb")
+        daemons.append(
+            await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "cms_ingest.cli",
+                "run",
+                "--config",
+                str(config),
+                stdout=log,
+                stderr=log,
+            )
+        )
     connection: asyncpg.Connection | None = None  # connected once migrated
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
 
             async def ready() -> bool:
-                async with session.get(f"http://127.0.0.1:{port}/readyz") as response:
-                    return response.status == 200
+                for port in ports:
+                    async with session.get(f"http://127.0.0.1:{port}/readyz") as response:
+                        if response.status != 200:
+                            return False
+                return True
 
-            await wait_until(ready, 120, "daemon ready")
+            await wait_until(ready, 120, "daemons ready")
             connection = await asyncpg.connect(db_url)
 
             async def warmed() -> bool:
                 count = await connection.fetchval(
                     "SELECT count(*) FROM site_state WHERE cursor IS NOT NULL"
                 )
-                return int(count) >= args.sites
+                held = await connection.fetch(
+                    "SELECT owner, count(*) AS n FROM site_leases"
+                    " WHERE owner IS NOT NULL AND expires_at > now() GROUP BY owner"
+                )
+                split = [int(row["n"]) for row in held]
+                even = len(split) == args.daemons and max(split) - min(split) <= 1
+                return int(count) >= args.sites and sum(split) == args.sites and even
 
             started = time.monotonic()
-            await wait_until(warmed, 180, "every site's first poll")
+            await wait_until(warmed, 180, "every site's first poll and an even split")
             warmup = time.monotonic() - started
-            polls_before = await polls_total(session, port)
-            cpu_before = cpu_seconds(daemon.pid)
+            polls_before = sum([await polls_total(session, port) for port in ports])
+            cpu_before = sum(cpu_seconds(d.pid) for d in daemons)
             window_start = await connection.fetchval("SELECT now()")
             t0 = time.monotonic()
             await asyncio.sleep(args.duration)
             elapsed = time.monotonic() - t0
-            polls_after = await polls_total(session, port)
-            cpu_after = cpu_seconds(daemon.pid)
-            peak = peak_rss_mib(daemon.pid)
+            polls_after = sum([await polls_total(session, port) for port in ports])
+            cpu_after = sum(cpu_seconds(d.pid) for d in daemons)
+            peak = max(peak_rss_mib(d.pid) for d in daemons)
             latency = await connection.fetchrow(
                 """
                 WITH l AS (
@@ -186,9 +203,10 @@ async def run(args: argparse.Namespace) -> None:
                 window_start,
             )
     finally:
-        daemon.terminate()
+        for daemon in daemons:
+            daemon.terminate()
         stop_started = time.monotonic()
-        code = await daemon.wait()
+        codes = [await daemon.wait() for daemon in daemons]
         stop_time = time.monotonic() - stop_started
         simulator.terminate()
         await simulator.wait()
@@ -203,7 +221,7 @@ async def run(args: argparse.Namespace) -> None:
     achieved = (polls_after - polls_before) / elapsed
     print(
         f"sites                 {args.sites} at 1 Hz, {args.rate} alarms/s per site, "
-        f"{elapsed:.0f} s measured"
+        f"{args.daemons} daemon(s), {elapsed:.0f} s measured"
     )
     print(f"warm-up               {warmup:.1f} s until every site had its first poll committed")
     share = 100 * achieved / target
@@ -214,9 +232,9 @@ async def run(args: argparse.Namespace) -> None:
             f"latency device->commit p50 {latency['p50'] * 1000:.0f} ms, "
             f"p99 {latency['p99'] * 1000:.0f} ms, max {latency['worst'] * 1000:.0f} ms"
         )
-    print(f"daemon CPU            {(cpu_after - cpu_before) / elapsed:.2f} cores")
-    print(f"daemon peak memory    {peak:.0f} MiB (VmHWM)")
-    print(f"SIGTERM to exit       {stop_time:.1f} s (exit code {code})")
+    print(f"daemon CPU            {(cpu_after - cpu_before) / elapsed:.2f} cores (all daemons)")
+    print(f"daemon peak memory    {peak:.0f} MiB (VmHWM, the largest daemon)")
+    print(f"SIGTERM to exit       {stop_time:.1f} s (exit codes {codes})")
 
 
 def main() -> None:
@@ -224,6 +242,7 @@ def main() -> None:
     parser.add_argument("--sites", type=int, default=500)
     parser.add_argument("--duration", type=float, default=60.0)
     parser.add_argument("--rate", type=float, default=0.02, help="alarms per second per site")
+    parser.add_argument("--daemons", type=int, default=1, help="daemon processes sharing the sites")
     asyncio.run(run(parser.parse_args()))
 
 
