@@ -44,7 +44,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from cms_ingest.db.engine import create_engine, current_revision, migrate
+    from cms_ingest.db.engine import MigrationNeeded, create_engine, current_revision, migrate
     from cms_ingest.runtime.daemon import database_url
 
     config = load_or_exit(args.config)
@@ -59,7 +59,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             finally:
                 await engine.dispose()
 
-    revision = asyncio.run(go())
+    try:
+        revision = asyncio.run(go())
+    except MigrationNeeded as exc:  # run with the daemon's URL instead of the migrator's
+        print(f"cms-ingest migrate: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     print(f"database at revision {revision}")
     return EXIT_OK
 
