@@ -11,8 +11,8 @@ another:
 2. replace ``${VAR}`` references from the environment;
 3. merge ``defaults`` under every site, remembering which keys were inherited so that a bad
    inherited value is reported once at ``defaults.<key>`` rather than once per site;
-4. read ``password_file`` / ``token_file``, check each vendor has its credentials and
-   validate vendor ``options``;
+4. read ``password_file`` / ``token_file`` (and the top-level ``database_url_file``), check
+   each vendor has its credentials and validate vendor ``options``;
 5. validate every site, then the top level, with pydantic.
 
 Secrets never reach a message: pydantic messages are used without their input, our own
@@ -286,6 +286,22 @@ class ActionsConfig(_Model):
     max_attempts: int = Field(default=3, ge=1)
 
 
+def _check_database_hosts(url: str) -> None:
+    """The host list and ports parse as the daemon will parse them (several hosts too)."""
+    from cms_ingest.db.engine import async_url  # the one parser; SQLAlchemy only when needed
+
+    try:
+        async_url(url)
+    except ValueError as exc:
+        message = str(exc)
+        # Our parser's messages name hosts and ports only; anything else may quote the URL.
+        if message.startswith(("database URL:", "not a PostgreSQL URL")):
+            raise ValueError(message) from None
+        raise ValueError("is not a valid URL (check the host list and ports)") from None
+    except Exception:
+        raise ValueError("is not a valid URL (check the host list and ports)") from None
+
+
 def _split_listen(value: str) -> tuple[str, int]:
     """Split ``host:port`` or ``[v6]:port``; the host is returned without brackets."""
     if value.startswith("["):
@@ -335,14 +351,18 @@ class AppConfig(_Model):
     def _check_database_url(cls, value: SecretStr | None) -> SecretStr | None:
         if value is None:
             return None
-        scheme = urlsplit(value.get_secret_value()).scheme
+        text = value.get_secret_value()
+        scheme = urlsplit(text).scheme
         if scheme not in _DATABASE_SCHEMES:
-            # The scheme alone is safe to show; the rest may carry a password.
-            shown = f" (got {scheme}://)" if scheme else ""
+            # The scheme alone is safe to show; the rest may carry a password. Only a value that
+            # looks like a URL has one: in "pass:word" (a password put where the URL belongs,
+            # e.g. in database_url_file) urlsplit's "scheme" is part of the password.
+            shown = f" (got {scheme}://)" if scheme and f"{scheme}://" in text else ""
             raise ValueError(
                 "must be a PostgreSQL URL: postgresql://, postgres:// or "
                 f"postgresql+asyncpg://{shown}"
             )
+        _check_database_hosts(text)
         return value
 
     @field_validator("data_dir")
@@ -591,7 +611,7 @@ class _Interpolator:
             if fallback is not None and not value:  # shell semantics: unset or empty
                 return fallback
             if value is None:
-                errors.append(f"environment variable {name} is not set")
+                errors.append(_unset_variable_message(name))
                 return match.group(0)
             return value
 
@@ -600,6 +620,20 @@ class _Interpolator:
             self.failed.add(loc)
             self.problems.extend((loc, message) for message in errors)
         return result
+
+
+# systemd sets it for a unit with LoadCredential=: `password_file: ${CREDENTIALS_DIRECTORY}/x`.
+_CREDENTIALS_VARIABLE = "CREDENTIALS_DIRECTORY"
+
+
+def _unset_variable_message(name: str) -> str:
+    if name == _CREDENTIALS_VARIABLE:
+        # Unset means "not started by systemd with credentials", not a typo in a variable.
+        return (
+            "systemd credentials are not available: start the daemon with LoadCredential= "
+            f"or use another secret source ({name} is not set)"
+        )
+    return f"environment variable {name} is not set"
 
 
 def _under_any(loc: Loc, prefixes: Iterable[Loc]) -> bool:
@@ -614,10 +648,45 @@ class _Loader:
     base_dir: Path
     options_models: Mapping[str, type[BaseModel]]
     problems: list[_Problem] = field(default_factory=list)
+    # The environment `${VAR}` was read from: tells a missing systemd credential apart.
+    environ: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def context(self) -> dict[str, Any]:
         return {"base_dir": self.base_dir}
+
+    def read_secret(self, file_value: str, what: str) -> tuple[str | None, str | None]:
+        """(secret, None) or (None, error); the error names the file, never its content."""
+        path = self.base_dir / Path(file_value).expanduser()
+        value, error = _read_secret_file(path, what)
+        credentials = self.environ.get(_CREDENTIALS_VARIABLE)
+        in_credentials = bool(credentials) and path.parent == Path(str(credentials))
+        if error is not None and in_credentials and _file_missing(path):
+            error += (
+                f" (the unit loads no credential named {path.name!r}: add "
+                f"LoadCredential={path.name}:/path/to/file to it)"
+            )
+        return value, error
+
+    def database_url_file(self, top: dict[str, Any]) -> bool:
+        """Replace a top-level database_url_file in `top` by the URL the file holds (a Docker
+        secret, a systemd credential); True when it did."""
+        loc: Loc = ("database_url_file",)
+        file_value = top.pop("database_url_file", None)
+        if file_value is None or file_value == "":  # `${DATABASE_URL_FILE:-}`: not given
+            return False
+        if _is_set(top.get("database_url")):
+            self.problems.append((loc, "set either database_url or database_url_file, not both"))
+            return False
+        if not isinstance(file_value, str):
+            self.problems.append((loc, "must be a file path"))
+            return False
+        url, error = self.read_secret(file_value, "database_url")
+        if error is not None:
+            self.problems.append((loc, error))
+            return False
+        top["database_url"] = url
+        return True
 
     def defaults(self, raw: Any) -> dict[str, Any]:
         """The usable part of `defaults`; problems with its keys are reported here."""
@@ -699,7 +768,7 @@ class _Loader:
             if not isinstance(file_value, str):
                 problems.append(((file_key,), "must be a file path"))
                 continue
-            value, error = _read_secret_file(self.base_dir / Path(file_value).expanduser(), secret)
+            value, error = self.read_secret(file_value, secret)
             if error is not None:
                 problems.append(((file_key,), error))
                 continue
@@ -744,6 +813,16 @@ def _origin(loc: Loc, index: int, inherited: set[Loc]) -> Loc:
     if loc[:1] in inherited or loc[:2] in inherited:
         return ("defaults", *loc)
     return ("sites", index, *loc)
+
+
+def _file_missing(path: Path) -> bool:
+    try:
+        path.stat()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False  # there, but not readable: the error already says why
+    return False
 
 
 def _read_secret_file(path: Path, what: str) -> tuple[str | None, str | None]:
@@ -831,21 +910,27 @@ def load_config_text(
     raw = interpolator.tree(raw, ())
     if options_models is None:
         options_models = _default_options_models()
-    loader = _Loader(base_dir, options_models)
+    loader = _Loader(base_dir, options_models, environ=interpolator.environ)
     sites = loader.sites(raw.get("sites"), loader.defaults(raw.get("defaults")))
 
     top = {key: value for key, value in raw.items() if key not in ("defaults", "sites")}
     if "config_path" in top:  # a field, but set by load_config, not by the file
         del top["config_path"]
         loader.problems.append((("config_path",), "unknown key 'config_path'"))
+    url_from_file = loader.database_url_file(top)
     config: AppConfig | None = None
     try:
         config = AppConfig.model_validate({**top, "sites": sites}, context=loader.context)
     except ValidationError as exc:
         loader.problems += [
-            problem
-            for problem in _pydantic_problems(exc, AppConfig, ["defaults"])
-            if problem[0][:1] != ("sites",)  # the sites were reported one by one above
+            # A bad URL read from database_url_file is reported where the file was named.
+            (("database_url_file", *loc[1:]), message)
+            if url_from_file and loc[:1] == ("database_url",)
+            else (loc, message)
+            for loc, message in _pydantic_problems(
+                exc, AppConfig, ["defaults", "database_url_file"]
+            )
+            if loc[:1] != ("sites",)  # the sites were reported one by one above
         ]
 
     problems = [

@@ -596,3 +596,186 @@ def test_bad_priorities_name_their_path(tmp_path: Path) -> None:
     assert any(path.startswith("sites[0].priorities.motion") for path in found), found
     assert any("burglary" in path for path in found), found
     assert any(path.startswith("sites[0].camera_priorities.3.person") for path in found), found
+
+
+# --------------------------------------------------------------------------- secret files
+# Docker secrets (/run/secrets/NAME) and systemd credentials ($CREDENTIALS_DIRECTORY/NAME)
+# are both plain files: `database_url_file` and `${CREDENTIALS_DIRECTORY}` in `*_file` paths.
+
+DB_SECRET = "postgresql://cms:Db-Canary-7f3a@db.internal:5432/cms"
+
+
+def error_text(tmp_path: Path, text: str, **kwargs: Any) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path, text, **kwargs)
+    return str(caught.value)
+
+
+def test_database_url_file_is_read_and_its_newline_dropped(tmp_path: Path) -> None:
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "database_url").write_text(DB_SECRET + "\n")
+    config = load(tmp_path, "database_url_file: secrets/database_url\n" + sites(DAVANTIS))
+    assert secret(config.database_url) == DB_SECRET  # relative to the config file
+    assert DB_SECRET not in repr(config)
+    absolute = load(
+        tmp_path, f"database_url_file: {tmp_path / 'secrets' / 'database_url'}\n" + sites(DAVANTIS)
+    )
+    assert absolute.database_url == config.database_url
+
+
+def test_database_url_file_empty(tmp_path: Path) -> None:
+    (tmp_path / "database_url").write_text("\n")
+    found = problems(tmp_path, "database_url_file: database_url\n" + sites(DAVANTIS))
+    assert found == {"database_url_file": f"database_url file {tmp_path / 'database_url'} is empty"}
+
+
+def test_database_url_file_missing(tmp_path: Path) -> None:
+    found = problems(tmp_path, "database_url_file: /nonexistent/database_url\n" + sites(DAVANTIS))
+    assert list(found) == ["database_url_file"]
+    assert "cannot read database_url file /nonexistent/database_url" in found["database_url_file"]
+    assert "No such file" in found["database_url_file"]
+
+
+def test_database_url_and_database_url_file_together_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "database_url").write_text(DB_SECRET)
+    text = f"database_url: '{DB_SECRET}'\ndatabase_url_file: database_url\n" + sites(DAVANTIS)
+    found = problems(tmp_path, text)
+    assert found == {"database_url_file": "set either database_url or database_url_file, not both"}
+    assert "Db-Canary" not in error_text(tmp_path, text)
+
+
+def test_empty_database_url_does_not_conflict_with_the_file(tmp_path: Path) -> None:
+    # `database_url: ${DATABASE_URL:-}` (embedded unless the env says otherwise) next to a file.
+    (tmp_path / "database_url").write_text(DB_SECRET)
+    text = "database_url: ${DATABASE_URL:-}\ndatabase_url_file: database_url\n" + sites(DAVANTIS)
+    assert secret(load(tmp_path, text).database_url) == DB_SECRET
+    # And an empty database_url_file means "not given": the embedded database.
+    assert load(tmp_path, "database_url_file: ''\n" + sites(DAVANTIS)).database_url is None
+
+
+def test_database_url_file_holding_no_url_never_shows_its_content(tmp_path: Path) -> None:
+    # The password alone put where the whole URL belongs: urlsplit sees "Pw-Canary" as a scheme.
+    (tmp_path / "database_url").write_text("Pw-Canary:9f2e\n")
+    text = "database_url_file: database_url\n" + sites(DAVANTIS)
+    found = problems(tmp_path, text)
+    assert list(found) == ["database_url_file"]  # where the file was named, not database_url
+    assert found["database_url_file"].startswith("must be a PostgreSQL URL")
+    assert "Canary" not in error_text(tmp_path, text)
+    (tmp_path / "database_url").write_text("mysql://u:Pw-Canary@h/db\n")
+    message = problems(tmp_path, text)["database_url_file"]
+    assert "(got mysql://)" in message and "Canary" not in message
+
+
+def test_database_url_file_typo_suggests_the_key(tmp_path: Path) -> None:
+    found = problems(tmp_path, "database_url_fil: x\n" + sites(DAVANTIS))
+    assert found == {
+        "database_url_fil": "unknown key 'database_url_fil' (did you mean 'database_url_file'?)"
+    }
+
+
+def credentials_dir(tmp_path: Path, **files: str) -> Path:
+    """A directory laid out like systemd's $CREDENTIALS_DIRECTORY: one file per credential."""
+    directory = tmp_path / "credentials"
+    directory.mkdir(exist_ok=True)
+    for name, content in files.items():
+        (directory / name).write_text(content)
+    return directory
+
+
+CREDENTIAL_CONFIG = """\
+database_url_file: ${CREDENTIALS_DIRECTORY}/database_url
+sites:
+  - id: acme-north
+    vendor: davantis
+    url: http://192.0.2.10:21000
+    username: cms
+    password_file: ${CREDENTIALS_DIRECTORY}/acme-north
+  - id: cloud
+    vendor: camstreamer
+    url: https://camstreamer.example
+    token_file: ${CREDENTIALS_DIRECTORY}/cloud-token
+"""
+
+
+def test_systemd_credentials_in_file_paths(tmp_path: Path) -> None:
+    creds = credentials_dir(
+        tmp_path,
+        database_url=DB_SECRET + "\n",
+        **{"acme-north": "Site-Canary\n", "cloud-token": "Tok-Canary"},
+    )
+    config = load(tmp_path, CREDENTIAL_CONFIG, environ={"CREDENTIALS_DIRECTORY": str(creds)})
+    assert secret(config.database_url) == DB_SECRET
+    assert secret(config.sites[0].password) == "Site-Canary"
+    assert secret(config.sites[1].token) == "Tok-Canary"
+
+
+def test_systemd_credentials_from_defaults(tmp_path: Path) -> None:
+    creds = credentials_dir(tmp_path, davantis="Site-Canary")
+    text = "defaults: {password_file: '${CREDENTIALS_DIRECTORY}/davantis'}\n" + sites(
+        DAVANTIS.replace("    password: pw\n", "")
+    )
+    config = load(tmp_path, text, environ={"CREDENTIALS_DIRECTORY": str(creds)})
+    assert secret(config.sites[0].password) == "Site-Canary"
+
+
+def test_systemd_credentials_not_available(tmp_path: Path) -> None:
+    # Run outside systemd (or without LoadCredential=): one clear message per key, and
+    # nothing else (no "cannot read", no "needs a password").
+    message = (
+        "systemd credentials are not available: start the daemon with LoadCredential= "
+        "or use another secret source (CREDENTIALS_DIRECTORY is not set)"
+    )
+    assert problems(tmp_path, CREDENTIAL_CONFIG) == {
+        "database_url_file": message,
+        "sites[0].password_file": message,
+        "sites[1].token_file": message,
+    }
+
+
+def test_systemd_credential_not_loaded_names_the_fix(tmp_path: Path) -> None:
+    creds = credentials_dir(tmp_path, database_url=DB_SECRET, **{"cloud-token": "Tok-Canary"})
+    text = CREDENTIAL_CONFIG
+    found = problems(tmp_path, text, environ={"CREDENTIALS_DIRECTORY": str(creds)})
+    assert list(found) == ["sites[0].password_file"]
+    assert found["sites[0].password_file"] == (
+        f"cannot read password file {creds / 'acme-north'}: No such file or directory "
+        "(the unit loads no credential named 'acme-north': add "
+        "LoadCredential=acme-north:/path/to/file to it)"
+    )
+
+
+def test_empty_systemd_credential(tmp_path: Path) -> None:
+    creds = credentials_dir(tmp_path, database_url="", **{"acme-north": "\n", "cloud-token": "t"})
+    found = problems(tmp_path, CREDENTIAL_CONFIG, environ={"CREDENTIALS_DIRECTORY": str(creds)})
+    assert found == {
+        "database_url_file": f"database_url file {creds / 'database_url'} is empty",
+        "sites[0].password_file": f"password file {creds / 'acme-north'} is empty",
+    }
+
+
+def test_credentials_with_docker_secrets_fallback(tmp_path: Path) -> None:
+    # One config for systemd and Docker: ${CREDENTIALS_DIRECTORY:-/run/secrets}/NAME reads the
+    # systemd credential when there is one, else the Docker secret of the same name.
+    creds = credentials_dir(tmp_path, database_url=DB_SECRET)
+    docker = tmp_path / "run-secrets"
+    docker.mkdir()
+    (docker / "database_url").write_text(DB_SECRET.replace("Db-Canary", "Docker-Canary"))
+    text = f"database_url_file: ${{CREDENTIALS_DIRECTORY:-{docker}}}/database_url\n" + sites(
+        DAVANTIS
+    )
+    systemd = load(tmp_path, text, environ={"CREDENTIALS_DIRECTORY": str(creds)})
+    assert secret(systemd.database_url) == DB_SECRET
+    assert "Docker-Canary" in secret(load(tmp_path, text).database_url)
+
+
+def test_no_secret_file_content_in_any_error(tmp_path: Path) -> None:
+    # Every error above, at once: contents never appear, only paths and keys.
+    creds = credentials_dir(
+        tmp_path, database_url="Db-Canary:nope", **{"acme-north": "\n", "cloud-token": "Tok-Canary"}
+    )
+    text = CREDENTIAL_CONFIG.replace(
+        "    username: cms\n", "    username: cms\n    password: Inline-Canary\n"
+    )
+    found = error_text(tmp_path, text, environ={"CREDENTIALS_DIRECTORY": str(creds)})
+    assert "database_url_file" in found and "sites[0].password_file" in found
+    assert "Canary" not in found

@@ -15,7 +15,6 @@ import json
 import re
 import shutil
 import subprocess
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -53,10 +52,6 @@ YAML_FILES = [
 
 # Labels Prometheus adds to every scraped series (target labels).
 TARGET_LABELS = frozenset({"job", "instance"})
-# Config keys being added by other work in progress. Until AppConfig knows them, the config
-# checks below drop them (and say so in a warning).
-PENDING_KEYS = ("database_url_file",)
-
 
 # --------------------------------------------------------------------------- helpers
 
@@ -620,35 +615,10 @@ def test_compose_simulator_serves_the_configured_sites() -> None:
     assert str(args.port) in " ".join(simulator["healthcheck"]["test"])
 
 
-def _appconfig_compatible(config_path: Path) -> list[str]:
-    """Drop keys AppConfig does not know yet (see PENDING_KEYS); returns what was dropped.
-
-    `database_url_file` becomes `database_url` with the file's content, so that the URL in
-    the secret file is still validated.
-    """
-    raw = yaml.safe_load(config_path.read_text(encoding="utf-8"))
-    dropped = [key for key in PENDING_KEYS if key in raw and key not in AppConfig.model_fields]
-    if not dropped:
-        return []
-    for key in dropped:
-        value = raw.pop(key)
-        if key == "database_url_file":
-            raw["database_url"] = Path(value).read_text(encoding="utf-8").strip()
-    config_path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
-    warnings.warn(
-        f"AppConfig does not know {', '.join(dropped)} yet: validated {config_path.name} "
-        "without them",
-        stacklevel=2,
-    )
-    return dropped
-
-
 def _check_database_url(config: AppConfig, secret: Path) -> None:
     expected = secret.read_text(encoding="utf-8").strip()
-    if config.database_url is not None:
-        assert config.database_url.get_secret_value() == expected
-    else:  # database_url_file kept as a path, read at start
-        assert Path(getattr(config, "database_url_file", "")) == secret
+    assert config.database_url is not None, "database_url_file was read"
+    assert config.database_url.get_secret_value() == expected
 
 
 def test_compose_config_passes_the_daemons_validation(tmp_path: Path) -> None:
@@ -666,7 +636,6 @@ def test_compose_config_passes_the_daemons_validation(tmp_path: Path) -> None:
     assert unmounted == [], "the config reads secrets the service does not mount"
     config_path = tmp_path / "config.yaml"
     config_path.write_text(text, encoding="utf-8")
-    _appconfig_compatible(config_path)
 
     config = load_config(config_path, environ={})
 
@@ -790,7 +759,6 @@ def test_kubernetes_config_passes_the_daemons_validation(tmp_path: Path) -> None
     assert unmounted == [], "the config reads files the pod does not mount"
     config_path = tmp_path / config_key
     config_path.write_text(text, encoding="utf-8")
-    _appconfig_compatible(config_path)
     # ${VAR} references must be variables the container sets.
     environ = {variable["name"]: "cms-ingest-7d9f8-abcde" for variable in container["env"]}
 

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import AsyncIterator, Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -21,7 +22,7 @@ import structlog
 from cms_ingest import metrics
 from cms_ingest.config import AppConfig, ConfigError, ConfigProblem, SiteConfig
 from cms_ingest.configcheck import load_checked
-from cms_ingest.db.engine import create_engine, embedded_postgres, migrate
+from cms_ingest.db.engine import MigrationNeeded, create_engine, embedded_postgres, migrate
 from cms_ingest.db.leases import LEASES_CHANNEL, LeaseStore
 from cms_ingest.db.notify import Listener
 from cms_ingest.db.store import Store
@@ -115,7 +116,7 @@ class Daemon:
             self._sites_built.set()
             self._start_parts(self.sites)
             self._started = True
-            self.notifier.ready(f"{len(self.sites)} site(s) configured")
+            self.notifier.ready(self._status_line())
             log.info(
                 "started",
                 sites=len(self.sites),
@@ -152,13 +153,19 @@ class Daemon:
                 await migrate(self.store.engine)
                 self.readiness.mark_ready()
                 return True
+            except MigrationNeeded as exc:  # waits for `cms-ingest migrate` as the migrator
+                failures += 1
+                self.readiness.reason = str(exc)
+                if failures == 1:
+                    log.error("database_migration_needed", error=str(exc))
+                self.notifier.status("waiting for `cms-ingest migrate` (schema behind the code)")
             except Exception as exc:  # the database may simply not be up yet
                 failures += 1
                 self.readiness.reason = f"database: {exc}"
                 if failures == 1 or failures % 10 == 0:
                     log.warning("database_unavailable", error=str(exc), attempt=failures)
                 self.notifier.status(f"waiting for the database (attempt {failures})")
-                await sleep_or_stop(STARTUP_RETRY.delay(failures), stop)
+            await sleep_or_stop(STARTUP_RETRY.delay(failures), stop)
         return False
 
     def _start_parts(self, sites: SiteRegistry) -> None:
@@ -291,6 +298,13 @@ class Daemon:
         log.info("config_reloading", path=str(path))
         self.notifier.reloading()
         try:
+            return await self._reload_from(path)
+        finally:
+            # READY=1 only once the sites are started or stopped: systemd's reload ends here.
+            self.notifier.ready(self._status_line())
+
+    async def _reload_from(self, path: Path | None) -> bool:
+        try:
             if path is None:
                 raise ConfigError([ConfigProblem("", "the daemon was not started from a file")])
             new = await asyncio.to_thread(load_checked, path)
@@ -303,8 +317,6 @@ class Daemon:
                 note="the running config is kept",
             )
             return False
-        finally:
-            self.notifier.ready()
         try:
             await self._apply(new)
         except Exception:
@@ -313,6 +325,14 @@ class Daemon:
             return False
         metrics.CONFIG_RELOADS.labels(outcome="applied").inc()
         return True
+
+    def _status_line(self) -> str:
+        """systemd's STATUS=: what `systemctl status cms-ingest` shows."""
+        held = len(self.sites.owned) if self.sites is not None else 0
+        text = f"{len(self.config.sites)} site(s) configured, {held} held by this daemon"
+        if not self.readiness.database_ok:
+            text += "; database unreachable"
+        return text
 
     async def _apply(self, new: AppConfig) -> None:
         kept = [
@@ -397,6 +417,7 @@ class Daemon:
                 log.error("database_unreachable", error=str(exc))
             self.readiness.database_ok = False
             self.readiness.reason = f"database: {exc}"
+        self.notifier.status(self._status_line())
 
     async def _flush_health(self) -> None:
         if self.sites is None:

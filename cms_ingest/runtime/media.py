@@ -43,6 +43,9 @@ class MediaFetcher:
         )
         self._wake = asyncio.Event()
         self._inflight: dict[int, asyncio.Task[None]] = {}
+        # Rows whose outcome could not be written (the database failed meanwhile): handed
+        # back as soon as it answers, instead of staying claimed for LEASE_S.
+        self._unreleased: set[int] = set()
 
     def wake(self) -> None:
         """New media rows were committed: look now rather than at the next idle tick."""
@@ -51,6 +54,7 @@ class MediaFetcher:
     async def run(self, stop: asyncio.Event) -> None:
         try:
             while not stop.is_set():
+                await self._release_unrecorded()
                 free = self._config.workers - len(self._inflight)
                 jobs = await self._claim(free) if free > 0 else []
                 for job in jobs:
@@ -99,7 +103,33 @@ class MediaFetcher:
                     "media_release_failed", error=str(exc), note="rows return after their lease"
                 )
 
+    async def _release_unrecorded(self) -> None:
+        if not self._unreleased:
+            return
+        try:
+            await self._store.release_media(sorted(self._unreleased))
+        except Exception:
+            return  # still down: next turn
+        log.info("media_rows_handed_back", count=len(self._unreleased))
+        self._unreleased.clear()
+
     async def _handle(self, job: MediaJob) -> None:
+        try:
+            await self._attempt(job)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # writing the outcome failed: the database, not the device
+            metrics.DB_ERRORS.labels(operation="media_outcome").inc()
+            log.warning(
+                "media_outcome_not_recorded",
+                site_id=job.site_id,
+                media_id=job.id,
+                error=str(exc),
+                note="the row is handed back and retried once the database answers",
+            )
+            self._unreleased.add(job.id)
+
+    async def _attempt(self, job: MediaJob) -> None:
         site = self._sites.get(job.site_id)
         log_ = log.bind(
             site_id=job.site_id, media_id=job.id, alarm_id=job.alarm_id, kind=job.kind.value
