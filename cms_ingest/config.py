@@ -207,7 +207,8 @@ class SiteConfig(_Model):
         if data.get("name") is None and isinstance(data.get("id"), str):
             data["name"] = data["id"]
         vendor = data.get("vendor")
-        if data.get("poll_interval") is None and vendor in VENDOR_DEFAULT_POLL_INTERVAL:
+        known = isinstance(vendor, str) and vendor in VENDOR_DEFAULT_POLL_INTERVAL
+        if data.get("poll_interval") is None and known:
             data["poll_interval"] = VENDOR_DEFAULT_POLL_INTERVAL[vendor]
         return data
 
@@ -847,6 +848,8 @@ def _is_set(value: Any) -> bool:
 def _missing_credentials(merged: dict[str, Any], from_file: set[str]) -> list[_Problem]:
     """Each vendor's required credentials; a secret file counts as given (read errors apart)."""
     vendor = merged.get("vendor")
+    if not isinstance(vendor, str):
+        return []  # SiteConfig reports the vendor itself
 
     def given(secret: str) -> bool:
         return secret in from_file or _is_set(merged.get(secret))
@@ -907,7 +910,10 @@ def load_config_text(
         raise ConfigError([ConfigProblem("", "the top level must be a mapping of keys")], source)
 
     interpolator = _Interpolator(os.environ if environ is None else environ)
-    raw = interpolator.tree(raw, ())
+    try:
+        raw = interpolator.tree(raw, ())
+    except RecursionError:  # `x: &x [*x]`: YAML allows an alias inside itself
+        raise ConfigError([ConfigProblem("", "invalid YAML: a recursive alias")], source) from None
     if options_models is None:
         options_models = _default_options_models()
     loader = _Loader(base_dir, options_models, environ=interpolator.environ)

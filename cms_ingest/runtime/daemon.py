@@ -317,6 +317,16 @@ class Daemon:
                 note="the running config is kept",
             )
             return False
+        except Exception as exc:  # a loader bug must not kill the reload silently
+            metrics.CONFIG_RELOADS.labels(outcome="invalid").inc()
+            log.error(
+                "config_reload_refused",
+                path=str(path),
+                problems=[f"the file could not be read: {type(exc).__name__}"],
+                note="the running config is kept",
+                exc_info=True,
+            )
+            return False
         try:
             await self._apply(new)
         except Exception:
