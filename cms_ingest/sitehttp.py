@@ -50,7 +50,12 @@ class TlsFailure(TransportError):
 
 
 class UnsafeUrl(TransportError):
-    """A URL outside the configured site's origin: refused before anything is sent."""
+    """A request refused before anything is sent: a URL outside the configured site's origin,
+    or a URL or header that does not even form a valid request (device-supplied values)."""
+
+
+class ResponseTooLarge(DeviceUnreachable):
+    """The device answered, with more than the caller accepts: the rest is not read."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,21 +145,29 @@ class SiteHttp:
 
         Paths are appended to the site's own path prefix ("/alarms" on
         "http://h:1/t/x" is "http://h:1/t/x/alarms"). An absolute or protocol-relative
-        URL is accepted only when scheme, host and port are the site's own.
+        URL is accepted only when scheme, host and port are the site's own, and it carries
+        no credentials. Something that does not even parse as a URL is refused the same way.
         """
-        if path_or_url.startswith(("http://", "https://", "//")):
-            if path_or_url.startswith("//"):  # protocol-relative: take the site's scheme
-                path_or_url = f"{self.base_url.scheme}:{path_or_url}"
-            candidate = URL(path_or_url)
-            if candidate.origin() != self.base_url.origin():
-                raise UnsafeUrl(
-                    f"refusing {candidate.origin()}: not the configured site "
-                    f"{self.base_url.origin()}",
-                    sent=False,
-                )
-            return candidate
-        path = path_or_url if path_or_url.startswith("/") else "/" + path_or_url
-        return URL(str(self.base_url) + path, encoded=False)
+        try:
+            if path_or_url.startswith(("http://", "https://", "//")):
+                if path_or_url.startswith("//"):  # protocol-relative: take the site's scheme
+                    path_or_url = f"{self.base_url.scheme}:{path_or_url}"
+                candidate = URL(path_or_url)
+                if candidate.origin() != self.base_url.origin():
+                    raise UnsafeUrl(
+                        f"refusing {candidate.origin()}: not the configured site "
+                        f"{self.base_url.origin()}",
+                        sent=False,
+                    )
+                if candidate.user is not None or candidate.password is not None:
+                    raise UnsafeUrl("refusing a URL with credentials in it", sent=False)
+                return candidate
+            path = path_or_url if path_or_url.startswith("/") else "/" + path_or_url
+            return URL(str(self.base_url) + path, encoded=False)
+        except ValueError as exc:  # yarl: bad port, bad IPv6 literal...
+            raise UnsafeUrl(
+                f"refusing {path_or_url[:100]!r}: not a valid URL ({exc})", sent=False
+            ) from None
 
     @asynccontextmanager
     async def request(
@@ -181,6 +194,7 @@ class SiteHttp:
         )
         where = f"{method} {url.with_query(None)}"
         sent = time.time()
+        answered = False
         try:
             async with self._session.request(
                 method,
@@ -193,6 +207,7 @@ class SiteHttp:
                 ssl=self._ssl,
                 allow_redirects=False,
             ) as response:
+                answered = True
                 self._measure_clock(response, sent)
                 yield response
         except aiohttp.ServerFingerprintMismatch as exc:
@@ -217,6 +232,13 @@ class SiteHttp:
             raise DeviceUnreachable(f"{where}: connection broke ({exc})", sent=True) from None
         except aiohttp.ClientError as exc:
             raise DeviceUnreachable(f"{where}: {type(exc).__name__}: {exc}", sent=True) from None
+        except ValueError as exc:
+            if answered:
+                raise  # the caller's own error, from inside its `async with` block
+            # aiohttp refuses to write e.g. a header with CR/LF in it (a token a device sent).
+            raise UnsafeUrl(
+                f"{where}: refusing to send a malformed request ({exc})", sent=False
+            ) from None
 
     def _measure_clock(self, response: aiohttp.ClientResponse, sent: float) -> None:
         received = time.time()
@@ -234,15 +256,22 @@ class SiteHttp:
 
 
 async def read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes:
-    """Read a small body (JSON answers) with a hard size limit against hostile devices."""
+    """Read a small body (JSON answers) with a hard size limit against hostile devices.
+
+    Refused before reading when the device announces more, else as soon as `limit` is passed
+    (a chunked or decompressed body has no trustworthy length): memory stays bounded.
+    """
+    where = f"{response.method} {response.url.with_query(None)}"
+    if response.content_length is not None and response.content_length > limit:
+        raise ResponseTooLarge(
+            f"{where}: answer of {response.content_length} bytes, over the {limit}-byte cap",
+            sent=True,
+        )
     chunks: list[bytes] = []
     size = 0
     async for chunk in response.content.iter_chunked(65536):
         size += len(chunk)
         if size > limit:
-            raise DeviceUnreachable(
-                f"{response.method} {response.url.with_query(None)}: body over {limit} bytes",
-                sent=True,
-            )
+            raise ResponseTooLarge(f"{where}: answer over the {limit}-byte cap", sent=True)
         chunks.append(chunk)
     return b"".join(chunks)

@@ -14,6 +14,11 @@ port. A vendor simulator module provides:
   the device's error body, extra headers) and ``start_generator`` (its own keyword arguments,
   then ``_start_generator`` with a function adding one random alarm to a site);
 * ``main(argv)`` for ``python -m``: ``parse_cli_args`` with its own flags, then ``serve_cli``.
+
+Shared by every vendor: ``start(ssl_context=...)`` serves HTTPS instead of HTTP, and
+``respond()`` (or ``POST /_sim/respond``) makes a site misbehave on one path, answering what a
+test scripts (a redirect, a huge or hostile body, an altered header) instead of, or on top of,
+what the device would have answered.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import contextlib
 import json
 import random
 import signal
+import ssl
 import time
 from abc import ABC, abstractmethod
 from collections import Counter
@@ -57,6 +63,10 @@ SiteT = TypeVar("SiteT", bound=Site)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SiteHandler = Callable[[SiteT, web.Request], Awaitable[web.StreamResponse]]
 AlarmMaker = Callable[[SiteT, random.Random], object]
+DeviceAnswer = Callable[[], Awaitable[web.StreamResponse]]
+ScriptedAnswer = Callable[[web.Request, DeviceAnswer], Awaitable[web.StreamResponse]]
+"""A scripted answer: gets the request and a function producing what the device would have
+answered (to pass through, alter, or ignore), and returns the response to send."""
 
 
 class Route(NamedTuple, Generic[SiteT]):
@@ -70,11 +80,33 @@ class Route(NamedTuple, Generic[SiteT]):
     poll_faults: bool = False
 
 
-def base_url(address: Any) -> str:
+def base_url(address: Any, scheme: str = "http") -> str:
     """``http://host:port`` for a listening address (a wildcard host becomes loopback)."""
     host, port = address[0], address[1]
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
+def static_answer(
+    status: int = 200, body: bytes | str = b"", headers: Mapping[str, str] | None = None
+) -> ScriptedAnswer:
+    """A scripted answer that is always the same response, whatever the device would say."""
+    data = body.encode() if isinstance(body, str) else body
+
+    async def answer(request: web.Request, device: DeviceAnswer) -> web.StreamResponse:
+        return web.Response(status=status, body=data, headers=dict(headers or {}))
+
+    return answer
+
+
+class _Script:
+    """A scripted answer and how many more requests it takes (None: all of them)."""
+
+    __slots__ = ("answer", "remaining")
+
+    def __init__(self, answer: ScriptedAnswer, times: int | None) -> None:
+        self.answer = answer
+        self.remaining = times
 
 
 class TenantSimulator(ABC, Generic[SiteT]):
@@ -88,6 +120,7 @@ class TenantSimulator(ABC, Generic[SiteT]):
         self._runner: web.AppRunner | None = None
         self._base: str | None = None
         self._generator: asyncio.Task[None] | None = None
+        self._scripts: dict[tuple[str, str, str], _Script] = {}
 
     @abstractmethod
     def _device_routes(self) -> Iterable[Route[SiteT]]:
@@ -119,13 +152,19 @@ class TenantSimulator(ABC, Generic[SiteT]):
     ) -> None:
         await self.stop()
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        """Serve on ``host:port`` (0 = any free port) and return the base URL."""
+    async def start(
+        self, host: str = "127.0.0.1", port: int = 0, *, ssl_context: ssl.SSLContext | None = None
+    ) -> str:
+        """Serve on ``host:port`` (0 = any free port) and return the base URL.
+
+        With ``ssl_context`` (a server context holding the certificate and key) the sites are
+        served over HTTPS and the base URL is ``https://``.
+        """
         runner = web.AppRunner(self._build_app(), access_log=None, shutdown_timeout=1.0)
         await runner.setup()
-        await web.TCPSite(runner, host, port).start()
+        await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
         self._runner = runner
-        self._base = base_url(runner.addresses[0])
+        self._base = base_url(runner.addresses[0], "https" if ssl_context else "http")
         return self._base
 
     async def stop(self) -> None:
@@ -145,6 +184,39 @@ class TenantSimulator(ABC, Generic[SiteT]):
     def add_site(self, tenant: str, site: SiteT) -> None:
         self.sites[tenant] = site
 
+    # ---------------------------------------------------------- fault injection
+    def respond(
+        self,
+        method: str,
+        path: str,
+        answer: ScriptedAnswer,
+        *,
+        tenant: str = DEFAULT_TENANT,
+        times: int | None = 1,
+    ) -> None:
+        """Answer the next ``times`` device requests ``METHOD path`` of ``tenant`` with
+        ``answer`` (``times=None``: every one until ``unscript``). ``path`` is the device
+        path without the tenant prefix and without the query, matched exactly. The request
+        is still counted in ``site.requests``; ``answer`` may call the device itself."""
+        if times is not None and times < 1:
+            raise ValueError("times must be at least 1 (or None for every request)")
+        self._scripts[(tenant, method.upper(), path)] = _Script(answer, times)
+
+    def unscript(self, method: str, path: str, *, tenant: str = DEFAULT_TENANT) -> None:
+        """Stop scripting ``METHOD path`` of ``tenant``: the device answers again."""
+        self._scripts.pop((tenant, method.upper(), path), None)
+
+    def _scripted(self, tenant: str, method: str, path: str) -> ScriptedAnswer | None:
+        key = (tenant, method, path)
+        script = self._scripts.get(key)
+        if script is None:
+            return None
+        if script.remaining is not None:
+            script.remaining -= 1
+            if script.remaining <= 0:
+                del self._scripts[key]
+        return script.answer
+
     # ---------------------------------------------------------------- routing
     def _build_app(self) -> web.Application:
         app = web.Application()
@@ -152,6 +224,8 @@ class TenantSimulator(ABC, Generic[SiteT]):
             self._add_route(app, route, self._device_handler(route))
         for route in self._control_routes():
             self._add_route(app, route, self._control_handler(route.handler))
+        respond = Route("POST", "/_sim/respond", self._sim_respond, auth=False)
+        self._add_route(app, respond, self._control_handler(respond.handler))
         return app
 
     @staticmethod
@@ -172,9 +246,36 @@ class TenantSimulator(ABC, Generic[SiteT]):
         async def handle(request: web.Request) -> web.StreamResponse:
             site, path = self._resolve(request)
             site.requests[f"{request.method} {path}"] += 1
+            tenant = request.match_info.get("tenant", DEFAULT_TENANT)
+            scripted = self._scripted(tenant, request.method, path) if self._scripts else None
+            if scripted is not None:
+                return await scripted(request, lambda: self._answer(site, route, request))
             return await self._answer(site, route, request)
 
         return handle
+
+    async def _sim_respond(self, site: SiteT, request: web.Request) -> web.StreamResponse:
+        """``POST /_sim/respond`` ``{"method", "path", "status", "body", "headers", "times"}``:
+        ``respond`` with a static answer, for this tenant."""
+        body = await control_body(request)
+        method, path, headers = body.get("method"), body.get("path"), body.get("headers") or {}
+        if not isinstance(method, str) or not isinstance(path, str):
+            raise ValueError("method and path are required strings")
+        if not isinstance(headers, dict):
+            raise ValueError("headers must be an object")
+        times = body.get("times", 1)
+        self.respond(
+            method,
+            path,
+            static_answer(
+                int(body.get("status", 200)),
+                str(body.get("body", "")),
+                {str(key): str(value) for key, value in headers.items()},
+            ),
+            tenant=request.match_info.get("tenant", DEFAULT_TENANT),
+            times=None if times is None else int(times),
+        )
+        return web.json_response({"scripted": f"{method.upper()} {path}"})
 
     def _control_handler(self, handler: SiteHandler[SiteT]) -> Handler:
         async def handle(request: web.Request) -> web.StreamResponse:

@@ -33,7 +33,10 @@ offset is UTC (the simulated installation runs at ``+00:00``).
 
 Test hooks (Python API and ``/_sim/...`` HTTP control surface): alarm creation,
 a Poisson alarm generator shared by all tenants, failing / malformed / slow alarm
-polls, token expiry and revocation, and a whole site going offline (503).
+polls, token expiry and revocation, and a whole site going offline (503). A hostile
+device: ``add_alarm(overrides={...})`` writes JSON fields verbatim over the alarm
+object (foreign media URLs, odd camera ids, NUL bytes...), and the shared
+``respond()`` / ``/_sim/respond`` scripts any answer (see ``base.py``).
 
 Command line: ``python -m cms_ingest.simulators.davantis --sites 500 --rate 0.2``
 prints one site URL per line, then ``READY``, and serves until SIGTERM/SIGINT.
@@ -154,6 +157,7 @@ class SimAlarm:
     snapshot_ready_at: float = 0.0
     video_ready_at: float = 0.0
     video_bytes: int = 4096
+    overrides: dict[str, Any] | None = None  # JSON fields written verbatim over the object
 
     def snapshot_status(self, now: float | None = None) -> str:
         return _media_status(self.snapshot, self.snapshot_ready_at, _clock(now))
@@ -165,7 +169,7 @@ class SimAlarm:
         """The alarm object as ``GET /alarms`` renders it (statuses as of ``now``)."""
         now = _clock(now)
         media = f"{ADVERTISED_MEDIA_BASE}/alarms/{self.id}"
-        return {
+        rendered = {
             "id": self.id,
             "idmachine": 1,
             "idrule": 0 if self.event in SYSTEM_EVENTS else self.camera * 10 + 1,
@@ -183,6 +187,7 @@ class SimAlarm:
             "supportvideo_status": "unavailable",
             "supportvideo_absolute": f"{media}/supportvideo",
         }
+        return rendered if self.overrides is None else {**rendered, **self.overrides}
 
 
 def _clock(now: float | None) -> float:
@@ -381,8 +386,13 @@ class DavantisSite:
         media_delay: float | None = None,
         video_size: int | None = None,
         ended: datetime | None = None,
+        overrides: Mapping[str, Any] | None = None,
     ) -> SimAlarm:
-        """Record a new alarm (ids 1, 2, ...); see the module docstring for media."""
+        """Record a new alarm (ids 1, 2, ...); see the module docstring for media.
+
+        ``overrides``: JSON fields written verbatim over the alarm object as ``GET /alarms``
+        renders it (a hostile or broken device); the simulator itself keeps using its own
+        id, camera and media state."""
         _check_media_state("snapshot", snapshot)
         _check_media_state("video", video)
         size = self.video_size if video_size is None else video_size
@@ -405,6 +415,7 @@ class DavantisSite:
             snapshot_ready_at=ready_at,
             video_ready_at=ready_at,
             video_bytes=size,
+            overrides=None if overrides is None else dict(overrides),
         )
         self._next_id += 1
         self.alarms.append(alarm)
@@ -765,6 +776,12 @@ DEVICE_ROUTES = (
 
 
 # ----------------------------------------------------- /_sim control surface
+def _json_object(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError("overrides must be a JSON object")
+    return value
+
+
 _ALARM_FIELDS: dict[str, Callable[[Any], Any]] = {
     "event": int,
     "camera": int,
@@ -776,6 +793,7 @@ _ALARM_FIELDS: dict[str, Callable[[Any], Any]] = {
     "video": str,
     "media_delay": float,
     "video_size": int,
+    "overrides": _json_object,
 }
 
 

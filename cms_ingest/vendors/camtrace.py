@@ -57,7 +57,7 @@ from cms_ingest.vendors.base import (
     SiteOptions,
     VendorContext,
 )
-from cms_ingest.vendors.common import error_text, parse_json
+from cms_ingest.vendors.common import MAX_INT_DIGITS, error_text, parse_json, storable
 
 VENDOR = "camtrace"
 API = "/api/v1.2"
@@ -338,7 +338,7 @@ class CamTraceClient:
         if occurred is None:
             self._problems.bad_input("bad_time", f"alarm {alarm_id}: `time` unreadable; using now")
             occurred = datetime.now(UTC)
-        return Alarm(
+        alarm = Alarm(
             site_id=self.site_id,
             vendor=VENDOR,
             source_id=str(alarm_id),
@@ -351,6 +351,7 @@ class CamTraceClient:
             raw=dict(item),
             media=self._media(item, alarm_id, camera_id),
         )
+        return storable(alarm)  # no NUL, lone surrogate or NaN reaches the database
 
     def _event_type(self, kind: str) -> EventType:
         if kind in ALARM_TYPES:
@@ -575,8 +576,8 @@ def _id(item: Mapping[str, Any]) -> int | None:
         return None
     if isinstance(value, int):
         return value
-    if isinstance(value, str) and value.isdigit():
-        return int(value)
+    if isinstance(value, str) and value.isascii() and value.isdigit():  # "²".isdigit() too
+        return int(value) if len(value) <= MAX_INT_DIGITS else None
     return None
 
 
@@ -612,9 +613,9 @@ def _parse_time(value: Any) -> datetime | None:
         return None
     try:
         parsed = datetime.fromisoformat(value)
-    except ValueError:
+        return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).astimezone(UTC)
+    except (ValueError, OverflowError):  # OverflowError: year 1 east of UTC, and such
         return None
-    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).astimezone(UTC)
 
 
 def _server_time(payload: Any, date_header: str | None) -> float | None:

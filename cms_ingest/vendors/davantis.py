@@ -13,12 +13,16 @@ What the device gives us, and how we use it:
   and a `min_id` poll never shows that, so the media fetcher asks again per alarm.
 - `*_absolute` URLs carry whatever host the device was set up with (often a NAT address):
   never used. Media paths are built here and resolved against the configured site URL.
+- Everything the device sends is untrusted: answers are size- and depth-capped before they
+  are parsed (an unreadable one is bad input and fails the poll, never the poller), and
+  its strings are made storable (`common.storable`) before they become an alarm.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import math
+import re
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -28,7 +32,7 @@ from typing import Any
 from pydantic import ConfigDict, Field
 
 from cms_ingest.domain import Action, ActionResult, Alarm, EventType, MediaKind, MediaRequest
-from cms_ingest.sitehttp import read_limited
+from cms_ingest.sitehttp import ResponseTooLarge, read_limited
 from cms_ingest.units import Duration
 from cms_ingest.vendors.base import (
     ActionSpec,
@@ -43,6 +47,14 @@ from cms_ingest.vendors.base import (
     PollResult,
     SiteOptions,
     VendorContext,
+)
+from cms_ingest.vendors.common import (
+    DESCRIPTION_LIMIT,
+    MAX_INT_DIGITS,
+    UnreadableJson,
+    clean_text,
+    load_json,
+    storable,
 )
 
 VENDOR = "davantis"
@@ -68,6 +80,8 @@ TOKEN_ERROR_CODES = frozenset(
     }
 )
 MAX_JSON_BYTES = 16 * 1024 * 1024  # 300 alarms are ~200 kB; anything near this is hostile
+# An OAuth bearer token (RFC 6750 b64token): anything else would be written into a header.
+_BEARER_TOKEN_RE = re.compile(r"[A-Za-z0-9._~+/-]{1,4096}=*")
 CAMERA_NAMES_TTL_S = 600.0
 ARMING_TTL_S = 60.0  # /inputs re-read this often (and right after an arming change)
 
@@ -145,9 +159,9 @@ class DavantisClient:
             async with self._http.request(
                 method, path, params=params, headers=headers, json=json_body
             ) as response:
-                body = await read_limited(response, MAX_JSON_BYTES)
+                body = await self._read(response, f"{method} {path}")
                 status = response.status
-            payload = _parse_json(body) if body else None
+            payload = self._parse_json(body, f"{method} {path}") if body else None
             if payload is _MALFORMED and status >= 300:
                 payload = None  # an error page: the status says enough
             if status == 401 or _error_code(payload) in TOKEN_ERROR_CODES:
@@ -162,6 +176,22 @@ class DavantisClient:
                 raise BadDeviceResponse(f"{method} {path}: answer {status} is not JSON")
             return status, payload
         raise AssertionError("unreachable")
+
+    async def _read(self, response: Any, where: str) -> bytes:
+        """The answer's body, capped: a larger one is bad input, and the request fails."""
+        try:
+            return await read_limited(response, MAX_JSON_BYTES)
+        except ResponseTooLarge as exc:
+            self._problems.bad_input("oversized_answer", str(exc))
+            raise BadDeviceResponse(f"{where}: answer over {MAX_JSON_BYTES} bytes") from None
+
+    def _parse_json(self, body: bytes, where: str) -> Any:
+        """Parsed JSON, or `_MALFORMED` (reported as bad input) when it is not usable JSON."""
+        try:
+            return load_json(body)
+        except UnreadableJson as exc:
+            self._problems.bad_input("unreadable_json", f"{where}: {exc}")
+            return _MALFORMED
 
     def _invalidate(self, generation: int) -> None:
         # Only the token that failed is dropped: a concurrent request may have renewed it.
@@ -194,12 +224,19 @@ class DavantisClient:
     async def _grant(self, form: Mapping[str, str]) -> None:
         grant = form["grant_type"]
         async with self._http.request("POST", "/oauth/token", data=dict(form)) as response:
-            body = await read_limited(response, MAX_JSON_BYTES)
+            body = await self._read(response, "POST /oauth/token")
             status = response.status
-        payload = _parse_json(body) if body else None
+        payload = self._parse_json(body, "POST /oauth/token") if body else None
         if status != 200 or not isinstance(payload, dict) or "access_token" not in payload:
             detail = _fault_text(payload) or f"HTTP {status}"
             raise AuthenticationFailed(f"{grant} grant refused: {detail}")
+        if not isinstance(payload["access_token"], str) or not _BEARER_TOKEN_RE.fullmatch(
+            payload["access_token"]
+        ):
+            # It goes into an Authorization header: CR/LF or odd bytes would inject headers.
+            raise AuthenticationFailed(
+                f"{grant} grant: the device's access token is not a valid bearer token"
+            )
         expires_in = _as_float(payload.get("expires_in"), default=3600.0)
         # Renew at 90% of the lifetime (at most a minute early) so polls never hit expiry.
         margin = min(60.0, expires_in * 0.1)
@@ -302,9 +339,12 @@ class DavantisClient:
         camera = item.get("idcamera")
         camera_id = None if camera is None else str(camera)
         description = str(item.get("description") or item.get("description_translation") or "")
-        started = self._device_time(item.get("started"), alarm_id)
+        started, readable = self._device_time(item.get("started"), alarm_id)
         has_media = event not in SYSTEM_EVENTS
-        return Alarm(
+        # The device's own `started` text helps find the alarm again for its media; one we
+        # could not read is not sent back to it.
+        locator = {"alarm_id": alarm_id, "started": item.get("started") if readable else None}
+        alarm = Alarm(
             site_id=self.site_id,
             vendor=VENDOR,
             source_id=str(alarm_id),
@@ -317,10 +357,11 @@ class DavantisClient:
             armed=self._armed(event, camera_id, item),
             raw=dict(item),
             media=(
-                self._media(MediaKind.SNAPSHOT, item, "snapshot_status", has_media),
-                self._media(MediaKind.VIDEO, item, "video_status", has_media),
+                self._media(MediaKind.SNAPSHOT, item, "snapshot_status", has_media, locator),
+                self._media(MediaKind.VIDEO, item, "video_status", has_media, locator),
             ),
         )
+        return storable(alarm)  # no NUL, lone surrogate or NaN reaches the database
 
     def _armed(
         self, event: int | None, camera_id: str | None, item: Mapping[str, Any]
@@ -349,7 +390,8 @@ class DavantisClient:
         for item in inputs:
             if not isinstance(item, dict) or not isinstance(item.get("status"), bool):
                 continue
-            for camera in item.get("cameras") or []:  # a camera is armed if any input is
+            cameras = item.get("cameras")
+            for camera in cameras if isinstance(cameras, list) else []:  # armed if any input is
                 key = str(camera)
                 armed_cameras[key] = armed_cameras.get(key, False) or item["status"]
         states = [
@@ -361,27 +403,31 @@ class DavantisClient:
         self._camera_armed = armed_cameras
 
     def _media(
-        self, kind: MediaKind, item: Mapping[str, Any], field: str, has_media: bool
+        self,
+        kind: MediaKind,
+        item: Mapping[str, Any],
+        field: str,
+        has_media: bool,
+        locator: Mapping[str, Any],
     ) -> MediaRequest:
         status = item.get(field)
         available = has_media and status != "unavailable"
-        return MediaRequest(
-            kind=kind,
-            locator={"alarm_id": _alarm_id(item), "started": item.get("started")},
-            available=available,
-        )
+        return MediaRequest(kind=kind, locator=dict(locator), available=available)
 
-    def _device_time(self, value: Any, alarm_id: int | None) -> datetime:
+    def _device_time(self, value: Any, alarm_id: int | None) -> tuple[datetime, bool]:
+        """(the alarm's time in UTC, whether the device's value was readable)."""
         try:
             parsed = datetime.fromisoformat(str(value))
-        except ValueError:
+            if parsed.tzinfo is None:  # the device's local time: its installation offset
+                parsed = parsed.replace(tzinfo=self._utc_offset or UTC)
+            return parsed.astimezone(UTC), True
+        except (ValueError, OverflowError):  # OverflowError: year 1 east of UTC, and such
             self._problems.bad_input(
-                "bad_started", f"alarm {alarm_id}: `started` {value!r} is not ISO 8601; using now"
+                "bad_started",
+                f"alarm {alarm_id}: `started` {value!r:.100} is not a usable ISO 8601 time; "
+                "using now",
             )
-            return datetime.now(UTC)
-        if parsed.tzinfo is None:  # the device's local time: its installation offset
-            parsed = parsed.replace(tzinfo=self._utc_offset or UTC)
-        return parsed.astimezone(UTC)
+            return datetime.now(UTC), False
 
     # ------------------------------------------------------------------ context
 
@@ -393,7 +439,6 @@ class DavantisClient:
             and now - self._cameras_loaded_at < CAMERA_NAMES_TTL_S
         ):
             return
-        self._cameras_loaded_at = now
         try:
             status, cameras = await self._request("GET", "/cameras")
             if status == 200 and isinstance(cameras, list):
@@ -405,8 +450,11 @@ class DavantisClient:
             status, installation = await self._request("GET", "/installation")
             if status == 200 and isinstance(installation, dict):
                 self._utc_offset = _parse_offset(installation.get("current_utc_offset"))
-        except (BadDeviceResponse, KeyError, TypeError) as exc:
-            self._problems.bad_input("cameras", f"camera list unreadable: {exc}")
+        except (BadDeviceResponse, KeyError, TypeError, ValueError) as exc:
+            self._problems.bad_input("cameras", f"camera list unreadable: {exc!r:.200}")
+        # Only once the device answered: after a failed login or connection (which fails this
+        # poll anyway) the names are asked for on the next poll, not ten minutes later.
+        self._cameras_loaded_at = now
 
     async def recent_alarms(self, count: int) -> list[Alarm]:
         """The newest alarms on the device, whatever their state (for the probe)."""
@@ -435,7 +483,8 @@ class DavantisClient:
             return MediaProbe("ready", path=f"/alarms/{alarm_id}/{kind.value}")
         if status == "unavailable":
             return MediaProbe("unavailable", detail=f"{field} is unavailable")
-        return MediaProbe("pending", detail=f"{field} is {status}")
+        shown = clean_text(status, 100) if isinstance(status, str) else f"{status!r:.100}"
+        return MediaProbe("pending", detail=f"{field} is {shown}")
 
     async def _find_alarm(self, alarm_id: int, started: Any) -> dict[str, Any] | None:
         """The alarm as the device lists it now (no cra filter: find it whatever its state)."""
@@ -511,13 +560,6 @@ class DavantisClient:
 _MALFORMED: Any = object()
 
 
-def _parse_json(body: bytes) -> Any:
-    try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return _MALFORMED
-
-
 def _error_code(payload: Any) -> str | None:
     if not isinstance(payload, dict):
         return None
@@ -530,6 +572,11 @@ def _error_code(payload: Any) -> str | None:
 
 
 def _fault_text(payload: Any) -> str:
+    """The device's error text, storable (it ends up in `site_state.last_error` and such)."""
+    return clean_text(_raw_fault_text(payload), DESCRIPTION_LIMIT)
+
+
+def _raw_fault_text(payload: Any) -> str:
     if not isinstance(payload, dict):
         return ""
     fault = payload.get("fault")
@@ -548,20 +595,24 @@ def _alarm_id(item: Mapping[str, Any]) -> int | None:
 
 
 def _as_int(value: Any) -> int | None:
+    """A non-negative id from an int or ASCII digits (`"²".isdigit()` is true too)."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
         return value
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if text.isascii() and text.isdigit() and len(text) <= MAX_INT_DIGITS:
+            return int(text)
     return None
 
 
 def _as_float(value: Any, *, default: float) -> float:
     try:
-        return float(value)
-    except (TypeError, ValueError):
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
         return default
+    return number if math.isfinite(number) else default
 
 
 def _event_type(event: int | None, item: Mapping[str, Any]) -> EventType:
@@ -575,19 +626,19 @@ def _event_type(event: int | None, item: Mapping[str, Any]) -> EventType:
 
 def _parse_offset(value: Any) -> timezone | None:
     """`current_utc_offset` as "+01:00", "+0100" or minutes; None when unreadable."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        minutes = float(value) / 60 if abs(value) > 24 * 60 else float(value)
-        return timezone(timedelta(minutes=minutes))
-    if isinstance(value, str):
-        try:
+    try:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            minutes = float(value) / 60 if abs(value) > 24 * 60 else float(value)
+            return timezone(timedelta(minutes=minutes))  # ValueError past +-24 h, or NaN
+        if isinstance(value, str):
             return datetime.strptime(value.replace(":", ""), "%z").tzinfo  # type: ignore[return-value]
-        except ValueError:
-            return None
+    except (ValueError, OverflowError):
+        return None
     return None
 
 
 def _resource_id(action: Action) -> int:
     target = action.target.strip()
-    if not target.isdigit():
+    if not (target.isascii() and target.isdigit() and len(target) <= MAX_INT_DIGITS):
         raise InvalidAction(f"target must be a numeric relay or input id, not {action.target!r}")
     return int(target)
