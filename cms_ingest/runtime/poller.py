@@ -30,6 +30,7 @@ from cms_ingest.runtime.supervisor import sleep_or_stop
 from cms_ingest.runtime.writer import AlarmWriter, LeaseLost
 from cms_ingest.sitehttp import DeviceTimeout, TlsFailure, TransportError
 from cms_ingest.vendors.base import AuthenticationFailed, BadDeviceResponse, VendorError
+from cms_ingest.vendors.common import storable
 
 log = structlog.get_logger("cms_ingest.poller")
 
@@ -111,6 +112,13 @@ class SitePoller:
             self._site.health.failure(_describe(exc))
             await self._supervise(ok=False, error=_describe(exc))
             return False
+        except Exception as exc:  # a client bug on odd input: this site fails, visibly, alone
+            metrics.POLLS.labels(**self._labels, outcome="error").inc()
+            if self._site.health.up is not False:
+                log.exception("poll_crashed", note="a bug in the vendor client; polling goes on")
+            self._site.health.failure(f"internal error: {_describe(exc)}")
+            await self._supervise(ok=False, error=f"internal error: {type(exc).__name__}")
+            return False
         finally:
             self._poll_duration.observe(time.monotonic() - started)
         changed = bool(result.alarms) or result.cursor != self.cursor
@@ -132,8 +140,12 @@ class SitePoller:
         self, alarms: list[Alarm], cursor: Mapping[str, Any] | None, notes: list[str]
     ) -> bool:
         site = self._site.config
+        # Every vendor's alarms made storable here (NUL, lone surrogates, sizes), so no
+        # device string can jam the site's commit.
         prioritized = [
-            dataclasses.replace(alarm, priority=site.priority(alarm.event_type, alarm.camera_id))
+            dataclasses.replace(
+                storable(alarm), priority=site.priority(alarm.event_type, alarm.camera_id)
+            )
             for alarm in self._flood.apply(alarms, datetime.now(UTC))
         ]
         commit = PollCommit(
