@@ -9,6 +9,7 @@ from typing import Any
 
 import asyncpg
 import structlog
+from sqlalchemy.engine import make_url
 
 from cms_ingest.db.engine import plain_url
 from cms_ingest.retry import RetryPolicy
@@ -16,6 +17,24 @@ from cms_ingest.retry import RetryPolicy
 log = structlog.get_logger("cms_ingest.notify")
 
 RECONNECT = RetryPolicy(base=1.0, factor=2.0, cap=30.0, jitter=0.3)
+APPLICATION_NAME = "cms-ingest-listen"  # its row in pg_stat_activity
+PROBE_INTERVAL_S = 5.0  # how often an idle LISTEN connection proves it is still useful
+# What losing or not finding the server raises: OSError (refused, reset), PostgresError
+# (shutting down, starting up), InterfaceError (used after the connection closed) and
+# InternalClientError (TargetServerAttributeNotMatched: no host is read-write right now,
+# as in the seconds of a failover).
+CONNECTION_ERRORS = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
+_PRIMARY_ONLY = ("read-write", "primary")
+
+
+class NotPrimary(Exception):
+    """The server we listen on became read-only: NOTIFYs now come from another one."""
 
 
 class Listener:
@@ -32,6 +51,8 @@ class Listener:
         on_connect: Callable[[], None] | None = None,
     ) -> None:
         self._url = plain_url(url)
+        # Only with target_session_attrs asking for the primary can a reconnect find it.
+        self._primary_only = make_url(self._url).query.get("target_session_attrs") in _PRIMARY_ONLY
         self._channels = list(channels)
         self._on_notify = on_notify
         self._on_connect = on_connect
@@ -45,7 +66,7 @@ class Listener:
             try:
                 await self._listen(stop)
                 failures = 0
-            except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+            except (*CONNECTION_ERRORS, NotPrimary) as exc:
                 failures += 1
                 log.warning("listen_connection_lost", error=str(exc), failures=failures)
             if stop.is_set():
@@ -54,7 +75,9 @@ class Listener:
                 await asyncio.wait_for(stop.wait(), timeout=RECONNECT.delay(failures or 1))
 
     async def _listen(self, stop: asyncio.Event) -> None:
-        connection: asyncpg.Connection = await asyncpg.connect(self._url, timeout=10)
+        connection: asyncpg.Connection = await asyncpg.connect(
+            self._url, timeout=10, server_settings={"application_name": APPLICATION_NAME}
+        )
         lost = asyncio.Event()
         connection.add_termination_listener(lambda _c: lost.set())
         try:
@@ -64,12 +87,26 @@ class Listener:
                 self._on_connect()
             while not stop.is_set() and not lost.is_set():
                 waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(lost.wait())]
-                # Wake now and then to prove the connection still answers.
-                await asyncio.wait(waiters, timeout=15, return_when=asyncio.FIRST_COMPLETED)
+                # Wake now and then to prove the connection still answers, and still
+                # reaches the primary: writers NOTIFY on the primary only.
+                await asyncio.wait(
+                    waiters, timeout=PROBE_INTERVAL_S, return_when=asyncio.FIRST_COMPLETED
+                )
                 for waiter in waiters:
                     waiter.cancel()
                 if not stop.is_set() and not lost.is_set():
-                    await connection.execute("SELECT 1", timeout=10)
+                    await self._probe(connection)
         finally:
             if not connection.is_closed():
                 await connection.close(timeout=2)
+
+    async def _probe(self, connection: asyncpg.Connection) -> None:
+        if not self._primary_only:
+            await connection.execute("SELECT 1", timeout=10)
+            return
+        writable = await connection.fetchval(
+            "SELECT NOT pg_is_in_recovery() AND current_setting('transaction_read_only') = 'off'",
+            timeout=10,
+        )
+        if not writable:
+            raise NotPrimary("the server is read-only now; looking for the primary again")
