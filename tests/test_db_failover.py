@@ -484,6 +484,9 @@ async def test_database_restarted_mid_stream_loses_and_duplicates_nothing(
     )
     events = log_events(text)
     assert "started" in events and events.count("started") == 1, "the daemon restarted itself"
+    # The server restarted: the pollers were restarted from the stored cursors, in case the
+    # server came back without its last commits (past lease_ttl they had stopped anyway).
+    assert "database_server_changed" in events or "leases_abandoned" in events
     report(
         f"restart {outage:.0f}s",
         {
@@ -637,7 +640,9 @@ async def test_primary_failover_to_a_promoted_standby(
             action_s = time.monotonic() - inserted
             assert state == "succeeded"
             figures = await drain_and_check(sim, sites, new)
-            await stop_daemon(daemon, log)
+            text = await stop_daemon(daemon, log)
+    # Another server now: pollers restarted from what it has stored (see _follow_server).
+    assert "database_server_changed" in log_events(text)
     report(
         "failover",
         {

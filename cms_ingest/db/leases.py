@@ -46,6 +46,7 @@ class Acquired:
 class Heartbeat:
     renewed: dict[str, int]  # site_id -> epoch, of the leases still ours
     live: list[str]  # the live daemons' ids, sorted (ours included)
+    server_started_at: datetime  # the database server's start: changes on restart or failover
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,7 +195,11 @@ class LeaseStore:
                 .where(daemons.c.expires_at > func.now())
                 .order_by(daemons.c.daemon_id)
             )
-            return Heartbeat(renewed=renewed, live=[row.daemon_id for row in live])
+            live_ids = [row.daemon_id for row in live]
+            started = (
+                await connection.execute(select(func.pg_postmaster_start_time()))
+            ).scalar_one()
+            return Heartbeat(renewed=renewed, live=live_ids, server_started_at=started)
 
     async def acquire(
         self, me: str, ttl_s: float, candidates: Sequence[str], limit: int

@@ -19,6 +19,7 @@ import os
 import socket
 import time
 from collections.abc import Iterable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
@@ -107,6 +108,7 @@ class LeaseKeeper:
         self._renewed_at: float | None = None  # monotonic time of the last good heartbeat
         self._db_failing = False
         self._rows_needed = True  # lease rows must exist for newly configured sites
+        self._server_started_at: datetime | None = None
 
     @property
     def interval_s(self) -> float:
@@ -161,6 +163,7 @@ class LeaseKeeper:
         self._database_back()
         self._renewed_at = time.monotonic()
         await self._drop_lost(beat)
+        await self._follow_server(beat.server_started_at)
         self.live = beat.live
         metrics.DAEMONS_LIVE.set(len(beat.live))
         share = fair_share(len(self._control.configured()), beat.live, self.me.daemon_id)
@@ -175,6 +178,25 @@ class LeaseKeeper:
             await self._store.announce(self.me.daemon_id)
         except Exception as exc:
             log.warning("daemon_announce_failed", error=str(exc))
+
+    async def _follow_server(self, started_at: datetime) -> None:
+        """A database restarted or failed over may have lost its last commits (a crashed
+        primary with asynchronous replication): the pollers' cursors in memory could be past
+        what is stored. Restart them from the stored cursors; the unique key absorbs the
+        overlap, so nothing is lost and nothing doubled."""
+        before, self._server_started_at = self._server_started_at, started_at
+        if before is None or before == started_at or not self.held:
+            return
+        log.warning(
+            "database_server_changed",
+            sites=len(self.held),
+            note="restarted or failed over: pollers resume from the committed cursors",
+        )
+        leases = dict(self.held)
+        await self._control.stop_sites(list(leases))
+        started = await self._control.start_sites(leases)
+        for site in set(leases) - started:
+            self.held.pop(site, None)  # not renewed any more: it expires, then is taken again
 
     async def _drop_lost(self, beat: Heartbeat) -> None:
         lost = [site for site, epoch in self.held.items() if beat.renewed.get(site) != epoch]
