@@ -155,25 +155,31 @@ def _with_hosts(parsed: URL, hosts: list[tuple[str, int]], *, bracket_ipv6: bool
     )
 
 
-SESSION_SETTINGS = {
-    "application_name": "cms-ingest",
-    # A daemon frozen mid-transaction (SIGSTOP, a VM paused) would hold its lease rows'
-    # locks, and no other daemon could take those sites over; the server ends such a
-    # session instead. Our transactions never wait on anything but the database.
-    "idle_in_transaction_session_timeout": "30s",
-}
+APPLICATION_NAME = "cms-ingest"
 
 
-def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
-    # One small pool for the whole daemon: sites never get a connection each; their
-    # commits are batched by the alarm writer.
+def create_engine(
+    url: str, *, pool_size: int = 10, idle_in_transaction_s: float = 30.0
+) -> AsyncEngine:
+    """One small pool for the whole daemon: sites never get a connection each; their
+    commits are batched by the alarm writer.
+
+    `idle_in_transaction_s`: a daemon frozen inside a transaction (SIGSTOP, a paused VM)
+    would keep its lease rows locked, and no other daemon could take those sites over; the
+    server ends such a session after this long. Our transactions wait on nothing but the
+    database, so the daemon sets it well under lease_ttl.
+    """
+    settings = {
+        "application_name": APPLICATION_NAME,
+        "idle_in_transaction_session_timeout": f"{int(idle_in_transaction_s * 1000)}ms",
+    }
     engine = create_async_engine(
         async_url(url),
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_pre_ping=True,
         pool_recycle=1800,
-        connect_args={"server_settings": SESSION_SETTINGS, "timeout": 10},
+        connect_args={"server_settings": settings, "timeout": 10},
     )
     event.listen(engine.sync_engine, "handle_error", _not_primary_is_a_disconnect)
     return engine

@@ -222,13 +222,21 @@ class LeaseStore:
                 for row in rows
             ]
 
-    async def release(self, me: str, leases: Mapping[str, int]) -> set[str]:
-        """Give leases up at once (hand-off, shutdown); returns the sites released."""
-        if not leases:
+    async def release(
+        self, me: str, leases: Mapping[str, int], *, leaving: bool = False
+    ) -> set[str]:
+        """Give leases up at once (hand-off, shutdown); returns the sites released. When
+        `leaving`, this daemon also leaves the membership in the same transaction, so the
+        others, woken by the notice, already count it out and take its share at once."""
+        if not leases and not leaving:
             return set()
         async with self.engine.begin() as connection:
-            rows = await connection.execute(_RELEASE, {"me": me, **_arrays(leases)})
-            released = {row.site_id for row in rows}
+            released: set[str] = set()
+            if leases:
+                rows = await connection.execute(_RELEASE, {"me": me, **_arrays(leases)})
+                released = {row.site_id for row in rows}
+            if leaving:
+                await connection.execute(delete(daemons).where(daemons.c.daemon_id == me))
             await connection.execute(text("SELECT pg_notify(:channel, :me)"), _notice(me))
             return released
 
@@ -236,10 +244,6 @@ class LeaseStore:
         """Tell the other daemons (LISTEN cms_leases) to look at the sites' split now."""
         async with self.engine.begin() as connection:
             await connection.execute(text("SELECT pg_notify(:channel, :me)"), _notice(me))
-
-    async def leave(self, me: str) -> None:
-        async with self.engine.begin() as connection:
-            await connection.execute(delete(daemons).where(daemons.c.daemon_id == me))
 
     async def local_daemons(self, host: str, boot_id: str) -> list[tuple[str, int]]:
         """Live daemons recorded on this very machine (same host name and boot): id, pid."""

@@ -94,7 +94,9 @@ class Daemon:
         self.url = url
         self.readiness = Readiness()
         self.supervisor = Supervisor()
-        self.store = Store(create_engine(url))
+        # A frozen daemon's transaction is ended well before its leases expire.
+        idle_s = max(2.0, config.lease_ttl / 2)
+        self.store = Store(create_engine(url, idle_in_transaction_s=idle_s))
         self.identity = local_identity(config.instance_id)
         self.notifier = SystemdNotifier.from_environment()
         self.sites: SiteRegistry | None = None

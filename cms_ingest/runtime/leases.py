@@ -217,16 +217,16 @@ class LeaseKeeper:
         sites = sorted(self.held)[-count:]
         await self.release(sites, reason="rebalance")
 
-    async def release(self, site_ids: Iterable[str], *, reason: str) -> None:
+    async def release(self, site_ids: Iterable[str], *, reason: str, leaving: bool = False) -> None:
         """Stop these sites' pollers, then give their leases up at once."""
         leases = {site: self.held[site] for site in site_ids if site in self.held}
-        if not leases:
+        if not leases and not leaving:
             return
         await self._control.stop_sites(list(leases))
         for site in leases:
             self.held.pop(site, None)
         try:
-            released = await self._store.release(self.me.daemon_id, leases)
+            released = await self._store.release(self.me.daemon_id, leases, leaving=leaving)
         except Exception as exc:
             log.warning("lease_release_failed", error=str(exc), note="they expire by themselves")
             return
@@ -235,12 +235,9 @@ class LeaseKeeper:
         log.info("leases_released", reason=reason, sites=len(released))
 
     async def release_all(self, *, reason: str) -> None:
+        """Shutdown: every lease released and the membership left, in one transaction."""
         async with self.lock:
-            await self.release(list(self.held), reason=reason)
-            try:
-                await self._store.leave(self.me.daemon_id)
-            except Exception as exc:
-                log.warning("daemon_leave_failed", error=str(exc))
+            await self.release(list(self.held), reason=reason, leaving=True)
 
     async def _acquire(self, count: int) -> None:
         candidates = [site for site in self._control.configured() if site not in self.held]
