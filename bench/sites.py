@@ -179,6 +179,9 @@ async def run(args: argparse.Namespace) -> None:
             started = time.monotonic()
             await wait_until(warmed, 180, "every site's first poll and an even split")
             warmup = time.monotonic() - started
+            # Alarms raised while sites were still moving between daemons land late; measure
+            # the steady state only.
+            await asyncio.sleep(args.settle)
             polls_before = sum([await polls_total(session, port) for port in ports])
             cpu_before = sum(cpu_seconds(d.pid) for d in daemons)
             window_start = await connection.fetchval("SELECT now()")
@@ -243,6 +246,9 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=60.0)
     parser.add_argument("--rate", type=float, default=0.02, help="alarms per second per site")
     parser.add_argument("--daemons", type=int, default=1, help="daemon processes sharing the sites")
+    parser.add_argument(
+        "--settle", type=float, default=10.0, help="seconds between warm-up and measuring"
+    )
     asyncio.run(run(parser.parse_args()))
 
 
