@@ -1,13 +1,18 @@
-"""Helpers for tests that run the daemon in-process against simulators."""
+"""Helpers for tests that run the daemon, in-process or as a real process, against simulators."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import pytest
 from pydantic import SecretStr
 
 from cms_ingest.config import ActionsConfig, AppConfig, MediaConfig, SiteConfig
@@ -86,3 +91,39 @@ async def running_daemon(config: AppConfig) -> AsyncIterator[Daemon]:
     finally:
         stop.set()
         await asyncio.wait_for(task, timeout=15)
+
+
+async def spawn_daemon(
+    config: Path, log: Path, env: Mapping[str, str] | None = None
+) -> asyncio.subprocess.Process:
+    """`cms-ingest run --config CONFIG` as a real process, its output appended to `log`.
+
+    `env` defaults to ours with SITE_PASSWORD=secret (the simulators' password)."""
+    with log.open("ab") as handle:
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "cms_ingest.cli",
+            "run",
+            "--config",
+            str(config),
+            stdout=handle,
+            stderr=handle,
+            env=dict(env) if env is not None else {**os.environ, "SITE_PASSWORD": "secret"},
+        )
+
+
+def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1, as a device ships with: (cert, key) PEM
+    files. Skips the test when openssl is not installed."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    cert, key = folder / "device.pem", folder / "device.key"
+    request = ["-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1"]
+    names = ["-addext", "subjectAltName=IP:127.0.0.1"]
+    subprocess.run(
+        ["openssl", "req", *request, *names, "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key

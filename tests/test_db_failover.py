@@ -25,7 +25,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import warnings
@@ -39,6 +38,7 @@ import pytest
 
 from cms_ingest.simulators.davantis import DavantisSimulator, DavantisSite
 from tests.conftest import eventually
+from tests.support import spawn_daemon
 
 with warnings.catch_warnings():  # pgserver's platformdirs warns about XDG_RUNTIME_DIR
     warnings.simplefilter("ignore")
@@ -260,18 +260,7 @@ def write_config(path: Path, database_url: str, data_dir: Path, sites: dict[str,
 @contextlib.asynccontextmanager
 async def daemon_process(config: Path, log: Path) -> AsyncIterator[asyncio.subprocess.Process]:
     """`cms-ingest run`, killed at the end if the test did not stop it."""
-    with log.open("ab") as handle:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "cms_ingest.cli",
-            "run",
-            "--config",
-            str(config),
-            stdout=handle,
-            stderr=handle,
-            env={**os.environ, "SITE_PASSWORD": "secret"},
-        )
+    process = await spawn_daemon(config, log)
     try:
         yield process
     finally:

@@ -25,11 +25,9 @@ import contextlib
 import dataclasses
 import itertools
 import json
-import os
 import random
 import signal
 import socket
-import sys
 import time
 import uuid
 from collections import Counter
@@ -50,6 +48,7 @@ from cms_ingest.domain import Alarm, EventType
 from cms_ingest.runtime.leases import fair_share
 from cms_ingest.simulators.davantis import DavantisSimulator, DavantisSite
 from tests.conftest import eventually
+from tests.support import spawn_daemon
 
 # ============================================================== unit level: fair_share
 
@@ -354,19 +353,7 @@ class Cluster:
     async def start(self, *names: str) -> None:
         for name in names:
             node = self.nodes.get(name) or await self._create(name)
-            handle = node.log.open("ab")
-            node.process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "cms_ingest.cli",
-                "run",
-                "--config",
-                str(node.config),
-                stdout=handle,
-                stderr=handle,
-                env={**os.environ, "SITE_PASSWORD": "secret"},
-            )
-            handle.close()
+            node.process = await spawn_daemon(node.config, node.log)
 
     async def _create(self, name: str) -> Node:
         role = f"cms_lt_{self.tag}_{name}"

@@ -14,6 +14,7 @@ import asyncpg
 
 from cms_ingest.simulators.davantis import DavantisSimulator, DavantisSite
 from tests.conftest import eventually
+from tests.support import spawn_daemon
 
 
 def write_config(
@@ -45,18 +46,7 @@ def free_port() -> int:
 
 
 async def start_daemon(config: Path, log: Path) -> asyncio.subprocess.Process:
-    handle = log.open("ab")
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "cms_ingest.cli",
-        "run",
-        "--config",
-        str(config),
-        stdout=handle,
-        stderr=handle,
-        env={**os.environ, "SITE_PASSWORD": "secret"},
-    )
+    return await spawn_daemon(config, log)
 
 
 async def ready(port: int) -> bool:

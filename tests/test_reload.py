@@ -24,7 +24,6 @@ import json
 import os
 import signal
 import socket
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cms_ingest.simulators.davantis import DavantisSimulator, DavantisSite
 from tests.conftest import eventually
+from tests.support import spawn_daemon
 
 PASSWORD = "secret"
 INTRUSION = 11  # Davantis idevent -> event_type intrusion (built-in priority 1)
@@ -159,18 +159,7 @@ async def running_daemon(
 ) -> AsyncIterator[RunningDaemon]:
     """The daemon started from `config`, ready, every named site polled once; SIGTERM after
     (and a check that it stopped cleanly)."""
-    with log.open("ab") as handle:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "cms_ingest.cli",
-            "run",
-            "--config",
-            str(config),
-            stdout=handle,
-            stderr=handle,
-            env={**os.environ, "SITE_PASSWORD": PASSWORD},
-        )
+    process = await spawn_daemon(config, log, {**os.environ, "SITE_PASSWORD": PASSWORD})
     daemon = RunningDaemon(process, port, log)
     try:
         await eventually(daemon.ready, timeout=20, what="daemon ready")

@@ -29,6 +29,7 @@ from structlog.testing import capture_logs
 from cms_ingest.runtime.sdnotify import SystemdNotifier
 from cms_ingest.simulators.davantis import DavantisSimulator, DavantisSite
 from tests.conftest import eventually
+from tests.support import spawn_daemon
 from tests.test_process import free_port, write_config
 
 # What systemd sets for a unit; never inherited from the environment the tests run in.
@@ -115,18 +116,7 @@ def child_env(**extra: str) -> dict[str, str]:
 async def start_daemon(
     config: Path, log: Path, env: Mapping[str, str]
 ) -> asyncio.subprocess.Process:
-    with log.open("ab") as handle:
-        return await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "cms_ingest.cli",
-            "run",
-            "--config",
-            str(config),
-            stdout=handle,
-            stderr=handle,
-            env=dict(env),
-        )
+    return await spawn_daemon(config, log, env)
 
 
 @contextlib.asynccontextmanager

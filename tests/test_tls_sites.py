@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import shutil
 import ssl
-import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,7 +24,13 @@ from cms_ingest.metrics import REGISTRY
 from cms_ingest.simulators.camtrace import CamTraceSimulator, CamTraceSite
 from cms_ingest.simulators.davantis import DavantisSimulator, DavantisSite
 from tests.conftest import eventually
-from tests.support import app_config, camtrace_site, davantis_site, running_daemon
+from tests.support import (
+    app_config,
+    camtrace_site,
+    davantis_site,
+    running_daemon,
+    self_signed_certificate,
+)
 
 WRONG_PIN = "00" * 32
 
@@ -45,32 +49,7 @@ class Certificate:
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> Certificate:
     """A self-signed certificate for 127.0.0.1, as a device ships with."""
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl not installed")
-    folder = tmp_path_factory.mktemp("device-tls")
-    cert, key = folder / "device.pem", folder / "device.key"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    cert, key = self_signed_certificate(tmp_path_factory.mktemp("device-tls"))
     return Certificate(cert, key)
 
 

@@ -58,21 +58,38 @@ class LeaseRow:
     live: bool  # held by someone and not expired
 
 
-_RENEW = text(
-    """
-    WITH mine AS (
+def _held(lock: str) -> str:
+    """Our lease rows among :sites/:epochs (parallel arrays), still at those epochs,
+    locked in site_id order (`lock`: FOR UPDATE or FOR SHARE)."""
+    return f"""
         SELECT l.site_id FROM site_leases l
         JOIN unnest(CAST(:sites AS text[]), CAST(:epochs AS bigint[])) AS h(site_id, epoch)
           ON h.site_id = l.site_id AND h.epoch = l.epoch
         WHERE l.owner = :me
         ORDER BY l.site_id
-        FOR UPDATE OF l
-    )
+        {lock} OF l
+    """
+
+
+_RENEW = text(
+    f"""
+    WITH mine AS ({_held("FOR UPDATE")})
     UPDATE site_leases l SET expires_at = now() + make_interval(secs => :ttl)
     FROM mine WHERE l.site_id = mine.site_id
     RETURNING l.site_id, l.epoch
     """
 )
+
+_RELEASE = text(
+    f"""
+    WITH mine AS ({_held("FOR UPDATE")})
+    UPDATE site_leases l SET owner = NULL, expires_at = now()
+    FROM mine WHERE l.site_id = mine.site_id
+    RETURNING l.site_id
+    """
+)
+
+_STILL_HELD = text(_held("FOR SHARE"))
 
 _ACQUIRE = text(
     """
@@ -89,33 +106,6 @@ _ACQUIRE = text(
         expires_at = now() + make_interval(secs => :ttl)
     FROM pick WHERE l.site_id = pick.site_id
     RETURNING l.site_id, l.epoch, pick.owner AS previous_owner
-    """
-)
-
-_RELEASE = text(
-    """
-    WITH mine AS (
-        SELECT l.site_id FROM site_leases l
-        JOIN unnest(CAST(:sites AS text[]), CAST(:epochs AS bigint[])) AS h(site_id, epoch)
-          ON h.site_id = l.site_id AND h.epoch = l.epoch
-        WHERE l.owner = :me
-        ORDER BY l.site_id
-        FOR UPDATE OF l
-    )
-    UPDATE site_leases l SET owner = NULL, expires_at = now()
-    FROM mine WHERE l.site_id = mine.site_id
-    RETURNING l.site_id
-    """
-)
-
-_STILL_HELD = text(
-    """
-    SELECT l.site_id FROM site_leases l
-    JOIN unnest(CAST(:sites AS text[]), CAST(:epochs AS bigint[])) AS h(site_id, epoch)
-      ON h.site_id = l.site_id AND h.epoch = l.epoch
-    WHERE l.owner = :me
-    ORDER BY l.site_id
-    FOR SHARE OF l
     """
 )
 
