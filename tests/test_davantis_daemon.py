@@ -385,3 +385,37 @@ async def test_armed_state_per_camera_from_inputs_and_arming_events(
                 ("person", "1", False),  # its input is disarmed
                 ("person", "3", True),  # the other input is still armed
             ]
+
+
+async def test_a_site_back_after_a_hand_off_gets_a_fresh_client(
+    database_url: str, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """A site this daemon gave up and took again starts like after a restart: a new client
+    (new login, no session or in-memory state from the earlier tenure), from the stored
+    cursor; the old client is closed only later (an action may still run on it)."""
+    site = DavantisSite(media_delay=0)
+    async with DavantisSimulator({"default": site}) as sim:
+        config = app_config(database_url, tmp_path, [davantis_site("d1", sim.url())])
+        async with running_daemon(config) as daemon:
+            assert daemon.sites is not None
+            assert daemon.keeper is not None
+            await eventually(lambda: has_cursor(db), what="first cursor")
+            site.add_alarm()
+            await eventually(lambda: _count(db, 1), what="alarm before the hand-off")
+            old_client, logins = daemon.sites.by_id["d1"].client, site.logins
+            async with daemon.keeper.lock:
+                await daemon.keeper.release(["d1"], reason="test")
+            assert "d1" not in daemon.sites.owned
+            site.add_alarm()  # raised while nobody holds the site
+            owned = daemon.sites.owned
+            await eventually(lambda: "d1" in owned, what="lease taken again")
+            await eventually(lambda: _count(db, 2), what="alarm raised meanwhile")
+            assert daemon.sites.by_id["d1"].client is not old_client
+            assert site.logins == logins + 1  # the new client logged in
+            site.add_alarm()
+            await eventually(lambda: _count(db, 3), what="alarm after")
+            assert await alarm_ids(db) == [1, 2, 3]  # each once, the one raised meanwhile too
+            retired = [client for _since, client in daemon.sites._retired]
+            assert retired == [old_client]  # kept open for actions still running on it
+            await daemon.sites.close_retired(0)
+            assert daemon.sites._retired == []

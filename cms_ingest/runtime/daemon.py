@@ -229,7 +229,7 @@ class Daemon:
     ) -> None:
         assert self.sites is not None
         assert self._writer is not None
-        site = self.sites.by_id[site_id]
+        site = self.sites.client_for_tenure(site_id)
         # Fresh health for a new tenure; `polled` carries over ("was polled once, ever").
         site.health = SiteHealthState(site_id, site.config.vendor, polled=site.health.polled)
         last_success, outage = supervision or (None, None)
@@ -409,6 +409,8 @@ class Daemon:
         """Readiness, queue gauges and site health persisted, every few seconds."""
         while True:
             await self._housekeeping_once()
+            if self.sites is not None:  # an action may run on a replaced client this long
+                await self.sites.close_retired(self.config.actions.running_timeout_s + 10)
             if await sleep_or_stop(HOUSEKEEPING_INTERVAL_S, stop):
                 await self._flush_health()
                 return

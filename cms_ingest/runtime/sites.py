@@ -204,6 +204,9 @@ class SiteRegistry:
         self._session = session
         self._sites: dict[str, SiteRuntime] = {}
         self.owned: dict[str, int] = {}  # site_id -> lease epoch, kept by the daemon
+        self._used: set[str] = set()  # sites whose client a poller has used
+        # Clients replaced while an action or download may still run on them: closed later.
+        self._retired: list[tuple[float, VendorClient]] = []
         for site in config.sites:
             self.add(site)
 
@@ -225,6 +228,7 @@ class SiteRegistry:
 
     def add(self, site: SiteConfig) -> None:
         self._sites[site.id] = build_site(site, self._session)
+        self._used.discard(site.id)
         metrics.SITES.labels(vendor=site.vendor).inc()
 
     async def remove(self, site_id: str) -> None:
@@ -239,6 +243,31 @@ class SiteRegistry:
         await self.remove(site.id)
         self.add(site)
 
+    def client_for_tenure(self, site_id: str) -> SiteRuntime:
+        """The site's runtime for a poller starting now. A client a previous tenure used is
+        replaced: its session, live streams and in-memory state belong to a cursor that may
+        have moved on elsewhere; the new one starts from the stored cursor like a restart."""
+        runtime = self._sites[site_id]
+        if site_id in self._used:
+            self._retired.append((time.monotonic(), runtime.client))
+            fresh = build_site(runtime.config, self._session)
+            fresh.health.polled = runtime.health.polled  # "was polled once, ever" carries over
+            self._sites[site_id] = runtime = fresh
+        self._used.add(site_id)
+        return runtime
+
+    async def close_retired(self, older_than_s: float) -> None:
+        """Close replaced clients once nothing can still run on them (actions time out)."""
+        now = time.monotonic()
+        due = [client for since, client in self._retired if now - since >= older_than_s]
+        self._retired = [(since, c) for since, c in self._retired if now - since < older_than_s]
+        for client in due:
+            try:
+                await client.close()
+            except Exception as exc:  # a logout that fails costs the device a session, no more
+                log.info("retired_client_close_failed", error=str(exc))
+
     async def close(self) -> None:
+        await self.close_retired(0)
         for site in self._sites.values():
             await site.client.close()
