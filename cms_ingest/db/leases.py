@@ -278,12 +278,3 @@ class LeaseStore:
                 row.site_id: LeaseRow(row.site_id, row.owner, row.epoch, row.expires_at, row.live)
                 for row in rows
             }
-
-    async def daemon_rows(self) -> list[dict[str, object]]:
-        async with self.engine.connect() as connection:
-            rows = await connection.execute(
-                select(daemons, (daemons.c.expires_at > func.now()).label("live")).order_by(
-                    daemons.c.daemon_id
-                )
-            )
-            return [dict(row._mapping) for row in rows]

@@ -34,7 +34,7 @@ from cms_ingest.runtime.leases import LeaseKeeper, local_identity
 from cms_ingest.runtime.media import MediaFetcher
 from cms_ingest.runtime.poller import SitePoller
 from cms_ingest.runtime.sdnotify import SystemdNotifier
-from cms_ingest.runtime.sites import SiteHealthState, SiteRegistry
+from cms_ingest.runtime.sites import SiteRegistry
 from cms_ingest.runtime.supervision import OpenOutage, Supervision
 from cms_ingest.runtime.supervisor import Supervisor, sleep_or_stop
 from cms_ingest.runtime.writer import AlarmWriter
@@ -58,12 +58,10 @@ async def database_url(config: AppConfig) -> AsyncIterator[str]:
         yield url
 
 
-def install_signal_handlers(stop: asyncio.Event, reload: Callable[[], None] | None = None) -> None:
+def install_signal_handlers(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, _on_signal, signum, stop)
-    if reload is not None:
-        loop.add_signal_handler(signal.SIGHUP, reload)
 
 
 def _on_signal(signum: int, stop: asyncio.Event) -> None:
@@ -229,9 +227,7 @@ class Daemon:
     ) -> None:
         assert self.sites is not None
         assert self._writer is not None
-        site = self.sites.client_for_tenure(site_id)
-        # Fresh health for a new tenure; `polled` carries over ("was polled once, ever").
-        site.health = SiteHealthState(site_id, site.config.vendor, polled=site.health.polled)
+        site = self.sites.client_for_tenure(site_id)  # fresh client and health when reused
         last_success, outage = supervision or (None, None)
         poller = SitePoller(
             site,
@@ -310,23 +306,18 @@ class Daemon:
             if path is None:
                 raise ConfigError([ConfigProblem("", "the daemon was not started from a file")])
             new = await asyncio.to_thread(load_checked, path)
-        except ConfigError as exc:
+        except Exception as exc:  # ConfigError, or a loader bug that must not kill the reload
+            if isinstance(exc, ConfigError):
+                problems = [str(problem) for problem in exc.problems]
+            else:
+                problems = [f"the file could not be read: {type(exc).__name__}"]
             metrics.CONFIG_RELOADS.labels(outcome="invalid").inc()
             log.error(
                 "config_reload_refused",
                 path=str(path),
-                problems=[str(problem) for problem in exc.problems],
+                problems=problems,
                 note="the running config is kept",
-            )
-            return False
-        except Exception as exc:  # a loader bug must not kill the reload silently
-            metrics.CONFIG_RELOADS.labels(outcome="invalid").inc()
-            log.error(
-                "config_reload_refused",
-                path=str(path),
-                problems=[f"the file could not be read: {type(exc).__name__}"],
-                note="the running config is kept",
-                exc_info=True,
+                exc_info=not isinstance(exc, ConfigError),
             )
             return False
         try:
@@ -502,11 +493,13 @@ async def run_daemon(
 ) -> None:
     """Run until `stop` is set (by default: until SIGTERM/SIGINT)."""
     own_signals = stop is None
-    stop = stop or asyncio.Event()
+    if stop is None:
+        stop = asyncio.Event()
+        install_signal_handlers(stop)  # before the embedded database starts: it is stopped too
     async with database_url(config) as url:
         daemon = Daemon(config, url)
         if own_signals:
-            install_signal_handlers(stop, daemon.request_reload)
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, daemon.request_reload)
         if on_started is not None:
             on_started(daemon)
         await daemon.run(stop)

@@ -27,6 +27,7 @@ import structlog
 
 from cms_ingest import metrics
 from cms_ingest.db.leases import DaemonIdentity, Heartbeat, LeaseStore
+from cms_ingest.runtime.supervisor import wake_or_stop
 
 log = structlog.get_logger("cms_ingest.leases")
 
@@ -109,6 +110,8 @@ class LeaseKeeper:
         self._db_failing = False
         self._rows_needed = True  # lease rows must exist for newly configured sites
         self._server_started_at: datetime | None = None
+        metrics.SITES_OWNED.set_function(lambda: len(self.held))
+        metrics.DAEMONS_LIVE.set_function(lambda: len(self.live))
 
     @property
     def interval_s(self) -> float:
@@ -127,14 +130,7 @@ class LeaseKeeper:
         while not stop.is_set():
             async with self.lock:
                 await self._tick()
-            await self._wait(stop)
-
-    async def _wait(self, stop: asyncio.Event) -> None:
-        waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._kick.wait())]
-        await asyncio.wait(waiters, timeout=self.interval_s, return_when=asyncio.FIRST_COMPLETED)
-        for waiter in waiters:
-            waiter.cancel()
-        self._kick.clear()
+            await wake_or_stop(self._kick, stop, self.interval_s)
 
     async def _forget_dead_local_daemons(self) -> None:
         """A daemon of this machine that died (a crash, SIGKILL, a restart) left leases that
@@ -165,13 +161,11 @@ class LeaseKeeper:
         await self._drop_lost(beat)
         await self._follow_server(beat.server_started_at)
         self.live = beat.live
-        metrics.DAEMONS_LIVE.set(len(beat.live))
         share = fair_share(len(self._control.configured()), beat.live, self.me.daemon_id)
         if len(self.held) > share:
             await self._hand_off(len(self.held) - share)
         elif len(self.held) < share:
             await self._acquire(share - len(self.held))
-        metrics.SITES_OWNED.set(len(self.held))
 
     async def _announce(self) -> None:
         try:
@@ -231,7 +225,6 @@ class LeaseKeeper:
             log.warning("lease_release_failed", error=str(exc), note="they expire by themselves")
             return
         metrics.LEASE_HANDOFFS.inc(len(released))
-        metrics.SITES_OWNED.set(len(self.held))
         log.info("leases_released", reason=reason, sites=len(released))
 
     async def release_all(self, *, reason: str) -> None:
@@ -282,7 +275,6 @@ class LeaseKeeper:
             )
             sites = list(self.held)
             self.held.clear()
-            metrics.SITES_OWNED.set(0)
             await self._control.stop_sites(sites)
 
     def _database_back(self) -> None:

@@ -38,6 +38,16 @@ async def sleep_or_stop(delay: float, stop: asyncio.Event) -> bool:
     return True
 
 
+async def wake_or_stop(wake: asyncio.Event, stop: asyncio.Event, timeout: float) -> None:
+    """Wait until `wake` or `stop` is set, or `timeout` passes; then clear `wake`, so the
+    next call waits for the next wake-up."""
+    waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(wake.wait())]
+    await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    for waiter in waiters:
+        waiter.cancel()
+    wake.clear()
+
+
 @dataclass(slots=True)
 class _Supervised:
     name: str
