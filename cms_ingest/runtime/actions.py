@@ -25,6 +25,7 @@ from cms_ingest.db.store import Store
 from cms_ingest.domain import Action, ActionState
 from cms_ingest.retry import RetryPolicy
 from cms_ingest.runtime.sites import SiteRegistry, SiteRuntime
+from cms_ingest.runtime.supervisor import wake_or_stop
 from cms_ingest.sitehttp import TransportError
 from cms_ingest.vendors.base import (
     AuthenticationFailed,
@@ -32,6 +33,7 @@ from cms_ingest.vendors.base import (
     InvalidAction,
     VendorError,
 )
+from cms_ingest.vendors.common import DESCRIPTION_LIMIT, clean_json, clean_text
 
 log = structlog.get_logger("cms_ingest.actions")
 
@@ -55,18 +57,7 @@ class ActionWorker:
             while not stop.is_set():
                 await self._sweep()
                 await self._claim_and_start()
-                waiters = [
-                    asyncio.ensure_future(stop.wait()),
-                    asyncio.ensure_future(self._wake.wait()),
-                ]
-                await asyncio.wait(
-                    waiters,
-                    timeout=self._config.sweep_interval_s,
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                for waiter in waiters:
-                    waiter.cancel()
-                self._wake.clear()
+                await wake_or_stop(self._wake, stop, self._config.sweep_interval_s)
         finally:
             await self._finish_inflight()
 
@@ -222,6 +213,7 @@ class ActionWorker:
             await self._fail(action, site, f"{error} (gave up after {action.attempts} attempts)")
             return
         delay = RETRY.delay(action.attempts)
+        error = clean_text(error, DESCRIPTION_LIMIT)
         await self._store.requeue_action(action.id, delay_s=delay, error=error)
         metrics.ACTIONS.labels(vendor=site.config.vendor, kind=action.kind, outcome="retried").inc()
         log.warning(
@@ -244,11 +236,12 @@ class ActionWorker:
         error: str | None = None,
         result: object = None,
     ) -> None:
+        # The error and the result may quote the device: stored only as PostgreSQL can.
         await self._store.finish_action(
             action.id,
             state,
-            error=error,
-            result=result if isinstance(result, dict) else None,
+            error=None if error is None else clean_text(error, DESCRIPTION_LIMIT),
+            result=clean_json(result) if isinstance(result, dict) else None,
         )
         vendor = site.config.vendor if site else "unknown"
         metrics.ACTIONS.labels(vendor=vendor, kind=action.kind, outcome=state.value).inc()

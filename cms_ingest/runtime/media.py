@@ -21,8 +21,10 @@ from cms_ingest.domain import MediaState
 from cms_ingest.retry import RetryPolicy
 from cms_ingest.runtime.mediafiles import MediaTooLarge, store_stream
 from cms_ingest.runtime.sites import SiteRegistry, SiteRuntime
+from cms_ingest.runtime.supervisor import wake_or_stop
 from cms_ingest.sitehttp import TransportError, UnsafeUrl
 from cms_ingest.vendors.base import MediaNotReady, MediaProbe, VendorError
+from cms_ingest.vendors.common import DESCRIPTION_LIMIT, clean_text
 
 log = structlog.get_logger("cms_ingest.media")
 
@@ -62,7 +64,8 @@ class MediaFetcher:
                     self._inflight[job.id] = task
                     task.add_done_callback(self._finished)
                 if not jobs or free <= len(jobs):
-                    await self._idle(stop)
+                    # New rows, a free slot, shutdown, or the periodic look for due retries.
+                    await wake_or_stop(self._wake, stop, IDLE_WAIT_S)
         finally:
             await self._release_inflight()
 
@@ -80,14 +83,6 @@ class MediaFetcher:
         media_id = int(task.get_name().split(":", 1)[1])
         self._inflight.pop(media_id, None)
         self._wake.set()  # a slot is free
-
-    async def _idle(self, stop: asyncio.Event) -> None:
-        """Wait for new rows, a free slot, shutdown, or the periodic look for due retries."""
-        waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
-        await asyncio.wait(waiters, timeout=IDLE_WAIT_S, return_when=asyncio.FIRST_COMPLETED)
-        for waiter in waiters:
-            waiter.cancel()
-        self._wake.clear()
 
     async def _release_inflight(self) -> None:
         """Shutdown: abandon downloads in flight and hand their rows back at once."""
@@ -217,6 +212,7 @@ class MediaFetcher:
             return
         delay = self._policy.delay(job.attempts + 1)
         delay = min(delay, max(0.0, (job.deadline_at - now).total_seconds()))
+        note = clean_text(note, DESCRIPTION_LIMIT)  # it may quote the device
         await self._store.media_retry_later(job.id, delay_s=delay, note=note)
 
     async def _settle(
@@ -227,6 +223,7 @@ class MediaFetcher:
         outcome: str,
         site: SiteRuntime | None = None,
     ) -> None:
+        reason = clean_text(reason, DESCRIPTION_LIMIT)  # it may quote the device
         await self._store.media_final(job.id, state, reason)
         vendor = site.config.vendor if site else "unknown"
         metrics.MEDIA_FETCHES.labels(vendor=vendor, kind=job.kind.value, outcome=outcome).inc()

@@ -140,13 +140,13 @@ class SitePoller:
         self, alarms: list[Alarm], cursor: Mapping[str, Any] | None, notes: list[str]
     ) -> bool:
         site = self._site.config
-        # Every vendor's alarms made storable here (NUL, lone surrogates, sizes), so no
-        # device string can jam the site's commit.
+        # Every vendor's alarms made storable here, first (NUL, lone surrogates, sizes): no
+        # device string can jam the site's commit, and flood groups and priorities see the
+        # ids as they are stored.
+        cleaned = [storable(alarm) for alarm in alarms]
         prioritized = [
-            dataclasses.replace(
-                storable(alarm), priority=site.priority(alarm.event_type, alarm.camera_id)
-            )
-            for alarm in self._flood.apply(alarms, datetime.now(UTC))
+            dataclasses.replace(alarm, priority=site.priority(alarm.event_type, alarm.camera_id))
+            for alarm in self._flood.apply(cleaned, datetime.now(UTC))
         ]
         commit = PollCommit(
             site_id=self._site.config.id,
