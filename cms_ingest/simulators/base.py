@@ -34,7 +34,7 @@ import time
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Generic, NamedTuple, Protocol, Self, TypeVar
 
@@ -310,19 +310,37 @@ class TenantSimulator(ABC, Generic[SiteT]):
         self, rate: float, rng: random.Random, add_alarm: AlarmMaker[SiteT]
     ) -> None:
         """Superposed Poisson processes: the merged stream runs at ``rate * sites``
-        and each arrival goes to a uniformly chosen site. Arrivals are drawn in
-        unit-rate time, so sites added later join without a restart."""
-        budget = rng.expovariate(1.0)
-        last = time.monotonic()
-        while True:
-            await asyncio.sleep(GENERATOR_TICK)
-            now = time.monotonic()
-            sites = list(self.sites.values())
-            budget -= (now - last) * rate * len(sites)
-            last = now
-            while sites and budget <= 0:
-                add_alarm(rng.choice(sites), rng)
-                budget += rng.expovariate(1.0)
+        and each arrival goes to a uniformly chosen site, so sites added later join
+        without a restart."""
+
+        def arrive() -> None:
+            add_alarm(rng.choice(list(self.sites.values())), rng)
+
+        await poisson_arrivals(lambda: rate * len(self.sites), rng, arrive)
+
+
+async def poisson_arrivals(
+    rate: Callable[[], float], rng: random.Random, arrive: Callable[[], None]
+) -> None:
+    """Call ``arrive()`` as a Poisson process at ``rate()`` per second, forever. Arrivals are
+    drawn in unit-rate time, so a rate that changes (sites added) takes effect at once; a
+    rate of 0 makes nothing arrive."""
+    budget = rng.expovariate(1.0)
+    last = time.monotonic()
+    while True:
+        await asyncio.sleep(GENERATOR_TICK)
+        now = time.monotonic()
+        budget -= (now - last) * rate()
+        last = now
+        while budget <= 0:
+            arrive()
+            budget += rng.expovariate(1.0)
+
+
+def to_ms(moment: datetime) -> datetime:
+    """Aware UTC, truncated to the millisecond precision devices report."""
+    moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
 
 
 def check_rate(rate_per_site: float) -> None:

@@ -90,6 +90,7 @@ from cms_ingest.simulators.base import (
     parse_cli_args,
     serve_cli,
     tenant_names,
+    to_ms,
 )
 from cms_ingest.simulators.davantis import snapshot_jpeg
 
@@ -130,15 +131,11 @@ class DeviceError(Exception):
 
 
 # ------------------------------------------------------------------- time
-def _to_ms(moment: datetime) -> datetime:
-    """Aware UTC, truncated to the millisecond precision the device reports."""
-    moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
-    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
 
 
 def iso_z(moment: datetime) -> str:
     """``2026-11-21T10:00:00.123Z``."""
-    moment = _to_ms(moment)
+    moment = to_ms(moment)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
@@ -416,11 +413,11 @@ class CamTraceSite:
         media_delay: float | None = None,
     ) -> CtAlarm:
         """Record a new alarm (ids 1, 2, ...); see the module docstring for its media."""
-        stamp = _to_ms(self.now() if time is None else time)
+        stamp = to_ms(self.now() if time is None else time)
         if self.alarms and stamp < self.alarms[-1].time:
             self._times_sorted = False
         delay = self.media_delay if media_delay is None else media_delay
-        slice_stop = _to_ms(stamp + timedelta(seconds=self.slice_after_s)) if recording else None
+        slice_stop = to_ms(stamp + timedelta(seconds=self.slice_after_s)) if recording else None
         alarm = CtAlarm(
             id=self._next_id,
             time=stamp,
@@ -546,7 +543,7 @@ class CamTraceSite:
         """The alarm whose slice on ``camera`` starts at ``start`` (to the millisecond)."""
         if kind != "a":
             return None
-        start = _to_ms(start)
+        start = to_ms(start)
         low, high = self._time_range(start + PRE_ALARM, start + PRE_ALARM)
         for alarm in self.alarms[low:high]:
             if alarm.camera_id == camera and alarm.record_time == start:

@@ -74,6 +74,7 @@ from cms_ingest.simulators.base import (
     parse_cli_args,
     serve_cli,
     tenant_names,
+    to_ms,
 )
 
 DEFAULT_PORT = 21000
@@ -118,13 +119,7 @@ class DeviceError(Exception):
 
 
 def _now_ms() -> datetime:
-    return _to_ms(datetime.now(UTC))
-
-
-def _to_ms(moment: datetime) -> datetime:
-    """Aware UTC, truncated to the millisecond precision the device reports."""
-    moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
-    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+    return to_ms(datetime.now(UTC))
 
 
 def _iso(moment: datetime | None) -> str | None:
@@ -409,7 +404,7 @@ class DavantisSite:
             description=_describe(event, is_armed) if description is None else description,
             started=self._stamp(started),
             armed=is_armed,
-            ended=None if ended is None else _to_ms(ended),
+            ended=None if ended is None else to_ms(ended),
             snapshot=snapshot,
             video=video,
             snapshot_ready_at=ready_at,
@@ -432,7 +427,7 @@ class DavantisSite:
         if started is None:
             stamp = _now_ms()
             return stamp if last is None or stamp > last else last + timedelta(milliseconds=1)
-        stamp = _to_ms(started)
+        stamp = to_ms(started)
         if last is not None and stamp < last:
             self._started_sorted = False
         return stamp

@@ -105,7 +105,6 @@ from urllib.parse import parse_qs
 from aiohttp import web
 
 from cms_ingest.simulators.base import (
-    GENERATOR_TICK,
     Handler,
     Route,
     as_bool,
@@ -115,6 +114,7 @@ from cms_ingest.simulators.base import (
     control_body,
     control_routes,
     parse_cli_args,
+    poisson_arrivals,
 )
 from cms_ingest.simulators.davantis import snapshot_jpeg, video_mp4
 
@@ -1190,16 +1190,7 @@ class VideoloftSimulator:
                 await task
 
     async def _generate(self, rate: float, rng: random.Random) -> None:
-        budget = rng.expovariate(1.0)
-        last = time.monotonic()
-        while True:
-            await asyncio.sleep(GENERATOR_TICK)
-            now = time.monotonic()
-            budget -= (now - last) * rate
-            last = now
-            while budget <= 0:
-                _generated_alert(self.account, rng)
-                budget += rng.expovariate(1.0)
+        await poisson_arrivals(lambda: rate, rng, lambda: _generated_alert(self.account, rng))
 
 
 def _generated_alert(account: VideoloftAccount, rng: random.Random) -> None:
