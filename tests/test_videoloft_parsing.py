@@ -75,3 +75,65 @@ def test_token_lifetime_is_read_from_the_token() -> None:
     head = base64.b64encode(b"12345:1700000000:1200:0").decode()
     assert token_lifetime(f"{head}*signature") == (1700000000.0, 1200.0)
     assert token_lifetime("garbage") is None
+
+
+@pytest.mark.parametrize(
+    "alert_id",
+    [
+        "²",  # "²".isdigit() is true, int("²") fails
+        "9" * 5000,  # int() refuses over 4300 digits
+        999_999_999_999_999_999,  # no startt: id * 1000 ms is past year 9999
+    ],
+)
+def test_unusable_alert_ids_are_refused_not_raised(alert_id: object) -> None:
+    assert normalize_alert({"id": alert_id, "uid": "1.2"}) is None
+
+
+@pytest.mark.parametrize(
+    ("start", "end"),
+    [
+        ("nan", "inf"),
+        (float("nan"), float("-inf")),
+        ("1e999", "-1e999"),
+        pytest.param(10**400, 10**400, id="past-any-float"),
+        (1e300, -1e300),  # a float, but no datetime
+    ],
+)
+def test_unusable_times_fall_back_or_stay_unknown(start: object, end: object) -> None:
+    alert = normalize_alert({"id": 1540567030, "uid": "1.2", "startt": start, "endt": end})
+    assert alert is not None
+    assert (alert.start_ms, alert.end_ms) == (1540567030000, None)  # start from the id
+
+
+def test_token_lifetime_wants_ascii_digits() -> None:
+    head = base64.b64encode("12345:²:1200:0".encode()).decode()
+    assert token_lifetime(f"{head}*signature") is None
+
+
+def test_stream_records_have_no_nan_or_infinity() -> None:
+    decoder = StreamDecoder()
+    records, garbage = decoder.feed('{"a": NaN, "b": Infinity, "c": -Infinity, "d": 1e999}\n')
+    assert records == [{"a": None, "b": None, "c": None, "d": None}] and garbage == []
+
+
+def test_stream_records_nested_too_deep_are_garbage() -> None:
+    decoder = StreamDecoder()
+    deep = json.dumps({"type": "alert", "data": json.loads("[" * 100 + "]" * 100)})
+    records, garbage = decoder.feed(f"{deep}\n{json.dumps(RECORDS[0])}\n")
+    assert records == [RECORDS[0]]
+    assert len(garbage) == 1 and garbage[0].startswith('{"type": "alert"')
+
+
+@pytest.mark.parametrize("framing", ["sse", "ndjson"])
+def test_stream_record_too_deep_to_parse_is_garbage_not_recursion_error(framing: str) -> None:
+    decoder = StreamDecoder()
+    deep = "[" * 100_000
+    good = json.dumps(RECORDS[0])
+    body = f"data: {deep}\n\ndata: {good}\n\n" if framing == "sse" else f"{deep}\n{good}\n"
+    got, garbage = [], []
+    for start in range(0, len(body), 65536):  # as a long-poll delivers it: in chunks
+        records, fragments = decoder.feed(body[start : start + 65536])
+        got += records
+        garbage += fragments
+    assert got == [RECORDS[0]]
+    assert garbage == ["[" * 200]

@@ -28,7 +28,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -51,7 +51,7 @@ from cms_ingest.vendors.base import (
     SiteOptions,
     VendorContext,
 )
-from cms_ingest.vendors.common import parse_json
+from cms_ingest.vendors.common import read_json
 
 VENDOR = "camstreamer"
 log = structlog.get_logger("cms_ingest.vendors.camstreamer")
@@ -71,7 +71,6 @@ PREPARE_MUTATION = (
     "{ recordingPrepare(recording_id: $id, height: $height) }"
 )
 PROGRESS_QUERY = "query ($id: String!) { recording(recording_id: $id) { progress download_url } }"
-MAX_JSON_BYTES = 16 * 1024 * 1024
 SPACING_MARGIN = 1.1  # queries spaced a bit over 1/rate: jitter must not make two look 1 s apart
 RATE_LIMIT_BACKOFF_S = 5.0
 _SERIAL_RE = re.compile(r"[A-Za-z0-9]{1,32}")
@@ -111,7 +110,7 @@ class QueryBudget:
         self._daily_limit = daily_limit
         self._next_at = 0.0
         self._lock = asyncio.Lock()
-        self.day = date.today().isoformat()
+        self.day = self._today()
         self.used = 0
 
     def restore(self, day: str | None, used: int | None) -> None:
@@ -201,7 +200,7 @@ class CamStreamerClient:
             "refresh_token": self._refresh,
         }
         async with self._http.request("POST", TOKEN_PATH, data=form) as response:
-            payload = parse_json(await read_limited(response, MAX_JSON_BYTES))
+            payload = await read_json(response, self._problems, f"POST {TOKEN_PATH}")
             status = response.status
         if status != 200 or not isinstance(payload, dict) or not payload.get("access_token"):
             error = payload.get("error") if isinstance(payload, dict) else None
@@ -220,7 +219,7 @@ class CamStreamerClient:
             async with self._http.request(
                 "POST", GRAPHQL_PATH, json=body, headers={"Authorization": f"Bearer {token}"}
             ) as response:
-                payload = parse_json(await read_limited(response, MAX_JSON_BYTES))
+                payload = await read_json(response, self._problems, f"POST {GRAPHQL_PATH}")
                 status = response.status
             category, message = _first_error(payload)
             if category in ("authError", "expired") and attempt == 1:

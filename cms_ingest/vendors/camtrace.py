@@ -40,7 +40,6 @@ from pydantic import ConfigDict, Field
 
 from cms_ingest import metrics
 from cms_ingest.domain import Action, ActionResult, Alarm, EventType, MediaKind, MediaRequest
-from cms_ingest.sitehttp import read_limited
 from cms_ingest.units import Duration
 from cms_ingest.vendors.base import (
     ActionSpec,
@@ -57,7 +56,7 @@ from cms_ingest.vendors.base import (
     SiteOptions,
     VendorContext,
 )
-from cms_ingest.vendors.common import MAX_INT_DIGITS, error_text, parse_json, storable
+from cms_ingest.vendors.common import as_id, error_text, parse_time, read_json
 
 VENDOR = "camtrace"
 API = "/api/v1.2"
@@ -80,7 +79,6 @@ ALARM_TYPES: Mapping[str, EventType] = {
 _TYPE_RE = re.compile(r"^\s*(.*?)\s+alarm\b", re.IGNORECASE)
 _LINK_NEXT_RE = re.compile(r'<([^>]*)>\s*;\s*rel="?next"?', re.IGNORECASE)
 
-MAX_JSON_BYTES = 16 * 1024 * 1024
 MAX_PAGES_PER_POLL = 2000  # a Link loop must not spin forever
 CAMERA_NAMES_TTL_S = 600.0
 SKEW_WARN_S = 5.0
@@ -144,6 +142,7 @@ class CamTraceClient:
         self._password = context.password
         self._options = options
         self._problems = context.problems
+        self._input_types = frozenset(t.upper() for t in options.input_types)
         self._hashed: str | None = None
         self._auth_lock = asyncio.Lock()
         self._offset_s: float | None = None  # server clock minus ours
@@ -174,9 +173,8 @@ class CamTraceClient:
     async def _salt(self) -> str | None:
         path = f"{API}/users/{self._username}/auth"
         async with self._http.request("GET", path) as response:
-            body = await read_limited(response, MAX_JSON_BYTES)
             status = response.status
-        payload = parse_json(body)
+            payload = await read_json(response, self._problems, f"GET {path}")
         if status != 200 or not isinstance(payload, dict):
             raise AuthenticationFailed(f"GET {path} answered {status}: cannot learn the salt")
         methods = payload.get("auth")
@@ -191,11 +189,11 @@ class CamTraceClient:
         path = f"{API}/getservertime"
         sent = time.time()
         async with self._http.request("GET", path) as response:
-            body = await read_limited(response, MAX_JSON_BYTES)
+            payload = await read_json(response, self._problems, f"GET {path}")
             date_header = response.headers.get("Date")
         received = time.time()
         ours = (sent + received) / 2
-        server = _server_time(parse_json(body), date_header)
+        server = _server_time(payload, date_header)
         if server is None:
             self._problems.bad_input("server_time", "neither getservertime nor Date is readable")
             self._offset_s = 0.0
@@ -238,26 +236,25 @@ class CamTraceClient:
         await self._prepare_auth()
         for attempt in (1, 2):
             async with self._http.request("GET", path, params=params, headers=self._headers()) as r:
-                body = await read_limited(r, MAX_JSON_BYTES)
+                payload = await read_json(r, self._problems, f"GET {_path_only(path)}")
                 status, headers = r.status, r.headers
             if status == 401 and attempt == 1:
-                await self._after_401(headers)
+                await self._after_401()
                 continue
             if status == 401:
                 raise AuthenticationFailed(
-                    f"GET {_path_only(path)} refused (401): {error_text(parse_json(body))}"
+                    f"GET {_path_only(path)} refused (401): {error_text(payload)}"
                 )
-            return status, parse_json(body), headers
+            return status, payload, headers
         raise AssertionError("unreachable")
 
-    async def _after_401(self, headers: Mapping[str, str]) -> None:
+    async def _after_401(self) -> None:
         """Stale digest or changed password: measure the clock again, refetch the salt."""
         if self._options.auth == "basic":
             return
         async with self._auth_lock:
             self._offset_s = None
             self._hashed = None
-        del headers
         await self._prepare_auth()
 
     # ------------------------------------------------------------------ alarms
@@ -268,7 +265,7 @@ class CamTraceClient:
         if cursor is None:
             return await self._first_poll()
         last_id = int(cursor["last_id"])
-        since = _parse_time(cursor.get("last_time"))
+        since = parse_time(cursor.get("last_time"))
         items = await self._collect(last_id, since)
         if not items:
             return PollResult(alarms=[], cursor=cursor)
@@ -334,11 +331,11 @@ class CamTraceClient:
         kind = alarm_type(description)
         camera = item.get("cameraId")
         camera_id = None if camera is None else str(camera)
-        occurred = _parse_time(item.get("time"))
+        occurred = parse_time(item.get("time"))
         if occurred is None:
             self._problems.bad_input("bad_time", f"alarm {alarm_id}: `time` unreadable; using now")
             occurred = datetime.now(UTC)
-        alarm = Alarm(
+        return Alarm(
             site_id=self.site_id,
             vendor=VENDOR,
             source_id=str(alarm_id),
@@ -351,12 +348,11 @@ class CamTraceClient:
             raw=dict(item),
             media=self._media(item, alarm_id, camera_id),
         )
-        return storable(alarm)  # no NUL, lone surrogate or NaN reaches the database
 
     def _event_type(self, kind: str) -> EventType:
         if kind in ALARM_TYPES:
             return ALARM_TYPES[kind]
-        if kind in {t.upper() for t in self._options.input_types}:
+        if kind in self._input_types:
             return EventType.INPUT
         return EventType.OTHER
 
@@ -472,8 +468,8 @@ class CamTraceClient:
 
     async def _video_status(self, locator: Mapping[str, Any]) -> MediaProbe:
         camera_id = locator.get("camera_id")
-        start = _parse_time(locator.get("record_time"))
-        alarm_time = _parse_time(locator.get("time")) or start
+        start = parse_time(locator.get("record_time"))
+        alarm_time = parse_time(locator.get("time")) or start
         if camera_id is None or start is None or alarm_time is None:
             return MediaProbe("unavailable", detail="the alarm has no recording")
         camera = self._cameras.get(str(camera_id))
@@ -494,7 +490,7 @@ class CamTraceClient:
             if datetime.now(UTC) - alarm_time > timedelta(seconds=NO_SLICE_AFTER_S):
                 return MediaProbe("unavailable", detail="no alarm slice covers the alarm")
             return MediaProbe("pending", detail="no alarm slice yet")
-        stop = _parse_time(covering.get("stop"))
+        stop = parse_time(covering.get("stop"))
         if stop is None or stop <= alarm_time:
             return MediaProbe("pending", detail="the alarm slice is still recording")
         url = covering.get("downloadUrl")
@@ -510,7 +506,7 @@ class CamTraceClient:
                 "GET", path, headers=self._headers(), timeout_s=600.0, read_timeout_s=30.0
             ) as response:
                 if response.status == 401 and attempt == 1:
-                    await self._after_401(response.headers)
+                    await self._after_401()
                     continue
                 if response.status == 404:
                     raise MediaNotReady(f"GET {_path_only(path)} answered 404")
@@ -571,14 +567,7 @@ def _path_only(path: str) -> str:
 
 
 def _id(item: Mapping[str, Any]) -> int | None:
-    value = item.get("id")
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and value.isascii() and value.isdigit():  # "²".isdigit() too
-        return int(value) if len(value) <= MAX_INT_DIGITS else None
-    return None
+    return as_id(item.get("id"))
 
 
 def _alarm_items(status: int, payload: Any, problems: ProblemReporter) -> list[dict[str, Any]]:
@@ -608,16 +597,6 @@ def _next_link(headers: Mapping[str, str]) -> str | None:
     return None
 
 
-def _parse_time(value: Any) -> datetime | None:
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value)
-        return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).astimezone(UTC)
-    except (ValueError, OverflowError):  # OverflowError: year 1 east of UTC, and such
-        return None
-
-
 def _server_time(payload: Any, date_header: str | None) -> float | None:
     server = payload.get("serverTime") if isinstance(payload, dict) else None
     if isinstance(server, dict) and isinstance(server.get("timestamp"), int | float):
@@ -632,7 +611,7 @@ def _server_time(payload: Any, date_header: str | None) -> float | None:
 
 def _cursor_after(items: list[dict[str, Any]], previous: Cursor) -> dict[str, Any]:
     newest = max(items, key=lambda item: _id(item) or 0)
-    times = [t for t in (_parse_time(item.get("time")) for item in items) if t is not None]
+    times = [t for t in (parse_time(item.get("time")) for item in items) if t is not None]
     last_time = max(times).strftime("%Y-%m-%dT%H:%M:%SZ") if times else previous.get("last_time")
     return {"last_id": _id(newest), "last_time": last_time}
 
@@ -644,7 +623,7 @@ def _covering_slice(slices: list[Any], moment: datetime) -> dict[str, Any] | Non
     for item in slices:
         if not isinstance(item, dict) or item.get("type", "a") != "a":
             continue
-        start = _parse_time(item.get("start"))
+        start = parse_time(item.get("start"))
         if start is None or start > moment:
             continue
         if best_start is None or start > best_start:
@@ -666,15 +645,16 @@ def _health_detail(value: Any) -> str:
 
 def _camera_list(target: str) -> str:
     ids = [part.strip() for part in target.split(",") if part.strip()]
-    if not ids or not all(part.isdigit() for part in ids):
+    if not ids or any(as_id(part) is None for part in ids):
         raise InvalidAction(f"target must be camera ids separated by commas, not {target!r}")
     return ",".join(ids)
 
 
 def _numeric(target: str, what: str) -> int:
-    if not target.strip().isdigit():
+    number = as_id(target)
+    if number is None:
         raise InvalidAction(f"target must be a numeric {what} id, not {target!r}")
-    return int(target.strip())
+    return number
 
 
 def check_site(url: str, options: Mapping[str, Any]) -> list[tuple[str, str]]:

@@ -3,7 +3,8 @@
 A device's answer is untrusted input. JSON is parsed with a depth limit (Python's parser
 raises RecursionError, not ValueError, on a few thousand nested brackets) and without the
 non-standard NaN/Infinity; strings headed for the database lose what PostgreSQL cannot store
-(NUL, lone UTF-16 surrogates) and are length-capped.
+(NUL, lone UTF-16 surrogates) and are length-capped; ids and times are read without letting
+an odd value raise (`as_id`, `parse_time`).
 """
 
 from __future__ import annotations
@@ -12,11 +13,17 @@ import dataclasses
 import json
 import math
 import re
+from datetime import UTC, datetime, tzinfo
 from typing import Any
 
+import aiohttp
+
 from cms_ingest.domain import Alarm
+from cms_ingest.sitehttp import ResponseTooLarge, read_limited
+from cms_ingest.vendors.base import BadDeviceResponse, ProblemReporter
 
 ERROR_KEYS = ("error", "message", "detail", "result")
+MAX_JSON_BYTES = 16 * 1024 * 1024  # a page of alarms is ~200 kB; anything near this is hostile
 MAX_JSON_DEPTH = 64  # real device answers nest a handful of levels
 MAX_INT_DIGITS = 18  # ids and counters: always fits a signed 64-bit integer
 
@@ -34,41 +41,60 @@ class UnreadableJson(ValueError):
     """A device answer that is not usable JSON; the message says why (never the body)."""
 
 
-def _no_constant(_name: str) -> None:
-    return None  # NaN, Infinity, -Infinity: not JSON, and jsonb refuses them
+def no_json_constant(_name: str) -> None:
+    """`parse_constant` hook: NaN, Infinity, -Infinity are not JSON (and jsonb refuses them)."""
 
 
-def _finite_float(text: str) -> float | None:
+def finite_float(text: str) -> float | None:
+    """`parse_float` hook: a number too large for a float (1e999 parses as inf) is None."""
     value = float(text)
-    return value if math.isfinite(value) else None  # 1e999 parses as inf
+    return value if math.isfinite(value) else None
 
 
 def load_json(body: bytes) -> Any:
     """The JSON in `body`; `UnreadableJson` when it is not JSON or nests too deep."""
     try:
-        value = json.loads(body, parse_constant=_no_constant, parse_float=_finite_float)
+        value = json.loads(body, parse_constant=no_json_constant, parse_float=finite_float)
     except RecursionError:
         raise UnreadableJson("JSON nested too deep to parse") from None
     except UnicodeDecodeError:
         raise UnreadableJson("not UTF-8 text") from None
     except ValueError as exc:
         raise UnreadableJson(f"not JSON ({str(exc)[:100]})") from None
-    if _deeper_than(value, MAX_JSON_DEPTH):
+    if json_deeper_than(value, MAX_JSON_DEPTH):
         raise UnreadableJson(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     return value
 
 
-def parse_json(body: bytes) -> Any:
-    """The JSON in `body`, or None when it is empty or not usable JSON (callers report that)."""
+async def read_json(
+    response: aiohttp.ClientResponse, problems: ProblemReporter, where: str, *, strict: bool = False
+) -> Any:
+    """A device's JSON answer, read within MAX_JSON_BYTES; None when the body is empty.
+
+    A larger answer is bad input (`oversized_answer`) and BadDeviceResponse. A body that is not
+    usable JSON is None on an error status (an error page: the status says enough); on a 2xx
+    status it is bad input (`unreadable_json`) and None, or BadDeviceResponse when `strict`.
+    Each `what` is logged once per site by the ProblemReporter, and counted every time.
+    """
+    try:
+        body = await read_limited(response, MAX_JSON_BYTES)
+    except ResponseTooLarge as exc:
+        problems.bad_input("oversized_answer", str(exc))
+        raise BadDeviceResponse(f"{where}: answer over {MAX_JSON_BYTES} bytes") from None
     if not body:
         return None
     try:
         return load_json(body)
-    except UnreadableJson:
+    except UnreadableJson as exc:
+        if not 200 <= response.status < 300:
+            return None
+        problems.bad_input("unreadable_json", f"{where}: {exc}")
+        if strict:
+            raise BadDeviceResponse(f"{where}: answer {response.status} is not JSON") from None
         return None
 
 
-def _deeper_than(value: Any, limit: int) -> bool:
+def json_deeper_than(value: Any, limit: int) -> bool:
     """Whether containers nest more than `limit` levels (iterative: no recursion to exhaust)."""
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
@@ -109,6 +135,33 @@ def as_int(value: Any) -> int | None:
         if digits.isascii() and digits.isdigit() and len(digits) <= MAX_INT_DIGITS:
             return int(text)
     return None
+
+
+def as_id(value: Any) -> int | None:
+    """A non-negative id from an int or ASCII digits in a string (surrounding blanks ignored, at
+    most 18 digits, no sign); None for anything else, floats included."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    if isinstance(value, str):
+        text = value.strip()
+        if text.isascii() and text.isdigit() and len(text) <= MAX_INT_DIGITS:
+            return int(text)
+    return None
+
+
+def parse_time(value: Any, default_tz: tzinfo = UTC) -> datetime | None:
+    """An ISO 8601 time string as an aware datetime in UTC (a time without an offset is in
+    `default_tz`); None when it is not one: not a string, not ISO 8601, or outside what a
+    datetime holds once converted ("0001-01-01T00:00:00+01:00" overflows)."""
+    try:
+        parsed = datetime.fromisoformat(value)
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=default_tz)
+        return parsed.astimezone(UTC)
+    except (TypeError, ValueError, OverflowError):
+        return None
 
 
 # ------------------------------------------------------------------ storable device strings

@@ -14,8 +14,7 @@ What the device gives us, and how we use it:
 - `*_absolute` URLs carry whatever host the device was set up with (often a NAT address):
   never used. Media paths are built here and resolved against the configured site URL.
 - Everything the device sends is untrusted: answers are size- and depth-capped before they
-  are parsed (an unreadable one is bad input and fails the poll, never the poller), and
-  its strings are made storable (`common.storable`) before they become an alarm.
+  are parsed (an unreadable one is bad input and fails the poll, never the poller).
 """
 
 from __future__ import annotations
@@ -32,7 +31,6 @@ from typing import Any
 from pydantic import ConfigDict, Field
 
 from cms_ingest.domain import Action, ActionResult, Alarm, EventType, MediaKind, MediaRequest
-from cms_ingest.sitehttp import ResponseTooLarge, read_limited
 from cms_ingest.units import Duration
 from cms_ingest.vendors.base import (
     ActionSpec,
@@ -50,11 +48,11 @@ from cms_ingest.vendors.base import (
 )
 from cms_ingest.vendors.common import (
     DESCRIPTION_LIMIT,
-    MAX_INT_DIGITS,
-    UnreadableJson,
+    MAX_JSON_BYTES,  # noqa: F401 - re-exported: tests size hostile answers by it
+    as_id,
     clean_text,
-    load_json,
-    storable,
+    parse_time,
+    read_json,
 )
 
 VENDOR = "davantis"
@@ -79,7 +77,6 @@ TOKEN_ERROR_CODES = frozenset(
         "keymanagement.service.invalid_access_token",
     }
 )
-MAX_JSON_BYTES = 16 * 1024 * 1024  # 300 alarms are ~200 kB; anything near this is hostile
 # An OAuth bearer token (RFC 6750 b64token): anything else would be written into a header.
 _BEARER_TOKEN_RE = re.compile(r"[A-Za-z0-9._~+/-]{1,4096}=*")
 CAMERA_NAMES_TTL_S = 600.0
@@ -159,11 +156,9 @@ class DavantisClient:
             async with self._http.request(
                 method, path, params=params, headers=headers, json=json_body
             ) as response:
-                body = await self._read(response, f"{method} {path}")
                 status = response.status
-            payload = self._parse_json(body, f"{method} {path}") if body else None
-            if payload is _MALFORMED and status >= 300:
-                payload = None  # an error page: the status says enough
+                # Not JSON on a 2xx status: bad input, and the request fails.
+                payload = await read_json(response, self._problems, f"{method} {path}", strict=True)
             if status == 401 or _error_code(payload) in TOKEN_ERROR_CODES:
                 if attempt == 1:
                     self._invalidate(generation)
@@ -172,26 +167,8 @@ class DavantisClient:
                     f"{method} {path}: the device rejects a fresh token "
                     f"({_fault_text(payload) or status})"
                 )
-            if payload is _MALFORMED:
-                raise BadDeviceResponse(f"{method} {path}: answer {status} is not JSON")
             return status, payload
         raise AssertionError("unreachable")
-
-    async def _read(self, response: Any, where: str) -> bytes:
-        """The answer's body, capped: a larger one is bad input, and the request fails."""
-        try:
-            return await read_limited(response, MAX_JSON_BYTES)
-        except ResponseTooLarge as exc:
-            self._problems.bad_input("oversized_answer", str(exc))
-            raise BadDeviceResponse(f"{where}: answer over {MAX_JSON_BYTES} bytes") from None
-
-    def _parse_json(self, body: bytes, where: str) -> Any:
-        """Parsed JSON, or `_MALFORMED` (reported as bad input) when it is not usable JSON."""
-        try:
-            return load_json(body)
-        except UnreadableJson as exc:
-            self._problems.bad_input("unreadable_json", f"{where}: {exc}")
-            return _MALFORMED
 
     def _invalidate(self, generation: int) -> None:
         # Only the token that failed is dropped: a concurrent request may have renewed it.
@@ -224,9 +201,8 @@ class DavantisClient:
     async def _grant(self, form: Mapping[str, str]) -> None:
         grant = form["grant_type"]
         async with self._http.request("POST", "/oauth/token", data=dict(form)) as response:
-            body = await self._read(response, "POST /oauth/token")
             status = response.status
-        payload = self._parse_json(body, "POST /oauth/token") if body else None
+            payload = await read_json(response, self._problems, "POST /oauth/token")
         if status != 200 or not isinstance(payload, dict) or "access_token" not in payload:
             detail = _fault_text(payload) or f"HTTP {status}"
             raise AuthenticationFailed(f"{grant} grant refused: {detail}")
@@ -335,7 +311,7 @@ class DavantisClient:
 
     def _alarm(self, item: Mapping[str, Any]) -> Alarm:
         alarm_id = _alarm_id(item)
-        event = _as_int(item.get("idevent"))
+        event = as_id(item.get("idevent"))
         camera = item.get("idcamera")
         camera_id = None if camera is None else str(camera)
         description = str(item.get("description") or item.get("description_translation") or "")
@@ -344,7 +320,7 @@ class DavantisClient:
         # The device's own `started` text helps find the alarm again for its media; one we
         # could not read is not sent back to it.
         locator = {"alarm_id": alarm_id, "started": item.get("started") if readable else None}
-        alarm = Alarm(
+        return Alarm(
             site_id=self.site_id,
             vendor=VENDOR,
             source_id=str(alarm_id),
@@ -361,7 +337,6 @@ class DavantisClient:
                 self._media(MediaKind.VIDEO, item, "video_status", has_media, locator),
             ),
         )
-        return storable(alarm)  # no NUL, lone surrogate or NaN reaches the database
 
     def _armed(
         self, event: int | None, camera_id: str | None, item: Mapping[str, Any]
@@ -416,18 +391,15 @@ class DavantisClient:
 
     def _device_time(self, value: Any, alarm_id: int | None) -> tuple[datetime, bool]:
         """(the alarm's time in UTC, whether the device's value was readable)."""
-        try:
-            parsed = datetime.fromisoformat(str(value))
-            if parsed.tzinfo is None:  # the device's local time: its installation offset
-                parsed = parsed.replace(tzinfo=self._utc_offset or UTC)
-            return parsed.astimezone(UTC), True
-        except (ValueError, OverflowError):  # OverflowError: year 1 east of UTC, and such
-            self._problems.bad_input(
-                "bad_started",
-                f"alarm {alarm_id}: `started` {value!r:.100} is not a usable ISO 8601 time; "
-                "using now",
-            )
-            return datetime.now(UTC), False
+        # Without an offset it is the device's local time: its installation offset.
+        parsed = parse_time(value, self._utc_offset or UTC)
+        if parsed is not None:
+            return parsed, True
+        self._problems.bad_input(
+            "bad_started",
+            f"alarm {alarm_id}: `started` {value!r:.100} is not a usable ISO 8601 time; using now",
+        )
+        return datetime.now(UTC), False
 
     # ------------------------------------------------------------------ context
 
@@ -471,7 +443,7 @@ class DavantisClient:
     # ------------------------------------------------------------------ media
 
     async def media_status(self, kind: MediaKind, locator: Mapping[str, Any]) -> MediaProbe:
-        alarm_id = _as_int(locator.get("alarm_id"))
+        alarm_id = as_id(locator.get("alarm_id"))
         if alarm_id is None:
             return MediaProbe("unavailable", detail="no alarm id recorded for this media")
         item = await self._find_alarm(alarm_id, locator.get("started"))
@@ -557,8 +529,6 @@ class DavantisClient:
 
 # ---------------------------------------------------------------------- parsing helpers
 
-_MALFORMED: Any = object()
-
 
 def _error_code(payload: Any) -> str | None:
     if not isinstance(payload, dict):
@@ -591,20 +561,7 @@ def _raw_fault_text(payload: Any) -> str:
 
 
 def _alarm_id(item: Mapping[str, Any]) -> int | None:
-    return _as_int(item.get("id"))
-
-
-def _as_int(value: Any) -> int | None:
-    """A non-negative id from an int or ASCII digits (`"²".isdigit()` is true too)."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str):
-        text = value.strip()
-        if text.isascii() and text.isdigit() and len(text) <= MAX_INT_DIGITS:
-            return int(text)
-    return None
+    return as_id(item.get("id"))
 
 
 def _as_float(value: Any, *, default: float) -> float:
@@ -638,7 +595,7 @@ def _parse_offset(value: Any) -> timezone | None:
 
 
 def _resource_id(action: Action) -> int:
-    target = action.target.strip()
-    if not (target.isascii() and target.isdigit() and len(target) <= MAX_INT_DIGITS):
+    resource_id = as_id(action.target)
+    if resource_id is None:
         raise InvalidAction(f"target must be a numeric relay or input id, not {action.target!r}")
-    return int(target)
+    return resource_id

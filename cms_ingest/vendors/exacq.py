@@ -30,11 +30,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
+import aiohttp
 import structlog
 from pydantic import ConfigDict, Field
 
 from cms_ingest.domain import Action, ActionResult, Alarm, EventType, MediaKind, MediaRequest
-from cms_ingest.sitehttp import read_limited
 from cms_ingest.vendors.base import (
     ActionSpec,
     AuthenticationFailed,
@@ -49,7 +49,7 @@ from cms_ingest.vendors.base import (
     SiteOptions,
     VendorContext,
 )
-from cms_ingest.vendors.common import as_int, error_text, parse_json
+from cms_ingest.vendors.common import as_id, as_int, error_text, parse_time, read_json
 
 VENDOR = "exacq"
 log = structlog.get_logger("cms_ingest.vendors.exacq")
@@ -107,7 +107,6 @@ EVENT_TYPES: Mapping[int, EventType] = {
     28: EventType.INTRUSION,
 }  # every other type: system
 DEFAULT_EVENT_TYPES = (1, 2, 3, 21, 24, 27, 28)
-MAX_JSON_BYTES = 16 * 1024 * 1024
 INVENTORY_TTL_S = 3600.0
 HOLD_RESEND_S = 1.0  # a soft trigger drops to off ~3 s after the last `on`
 
@@ -122,10 +121,6 @@ class ExacqOptions(SiteOptions):
     pre_seconds: float = Field(default=10.0, ge=0)
     post_seconds: float = Field(default=20.0, ge=0)
     export_format: str = "mp4"
-
-
-class SessionExpired(Exception):
-    """The server no longer knows our session (any of its five ways of saying so)."""
 
 
 def event_key(item: Mapping[str, Any]) -> str | None:
@@ -180,8 +175,8 @@ class ExacqClient:
             "s": str(self._options.server),
         }
         async with self._http.request("POST", API.login, data=form) as response:
-            payload = parse_json(await read_limited(response, MAX_JSON_BYTES))
             status = response.status
+            payload = await read_json(response, self._problems, f"POST {API.login}")
         session = None
         if isinstance(payload, dict) and payload.get("success") is not False:
             session = next((payload[k] for k in API.session_keys if payload.get(k)), None)
@@ -206,18 +201,33 @@ class ExacqClient:
             query = [("s", session), *_pairs(params)]
             data = {**form, "s": session} if form is not None else None
             async with self._http.request(method, path, params=query, data=data) as response:
-                body = await read_limited(response, MAX_JSON_BYTES)
-                try:
-                    _raise_if_expired(response.status, response.headers, body)
-                except SessionExpired as exc:
-                    self._expire(session)
-                    if attempt == 2:
-                        raise AuthenticationFailed(
-                            f"{path}: session refused after a new login ({exc})"
-                        ) from None
-                    continue
-                return response.status, parse_json(body) if body else None
+                status = response.status
+                expired, payload = await self._answer(response, f"{method} {path}")
+            if not expired:
+                return status, payload
+            self._expire(session)
+            if attempt == 2:
+                raise AuthenticationFailed(
+                    f"{path}: session refused after a new login (HTTP {status})"
+                )
         raise AssertionError("unreachable")
+
+    async def _answer(self, response: aiohttp.ClientResponse, where: str) -> tuple[bool, Any]:
+        """(whether the answer says our session expired, its JSON or None), the body parsed once.
+
+        The five faces of an expired session (field notes): 401, 403, a redirect to login.web,
+        an HTML page with 200, and `success: false` in a 200 JSON answer.
+        """
+        status, headers = response.status, response.headers
+        if status in (401, 403):
+            return True, None
+        if status in (301, 302, 303, 307) and "login" in headers.get("Location", "").lower():
+            return True, None
+        if status == 200 and "text/html" in headers.get("Content-Type", ""):
+            return True, None  # the login page, not an answer: nothing to read
+        payload = await read_json(response, self._problems, where)
+        refused = status == 200 and isinstance(payload, dict) and payload.get("success") is False
+        return refused, payload
 
     # ------------------------------------------------------------------ inventory
 
@@ -299,24 +309,21 @@ class ExacqClient:
         )
 
     def _server_time(self, value: Any) -> datetime:
-        try:
-            parsed = datetime.fromisoformat(str(value))
-        except ValueError:
+        occurred = parse_time(value, self._server_tz)
+        if occurred is None:
             self._problems.bad_input(
-                "event_start", f"event start {value!r} is not RFC 3339; using now"
+                "event_start", f"event start {value!r:.100} is not RFC 3339; using now"
             )
             return datetime.now(UTC)
-        if parsed.tzinfo is None:
-            return parsed.replace(tzinfo=self._server_tz).astimezone(UTC)
-        offset = parsed.utcoffset()
+        offset = datetime.fromisoformat(value).utcoffset()  # parse_time read it: no error
         if offset is not None:
             self._server_tz = timezone(offset)  # exports are asked for in the server's offset
-        return parsed.astimezone(UTC)
+        return occurred
 
     # ------------------------------------------------------------------ media
 
     async def media_status(self, kind: MediaKind, locator: Mapping[str, Any]) -> MediaProbe:
-        camera, when = locator.get("camera"), _parse(locator.get("time"))
+        camera, when = locator.get("camera"), parse_time(locator.get("time"))
         if camera is None or when is None:
             return MediaProbe("unavailable", detail="the event has no camera")
         if kind is MediaKind.SNAPSHOT:
@@ -369,8 +376,8 @@ class ExacqClient:
             "GET", API.export, params=params, timeout_s=600.0, read_timeout_s=60.0
         ) as response:
             if response.status != 200 or response.content_type in ("text/html", "application/json"):
-                body = await read_limited(response, MAX_JSON_BYTES)
-                if _looks_expired(response.status, response.headers, body):
+                expired, _ = await self._answer(response, f"GET {API.export} download")
+                if expired:
                     self._expire(session)
                 raise MediaNotReady(f"export download answered {response.status}")
             yield Download(
@@ -399,8 +406,8 @@ class ExacqClient:
                         response.content.iter_chunked(65536),
                     )
                     return
-                body = await read_limited(response, MAX_JSON_BYTES)
-                if _looks_expired(response.status, response.headers, body):
+                expired, _ = await self._answer(response, f"GET {path}")
+                if expired:
                     self._expire(session)
                     raise MediaNotReady("session expired while fetching a frame; logging in again")
         raise MediaNotReady(f"no frame of camera {camera} yet")
@@ -421,7 +428,7 @@ class ExacqClient:
         if action.kind != "soft_trigger":
             raise InvalidAction(f"exacq has no action {action.kind!r} (it has: soft_trigger)")
         trigger = action.target.strip()
-        if not trigger.isdigit():
+        if as_id(trigger) is None:
             raise InvalidAction(f"target must be a numeric soft trigger id, not {action.target!r}")
         duration = action.params.get("duration_s", 10)
         if isinstance(duration, bool) or not isinstance(duration, int | float) or duration <= 0:
@@ -492,34 +499,6 @@ class ExacqClient:
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def _raise_if_expired(status: int, headers: Mapping[str, str], body: bytes) -> None:
-    if _looks_expired(status, headers, body):
-        raise SessionExpired(f"HTTP {status}")
-
-
-def _looks_expired(status: int, headers: Mapping[str, str], body: bytes) -> bool:
-    """The five faces of an expired session (field notes)."""
-    if status in (401, 403):
-        return True
-    if status in (301, 302, 303, 307) and "login" in headers.get("Location", "").lower():
-        return True
-    content_type = headers.get("Content-Type", "")
-    if status == 200 and "text/html" in content_type:
-        return True
-    if status == 200 and body[:1] == b"{":
-        payload = parse_json(body)
-        return isinstance(payload, dict) and payload.get("success") is False
-    return False
-
-
-def _parse(value: Any) -> datetime | None:
-    try:
-        parsed = datetime.fromisoformat(str(value))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def _pairs(params: Mapping[str, Any] | list[tuple[str, str]] | None) -> list[tuple[str, str]]:

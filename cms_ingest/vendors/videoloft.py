@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import math
 import random
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -41,7 +42,7 @@ import structlog
 from pydantic import ConfigDict, Field
 
 from cms_ingest.domain import Action, ActionResult, Alarm, EventType, MediaKind, MediaRequest
-from cms_ingest.sitehttp import SiteHttp, TransportError, read_limited
+from cms_ingest.sitehttp import SiteHttp, TransportError
 from cms_ingest.units import Duration
 from cms_ingest.vendors.base import (
     ActionSpec,
@@ -57,12 +58,19 @@ from cms_ingest.vendors.base import (
     SiteOptions,
     VendorContext,
 )
-from cms_ingest.vendors.common import error_text, parse_json
+from cms_ingest.vendors.common import (
+    MAX_JSON_DEPTH,
+    as_id,
+    error_text,
+    finite_float,
+    json_deeper_than,
+    no_json_constant,
+    read_json,
+)
 
 VENDOR = "videoloft"
 log = structlog.get_logger("cms_ingest.vendors.videoloft")
 
-MAX_JSON_BYTES = 16 * 1024 * 1024
 DEFAULT_TOKEN_TTL_S = 1200.0
 RENEW_AT = 0.75  # of the token's lifetime: 15 of 20 minutes
 TRIGGER_EVERY_S = 15.0
@@ -73,6 +81,8 @@ OFFLINE_STATES = frozenset({"offline", "novideo"})
 EVENT_TYPES = {"motion": EventType.MOTION, "audio": EventType.AUDIO}
 _END_FIELDS = ("endt", "endtt", "enddt", "end")
 _SECONDS_BEFORE = 100_000_000_000  # a "time" below this is in seconds, not milliseconds
+# What a datetime holds, in ms since the epoch: 0001-01-01 to 9999-12-31.
+_MIN_MS, _MAX_MS = -62_135_596_800_000, 253_402_300_799_999
 
 
 class VideoloftOptions(SiteOptions):
@@ -101,19 +111,29 @@ def token_lifetime(token: str) -> tuple[float, float] | None:
         except (ValueError, UnicodeDecodeError):
             continue
         parts = text.split(":")
-        if len(parts) >= 3 and parts[1].isdigit() and parts[2].isdigit():
-            return float(parts[1]), float(parts[2])
+        if len(parts) >= 3:
+            issued, ttl = as_id(parts[1]), as_id(parts[2])  # "²".isdigit(), but float("²") fails
+            if issued is not None and ttl is not None:
+                return float(issued), float(ttl)
     return None
 
 
 def _millis(value: Any) -> int | None:
+    """A time in ms from ms or s (a number or its text); None when it is not a usable time."""
     if isinstance(value, bool) or value is None:
         return None
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int past any float
         return None
-    return int(number * 1000 if number < _SECONDS_BEFORE else number)
+    if not math.isfinite(number):  # "nan", "inf", "1e999"
+        return None
+    return _datetime_ms(int(number * 1000 if number < _SECONDS_BEFORE else number))
+
+
+def _datetime_ms(millis: int) -> int | None:
+    """`millis` when a datetime can hold it, else None."""
+    return millis if _MIN_MS <= millis <= _MAX_MS else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,24 +147,28 @@ class VlAlert:
 
 
 def normalize_alert(item: Mapping[str, Any], uidd: str | None = None) -> VlAlert | None:
-    """One alert whatever its spelling; None when it has no usable id or device."""
-    alert_id = item.get("alert", item.get("id"))
+    """One alert whatever its spelling; None when it has no usable id, device or start."""
+    alert_id = as_id(item.get("alert", item.get("id")))
     device = item.get("uid") or item.get("uidd") or uidd
-    if isinstance(alert_id, str) and alert_id.isdigit():
-        alert_id = int(alert_id)
-    if not isinstance(alert_id, int) or isinstance(alert_id, bool) or not device:
+    if alert_id is None or not device:
         return None
-    start = _millis(item.get("startt")) or alert_id * 1000
+    start = _millis(item.get("startt")) or _datetime_ms(alert_id * 1000)
+    if start is None:
+        return None
     end = next((_millis(item[key]) for key in _END_FIELDS if item.get(key) is not None), None)
     return VlAlert(str(device), alert_id, start, end, str(item.get("type") or "motion"), dict(item))
 
 
 class StreamDecoder:
-    """Records from a long-poll body: SSE `data:` lines, NDJSON or back-to-back JSON."""
+    """Records from a long-poll body: SSE `data:` lines, NDJSON or back-to-back JSON.
+
+    Read like any device JSON (`common.load_json`): NaN, Infinity and numbers past a float
+    become None, and a record nested deeper than MAX_JSON_DEPTH is unreadable.
+    """
 
     def __init__(self) -> None:
         self._buffer = ""
-        self._decoder = json.JSONDecoder()
+        self._decoder = json.JSONDecoder(parse_constant=no_json_constant, parse_float=finite_float)
 
     def feed(self, chunk: str) -> tuple[list[Any], list[str]]:
         """(complete records, unreadable fragments) after adding `chunk`."""
@@ -169,15 +193,20 @@ class StreamDecoder:
                 continue
             try:
                 record, end = self._decoder.raw_decode(text)
-            except json.JSONDecodeError as exc:
-                if exc.pos >= len(text) - 1 or "\n" not in text:
+            except (json.JSONDecodeError, RecursionError) as exc:
+                # RecursionError: nested too deep to parse (perhaps not complete yet either).
+                at_end = isinstance(exc, json.JSONDecodeError) and exc.pos >= len(text) - 1
+                if at_end or "\n" not in text:
                     self._buffer = text  # incomplete: wait for more
                     break
                 line_end = text.find("\n")
                 garbage.append(text[:line_end][:200])
                 self._buffer = text[line_end + 1 :]
                 continue
-            records.append(record)
+            if json_deeper_than(record, MAX_JSON_DEPTH):
+                garbage.append(text[:end][:200])
+            else:
+                records.append(record)
             self._buffer = text[end:]
         return records, garbage
 
@@ -189,7 +218,6 @@ class StreamDecoder:
 class _Token:
     value: str | None = None
     renew_at: float = 0.0  # epoch
-    expires_at: float = 0.0
     cookie: str | None = None
 
 
@@ -197,13 +225,11 @@ class _Token:
 class _Device:
     uidd: str
     name: str
-    owner_alias: str | None
     logger: str | None = None
 
 
 @dataclass(slots=True)
 class _LiveStream:
-    logger: str
     uidds: frozenset[str]
     task: asyncio.Task[None]
 
@@ -280,7 +306,7 @@ class VideoloftClient:
         body = {"email": self._email, "password": self._password}
         for _hop in range(3):  # global authenticator -> regional one (at most a couple of hops)
             async with http.request("POST", "/login", json=body) as response:
-                payload = parse_json(await read_limited(response, MAX_JSON_BYTES))
+                payload = await read_json(response, self._problems, "POST /login")
                 status = response.status
                 cookie = _cookie(response)
             if status != 200 or not isinstance(payload, dict):
@@ -300,7 +326,7 @@ class VideoloftClient:
             params={"caller": "cookielogin"},
             headers={"Cookie": self._token.cookie},
         ) as response:
-            payload = parse_json(await read_limited(response, MAX_JSON_BYTES))
+            payload = await read_json(response, self._problems, "GET /login (cookie)")
             status = response.status
             cookie = _cookie(response)
         if status != 200 or not isinstance(payload, dict) or not _result(payload).get("authToken"):
@@ -318,7 +344,6 @@ class VideoloftClient:
         lifetime = token_lifetime(token)
         issued, ttl = lifetime if lifetime else (time.time(), DEFAULT_TOKEN_TTL_S)
         self._token.value = token
-        self._token.expires_at = issued + ttl
         self._token.renew_at = issued + ttl * RENEW_AT
         self._token.cookie = cookie
 
@@ -335,14 +360,14 @@ class VideoloftClient:
             token = await self._auth_token()
             headers = {"Authorization": f"ManythingToken {token}"}
             async with http.request("GET", path, params=params, headers=headers) as response:
-                body = await read_limited(response, MAX_JSON_BYTES)
+                payload = await read_json(response, self._problems, f"GET {path}")
                 status = response.status
             if status == 401 and attempt == 1:
                 self._invalidate(token)
                 continue
             if status == 401:
                 raise AuthenticationFailed(f"GET {path}: a fresh token is refused")
-            return status, parse_json(body)
+            return status, payload
         raise AssertionError("unreachable")
 
     # ------------------------------------------------------------------ devices
@@ -430,7 +455,7 @@ class VideoloftClient:
                 task = asyncio.create_task(
                     self._stream(logger, frozenset(uidds)), name=f"videoloft-live:{logger}"
                 )
-                self._streams[logger] = _LiveStream(logger, frozenset(uidds), task)
+                self._streams[logger] = _LiveStream(frozenset(uidds), task)
 
     async def _stream(self, logger: str, uidds: frozenset[str]) -> None:
         """Hold the long-poll until the planned reconnect, a drop, or an error."""
@@ -459,7 +484,8 @@ class VideoloftClient:
                 await asyncio.wait_for(self._read_stream(response, logger, decoder), timeout=hold)
         except TimeoutError:
             return  # the planned reconnect, ahead of the server's cut
-        except (TransportError, aiohttp.ClientError) as exc:
+        except (TransportError, BadDeviceResponse, aiohttp.ClientError) as exc:
+            # BadDeviceResponse: e.g. a token renewal answered over the size cap.
             log.info("videoloft_live_dropped", site_id=self.site_id, logger=logger, error=str(exc))
             if isinstance(exc, TransportError) and not exc.sent:
                 self._stream_failed(logger, str(exc))  # could not even connect
@@ -572,9 +598,12 @@ class VideoloftClient:
             return
         if kind == "alert":
             alert = normalize_alert(data)
-            if alert is None or alert.uidd not in self._devices:
-                return
-            alerts[(alert.uidd, alert.id)] = alert
+            if alert is None:
+                self._problems.bad_input(
+                    "alert_without_id", f"live alert without a usable id or start: {data!r:.200}"
+                )
+            elif alert.uidd in self._devices:
+                alerts[(alert.uidd, alert.id)] = alert
         elif kind == "liveSession":
             uidd = str(data.get("uidd") or data.get("uid") or "")
             status = data.get("status")
@@ -620,7 +649,9 @@ class VideoloftClient:
         for item in items:
             alert = normalize_alert(item, uidd) if isinstance(item, dict) else None
             if alert is None:
-                self._problems.bad_input("alert_without_id", f"alert without an id: {item!r:.200}")
+                self._problems.bad_input(
+                    "alert_without_id", f"alert without a usable id or start: {item!r:.200}"
+                )
             else:
                 alerts.append(alert)
         return alerts
@@ -902,7 +933,6 @@ def _flatten_devices(result: Any) -> dict[str, _Device]:
     for owner in result.values():
         if not isinstance(owner, dict) or not isinstance(owner.get("devices"), dict):
             continue
-        alias = owner.get("alias")
         for item in owner["devices"].values():
             uidd_value = item.get("uidd") or item.get("uid") if isinstance(item, dict) else None
             if isinstance(item, dict) and uidd_value:
@@ -910,7 +940,6 @@ def _flatten_devices(result: Any) -> dict[str, _Device]:
                 devices[uidd] = _Device(
                     uidd=uidd,
                     name=str(item.get("phonename") or uidd),
-                    owner_alias=str(alias) if alias else None,
                     logger=str(item["logger"]) if item.get("logger") else None,
                 )
     return devices
