@@ -4,19 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import asyncpg
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 from pydantic import SecretStr
 
 from cms_ingest.config import ActionsConfig, AppConfig, MediaConfig, SiteConfig
+from cms_ingest.metrics import REGISTRY
 from cms_ingest.runtime.daemon import Daemon, run_daemon
+from tests.conftest import eventually
 
 # What each vendor's simulator accepts by default.
 CREDENTIALS: dict[str, dict[str, Any]] = {
@@ -111,6 +119,94 @@ async def spawn_daemon(
             stderr=handle,
             env=dict(env) if env is not None else {**os.environ, "SITE_PASSWORD": "secret"},
         )
+
+
+@contextlib.asynccontextmanager
+async def daemon_process(
+    config: Path, log: Path, env: Mapping[str, str] | None = None
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`spawn_daemon`, killed at the end if the test did not stop it."""
+    process = await spawn_daemon(config, log, env)
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (at the moment of asking)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def ready(port: int) -> bool:
+    """Does the daemon listening on `port` answer /readyz with 200? False when it does not
+    answer at all (not started yet, or gone)."""
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(
+                f"http://127.0.0.1:{port}/readyz", timeout=aiohttp.ClientTimeout(total=1)
+            ) as response,
+        ):
+            return response.status == 200
+    except (aiohttp.ClientError, TimeoutError):
+        return False
+
+
+async def metrics(port: int) -> list[Sample]:
+    """Every sample the daemon listening on `port` exposes at /metrics (it must answer)."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(
+            f"http://127.0.0.1:{port}/metrics", timeout=aiohttp.ClientTimeout(total=2)
+        ) as response,
+    ):
+        assert response.status == 200, response.status
+        body = await response.text()
+    return [sample for family in text_string_to_metric_families(body) for sample in family.samples]
+
+
+def metric_sum(samples: list[Sample], name: str, **labels: str) -> float | None:
+    """The sum of the samples called `name` whose labels include `labels`; None if none is."""
+    values = [
+        sample.value
+        for sample in samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    ]
+    return float(sum(values)) if values else None
+
+
+def sample(name: str, **labels: str) -> float:
+    """A sample of this process's metrics (a daemon run in-process); 0 when not there yet."""
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def log_events(log: Path, name: str | None = None) -> list[dict[str, Any]]:
+    """The JSON log lines of a daemon's log file (`log_format: json`), those of event `name`
+    only when given; lines that are not JSON objects are skipped."""
+    found = []
+    for line in log.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and (name is None or record.get("event") == name):
+            found.append(record)
+    return found
+
+
+async def final(db: asyncpg.Connection, action_id: int, timeout: float = 10) -> asyncpg.Record:
+    """The `actions` row once it has finished (succeeded, failed or expired)."""
+
+    async def done() -> asyncpg.Record | None:
+        row = await db.fetchrow("SELECT * FROM actions WHERE id = $1", action_id)
+        return row if row["state"] in ("succeeded", "failed", "expired") else None
+
+    return await eventually(done, timeout=timeout, what=f"action {action_id} to finish")
 
 
 def self_signed_certificate(folder: Path) -> tuple[Path, Path]:

@@ -10,8 +10,7 @@ from typing import Any
 import asyncpg
 
 from cms_ingest.simulators.davantis import DavantisSimulator, DavantisSite
-from tests.conftest import eventually
-from tests.support import app_config, davantis_site, running_daemon
+from tests.support import app_config, davantis_site, final, running_daemon
 
 
 async def insert_action(
@@ -31,14 +30,6 @@ async def insert_action(
             *values,
         )
     )
-
-
-async def final(db: asyncpg.Connection, action_id: int) -> asyncpg.Record:
-    async def done() -> asyncpg.Record | None:
-        row = await db.fetchrow("SELECT * FROM actions WHERE id = $1", action_id)
-        return row if row["state"] in ("succeeded", "failed", "expired") else None
-
-    return await eventually(done, timeout=10, what=f"action {action_id} to finish")
 
 
 async def test_every_davantis_action_kind(

@@ -13,7 +13,7 @@ import pytest
 from cms_ingest.simulators.camstreamer import CamStreamerAccount, CamStreamerSimulator
 from cms_ingest.vendors.camstreamer import BudgetExhausted, QueryBudget, check_site
 from tests.conftest import eventually
-from tests.support import app_config, camstreamer_site, running_daemon
+from tests.support import app_config, camstreamer_site, final, running_daemon
 
 GATE = "ACCC8EE8A9CA"
 
@@ -158,8 +158,6 @@ async def test_expired_token_is_renewed_with_oauth(
 async def test_output_action_on_then_off(
     database_url: str, db: asyncpg.Connection, tmp_path: Path
 ) -> None:
-    from tests.test_actions import final
-
     account = CamStreamerAccount()
     async with CamStreamerSimulator({"default": account}) as sim:
         config = app_config(

@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 import sys
 from pathlib import Path
 
-from cms_ingest.metrics import TASK_RESTARTS
 from cms_ingest.retry import RetryPolicy
 from cms_ingest.runtime.supervisor import Supervisor
 from cms_ingest.simulators.davantis import DavantisSimulator, DavantisSite
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.support import free_port, sample
 
 
 async def test_demo_shows_alarms_media_and_stops_by_itself(tmp_path: Path) -> None:
@@ -153,13 +146,13 @@ async def test_a_dying_task_is_restarted_and_others_keep_running() -> None:
             healthy_ticks += 1
             await asyncio.sleep(0.01)
 
-    before = TASK_RESTARTS.labels(task="flaky")._value.get()
+    before = sample("cms_ingest_task_restarts_total", task="flaky")
     fast = RetryPolicy(base=0.05, factor=2, cap=0.2, jitter=0)
     supervisor.start("flaky", flaky, policy=fast)
     supervisor.start("steady", steady)
     await asyncio.wait_for(recovered.wait(), timeout=5)
     assert runs == 3
-    assert TASK_RESTARTS.labels(task="flaky")._value.get() - before == 2
+    assert sample("cms_ingest_task_restarts_total", task="flaky") - before == 2
     assert supervisor.names == ["flaky", "steady"]
     ticks = healthy_ticks
     await asyncio.sleep(0.05)

@@ -12,7 +12,7 @@ import pytest
 from cms_ingest.simulators.exacq import ExacqSimulator, ExacqSite
 from cms_ingest.vendors.exacq import API, event_key
 from tests.conftest import eventually
-from tests.support import app_config, exacq_site, running_daemon
+from tests.support import app_config, exacq_site, final, running_daemon
 
 
 async def alarm_rows(db: asyncpg.Connection) -> list[asyncpg.Record]:
@@ -25,6 +25,12 @@ async def count_at_least(db: asyncpg.Connection, n: int) -> bool:
 
 async def has_cursor(db: asyncpg.Connection) -> bool:
     return bool(await db.fetchval("SELECT count(*) FROM site_state WHERE cursor IS NOT NULL"))
+
+
+async def more_polls(site: ExacqSite, n: int) -> None:
+    """Until the daemon has polled the site's events `n` more times."""
+    target = site.requests["GET /v1/events.web"] + n
+    await eventually(lambda: site.requests["GET /v1/events.web"] >= target, what=f"{n} polls")
 
 
 def test_event_identity_without_id() -> None:
@@ -45,18 +51,12 @@ async def test_a_lasting_event_is_one_alarm_also_across_a_restart(
         async with running_daemon(config):
             event = site.activate_event(1, 11)
             await eventually(lambda: count_at_least(db, 1), what="the event")
-            polls = site.requests["GET /v1/events.web"]
-            await eventually(
-                lambda: site.requests["GET /v1/events.web"] >= polls + 20, what="20 more polls"
-            )
+            await more_polls(site, 20)
         async with running_daemon(config):  # still active after the restart: not new
-            polls = site.requests["GET /v1/events.web"]
-            await eventually(
-                lambda: site.requests["GET /v1/events.web"] >= polls + 20, what="polls"
-            )
+            await more_polls(site, 20)
             assert len(await alarm_rows(db)) == 1
             site.end_event(event)
-            await asyncio.sleep(0.3)
+            await more_polls(site, 2)  # the daemon has seen it end
             site.activate_event(1, 11)  # ends and starts again: a second alarm
             await eventually(lambda: count_at_least(db, 2), what="the recurrence")
             rows = await alarm_rows(db)
@@ -77,7 +77,7 @@ async def test_event_types_map_and_filter(
             for kind in (1, 2, 3, 21, 24, 27, 28, 11):  # 11 (storage) is not in the default filter
                 site.activate_event(kind, 12)
             await eventually(lambda: count_at_least(db, 7), what="7 events")
-            await asyncio.sleep(0.3)
+            await more_polls(site, 2)  # time for the storage event to land, were it let through
             rows = await alarm_rows(db)
             got = sorted((int(r["vendor_event"]), r["event_type"]) for r in rows)
             assert got == [
@@ -158,8 +158,6 @@ async def test_frame_and_a_slow_export(
 async def test_soft_trigger_held_for_5_s_then_off(
     database_url: str, db: asyncpg.Connection, tmp_path: Path
 ) -> None:
-    from tests.test_actions import final
-
     site = ExacqSite()
     async with ExacqSimulator({"default": site}) as sim:
         config = app_config(database_url, tmp_path, [exacq_site("x1", sim.url())])

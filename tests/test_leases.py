@@ -27,7 +27,6 @@ import itertools
 import json
 import random
 import signal
-import socket
 import time
 import uuid
 from collections import Counter
@@ -48,7 +47,7 @@ from cms_ingest.domain import Alarm, EventType
 from cms_ingest.runtime.leases import fair_share
 from cms_ingest.simulators.davantis import DavantisSimulator, DavantisSite
 from tests.conftest import eventually
-from tests.support import spawn_daemon
+from tests.support import free_port, log_events, metric_sum, metrics, ready, spawn_daemon
 
 # ============================================================== unit level: fair_share
 
@@ -299,12 +298,6 @@ CREATE TRIGGER lease_test_audit AFTER INSERT OR UPDATE ON site_state
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @dataclasses.dataclass
 class Node:
     name: str  # its instance_id
@@ -315,15 +308,7 @@ class Node:
     process: asyncio.subprocess.Process | None = None
 
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
-        found = []
-        for line in self.log.read_text(errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and (name is None or record.get("event") == name):
-                found.append(record)
-        return found
+        return log_events(self.log, name)
 
 
 class Cluster:
@@ -364,7 +349,7 @@ class Cluster:
         )
         await self.db.execute(f'GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO "{role}"')
         url = make_url(plain_url(self.database_url)).set(username=role)
-        port = _free_port()
+        port = free_port()
         lines = [
             f"database_url: '{url.render_as_string(hide_password=False)}'",
             f"data_dir: {self.tmp / ('data-' + name)}",
@@ -458,19 +443,6 @@ class Cluster:
         except (aiohttp.ClientError, TimeoutError):
             return None
 
-    async def metrics(self, name: str) -> dict[str, float]:
-        """Metric name -> value summed over its label sets."""
-        async with self.http.get(f"http://127.0.0.1:{self.nodes[name].port}/metrics") as r:
-            body = await r.text()
-        values: dict[str, float] = {}
-        for line in body.splitlines():
-            if not line or line.startswith("#"):
-                continue
-            key, _, value = line.rpartition(" ")
-            metric = key.split("{", 1)[0]
-            values[metric] = values.get(metric, 0.0) + float(value)
-        return values
-
     async def counters(self, names: Iterable[str]) -> dict[str, dict[str, float]]:
         wanted = (
             "cms_ingest_sites_owned",
@@ -482,8 +454,10 @@ class Cluster:
         )
         out = {}
         for name in names:
-            values = await self.metrics(name)
-            out[name] = {m.removeprefix("cms_ingest_"): values.get(m, 0.0) for m in wanted}
+            samples = await metrics(self.nodes[name].port)
+            out[name] = {
+                m.removeprefix("cms_ingest_"): metric_sum(samples, m) or 0.0 for m in wanted
+            }
         return out
 
     async def split_is(self, expected: dict[str, int]) -> bool:
@@ -495,7 +469,6 @@ class Cluster:
             return False
         if Counter(owners.values()) != Counter(expected):
             return False
-        seen: set[str] = set()
         for name, count in expected.items():
             status = await self.status(name)
             if status is None or status["instance"] != name or status["sites_owned"] != count:
@@ -503,15 +476,14 @@ class Cluster:
             if sorted(status["live_daemons"]) != sorted(expected):
                 return False
             mine = {s["site_id"] for s in status["sites"] if s["owned"]}
-            if mine != {site for site, owner in owners.items() if owner == name} or mine & seen:
+            if mine != {site for site, owner in owners.items() if owner == name}:
                 return False
-            seen |= mine
-            gauges = await self.metrics(name)
-            if gauges.get("cms_ingest_sites_owned") != count:
+            gauges = await metrics(self.nodes[name].port)
+            if metric_sum(gauges, "cms_ingest_sites_owned") != count:
                 return False
-            if gauges.get("cms_ingest_daemons_live") != len(expected):
+            if metric_sum(gauges, "cms_ingest_daemons_live") != len(expected):
                 return False
-        return seen == set(self.site_ids)
+        return True
 
     async def wait_split(self, expected: dict[str, int], *, timeout: float, what: str) -> float:
         started = time.monotonic()
@@ -523,11 +495,19 @@ class Cluster:
         return time.monotonic() - started
 
     async def ready(self, name: str) -> bool:
-        try:
-            async with self.http.get(f"http://127.0.0.1:{self.nodes[name].port}/readyz") as r:
-                return r.status == 200
-        except (aiohttp.ClientError, TimeoutError):
-            return False
+        return await ready(self.nodes[name].port)
+
+    async def held_by(self, sites: set[str], *names: str) -> bool:
+        """Is every one of `sites` held (live lease) by one of the daemons `names`?"""
+        owners = await self.live_owners()
+        return all(owners.get(site) in names for site in sites)
+
+    async def stall(self, name: str, what: str, seconds: float) -> None:
+        """`name`'s next alarm insert ('alarm') or its leaving the membership ('leave')
+        sleeps `seconds` inside its transaction (see lease_test_stall)."""
+        await self.db.execute(
+            "INSERT INTO lease_test_stall VALUES ($1, $2, $3)", self.nodes[name].role, what, seconds
+        )
 
     # ---------------------------------------------------------------- the stream
 
@@ -568,23 +548,16 @@ class Cluster:
         rows = await self.db.fetch(
             "SELECT site_id, source_id FROM alarms WHERE vendor = 'davantis'"
         )
-        stored: dict[str, list[int]] = {s: [] for s in self.site_ids}
+        # Once each: the unique key on (site_id, source_id) sees to that.
+        stored: dict[str, set[int]] = {s: set() for s in self.site_ids}
         for row in rows:
-            stored[row["site_id"]].append(int(row["source_id"]))
+            stored[row["site_id"]].add(int(row["source_id"]))
         for site, ids in expected.items():
             got = sorted(stored[site])
-            assert len(got) == len(set(got)), f"{site}: duplicates"
             missing = sorted(set(ids) - set(got))
             extra = sorted(set(got) - set(ids))
             assert not missing and not extra, f"{site}: lost {missing[:10]}, extra {extra[:10]}"
             assert got == list(range(1, len(got) + 1)), f"{site}: not continuous"
-        # Duplicates would also show as a second insert in the audit (the unique key absorbs
-        # a replay silently in `alarms`, but no row is inserted twice either way).
-        twice = await self.db.fetchval(
-            "SELECT count(*) FROM (SELECT site_id, what FROM lease_test_audit WHERE kind = "
-            "'alarm' GROUP BY 1, 2 HAVING count(*) > 1) d"
-        )
-        assert twice == 0
         return total
 
     # ---------------------------------------------------------------- the audit
@@ -603,6 +576,13 @@ class Cluster:
         assert not strangers, f"rows written by someone else: {strangers[:5]}"
         wrong = [dict(r) for r in rows if names[r["written_by"]] != r["lease_owner"]]
         assert not wrong, f"{len(wrong)} rows written without the lease, e.g. {wrong[:5]}"
+        return rows
+
+    async def finish(self, label: str) -> list[asyncpg.Record]:
+        """`finish_stream` and `assert_no_split_brain`, with the figure; returns the audit."""
+        total = await self.finish_stream()
+        rows = await self.assert_no_split_brain()
+        figure(f"{label}: {total} alarms generated, lost 0")
         return rows
 
 
@@ -657,13 +637,12 @@ async def test_sigkill_mid_stream_sites_move_within_the_ttl_nothing_lost_or_doub
         c.signal("d2", signal.SIGKILL)
         assert await c.exit_code("d2", timeout=10) == -signal.SIGKILL
         dead_at = await c.db_now()  # nothing of d2's can commit after this
-
-        async def moved() -> bool:
-            owners = await c.live_owners()
-            return all(owners.get(site) in ("d1", "d3") for site in victim)
-
         bound = FAST_TTL + 5
-        await eventually(moved, timeout=bound + 5, what="d2's sites held by d1/d3")
+        await eventually(
+            lambda: c.held_by(victim, "d1", "d3"),
+            timeout=bound + 5,
+            what="d2's sites held by d1/d3",
+        )
         takeover_s = time.monotonic() - started
         split_s = takeover_s + await c.wait_split(
             {"d1": 6, "d3": 6}, timeout=10, what="6/6 after the kill"
@@ -692,11 +671,11 @@ async def test_sigkill_mid_stream_sites_move_within_the_ttl_nothing_lost_or_doub
         assert took == 4, (before, after)  # taken over from an expired lease, not handed
         assert all(after[n]["leases_lost_total"] == 0 for n in after), after
         assert all(after[n]["daemons_live"] == 2 for n in after), after
-        total = await c.finish_stream()
-        rows = await c.assert_no_split_brain()
-        holders = {r["lease_owner"] for r in rows if r["site_id"] in victim and r["at"] > dead_at}
-        assert holders <= {"d1", "d3"}, holders
-        figure(f"sigkill: {total} alarms generated, lost 0, duplicates 0")
+        rows = await c.finish("sigkill")
+        late = [
+            dict(r) for r in rows if r["written_by"] == c.nodes["d2"].role and r["at"] > dead_at
+        ]
+        assert not late, f"d2 wrote after it was killed: {late[:5]}"
 
 
 @pytest.mark.timeout(150)
@@ -722,13 +701,12 @@ async def test_sigstop_past_the_ttl_then_sigcont_commits_nothing_for_the_lost_si
         # Paused between two transactions: a pause inside one is the next test's case.
         await c.stop_outside_a_transaction("d3")
         pause = 3 * FAST_TTL
-
-        async def moved() -> bool:
-            owners = await c.live_owners()
-            return all(owners.get(site) in ("d1", "d2") for site in victim)
-
         try:
-            await eventually(moved, timeout=pause - 0.5, what="d3's sites held by d1/d2")
+            await eventually(
+                lambda: c.held_by(victim, "d1", "d2"),
+                timeout=pause - 0.5,
+                what="d3's sites held by d1/d2",
+            )
         except AssertionError:
             stuck = await db.fetch(
                 "SELECT state, now() - xact_start AS in_tx, query FROM pg_stat_activity "
@@ -782,8 +760,7 @@ async def test_sigstop_past_the_ttl_then_sigcont_commits_nothing_for_the_lost_si
         assert delta["d3"]["lease_takeovers_total"] == 0, "d3 got its share back by hand-off"
         assert delta["d1"]["lease_handoffs_total"] + delta["d2"]["lease_handoffs_total"] == 4
         await c.more_alarms(2 * SITES)
-        total = await c.finish_stream()
-        rows = await c.assert_no_split_brain()
+        rows = await c.finish("sigstop")
         # Spelled out for d3: from the take-over on it wrote nothing for a site it had lost,
         # neither alarms nor cursors, until (and unless) it was handed that site again.
         reacquired = {
@@ -803,7 +780,6 @@ async def test_sigstop_past_the_ttl_then_sigcont_commits_nothing_for_the_lost_si
             and taken_at[r["site_id"]] < r["at"] < reacquired.get(r["site_id"], never)
         ]
         assert not late, f"d3 wrote for sites it had lost: {late[:5]}"
-        figure(f"sigstop: {total} alarms generated, lost 0, duplicates 0")
 
 
 @pytest.mark.timeout(150)
@@ -848,15 +824,13 @@ async def test_a_fourth_daemon_joins_and_gets_its_share_by_handoff_without_a_gap
         await c.more_alarms(2 * SITES)
         # No gap: every alarm generated before, during and after the rebalance is stored once,
         # and the moved sites' alarms were written by their holder of the moment.
-        total = await c.finish_stream()
-        rows = await c.assert_no_split_brain()
+        rows = await c.finish("join")
         writers = {
             r["lease_owner"]
             for r in rows
             if r["site_id"] in {m["site_id"] for m in moved} and r["at"] > joined_at
         }
         assert "d4" in writers, writers
-        figure(f"join: {total} alarms generated, lost 0, duplicates 0")
 
 
 @pytest.mark.timeout(150)
@@ -869,12 +843,11 @@ async def test_sigterm_hands_the_sites_over_at_once_and_exits_0(
         before = await c.counters(["d1", "d3"])
         started = time.monotonic()
         c.signal("d2", signal.SIGTERM)
-
-        async def moved() -> bool:
-            owners = await c.live_owners()
-            return all(owners.get(site) in ("d1", "d3") for site in leaving)
-
-        await eventually(moved, timeout=SLOW_TTL, what="d2's sites held by d1/d3")
+        await eventually(
+            lambda: c.held_by(leaving, "d1", "d3"),
+            timeout=SLOW_TTL,
+            what="d2's sites held by d1/d3",
+        )
         moved_s = time.monotonic() - started
         code = await c.exit_code("d2", timeout=15)
         exit_s = time.monotonic() - started
@@ -899,9 +872,7 @@ async def test_sigterm_hands_the_sites_over_at_once_and_exits_0(
         live = await db.fetchval("SELECT count(*) FROM daemons WHERE expires_at > now()")
         assert live == 2, "d2 left the membership"
         await c.more_alarms(2 * SITES)
-        total = await c.finish_stream()
-        await c.assert_no_split_brain()
-        figure(f"sigterm: {total} alarms generated, lost 0, duplicates 0")
+        await c.finish("sigterm")
 
 
 @pytest.mark.timeout(150)
@@ -913,9 +884,7 @@ async def test_sigstop_inside_a_commit_its_sites_still_move_within_the_ttl(
         victim = await c.sites_of("d3")
         # d3's next alarm insert sleeps inside its commit (lease rows share-locked by the
         # fencing check); it is frozen right there, as a paused VM or a SIGSTOP would.
-        await db.execute(
-            "INSERT INTO lease_test_stall VALUES ($1, 'alarm', 1.0)", c.nodes["d3"].role
-        )
+        await c.stall("d3", "alarm", 1.0)
 
         async def sleeping() -> bool:
             return any(t["wait_event"] == "PgSleep" for t in await c.open_transactions("d3"))
@@ -923,14 +892,13 @@ async def test_sigstop_inside_a_commit_its_sites_still_move_within_the_ttl(
         await eventually(sleeping, timeout=10, what="d3 inside its commit")
         started = time.monotonic()
         c.signal("d3", signal.SIGSTOP)
-
-        async def moved() -> bool:
-            owners = await c.live_owners()
-            return all(owners.get(site) in ("d1", "d2") for site in victim)
-
         bound = FAST_TTL + 5
         try:
-            await eventually(moved, timeout=bound, what="d3's sites held by d1/d2")
+            await eventually(
+                lambda: c.held_by(victim, "d1", "d2"),
+                timeout=bound,
+                what="d3's sites held by d1/d2",
+            )
         except AssertionError:
             owners = await c.live_owners()
             stuck = sorted(s for s in victim if owners.get(s) not in ("d1", "d2"))
@@ -946,9 +914,7 @@ async def test_sigstop_inside_a_commit_its_sites_still_move_within_the_ttl(
             ) from None
         figure(f"sigstop inside a commit: taken over after {time.monotonic() - started:.2f} s")
         c.signal("d3", signal.SIGCONT)
-        total = await c.finish_stream()
-        await c.assert_no_split_brain()
-        figure(f"sigstop inside a commit: {total} alarms generated, lost 0, duplicates 0")
+        await c.finish("sigstop inside a commit")
 
 
 @pytest.mark.timeout(150)
@@ -960,20 +926,16 @@ async def test_sigterm_with_a_slow_leave_still_hands_the_sites_over_at_once(
         leaving = await c.sites_of("d2")
         # d2's DELETE from `daemons` (leaving the membership) takes 0.3 s, as a busy
         # database may; its leases are released just before it.
-        await db.execute(
-            "INSERT INTO lease_test_stall VALUES ($1, 'leave', 0.3)", c.nodes["d2"].role
-        )
+        await c.stall("d2", "leave", 0.3)
         started = time.monotonic()
         c.signal("d2", signal.SIGTERM)
-
-        async def moved() -> bool:
-            owners = await c.live_owners()
-            return all(owners.get(site) in ("d1", "d3") for site in leaving)
-
-        await eventually(moved, timeout=SLOW_TTL, what="d2's sites held by d1/d3")
+        await eventually(
+            lambda: c.held_by(leaving, "d1", "d3"),
+            timeout=SLOW_TTL,
+            what="d2's sites held by d1/d3",
+        )
         moved_s = time.monotonic() - started
         figure(f"sigterm with a 0.3 s leave: d2's sites held by d1/d3 after {moved_s:.2f} s")
         assert await c.exit_code("d2", timeout=15) == 0
-        await c.finish_stream()
-        await c.assert_no_split_brain()
+        await c.finish("sigterm with a 0.3 s leave")
         assert moved_s < 1.5, f"{moved_s:.2f} s: a survivor waited for its next keeper tick"

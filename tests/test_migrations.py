@@ -67,7 +67,8 @@ async def test_inserts_are_announced(database_url: str) -> None:
         assert duplicate == "INSERT 0 0"
         defaults = await writer.fetchrow("SELECT * FROM actions WHERE id = $1", action_id)
         assert defaults["state"] == "queued" and defaults["attempts"] == 0
-        assert defaults["requested_at"] is not None
+        age = await writer.fetchval("SELECT now() - $1::timestamptz", defaults["requested_at"])
+        assert abs(age.total_seconds()) < 5, age  # DEFAULT now(): stamped at the insert
     finally:
         await writer.close()
         await listener.close()

@@ -23,7 +23,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -32,23 +31,16 @@ import aiohttp
 import asyncpg
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from cms_ingest.simulators.davantis import DavantisSimulator, DavantisSite
 from tests.conftest import eventually
-from tests.support import spawn_daemon
+from tests.support import daemon_process, free_port, log_events, metric_sum, metrics, ready
 
 PASSWORD = "secret"
 INTRUSION = 11  # Davantis idevent -> event_type intrusion (built-in priority 1)
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def site(site_id: str, sim: DavantisSimulator, **extra: Any) -> dict[str, Any]:
@@ -98,15 +90,7 @@ class RunningDaemon:
         self.log = log
 
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
-        found = []
-        for line in self.log.read_text(errors="replace").splitlines():
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(entry, dict) and (name is None or entry.get("event") == name):
-                found.append(entry)
-        return found
+        return log_events(self.log, name)
 
     def sighup(self) -> None:
         self.process.send_signal(signal.SIGHUP)
@@ -136,21 +120,10 @@ class RunningDaemon:
 
     async def metric(self, name: str, **labels: str) -> float | None:
         """A sample of /metrics, or None when the series does not exist."""
-        code, body = await self.get("/metrics")
-        assert code == 200
-        for family in text_string_to_metric_families(body):
-            for sample in family.samples:
-                if sample.name == name and all(
-                    sample.labels.get(k) == v for k, v in labels.items()
-                ):
-                    return float(sample.value)
-        return None
+        return metric_sum(await metrics(self.port), name, **labels)
 
     async def ready(self) -> bool:
-        try:
-            return (await self.get("/readyz"))[0] == 200
-        except aiohttp.ClientError:
-            return False
+        return await ready(self.port)
 
 
 @contextlib.asynccontextmanager
@@ -159,19 +132,15 @@ async def running_daemon(
 ) -> AsyncIterator[RunningDaemon]:
     """The daemon started from `config`, ready, every named site polled once; SIGTERM after
     (and a check that it stopped cleanly)."""
-    process = await spawn_daemon(config, log, {**os.environ, "SITE_PASSWORD": PASSWORD})
-    daemon = RunningDaemon(process, port, log)
-    try:
+    env = {**os.environ, "SITE_PASSWORD": PASSWORD}
+    async with daemon_process(config, log, env) as process:  # killed if the test failed
+        daemon = RunningDaemon(process, port, log)
         await eventually(daemon.ready, timeout=20, what="daemon ready")
         await eventually(lambda: daemon.sites_up(*site_ids), timeout=15, what="sites polled")
         yield daemon
         assert process.returncode is None, f"the daemon died: {log.read_text()[-3000:]}"
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), timeout=15) == 0
-    finally:
-        if process.returncode is None:  # a failed test: do not leave it running
-            process.kill()
-            await process.wait()
 
 
 async def stored(db: asyncpg.Connection, site_id: str) -> dict[int, asyncpg.Record]:

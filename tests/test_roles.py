@@ -35,7 +35,7 @@ from cms_ingest.db.engine import (
 from cms_ingest.runtime.daemon import Daemon, run_daemon
 from cms_ingest.simulators.davantis import DavantisSimulator, DavantisSite
 from tests.conftest import eventually, scratch_database
-from tests.support import app_config, davantis_site, running_daemon
+from tests.support import app_config, davantis_site, final, running_daemon
 
 ROLES_SQL = Path(__file__).resolve().parent.parent / "deploy" / "sql" / "roles.sql"
 ROLES = ("cms_migrator", "cms_daemon", "cms_operator")
@@ -152,12 +152,23 @@ async def refused(connection: asyncpg.Connection, statement: str, *args: Any) ->
     """`statement` fails with SQLSTATE 42501, and with nothing else."""
     try:
         await connection.execute(statement, *args)
-    except asyncpg.exceptions.InsufficientPrivilegeError as exc:
-        sqlstate = exc.sqlstate
+    except asyncpg.PostgresError as exc:
+        error = exc
     else:
         user = await connection.fetchval("SELECT current_user")
         raise AssertionError(f"{user} was allowed: {statement}")
-    assert sqlstate == "42501"
+    assert error.sqlstate == "42501", f"{statement}: {error.sqlstate} {error}"
+
+
+async def schema_owners(connection: asyncpg.Connection) -> list[tuple[str, str]]:
+    """(name, owner) of every relation and function in the public schema."""
+    rows = await connection.fetch(
+        "SELECT c.relname AS name, c.relowner::regrole::text AS owner FROM pg_class c "
+        "WHERE c.relnamespace = 'public'::regnamespace "
+        "UNION ALL SELECT p.proname, p.proowner::regrole::text FROM pg_proc p "
+        "WHERE p.pronamespace = 'public'::regnamespace"
+    )
+    return [(row["name"], row["owner"]) for row in rows]
 
 
 async def insert_alarm(connection: asyncpg.Connection, source_id: str = "1") -> int:
@@ -337,14 +348,9 @@ async def test_migrator_owns_the_schema_and_its_new_tables_reach_the_daemon_only
     migrator = await as_role("cms_migrator")
     daemon = await as_role("cms_daemon")
     operator = await as_role("cms_operator")
-    owners = await migrator.fetch(
-        "SELECT c.relname, c.relowner::regrole::text AS owner FROM pg_class c "
-        "WHERE c.relnamespace = 'public'::regnamespace "
-        "UNION ALL SELECT p.proname, p.proowner::regrole::text FROM pg_proc p "
-        "WHERE p.pronamespace = 'public'::regnamespace"
-    )
-    assert {row["owner"] for row in owners} == {"cms_migrator"}
-    assert {"cms_alarms_notify", "cms_actions_notify"} <= {row["relname"] for row in owners}
+    owners = await schema_owners(migrator)
+    assert {owner for _, owner in owners} == {"cms_migrator"}
+    assert {"cms_alarms_notify", "cms_actions_notify"} <= {name for name, _ in owners}
 
     # DDL, as a future migration would do it.
     await migrator.execute(
@@ -378,13 +384,7 @@ async def test_roles_sql_adopts_a_database_migrated_before_the_roles(
     daemon = await bare_db.connect("cms_daemon")
     operator = await bare_db.connect("cms_operator")
     try:
-        owners = await migrator.fetch(
-            "SELECT c.relowner::regrole::text AS owner FROM pg_class c "
-            "WHERE c.relnamespace = 'public'::regnamespace "
-            "UNION ALL SELECT p.proowner::regrole::text FROM pg_proc p "
-            "WHERE p.pronamespace = 'public'::regnamespace"
-        )
-        assert {row["owner"] for row in owners} == {"cms_migrator"}
+        assert {owner for _, owner in await schema_owners(migrator)} == {"cms_migrator"}
         await migrator.execute("ALTER TABLE alarms ADD COLUMN probe_note text")
         await migrator.execute("ALTER TABLE alarms DROP COLUMN probe_note")
         alarm_id = await insert_alarm(daemon)
@@ -443,12 +443,7 @@ async def test_the_daemon_runs_end_to_end_as_cms_daemon(
                 "VALUES ('d1', 'relay', '1', $1, 'operator 7') RETURNING id",
                 json.dumps({"duration_s": 30}),
             )
-
-            async def finished() -> asyncpg.Record | None:
-                row = await operator.fetchrow("SELECT * FROM actions WHERE id = $1", action_id)
-                return row if row["state"] not in ("queued", "running") else None
-
-            action = await eventually(finished, what="the relay action")
+            action = await final(operator, action_id)
             assert action["state"] == "succeeded", action["error"]
             assert site.relay_log == [(1, True)]
     assert await daemon_db.fetchval("SELECT count(*) FROM alarms") == 1

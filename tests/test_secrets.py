@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import sys
 from pathlib import Path
 
 import asyncpg
@@ -17,7 +16,7 @@ from cms_ingest.simulators.davantis import DavantisSimulator, DavantisSite
 from cms_ingest.simulators.exacq import ExacqSimulator, ExacqSite
 from cms_ingest.simulators.videoloft import VideoloftAccount, VideoloftSimulator
 from tests.conftest import eventually
-from tests.test_process import free_port, ready
+from tests.support import daemon_process, final, free_port, log_events, ready
 
 CANARIES = {
     "DAV_PW": "canaryDAVpw1111",
@@ -72,43 +71,63 @@ async def test_no_secret_reaches_logs_tables_or_files(
         env = {**os.environ, **c, "DATABASE_URL": db_url}
         log = tmp_path / "daemon.log"
 
-        async def start() -> asyncio.subprocess.Process:
-            return await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "cms_ingest.cli",
-                "run",
-                "--config",
-                str(config),
-                stdout=log.open("ab"),
-                stderr=log.open("ab"),
-                env=env,
-            )
+        def logins() -> dict[str, int]:
+            """What grows when the daemon authenticates with a secret again."""
+            return {
+                "dav": dav.logins + dav.refreshes,
+                "ex": ex.logins,
+                "vl": vl.logins + vl.cookie_logins,
+            }
 
-        daemon = await start()
-        await eventually(lambda: ready(port), timeout=30, what="daemon ready")
-        await eventually(lambda: _cursors(db, {"dav", "ct", "ex"}), timeout=20, what="first polls")
-        dav.add_alarm()
-        ct.add_alarm()
-        ex.activate_event(1, 11)
-        await eventually(lambda: _alarms(db, 3), timeout=20, what="alarms from every vendor")
-        dav.expire_access_tokens()
-        ct.expire_all_digests()
-        ex.expire_sessions()
-        vl.expire_tokens()
-        cs.expire_tokens()  # the static token is refused: the site fails, loudly and cleanly
-        await db.execute(
-            "INSERT INTO actions (site_id, kind, target, params) VALUES "
-            "('cs', 'output', 'ACCC8EE8A9CA', '{\"duration_s\": 0.1}'), ('ex', 'soft_trigger', '3', '{\"duration_s\": 1}')"
-        )
-        await asyncio.sleep(4)
-        daemon.send_signal(signal.SIGKILL)  # a crash mid-flight
-        await daemon.wait()
-        daemon = await start()
-        await eventually(lambda: ready(port), timeout=30, what="daemon ready again")
-        await asyncio.sleep(3)
-        daemon.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(daemon.wait(), timeout=15) == 0
+        async with daemon_process(config, log, env) as daemon:
+            await eventually(lambda: ready(port), timeout=30, what="daemon ready")
+            await eventually(
+                lambda: _cursors(db, {"dav", "ct", "ex"}), timeout=20, what="first polls"
+            )
+            dav.add_alarm()
+            ct.add_alarm()
+            ex.activate_event(1, 11)
+            await eventually(lambda: _alarms(db, 3), timeout=20, what="alarms from every vendor")
+            before = logins()
+            dav.expire_access_tokens()
+            ct.expire_all_digests()
+            ex.expire_sessions()
+            vl.expire_tokens()
+            cs.expire_tokens()  # the static token is refused: the site fails, loudly and cleanly
+            actions = await db.fetch(
+                "INSERT INTO actions (site_id, kind, target, params) VALUES "
+                "('cs', 'output', 'ACCC8EE8A9CA', '{\"duration_s\": 0.1}'), "
+                "('ex', 'soft_trigger', '3', '{\"duration_s\": 1}') RETURNING id"
+            )
+            # The expired credentials met: Davantis renewed its token, Exacq logged in again,
+            # CamTrace's stale digest was refused; both actions carried out.
+            await eventually(
+                lambda: (
+                    logins()["dav"] > before["dav"]
+                    and ct.state()["faults"]["expire_digests"] == 0
+                    and logins()["ex"] > before["ex"]
+                ),
+                what="expired credentials renewed",
+            )
+            for row in actions:
+                action = await final(db, row["id"])
+                assert action["state"] == "succeeded", dict(action)
+            daemon.send_signal(signal.SIGKILL)  # a crash mid-flight (polls go on meanwhile)
+            await daemon.wait()
+        before = logins()
+        async with daemon_process(config, log, env) as daemon:
+            await eventually(lambda: ready(port), timeout=30, what="daemon ready again")
+            # The new process logs in to every device again, with the same secrets (CamTrace
+            # has no login: WSSE on every request, so a new alarm polled proves it).
+            await eventually(
+                lambda: all(n > before[site] for site, n in logins().items()),
+                timeout=15,
+                what="logins after the restart",
+            )
+            ct.add_alarm()
+            await eventually(lambda: _alarms(db, 2, "ct"), timeout=15, what="a CamTrace alarm")
+            daemon.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(daemon.wait(), timeout=15) == 0
 
     written = [log.read_text(errors="replace")]
     for table in ("alarms", "alarm_media", "actions", "site_state"):
@@ -116,13 +135,22 @@ async def test_no_secret_reaches_logs_tables_or_files(
         written.append(json.dumps([dict(r) for r in rows], default=str))
     written += [str(path) for path in (tmp_path / "data").rglob("*")]
     everything = "\n".join(written)
-    assert "login" in everything.lower() or "site_failing" in everything  # the log is real
+    # The log is real: it records the failures of the sites with a wrong secret or an expired
+    # token, the actions, and both runs.
+    failing = {e["site_id"] for e in log_events(log, "site_failing")}
+    assert {"davbad", "ctbad", "exbad", "cs"} <= failing, failing
+    assert len(log_events(log, "action_succeeded")) == 2
+    assert len(log_events(log, "started")) == 2 and len(log_events(log, "stopped")) == 1
     for name, secret in CANARIES.items():
         assert secret not in everything, f"{name} leaked"
 
 
-async def _alarms(db: asyncpg.Connection, n: int) -> bool:
-    return int(await db.fetchval("SELECT count(*) FROM alarms WHERE vendor <> 'cms'")) >= n
+async def _alarms(db: asyncpg.Connection, n: int, site_id: str | None = None) -> bool:
+    count = await db.fetchval(
+        "SELECT count(*) FROM alarms WHERE vendor <> 'cms' AND site_id = coalesce($1, site_id)",
+        site_id,
+    )
+    return int(count) >= n
 
 
 async def _cursors(db: asyncpg.Connection, sites: set[str]) -> bool:

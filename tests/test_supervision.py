@@ -10,7 +10,7 @@ import asyncpg
 from cms_ingest.runtime.supervision import OpenOutage, Supervision
 from cms_ingest.simulators.davantis import DavantisSimulator, DavantisSite
 from tests.conftest import eventually
-from tests.support import app_config, davantis_site, running_daemon
+from tests.support import app_config, davantis_site, free_port, running_daemon
 
 T0 = datetime.now(UTC) + timedelta(seconds=5)  # after the supervisor's own start
 
@@ -124,11 +124,8 @@ async def test_simulator_stopped_flapping_then_back(
 ) -> None:
     """The site's server really goes away (connection refused), bounces, then stays."""
     import asyncio
-    import socket
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = int(sock.getsockname()[1])
+    port = free_port()
     site = DavantisSite()
     sim = DavantisSimulator({"default": site})
     await sim.start(port=port)

@@ -20,7 +20,6 @@ import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
-from cms_ingest.metrics import REGISTRY
 from cms_ingest.simulators.camtrace import CamTraceSimulator, CamTraceSite
 from cms_ingest.simulators.davantis import DavantisSimulator, DavantisSite
 from tests.conftest import eventually
@@ -29,6 +28,7 @@ from tests.support import (
     camtrace_site,
     davantis_site,
     running_daemon,
+    sample,
     self_signed_certificate,
 )
 
@@ -74,12 +74,8 @@ async def https_davantis(certificate: Certificate) -> AsyncIterator[DavantisSimu
         await simulator.stop()
 
 
-def _sample(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
-
-
 def _polls(site_id: str, vendor: str, outcome: str) -> float:
-    return _sample("cms_ingest_polls_total", site_id=site_id, vendor=vendor, outcome=outcome)
+    return sample("cms_ingest_polls_total", site_id=site_id, vendor=vendor, outcome=outcome)
 
 
 async def _count(db: asyncpg.Connection, site_id: str) -> int:
@@ -154,8 +150,8 @@ async def test_tls_policy_per_site_against_https_devices(
                 assert status["tls-ca"]["up"] is True
                 assert _polls("tls-ca", "davantis", "tls_error") == 0
                 assert _polls("tls-badpin", "davantis", "ok") == 0
-                assert _sample("cms_ingest_site_up", site_id="tls-badpin", vendor="davantis") == 0
-                assert _sample("cms_ingest_site_up", site_id="tls-pin", vendor="davantis") == 1
+                assert sample("cms_ingest_site_up", site_id="tls-badpin", vendor="davantis") == 0
+                assert sample("cms_ingest_site_up", site_id="tls-pin", vendor="davantis") == 1
 
         # Nothing from the failing sites, and they were never even sent a request: the TLS
         # check happens before any HTTP (a password never goes to an unverified peer).
@@ -199,8 +195,7 @@ async def _probe(config: Path, site_id: str) -> tuple[int, str]:
         stderr=asyncio.subprocess.STDOUT,
     )
     out, _ = await asyncio.wait_for(process.communicate(), timeout=30)
-    assert process.returncode is not None
-    return process.returncode, out.decode()
+    return await process.wait(), out.decode()
 
 
 async def test_probe_reports_tls_failures(
