@@ -124,6 +124,12 @@ CLOCK_SKEW = Gauge(
     ["site_id", "vendor"],
     registry=REGISTRY,
 )
+DEVICE_RESETS = Counter(
+    "cms_ingest_device_resets_total",
+    "Devices whose alarm ids started again (reset, replaced, reinstalled); a new device life.",
+    ["vendor"],
+    registry=REGISTRY,
+)
 DEVICE_HEALTH = Gauge(
     "cms_ingest_device_health",
     "What the device reports about its own parts (1 healthy, 0 in error), e.g. recorder, cameras.",

@@ -38,6 +38,9 @@ class Problems:
     def clock_skew(self, seconds: float) -> None:
         pass
 
+    def device_reset(self, detail: str) -> None:
+        self.reported.append("device_reset")
+
 
 @pytest.fixture
 async def session() -> AsyncIterator[aiohttp.ClientSession]:

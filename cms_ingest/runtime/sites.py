@@ -56,6 +56,16 @@ class SiteProblems:
                 note="occurred_at stays the device's time; fix the device's NTP",
             )
 
+    def device_reset(self, detail: str) -> None:
+        metrics.DEVICE_RESETS.labels(vendor=self.vendor).inc()
+        log.warning(
+            "device_reset_detected",
+            site_id=self.site_id,
+            vendor=self.vendor,
+            detail=redact_text(detail),
+            note="alarm ids started again; new alarms are kept under a new device life",
+        )
+
     def bad_input(self, what: str, detail: str) -> None:
         metrics.BAD_INPUT.labels(source=f"device:{self.vendor}", what=what).inc()
         if what not in self._seen:

@@ -108,6 +108,12 @@ class ProblemReporter(Protocol):
         """The device's clock minus ours, as the vendor measured it (positive: ahead)."""
         ...
 
+    def device_reset(self, detail: str) -> None:
+        """The device's alarm ids started again (factory reset, replaced box, reinstalled
+        server): the client starts a new device life. Logged every time (it is rare and an
+        installer must see it) and counted."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class VendorContext:

@@ -13,7 +13,7 @@ import dataclasses
 import json
 import math
 import re
-from datetime import UTC, datetime, tzinfo
+from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
 
 import aiohttp
@@ -162,6 +162,42 @@ def parse_time(value: Any, default_tz: tzinfo = UTC) -> datetime | None:
         return parsed.astimezone(UTC)
     except (TypeError, ValueError, OverflowError):
         return None
+
+
+# ------------------------------------------------------------------ plausible device times
+
+EARLIEST_PLAUSIBLE = datetime(2000, 1, 1, tzinfo=UTC)
+FUTURE_SLACK = timedelta(days=1)
+
+
+def plausible_time(when: datetime, device_now: datetime | None = None) -> bool:
+    """Whether a device time may move a cursor or a watermark: not before 2000, and not more
+    than a day ahead of the device's own clock (ours when the vendor cannot tell). A time
+    outside this window is reported as bad input by the caller and never becomes a cursor:
+    one alarm stamped 9999 would otherwise hide every later alarm for good."""
+    reference = device_now or datetime.now(UTC)
+    return EARLIEST_PLAUSIBLE <= when <= reference + FUTURE_SLACK
+
+
+# ------------------------------------------------------------------ device lives
+# A device that is factory-reset, replaced or reinstalled under the same site starts its
+# alarm ids again. Each such restart begins a new "life"; the life's tag (the UTC time the
+# reset was detected) is kept in the vendor's cursor and suffixed to every source_id of that
+# life, so a new alarm 7 never collides with the stored alarm 7 of the earlier life. The first
+# life has no tag: rows stored before this scheme keep their source_ids.
+
+LIFE_SEPARATOR = "@"
+
+
+def new_life(now: datetime | None = None) -> str:
+    """The tag of a device life that starts now ("20261203T122459Z")."""
+    return (now or datetime.now(UTC)).astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+def life_source_id(vendor_id: str, life: str | None) -> str:
+    """`source_id` of a vendor alarm id in a device life: the vendor's id as it was for the
+    first life (life None or ""), else "<id>@<life>"."""
+    return f"{vendor_id}{LIFE_SEPARATOR}{life}" if life else vendor_id
 
 
 # ------------------------------------------------------------------ storable device strings
