@@ -49,6 +49,11 @@ async def run_probe(site: SiteConfig, *, out: TextIO) -> int:
         await report.step("authentication and first poll", lambda: _first_poll(client))
         await report.step("clock", lambda: _clock(runtime.problems.skew_s))
         await report.step("site inventory", lambda: _inventory(client))
+        # Vendor-specific commissioning checks (a camera log readable, the device's time zone,
+        # export formats, a live stream connecting...): each raises to fail its step.
+        checks = getattr(client, "probe_checks", None)
+        for title, check in (checks() if checks is not None else {}).items():
+            await report.step(title, check)
         await report.step("one snapshot", lambda: _snapshot(client))
         await client.close()
     out.write(
