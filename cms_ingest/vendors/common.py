@@ -26,6 +26,10 @@ ERROR_KEYS = ("error", "message", "detail", "result")
 MAX_JSON_BYTES = 16 * 1024 * 1024  # a page of alarms is ~200 kB; anything near this is hostile
 MAX_JSON_DEPTH = 64  # real device answers nest a handful of levels
 MAX_INT_DIGITS = 18  # ids and counters: always fits a signed 64-bit integer
+# Pages one poll may read: a device that ignores its paging parameters while answering full
+# pages must not keep a poll running for ever. What is left is read by the next poll, from the
+# cursor this poll commits (so a catch-up of thousands of alarms still arrives, in steps).
+MAX_PAGES_PER_POLL = 20
 
 # What a device string may not carry into PostgreSQL `text` / `jsonb`.
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
