@@ -103,8 +103,19 @@ SOFTTRIGGERS_PATH = f"{V1}/softtriggers.web"
 FRAME_PATH = f"{V1}/frame.web"
 VIDEO_PATH = f"{V1}/video.web"
 EXPORT_PATH = f"{V1}/export.web"
+MONITORING_PATH = f"{V1}/eventmonitoring.web"
+TRIGGERED_PATH = f"{MONITORING_PATH}/{{profile}}/triggered"
 
 EXPIRY_MODES = ("401", "403", "302", "html", "success_false")
+EVENT_ID_STYLES = ("uuid", "counter", "definition")
+TRIGGERED_KEEP_S = 60.0  # the manual: triggered links are stored for at most 60 s
+DEFAULT_PROFILE = "CMS"
+# Event Monitoring source types (their own enumeration, 1-20) of the event types (1-29).
+MONITOR_SOURCE_TYPES: dict[int, int] = {
+    22: 1, 23: 2, 3: 3, 2: 4, 1: 5, 21: 6, 4: 7, 5: 8, 6: 10, 24: 11, 25: 15, 27: 17, 28: 17,
+    29: 19,
+}  # fmt: skip
+HEALTH_SOURCE_TYPE = 9  # every other event type is a health event
 SESSION_KEYS = ("sessionId", "sessionID")
 JPEG_FORMATS = frozenset({0, 6})
 CAMERA_FORMATS = (0, 5, 6)
@@ -226,8 +237,8 @@ class ExEvent:
     def active(self) -> bool:
         return self.end is None
 
-    def to_json(self, tz: timezone, with_id: bool) -> dict[str, Any]:
-        """The event as ``events.web`` lists it."""
+    def to_json(self, tz: timezone, with_id: bool, naive: bool = False) -> dict[str, Any]:
+        """The event as ``events.web`` lists it (``naive``: the start without its offset)."""
         item: dict[str, Any] = {}
         if with_id and self.id is not None:
             item["id"] = self.id
@@ -236,9 +247,24 @@ class ExEvent:
             name=EVENT_TYPES.get(self.type, f"Event {self.type}"),
             sourceId=self.source_id,
             sourceName=self.source_name,
-            start=rfc3339(self.start, tz),
+            start=rfc3339(self.start, tz)[:19] if naive else rfc3339(self.start, tz),
             active=self.active,
         )
+        return item
+
+    def link_json(self, tz: timezone, profile: str, naive: bool = False) -> dict[str, Any]:
+        """The event as a triggered Event Monitoring link (field names assumed, see the
+        driver's ``ExacqApi``)."""
+        item: dict[str, Any] = {
+            "guid": str(uuid.uuid5(uuid.NAMESPACE_OID, f"exacq-link/{profile}/{self.type}")),
+            "eventSourceType": MONITOR_SOURCE_TYPES.get(self.type, HEALTH_SOURCE_TYPE),
+            "eventSourceId": self.source_id,
+            "eventSourceName": self.source_name,
+            "eventType": self.type,
+            "time": rfc3339(self.start, tz)[:19] if naive else rfc3339(self.start, tz),
+        }
+        if self.id is not None:
+            item["eventId"] = self.id
         return item
 
     def control_json(self, tz: timezone) -> dict[str, Any]:
@@ -296,9 +322,29 @@ class ExacqSite:
         export_seconds: float = 2.0,
         trigger_hold_s: float = 3.0,
         recorded: bool = True,
+        event_id_style: str = "uuid",
+        event_monitoring: bool = True,
+        monitoring_profiles: Sequence[str] = (DEFAULT_PROFILE,),
+        naive_times: bool = False,
+        export_formats: Sequence[str] = EXPORT_FORMATS,
+        finalize_seconds: float = 0.0,
+        refusal_status: int = 404,
+        failure_status: int | None = None,
     ) -> None:
         if session_key not in SESSION_KEYS:
             raise ValueError(f"session_key must be one of {SESSION_KEYS}, got {session_key!r}")
+        if event_id_style not in EVENT_ID_STYLES:
+            raise ValueError(f"event_id_style must be one of {EVENT_ID_STYLES}")
+        self.event_id_style = event_id_style
+        self.event_monitoring = event_monitoring
+        self.monitoring_profiles = tuple(monitoring_profiles)
+        self.naive_times = naive_times
+        self.export_formats = tuple(export_formats)
+        self.finalize_seconds = finalize_seconds
+        self.refusal_status = refusal_status
+        self.failure_status = failure_status
+        self.triggered: collections.deque[tuple[float, ExEvent]] = collections.deque()
+        self._id_counter = 0
         self.username, self.password = username, password
         self.cameras = dict(_default_cameras() if cameras is None else cameras)
         self.triggers = dict(_default_triggers() if triggers is None else triggers)
@@ -392,7 +438,7 @@ class ExacqSite:
         elif start.tzinfo is None:
             start = start.replace(tzinfo=self.tz)
         event = ExEvent(
-            id=str(uuid.uuid4()) if self.event_ids else None,
+            id=self._event_id(type, source_id) if self.event_ids else None,
             type=_check_type(type),
             source_id=source_id,
             source_name=self.source_name(source_id),
@@ -402,7 +448,44 @@ class ExacqSite:
         self._next_number += 1
         self.events.append(event)
         self._trim()
+        self._trigger_links(event)
         return event
+
+    def _event_id(self, event_type: int, source_id: int) -> str:
+        """As ``event_id_style`` says: a uuid per occurrence, a counter per occurrence (1, 2,
+        ... restarting at a reset), or the id of the event definition (repeats share it)."""
+        if self.event_id_style == "counter":
+            self._id_counter += 1
+            return str(self._id_counter)
+        if self.event_id_style == "definition":
+            return str(uuid.uuid5(uuid.NAMESPACE_OID, f"exacq-event/{event_type}/{source_id}"))
+        return str(uuid.uuid4())
+
+    def _trigger_links(self, event: ExEvent) -> None:
+        """Every profile's any-source link fires on every event; kept 60 s (the manual)."""
+        self.triggered.append((monotonic(), event))
+        self._forget_triggered()
+
+    def _forget_triggered(self) -> None:
+        horizon = monotonic() - TRIGGERED_KEEP_S
+        while self.triggered and self.triggered[0][0] < horizon:
+            self.triggered.popleft()
+
+    def triggered_since(self, seconds: float) -> list[tuple[float, ExEvent]]:
+        """The links triggered in the last ``seconds`` (at most 60), oldest first."""
+        self._forget_triggered()
+        horizon = monotonic() - min(max(seconds, 0.0), TRIGGERED_KEEP_S)
+        return [(at, event) for at, event in self.triggered if at >= horizon]
+
+    def reset_device(self) -> None:
+        """A factory reset, a replaced box or a reinstalled server: events, links, exports and
+        sessions are gone, and a ``counter`` id starts again at 1."""
+        self.events.clear()
+        self.triggered.clear()
+        self.exports.clear()
+        self._sessions.clear()
+        self._id_counter = 0
+        self._export_count = 0
 
     def add_alarms(self, n: int, **kw: Any) -> list[Activation]:
         """``n`` events (``activate_event``'s keyword arguments), for the shared plumbing."""
@@ -502,6 +585,11 @@ class ExacqSite:
         }
         return export_id
 
+    def export_completed(self, export: Mapping[str, Any]) -> bool:
+        """Completed ``finalize_seconds`` after progress reached 100 (0: at once)."""
+        done_at = float(export["created"]) + max(self.export_seconds, 0.0) + self.finalize_seconds
+        return self.export_progress(export) >= 100 and monotonic() >= done_at
+
     def export_progress(self, export: Mapping[str, Any]) -> int:
         """0..100, linear over ``export_seconds`` from the export's creation."""
         if self.export_seconds <= 0:
@@ -527,6 +615,9 @@ class ExacqSite:
             "expiry_mode": self.expiry_mode,
             "session_key": self.session_key,
             "event_ids": self.event_ids,
+            "event_id_style": self.event_id_style,
+            "event_monitoring": self.event_monitoring,
+            "naive_times": self.naive_times,
             "recorded": self.recorded,
             "utc_offset": self.utc_offset,
             "triggers": {str(tid): self.trigger_state(tid) for tid in self.triggers},
@@ -629,7 +720,17 @@ async def _config(site: ExacqSite, request: web.Request) -> web.StreamResponse:
         for cid, name in site.cameras.items()
     ]
     triggers = [{"id": tid, "name": name} for tid, name in site.triggers.items()]
-    return web.json_response({"success": True, "Cameras": cameras, "Triggers": triggers})
+    offset = site.tz.utcoffset(None).total_seconds() / 3600
+    hours: int | float = int(offset) if offset.is_integer() else offset  # the manual: -4
+    return web.json_response(
+        {
+            "success": True,
+            "timezone": hours,
+            "name": SERVER_NAME,
+            "Cameras": cameras,
+            "Triggers": triggers,
+        }
+    )
 
 
 def _filters(request: web.Request) -> list[int] | None:
@@ -645,9 +746,40 @@ def _filters(request: web.Request) -> list[int] | None:
 
 async def _events(site: ExacqSite, request: web.Request) -> web.StreamResponse:
     listed = [
-        event.to_json(site.tz, site.event_ids) for event in site.active_events(_filters(request))
+        event.to_json(site.tz, site.event_ids, site.naive_times)
+        for event in site.active_events(_filters(request))
     ]
     return web.json_response({"success": True, "events": listed})
+
+
+def _monitoring_offered(site: ExacqSite) -> None:
+    if not site.event_monitoring:
+        raise Answer(web.Response(status=404, text="Not Found", content_type="text/plain"))
+
+
+async def _profiles(site: ExacqSite, request: web.Request) -> web.StreamResponse:
+    _monitoring_offered(site)
+    profiles = [{"name": name, "type": 0} for name in site.monitoring_profiles]
+    return web.json_response({"profiles": profiles, "success": True})
+
+
+async def _triggered(site: ExacqSite, request: web.Request) -> web.StreamResponse:
+    _monitoring_offered(site)
+    profile = request.match_info["profile"]
+    if profile not in site.monitoring_profiles:
+        raise _failure(404, f"unknown profile {profile!r}")
+    raw = request.query.get("duration", "5").strip()  # the manual's default: 5 s
+    try:
+        duration = float(raw)
+    except ValueError:
+        raise _invalid() from None
+    if not 0 <= duration <= TRIGGERED_KEEP_S:
+        raise _invalid()
+    links = [
+        event.link_json(site.tz, profile, site.naive_times)
+        for _, event in site.triggered_since(duration)
+    ]
+    return web.json_response({"success": True, "triggeredEvents": links})
 
 
 async def _soft_triggers(site: ExacqSite, request: web.Request) -> web.StreamResponse:
@@ -664,7 +796,7 @@ async def _set_soft_trigger(site: ExacqSite, request: web.Request) -> web.Stream
     state = params.get("state", "").strip()
     site.trigger_sets.append((tid, state, monotonic()))
     if tid not in site.triggers:
-        raise _invalid(404)
+        raise _invalid(site.refusal_status)
     if state not in ("on", "off"):
         raise _invalid(400)
     site.set_trigger(tid, state)
@@ -707,11 +839,17 @@ _EXPORT_CREATE_PARAMS = ("camera", "audio", "serial", "start", "end", "format", 
 
 async def _export(site: ExacqSite, request: web.Request) -> web.StreamResponse:
     params = await _params(request)
-    if "export" in params:
-        return _export_status(site, params)
-    if not any(key in params for key in (*_EXPORT_CREATE_PARAMS, "action")):
-        return web.json_response({"success": True, "formats": list(EXPORT_FORMATS)})
-    return _export_create(site, params)
+    try:
+        if "export" in params:
+            return _export_status(site, params)
+        if not any(key in params for key in (*_EXPORT_CREATE_PARAMS, "action")):
+            return web.json_response({"success": True, "formats": list(site.export_formats)})
+        return _export_create(site, params)
+    except Answer as answer:
+        if site.failure_status is None or answer.response.content_type != "application/json":
+            raise
+        answer.response.set_status(site.failure_status)  # `success: false` with this status
+        raise
 
 
 def _export_create(site: ExacqSite, params: Mapping[str, str]) -> web.StreamResponse:
@@ -729,7 +867,7 @@ def _export_create(site: ExacqSite, params: Mapping[str, str]) -> web.StreamResp
     if start > end:
         raise _failure(400, "start time is after end time")
     fmt = params.get("format", "").strip() or DEFAULT_EXPORT_FORMAT
-    if fmt not in EXPORT_FORMATS:
+    if fmt not in site.export_formats:
         raise _failure(400, f"unknown export format {fmt!r}")
     export_id = site.create_export(camera, start, end, fmt)
     return web.json_response({"success": True, "export": export_id})
@@ -742,8 +880,9 @@ def _export_status(site: ExacqSite, params: Mapping[str, str]) -> web.StreamResp
         raise _failure(404, "unknown export")
     action = params.get("action", "").strip()
     progress = site.export_progress(export)
+    completed = site.export_completed(export)
     if action == "download":
-        if progress < 100:
+        if not completed:
             raise _failure(400, "export not complete")
         export["downloaded"] = True
         return web.Response(
@@ -757,7 +896,7 @@ def _export_status(site: ExacqSite, params: Mapping[str, str]) -> web.StreamResp
     if action:
         raise _failure(400, f"unknown action {action!r}")
     shown: int | str = progress if int(export["number"]) % 2 == 0 else str(progress)
-    status = "completed" if progress >= 100 else "in progress"
+    status = "completed" if completed else "in progress"
     return web.json_response({"success": True, "progress": shown, "status": status})
 
 
@@ -773,6 +912,8 @@ DEVICE_ROUTES: tuple[Route[ExacqSite], ...] = (
     Route("GET", FRAME_PATH, _frame),
     Route("GET", VIDEO_PATH, _video),
     Route("GET", EXPORT_PATH, _export),
+    Route("GET", MONITORING_PATH, _profiles),
+    Route("GET", TRIGGERED_PATH, _triggered),
 )
 
 
@@ -811,6 +952,12 @@ async def _sim_faults(site: ExacqSite, request: web.Request) -> web.StreamRespon
         site.recorded = as_bool(body["recorded"])
     if "event_ids" in body:
         site.event_ids = as_bool(body["event_ids"])
+    if "event_monitoring" in body:
+        site.event_monitoring = as_bool(body["event_monitoring"])
+    if "naive_times" in body:
+        site.naive_times = as_bool(body["naive_times"])
+    if body.get("reset_device"):
+        site.reset_device()
     return web.json_response(site.state())
 
 
@@ -882,6 +1029,14 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--export-seconds", type=float, default=2.0)
     parser.add_argument("--utc-offset", default="-05:00")
     parser.add_argument("--no-event-ids", action="store_true")
+    parser.add_argument("--event-id-style", choices=EVENT_ID_STYLES, default="uuid")
+    parser.add_argument("--no-event-monitoring", action="store_true")
+    parser.add_argument("--naive-times", action="store_true")
+    parser.add_argument("--export-formats", default=",".join(EXPORT_FORMATS))
+    parser.add_argument("--finalize-seconds", type=float, default=0.0)
+    parser.add_argument("--refusal-status", type=int, default=404)
+    parser.add_argument("--failure-status", type=int, default=None)
+    parser.add_argument("--no-recorded", action="store_true")
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -893,6 +1048,14 @@ async def serve(args: argparse.Namespace) -> None:
             export_seconds=args.export_seconds,
             utc_offset=args.utc_offset,
             event_ids=not args.no_event_ids,
+            event_id_style=args.event_id_style,
+            event_monitoring=not args.no_event_monitoring,
+            naive_times=args.naive_times,
+            export_formats=tuple(f for f in args.export_formats.split(",") if f),
+            finalize_seconds=args.finalize_seconds,
+            refusal_status=args.refusal_status,
+            failure_status=args.failure_status,
+            recorded=not args.no_recorded,
         )
         for name in tenant_names(args.sites)
     }
