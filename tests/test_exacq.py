@@ -66,29 +66,42 @@ async def test_a_lasting_event_is_one_alarm_also_across_a_restart(
             assert rows[0]["description"] == "Video motion on Gate cam"
 
 
-async def test_event_types_map_and_filter(
+CONTRACT_TYPES = {1: "motion", 2: "video_loss", 3: "input", 6: "input", 22: "input"}
+CONTRACT_TYPES |= {21: "camera_offline", 24: "analytics", 27: "intrusion", 28: "intrusion"}
+
+
+async def test_every_event_type_is_ingested_and_mapped(
     database_url: str, db: asyncpg.Connection, tmp_path: Path
 ) -> None:
-    site = ExacqSite()
+    """Issue 13 item 1: no default filter (type 7, device failure, was dropped before)."""
+    site = ExacqSite(event_monitoring=False)
     async with ExacqSimulator({"default": site}) as sim:
         config = app_config(database_url, tmp_path, [exacq_site("x1", sim.url())])
         async with running_daemon(config):
             await eventually(lambda: has_cursor(db), what="first poll")
-            for kind in (1, 2, 3, 21, 24, 27, 28, 11):  # 11 (storage) is not in the default filter
+            for kind in range(1, 30):
                 site.activate_event(kind, 12)
-            await eventually(lambda: count_at_least(db, 7), what="7 events")
+            await eventually(lambda: count_at_least(db, 29), what="29 events")
+            rows = await alarm_rows(db)
+            got = {int(r["vendor_event"]): r["event_type"] for r in rows}
+            assert got == {kind: CONTRACT_TYPES.get(kind, "system") for kind in range(1, 30)}
+
+
+async def test_event_types_filter_only_when_configured(
+    database_url: str, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    site = ExacqSite()
+    async with ExacqSimulator({"default": site}) as sim:
+        options = {"event_types": [1, 7]}
+        config = app_config(database_url, tmp_path, [exacq_site("x1", sim.url(), options=options)])
+        async with running_daemon(config):
+            await eventually(lambda: has_cursor(db), what="first poll")
+            for kind in (1, 7, 11):  # 11 (storage) is not in the configured filter
+                site.activate_event(kind, 12)
+            await eventually(lambda: count_at_least(db, 2), what="2 events")
             await more_polls(site, 2)  # time for the storage event to land, were it let through
             rows = await alarm_rows(db)
-            got = sorted((int(r["vendor_event"]), r["event_type"]) for r in rows)
-            assert got == [
-                (1, "motion"),
-                (2, "video_loss"),
-                (3, "input"),
-                (21, "camera_offline"),
-                (24, "analytics"),
-                (27, "intrusion"),
-                (28, "intrusion"),
-            ]
+            assert sorted(int(r["vendor_event"]) for r in rows) == [1, 7]
 
 
 @pytest.mark.parametrize("mode", ["401", "403", "302", "html", "success_false"])
@@ -107,7 +120,7 @@ async def test_each_expired_session_symptom_means_one_new_login(
             assert site.logins == 2
             assert daemon.sites is not None
             assert daemon.sites.by_id["x1"].health.up is True
-        assert site.logouts == 1  # logged out on shutdown
+        assert site.logouts == 2  # the replaced session after the new login; ours on shutdown
 
 
 async def test_frame_and_a_slow_export(
