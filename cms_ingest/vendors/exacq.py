@@ -161,6 +161,7 @@ SEEN_LIMIT = 500  # and at most this many: the cursor stays small
 MAX_PROFILES = 8  # profiles read per poll (each one request)
 MAX_CARRIED = 5000  # alarms kept for re-delivery while commits fail
 TEXT_LIMIT = 4096  # a text/plain answer (`Invalid Request`) is short
+LIFE_FORMAT = "%Y%m%dT%H%M%SZ"  # new_life's tag, read back to keep tags increasing
 SESSION_WORDS = ("session", "expired", "login", "logged", "auth")
 PREFERRED_EXPORT_FORMAT = "mp4"
 
@@ -480,7 +481,7 @@ class ExacqClient:
             reason = state.reset_reason([*listed, *linked])
             if reason is not None:
                 self._problems.device_reset(reason)
-                state = state.new_life(new_life())
+                state = state.new_life(_next_life(state.life))
         alarms, active = self._new_alarms(state, listed, linked)
         result_alarms = _merge(carried, alarms)
         new_cursor = state.dump(active)
@@ -866,8 +867,7 @@ class ExacqClient:
         await self._refresh_inventory(force=True)
         if self._config_tz is None:
             return "config.web gives no usable `timezone`: times without an offset are read as UTC"
-        offset = self._config_tz.utcoffset(None)
-        return f"server time zone UTC{offset}: used where times carry no offset"
+        return f"server time zone {self._config_tz}: used where times carry no offset"
 
     async def _probe_export_formats(self) -> str:
         offered = await self.export_formats()
@@ -1011,7 +1011,8 @@ class _State:
             if key in cursor["active"]
             or (entry[3] is not None and horizon is not None and entry[3] >= horizon)
         ]
-        cursor["seen"] = kept[-SEEN_LIMIT:]
+        if kept:
+            cursor["seen"] = kept[-SEEN_LIMIT:]
         if self.max_id is not None:
             cursor["max_id"] = self.max_id
         if self.life:
@@ -1030,6 +1031,19 @@ def _same_occurrence(
         return False
     other = _epoch(occurrence.start)
     return start is not None and other is not None and abs(start - other) <= SAME_START_S
+
+
+def _next_life(current: str | None) -> str:
+    """A life tag after `current`: two resets within one second must not share a tag."""
+    now = datetime.now(UTC)
+    if current:
+        try:
+            before = datetime.strptime(current, LIFE_FORMAT).replace(tzinfo=UTC)
+        except ValueError:
+            before = None
+        if before is not None and now < before + timedelta(seconds=1):
+            now = before + timedelta(seconds=1)
+    return new_life(now)
 
 
 def _merge(carried: list[Alarm], alarms: list[Alarm]) -> list[Alarm]:
