@@ -472,3 +472,109 @@ async def test_command_line() -> None:
     finally:
         proc.terminate()
         assert await asyncio.wait_for(proc.wait(), 10) == 0
+
+
+# ------------------------------------------------------- switches added for issue 13
+async def test_event_id_styles_and_a_device_reset(http: aiohttp.ClientSession) -> None:
+    site = ExacqSite(event_id_style="counter")
+    async with ExacqSimulator({"default": site}) as sim:
+        base = sim.url()
+        site.activate_event(1, 11)
+        site.activate_event(1, 11)
+        sid = await login(http, base)
+        assert [e["id"] for e in await events(http, base, sid)] == ["1", "2"]
+        site.reset_device()  # sessions, events and the counter are gone
+        status, _, _ = await get(http, f"{base}/v1/events.web", [("s", sid)])
+        assert status == 401
+        site.activate_event(2, 12)
+        sid = await login(http, base)
+        assert [e["id"] for e in await events(http, base, sid)] == ["1"]
+        site.event_id_style = "definition"
+        first, second = site.activate_event(3, 13), site.activate_event(3, 13)
+        other = site.activate_event(3, 12)
+        assert first.id == second.id != other.id
+    with pytest.raises(ValueError, match="event_id_style"):
+        ExacqSite(event_id_style="serial")
+
+
+async def test_event_monitoring_profiles_and_triggered_links(http: aiohttp.ClientSession) -> None:
+    site = ExacqSite(monitoring_profiles=("CMS", "Guard desk"))
+    async with ExacqSimulator({"default": site}) as sim:
+        base = sim.url()
+        sid = await login(http, base)
+        status, body, _ = await get(http, f"{base}/v1/eventmonitoring.web", [("s", sid)])
+        assert status == 200 and [p["name"] for p in body["profiles"]] == ["CMS", "Guard desk"]
+        event = site.activate_event(1, 11)
+        site.end_event(event)  # gone from the active list, still a triggered link
+        assert await events(http, base, sid) == []
+        url = f"{base}/v1/eventmonitoring.web/Guard%20desk/triggered"
+        status, body, _ = await get(http, url, [("s", sid), ("duration", "60")])
+        assert status == 200 and body["success"] is True
+        (link,) = body["triggeredEvents"]
+        assert (link["eventSourceType"], link["eventSourceId"], link["eventType"]) == (5, 11, 1)
+        assert link["eventId"] == event.id and link["time"] == event.to_json(site.tz, True)["start"]
+        site.triggered[0] = (site.triggered[0][0] - 10, event)  # triggered 10 s ago
+        status, body, _ = await get(http, url, [("s", sid)])  # the manual's default: 5 s
+        assert body["triggeredEvents"] == []
+        for duration in ("61", "-1", "x"):
+            status, body, _ = await get(http, url, [("s", sid), ("duration", duration)])
+            assert (status, body) == (400, "Invalid Request")
+        status, _, _ = await get(
+            http, f"{base}/v1/eventmonitoring.web/Nope/triggered", [("s", sid)]
+        )
+        assert status == 404
+        site.event_monitoring = False
+        status, _, _ = await get(http, f"{base}/v1/eventmonitoring.web", [("s", sid)])
+        assert status == 404
+
+
+async def test_times_without_offset_and_the_configured_timezone(
+    http: aiohttp.ClientSession,
+) -> None:
+    site = ExacqSite(utc_offset="-05:00", naive_times=True)
+    async with ExacqSimulator({"default": site}) as sim:
+        base = sim.url()
+        site.activate_event(1, 11, start=datetime(2026, 11, 21, 10, 0, tzinfo=UTC))
+        sid = await login(http, base)
+        (event,) = await events(http, base, sid)
+        assert event["start"] == "2026-11-21T05:00:00"
+        _, body, _ = await get(http, f"{base}/v1/config.web", [("s", sid), ("output", "json")])
+        assert body["timezone"] == -5
+
+
+async def test_export_formats_completion_lag_and_failure_status(
+    http: aiohttp.ClientSession,
+) -> None:
+    site = ExacqSite(
+        export_formats=("ps_zip", "avi"), export_seconds=0, finalize_seconds=30, failure_status=200
+    )
+    async with ExacqSimulator({"default": site}) as sim:
+        base = sim.url()
+        sid = await login(http, base)
+        url = f"{base}/v1/export.web"
+        _, body, _ = await get(http, url, [("s", sid)])
+        assert body["formats"] == ["ps_zip", "avi"]
+        start = (datetime.now(UTC) - timedelta(seconds=20)).isoformat(timespec="seconds")
+        end = (datetime.now(UTC) - timedelta(seconds=10)).isoformat(timespec="seconds")
+        window = [("s", sid), ("camera", "11"), ("start", start), ("end", end)]
+        status, body, _ = await get(http, url, [*window, ("format", "mp4")])
+        assert (status, body) == (200, {"success": False, "error": "unknown export format 'mp4'"})
+        status, body, _ = await get(http, url, [*window, ("format", "avi")])
+        export_id = body["export"]
+        _, body, _ = await get(http, url, [("s", sid), ("export", export_id)])
+        assert (body["progress"], body["status"]) == ("100", "in progress")  # 100 %, not done
+        status, body, _ = await get(
+            http, url, [("s", sid), ("export", export_id), ("action", "download")]
+        )
+        assert (status, body) == (200, {"success": False, "error": "export not complete"})
+        site.finalize_seconds = 0
+        _, body, _ = await get(http, url, [("s", sid), ("export", export_id)])
+        assert body["status"] == "completed"
+
+
+async def test_a_refusal_status_of_200(http: aiohttp.ClientSession) -> None:
+    site = ExacqSite(refusal_status=200)
+    async with ExacqSimulator({"default": site}) as sim:
+        sid = await login(http, sim.url())
+        status, body = await set_trigger(http, sim.url(), sid, 99, "on")
+        assert (status, body) == (200, "Invalid Request")

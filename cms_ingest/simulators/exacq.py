@@ -16,11 +16,26 @@ Device behaviour reproduced (from the vendor manual and the integrators' notes):
 * An expired or unknown session shows as ``expiry_mode`` says: ``"401"``, ``"403"``, ``"302"``
   (``Location`` the tenant's ``/v1/login.web``, empty body), ``"html"`` (200 with the HTML
   login page) or ``"success_false"`` (200 ``{"success": false, "error": "Session expired"}``).
-* Times are RFC 3339 in the server's offset (``utc_offset``): ``2026-11-21T05:00:00-05:00``.
-* ``config.web`` lists ``Cameras`` (with their video ``formats``) and ``Triggers``.
-* ``events.web`` lists the ACTIVE events only (``filter=N`` repeated keeps those types), named
-  after the manual's 29 event types, with an ``id`` unless ``event_ids`` is false (then a
-  client must identify an event by ``type`` + ``sourceId`` + ``start``).
+* Times are RFC 3339 in the server's offset (``utc_offset``): ``2026-11-21T05:00:00-05:00``;
+  with ``naive_times`` events and links carry no offset (``2026-11-21T05:00:00``).
+* ``config.web`` lists ``Cameras`` (with their video ``formats``) and ``Triggers``, and the
+  server's ``timezone`` in hours as the manual's List Cameras sample shows it (``-5``).
+* ``events.web`` lists the ACTIVE events only (``filter=N`` repeated keeps those types; none:
+  every type, as the manual says), named after the manual's 29 event types, with an ``id``
+  unless ``event_ids`` is false (then a client must identify an event by ``type`` +
+  ``sourceId`` + ``start``). What the id names is ``event_id_style``: ``uuid`` (default, one per
+  occurrence), ``counter`` (1, 2, ... per occurrence, starting again at 1 after
+  ``reset_device()``) or ``definition`` (the event definition: repeats share it).
+* Event Monitoring (the manual's List Event Monitoring Profiles and List Triggered Event
+  Links), unless ``event_monitoring`` is false (then 404): ``GET /v1/eventmonitoring.web``
+  answers ``{"profiles": [{"name": ...}], "success": true}`` for ``monitoring_profiles``
+  (default one, ``CMS``); ``GET /v1/eventmonitoring.web/<profile>/triggered?duration=N`` (0-60,
+  default 5, as the manual) answers ``{"success": true, "triggeredEvents": [...]}``: every
+  profile has an any-source link that fires on every event, kept 60 s, as
+  ``{"guid", "eventSourceType" (the manual's 1-20), "eventSourceId", "eventSourceName",
+  "eventType", "time", "eventId"}`` (the paths and link fields are our assumption).
+* ``reset_device()`` (control: ``{"reset_device": true}``): a factory reset, replaced box or
+  reinstalled server: events, links, exports and sessions gone, a counter id restarts at 1.
 * Soft triggers (``softtriggers.web``): each ``on`` keeps the trigger on for
   ``trigger_hold_s`` (the manual's ~3 s), then it drops to off by itself; ``off`` turns it off
   at once. Unknown ``tid``: 404 text/plain ``Invalid Request``; bad ``state``: 400.
@@ -30,7 +45,13 @@ Device behaviour reproduced (from the vendor manual and the integrators' notes):
   a new export (``end`` in the future: 400); with ``export=ID`` its ``progress`` (growing
   linearly 0..100 over ``export_seconds``, an int for even-numbered exports and a string for
   odd ones: both occur on real servers), ``&action=download`` (the MP4 once completed, else
-  400) and ``&action=finish`` (frees it).
+  400) and ``&action=finish`` (frees it). Its ``status`` becomes ``completed``
+  ``finalize_seconds`` after progress reached 100 (default 0: at once); a download before that
+  is refused. The format list is ``export_formats`` (default ``ps_zip``, ``mp4``, ``avi``).
+* Refusals: an unknown soft-trigger ``tid`` answers text/plain ``Invalid Request`` with
+  ``refusal_status`` (default 404; the manual shows the text but no status, so ``200`` is a
+  mode); ``export.web``'s ``{"success": false, "error": ...}`` answers come with their 4xx, or
+  all with ``failure_status`` (e.g. 200) when set.
 
 Things the manual leaves open, decided here:
 
@@ -57,7 +78,10 @@ Poisson event generator shared by all tenants (each generated event ends after 2
 session expiry and the way it shows, soft-trigger history, exports.
 
 Command line: ``python -m cms_ingest.simulators.exacq --sites 500 --rate 0.2`` prints one site
-URL per line, then ``READY``, and serves until SIGTERM/SIGINT.
+URL per line, then ``READY``, and serves until SIGTERM/SIGINT. Switches: ``--expiry-mode``,
+``--session-key``, ``--session-ttl``, ``--export-seconds``, ``--utc-offset``, ``--no-event-ids``,
+``--event-id-style``, ``--no-event-monitoring``, ``--naive-times``, ``--export-formats a,b``,
+``--finalize-seconds``, ``--refusal-status``, ``--failure-status``, ``--no-recorded``.
 """
 
 from __future__ import annotations

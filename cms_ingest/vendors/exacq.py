@@ -674,8 +674,11 @@ class ExacqClient:
             export_id = await self._create_export(camera, start, end)
             self._exports[key] = export_id
         status, payload = await self._call("GET", API.export, {"export": export_id})
-        if status == 404:
-            del self._exports[key]  # the server forgot it (a restart, a 15-minute cleanup)
+        refused = isinstance(payload, dict) and payload.get("success") is False
+        if status == 404 or refused:
+            # The server forgot it (a restart, its 15-minute cleanup): the one case for a new
+            # export; any other answer keeps this one, so a retry never makes a second.
+            del self._exports[key]
             return MediaProbe("pending", detail="export gone on the server; creating it again")
         if status != 200 or not isinstance(payload, dict):
             raise BadDeviceResponse(f"export status answered {status}: {error_text(payload)}")
