@@ -17,6 +17,7 @@ import pytest
 
 from cms_ingest.domain import Action, MediaKind
 from cms_ingest.probe import run_probe
+from cms_ingest.simulators.base import static_answer
 from cms_ingest.simulators.exacq import ExacqSimulator, ExacqSite
 from cms_ingest.sitehttp import SiteHttp
 from cms_ingest.vendors import build_client
@@ -201,6 +202,29 @@ async def test_events_without_ids_seen_both_ways_are_one_alarm_each(
             ("1", "11", ago(5)),
             ("3", "12", ago(5)),
         ]
+        await client.close()
+
+
+async def test_unreadable_event_monitoring_never_costs_the_active_events(
+    http: aiohttp.ClientSession,
+) -> None:
+    """A server answering the (assumed) Event Monitoring paths with its login page, or the
+    links with garbage: reported once, the active events are still alarms."""
+    site = ExacqSite()
+    async with ExacqSimulator({"default": site}) as sim:
+        problems = Problems()
+        login_page = static_answer(200, b"<html>login</html>", {"Content-Type": "text/html"})
+        sim.respond("GET", "/v1/eventmonitoring.web", login_page, times=2)
+        client = exacq(sim.url(), http, problems)
+        site.activate_event(1, 11)
+        assert len((await client.poll(None)).alarms) == 1
+        assert problems.reported == ["monitoring_profiles"]
+        client = exacq(sim.url(), http, problems)  # a server that lists profiles this time
+        garbage = static_answer(200, b'{"success": true}', {"Content-Type": "application/json"})
+        sim.respond("GET", "/v1/eventmonitoring.web/CMS/triggered", garbage, times=None)
+        site.activate_event(3, 12)
+        assert len((await client.poll(None)).alarms) == 2
+        assert problems.reported == ["monitoring_profiles", "triggered_links"]
         await client.close()
 
 

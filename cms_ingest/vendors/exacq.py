@@ -434,7 +434,11 @@ class ExacqClient:
 
     async def _monitoring_profiles(self) -> list[str]:
         """The Event Monitoring profiles to read triggered links of ([]: none offered)."""
-        status, payload = await self._call("GET", API.monitoring)
+        try:
+            status, payload = await self._call("GET", API.monitoring)
+        except VendorError as exc:  # e.g. a server that answers unknown paths with its login page
+            self._problems.bad_input("monitoring_profiles", f"profile list refused: {exc}")
+            return []
         listed = payload.get(API.profiles_key) if isinstance(payload, dict) else None
         if status == 404 or (status == 200 and listed is None and payload is None):
             return []  # this server offers no Event Monitoring: active events only
@@ -515,6 +519,11 @@ class ExacqClient:
 
     def _occurrence(self, key: str, item: Mapping[str, Any]) -> Occurrence:
         event_type = as_int(item.get(API.event_type))
+        if event_type is None:
+            self._problems.bad_input(
+                "event_type",
+                f"event type unreadable, taken as system: {item.get(API.event_type)!r:.100}",
+            )
         vendor_id = _vendor_id(item.get(API.event_id))
         start = self._device_time(item.get(API.event_start), "event_start")
         if vendor_id is not None:
@@ -542,13 +551,20 @@ class ExacqClient:
         found: list[Occurrence] = []
         for profile in self._profiles:
             path = API.triggered.format(profile=quote(profile, safe=""))
-            status, payload = await self._call("GET", path, {"duration": LOOK_BACK_S})
+            try:
+                status, payload = await self._call("GET", path, {"duration": LOOK_BACK_S})
+            except VendorError as exc:  # the active events still count; the next poll looks
+                self._problems.bad_input("triggered_links", f"{path}: {exc}")  # back 60 s
+                continue
             items = payload.get(API.triggered_key) if isinstance(payload, dict) else None
             if status == 404:
                 self._inventory_at = None  # the profile is gone: list the profiles again
                 continue
             if status != 200 or not isinstance(items, list):
-                raise BadDeviceResponse(f"GET {path} answered {status}: {error_text(payload)}")
+                self._problems.bad_input(
+                    "triggered_links", f"{path} answered {status}: {error_text(payload)}"
+                )
+                continue
             found.extend(self._link_occurrences(items))
         return found
 
