@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -309,6 +310,36 @@ async def test_times_without_offset_are_in_the_servers_timezone(
         event = site.activate_event(1, 11, start=ago(30))
         result = await client.poll(None)
         assert [a.occurred_at for a in result.alarms] == [event.start]
+        await client.close()
+
+
+@pytest.mark.parametrize(
+    ("value", "offset_h", "reported"),
+    [
+        (-5, -5, []),
+        (5.5, 5.5, []),
+        ("-05:00", -5, []),
+        ("America/New_York", -5, []),
+        ("EST5", 0, ["timezone"]),
+        (99, 0, ["timezone"]),
+        (None, 0, []),
+    ],
+)
+async def test_the_servers_timezone_in_every_reasonable_form(
+    value: Any, offset_h: float, reported: list[str], http: aiohttp.ClientSession
+) -> None:
+    site = ExacqSite(naive_times=True, utc_offset="+00:00")
+    async with ExacqSimulator({"default": site}) as sim:
+        config = {"success": True, "Cameras": [{"id": 11, "name": "Gate cam"}], "timezone": value}
+        answer = static_answer(200, json.dumps(config), {"Content-Type": "application/json"})
+        sim.respond("GET", "/v1/config.web", answer)
+        problems = Problems()
+        client = exacq(sim.url(), http, problems)
+        naive = datetime(2026, 11, 21, 5, 0, tzinfo=UTC)  # listed as "2026-11-21T05:00:00"
+        site.activate_event(1, 11, start=naive)
+        (alarm,) = (await client.poll(None)).alarms
+        assert alarm.occurred_at == naive - timedelta(hours=offset_h)
+        assert problems.reported == reported
         await client.close()
 
 

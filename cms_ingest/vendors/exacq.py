@@ -37,9 +37,10 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from typing import Any
 from urllib.parse import quote
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import aiohttp
 import structlog
@@ -224,6 +225,16 @@ def _vendor_id(value: Any) -> str | None:
     return None
 
 
+def _zone(name: str) -> tzinfo | None:
+    """An IANA zone by name, or None (also for names that are paths or empty)."""
+    if not name or len(name) > 64:
+        return None
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        return None
+
+
 def _epoch(when: datetime | None) -> float | None:
     return None if when is None else when.timestamp()
 
@@ -251,7 +262,7 @@ class ExacqClient:
         self._triggers: dict[str, str] = {}
         self._profiles: list[str] = []  # Event Monitoring profiles to read ([]: not offered)
         self._inventory_at: float | None = None
-        self._config_tz: timezone | None = None  # config.web's `timezone`
+        self._config_tz: tzinfo | None = None  # config.web's `timezone`
         self._server_tz: timezone = UTC
         self._export_format: str | None = None
         self._exports: dict[str, str] = {}  # media key -> export id on the server
@@ -410,9 +421,10 @@ class ExacqClient:
             }
         self._profiles = await self._monitoring_profiles()
 
-    def _timezone(self, value: Any) -> timezone | None:
+    def _timezone(self, value: Any) -> tzinfo | None:
         """config.web's `timezone`: hours east of UTC (the manual shows -4); a "-05:00" text
-        is read too. Anything else is reported once and times without an offset stay UTC."""
+        or a zone name ("America/New_York") is read too. Anything else is reported once and
+        times without an offset stay UTC."""
         if value is None:
             return None
         hours = value if isinstance(value, int | float) and not isinstance(value, bool) else None
@@ -425,6 +437,9 @@ class ExacqClient:
                 offset = None
             if offset is not None:
                 return timezone(offset)
+            zone = _zone(value.strip())
+            if zone is not None:
+                return zone
         self._problems.bad_input(
             "timezone",
             f"config.web timezone {value!r:.50} is not hours; times without an "
@@ -468,7 +483,7 @@ class ExacqClient:
             )
         return names[:MAX_PROFILES]
 
-    def _default_tz(self) -> timezone:
+    def _default_tz(self) -> tzinfo:
         """Where a time without an offset is: the server's configured zone, else the offset
         its own times carried, else UTC."""
         return self._config_tz or self._server_tz
