@@ -157,6 +157,9 @@ INVENTORY_TTL_S = 3600.0
 HOLD_RESEND_S = 1.0  # a soft trigger drops to off ~3 s after the last `on`
 LOOK_BACK_S = 60  # the manual: triggered links are kept at most 60 s
 SAME_START_S = 2.0  # one occurrence seen as an active event and as a link: starts this close
+# A link whose event id we saw with a start this close is still that occurrence (its time may
+# be when it fired, not when the event started); further apart, the id was used again.
+REUSED_ID_S = float(LOOK_BACK_S)
 SEEN_KEEP_S = 3 * LOOK_BACK_S  # occurrences remembered (device time) to match links with
 SEEN_LIMIT = 500  # and at most this many: the cursor stays small
 MAX_PROFILES = 8  # profiles read per poll (each one request)
@@ -497,7 +500,7 @@ class ExacqClient:
         linked = await self._linked_occurrences()
         state = _State.load(cursor)
         if self._options.event_id_scope == "occurrence":
-            reason = state.reset_reason([*listed, *linked])
+            reason = state.reset_reason(listed, linked)
             if reason is not None:
                 self._problems.device_reset(reason)
                 state = state.new_life(_next_life(state.life))
@@ -992,18 +995,20 @@ class _State:
     def new_life(self, life: str) -> _State:
         return _State(active=set(), seen={}, max_id=None, life=life)
 
-    def reset_reason(self, listed: list[Occurrence]) -> str | None:
-        """Why the listed events show that the server's ids started again, or None: a new
-        event whose id we saw with another camera or start, or whose numeric id is below the
-        highest we saw (occurrence ids only grow)."""
+    def reset_reason(self, listed: list[Occurrence], linked: list[Occurrence]) -> str | None:
+        """Why the events show that the server's ids started again, or None: a new event
+        whose id we saw with another camera or start, or whose numeric id is below the highest
+        we saw (occurrence ids only grow). A link's time may be when it fired rather than the
+        event's start: for links, starts up to REUSED_ID_S apart are the same occurrence."""
         by_id = {entry[0]: entry for entry in self.seen.values() if entry[0] is not None}
-        for occurrence in listed:
+        tolerances = [(o, SAME_START_S) for o in listed] + [(o, REUSED_ID_S) for o in linked]
+        for occurrence, within_s in tolerances:
             if occurrence.vendor_id is None:
                 continue
             if life_source_id(occurrence.key, self.life) in self.active:
                 continue  # still the same event
             before = by_id.get(occurrence.vendor_id)
-            if before is not None and not _same_occurrence(before, occurrence):
+            if before is not None and _id_reused(before, occurrence, within_s):
                 return (
                     f"event id {occurrence.vendor_id} seen before on camera {before[1]} at "
                     f"{before[3]}, now on camera {occurrence.source} at {occurrence.start}"
@@ -1054,17 +1059,33 @@ class _State:
         return cursor
 
 
-def _same_occurrence(
-    entry: tuple[str | None, str | None, int | None, float | None], occurrence: Occurrence
+def _id_reused(
+    entry: tuple[str | None, str | None, int | None, float | None],
+    occurrence: Occurrence,
+    within_s: float,
 ) -> bool:
-    """One occurrence: same camera, type (when both know it) and start (within 2 s)."""
+    """Whether an id seen before now names another occurrence: another camera, or a start
+    more than `within_s` away (an unreadable start tells nothing)."""
+    _, camera, _, start = entry
+    if camera != occurrence.source:
+        return True
+    other = _epoch(occurrence.start)
+    return start is not None and other is not None and abs(start - other) > within_s
+
+
+def _same_occurrence(
+    entry: tuple[str | None, str | None, int | None, float | None],
+    occurrence: Occurrence,
+    within_s: float = SAME_START_S,
+) -> bool:
+    """One occurrence: same camera, type (when both know it) and start (within `within_s`)."""
     _, camera, kind, start = entry
     if camera != occurrence.source:
         return False
     if kind is not None and occurrence.event_type is not None and kind != occurrence.event_type:
         return False
     other = _epoch(occurrence.start)
-    return start is not None and other is not None and abs(start - other) <= SAME_START_S
+    return start is not None and other is not None and abs(start - other) <= within_s
 
 
 def _next_life(current: str | None) -> str:
