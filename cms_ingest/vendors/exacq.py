@@ -33,6 +33,7 @@ so that a correction from the field is a one-line change.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
@@ -156,6 +157,7 @@ SOURCE_TYPE_EVENTS: Mapping[int, int] = {
 INVENTORY_TTL_S = 3600.0
 HOLD_RESEND_S = 1.0  # a soft trigger drops to off ~3 s after the last `on`
 LOOK_BACK_S = 60  # the manual: triggered links are kept at most 60 s
+LINK_OVERLAP_S = 5  # links asked for beyond the last read: its answer's time, clock steps
 SAME_START_S = 2.0  # one occurrence seen as an active event and as a link: starts this close
 # A link whose event id we saw with a start this close is still that occurrence (its time may
 # be when it fired, not when the event started); further apart, the id was used again.
@@ -264,6 +266,7 @@ class ExacqClient:
         self._cameras: dict[str, str] = {}
         self._triggers: dict[str, str] = {}
         self._profiles: list[str] = []  # Event Monitoring profiles to read ([]: not offered)
+        self._links_read_at: dict[str, float] = {}  # profile -> monotonic time of a good read
         self._inventory_at: float | None = None
         self._config_tz: tzinfo | None = None  # config.web's `timezone`
         self._server_tz: timezone = UTC
@@ -565,12 +568,16 @@ class ExacqClient:
         return clean_text(f"{vendor_id}/{when}", ID_LIMIT)
 
     async def _linked_occurrences(self) -> list[Occurrence]:
-        """Links the Event Monitoring profiles triggered in the last 60 s (the manual's limit)."""
+        """Links the Event Monitoring profiles triggered since their last good read (plus a
+        margin), at most 60 s back (the manual's limit)."""
         found: list[Occurrence] = []
         for profile in self._profiles:
             path = API.triggered.format(profile=quote(profile, safe=""))
+            asked_at = time.monotonic()
             try:
-                status, payload = await self._call("GET", path, {"duration": LOOK_BACK_S})
+                status, payload = await self._call(
+                    "GET", path, {"duration": self._look_back(profile)}
+                )
             except VendorError as exc:  # the active events still count; the next poll looks
                 self._problems.bad_input("triggered_links", f"{path}: {exc}")  # back 60 s
                 continue
@@ -584,7 +591,16 @@ class ExacqClient:
                 )
                 continue
             found.extend(self._link_occurrences(items))
+            self._links_read_at[profile] = asked_at
         return found
+
+    def _look_back(self, profile: str) -> int:
+        """Seconds of links to ask for: since the last good read and a margin, at most 60 (a
+        first read, or one after failures, takes all the server keeps)."""
+        last = self._links_read_at.get(profile)
+        if last is None:
+            return LOOK_BACK_S
+        return min(LOOK_BACK_S, math.ceil(time.monotonic() - last) + LINK_OVERLAP_S)
 
     def _link_occurrences(self, items: Iterable[Any]) -> list[Occurrence]:
         wanted = self._options.event_types
