@@ -183,6 +183,26 @@ async def test_an_event_shorter_than_a_poll_is_stored_once(
             assert lasting.id in {r["source_id"] for r in stored}
 
 
+async def test_an_event_during_a_communication_gap_is_stored(
+    http: aiohttp.ClientSession,
+) -> None:
+    """Issue 13 item 2: the event starts and ends while the server cannot be read."""
+    site = ExacqSite()
+    async with ExacqSimulator({"default": site}) as sim:
+        client = exacq(sim.url(), http, Problems())
+        cursor = (await client.poll(None)).cursor
+        down = static_answer(503, b"Service Unavailable", {"Content-Type": "text/plain"})
+        sim.respond("GET", "/v1/events.web", down, times=2)
+        for _ in range(2):
+            with pytest.raises(BadDeviceResponse):
+                await client.poll(cursor)
+            event = site.activate_event(2, 13)
+            site.end_event(event)
+        result = await client.poll(cursor)
+        assert [(a.vendor_event, a.camera_id) for a in result.alarms] == [("2", "13")] * 2
+        await client.close()
+
+
 async def test_events_without_ids_seen_both_ways_are_one_alarm_each(
     http: aiohttp.ClientSession,
 ) -> None:
