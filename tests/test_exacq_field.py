@@ -267,6 +267,10 @@ async def test_an_event_that_ends_while_the_commit_failed_is_not_lost(
         after = await client.poll(again.cursor)  # that commit landed: nothing twice
         assert after.alarms == []
         await client.close()
+        site.event_monitoring = True  # a restart, now with the link still in the server's 60 s
+        client = exacq(sim.url(), http, Problems())
+        assert (await client.poll(again.cursor)).alarms == []  # it is in the cursor
+        await client.close()
 
 
 async def test_the_cursor_stays_bounded_and_storable(

@@ -195,6 +195,9 @@ class PlainText(str):
     """A text/plain answer (the manual's `Invalid Request`)."""
 
 
+_Delivered = tuple[str, "Occurrence", Alarm]  # source_id, what it was seen as, its alarm
+
+
 @dataclass(frozen=True, slots=True)
 class Occurrence:
     """One event occurrence as either source shows it."""
@@ -274,7 +277,7 @@ class ExacqClient:
         self._exports: dict[str, str] = {}  # media key -> export id on the server
         # What the last poll returned: re-delivered when its commit did not land.
         self._returned: Cursor | None = None
-        self._returned_alarms: list[Alarm] = []
+        self._returned_alarms: list[_Delivered] = []
 
     # ------------------------------------------------------------------ session
 
@@ -507,13 +510,15 @@ class ExacqClient:
             if reason is not None:
                 self._problems.device_reset(reason)
                 state = state.new_life(_next_life(state.life))
-        alarms, active = self._new_alarms(state, listed, linked)
-        result_alarms = _merge(carried, alarms)
+        for source_id, occurrence, _ in carried:  # remembered as if their commit had landed
+            state.remember(source_id, occurrence)
+        fresh, active = self._new_alarms(state, listed, linked)
+        delivered = _merge(carried, fresh)
         new_cursor = state.dump(active)
-        self._returned, self._returned_alarms = new_cursor, result_alarms[-MAX_CARRIED:]
-        return PollResult(alarms=result_alarms, cursor=new_cursor)
+        self._returned, self._returned_alarms = new_cursor, delivered[-MAX_CARRIED:]
+        return PollResult(alarms=[alarm for _, _, alarm in delivered], cursor=new_cursor)
 
-    def _uncommitted(self, cursor: Cursor | None) -> list[Alarm]:
+    def _uncommitted(self, cursor: Cursor | None) -> list[_Delivered]:
         """The alarms of the last poll when its cursor did not come back (its commit failed):
         an event that ended meanwhile is no longer listed, and would be lost."""
         if self._returned is None or cursor == self._returned:
@@ -647,17 +652,17 @@ class ExacqClient:
 
     def _new_alarms(
         self, state: _State, listed: list[Occurrence], linked: list[Occurrence]
-    ) -> tuple[list[Alarm], list[str]]:
+    ) -> tuple[list[_Delivered], list[str]]:
         """Alarms for occurrences not seen before (an active event in the cursor's active set, or
         any occurrence matching a remembered one), and the active set after this poll."""
-        alarms: list[Alarm] = []
+        alarms: list[_Delivered] = []
         active = [life_source_id(occurrence.key, state.life) for occurrence in listed]
         for occurrence in [*listed, *linked]:
             source_id = life_source_id(occurrence.key, state.life)
             if state.known(source_id, occurrence):
                 continue
             state.remember(source_id, occurrence)
-            alarms.append(self._alarm(source_id, occurrence))
+            alarms.append((source_id, occurrence, self._alarm(source_id, occurrence)))
         return alarms, active
 
     def _alarm(self, source_id: str, occurrence: Occurrence) -> Alarm:
@@ -1117,10 +1122,10 @@ def _next_life(current: str | None) -> str:
     return new_life(now)
 
 
-def _merge(carried: list[Alarm], alarms: list[Alarm]) -> list[Alarm]:
+def _merge(carried: list[_Delivered], alarms: list[_Delivered]) -> list[_Delivered]:
     """Carried alarms first; one per source_id (this poll's wins)."""
-    fresh = {alarm.source_id for alarm in alarms}
-    return [*(a for a in carried if a.source_id not in fresh), *alarms]
+    fresh = {source_id for source_id, _, _ in alarms}
+    return [*(entry for entry in carried if entry[0] not in fresh), *alarms]
 
 
 # ---------------------------------------------------------------------- helpers
