@@ -35,6 +35,7 @@ from tests.support import app_config, exacq_site, running_daemon, sample
 from tests.test_vendor_parsing import Problems
 
 RESETS = "cms_ingest_device_resets_total"
+JSON = {"Content-Type": "application/json"}
 SEEN_LIMIT = 500  # vendors/exacq.py: occurrences a cursor remembers at most
 
 
@@ -321,6 +322,29 @@ async def test_event_starts_in_year_1_and_9999_never_escape_media_status(
             for kind in (MediaKind.SNAPSHOT, MediaKind.VIDEO):
                 probe = await client.media_status(kind, {"camera": "11", "time": when, "key": "k"})
                 assert probe.state == "unavailable"  # a row stored before this fix
+        await client.close()
+
+
+async def test_odd_event_ids_are_reported_and_the_event_still_an_alarm(
+    http: aiohttp.ClientSession,
+) -> None:
+    site = ExacqSite()
+    async with ExacqSimulator({"default": site}) as sim:
+        problems = Problems()
+        client = exacq(sim.url(), http, problems)
+        start = "2026-11-21T05:00:00-05:00"
+        body = (
+            '{"success": true, "events": ['
+            f'{{"id": NaN, "type": 1, "sourceId": 11, "start": "{start}"}},'
+            f'{{"id": 1.5, "type": 2, "sourceId": 11, "start": "{start}"}},'
+            f'{{"id": {{"x": 1}}, "type": 3, "sourceId": 11, "start": "{start}"}}]}}'
+        )
+        sim.respond("GET", "/v1/events.web", static_answer(200, body, JSON))
+        result = await client.poll(None)
+        assert sorted(a.source_id for a in result.alarms) == [
+            f"{kind}:11:{start}" for kind in (1, 2, 3)
+        ]
+        assert problems.reported == ["event_id", "event_id"]  # NaN is no id at all
         await client.close()
 
 

@@ -243,6 +243,11 @@ def _zone(name: str) -> tzinfo | None:
         return None
 
 
+def _odd_id(value: Any) -> bool:
+    """An id that is there but unusable (a float, an object, NaN read as null is absent)."""
+    return value is not None and value != "" and _vendor_id(value) is None
+
+
 def _epoch(when: datetime | None) -> float | None:
     return None if when is None else when.timestamp()
 
@@ -534,6 +539,12 @@ class ExacqClient:
             raise BadDeviceResponse(f"GET {API.events} answered {status}: {error_text(payload)}")
         found = []
         for item in items:
+            if isinstance(item, dict) and _odd_id(item.get(API.event_id)):
+                self._problems.bad_input(
+                    "event_id",
+                    f"event id {item[API.event_id]!r:.100} is neither text nor an "
+                    "integer; the event is identified by type, source and start",
+                )
             key = event_key(item) if isinstance(item, dict) else None
             if key is None or not isinstance(item, dict):
                 self._problems.bad_input("event", f"event without id, type or start: {item!r:.200}")
