@@ -29,7 +29,18 @@ Things the manual leaves open, decided here: faults on malformed requests use
 ``errorcode`` values of this simulator's own (``alarms.invalid_filter``,
 ``relays.not_found``, ...); an unencoded ``+`` in a date filter decodes to a
 space and is refused, as by any form-decoding server; a date filter without an
-offset is UTC (the simulated installation runs at ``+00:00``).
+offset is the installation's local time (``time_zone``, UTC by default).
+
+Switches for what the manual allows but does not pin down (constructor options, and the
+command line's ``--order`` etc.); the defaults are the manual's reading:
+``order`` ("time": newest ``started`` first, the manual's note; "id": the polling sample's
+comment), ``max_date_exclusive`` and ``ignore_max_date``, ``utc_offset`` (whatever
+``current_utc_offset`` says: "+01:00", 60, "Europe/Madrid"...), ``time_zone`` with
+``local_times`` (``started`` written without an offset, in that zone), ``language`` (event
+102 descriptions: "Désarmé", "Unscharf"...), ``token_error_status`` (the status of token
+errors: the manual names only the errorcode), ``input_cameras`` ("cameras" on each input,
+"on_cameras": ``inputs`` on each camera, "none") and ``factory_reset()`` (ids start at 1
+again; also ``POST /_sim/faults {"factory_reset": true}``).
 
 Test hooks (Python API and ``/_sim/...`` HTTP control surface): alarm creation,
 a Poisson alarm generator shared by all tenants, failing / malformed / slow alarm
