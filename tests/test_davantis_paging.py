@@ -298,3 +298,13 @@ async def test_media_download_renews_a_token_the_device_says_expired(
             body = b"".join([chunk async for chunk in download.chunks])
     assert body[:2] == b"\xff\xd8"
     assert site.refreshes == 1
+
+
+def test_the_site_time_zone_option_must_name_a_known_zone() -> None:
+    from pydantic import ValidationError
+
+    from cms_ingest.vendors.davantis import DavantisOptions
+
+    assert DavantisOptions(time_zone="Europe/Madrid").time_zone == "Europe/Madrid"
+    with pytest.raises(ValidationError, match="unknown time zone"):
+        DavantisOptions(time_zone="Mars/Olympus_Mons")
