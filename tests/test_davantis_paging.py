@@ -170,7 +170,7 @@ async def test_a_catch_up_longer_than_the_page_cap_arrives_over_the_next_polls(
         client = client_for(sim, session)
         first = await client.poll({"last_id": 3})
         assert len(first.alarms) <= MAX_PAGES_PER_POLL * PAGE
-        assert first.cursor["backlog"]["floor"] == 3
+        assert first.cursor["backlog"][0]["min_id"] == "3"  # above the stored cursor
         site.add_alarms(4)  # new ones keep arriving during the catch-up
         rest, polls = await drain(client, dict(first.cursor))
     got = ids_of(first.alarms + rest)
@@ -308,3 +308,23 @@ def test_the_site_time_zone_option_must_name_a_known_zone() -> None:
     assert DavantisOptions(time_zone="Europe/Madrid").time_zone == "Europe/Madrid"
     with pytest.raises(ValidationError, match="unknown time zone"):
         DavantisOptions(time_zone="Mars/Olympus_Mons")
+
+
+async def test_a_device_ignoring_max_date_is_read_through_its_other_filters(
+    session: aiohttp.ClientSession,
+) -> None:
+    site = DavantisSite(page_cap=PAGE, cameras=4, ignore_max_date=True)
+    for index in range(5 * PAGE):  # 4 cameras x 3 events: under a page each
+        site.add_alarm(camera=1 + index % 4, event=(1, 2, 11)[index % 3])
+    async with DavantisSimulator({"default": site}) as sim:
+        alarms, polls = await drain(client_for(sim, session), {"last_id": 0})
+    assert sorted(set(ids_of(alarms))) == list(range(1, 5 * PAGE + 1))
+    assert polls > 2  # 4 cameras x 9 events is more than one poll's pages: it went on
+    # And where not even that narrows it, it says so (once per site), and the poll ends.
+    crowded = DavantisSite(page_cap=PAGE, cameras=1, ignore_max_date=True)
+    crowded.add_alarms(2 * PAGE, camera=1, event=11)
+    stuck = bad_input("paging_stuck")
+    async with DavantisSimulator({"default": crowded}) as sim:
+        result = await asyncio.wait_for(client_for(sim, session).poll({"last_id": 0}), 10)
+    assert len(result.alarms) == PAGE
+    assert bad_input("paging_stuck") == stuck + 1

@@ -83,6 +83,10 @@ KNOWN_EVENTS = frozenset({*EVENT_TYPES, ARMING_EVENT})
 # instant whether the device reads it as inclusive or exclusive.
 PAGE_OVERLAP = timedelta(milliseconds=1)
 SPLIT_FILTERS = ("camera_id", "event_id")  # how a window max_date cannot page is narrowed
+MAX_SPLIT_PARTS = 256  # cameras (or events) a window is split into, at most
+# Parts of a page-capped catch-up the cursor keeps (more become one covering them all).
+MAX_BACKLOG_WINDOWS = 32
+Window = dict[str, str]  # the GET /alarms filters of a part still to read
 # Ids a device plausibly adds between two answers; a lone id further up is not believed.
 MAX_ID_JUMP = 1_000_000
 JUMP_RUN = 3  # ids together above such a jump that make it a counter that moved on
@@ -297,14 +301,10 @@ class DavantisClient:
         return False
 
     async def _collect(
-        self,
-        params: Mapping[str, str],
-        floor_id: int,
-        budget: _PageBudget,
-        found: dict[int, dict[str, Any]],
-        depth: int = 0,
-    ) -> _Paged:
-        """Adds every alarm matching `params` with id > floor_id to `found`, newest first.
+        self, params: Window, budget: _PageBudget, found: dict[int, dict[str, Any]]
+    ) -> list[Window]:
+        """Adds every alarm matching `params` with an id above its `min_id` to `found`, and
+        returns what the page budget left unread (nothing: complete).
 
         The device answers at most `page_cap` alarms, the latest `started` first. A full page
         is followed by the page before its oldest plausible `started`, plus PAGE_OVERLAP:
@@ -312,45 +312,40 @@ class DavantisClient:
         time come again (and are known by id), none is skipped. A full page with nothing new
         (over `page_cap` alarms share one instant) is split by camera, then by event.
         """
-        bound = params.get("max_date")
+        floor_id = as_id(params.get("min_id")) or 0
+        query = dict(params)
         while True:
             if not budget.take():
-                return _Paged(complete=False, before=bound)
-            query = {**params, "max_date": bound} if bound is not None else dict(params)
+                return [query]  # read on from here next poll
             sent, page = await self._raw_alarm_page(query)
             fresh = _add_new(page, floor_id, found)
             if sent < self._options.page_cap:
-                return COMPLETE
+                return []
             older = self._page_bound(page)
             if fresh == 0 or older is None:
-                return await self._split(query, floor_id, budget, found, depth)
-            bound = older
+                return await self._split(query, budget, found)
+            query = {**query, "max_date": older}
 
     async def _split(
-        self,
-        query: Mapping[str, str],
-        floor_id: int,
-        budget: _PageBudget,
-        found: dict[int, dict[str, Any]],
-        depth: int,
-    ) -> _Paged:
+        self, query: Window, budget: _PageBudget, found: dict[int, dict[str, Any]]
+    ) -> list[Window]:
         """The alarms of a window `max_date` cannot page through, one camera (then one event)
-        at a time: the documented filters are the only other way to narrow an answer."""
-        if depth >= len(SPLIT_FILTERS):
+        at a time: the documented filters are the only other way to narrow an answer. What
+        the budget leaves unread is kept per part, so the next poll goes on, not over."""
+        depth = sum(key in query for key in SPLIT_FILTERS)
+        values = self._split_values(SPLIT_FILTERS[depth], found) if depth < 2 else []
+        if not values or len(values) > MAX_SPLIT_PARTS:
             self._problems.bad_input(
                 "paging_stuck",
-                f"over {self._options.page_cap} alarms share one camera, event and start time "
-                f"at or before {query.get('max_date') or 'now'}; the device's filters cannot "
-                "page through them, older ones of that camera and event may be missed",
+                f"over {self._options.page_cap} alarms share one start time at or before "
+                f"{query.get('max_date') or 'now'} and the camera and event filters cannot "
+                f"narrow them ({_filters_text(query)}); some may be missed",
             )
-            return COMPLETE
-        key = SPLIT_FILTERS[depth]
-        for value in self._split_values(key, found):
-            part = await self._collect({**query, key: value}, floor_id, budget, found, depth + 1)
-            if not part.complete:
-                # Resumed next poll from this window's top: the whole split again (known ids).
-                return _Paged(complete=False, before=query.get("max_date"))
-        return COMPLETE
+            return []
+        left: list[Window] = []
+        for value in values:
+            left += await self._collect({**query, SPLIT_FILTERS[depth]: value}, budget, found)
+        return left
 
     def _split_values(self, key: str, found: Mapping[int, Mapping[str, Any]]) -> list[str]:
         field = "idcamera" if key == "camera_id" else "idevent"
@@ -386,16 +381,14 @@ class DavantisClient:
         found: dict[int, dict[str, Any]] = {}
         # From the cursor's own alarm on: it comes back with every answer, and a different
         # time or camera for it means the device's ids started again.
-        head_floor = max(0, state.last_id - 1)
-        head = await self._collect(
-            {**self._filters(), "min_id": str(head_floor)}, head_floor, budget, found
-        )
+        head = {**self._filters(), "min_id": str(max(0, state.last_id - 1))}
+        unread = await self._collect(head, budget, found)
         reset = await self._reset_evidence(state, found)
         if reset is not None:
             self._problems.device_reset(reset)
             state = _CursorState(last_id=0, life=new_life())
             found = {}
-            head = await self._collect({**self._filters(), "min_id": "0"}, 0, budget, found)
+            unread = await self._collect({**self._filters(), "min_id": "0"}, budget, found)
         # The cursor's own alarm is stored already (or, at first start, deliberately not).
         mine = found.pop(state.last_id, None)
         if mine is not None and state.started is None:  # a cursor from before reset checks
@@ -404,29 +397,36 @@ class DavantisClient:
                 started=_cursor_text(mine.get("started")),
                 camera=_cursor_text(mine.get("idcamera")),
             )
-        backlog = state.backlog
-        if not head.complete:
-            backlog = _merged(backlog, _Backlog(floor=state.last_id, before=head.before))
-        elif backlog is not None:
-            backlog = await self._resume(backlog, budget, found)
-        return self._result(state, found, backlog)
+        # The rest of the head goes on above the cursor's alarm, which needs no second look.
+        unread = [{**window, "min_id": str(state.last_id)} for window in unread]
+        # New alarms first; then what earlier capped polls left, oldest part first.
+        for window in state.backlog:
+            unread += await self._collect(window, budget, found)
+        return self._result(state, found, self._bounded(unread))
 
-    async def _resume(
-        self, backlog: _Backlog, budget: _PageBudget, found: dict[int, dict[str, Any]]
-    ) -> _Backlog | None:
-        """Older alarms a capped poll left for later, from where it stopped."""
-        params = {**self._filters(), "min_id": str(backlog.floor)}
-        if backlog.since is not None:
-            params["min_date"] = backlog.since
-        if backlog.before is not None:
-            params["max_date"] = backlog.before
-        outcome = await self._collect(params, backlog.floor, budget, found)
-        if outcome.complete:
-            return None
-        return dataclasses.replace(backlog, before=outcome.before)
+    def _bounded(self, windows: list[Window]) -> tuple[Window, ...]:
+        """The unread parts, few enough for the cursor: past MAX_BACKLOG_WINDOWS they become
+        one window covering them all (read again in part: ids are stored once)."""
+        if len(windows) <= MAX_BACKLOG_WINDOWS:
+            return tuple(windows)
+        floors = [as_id(window.get("min_id")) or 0 for window in windows]
+        bounds = [window.get("max_date") for window in windows]
+        merged = {**self._filters(), "min_id": str(min(floors))}
+        if all(bound is not None for bound in bounds):
+            merged["max_date"] = max(
+                (bound for bound in bounds if bound is not None),
+                key=lambda text: parse_time(text) or datetime.max.replace(tzinfo=UTC),
+            )
+        since = {window.get("min_date") for window in windows}
+        if len(since) == 1 and (only := since.pop()) is not None:
+            merged["min_date"] = only
+        return (merged,)
 
     def _result(
-        self, state: _CursorState, found: Mapping[int, dict[str, Any]], backlog: _Backlog | None
+        self,
+        state: _CursorState,
+        found: Mapping[int, dict[str, Any]],
+        backlog: tuple[Window, ...],
     ) -> PollResult:
         fresh = [found[key] for key in sorted(found)]
         last_id = self._next_last_id(state.last_id, list(found))
@@ -439,10 +439,10 @@ class DavantisClient:
             camera=state.camera if newest is None else _cursor_text(newest.get("idcamera")),
         )
         notes = [f"caught up {len(fresh)} alarms"] if len(fresh) > self._options.page_cap else []
-        if backlog is not None:
+        if backlog:
             notes.append(
-                f"page cap ({MAX_PAGES_PER_POLL} pages) reached: older alarms after id "
-                f"{backlog.floor} up to {backlog.before or 'now'} follow in the next polls"
+                f"page cap ({MAX_PAGES_PER_POLL} pages) reached: {len(backlog)} part(s) of "
+                f"the catch-up ({_filters_text(backlog[0])}, ...) follow in the next polls"
             )
         return PollResult(
             alarms=[self._alarm(item, state.life) for item in fresh],
@@ -520,8 +520,7 @@ class DavantisClient:
         since = (datetime.now(UTC) - timedelta(seconds=self._options.backfill)).isoformat()
         budget, found = _PageBudget(), dict[int, dict[str, Any]]()
         params = {**self._filters(), "min_id": "0", "min_date": since}
-        outcome = await self._collect(params, 0, budget, found)
-        backlog = None if outcome.complete else _Backlog(0, outcome.before, since)
+        backlog = self._bounded(await self._collect(params, budget, found))
         items = [found[key] for key in sorted(found) if key <= start_id]
         return PollResult(
             alarms=[self._alarm(item, None) for item in items],
@@ -1016,53 +1015,19 @@ class _PageBudget:
         return True
 
 
-@dataclass(frozen=True, slots=True)
-class _Paged:
-    """How far a collection got: complete, or stopped with pages before `before` unread."""
-
-    complete: bool
-    before: str | None = None  # the max_date to go on from (None: from the newest)
+def _filters_text(window: Window) -> str:
+    return ", ".join(f"{key}={value}" for key, value in sorted(window.items()))
 
 
-COMPLETE = _Paged(complete=True)
-
-
-@dataclass(frozen=True, slots=True)
-class _Backlog:
-    """Alarms above `floor` started up to `before` (and from `since`) not read yet."""
-
-    floor: int
-    before: str | None
-    since: str | None = None
-
-    def as_json(self) -> dict[str, Any]:
-        return {"floor": self.floor, "before": self.before, "since": self.since}
-
-    @classmethod
-    def read(cls, value: Any) -> _Backlog | None:
-        if not isinstance(value, dict) or as_id(value.get("floor")) is None:
-            return None
-        before, since = value.get("before"), value.get("since")
-        return cls(
-            floor=int(value["floor"]),
-            before=before if isinstance(before, str) else None,
-            since=since if isinstance(since, str) else None,
-        )
-
-
-def _merged(old: _Backlog | None, new: _Backlog) -> _Backlog:
-    """One backlog covering both (re-reading a little is harmless: ids are stored once)."""
-    if old is None:
-        return new
-    before = None
-    if old.before is not None and new.before is not None:
-        later = max(
-            (old.before, new.before),
-            key=lambda text: parse_time(text) or datetime.max.replace(tzinfo=UTC),
-        )
-        before = later
-    since = old.since if old.since == new.since else None
-    return _Backlog(floor=min(old.floor, new.floor), before=before, since=since)
+def _windows(value: Any) -> tuple[Window, ...]:
+    """The cursor's unread windows (our own JSON; anything else in it is dropped)."""
+    if not isinstance(value, list):
+        return ()
+    return tuple(
+        {str(key): str(text) for key, text in window.items() if isinstance(text, str)}
+        for window in value[:MAX_BACKLOG_WINDOWS]
+        if isinstance(window, dict) and as_id(window.get("min_id")) is not None
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -1075,7 +1040,7 @@ class _CursorState:
     life: str | None = None
     started: str | None = None
     camera: str | None = None
-    backlog: _Backlog | None = None
+    backlog: tuple[Window, ...] = ()
 
     @classmethod
     def read(cls, cursor: Cursor) -> _CursorState:
@@ -1085,7 +1050,7 @@ class _CursorState:
             life=life if isinstance(life, str) else None,
             started=_cursor_text(cursor.get("last_started")),
             camera=_cursor_text(cursor.get("last_camera")),
-            backlog=_Backlog.read(cursor.get("backlog")),
+            backlog=_windows(cursor.get("backlog")),
         )
 
     def as_cursor(self) -> dict[str, Any]:
@@ -1096,8 +1061,8 @@ class _CursorState:
             cursor["last_started"] = self.started
         if self.camera is not None:
             cursor["last_camera"] = self.camera
-        if self.backlog is not None:
-            cursor["backlog"] = self.backlog.as_json()
+        if self.backlog:
+            cursor["backlog"] = [dict(window) for window in self.backlog]
         return cursor
 
 
