@@ -5,10 +5,16 @@ What the device gives us, and how we use it:
   token shortly before expiry, and whenever a request answers 401 or one of the two expiry
   error codes; when refreshing fails we log in again. One refresh at a time per site.
 - `GET /alarms?min_id=N` returns alarms newer than N, newest first, at most 300 (the cap),
-  204 when there are none. After an outage more may be waiting: we page back with `max_date`
-  set to the oldest alarm's own `started` text until the stored cursor is reached, so nothing
-  is dropped. `cra=yes` keeps only alarms raised while armed unless `options.armed_only`
-  is false.
+  204 when there are none. We ask from one below the cursor: the cursor's own alarm comes
+  back, and another time or camera for it (or a newest id below the cursor) means the
+  device's ids started again (reset, replaced box): a new device life, whose source_ids carry
+  its tag. After an outage more than a page may be waiting: we page back with `max_date`
+  just past each page's oldest plausible `started` (see `_collect`), split by camera and event
+  where one instant holds more than a page, at most MAX_PAGES_PER_POLL pages a poll; what is
+  left waits in the cursor's `backlog`, so nothing is dropped. `cra=yes` keeps only alarms
+  raised while armed unless `options.armed_only` is false.
+- Times without an offset are the installation's: `current_utc_offset` in any form, or a
+  zone name, or the site's `time_zone` option (a zone keeps its daylight-saving rules).
 - Media readiness (`snapshot_status`, `video_status`) changes after the alarm first appears
   and a `min_id` poll never shows that, so the media fetcher asks again per alarm.
 - `*_absolute` URLs carry whatever host the device was set up with (often a NAT address):
