@@ -328,3 +328,26 @@ async def test_a_device_ignoring_max_date_is_read_through_its_other_filters(
         result = await asyncio.wait_for(client_for(sim, session).poll({"last_id": 0}), 10)
     assert len(result.alarms) == PAGE
     assert bad_input("paging_stuck") == stuck + 1
+
+
+@pytest.mark.parametrize(
+    ("offset", "mark", "detail"),
+    [
+        ("Europe/Madrid", "PASS", "zone Europe/Madrid"),
+        ("+01:00", "PASS", "fixed offset UTC+01:00"),
+        ("local time", "FAIL", "set the site option time_zone"),
+    ],
+)
+async def test_probe_shows_how_times_will_be_read(offset: str, mark: str, detail: str) -> None:
+    import io
+
+    from cms_ingest.probe import run_probe
+
+    site = DavantisSite(media_delay=0, utc_offset=offset)
+    site.add_alarm()
+    out = io.StringIO()
+    async with DavantisSimulator({"default": site}) as sim:
+        await run_probe(davantis_site("dp", sim.url()), out=out)
+    report = out.getvalue()
+    assert f"[{mark}] installation time zone" in report, report
+    assert detail in report

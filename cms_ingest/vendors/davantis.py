@@ -31,7 +31,7 @@ import math
 import re
 import time
 import unicodedata
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone, tzinfo
@@ -715,6 +715,31 @@ class DavantisClient:
             "utc_offset",
             f"GET /installation: current_utc_offset {value!r:.80} is not an offset or zone "
             f"we can read; {fallback} (set the site option time_zone)",
+        )
+
+    def probe_checks(self) -> dict[str, Callable[[], Awaitable[str]]]:
+        """Commissioning checks beyond the common ones (see cms_ingest/probe.py)."""
+        return {"installation time zone": self._probe_time_zone}
+
+    async def _probe_time_zone(self) -> str:
+        """How alarm times without an offset will be read: fails when they cannot be."""
+        _, installation = await self._request("GET", "/installation")
+        value = installation.get("current_utc_offset") if isinstance(installation, dict) else None
+        if self._options.time_zone:
+            return (
+                f"site option time_zone {self._options.time_zone} (the device says {value!r:.80})"
+            )
+        zone = installation_zone(value)
+        if zone is None:
+            raise BadDeviceResponse(
+                f"current_utc_offset {value!r:.80} is not an offset or zone we can read: "
+                "set the site option time_zone"
+            )
+        if isinstance(zone, ZoneInfo):
+            return f"current_utc_offset {value!r:.80}: zone {zone}"
+        return (
+            f"current_utc_offset {value!r:.80}: fixed offset {zone}. If the device writes "
+            "times without an offset, set the site option time_zone (daylight saving)"
         )
 
     async def recent_alarms(self, count: int) -> list[Alarm]:
