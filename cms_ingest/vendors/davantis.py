@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import math
 import re
 import time
@@ -91,7 +92,7 @@ PAGE_OVERLAP = timedelta(milliseconds=1)
 SPLIT_FILTERS = ("camera_id", "event_id")  # how a window max_date cannot page is narrowed
 MAX_SPLIT_PARTS = 256  # cameras (or events) a window is split into, at most
 # Parts of a page-capped catch-up the cursor keeps (more become one covering them all).
-MAX_BACKLOG_WINDOWS = 32
+MAX_BACKLOG_WINDOWS = 64
 Window = dict[str, str]  # the GET /alarms filters of a part still to read
 # Ids a device plausibly adds between two answers; a lone id further up is not believed.
 MAX_ID_JUMP = 1_000_000
@@ -187,6 +188,7 @@ class DavantisClient:
         self._zone: tzinfo | None = self._site_zone
         self._camera_inputs: dict[str, list[str]] = {}  # camera -> inputs, if cameras say
         self._outliers: set[int] = set()  # implausible ids reported (once each)
+        self._by_time = True  # the device lists newest `started` first, until seen otherwise
         # Arming, when not filtered by cra=yes: per camera from the inputs that cover it,
         # else the site's (any input armed); event 102 updates it as it streams in.
         self._site_armed: bool | None = None
@@ -327,10 +329,56 @@ class DavantisClient:
             fresh = _add_new(page, floor_id, found)
             if sent < self._options.page_cap:
                 return []
+            if not self._listed_by_time(page):
+                return await self._bisect(query, page, budget, found)
             older = self._page_bound(page)
             if fresh == 0 or older is None:
                 return await self._split(query, budget, found)
             query = {**query, "max_date": older}
+
+    def _listed_by_time(self, page: list[dict[str, Any]]) -> bool:
+        """Whether this device lists newest `started` first (the manual's note), so that a
+        full page holds every alarm after its oldest time. One page listed otherwise (by id,
+        as the manual's polling sample says, with times not rising with ids) settles it for
+        this client: from then on full pages are bisected in time instead."""
+        times = [when for item in page if (when := self._plausible_started(item)) is not None]
+        if any(newer < older for newer, older in itertools.pairwise(times)):
+            self._by_time = False
+        return self._by_time
+
+    async def _bisect(
+        self,
+        query: Window,
+        page: list[dict[str, Any]],
+        budget: _PageBudget,
+        found: dict[int, dict[str, Any]],
+    ) -> list[Window]:
+        """A full page from a device not listing by time says nothing about the alarms it
+        left out, whatever their time: the window is cut in two at the page's median start
+        (halves overlapping by PAGE_OVERLAP, for either reading of min_date and max_date),
+        newer half first, until each half's page is not full."""
+        middle = self._median_started(page)
+        below = None if middle is None else _shifted(middle, PAGE_OVERLAP)
+        if middle is not None and below is not None:
+            newer = {**query, "min_date": middle}
+            older = {**query, "max_date": below}
+            if query not in (newer, older):  # else one instant holds over a page
+                left = await self._collect(newer, budget, found)
+                return left + await self._collect(older, budget, found)
+        return await self._split(query, budget, found)
+
+    def _median_started(self, page: list[dict[str, Any]]) -> str | None:
+        timed = sorted(
+            (when, item["started"])
+            for item in page
+            if (when := self._plausible_started(item)) is not None
+        )
+        return timed[len(timed) // 2][1] if timed else None
+
+    def _plausible_started(self, item: Mapping[str, Any]) -> datetime | None:
+        """The alarm's start if it is a readable, plausible time (reported elsewhere if not)."""
+        when = self._parse_started(item.get("started"))
+        return when if when is not None and plausible_time(when) else None
 
     async def _split(
         self, query: Window, budget: _PageBudget, found: dict[int, dict[str, Any]]
@@ -364,17 +412,12 @@ class DavantisClient:
     def _page_bound(self, page: list[dict[str, Any]]) -> str | None:
         """`max_date` for the page before this one: its oldest plausible `started`, in the
         device's own notation (offset or none), plus PAGE_OVERLAP. None when no time fits."""
-        oldest: tuple[datetime, str] | None = None
-        for item in page:
-            text = item.get("started")
-            when = self._parse_started(text)
-            if when is None or not isinstance(text, str):
-                continue
-            if not plausible_time(when):
-                continue  # reported where the alarm is read (_device_time)
-            if oldest is None or when < oldest[0]:
-                oldest = (when, text)
-        return None if oldest is None else _shifted(oldest[1], PAGE_OVERLAP)
+        timed = [
+            (when, item["started"])
+            for item in page
+            if (when := self._plausible_started(item)) is not None
+        ]
+        return _shifted(min(timed)[1], PAGE_OVERLAP) if timed else None
 
     async def poll(self, cursor: Cursor | None) -> PollResult:
         await self._refresh_context()
@@ -411,10 +454,16 @@ class DavantisClient:
         return self._result(state, found, self._bounded(unread))
 
     def _bounded(self, windows: list[Window]) -> tuple[Window, ...]:
-        """The unread parts, few enough for the cursor: past MAX_BACKLOG_WINDOWS they become
-        one window covering them all (read again in part: ids are stored once)."""
+        """The unread parts, few enough for the cursor: past MAX_BACKLOG_WINDOWS the last ones
+        become one window covering them (read again in part: ids are stored once); the
+        first ones keep their progress."""
         if len(windows) <= MAX_BACKLOG_WINDOWS:
             return tuple(windows)
+        keep = MAX_BACKLOG_WINDOWS - 1
+        return (*windows[:keep], self._covering(windows[keep:]))
+
+    def _covering(self, windows: list[Window]) -> Window:
+        """One window holding every alarm of `windows` (and perhaps more)."""
         floors = [as_id(window.get("min_id")) or 0 for window in windows]
         bounds = [window.get("max_date") for window in windows]
         merged = {**self._filters(), "min_id": str(min(floors))}
@@ -426,7 +475,7 @@ class DavantisClient:
         since = {window.get("min_date") for window in windows}
         if len(since) == 1 and (only := since.pop()) is not None:
             merged["min_date"] = only
-        return (merged,)
+        return merged
 
     def _result(
         self,
