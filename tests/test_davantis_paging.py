@@ -353,3 +353,26 @@ async def test_probe_shows_how_times_will_be_read(offset: str, mark: str, detail
     report = out.getvalue()
     assert f"[{mark}] installation time zone" in report, report
     assert detail in report
+
+
+async def test_a_reset_is_seen_when_cra_hides_the_id_of_the_cursor(
+    session: aiohttp.ClientSession,
+) -> None:
+    """After the reset the device's new alarm 10 was raised while disarmed: cra=yes does not
+    list it, while 11 and 12 are listed. The old alarm 10 is asked for without cra."""
+    site = DavantisSite()
+    site.add_alarms(10)
+    resets = sample("cms_ingest_device_resets_total", vendor="davantis")
+    async with DavantisSimulator({"default": site}) as sim:
+        client = client_for(sim, session)
+        first = await client.poll(None)
+        assert first.cursor["last_id"] == 10
+        site.factory_reset()
+        site.add_alarms(9)
+        site.add_alarm(armed=False)
+        site.add_alarms(2)
+        result = await client.poll(dict(first.cursor))
+    life = result.cursor["life"]
+    expected = [f"{n}@{life}" for n in (*range(1, 10), 11, 12)]
+    assert [alarm.source_id for alarm in result.alarms] == expected
+    assert sample("cms_ingest_device_resets_total", vendor="davantis") == resets + 1

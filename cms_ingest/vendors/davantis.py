@@ -536,6 +536,10 @@ class DavantisClient:
         if state.last_id == 0:
             return None
         mine = found.get(state.last_id)
+        if mine is None and found and self._options.armed_only:
+            # Newer ids but not the cursor's own: cra=yes may hide the id it has now (raised
+            # while disarmed since a reset). Asked once more, unfiltered; rare, so cheap.
+            mine = await self._listed(state.last_id)
         if mine is not None:
             started, camera = _cursor_text(mine.get("started")), _cursor_text(mine.get("idcamera"))
             same_time = state.started is None or _same_time(started, state.started)
@@ -556,6 +560,10 @@ class DavantisClient:
         if 0 < newest < state.last_id:
             return f"the device's newest alarm id {newest} is below our cursor {state.last_id}"
         return None
+
+    async def _listed(self, alarm_id: int) -> dict[str, Any] | None:
+        page = await self._alarm_page({"min_id": str(alarm_id - 1)})
+        return next((item for item in page if _alarm_id(item) == alarm_id), None)
 
     async def _first_poll(self) -> PollResult:
         """First start on a site: the newest id becomes the cursor (no backlog flood)."""
