@@ -377,3 +377,23 @@ async def test_a_reset_is_seen_when_cra_hides_the_id_of_the_cursor(
     expected = [f"{n}@{life}" for n in (*range(1, 10), 11, 12)]
     assert [alarm.source_id for alarm in result.alarms] == expected
     assert sample("cms_ingest_device_resets_total", vendor="davantis") == resets + 1
+
+
+async def test_a_firmware_writing_times_differently_is_no_reset(
+    session: aiohttp.ClientSession,
+) -> None:
+    """The cursor's alarm was read as local time without an offset; after an update the
+    device writes the same instant with its offset. Same alarm: no new device life."""
+    site = DavantisSite(utc_offset="Europe/Madrid", time_zone="Europe/Madrid", local_times=True)
+    site.add_alarms(3)
+    resets = sample("cms_ingest_device_resets_total", vendor="davantis")
+    async with DavantisSimulator({"default": site}) as sim:
+        client = client_for(sim, session)
+        first = await client.poll(None)
+        assert "+" not in str(first.cursor["last_started"])
+        site.local_times = False
+        site.add_alarm()
+        result = await client.poll(dict(first.cursor))
+    assert [alarm.source_id for alarm in result.alarms] == ["4"]
+    assert "life" not in result.cursor
+    assert sample("cms_ingest_device_resets_total", vendor="davantis") == resets

@@ -542,7 +542,7 @@ class DavantisClient:
             mine = await self._listed(state.last_id)
         if mine is not None:
             started, camera = _cursor_text(mine.get("started")), _cursor_text(mine.get("idcamera"))
-            same_time = state.started is None or _same_time(started, state.started)
+            same_time = state.started is None or _same_time(started, state.started, self._zone)
             same_camera = state.camera is None or camera == state.camera
             if same_time and same_camera:
                 return None
@@ -1064,10 +1064,12 @@ def _shifted(text: str, delta: timedelta) -> str | None:
     return moved.isoformat(timespec="milliseconds")
 
 
-def _same_time(first: str | None, second: str | None) -> bool:
+def _same_time(first: str | None, second: str | None, zone: tzinfo | None) -> bool:
+    """Whether two device times are one instant, however written (a firmware update may add
+    an offset or change "Z" to "+00:00": not a reset)."""
     if first == second:
         return True
-    a, b = parse_time(first), parse_time(second)
+    a, b = parse_time(first, zone or UTC), parse_time(second, zone or UTC)
     return a is not None and a == b
 
 
