@@ -82,13 +82,15 @@ async def test_catch_up_with_ties_in_every_order_and_max_date_reading(
 
 
 @pytest.mark.parametrize("order", ["time", "id"])
-@pytest.mark.parametrize("exclusive", [False, True], ids=["max_date<=", "max_date<"])
+@pytest.mark.parametrize("exclusive", [False, True], ids=["dates-inclusive", "dates-exclusive"])
 async def test_catch_up_when_ids_do_not_rise_with_time(
     session: aiohttp.ClientSession, exclusive: bool, order: str
 ) -> None:
     """Start times shuffled against ids (alarms recorded late, a clock set back), listed
     newest start first (the manual's note) or highest id first (its polling sample)."""
-    site = DavantisSite(page_cap=PAGE, max_date_exclusive=exclusive, order=order)
+    site = DavantisSite(
+        page_cap=PAGE, max_date_exclusive=exclusive, min_date_exclusive=exclusive, order=order
+    )
     times = [BASE + timedelta(seconds=n) for n in range(150)]
     random.Random(7).shuffle(times)
     for started in times:

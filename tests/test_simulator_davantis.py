@@ -511,6 +511,13 @@ async def test_max_date_inclusive_exclusive_or_ignored(http: aiohttp.ClientSessi
             site.add_alarm(started=base + timedelta(seconds=offset))
         _, alarms = await _served(site, http, "/alarms", **bound)
         assert [a["id"] for a in alarms] == expected, options
+    low = {"min_date": base.isoformat()}
+    for options, expected in (({}, [3, 2]), ({"min_date_exclusive": True}, [3])):
+        site = DavantisSite(**options)
+        for offset in (-1, 0, 1):
+            site.add_alarm(started=base + timedelta(seconds=offset))
+        _, alarms = await _served(site, http, "/alarms", **low)
+        assert [a["id"] for a in alarms] == expected, options
 
 
 async def test_offset_forms_local_times_and_languages(http: aiohttp.ClientSession) -> None:

@@ -34,8 +34,9 @@ offset is the installation's local time (``time_zone``, UTC by default).
 Switches for what the manual allows but does not pin down (constructor options, and the
 command line's ``--order`` etc.); the defaults are the manual's reading:
 ``order`` ("time": newest ``started`` first, the manual's note; "id": the polling sample's
-comment), ``max_date_exclusive`` and ``ignore_max_date``, ``utc_offset`` (whatever
-``current_utc_offset`` says: "+01:00", 60, "Europe/Madrid"...), ``time_zone`` with
+comment), ``max_date_exclusive``, ``min_date_exclusive`` and ``ignore_max_date``,
+``utc_offset`` (whatever ``current_utc_offset`` says: "+01:00", 60, "Europe/Madrid"...),
+``time_zone`` with
 ``local_times`` (``started`` written without an offset, in that zone), ``language`` (event
 102 descriptions: "Désarmé", "Unscharf"...), ``token_error_status`` (the status of token
 errors: the manual names only the errorcode), ``input_cameras`` ("cameras" on each input,
@@ -236,16 +237,22 @@ class AlarmQuery:
     cameras: frozenset[int] | None = None
     events: frozenset[int] | None = None
     max_exclusive: bool = False  # max_date: started < max_date instead of <=
+    min_exclusive: bool = False  # min_date: started > min_date instead of >=
 
     def before_max(self, started: datetime) -> bool:
         if self.max_date is None:
             return True
         return started < self.max_date if self.max_exclusive else started <= self.max_date
 
+    def after_min(self, started: datetime) -> bool:
+        if self.min_date is None:
+            return True
+        return started > self.min_date if self.min_exclusive else started >= self.min_date
+
     def matches(self, alarm: SimAlarm) -> bool:
         return (
             (self.min_id is None or alarm.id > self.min_id)
-            and (self.min_date is None or alarm.started >= self.min_date)
+            and self.after_min(alarm.started)
             and self.before_max(alarm.started)
             and (self.armed is None or alarm.armed == self.armed)
             and (self.cameras is None or alarm.camera in self.cameras)
@@ -394,6 +401,7 @@ class DavantisSite:
         max_alarms: int | None = None,
         order: str = "time",
         max_date_exclusive: bool = False,
+        min_date_exclusive: bool = False,
         ignore_max_date: bool = False,
         utc_offset: Any = "+00:00",
         time_zone: str = "UTC",
@@ -410,6 +418,7 @@ class DavantisSite:
         # Switches for what the manual leaves open (see the module docstring).
         self.order = order
         self.max_date_exclusive = max_date_exclusive
+        self.min_date_exclusive = min_date_exclusive
         self.ignore_max_date = ignore_max_date
         self.utc_offset = utc_offset
         self.zone: tzinfo = ZoneInfo(time_zone)
@@ -541,7 +550,9 @@ class DavantisSite:
     def _as_device_reads(self, query: AlarmQuery) -> AlarmQuery:
         if self.ignore_max_date:
             return dataclasses.replace(query, max_date=None)
-        return dataclasses.replace(query, max_exclusive=self.max_date_exclusive)
+        return dataclasses.replace(
+            query, max_exclusive=self.max_date_exclusive, min_exclusive=self.min_date_exclusive
+        )
 
     def factory_reset(self) -> None:
         """The box reset, replaced or reinstalled under the same site: its alarms are gone,
@@ -556,7 +567,8 @@ class DavantisSite:
         if query.min_id is not None:
             low = bisect.bisect_right(self.alarms, query.min_id, key=lambda a: a.id)
         if self._started_sorted and query.min_date is not None:
-            start = bisect.bisect_left(self.alarms, query.min_date, key=lambda a: a.started)
+            cut = bisect.bisect_right if query.min_exclusive else bisect.bisect_left
+            start = cut(self.alarms, query.min_date, key=lambda a: a.started)
             low = max(low, start)
         if self._started_sorted and query.max_date is not None:
             cut = bisect.bisect_left if query.max_exclusive else bisect.bisect_right
@@ -978,6 +990,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     # What the manual leaves open; the defaults are its reading.
     parser.add_argument("--order", choices=ORDERS, default="time")
     parser.add_argument("--max-date-exclusive", action="store_true")
+    parser.add_argument("--min-date-exclusive", action="store_true")
     parser.add_argument("--ignore-max-date", action="store_true")
     parser.add_argument("--utc-offset", default="+00:00")
     parser.add_argument("--time-zone", default="UTC")
@@ -995,6 +1008,7 @@ async def serve(args: argparse.Namespace) -> None:
             name=f"DAVANTIS {name}",
             order=args.order,
             max_date_exclusive=args.max_date_exclusive,
+            min_date_exclusive=args.min_date_exclusive,
             ignore_max_date=args.ignore_max_date,
             utc_offset=args.utc_offset,
             time_zone=args.time_zone,
