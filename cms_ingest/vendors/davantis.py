@@ -90,7 +90,9 @@ KNOWN_EVENTS = frozenset({*EVENT_TYPES, ARMING_EVENT})
 # instant whether the device reads it as inclusive or exclusive.
 PAGE_OVERLAP = timedelta(milliseconds=1)
 SPLIT_FILTERS = ("camera_id", "event_id")  # how a window max_date cannot page is narrowed
-MAX_SPLIT_PARTS = 256  # cameras (or events) a window is split into, at most
+# Cameras (or events) a window is split into, at most: all of them, with the parts of the
+# other splits, must fit the cursor's MAX_BACKLOG_WINDOWS when a poll stops among them.
+MAX_SPLIT_PARTS = 48
 # Parts of a page-capped catch-up the cursor keeps (more become one covering them all).
 MAX_BACKLOG_WINDOWS = 64
 Window = dict[str, str]  # the GET /alarms filters of a part still to read
