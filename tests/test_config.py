@@ -471,6 +471,7 @@ def test_options_model_fills_defaults(tmp_path: Path) -> None:
         "armed_only": True,
         "backfill": None,
         "page_cap": 50,
+        "time_zone": None,
     }
 
 
@@ -487,6 +488,7 @@ def test_real_davantis_options_are_validated_and_filled(tmp_path: Path) -> None:
         "armed_only": True,
         "backfill": 7200.0,
         "page_cap": 300,
+        "time_zone": None,
     }
     found = problems(
         tmp_path,

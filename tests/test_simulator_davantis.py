@@ -476,3 +476,95 @@ def test_max_alarms_keeps_the_newest_and_lookup_still_works() -> None:
     assert site.alarms[-1].id == 250
     assert site.alarm(250) is site.alarms[-1]
     assert site.alarm(1) is None
+
+
+# ------------------------------------------------- switches for what the manual leaves open
+async def _served(site: DavantisSite, http: aiohttp.ClientSession, path: str, **params: str) -> Any:
+    async with DavantisSimulator({"default": site}) as simulator:
+        token = await token_for(http, simulator.url())
+        return await get_json(http, f"{simulator.url()}{path}", token, **params)
+
+
+async def test_answer_order_by_time_or_by_id(http: aiohttp.ClientSession) -> None:
+    base = datetime(2026, 11, 2, 8, 0, tzinfo=UTC)
+    by_time, by_id = DavantisSite(order="time"), DavantisSite(order="id")
+    for site in (by_time, by_id):
+        site.add_alarm(started=base + timedelta(seconds=2))
+        site.add_alarm(started=base)  # recorded later, started earlier
+        site.add_alarm(started=base + timedelta(seconds=1))
+    _, alarms = await _served(by_time, http, "/alarms")
+    assert [a["id"] for a in alarms] == [1, 3, 2]  # the manual's note: by time
+    _, alarms = await _served(by_id, http, "/alarms")
+    assert [a["id"] for a in alarms] == [3, 2, 1]  # the polling sample's comment: by id
+
+
+async def test_max_date_inclusive_exclusive_or_ignored(http: aiohttp.ClientSession) -> None:
+    base = datetime(2026, 11, 2, 8, 0, tzinfo=UTC)
+    bound = {"max_date": base.isoformat()}
+    for options, expected in (
+        ({}, [2, 1]),
+        ({"max_date_exclusive": True}, [1]),
+        ({"ignore_max_date": True}, [3, 2, 1]),
+    ):
+        site = DavantisSite(**options)
+        for offset in (-1, 0, 1):
+            site.add_alarm(started=base + timedelta(seconds=offset))
+        _, alarms = await _served(site, http, "/alarms", **bound)
+        assert [a["id"] for a in alarms] == expected, options
+    low = {"min_date": base.isoformat()}
+    for options, expected in (({}, [3, 2]), ({"min_date_exclusive": True}, [3])):
+        site = DavantisSite(**options)
+        for offset in (-1, 0, 1):
+            site.add_alarm(started=base + timedelta(seconds=offset))
+        _, alarms = await _served(site, http, "/alarms", **low)
+        assert [a["id"] for a in alarms] == expected, options
+
+
+async def test_offset_forms_local_times_and_languages(http: aiohttp.ClientSession) -> None:
+    site = DavantisSite(
+        utc_offset="Europe/Madrid", time_zone="Europe/Madrid", local_times=True, language="de"
+    )
+    site.add_alarm(started=datetime(2026, 7, 1, 10, 0, tzinfo=UTC))
+    site.set_input(1, False)
+    _, installation = await _served(site, http, "/installation")
+    assert installation["current_utc_offset"] == "Europe/Madrid"
+    _, alarms = await _served(site, http, "/alarms")
+    assert alarms[1]["started"] == "2026-07-01T12:00:00.000"  # local, no offset
+    assert alarms[0]["description"] == "Unscharf"
+    # A date filter without an offset is the installation's local time (the manual).
+    _, found = await _served(site, http, "/alarms", max_date="2026-07-01T12:00:00")
+    assert [a["id"] for a in found] == [1]
+
+
+async def test_token_error_status_and_input_camera_links(http: aiohttp.ClientSession) -> None:
+    site = DavantisSite(token_error_status=403, input_cameras="on_cameras", cameras=4)
+    async with DavantisSimulator({"default": site}) as simulator:
+        status, body = await get_json(http, f"{simulator.url()}/alarms", "stale-token")
+        assert (status, errorcode(body)) == (403, "keymanagement.service.invalid_access_token")
+    _, inputs = await _served(site, http, "/inputs")
+    assert all("cameras" not in inp for inp in inputs)
+    _, cameras = await _served(site, http, "/cameras")
+    assert [cam["inputs"] for cam in cameras] == [[1], [1], [2], [2]]
+    _, inputs = await _served(DavantisSite(input_cameras="none"), http, "/inputs")
+    assert all("cameras" not in inp for inp in inputs)
+
+
+async def test_factory_reset_starts_ids_again(http: aiohttp.ClientSession) -> None:
+    site = DavantisSite()
+    site.add_alarms(5)
+    async with DavantisSimulator({"default": site}) as simulator:
+        async with http.post(
+            f"{simulator.url()}/_sim/faults", json={"factory_reset": True}
+        ) as resp:
+            assert resp.status == 200
+        assert site.alarms == []
+        assert site.add_alarm().id == 1
+
+
+def test_switches_are_checked() -> None:
+    with pytest.raises(ValueError, match="order"):
+        DavantisSite(order="random")
+    with pytest.raises(ValueError, match="language"):
+        DavantisSite(language="xx")
+    with pytest.raises(ValueError, match="input_cameras"):
+        DavantisSite(input_cameras="sometimes")

@@ -29,7 +29,19 @@ Things the manual leaves open, decided here: faults on malformed requests use
 ``errorcode`` values of this simulator's own (``alarms.invalid_filter``,
 ``relays.not_found``, ...); an unencoded ``+`` in a date filter decodes to a
 space and is refused, as by any form-decoding server; a date filter without an
-offset is UTC (the simulated installation runs at ``+00:00``).
+offset is the installation's local time (``time_zone``, UTC by default).
+
+Switches for what the manual allows but does not pin down (constructor options, and the
+command line's ``--order`` etc.); the defaults are the manual's reading:
+``order`` ("time": newest ``started`` first, the manual's note; "id": the polling sample's
+comment), ``max_date_exclusive``, ``min_date_exclusive`` and ``ignore_max_date``,
+``utc_offset`` (whatever ``current_utc_offset`` says: "+01:00", 60, "Europe/Madrid"...),
+``time_zone`` with
+``local_times`` (``started`` written without an offset, in that zone), ``language`` (event
+102 descriptions: "Désarmé", "Unscharf"...), ``token_error_status`` (the status of token
+errors: the manual names only the errorcode), ``input_cameras`` ("cameras" on each input,
+"on_cameras": ``inputs`` on each camera, "none") and ``factory_reset()`` (ids start at 1
+again; also ``POST /_sim/faults {"factory_reset": true}``).
 
 Test hooks (Python API and ``/_sim/...`` HTTP control surface): alarm creation,
 a Poisson alarm generator shared by all tenants, failing / malformed / slow alarm
@@ -48,6 +60,7 @@ import argparse
 import asyncio
 import bisect
 import collections
+import dataclasses
 import json
 import random
 import secrets
@@ -56,9 +69,10 @@ import struct
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
 from urllib.parse import parse_qs
+from zoneinfo import ZoneInfo
 
 from aiohttp import web
 
@@ -130,9 +144,25 @@ def _media_status(final: str, ready_at: float, now: float) -> str:
     return "recording" if final == "ready" and now < ready_at else final
 
 
-def _describe(event: int, armed: bool) -> str:
+# Event 102's description in the languages a device ships (the `language` switch).
+ARMING_DESCRIPTIONS: dict[str, tuple[str, str]] = {
+    "en": ("Armed", "Disarmed"),
+    "es": ("Armado", "Desarmado"),
+    "fr": ("Armé", "Désarmé"),
+    "de": ("Scharf", "Unscharf"),
+    "it": ("Inserito", "Disinserito"),
+    "pt": ("Armado", "Desarmado"),
+    "ca": ("Armat", "Desarmat"),
+    "nl": ("Ingeschakeld", "Uitgeschakeld"),
+}
+ORDERS = ("time", "id")
+INPUT_CAMERA_LINKS = ("cameras", "on_cameras", "none")
+
+
+def _describe(event: int, armed: bool, language: str = "en") -> str:
     if event == ARMING_EVENT:
-        return "Armed" if armed else "Disarmed"
+        armed_text, disarmed_text = ARMING_DESCRIPTIONS[language]
+        return armed_text if armed else disarmed_text
     return EVENT_DESCRIPTIONS.get(event, f"Event {event}")
 
 
@@ -160,8 +190,9 @@ class SimAlarm:
     def video_status(self, now: float | None = None) -> str:
         return _media_status(self.video, self.video_ready_at, _clock(now))
 
-    def to_json(self, now: float | None = None) -> dict[str, Any]:
-        """The alarm object as ``GET /alarms`` renders it (statuses as of ``now``)."""
+    def to_json(self, now: float | None = None, local: tzinfo | None = None) -> dict[str, Any]:
+        """The alarm object as ``GET /alarms`` renders it (statuses as of ``now``; times
+        without an offset, in the zone ``local``, when given)."""
         now = _clock(now)
         media = f"{ADVERTISED_MEDIA_BASE}/alarms/{self.id}"
         rendered = {
@@ -172,8 +203,8 @@ class SimAlarm:
             "idcamera": self.camera,
             "description": self.description,
             "description_translation": self.description,
-            "started": _iso(self.started),
-            "ended": _iso(self.ended),
+            "started": _iso(_local(self.started, local)),
+            "ended": _iso(_local(self.ended, local)),
             "video_status": self.video_status(now),
             "video_absolute": f"{media}/video",
             "ack": False,
@@ -183,6 +214,12 @@ class SimAlarm:
             "supportvideo_absolute": f"{media}/supportvideo",
         }
         return rendered if self.overrides is None else {**rendered, **self.overrides}
+
+
+def _local(moment: datetime | None, zone: tzinfo | None) -> datetime | None:
+    if moment is None or zone is None:
+        return moment
+    return moment.astimezone(zone).replace(tzinfo=None)
 
 
 def _clock(now: float | None) -> float:
@@ -199,12 +236,24 @@ class AlarmQuery:
     armed: bool | None = None
     cameras: frozenset[int] | None = None
     events: frozenset[int] | None = None
+    max_exclusive: bool = False  # max_date: started < max_date instead of <=
+    min_exclusive: bool = False  # min_date: started > min_date instead of >=
+
+    def before_max(self, started: datetime) -> bool:
+        if self.max_date is None:
+            return True
+        return started < self.max_date if self.max_exclusive else started <= self.max_date
+
+    def after_min(self, started: datetime) -> bool:
+        if self.min_date is None:
+            return True
+        return started > self.min_date if self.min_exclusive else started >= self.min_date
 
     def matches(self, alarm: SimAlarm) -> bool:
         return (
             (self.min_id is None or alarm.id > self.min_id)
-            and (self.min_date is None or alarm.started >= self.min_date)
-            and (self.max_date is None or alarm.started <= self.max_date)
+            and self.after_min(alarm.started)
+            and self.before_max(alarm.started)
             and (self.armed is None or alarm.armed == self.armed)
             and (self.cameras is None or alarm.camera in self.cameras)
             and (self.events is None or alarm.event in self.events)
@@ -215,12 +264,13 @@ def _filter_error(name: str, value: str) -> DeviceError:
     return DeviceError(400, f"Invalid value for {name}: {value!r}", "alarms.invalid_filter")
 
 
-def _query_date(name: str, value: str) -> datetime:
+def _query_date(name: str, value: str, zone: tzinfo = UTC) -> datetime:
+    """A date filter; without an offset it is the installation's local time (manual)."""
     try:
         moment = datetime.fromisoformat(value)
     except ValueError:
         raise _filter_error(name, value) from None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+    return moment.replace(tzinfo=zone) if moment.tzinfo is None else moment
 
 
 def _query_ids(name: str, value: str) -> frozenset[int]:
@@ -230,8 +280,9 @@ def _query_ids(name: str, value: str) -> frozenset[int]:
         raise _filter_error(name, value) from None
 
 
-def parse_alarm_query(query: Mapping[str, str]) -> AlarmQuery:
-    """Read the alarm filters from a query string; unknown parameters are ignored."""
+def parse_alarm_query(query: Mapping[str, str], zone: tzinfo = UTC) -> AlarmQuery:
+    """Read the alarm filters from a query string; unknown parameters are ignored. Dates
+    without an offset are in ``zone``, the installation's."""
     params = {key: value for key, value in query.items() if value.strip()}
     cra = params.get("cra", "").lower()
     if cra not in ("", "yes", "no"):
@@ -241,8 +292,12 @@ def parse_alarm_query(query: Mapping[str, str]) -> AlarmQuery:
         raise _filter_error("min_id", min_id)
     return AlarmQuery(
         min_id=None if min_id is None else int(min_id),
-        min_date=_query_date("min_date", params["min_date"]) if "min_date" in params else None,
-        max_date=_query_date("max_date", params["max_date"]) if "max_date" in params else None,
+        min_date=_query_date("min_date", params["min_date"], zone)
+        if "min_date" in params
+        else None,
+        max_date=_query_date("max_date", params["max_date"], zone)
+        if "max_date" in params
+        else None,
         armed=None if not cra else cra == "yes",
         cameras=_query_ids("camera_id", params["camera_id"]) if "camera_id" in params else None,
         events=_query_ids("event_id", params["event_id"]) if "event_id" in params else None,
@@ -259,8 +314,9 @@ class _TokenStore:
     PRUNE_ABOVE = 256
     KEEP_EXPIRED_FOR = 3600.0
 
-    def __init__(self, ttl: float) -> None:
+    def __init__(self, ttl: float, error_status: int = 401) -> None:
         self.ttl = ttl
+        self.error_status = error_status  # the manual names the errorcode, not the status
         self.access: dict[str, float] = {}
         self.refresh: set[str] = set()
 
@@ -274,9 +330,9 @@ class _TokenStore:
     def check(self, token: str) -> None:
         expires_at = self.access.get(token)
         if expires_at is None:
-            raise DeviceError(401, "Invalid access token", ERR_INVALID_ACCESS)
+            raise DeviceError(self.error_status, "Invalid access token", ERR_INVALID_ACCESS)
         if time.monotonic() >= expires_at:
-            raise DeviceError(401, "Access token expired", ERR_ACCESS_EXPIRED)
+            raise DeviceError(self.error_status, "Access token expired", ERR_ACCESS_EXPIRED)
 
     def consume_refresh(self, token: str) -> bool:
         if token not in self.refresh:
@@ -317,6 +373,11 @@ class _PollFaults:
         }
 
 
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, not {value!r}")
+
+
 def _check_media_state(name: str, state: str) -> None:
     if state not in MEDIA_STATES:
         raise ValueError(f"{name} must be one of {sorted(MEDIA_STATES)}, not {state!r}")
@@ -338,9 +399,32 @@ class DavantisSite:
         relay_on_seconds: float = 30.0,
         name: str = "DAVANTIS site",
         max_alarms: int | None = None,
+        order: str = "time",
+        max_date_exclusive: bool = False,
+        min_date_exclusive: bool = False,
+        ignore_max_date: bool = False,
+        utc_offset: Any = "+00:00",
+        time_zone: str = "UTC",
+        local_times: bool = False,
+        language: str = "en",
+        token_error_status: int = 401,
+        input_cameras: str = "cameras",
     ) -> None:
         if video_size < MIN_VIDEO_SIZE:
             raise ValueError(f"video_size must be at least {MIN_VIDEO_SIZE}")
+        _check_choice("order", order, ORDERS)
+        _check_choice("language", language, tuple(ARMING_DESCRIPTIONS))
+        _check_choice("input_cameras", input_cameras, INPUT_CAMERA_LINKS)
+        # Switches for what the manual leaves open (see the module docstring).
+        self.order = order
+        self.max_date_exclusive = max_date_exclusive
+        self.min_date_exclusive = min_date_exclusive
+        self.ignore_max_date = ignore_max_date
+        self.utc_offset = utc_offset
+        self.zone: tzinfo = ZoneInfo(time_zone)
+        self.local_times = local_times
+        self.language = language
+        self.input_cameras = input_cameras
         self.username, self.password = username, password
         self.page_cap = page_cap
         self.cameras = cameras
@@ -362,7 +446,7 @@ class DavantisSite:
             2: {"id": 2, "alias": "light", "status": False},
         }
         self._relay_off_at: dict[int, float] = {}
-        self._tokens = _TokenStore(access_ttl)
+        self._tokens = _TokenStore(access_ttl, token_error_status)
         self._faults = _PollFaults()
         self._next_id = 1
         self._started_sorted = True
@@ -401,7 +485,9 @@ class DavantisSite:
             id=self._next_id,
             event=event,
             camera=camera,
-            description=_describe(event, is_armed) if description is None else description,
+            description=(
+                _describe(event, is_armed, self.language) if description is None else description
+            ),
             started=self._stamp(started),
             armed=is_armed,
             ended=None if ended is None else to_ms(ended),
@@ -443,7 +529,14 @@ class DavantisSite:
         return None
 
     def find_alarms(self, query: AlarmQuery) -> list[SimAlarm]:
-        """Matching alarms, newest (highest id) first, at most ``page_cap``."""
+        """Matching alarms, newest first, at most ``page_cap``: by ``started`` (the manual's
+        note; ties by id), or by id with ``order="id"`` (the manual's polling sample)."""
+        query = self._as_device_reads(query)
+        if self.order == "time" and not self._started_sorted:
+            low, high = self._candidate_range(query)
+            matching = [alarm for alarm in self.alarms[low:high] if query.matches(alarm)]
+            matching.sort(key=lambda alarm: (alarm.started, alarm.id), reverse=True)
+            return matching[: self.page_cap]
         low, high = self._candidate_range(query)
         found: list[SimAlarm] = []
         for index in range(high - 1, low - 1, -1):
@@ -454,15 +547,32 @@ class DavantisSite:
                     break
         return found
 
+    def _as_device_reads(self, query: AlarmQuery) -> AlarmQuery:
+        if self.ignore_max_date:
+            return dataclasses.replace(query, max_date=None)
+        return dataclasses.replace(
+            query, max_exclusive=self.max_date_exclusive, min_exclusive=self.min_date_exclusive
+        )
+
+    def factory_reset(self) -> None:
+        """The box reset, replaced or reinstalled under the same site: its alarms are gone,
+        ids start again at 1, and tokens issued before are void."""
+        self.alarms.clear()
+        self._next_id = 1
+        self._started_sorted = True
+        self._tokens.revoke_all()
+
     def _candidate_range(self, query: AlarmQuery) -> tuple[int, int]:
         low, high = 0, len(self.alarms)
         if query.min_id is not None:
             low = bisect.bisect_right(self.alarms, query.min_id, key=lambda a: a.id)
         if self._started_sorted and query.min_date is not None:
-            start = bisect.bisect_left(self.alarms, query.min_date, key=lambda a: a.started)
+            cut = bisect.bisect_right if query.min_exclusive else bisect.bisect_left
+            start = cut(self.alarms, query.min_date, key=lambda a: a.started)
             low = max(low, start)
         if self._started_sorted and query.max_date is not None:
-            high = bisect.bisect_right(self.alarms, query.max_date, key=lambda a: a.started)
+            cut = bisect.bisect_left if query.max_exclusive else bisect.bisect_right
+            high = cut(self.alarms, query.max_date, key=lambda a: a.started)
         return low, high
 
     # ------------------------------------------------------- inputs and relays
@@ -480,7 +590,9 @@ class DavantisSite:
         if inp["status"] != status:
             inp["status"] = status
             self.add_alarm(
-                event=ARMING_EVENT, camera=0, description=_describe(ARMING_EVENT, status)
+                event=ARMING_EVENT,
+                camera=0,
+                description=_describe(ARMING_EVENT, status, self.language),
             )
         return inp
 
@@ -539,7 +651,7 @@ class DavantisSite:
     def check_access(self, authorization: str | None) -> None:
         scheme, _, token = (authorization or "").strip().partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise DeviceError(401, "Invalid access token", ERR_INVALID_ACCESS)
+            raise DeviceError(self._tokens.error_status, "Invalid access token", ERR_INVALID_ACCESS)
         self._tokens.check(token.strip())
 
     # ----------------------------------------------------------------- faults
@@ -687,21 +799,28 @@ async def _token(site: DavantisSite, request: web.Request) -> web.StreamResponse
 
 async def _installation(site: DavantisSite, request: web.Request) -> web.StreamResponse:
     return web.json_response(
-        {"name": site.name, "current_utc_offset": "+00:00", "version": "6.4.2"}
+        {"name": site.name, "current_utc_offset": site.utc_offset, "version": "6.4.2"}
     )
 
 
 async def _cameras(site: DavantisSite, request: web.Request) -> web.StreamResponse:
-    return web.json_response(_camera_list(site.cameras))
+    cameras = _camera_list(site.cameras)
+    if site.input_cameras == "on_cameras":  # the link on the camera's side instead
+        for camera in cameras:
+            camera["inputs"] = [
+                inp["id"] for inp in site.inputs.values() if camera["id"] in inp["cameras"]
+            ]
+    return web.json_response(cameras)
 
 
 async def _alarms(site: DavantisSite, request: web.Request) -> web.StreamResponse:
-    query = parse_alarm_query(request.query)
+    query = parse_alarm_query(request.query, site.zone)
     found = site.find_alarms(query)
     if not found and query.min_id is not None:
         return web.Response(status=204)
     now = time.monotonic()
-    return web.json_response([alarm.to_json(now) for alarm in found])
+    local = site.zone if site.local_times else None
+    return web.json_response([alarm.to_json(now, local) for alarm in found])
 
 
 def _ready_alarm(site: DavantisSite, request: web.Request, media: str) -> SimAlarm:
@@ -739,7 +858,12 @@ async def _patch_relay(site: DavantisSite, request: web.Request) -> web.StreamRe
 
 
 async def _inputs(site: DavantisSite, request: web.Request) -> web.StreamResponse:
-    return web.json_response(list(site.inputs.values()))
+    if site.input_cameras == "cameras":
+        return web.json_response(list(site.inputs.values()))
+    # The manual shows no field linking an input to its cameras: a device may have none.
+    return web.json_response(
+        [{k: v for k, v in inp.items() if k != "cameras"} for inp in site.inputs.values()]
+    )
 
 
 async def _patch_input(site: DavantisSite, request: web.Request) -> web.StreamResponse:
@@ -804,6 +928,8 @@ async def _sim_faults(site: DavantisSite, request: web.Request) -> web.StreamRes
         site.expire_access_tokens()
     if body.get("revoke_tokens"):
         site.revoke_tokens()
+    if body.get("factory_reset"):
+        site.factory_reset()
     if "offline" in body:
         site.offline = as_bool(body["offline"])
     return web.json_response(site.state())
@@ -861,12 +987,35 @@ def _generated_alarm(site: DavantisSite, events: tuple[int, ...], rng: random.Ra
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--page-cap", type=int, default=300)
     parser.add_argument("--media-delay", type=float, default=1.0)
+    # What the manual leaves open; the defaults are its reading.
+    parser.add_argument("--order", choices=ORDERS, default="time")
+    parser.add_argument("--max-date-exclusive", action="store_true")
+    parser.add_argument("--min-date-exclusive", action="store_true")
+    parser.add_argument("--ignore-max-date", action="store_true")
+    parser.add_argument("--utc-offset", default="+00:00")
+    parser.add_argument("--time-zone", default="UTC")
+    parser.add_argument("--local-times", action="store_true")
+    parser.add_argument("--language", choices=sorted(ARMING_DESCRIPTIONS), default="en")
+    parser.add_argument("--token-error-status", type=int, default=401)
+    parser.add_argument("--input-cameras", choices=INPUT_CAMERA_LINKS, default="cameras")
 
 
 async def serve(args: argparse.Namespace) -> None:
     sites = {
         name: DavantisSite(
-            page_cap=args.page_cap, media_delay=args.media_delay, name=f"DAVANTIS {name}"
+            page_cap=args.page_cap,
+            media_delay=args.media_delay,
+            name=f"DAVANTIS {name}",
+            order=args.order,
+            max_date_exclusive=args.max_date_exclusive,
+            min_date_exclusive=args.min_date_exclusive,
+            ignore_max_date=args.ignore_max_date,
+            utc_offset=args.utc_offset,
+            time_zone=args.time_zone,
+            local_times=args.local_times,
+            language=args.language,
+            token_error_status=args.token_error_status,
+            input_cameras=args.input_cameras,
         )
         for name in tenant_names(args.sites)
     }
