@@ -15,6 +15,8 @@ import pytest
 from graphql import build_schema, lexicographic_sort_schema, print_schema
 
 from cms_ingest.simulators.camstreamer import (
+    EXTENDED_SCHEMA,
+    EXTENDED_SCHEMA_SDL,
     SCHEMA,
     SCHEMA_SDL,
     CamStreamerAccount,
@@ -22,11 +24,21 @@ from cms_ingest.simulators.camstreamer import (
 )
 
 FAST = math.inf  # no rate limit, for the tests that are not about it
-CAMERAS_QUERY = """
-query Cameras {
-  cameraList { node_id name serial_number external_id is_connected connection { source_ip } }
-}
-"""
+CAMERA_FIELDS = "name serial_number is_connected connection { source_ip }"
+# The manual's fields only: cameraList for the node ids, camera(node_id) (one alias each, up
+# to five cameras) for the rest, all in one query.
+CAMERAS_QUERY = (
+    "query Cameras { cameraList { node_id name } "
+    + " ".join(
+        f"c{node}: camera(node_id: {node}) {{ {CAMERA_FIELDS} }}" for node in range(140094, 140099)
+    )
+    + " }"
+)
+# What the driver asked before: undocumented fields on cameraList.
+UNDOCUMENTED_QUERY = (
+    "query { cameraList { node_id name serial_number external_id is_connected "
+    "connection { source_ip } } }"
+)
 RECORDINGS_QUERY = """
 query Recordings($node: Int!, $from: Int!, $to: Int!) {
   camera(node_id: $node) {
@@ -78,12 +90,36 @@ async def cameras(http: aiohttp.ClientSession, base: str, token: str = "api-toke
     status, body = await gql(http, base, CAMERAS_QUERY, token=token)
     assert status == 200, body
     assert "errors" not in body, body
-    return body["data"]["cameraList"]
+    data = body["data"]
+    return [{**item, **data[f"c{item['node_id']}"]} for item in data["cameraList"]]
 
 
 def test_schema_matches_its_definition() -> None:
-    served = print_schema(lexicographic_sort_schema(SCHEMA))
-    assert served == print_schema(lexicographic_sort_schema(build_schema(SCHEMA_SDL)))
+    for schema, sdl in ((SCHEMA, SCHEMA_SDL), (EXTENDED_SCHEMA, EXTENDED_SCHEMA_SDL)):
+        served = print_schema(lexicographic_sort_schema(schema))
+        assert served == print_schema(lexicographic_sort_schema(build_schema(sdl)))
+
+
+async def test_undocumented_fields_are_refused_like_a_validating_server(
+    http: aiohttp.ClientSession,
+) -> None:
+    manual = CamStreamerAccount(rate_per_s=FAST)
+    extended = CamStreamerAccount(rate_per_s=FAST, schema="extended")
+    async with CamStreamerSimulator({"default": manual, "x": extended}) as sim:
+        status, body = await gql(http, sim.url(), UNDOCUMENTED_QUERY)
+        assert status == 200
+        assert "data" not in body  # the whole query, not just the unknown fields
+        messages = [item["message"] for item in body["errors"]]
+        assert {item["category"] for item in body["errors"]} == {"graphql"}
+        assert "Cannot query field 'serial_number' on type 'CameraListItem'." in messages
+        _, body = await gql(http, sim.url(), "{ camera(node_id: 140094) { external_id } }")
+        assert error(body)[0] == "graphql"  # external_id is documented on nodeList only
+        # A portal with more than the manual documents answers both forms.
+        _, body = await gql(http, sim.url("x"), UNDOCUMENTED_QUERY)
+        assert body["data"]["cameraList"][0]["serial_number"] == "ACCC8EE8A9CA"
+        assert len(await cameras(http, sim.url("x"))) == 3
+    with pytest.raises(ValueError, match="schema"):
+        CamStreamerAccount(schema="graphql-all")
 
 
 # ------------------------------------------------------------------ queries
@@ -100,7 +136,6 @@ async def test_camera_list_and_node_list(http: aiohttp.ClientSession) -> None:
                     "node_id": 140094 + index,
                     "name": name,
                     "serial_number": serial,
-                    "external_id": f"camera{index + 1}",
                     "is_connected": True,
                     "connection": {"source_ip": f"203.0.113.{10 + index}"},
                 }
@@ -156,10 +191,17 @@ async def test_missing_unknown_and_expired_tokens_answer_200_errors(
     site = CamStreamerAccount(rate_per_s=FAST)
     async with CamStreamerSimulator({"default": site}) as sim:
         base = sim.url()
-        for token in (None, "", "nope"):
+        for token in (None, ""):
             status, body = await gql(http, base, CAMERAS_QUERY, token=token)
             assert status == 200
             assert error(body) == ("authError", "Invalid or empty access token.")
+        # The manual: a token that is there but not valid is category `client`.
+        status, body = await gql(http, base, CAMERAS_QUERY, token="nope")
+        assert (status, error(body)) == (
+            200,
+            ("client", "Request to an unknown or unavailable platform."),
+        )
+        assert site.auth_refusals == {"authError": 2, "client": 1}
         site.expire_tokens()
         status, body = await gql(http, base, CAMERAS_QUERY)
         assert (status, error(body)) == (200, ("expired", "Access token expired."))
@@ -256,7 +298,7 @@ async def test_oauth_refresh_rotates_the_refresh_token(http: aiohttp.ClientSessi
         status, body = await oauth(http, base, "revoke", access_token=fourth["access_token"])
         assert (status, body["success"]) == (200, True)
         _, body = await gql(http, base, CAMERAS_QUERY, token=fourth["access_token"])
-        assert error(body)[0] == "authError"
+        assert error(body)[0] == "client"  # present but no longer valid
         status, _ = await oauth(
             http,
             base,
