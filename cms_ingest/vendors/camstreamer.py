@@ -108,6 +108,7 @@ KNOWN_CATEGORIES = AUTH_CATEGORIES | {"rateLimit", "dailyLimit", "graphql", "int
 TOKEN_RENEW_SHARE = 0.2
 TOKEN_RENEW_MAX_EARLY_S = 60.0
 DEFAULT_HEIGHT = 720  # only when a recording lists no heights (reported)
+CAMERA_STATES = ("online", "pending", "offline")
 MAX_CAMERAS_KEPT = 5000  # the cursor's per-camera state stays bounded
 CURSOR_NAME_LIMIT = 128
 OFF_RETRY = RetryPolicy(base=0.5, factor=2.0, cap=5.0, jitter=0.3)
@@ -491,6 +492,8 @@ class CamStreamerClient:
             "name": clean_text(camera.name, CURSOR_NAME_LIMIT),
         }
         state = previous.get("state") if previous else None
+        if state not in CAMERA_STATES:
+            state = None  # a state we never wrote: known as little as a new camera
         seen = _our_time(previous.get("seen")) if previous else None
         since = _our_time(previous.get("since")) if previous else None
         if camera.connected:
