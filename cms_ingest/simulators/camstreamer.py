@@ -8,14 +8,19 @@ path below is relative to the tenant's base URL.
 Service behaviour reproduced (from the vendor manual and the integrators' notes):
 
 * ``POST /api/graphql.php`` with a JSON body ``{"query", "variables", "operationName"}``
-  executes real GraphQL (graphql-core) against the schema in ``SCHEMA_SDL``: ``nodeList``
-  (folders, cameras and their inputs, optionally filtered by ``type``), ``cameraList``,
-  ``camera(node_id)`` (``is_connected``, ``connection { source_ip }``, ``recordings(from,
-  to)``), ``recording(recording_id)`` and the ``recordingPrepare`` mutation.
+  executes real GraphQL (graphql-core) against the schema in ``SCHEMA_SDL``, which holds
+  only what the manual documents: ``nodeList`` (folders, cameras and their inputs,
+  optionally filtered by ``type``; ``node_id parent_node_id type name external_id``),
+  ``cameraList`` (``node_id name``), ``camera(node_id)`` (``name serial_number
+  is_connected connection { source_ip } recordings(from, to)``), ``recording(recording_id)``
+  and the ``recordingPrepare`` mutation. A query naming any other field is refused whole
+  (``errors`` with category ``graphql``, no ``data``), as a validating server does.
 * Every call needs ``Authorization: Bearer <token>``: the account's static API token or an
-  OAuth2 access token. Missing or unknown: ``{"errors": [{"message": "Invalid or empty access
-  token.", "category": "authError"}]}``; expired: ``category`` ``expired``. Both with HTTP 200:
-  a client must read the body, not only the status.
+  OAuth2 access token. Missing: ``{"errors": [{"message": "Invalid or empty access token.",
+  "category": "authError"}]}``; present but not valid (unknown, revoked): ``category``
+  ``client``, "Request to an unknown or unavailable platform." (the manual's "Invalid access
+  token"); expired: ``category`` ``expired``. All with HTTP 200: a client must read the body,
+  not only the status.
 * OAuth2: ``POST /oauth2/token`` (parameters in the query or the form) with ``client_id``,
   ``client_secret`` and ``grant_type`` ``refresh_token`` (+ ``refresh_token``) or
   ``authorization_code``/``auth_code`` (+ ``code``; the manual spells it both ways) answers
@@ -32,8 +37,12 @@ Service behaviour reproduced (from the vendor manual and the integrators' notes)
   on this server, which serves an MP4 (``video/mp4``, 8 KiB) without a bearer token.
 * Device access (VAPIX through the cloud): the simulated ``https://<serial>.device-connect.net``
   is ``/device/<serial>`` here (``CamStreamerSimulator.device_url_template``); only
-  ``/axis-cgi/io/port.cgi?action=<port>:/`` (activate) or ``<port>:\\`` (deactivate) is
-  served, with ``DEVICE_ACCESS_TOKEN`` as the LAST query parameter.
+  ``/axis-cgi/io/port.cgi?action=<port>:/`` (activate), ``<port>:\\`` (deactivate),
+  ``<port>:/<ms>\\`` (VAPIX pulse: the camera deactivates after ``ms``) and
+  ``checkactive=<port>`` (answers ``port<n>=active|inactive``) are served, with
+  ``DEVICE_ACCESS_TOKEN`` as the LAST query parameter. The manual: that token is an API token
+  with the Configuration permission, i.e. the account's API token (or ``device_token``,
+  another API token of the account).
 
 Things the manual leaves open, decided here:
 
@@ -64,7 +73,27 @@ Things the manual leaves open, decided here:
   given comma-separated. Answers ``OK`` (text). Device access and OAuth are not GraphQL: they
   are not counted in ``queries`` and not limited.
 
-Test hooks (Python API and ``/_sim/...`` HTTP control surface): camera disconnect/connect
+Switches for what the manual allows but does not pin down (constructor keyword / CLI flag;
+the default is the manual's reading):
+
+* ``schema`` / ``--schema``: ``manual`` (above) or ``extended``, a portal that also offers
+  undocumented fields (``cameraList`` of full cameras, ``node_id`` and ``external_id`` on a
+  camera), as the API Explorer of a real portal may.
+* ``invalid_token_error`` / ``--invalid-token-error``: ``client`` (the manual) or
+  ``authError`` for a token that is present but not valid.
+* ``download_host`` / ``--download-host``: download URLs on another host than the API (the
+  manual's example URL is on ``cloud.camstreamer.com``, its API example on
+  ``system2.netrex.cz``); ``{port}`` is this server's port, so ``localhost:{port}`` is a
+  second host name for the same server. Default: the API's own host.
+* ``token_configuration`` / ``--no-token-configuration``: whether the account's API token has
+  the Configuration permission that device access needs (default: it has).
+* ``pulse_supported`` / ``--no-pulse``: whether the cameras take the VAPIX pulse (default:
+  they do; without, a pulse answers 400).
+
+Test hooks (Python API and ``/_sim/...`` HTTP control surface): ``vapix_answer_errors``
+(the next n ``port.cgi`` calls are carried out, then answered 500, as when the answer is
+lost on the way), ``forget_access_tokens`` (the portal no longer knows the OAuth2 access
+tokens it issued; refresh tokens stay valid), camera disconnect/connect
 (``/_sim/alarms`` disconnects cameras: a disconnection is the only "alarm" this vendor has),
 token expiry, ``recorded``, counters (``queries``, ``daily_used``, ``rate_limited``,
 ``recordings_prepared``, ``downloads``, ``vapix_calls``, ``port_state``, ``oauth_refreshes``,
