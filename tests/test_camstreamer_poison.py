@@ -19,7 +19,7 @@ from cms_ingest.vendors.base import BadDeviceResponse
 from cms_ingest.vendors.camstreamer import CURSOR_NAME_LIMIT
 from cms_ingest.vendors.common import plausible_time
 from tests.conftest import eventually
-from tests.test_camstreamer_manual import GATE, YARD, bad_inputs, client_for
+from tests.test_camstreamer_manual import GATE, YARD, bad_inputs, client_for, fast_options
 
 GRAPHQL = "/api/graphql.php"
 LOCATOR = {"node_id": 140094, "from": 1_700_000_000, "to": 1_700_000_030}
@@ -83,6 +83,41 @@ async def test_a_poisoned_camera_answer_is_reported_and_its_state_kept(
         assert poisoned.cursor["cameras"][GATE] == offline.cursor["cameras"][GATE]
         still = await client.poll(poisoned.cursor)
         assert still.alarms == []  # ...so the next good answer raises nothing new
+        account.connect(GATE)
+        back = await client.poll(still.cursor)
+        assert [a.event_type for a in back.alarms] == [EventType.CAMERA_ONLINE]
+
+
+@pytest.mark.parametrize(
+    "node_list",
+    [
+        [{"node_id": {"x": 1}, "name": "Gate"}],
+        [{"node_id": 140095, "name": "Yard"}, "camera", None],
+    ],
+)
+async def test_an_unreadable_camera_list_forgets_no_camera(node_list: Any) -> None:
+    account = CamStreamerAccount(rate_per_s=math.inf)
+    options = fast_options(camera_list_refresh_s=0.001)  # the list is read at every poll
+    async with (
+        CamStreamerSimulator({"default": account}) as sim,
+        client_for(sim, options=options) as client,
+    ):
+        cursor = (await client.poll(None)).cursor
+        account.disconnect(GATE)
+        cursor = (await client.poll(cursor)).cursor
+        offline = await client.poll(cursor)
+        assert [a.event_type for a in offline.alarms] == [EventType.CAMERA_OFFLINE]
+        before = bad_inputs("camera_node")
+
+        def change(data: dict[str, Any]) -> None:
+            data["nodeList"] = node_list
+
+        sim.respond("POST", GRAPHQL, altered(change))
+        poisoned = await client.poll(offline.cursor)
+        assert poisoned.alarms == [] and bad_inputs("camera_node") > before
+        assert poisoned.cursor["cameras"][GATE] == offline.cursor["cameras"][GATE]
+        still = await client.poll(poisoned.cursor)
+        assert still.alarms == []  # not a "new" camera found offline
         account.connect(GATE)
         back = await client.poll(still.cursor)
         assert [a.event_type for a in back.alarms] == [EventType.CAMERA_ONLINE]

@@ -37,6 +37,7 @@ out; a rate-limit answer backs off.
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -257,6 +258,7 @@ class CamStreamerClient:
         self._last_status_at: float | None = None
         self._last_failure: TransportError | VendorError | None = None
         self._nodes: dict[int, CameraNode] | None = None
+        self._nodes_complete = True  # every entry of the last camera list was readable
         self._nodes_read_at = 0.0
         self._recordings: dict[str, _Recording] = {}
         self._devices: dict[str, SiteHttp] = {}
@@ -395,7 +397,8 @@ class CamStreamerClient:
         due = time.monotonic() - self._nodes_read_at >= self._options.camera_list_refresh_s
         if self._nodes is None or due:
             self._nodes = await self._camera_nodes()
-            self._nodes_read_at = time.monotonic()
+            # A list with unreadable entries is read again at the next poll.
+            self._nodes_read_at = time.monotonic() if self._nodes_complete else -math.inf
         nodes = list(self._nodes.values())
         statuses: list[CameraStatus] = []
         for first in range(0, len(nodes), MAX_CAMERAS_PER_QUERY):
@@ -418,10 +421,12 @@ class CamStreamerClient:
         if not isinstance(listed, list):
             raise BadDeviceResponse("nodeList missing from the answer")
         nodes: dict[int, CameraNode] = {}
+        self._nodes_complete = True
         for item in listed:
             node = _camera_node(item)
             if node is None:
                 self._problems.bad_input("camera_node", f"camera node unreadable: {item!r:.200}")
+                self._nodes_complete = False  # who is missing is unknown: forget nobody
                 continue
             if len(nodes) >= MAX_CAMERAS_KEPT:
                 self._problems.bad_input("too_many_cameras", f"over {MAX_CAMERAS_KEPT} cameras")
@@ -437,7 +442,7 @@ class CamStreamerClient:
             answer = data.get(f"c{node.node_id}")
             if answer is None:
                 # Removed from the account since the node list was read: read it again.
-                self._nodes_read_at = float("-inf")
+                self._nodes_read_at = -math.inf
                 continue
             status = _camera_status(node, answer)
             if status is None:
@@ -471,10 +476,14 @@ class CamStreamerClient:
             if alarm is not None:
                 alarms.append(alarm)
         # A camera still in the account whose answer was unreadable this time keeps what we
-        # knew of it (a bad answer must not make it look new, or forget a raised alarm).
+        # knew of it (a bad answer must not make it look new, or forget a raised alarm). Only
+        # a camera missing from a fully readable camera list is forgotten (it was removed).
         listed = set(self._nodes or {})
         for serial, record in known.items():
-            kept = isinstance(record, dict) and record.get("node_id") in listed
+            in_account = not self._nodes_complete or (
+                isinstance(record, dict) and record.get("node_id") in listed
+            )
+            kept = isinstance(record, dict) and in_account
             if kept and serial not in records and len(records) < MAX_CAMERAS_KEPT:
                 records[serial] = record
         return alarms, records
