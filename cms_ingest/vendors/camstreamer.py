@@ -383,10 +383,7 @@ class CamStreamerClient:
         self._budget_gauge.set(self.budget.remaining)
         return PollResult(
             alarms=alarms,
-            cursor={
-                "cameras": cameras,
-                "budget": {"day": self.budget.day, "used": self.budget.used},
-            },
+            cursor={"cameras": cameras, "budget": self._budget_state()},
         )
 
     def _budget_state(self) -> dict[str, Any]:
@@ -403,15 +400,7 @@ class CamStreamerClient:
         statuses: list[CameraStatus] = []
         for first in range(0, len(nodes), MAX_CAMERAS_PER_QUERY):
             chunk = nodes[first : first + MAX_CAMERAS_PER_QUERY]
-            query = (
-                "query { "
-                + " ".join(
-                    f"c{node.node_id}: camera(node_id: {node.node_id}) {{ {CAMERA_FIELDS} }}"
-                    for node in chunk
-                )
-                + " }"
-            )
-            data = await self.graphql(query)
+            data = await self.graphql(_status_query(chunk))
             statuses.extend(self._read_statuses(chunk, data))
         return statuses
 
@@ -873,6 +862,14 @@ def _our_time(value: Any) -> float | None:
     except (OverflowError, OSError, ValueError):
         return None
     return float(value) if plausible_time(when) else None
+
+
+def _status_query(nodes: list[CameraNode]) -> str:
+    """One query for many cameras: a GraphQL alias per camera (`c140094: camera(...)`)."""
+    fields = " ".join(
+        f"c{node.node_id}: camera(node_id: {node.node_id}) {{ {CAMERA_FIELDS} }}" for node in nodes
+    )
+    return f"query {{ {fields} }}"
 
 
 def _camera_node(item: Any) -> CameraNode | None:
