@@ -91,6 +91,23 @@ async def test_cameras_are_read_with_documented_fields_in_one_query(schema: str)
         assert alarm.camera_name == "Cam 0"
 
 
+async def test_status_cadence_counts_every_query_of_a_big_account() -> None:
+    cameras = {f"{0xACCC8EE8A9CA + i:012X}": f"Cam {i}" for i in range(130)}
+    account = CamStreamerAccount(rate_per_s=FAST, cameras=cameras)
+    async with CamStreamerSimulator({"default": account}) as sim:
+        # The budget alone would allow a status query every 1 s; a poll takes 2 of them.
+        options = fast_options(daily_limit=paced_daily_limit(1.0))
+        async with client_for(sim, options=options) as client:
+            cursor = (await client.poll(None)).cursor
+            started, queries = time.monotonic(), account.daily_used
+            await eventually(lambda: time.monotonic() - started >= 1.2, what="1.2 s")
+            await client.poll(cursor)
+            assert account.daily_used == queries  # held back: 2 s are not over
+            await eventually(lambda: time.monotonic() - started >= 2.1, what="2.1 s")
+            await client.poll(cursor)
+            assert account.daily_used == queries + 2
+
+
 async def test_a_portal_refusing_every_query_raises_comm_lost(
     database_url: str, db: asyncpg.Connection, tmp_path: Path
 ) -> None:

@@ -59,6 +59,8 @@ POISON_CAMERAS = [
     gate_field("serial_number", ""),
     gate_field("is_connected", "false"),
     gate_field("is_connected", 0),
+    gate_field("is_connected", math.nan),  # NaN is not JSON: read as null
+    gate_field("serial_number", math.nan),
     gate_answer([1, 2]),
     gate_answer("camera"),
 ]

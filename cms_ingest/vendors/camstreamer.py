@@ -365,7 +365,8 @@ class CamStreamerClient:
         budget = _mapping(state.get("budget"))
         self.budget.restore(budget.get("day"), budget.get("used"))
         now = time.monotonic()
-        interval = self.budget.status_interval(floor=0.0)
+        # Each status query gets the cadence the budget allows; a big account needs several.
+        interval = self.budget.status_interval(floor=0.0) * self._queries_per_status()
         if self._last_status_at is not None and now - self._last_status_at < interval:
             if self._last_failure is not None:
                 # Not yet time to ask again, and the last answer was a failure: this poll
@@ -385,6 +386,9 @@ class CamStreamerClient:
             alarms=alarms,
             cursor={"cameras": cameras, "budget": self._budget_state()},
         )
+
+    def _queries_per_status(self) -> int:
+        return max(1, math.ceil(len(self._nodes or {}) / MAX_CAMERAS_PER_QUERY))
 
     def _budget_state(self) -> dict[str, Any]:
         return {"day": self.budget.day, "used": self.budget.used}
