@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from aiohttp import web
 
@@ -19,6 +21,7 @@ from cms_ingest.vendors.base import BadDeviceResponse
 from cms_ingest.vendors.camstreamer import CURSOR_NAME_LIMIT
 from cms_ingest.vendors.common import plausible_time
 from tests.conftest import eventually
+from tests.support import app_config, camstreamer_site, running_daemon
 from tests.test_camstreamer_manual import GATE, YARD, bad_inputs, client_for, fast_options
 
 GRAPHQL = "/api/graphql.php"
@@ -220,3 +223,29 @@ async def test_times_outside_a_sane_window_never_become_alarm_times(stored: Any)
                 assert isinstance(record[key], float) and 9e8 < record[key] < 4e9
         assert client.budget.used < 10
         json.dumps(result.cursor, allow_nan=False)
+
+
+async def test_hostile_camera_names_reach_postgresql_as_data(
+    database_url: str, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    # NUL and a lone surrogate: PostgreSQL refuses both in jsonb, so an uncleaned cursor would
+    # jam every commit of the site (no alarm would ever land). The extended schema lets the
+    # driver before the fix run too.
+    cameras = {GATE: "Gate\x00\ud800" + "x" * 5000, YARD: "Yard"}
+    account = CamStreamerAccount(cameras=cameras, recorded=False, schema="extended")
+    async with CamStreamerSimulator({"default": account}) as sim:
+        options = {"offline_grace_s": 0.5, "daily_limit": 1_000_000}
+        site = camstreamer_site("cs", sim.url(), options=options)
+        async with running_daemon(app_config(database_url, tmp_path, [site])):
+            account.disconnect(GATE)
+            row = await eventually(
+                lambda: db.fetchrow("SELECT * FROM alarms WHERE event_type = 'camera_offline'"),
+                timeout=15,
+                what="camera_offline stored",
+            )
+            cursor = json.loads(
+                await db.fetchval("SELECT cursor FROM site_state WHERE site_id = 'cs'")
+            )
+    assert row["camera_name"].startswith("Gate\ufffd\ufffd")
+    stored = cursor["cameras"][GATE]["name"]
+    assert stored.startswith("Gate\ufffd\ufffd") and len(stored) <= CURSOR_NAME_LIMIT
