@@ -129,7 +129,8 @@ async def test_an_unreadable_camera_list_forgets_no_camera(node_list: Any) -> No
 
 
 @pytest.mark.parametrize(
-    "recordings", ["abc", 5, [{}], [None], {"recording_id": "x"}, [{"recording_id": 7}]]
+    "recordings",
+    ["abc", 5, [{}], [None], {"recording_id": "x"}, [{"recording_id": 7}], "camera-as-text"],
 )
 async def test_unreadable_recordings_are_bad_input(recordings: Any) -> None:
     account = CamStreamerAccount(rate_per_s=math.inf)
@@ -137,7 +138,10 @@ async def test_unreadable_recordings_are_bad_input(recordings: Any) -> None:
         before = bad_inputs("recordings")
 
         def change(data: dict[str, Any]) -> None:
-            data["camera"]["recordings"] = recordings
+            if recordings == "camera-as-text":
+                data["camera"] = "camera"
+            else:
+                data["camera"]["recordings"] = recordings
 
         sim.respond("POST", GRAPHQL, altered(change))
         with pytest.raises(BadDeviceResponse, match="recording_id"):

@@ -609,8 +609,10 @@ class CamStreamerClient:
     async def _find_recording(self, node: int, start: int, end: int) -> _Recording | None:
         data = await self.graphql(RECORDINGS_QUERY, {"node": node, "from": start, "to": end})
         camera = data.get("camera")
-        recordings = camera.get("recordings") if isinstance(camera, dict) else None
-        if camera is None or recordings is None or recordings == []:
+        if camera is None:
+            return None  # no longer on the account: nothing to fetch
+        recordings = camera.get("recordings") if isinstance(camera, dict) else camera
+        if recordings is None or recordings == []:
             return None
         first = recordings[0] if isinstance(recordings, list) else None
         recording_id = first.get("recording_id") if isinstance(first, dict) else None
