@@ -22,6 +22,7 @@ from cms_ingest.simulators.camstreamer import (
     CamStreamerAccount,
     CamStreamerSimulator,
 )
+from tests.conftest import eventually
 
 FAST = math.inf  # no rate limit, for the tests that are not about it
 CAMERA_FIELDS = "name serial_number is_connected connection { source_ip }"
@@ -437,6 +438,78 @@ async def test_vapix_port_on_and_off_with_the_token_last(http: aiohttp.ClientSes
         assert site.port_state == {("ACCC8EE8A9CB", 1): False}
         assert not site.queries  # device access is not GraphQL
         assert not sim.site().vapix_calls
+
+
+async def test_device_access_takes_the_api_token_pulses_and_checkactive(
+    http: aiohttp.ClientSession,
+) -> None:
+    site = CamStreamerAccount()
+    lacking = CamStreamerAccount(token_configuration=False, pulse_supported=False)
+    async with CamStreamerSimulator({"default": site, "x": lacking}) as sim:
+
+        async def call(tenant: str, *params: tuple[str, str]) -> tuple[int, str]:
+            url = sim.device_url_template(tenant).format(serial="ACCC8EE8A9CA")
+            async with http.get(f"{url}/axis-cgi/io/port.cgi", params=list(params)) as resp:
+                return resp.status, await resp.text()
+
+        api_token = ("DEVICE_ACCESS_TOKEN", "api-token")
+        # The manual: an API token with the Configuration permission is the device token.
+        assert await call("default", ("checkactive", "1"), api_token) == (200, "port1=inactive")
+        assert await call("default", ("action", "1:/200\\"), api_token) == (200, "OK")
+        assert await call("default", ("checkactive", "1"), api_token) == (200, "port1=active")
+        await eventually(lambda: site.port_state[("ACCC8EE8A9CA", 1)] is False, what="pulse end")
+        site.expire_tokens()  # an expired API token opens nothing
+        assert (await call("default", ("checkactive", "1"), api_token))[0] == 401
+        # Without the permission, or without pulse support:
+        assert (await call("x", ("checkactive", "1"), api_token))[0] == 401
+        device = ("DEVICE_ACCESS_TOKEN", "device-token")
+        assert (await call("x", ("action", "1:/200\\"), device))[0] == 400
+        # An answer lost after the camera acted.
+        lacking.vapix_answer_errors = 1
+        assert (await call("x", ("action", "1:/"), device))[0] == 500
+        assert lacking.port_state[("ACCC8EE8A9CA", 1)] is True
+        assert await call("x", ("action", "1:\\"), device) == (200, "OK")
+
+
+async def test_download_host_switch(http: aiohttp.ClientSession) -> None:
+    site = CamStreamerAccount(rate_per_s=FAST, prepare_seconds=0, download_host="localhost:{port}")
+    async with CamStreamerSimulator({"default": site}) as sim:
+        base = sim.url()
+        port = base.rsplit(":", 1)[1]
+        window = {"node": 140094, "from": 1_700_000_000, "to": 1_700_000_030}
+        _, body = await gql(http, base, RECORDINGS_QUERY, window)
+        rid = body["data"]["camera"]["recordings"][0]["recording_id"]
+        await gql(http, base, PREPARE, {"id": rid, "h": 720})
+        _, body = await gql(http, base, PROGRESS, {"id": rid})
+        url = body["data"]["recording"]["download_url"]
+        assert url.startswith(f"http://localhost:{port}/api/download.php?auth_key=")
+        async with http.get(url) as resp:
+            assert resp.status == 200 and resp.content_type == "video/mp4"
+
+
+async def test_forgotten_access_tokens_answer_client_and_refresh_still_works(
+    http: aiohttp.ClientSession,
+) -> None:
+    site = CamStreamerAccount(rate_per_s=FAST)
+    async with CamStreamerSimulator({"default": site}) as sim:
+        base = sim.url()
+        client = {"client_id": "cms-client", "client_secret": "cms-secret"}
+        _, first = await oauth(
+            http, base, "token", grant_type="refresh_token", refresh_token="refresh-1", **client
+        )
+        async with http.post(f"{base}/_sim/faults", json={"forget_access_tokens": True}) as resp:
+            assert resp.status == 200
+        _, body = await gql(http, base, CAMERAS_QUERY, token=first["access_token"])
+        assert error(body)[0] == "client"
+        _, second = await oauth(
+            http,
+            base,
+            "token",
+            grant_type="refresh_token",
+            refresh_token=first["refresh_token"],
+            **client,
+        )
+        assert len(await cameras(http, base, second["access_token"])) == 3
 
 
 # ------------------------------------------------------------ control surface
