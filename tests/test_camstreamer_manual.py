@@ -18,10 +18,12 @@ from typing import Any
 
 import asyncpg
 import pytest
+from aiohttp import web
 
 from cms_ingest.domain import Action, EventType, MediaKind
 from cms_ingest.probe import run_probe
 from cms_ingest.runtime.sites import build_site
+from cms_ingest.simulators.base import DeviceAnswer
 from cms_ingest.simulators.camstreamer import CamStreamerAccount, CamStreamerSimulator
 from cms_ingest.sitehttp import new_client_session
 from cms_ingest.vendors.base import AuthenticationFailed, DeviceRefused, InvalidAction
@@ -314,6 +316,27 @@ async def test_output_is_switched_off_when_the_on_call_fails(
         assert "BadDeviceResponse" in row["error"] and "switched off" in row["error"]
         result = row["result"]
         assert '"off": "ok"' in result and '"on": "failed: BadDeviceResponse' in result
+
+
+async def test_output_is_switched_off_when_the_on_call_times_out() -> None:
+    account = CamStreamerAccount(rate_per_s=FAST)
+
+    async def act_then_hang(request: web.Request, device: DeviceAnswer) -> web.StreamResponse:
+        answer = await device()  # the camera switches the output on...
+        await asyncio.sleep(2.0)  # ...and its answer never arrives in time
+        return answer
+
+    async with CamStreamerSimulator({"default": account}) as sim:
+        sim.respond("GET", f"/device/{GATE}/axis-cgi/io/port.cgi", act_then_hang)
+        options = fast_options(
+            device_url_template=sim.device_url_template(), device_access_token="device-token"
+        )
+        async with client_for(sim, options=options, request_timeout_s=0.5) as client:
+            with pytest.raises(OutputIncomplete, match="DeviceTimeout") as raised:
+                await client.perform(output({"port": 1, "duration_s": 5}))
+        assert [a for _, a, _ in account.vapix_calls] == ["1:/", "1:\\"]
+        assert account.port_state[(GATE, 1)] is False
+        assert raised.value.answer["off"] == "ok"
 
 
 async def test_a_failed_off_is_retried_until_it_succeeds() -> None:
