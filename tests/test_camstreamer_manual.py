@@ -23,7 +23,7 @@ from aiohttp import web
 from cms_ingest.domain import Action, EventType, MediaKind
 from cms_ingest.probe import run_probe
 from cms_ingest.runtime.sites import build_site
-from cms_ingest.simulators.base import DeviceAnswer
+from cms_ingest.simulators.base import DeviceAnswer, static_answer
 from cms_ingest.simulators.camstreamer import CamStreamerAccount, CamStreamerSimulator
 from cms_ingest.sitehttp import new_client_session
 from cms_ingest.vendors.base import AuthenticationFailed, DeviceRefused, InvalidAction
@@ -212,6 +212,19 @@ async def test_client_category_renews_an_oauth_token_and_fails_a_static_one() ->
         async with client_for(sim, token="not-a-token") as static:
             with pytest.raises(AuthenticationFailed, match="client"):
                 await static.poll(None)
+
+
+async def test_an_http_401_without_errors_is_a_refusal_too() -> None:
+    account = CamStreamerAccount(rate_per_s=FAST)
+    async with CamStreamerSimulator({"default": account}) as sim:
+        sim.respond("POST", "/api/graphql.php", static_answer(401, "Unauthorized"), times=None)
+        async with client_for(sim) as static:
+            with pytest.raises(AuthenticationFailed, match="HTTP 401"):
+                await static.poll(None)
+        sim.respond("POST", "/api/graphql.php", static_answer(403), times=1)
+        async with client_for(sim, token=None, options=fast_options(**OAUTH)) as oauth:
+            await oauth.poll(None)  # renewed once, then answered
+        assert account.oauth_refreshes == 2
 
 
 async def test_oauth_token_is_renewed_before_it_expires() -> None:

@@ -334,6 +334,9 @@ class CamStreamerClient:
                 payload = await read_json(response, self._problems, f"POST {GRAPHQL_PATH}")
                 status = response.status
             category, message = _first_error(payload)
+            if category is None and status in (401, 403):
+                # Not the manual's form (it answers 200 with `errors`), but plainly a refusal.
+                category, message = "authError", f"HTTP {status}"
             if category in AUTH_CATEGORIES:
                 if attempt == 1 and self._oauth:
                     if self._access == token:
