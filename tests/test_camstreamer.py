@@ -58,6 +58,10 @@ def test_check_site() -> None:
         "device_url_template"
     )
     assert check_site("https://x", {}) == []
+    hosts = {"download_hosts": ["cloud.camstreamer.com", "dl.example:8443", "http://x/y"]}
+    assert check_site("https://x", hosts) == [
+        ("download_hosts", "'http://x/y' is not a host or host:port")
+    ]
 
 
 async def test_a_disconnect_raises_one_alarm_with_its_clip_and_a_blip_none(

@@ -101,7 +101,8 @@ async def test_probe_every_other_vendor(tmp_path: Path) -> None:
             "sites:\n"
             f"  - {{id: vl, vendor: videoloft, url: '{vl.url}', username: cms@example.com, password: secret}}\n"
             f"  - {{id: ex, vendor: exacq, url: '{ex.url()}', username: cms, password: secret}}\n"
-            f"  - {{id: cs, vendor: camstreamer, url: '{cs.url()}', token: api-token}}\n"
+            f"  - {{id: cs, vendor: camstreamer, url: '{cs.url()}', token: api-token,\n"
+            f"      options: {{device_url_template: '{cs.device_url_template()}'}}}}\n"
             f"  - {{id: exbad, vendor: exacq, url: '{ex.url()}', username: cms, password: wrong}}\n"
         )
         for site_id, expect in (("vl", "12345.1"), ("ex", "soft triggers"), ("cs", "ACCC8EE8A9CA")):

@@ -15,18 +15,31 @@ import pytest
 from graphql import build_schema, lexicographic_sort_schema, print_schema
 
 from cms_ingest.simulators.camstreamer import (
+    EXTENDED_SCHEMA,
+    EXTENDED_SCHEMA_SDL,
     SCHEMA,
     SCHEMA_SDL,
     CamStreamerAccount,
     CamStreamerSimulator,
 )
+from tests.conftest import eventually
 
 FAST = math.inf  # no rate limit, for the tests that are not about it
-CAMERAS_QUERY = """
-query Cameras {
-  cameraList { node_id name serial_number external_id is_connected connection { source_ip } }
-}
-"""
+CAMERA_FIELDS = "name serial_number is_connected connection { source_ip }"
+# The manual's fields only: cameraList for the node ids, camera(node_id) (one alias each, up
+# to five cameras) for the rest, all in one query.
+CAMERAS_QUERY = (
+    "query Cameras { cameraList { node_id name } "
+    + " ".join(
+        f"c{node}: camera(node_id: {node}) {{ {CAMERA_FIELDS} }}" for node in range(140094, 140099)
+    )
+    + " }"
+)
+# What the driver asked before: undocumented fields on cameraList.
+UNDOCUMENTED_QUERY = (
+    "query { cameraList { node_id name serial_number external_id is_connected "
+    "connection { source_ip } } }"
+)
 RECORDINGS_QUERY = """
 query Recordings($node: Int!, $from: Int!, $to: Int!) {
   camera(node_id: $node) {
@@ -78,12 +91,36 @@ async def cameras(http: aiohttp.ClientSession, base: str, token: str = "api-toke
     status, body = await gql(http, base, CAMERAS_QUERY, token=token)
     assert status == 200, body
     assert "errors" not in body, body
-    return body["data"]["cameraList"]
+    data = body["data"]
+    return [{**item, **data[f"c{item['node_id']}"]} for item in data["cameraList"]]
 
 
 def test_schema_matches_its_definition() -> None:
-    served = print_schema(lexicographic_sort_schema(SCHEMA))
-    assert served == print_schema(lexicographic_sort_schema(build_schema(SCHEMA_SDL)))
+    for schema, sdl in ((SCHEMA, SCHEMA_SDL), (EXTENDED_SCHEMA, EXTENDED_SCHEMA_SDL)):
+        served = print_schema(lexicographic_sort_schema(schema))
+        assert served == print_schema(lexicographic_sort_schema(build_schema(sdl)))
+
+
+async def test_undocumented_fields_are_refused_like_a_validating_server(
+    http: aiohttp.ClientSession,
+) -> None:
+    manual = CamStreamerAccount(rate_per_s=FAST)
+    extended = CamStreamerAccount(rate_per_s=FAST, schema="extended")
+    async with CamStreamerSimulator({"default": manual, "x": extended}) as sim:
+        status, body = await gql(http, sim.url(), UNDOCUMENTED_QUERY)
+        assert status == 200
+        assert "data" not in body  # the whole query, not just the unknown fields
+        messages = [item["message"] for item in body["errors"]]
+        assert {item["category"] for item in body["errors"]} == {"graphql"}
+        assert "Cannot query field 'serial_number' on type 'CameraListItem'." in messages
+        _, body = await gql(http, sim.url(), "{ camera(node_id: 140094) { external_id } }")
+        assert error(body)[0] == "graphql"  # external_id is documented on nodeList only
+        # A portal with more than the manual documents answers both forms.
+        _, body = await gql(http, sim.url("x"), UNDOCUMENTED_QUERY)
+        assert body["data"]["cameraList"][0]["serial_number"] == "ACCC8EE8A9CA"
+        assert len(await cameras(http, sim.url("x"))) == 3
+    with pytest.raises(ValueError, match="schema"):
+        CamStreamerAccount(schema="graphql-all")
 
 
 # ------------------------------------------------------------------ queries
@@ -100,7 +137,6 @@ async def test_camera_list_and_node_list(http: aiohttp.ClientSession) -> None:
                     "node_id": 140094 + index,
                     "name": name,
                     "serial_number": serial,
-                    "external_id": f"camera{index + 1}",
                     "is_connected": True,
                     "connection": {"source_ip": f"203.0.113.{10 + index}"},
                 }
@@ -156,10 +192,17 @@ async def test_missing_unknown_and_expired_tokens_answer_200_errors(
     site = CamStreamerAccount(rate_per_s=FAST)
     async with CamStreamerSimulator({"default": site}) as sim:
         base = sim.url()
-        for token in (None, "", "nope"):
+        for token in (None, ""):
             status, body = await gql(http, base, CAMERAS_QUERY, token=token)
             assert status == 200
             assert error(body) == ("authError", "Invalid or empty access token.")
+        # The manual: a token that is there but not valid is category `client`.
+        status, body = await gql(http, base, CAMERAS_QUERY, token="nope")
+        assert (status, error(body)) == (
+            200,
+            ("client", "Request to an unknown or unavailable platform."),
+        )
+        assert site.auth_refusals == {"authError": 2, "client": 1}
         site.expire_tokens()
         status, body = await gql(http, base, CAMERAS_QUERY)
         assert (status, error(body)) == (200, ("expired", "Access token expired."))
@@ -256,7 +299,7 @@ async def test_oauth_refresh_rotates_the_refresh_token(http: aiohttp.ClientSessi
         status, body = await oauth(http, base, "revoke", access_token=fourth["access_token"])
         assert (status, body["success"]) == (200, True)
         _, body = await gql(http, base, CAMERAS_QUERY, token=fourth["access_token"])
-        assert error(body)[0] == "authError"
+        assert error(body)[0] == "client"  # present but no longer valid
         status, _ = await oauth(
             http,
             base,
@@ -395,6 +438,78 @@ async def test_vapix_port_on_and_off_with_the_token_last(http: aiohttp.ClientSes
         assert site.port_state == {("ACCC8EE8A9CB", 1): False}
         assert not site.queries  # device access is not GraphQL
         assert not sim.site().vapix_calls
+
+
+async def test_device_access_takes_the_api_token_pulses_and_checkactive(
+    http: aiohttp.ClientSession,
+) -> None:
+    site = CamStreamerAccount()
+    lacking = CamStreamerAccount(token_configuration=False, pulse_supported=False)
+    async with CamStreamerSimulator({"default": site, "x": lacking}) as sim:
+
+        async def call(tenant: str, *params: tuple[str, str]) -> tuple[int, str]:
+            url = sim.device_url_template(tenant).format(serial="ACCC8EE8A9CA")
+            async with http.get(f"{url}/axis-cgi/io/port.cgi", params=list(params)) as resp:
+                return resp.status, await resp.text()
+
+        api_token = ("DEVICE_ACCESS_TOKEN", "api-token")
+        # The manual: an API token with the Configuration permission is the device token.
+        assert await call("default", ("checkactive", "1"), api_token) == (200, "port1=inactive")
+        assert await call("default", ("action", "1:/200\\"), api_token) == (200, "OK")
+        assert await call("default", ("checkactive", "1"), api_token) == (200, "port1=active")
+        await eventually(lambda: site.port_state[("ACCC8EE8A9CA", 1)] is False, what="pulse end")
+        site.expire_tokens()  # an expired API token opens nothing
+        assert (await call("default", ("checkactive", "1"), api_token))[0] == 401
+        # Without the permission, or without pulse support:
+        assert (await call("x", ("checkactive", "1"), api_token))[0] == 401
+        device = ("DEVICE_ACCESS_TOKEN", "device-token")
+        assert (await call("x", ("action", "1:/200\\"), device))[0] == 400
+        # An answer lost after the camera acted.
+        lacking.vapix_answer_errors = 1
+        assert (await call("x", ("action", "1:/"), device))[0] == 500
+        assert lacking.port_state[("ACCC8EE8A9CA", 1)] is True
+        assert await call("x", ("action", "1:\\"), device) == (200, "OK")
+
+
+async def test_download_host_switch(http: aiohttp.ClientSession) -> None:
+    site = CamStreamerAccount(rate_per_s=FAST, prepare_seconds=0, download_host="localhost:{port}")
+    async with CamStreamerSimulator({"default": site}) as sim:
+        base = sim.url()
+        port = base.rsplit(":", 1)[1]
+        window = {"node": 140094, "from": 1_700_000_000, "to": 1_700_000_030}
+        _, body = await gql(http, base, RECORDINGS_QUERY, window)
+        rid = body["data"]["camera"]["recordings"][0]["recording_id"]
+        await gql(http, base, PREPARE, {"id": rid, "h": 720})
+        _, body = await gql(http, base, PROGRESS, {"id": rid})
+        url = body["data"]["recording"]["download_url"]
+        assert url.startswith(f"http://localhost:{port}/api/download.php?auth_key=")
+        async with http.get(url) as resp:
+            assert resp.status == 200 and resp.content_type == "video/mp4"
+
+
+async def test_forgotten_access_tokens_answer_client_and_refresh_still_works(
+    http: aiohttp.ClientSession,
+) -> None:
+    site = CamStreamerAccount(rate_per_s=FAST)
+    async with CamStreamerSimulator({"default": site}) as sim:
+        base = sim.url()
+        client = {"client_id": "cms-client", "client_secret": "cms-secret"}
+        _, first = await oauth(
+            http, base, "token", grant_type="refresh_token", refresh_token="refresh-1", **client
+        )
+        async with http.post(f"{base}/_sim/faults", json={"forget_access_tokens": True}) as resp:
+            assert resp.status == 200
+        _, body = await gql(http, base, CAMERAS_QUERY, token=first["access_token"])
+        assert error(body)[0] == "client"
+        _, second = await oauth(
+            http,
+            base,
+            "token",
+            grant_type="refresh_token",
+            refresh_token=first["refresh_token"],
+            **client,
+        )
+        assert len(await cameras(http, base, second["access_token"])) == 3
 
 
 # ------------------------------------------------------------ control surface

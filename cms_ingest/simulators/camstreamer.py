@@ -8,14 +8,19 @@ path below is relative to the tenant's base URL.
 Service behaviour reproduced (from the vendor manual and the integrators' notes):
 
 * ``POST /api/graphql.php`` with a JSON body ``{"query", "variables", "operationName"}``
-  executes real GraphQL (graphql-core) against the schema in ``SCHEMA_SDL``: ``nodeList``
-  (folders, cameras and their inputs, optionally filtered by ``type``), ``cameraList``,
-  ``camera(node_id)`` (``is_connected``, ``connection { source_ip }``, ``recordings(from,
-  to)``), ``recording(recording_id)`` and the ``recordingPrepare`` mutation.
+  executes real GraphQL (graphql-core) against the schema in ``SCHEMA_SDL``, which holds
+  only what the manual documents: ``nodeList`` (folders, cameras and their inputs,
+  optionally filtered by ``type``; ``node_id parent_node_id type name external_id``),
+  ``cameraList`` (``node_id name``), ``camera(node_id)`` (``name serial_number
+  is_connected connection { source_ip } recordings(from, to)``), ``recording(recording_id)``
+  and the ``recordingPrepare`` mutation. A query naming any other field is refused whole
+  (``errors`` with category ``graphql``, no ``data``), as a validating server does.
 * Every call needs ``Authorization: Bearer <token>``: the account's static API token or an
-  OAuth2 access token. Missing or unknown: ``{"errors": [{"message": "Invalid or empty access
-  token.", "category": "authError"}]}``; expired: ``category`` ``expired``. Both with HTTP 200:
-  a client must read the body, not only the status.
+  OAuth2 access token. Missing: ``{"errors": [{"message": "Invalid or empty access token.",
+  "category": "authError"}]}``; present but not valid (unknown, revoked): ``category``
+  ``client``, "Request to an unknown or unavailable platform." (the manual's "Invalid access
+  token"); expired: ``category`` ``expired``. All with HTTP 200: a client must read the body,
+  not only the status.
 * OAuth2: ``POST /oauth2/token`` (parameters in the query or the form) with ``client_id``,
   ``client_secret`` and ``grant_type`` ``refresh_token`` (+ ``refresh_token``) or
   ``authorization_code``/``auth_code`` (+ ``code``; the manual spells it both ways) answers
@@ -32,8 +37,12 @@ Service behaviour reproduced (from the vendor manual and the integrators' notes)
   on this server, which serves an MP4 (``video/mp4``, 8 KiB) without a bearer token.
 * Device access (VAPIX through the cloud): the simulated ``https://<serial>.device-connect.net``
   is ``/device/<serial>`` here (``CamStreamerSimulator.device_url_template``); only
-  ``/axis-cgi/io/port.cgi?action=<port>:/`` (activate) or ``<port>:\\`` (deactivate) is
-  served, with ``DEVICE_ACCESS_TOKEN`` as the LAST query parameter.
+  ``/axis-cgi/io/port.cgi?action=<port>:/`` (activate), ``<port>:\\`` (deactivate),
+  ``<port>:/<ms>\\`` (VAPIX pulse: the camera deactivates after ``ms``) and
+  ``checkactive=<port>`` (answers ``port<n>=active|inactive``) are served, with
+  ``DEVICE_ACCESS_TOKEN`` as the LAST query parameter. The manual: that token is an API token
+  with the Configuration permission, i.e. the account's API token (or ``device_token``,
+  another API token of the account).
 
 Things the manual leaves open, decided here:
 
@@ -64,7 +73,27 @@ Things the manual leaves open, decided here:
   given comma-separated. Answers ``OK`` (text). Device access and OAuth are not GraphQL: they
   are not counted in ``queries`` and not limited.
 
-Test hooks (Python API and ``/_sim/...`` HTTP control surface): camera disconnect/connect
+Switches for what the manual allows but does not pin down (constructor keyword / CLI flag;
+the default is the manual's reading):
+
+* ``schema`` / ``--schema``: ``manual`` (above) or ``extended``, a portal that also offers
+  undocumented fields (``cameraList`` of full cameras, ``node_id`` and ``external_id`` on a
+  camera), as the API Explorer of a real portal may.
+* ``invalid_token_error`` / ``--invalid-token-error``: ``client`` (the manual) or
+  ``authError`` for a token that is present but not valid.
+* ``download_host`` / ``--download-host``: download URLs on another host than the API (the
+  manual's example URL is on ``cloud.camstreamer.com``, its API example on
+  ``system2.netrex.cz``); ``{port}`` is this server's port, so ``localhost:{port}`` is a
+  second host name for the same server. Default: the API's own host.
+* ``token_configuration`` / ``--no-token-configuration``: whether the account's API token has
+  the Configuration permission that device access needs (default: it has).
+* ``pulse_supported`` / ``--no-pulse``: whether the cameras take the VAPIX pulse (default:
+  they do; without, a pulse answers 400).
+
+Test hooks (Python API and ``/_sim/...`` HTTP control surface): ``vapix_answer_errors``
+(the next n ``port.cgi`` calls are carried out, then answered 500, as when the answer is
+lost on the way), ``forget_access_tokens`` (the portal no longer knows the OAuth2 access
+tokens it issued; refresh tokens stay valid), camera disconnect/connect
 (``/_sim/alarms`` disconnects cameras: a disconnection is the only "alarm" this vendor has),
 token expiry, ``recorded``, counters (``queries``, ``daily_used``, ``rate_limited``,
 ``recordings_prepared``, ``downloads``, ``vapix_calls``, ``port_state``, ``oauth_refreshes``,
@@ -80,6 +109,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import functools
 import hmac
 import json
 import math
@@ -115,6 +145,7 @@ from graphql import (
     graphql_sync,
 )
 from graphql.language import ConstValueNode
+from yarl import URL
 
 from cms_ingest.simulators.base import (
     DEFAULT_TENANT,
@@ -161,10 +192,15 @@ ERR_AUTH: ApiError = ("Invalid or empty access token.", "authError")
 ERR_EXPIRED: ApiError = ("Access token expired.", "expired")
 ERR_RATE: ApiError = ("API rate limit exceeded", "rateLimit")
 ERR_DAILY: ApiError = ("Daily API limit exceeded", "dailyLimit")
+# The manual's third error: a token in the header that is not valid (as opposed to a missing one).
+ERR_CLIENT: ApiError = ("Request to an unknown or unavailable platform.", "client")
+SCHEMAS = ("manual", "extended")
+INVALID_TOKEN_CATEGORIES = ("client", "authError")
 
 TokenStatus = Literal["valid", "expired", "unknown"]
 _ALPHANUMERIC = string.ascii_letters + string.digits
 _PORT_ACTION = re.compile(r"^(\d+):([/\\])$")
+_PULSE_ACTION = re.compile(r"^(\d+):/(\d{1,7})\\$")  # VAPIX: active, wait <ms>, inactive
 
 
 class Answer(Exception):
@@ -266,8 +302,23 @@ class CamStreamerAccount:
         prepare_seconds: float = 2.0,
         recorded: bool = True,
         device_token: str = "device-token",  # noqa: S107
+        schema: str = "manual",
+        invalid_token_error: str = "client",  # noqa: S107 - an error category
+        download_host: str | None = None,
+        token_configuration: bool = True,
+        pulse_supported: bool = True,
     ) -> None:
         check_rate(rate_per_s)
+        if schema not in SCHEMAS:
+            raise ValueError(f"schema must be one of {SCHEMAS}, not {schema!r}")
+        if invalid_token_error not in INVALID_TOKEN_CATEGORIES:
+            raise ValueError(f"invalid_token_error must be one of {INVALID_TOKEN_CATEGORIES}")
+        self.schema = schema
+        self.invalid_token_error = invalid_token_error
+        self.download_host = download_host
+        self.token_configuration = token_configuration
+        self.pulse_supported = pulse_supported
+        self.vapix_answer_errors = 0  # fault: the next n port.cgi calls act, then answer 500
         self.token = token
         self.client_id, self.client_secret = client_id, client_secret
         self.device_token = device_token
@@ -299,6 +350,7 @@ class CamStreamerAccount:
         self.vapix_calls: list[tuple[str, str, float]] = []
         self.port_state: dict[tuple[str, int], bool] = {}
         self.oauth_refreshes = 0
+        self.auth_refusals: collections.Counter[str] = collections.Counter()  # by category
         self.oauth_codes = 0
         self.connection_changes: list[tuple[str, bool, float]] = []  # serial, connected, unix
         self._static: Literal["valid", "expired", "revoked"] = "valid"
@@ -337,13 +389,18 @@ class CamStreamerAccount:
     def connect_later(self, serial: str, delay_s: float) -> None:
         """Reconnect ``serial`` after ``delay_s`` (needs a running event loop)."""
         self.camera(serial)
+        self._later(delay_s, lambda: self.connect(serial))
+
+    def _later(self, delay_s: float, callback: Callable[[], None]) -> None:
+        """Run ``callback`` after ``delay_s`` (needs a running event loop; cancelled by
+        ``close``)."""
         loop = asyncio.get_running_loop()
 
-        def reconnect() -> None:
+        def run() -> None:
             self._timers.discard(handle)
-            self.connect(serial)
+            callback()
 
-        handle = loop.call_later(delay_s, reconnect)
+        handle = loop.call_later(delay_s, run)
         self._timers.add(handle)
 
     def add_alarms(self, n: int, **kw: Any) -> list[Disconnection]:
@@ -402,7 +459,7 @@ class CamStreamerAccount:
         if hmac.compare_digest(token.encode(), self.token.encode()):
             return "unknown" if self._static == "revoked" else self._static
         entry = self._access.get(token)
-        if entry is None:
+        if entry is None or entry.expires == -math.inf:
             return "unknown"
         return "valid" if entry.expires > monotonic() else "expired"
 
@@ -413,6 +470,12 @@ class CamStreamerAccount:
             entry.expires = min(entry.expires, now)
         if self._static == "valid":
             self._static = "expired"
+
+    def forget_access_tokens(self) -> None:
+        """The portal no longer knows the OAuth2 access tokens it issued (they answer as
+        invalid tokens do); the refresh tokens stay valid."""
+        for entry in self._access.values():
+            entry.expires = -math.inf
 
     def reset_static_token(self) -> None:
         """The static API token is valid again."""
@@ -588,18 +651,45 @@ class CamStreamerAccount:
         }
 
     # ---------------------------------------------------------------- device
+    def device_access_allowed(self, token: str) -> bool:
+        """The manual: device access takes an API token with the Configuration permission.
+        That is ``device_token`` (another API token of the account) and, when
+        ``token_configuration``, the account's own API token while it is valid."""
+        if hmac.compare_digest(token.encode(), self.device_token.encode()):
+            return True
+        return (
+            self.token_configuration
+            and hmac.compare_digest(token.encode(), self.token.encode())
+            and self._static == "valid"
+        )
+
     def set_ports(self, serial: str, action: str) -> bool:
-        """Apply a VAPIX ``port.cgi`` action (recorded); false if it cannot be read."""
+        """Apply a VAPIX ``port.cgi`` action (recorded); false if it cannot be read.
+
+        ``<port>:/`` activates, ``<port>:\\`` deactivates and, when ``pulse_supported``,
+        ``<port>:/<ms>\\`` activates and deactivates again after ``ms`` (on the camera's side:
+        it happens even if the caller goes away)."""
         self.vapix_calls.append((serial, action, monotonic()))
         changes: list[tuple[int, bool]] = []
+        pulses: list[tuple[int, float]] = []
         for part in action.split(","):
             match = _PORT_ACTION.match(part.strip())
-            if match is None:
+            pulse = _PULSE_ACTION.match(part.strip()) if self.pulse_supported else None
+            if match is not None:
+                changes.append((int(match.group(1)), match.group(2) == "/"))
+            elif pulse is not None:
+                pulses.append((int(pulse.group(1)), int(pulse.group(2)) / 1000))
+            else:
                 return False
-            changes.append((int(match.group(1)), match.group(2) == "/"))
         for port, active in changes:
             self.port_state[(serial, port)] = active
+        for port, hold_s in pulses:
+            self.port_state[(serial, port)] = True
+            self._later(hold_s, functools.partial(self._pulse_end, serial, port))
         return True
+
+    def _pulse_end(self, serial: str, port: int) -> None:
+        self.port_state[(serial, port)] = False
 
     # ------------------------------------------------------------------ misc
     def close(self) -> None:
@@ -645,15 +735,16 @@ SCHEMA_SDL = """\
 enum NodeType { camera folder user input dashboard }
 type Query {
   nodeList(type: NodeType): [Node!]!
-  cameraList: [Camera!]!
+  cameraList: [CameraListItem!]!
   camera(node_id: Int!): Camera
   recording(recording_id: String!): Recording
 }
 type Mutation { recordingPrepare(recording_id: String!, height: Int!): Boolean! }
 type Node { node_id: Int!, parent_node_id: Int, type: String!, name: String!, external_id: String }
+type CameraListItem { node_id: Int!, name: String! }
 type Camera {
-  node_id: Int!, name: String!, serial_number: String!, external_id: String,
-  is_connected: Boolean!, connection: Connection, recordings(from: Int!, to: Int!): [Recording!]!
+  name: String!, serial_number: String!, is_connected: Boolean!, connection: Connection,
+  recordings(from: Int!, to: Int!): [Recording!]!
 }
 type Connection { source_ip: String }
 type Recording {
@@ -661,13 +752,37 @@ type Recording {
 }
 type Output { height: Int! }
 """
-"""The schema served (``SCHEMA`` is built in code from the same definition)."""
+"""The schema served by default: only what the manual documents (``SCHEMA`` is built in code
+from the same definition). ``cameraList`` has the manual's ``name`` and the ``node_id`` it
+says the list gives; ``camera(node_id)`` has the manual's ``name serial_number is_connected
+connection { source_ip } recordings``; ``external_id`` is on ``nodeList`` only."""
+
+EXTENDED_SCHEMA_SDL = (
+    SCHEMA_SDL.replace("cameraList: [CameraListItem!]!", "cameraList: [Camera!]!")
+    .replace("type CameraListItem { node_id: Int!, name: String! }\n", "")
+    .replace(
+        "  name: String!, serial_number: String!,",
+        "  node_id: Int!, name: String!, serial_number: String!, external_id: String,",
+    )
+)
+"""``schema="extended"``: a portal that also offers fields the manual does not document
+(``cameraList`` of full cameras, ``node_id`` and ``external_id`` on a camera)."""
 
 
 @dataclass(slots=True)
 class _Context:
     account: CamStreamerAccount
     base: str  # the tenant's base URL as the client reached it
+
+    @property
+    def download_base(self) -> str:
+        """Where download URLs point: the API's own base, or the account's
+        ``download_host`` (``{port}`` is this server's port) with the same scheme and path."""
+        host = self.account.download_host
+        if host is None:
+            return self.base
+        url = URL(self.base)
+        return f"{url.scheme}://{host.format(port=url.port)}{url.path.rstrip('/')}"
 
 
 Info: TypeAlias = "GraphQLResolveInfo[_Context]"  # generic from graphql-core 3.3 on
@@ -699,7 +814,7 @@ def _recording_json(context: _Context, recording: CsRecording) -> dict[str, Any]
     progress = account.progress(recording)
     url = None
     if progress >= 100 and recording.auth_key is not None:
-        url = f"{context.base}{DOWNLOAD_PATH}?auth_key={recording.auth_key}"
+        url = f"{context.download_base}{DOWNLOAD_PATH}?auth_key={recording.auth_key}"
     return {
         "recording_id": recording.recording_id,
         "duration": recording.end - recording.start,
@@ -741,7 +856,7 @@ def _recording_prepare(_root: object, info: Info, recording_id: str, height: int
     return info.context.account.prepare(recording_id, height)
 
 
-def _build_schema() -> GraphQLSchema:
+def _build_schema(extended: bool = False) -> GraphQLSchema:
     def non_null(type_: Any) -> Any:
         return GraphQLNonNull(type_)
 
@@ -771,13 +886,18 @@ def _build_schema() -> GraphQLSchema:
         },
     )
     connection = GraphQLObjectType("Connection", {"source_ip": GraphQLField(GraphQLString)})
+    undocumented: dict[str, GraphQLField] = {}
+    if extended:
+        undocumented = {
+            "node_id": GraphQLField(non_null(GraphQLInt)),
+            "external_id": GraphQLField(GraphQLString),
+        }
     camera = GraphQLObjectType(
         "Camera",
         {
-            "node_id": GraphQLField(non_null(GraphQLInt)),
+            **undocumented,
             "name": GraphQLField(non_null(GraphQLString)),
             "serial_number": GraphQLField(non_null(GraphQLString)),
-            "external_id": GraphQLField(GraphQLString),
             "is_connected": GraphQLField(non_null(GraphQLBoolean)),
             "connection": GraphQLField(connection, resolve=_connection),
             "recordings": GraphQLField(
@@ -790,6 +910,13 @@ def _build_schema() -> GraphQLSchema:
             ),
         },
     )
+    camera_list_item = GraphQLObjectType(
+        "CameraListItem",
+        {
+            "node_id": GraphQLField(non_null(GraphQLInt)),
+            "name": GraphQLField(non_null(GraphQLString)),
+        },
+    )
     query = GraphQLObjectType(
         "Query",
         {
@@ -798,7 +925,9 @@ def _build_schema() -> GraphQLSchema:
                 args={"type": GraphQLArgument(node_type, out_name="node_type")},
                 resolve=_node_list,
             ),
-            "cameraList": GraphQLField(list_of(camera), resolve=_camera_list),
+            "cameraList": GraphQLField(
+                list_of(camera if extended else camera_list_item), resolve=_camera_list
+            ),
             "camera": GraphQLField(
                 camera, args={"node_id": GraphQLArgument(non_null(GraphQLInt))}, resolve=_camera
             ),
@@ -826,6 +955,7 @@ def _build_schema() -> GraphQLSchema:
 
 
 SCHEMA = _build_schema()
+EXTENDED_SCHEMA = _build_schema(extended=True)
 
 
 def _error_json(error: GraphQLError) -> dict[str, Any]:
@@ -859,7 +989,7 @@ def execute(
 ) -> dict[str, Any]:
     """Run one GraphQL document against ``account`` (no token, no limits): the answer body."""
     result = graphql_sync(
-        SCHEMA,
+        EXTENDED_SCHEMA if account.schema == "extended" else SCHEMA,
         query,
         context_value=_Context(account, base),
         variable_values=dict(variables) if variables is not None else None,
@@ -886,14 +1016,22 @@ def _bearer(request: web.Request) -> str:
 
 def _gate(site: CamStreamerAccount, request: web.Request) -> None:
     """The account's limits, then the token: raise the refusal."""
-    refusal = site.admit()
+    limited = site.admit()
+    if limited is not None:
+        raise Answer(_errors(limited, status=429))
+    token = _bearer(request)
+    status = site.token_status(token)
+    refusal: ApiError | None = None
+    if not token:
+        refusal = ERR_AUTH  # the manual: missing access token
+    elif status == "unknown":
+        # The manual: a token in the header that is not valid answers category `client`.
+        refusal = ERR_CLIENT if site.invalid_token_error == "client" else ERR_AUTH  # noqa: S105
+    elif status == "expired":
+        refusal = ERR_EXPIRED
     if refusal is not None:
-        raise Answer(_errors(refusal, status=429))
-    status = site.token_status(_bearer(request))
-    if status == "unknown":
-        raise Answer(_errors(ERR_AUTH))
-    if status == "expired":
-        raise Answer(_errors(ERR_EXPIRED))
+        site.auth_refusals[refusal[1]] += 1
+        raise Answer(_errors(refusal))
 
 
 async def _graphql(site: CamStreamerAccount, request: web.Request) -> web.StreamResponse:
@@ -978,13 +1116,24 @@ async def _port_cgi(site: CamStreamerAccount, request: web.Request) -> web.Strea
     if camera is None:
         raise _text(404, "Unknown device")
     token = _device_token(request.rel_url.raw_query_string)
-    if token is None or not hmac.compare_digest(token.encode(), site.device_token.encode()):
+    if token is None or not site.device_access_allowed(token):
         raise _text(401, "Unauthorized")
     if not camera.is_connected:
         raise _text(503, "The device is not connected")
+    if "checkactive" in request.query:
+        port = request.query["checkactive"]
+        if not port.isdigit():
+            raise _text(400, "Error: invalid port")
+        active = site.port_state.get((serial, int(port)), False)
+        return web.Response(
+            text=f"port{port}={'active' if active else 'inactive'}", content_type="text/plain"
+        )
     action = request.query.get("action", "")
     if not site.set_ports(serial, action):
         raise _text(400, "Error: invalid action")
+    if site.vapix_answer_errors > 0:  # carried out, but the answer is lost on the way
+        site.vapix_answer_errors -= 1
+        raise _text(500, "Internal Server Error")
     return web.Response(text="OK", content_type="text/plain")
 
 
@@ -1000,7 +1149,15 @@ DEVICE_ROUTES: tuple[Route[CamStreamerAccount], ...] = (
 # ----------------------------------------------------- /_sim control surface
 _ALARM_FIELDS: dict[str, Callable[[Any], Any]] = {"serial": str}
 _FAULT_KEYS = frozenset(
-    {"disconnect", "connect", "expire_tokens", "reset_static_token", "recorded"}
+    {
+        "disconnect",
+        "connect",
+        "expire_tokens",
+        "reset_static_token",
+        "recorded",
+        "vapix_answer_errors",
+        "forget_access_tokens",
+    }
 )
 
 
@@ -1015,10 +1172,14 @@ async def _sim_faults(site: CamStreamerAccount, request: web.Request) -> web.Str
         site.connect(str(body["connect"]))
     if as_bool(body.get("expire_tokens", False)):
         site.expire_tokens()
+    if as_bool(body.get("forget_access_tokens", False)):
+        site.forget_access_tokens()
     if as_bool(body.get("reset_static_token", False)):
         site.reset_static_token()
     if "recorded" in body:
         site.recorded = as_bool(body["recorded"])
+    if "vapix_answer_errors" in body:
+        site.vapix_answer_errors = int(body["vapix_answer_errors"])
     return web.json_response(site.state())
 
 
@@ -1099,6 +1260,36 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--daily-limit", type=int, default=10000)
     parser.add_argument("--access-ttl", type=float, default=3600.0)
     parser.add_argument("--prepare-seconds", type=float, default=2.0)
+    parser.add_argument(
+        "--schema",
+        choices=SCHEMAS,
+        default="manual",
+        help="manual: only the fields the manual documents; extended: cameraList of full "
+        "cameras, node_id and external_id on a camera",
+    )
+    parser.add_argument(
+        "--invalid-token-error",
+        choices=INVALID_TOKEN_CATEGORIES,
+        default="client",
+        help="category answering a token that is present but not valid (the manual: client)",
+    )
+    parser.add_argument(
+        "--download-host",
+        default=None,
+        help="host[:port] of download URLs instead of the API's ({port}: this server's port)",
+    )
+    parser.add_argument(
+        "--no-token-configuration",
+        dest="token_configuration",
+        action="store_false",
+        help="the account's API token lacks the Configuration permission (no device access)",
+    )
+    parser.add_argument(
+        "--no-pulse",
+        dest="pulse_supported",
+        action="store_false",
+        help="the cameras refuse the VAPIX pulse <port>:/<ms>\\",
+    )
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -1113,6 +1304,11 @@ async def serve(args: argparse.Namespace) -> None:
             daily_limit=args.daily_limit,
             access_ttl_s=args.access_ttl,
             prepare_seconds=args.prepare_seconds,
+            schema=args.schema,
+            invalid_token_error=args.invalid_token_error,
+            download_host=args.download_host,
+            token_configuration=args.token_configuration,
+            pulse_supported=args.pulse_supported,
         )
         for name in tenant_names(args.sites)
     }
