@@ -20,10 +20,13 @@ Service behaviour reproduced (from the vendor manual and the integrators' notes)
   scheme), ``accountInfo.maxAge`` (days) and sets an ``mt_session`` cookie; ``GET
   /login?caller=cookielogin`` with that cookie gives a fresh token without the password.
 * Tokens are ``base64("uid:issued_epoch:ttl:0") + "*" + signature`` (URL-safe alphabet, so
-  a token can travel in a query or a path), so a client can read the expiry locally. They are
-  taken from ``Authorization: ManythingToken <token>``, ``?token=`` or, for
-  ``/alertthumb``, the last path segment. Expired or unknown: 401 ``{"error":
-  "Unauthorized"}``.
+  a token can travel in a query or a path), so a client can read the expiry locally. Each
+  route reads it only where the manual puts it (``TOKEN_PLACES``): the ``Authorization:
+  ManythingToken <token>`` header for ``/devices``, ``viewerInfo``, ``/cameras/status`` and
+  ``/cameras/realtime/live``; ``?token=`` for ``/alert``, ``/sendcameratask`` and
+  ``alerturl.m3u8``; the last path segment for ``/alertthumb``, ``/getthumb`` and
+  ``/getstill``. A token anywhere else is no token: 401 ``{"error": "Unauthorized"}``, as for
+  an expired or unknown one (``token_anywhere=True`` / ``--token-anywhere``: any place).
 * ``/devices`` groups the devices by owner uid with the owner's ``alias`` (a multi-user
   account: the default account also sees a device of user 40012); ``viewerInfo`` adds the
   device's ``logger`` (host:port), ``wowza`` and ``streamname``.
@@ -33,6 +36,12 @@ Service behaviour reproduced (from the vendor manual and the integrators' notes)
   id as ``alert`` or ``id``, the end as ``endt``, ``endtt``, ``enddt`` or ``end`` (rotating
   with the id), and one alert in five (id divisible by 5) has its times in seconds. An ongoing
   alert's end is null.
+* ``rom`` is 1, or 0 for a device in ``continuous`` (24/7 recording, the manual); an MP4
+  asked for with the other ``rom`` is 404 (the clip is looked up in the wrong store). Every
+  MP4 request is kept in ``mp4_requests`` (without the token). ``extend_alert`` moves an
+  ended alert's end later (motion went on).
+* ``/getthumb/<uid>/<time>/<token>`` and ``/getstill/...`` give the image captured at
+  ``time`` (``lastthumb``/``laststill`` of ``/cameras/status``), else 404.
 * Thumbs 404 until ``media_delay`` has passed; ``buildmp4=1`` gives an mp4 (ISO-BMFF) once the
   alert has ended and ``tail_s`` more has passed (the camera records on after the event),
   else 404 ``{"error": "video not ready"}``; ``buildmp4=0`` a small HLS playlist.
@@ -44,7 +53,9 @@ Service behaviour reproduced (from the vendor manual and the integrators' notes)
   (``{"type": "alert", "data": <item as in /alert>}``) or status change (``{"type":
   "liveSession", "data": {...}}``), framed as SSE ``data:`` lines, NDJSON or back-to-back
   JSON objects. It sends nothing on connect (no history) and ends cleanly after
-  ``live_max_s``.
+  ``live_max_s``. The logger registers a connection (and only then answers it, headers
+  included) ``live_connect_delay`` = ``(low, high)`` seconds after the request, uniformly
+  drawn (default ``(0, 0)``); nothing from before the registration is ever sent.
 
 Things the manual leaves open, decided here:
 
@@ -61,6 +72,10 @@ Things the manual leaves open, decided here:
 * ``liveSession``/status ``live`` is true while the camera streams (``status == "live"`` and a
   ``livecommand`` in the last 60 s); ``status`` is ``live``/``offline``/``novideo``.
   ``/cameras/status`` spells the device ``uid`` (as the manual), realtime ``uidd``.
+* ``lastactivity`` (never defined by the manual; its sample is two years older than
+  ``lastthumb``): ``"alert"`` (default) is the time of the device's last alert, ``"status"``
+  also moves on each status change, ``"fixed"`` is the manual's sample value for ever.
+* A device ``unallocate``-d has ``logger: null`` in ``viewerInfo`` and no logger serves it.
 * Without ``field_variants``, items use ``id`` and ``endt`` in milliseconds. An audio alert
   carries its magnitude in ``aud`` and ``smx`` null. Every device's ``tz`` is 0.
 * ``sendcameratask`` knows the manual's actions (``triggerevent``, ``livecommand``,
@@ -70,7 +85,9 @@ Things the manual leaves open, decided here:
 
 Test hooks (Python API and ``/_sim/...`` on the regional authenticator): alerts, ending
 them, device status and moves, token expiry and revocation, dropping the realtime streams,
-changing the framing, a Poisson alert generator, and counters (``requests``, ``logins``,
+changing the framing, a Poisson alert generator, hostile hooks (``ignore_alert_offset``,
+``push_raw`` bytes on the streams, ``refused_paths`` answering 401, ``set_logger_hanging``:
+connections accepted, never answered), and counters (``requests``, ``logins``,
 ``live_connections``, ``open_live``, ``tasks``).
 
 Command line: ``python -m cms_ingest.simulators.videoloft --rate 0.2 --framing ndjson``
@@ -1327,6 +1344,26 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tail", type=float, default=20.0, help="seconds of video after an end")
     parser.add_argument("--live-max", type=float, default=300.0)
     parser.add_argument("--token-ttl", type=float, default=1200.0)
+    parser.add_argument(
+        "--token-anywhere",
+        action="store_true",
+        help="accept the token in the header, the query or the path on every route",
+    )
+    parser.add_argument(
+        "--live-connect-delay",
+        type=float,
+        nargs=2,
+        default=(0.0, 0.0),
+        metavar=("LOW", "HIGH"),
+        help="seconds before a realtime request is registered and answered (uniform)",
+    )
+    parser.add_argument("--lastactivity", choices=LASTACTIVITY_MODES, default="alert")
+    parser.add_argument(
+        "--continuous", nargs="*", default=[], metavar="UIDD", help="devices recording 24/7"
+    )
+    parser.add_argument(
+        "--ignore-alert-offset", action="store_true", help="hostile: /alert ignores offset"
+    )
 
 
 def account_from_args(args: argparse.Namespace) -> VideoloftAccount:
@@ -1338,6 +1375,11 @@ def account_from_args(args: argparse.Namespace) -> VideoloftAccount:
         tail_s=args.tail,
         live_max_s=args.live_max,
         token_ttl_s=args.token_ttl,
+        token_anywhere=args.token_anywhere,
+        live_connect_delay=tuple(args.live_connect_delay),
+        lastactivity=args.lastactivity,
+        continuous=args.continuous,
+        ignore_alert_offset=args.ignore_alert_offset,
     )
 
 
