@@ -44,6 +44,11 @@ class SiteProblems:
         self.skew_s: float | None = None
         self._skew_warned = False
 
+    @property
+    def kinds_seen(self) -> list[str]:
+        """Every kind of bad input reported for this site since the client started."""
+        return sorted(self._seen)
+
     def clock_skew(self, seconds: float) -> None:
         self.skew_s = seconds
         metrics.CLOCK_SKEW.labels(site_id=self.site_id, vendor=self.vendor).set(seconds)
