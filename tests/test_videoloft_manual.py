@@ -75,11 +75,13 @@ async def test_no_alert_is_lost_at_reconnects(
 # ------------------------------------------------------------- 2. token placement
 
 
+@pytest.mark.parametrize("anywhere", [False, True], ids=["as-the-manual", "token-anywhere"])
 async def test_the_token_goes_where_the_manual_puts_it(
-    database_url: str, db: asyncpg.Connection, tmp_path: Path
+    anywhere: bool, database_url: str, db: asyncpg.Connection, tmp_path: Path
 ) -> None:
-    """The simulator reads the token only where the manual puts it, route by route."""
-    account = VideoloftAccount(media_delay=0, tail_s=0.2)
+    """The simulator reads the token only where the manual puts it, route by route (and,
+    switched, anywhere: a lenient logger works as well)."""
+    account = VideoloftAccount(media_delay=0, tail_s=0.2, token_anywhere=anywhere)
     async with VideoloftSimulator(account) as sim:
         site = videoloft_site("v1", sim.url, options={"tail_s": 0.2})
         config = app_config(database_url, tmp_path, [site])
@@ -229,7 +231,9 @@ async def test_a_device_without_a_logger_is_reported(
             await eventually(lambda: account.open_live >= 1, what="a long-poll")
             assert daemon.sites is not None
             described = await daemon.sites.by_id["v1"].client.describe()
+            status = daemon.status()
     assert _bad_input("device_without_logger") > before
+    assert "device_without_logger" in status["sites"][0]["bad_input"]
     assert described["not watched (viewerInfo names no logger)"] == ["40012.7"]
 
 
