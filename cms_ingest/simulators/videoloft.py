@@ -162,6 +162,7 @@ TOKEN_PLACES = {
     "/alerturl.m3u8": QUERY,
     "/alert.m3u8": QUERY,
     "/alertthumb/{uidd}/{alertid}/{token}": PATH,
+    "/alertthumb/{uidd}/{alertid}": PATH,  # no token segment: refused unless token_anywhere
     "/getthumb/{uidd}/{time}/{token}": PATH,
     "/getstill/{uidd}/{time}/{token}": PATH,
 }

@@ -9,16 +9,24 @@ How we use it:
   "log in at that regional authenticator". Tokens live 20 minutes and carry their issue time
   and lifetime (`base64("uid:issued:ttl:...")*signature`): we renew at 3/4 of the lifetime
   with the login cookie (`caller=cookielogin`), and log in with the password when that fails.
-  One renewal at a time.
+  One renewal at a time. The token goes where the manual puts it, route by route: the
+  `Authorization: ManythingToken` header (authenticator, `/cameras/status`, realtime), the
+  `token=` query (`/alert`, `/sendcameratask`, the MP4), the path (thumbnails).
 - Devices from `/devices` (every owner the account can see), their loggers from
   `/devices/viewerInfo`, refreshed every 10 minutes and at once when a logger stops
-  answering for a device. Hosts handed back are contacted with the site URL's scheme.
+  answering for a device. Hosts handed back are contacted with the site URL's scheme. A
+  device without a logger is reported, never silently left unwatched.
 - One long-poll per logger, held by a background task and reopened before the server's
-  5-minute cut (with jitter) and after any drop. Every (re)connection is a gap: before the
-  records that arrive on the new connection are committed, `/alert` is read back to the
-  device's cursor (the newest alert id committed), so an alert of the gap is ingested once.
+  5-minute cut (with jitter) and after any drop. The logger sends nothing from before it
+  registered a connection, so a gap ends when the new long-poll *answered*: then the
+  device's gap opens in the cursor (floor: the newest alert id committed) and `/alert` is
+  read back to the floor, at most MAX_PAGES_PER_POLL pages a poll, the rest next poll.
+  Live alerts arriving meanwhile are stored but never move the floor.
+- Each logger's `/cameras/status` every `residency_check_s`: devices that moved, and each
+  camera's status (a change missed in a gap, a camera offline from the start).
+- Loggers are read at once; one that does not answer is left out for LOGGER_RETRY_S.
 - Framing of the long-poll is not known publicly: SSE `data:` lines, newline-delimited JSON
-  and back-to-back JSON objects are all accepted (`StreamDecoder`).
+  and back-to-back JSON objects are all accepted (`StreamDecoder`, linear, bounded).
 - `/alert` spells its fields several ways (id as `alert`/`id`; end as `endt`, `endtt`, `enddt`,
   `end`; times in ms or s): `normalize_alert` reads them all.
 """
