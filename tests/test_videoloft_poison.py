@@ -107,6 +107,35 @@ async def test_a_long_gap_is_read_over_several_polls_without_loss(
     assert cursor["last_ids"]["12345.1"] == added[-1].id
 
 
+async def test_pages_read_before_a_failing_page_are_delivered(
+    session: aiohttp.ClientSession,
+) -> None:
+    """The gap's offset moves past each page read: those alerts come with this poll even
+    when a later page fails, and the rest once /alert answers again."""
+    account = VideoloftAccount(media_delay=0, tail_s=0)
+    async with VideoloftSimulator(account) as sim:
+        problems = Problems()
+        videoloft = client("videoloft", sim.url, session, problems)
+        only = {"page_size": 1, "devices": ["12345.1"]}  # one device: /alert counts are its
+        videoloft._options = videoloft._options.model_copy(update=only)
+        try:
+            cursor = (await videoloft.poll(None)).cursor
+            await eventually(lambda: account.open_live >= 1, what="its long-poll")
+            polls = Polls(videoloft, dict((await videoloft.poll(cursor)).cursor))
+            account.drop_live_connections()
+            added = [account.add_alert("12345.1") for _ in range(6)]
+            account.refuse_after["/alert"] = 3  # three pages, then refused
+            await polls.until(3)
+            assert polls.seen == [f"12345.1:{a.id}" for a in added[3:]]  # newest first
+            assert "catch_up" in problems.reported
+            account.refused_paths.clear()
+            await polls.until(6)
+        finally:
+            await videoloft.close()
+    assert sorted(polls.seen) == sorted(f"12345.1:{a.id}" for a in added)
+    assert "gaps" not in polls.cursor
+
+
 def test_a_record_without_an_end_is_bounded_and_linear() -> None:
     decoder = StreamDecoder()
     body = '{"type": "alert", "data": {"x": "' + "a" * (48 * 1024 * 1024)

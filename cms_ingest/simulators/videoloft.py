@@ -86,7 +86,8 @@ Things the manual leaves open, decided here:
 Test hooks (Python API and ``/_sim/...`` on the regional authenticator): alerts, ending
 them, device status and moves, token expiry and revocation, dropping the realtime streams,
 changing the framing, a Poisson alert generator, hostile hooks (``ignore_alert_offset``,
-``push_raw`` bytes on the streams, ``refused_paths`` answering 401, ``set_logger_hanging``:
+``push_raw`` bytes on the streams, ``refused_paths`` answering 401 (``refuse_after``: after
+so many more requests), ``set_logger_hanging``:
 connections accepted, never answered), and counters (``requests``, ``logins``,
 ``live_connections``, ``open_live``, ``tasks``).
 
@@ -377,6 +378,8 @@ class VideoloftAccount:
         self.mp4_requests: list[dict[str, str]] = []
         self.hung_loggers: dict[int, asyncio.Event] = {}
         self.refused_paths: set[str] = set()  # test hook: these routes answer 401 to anyone
+        # test hook: a route answers this many more requests, then joins refused_paths
+        self.refuse_after: dict[str, int] = {}
         named = DEFAULT_DEVICES if devices is None else devices
         self.devices: dict[str, _Device] = {}
         for index, (uidd, name) in enumerate(named.items()):
@@ -1176,6 +1179,11 @@ def _device_handler(account: VideoloftAccount, route: Route[VideoloftAccount]) -
         released = account.hung_loggers.get(request.app[_LOGGER])
         if released is not None:
             await released.wait()  # accepts the connection, answers only once released
+        if key in account.refuse_after:
+            account.refuse_after[key] -= 1
+            if account.refuse_after[key] < 0:
+                del account.refuse_after[key]
+                account.refused_paths.add(key)
         if key in account.refused_paths:
             return _unauthorized().response()
         try:

@@ -817,7 +817,7 @@ class VideoloftClient:
         found: list[VlAlert] = []
         for uidd in uidds:
             try:
-                found += await self._catch_up(uidd, state)
+                await self._catch_up(uidd, state, found)
             except TransportError as exc:
                 self._logger_unreachable(logger, exc)  # its other devices wait too
                 break
@@ -827,9 +827,11 @@ class VideoloftClient:
                 self._problems.bad_input("catch_up", f"{uidd}: cannot read /alert back: {exc}")
         return found
 
-    async def _catch_up(self, uidd: str, state: _CursorState) -> list[VlAlert]:
+    async def _catch_up(self, uidd: str, state: _CursorState, found: list[VlAlert]) -> None:
         """Alerts of `uidd` in its open gap, from /alert (newest first, at most
-        MAX_PAGES_PER_POLL pages: where it stopped is kept in the gap, for the next poll)."""
+        MAX_PAGES_PER_POLL pages: where it stopped is kept in the gap, for the next poll),
+        added to `found` page by page: when a later page fails, those of the pages read are
+        delivered, as the gap's offset already moved past them."""
         if state.last_id(uidd) is None:
             if self._options.backfill is None:  # first sight: start from its newest alert
                 newest = await self._alert_page(uidd, 0, 1)
@@ -839,13 +841,12 @@ class VideoloftClient:
                     state.start(uidd, newest[0].id)
                 else:  # an id far ahead would hide what comes: start from now instead
                     state.start(uidd, int(time.time()))
-                return []
+                return
             state.start(uidd, int(time.time() - self._options.backfill) - 1)
             state.open_gap(uidd)
         gap = state.gap(uidd)
         if gap is None:
-            return []
-        found: list[VlAlert] = []
+            return
         seen: set[int] = set()
         size = self._options.page_size
         for _page in range(MAX_PAGES_PER_POLL):
@@ -863,9 +864,8 @@ class VideoloftClient:
                 break
             gap.offset += len(page)
         else:
-            return found  # the page cap: the gap stays open, the next poll goes on from here
+            return  # the page cap: the gap stays open, the next poll goes on from here
         state.close_gap(uidd)
-        return found
 
     async def _alert_page(self, uidd: str, offset: int, limit: int) -> list[VlAlert]:
         params = {"uid": uidd, "startt": "1", "offset": str(offset), "limit": str(limit)}
