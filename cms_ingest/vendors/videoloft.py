@@ -126,7 +126,8 @@ class VideoloftOptions(SiteOptions):
     devices: list[str] | None = None  # restrict to these uidds (default: every device)
     reconnect_after_s: float = Field(default=240.0, gt=0)  # before the server's 5-minute cut
     devices_refresh_s: float = Field(default=600.0, gt=0)
-    residency_check_s: float = Field(default=60.0, gt=0)  # are devices still on their logger?
+    # /cameras/status per logger: devices still on it? each camera's status (offline missed?)
+    residency_check_s: float = Field(default=60.0, gt=0)
     tail_s: float = Field(default=20.0, ge=0)  # recording tail after an alert ends
     page_size: int = Field(default=50, ge=1, le=500)
     backfill: Duration | None = None
@@ -1251,7 +1252,11 @@ class VideoloftClient:
                 if probe.state != "ready" or probe.path is None:
                     lines.append(f"{what}: {probe.state} ({probe.detail})")
                     continue
-                size, content_type = await self._download_size(probe.path)
+                try:
+                    size, content_type = await self._download_size(probe.path)
+                except MediaNotReady as exc:  # a fresh alert: the logger has not got it yet
+                    lines.append(f"{what}: not served yet ({exc})")
+                    continue
                 lines.append(f"{what}: {size} bytes ({content_type})")
         uidd = next((u for u, d in sorted(self._devices.items()) if d.logger), None)
         if uidd is None:
