@@ -39,13 +39,21 @@ async def events(db: asyncpg.Connection, camera: str) -> list[asyncpg.Record]:
 # ------------------------------------------------------------- 1. reconnect gaps
 
 
+@pytest.mark.parametrize(
+    "answer_first", [False, True], ids=["answer-once-registered", "answer-first"]
+)
 async def test_no_alert_is_lost_at_reconnects(
-    database_url: str, db: asyncpg.Connection, tmp_path: Path
+    answer_first: bool, database_url: str, db: asyncpg.Connection, tmp_path: Path
 ) -> None:
-    """The logger registers a stream 0.5-2 s after the request and sends nothing from before:
-    alerts keep coming while the streams are cut again and again."""
+    """The logger registers a stream 0.5-2 s after the request and sends nothing from before
+    (answering then, or at once: the manual does not say): alerts keep coming while the
+    streams are cut again and again."""
     account = VideoloftAccount(
-        media_delay=0, tail_s=0, live_connect_delay=(0.5, 2.0), live_max_s=1.5
+        media_delay=0,
+        tail_s=0,
+        live_connect_delay=(0.5, 2.0),
+        live_max_s=1.5,
+        live_answer_first=answer_first,
     )
     async with VideoloftSimulator(account) as sim:
         config = app_config(database_url, tmp_path, [videoloft_site("v1", sim.url)])

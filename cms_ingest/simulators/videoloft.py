@@ -53,9 +53,11 @@ Service behaviour reproduced (from the vendor manual and the integrators' notes)
   (``{"type": "alert", "data": <item as in /alert>}``) or status change (``{"type":
   "liveSession", "data": {...}}``), framed as SSE ``data:`` lines, NDJSON or back-to-back
   JSON objects. It sends nothing on connect (no history) and ends cleanly after
-  ``live_max_s``. The logger registers a connection (and only then answers it, headers
-  included) ``live_connect_delay`` = ``(low, high)`` seconds after the request, uniformly
-  drawn (default ``(0, 0)``); nothing from before the registration is ever sent.
+  ``live_max_s``. The logger registers a connection ``live_connect_delay`` = ``(low, high)``
+  seconds after the request, uniformly drawn (default ``(0, 0)``); nothing from before the
+  registration is ever sent. The manual does not say when the answer (status, headers)
+  starts: by default once registered; ``live_answer_first`` (``--live-answer-first``) answers
+  at once and registers afterwards.
 
 Things the manual leaves open, decided here:
 
@@ -347,6 +349,7 @@ class VideoloftAccount:
         field_variants: bool = True,
         token_anywhere: bool = False,
         live_connect_delay: tuple[float, float] = (0.0, 0.0),
+        live_answer_first: bool = False,
         lastactivity: str = "alert",
         continuous: Iterable[str] = (),
         ignore_alert_offset: bool = False,
@@ -370,6 +373,7 @@ class VideoloftAccount:
                 f"live_connect_delay must be (low, high), 0 <= low <= high: {low, high}"
             )
         self.live_connect_delay = (low, high)
+        self.live_answer_first = live_answer_first
         if lastactivity not in LASTACTIVITY_MODES:
             raise ValueError(f"lastactivity must be one of {LASTACTIVITY_MODES}: {lastactivity!r}")
         self.lastactivity = lastactivity
@@ -1057,15 +1061,18 @@ async def _realtime(account: VideoloftAccount, request: web.Request) -> web.Stre
     if not devices:
         return web.json_response({"error": "device not resident", "errors": errors}, status=404)
     framing = account.framing
-    low, high = account.live_connect_delay
-    if high > 0:  # the logger registers the connection a moment after the request
-        await asyncio.sleep(random.uniform(low, high))
-    feed = account.open_feed(logger, (device.uidd for device in devices))
+    uidds = [device.uidd for device in devices]
+    feed = None
     try:
         response = web.StreamResponse(headers={"Cache-Control": "no-cache"})
         response.content_type = FRAMING_CONTENT_TYPES[framing]
         response.enable_chunked_encoding()
-        await response.prepare(request)
+        if account.live_answer_first:
+            await response.prepare(request)
+            feed = await _register(account, logger, uidds)
+        else:
+            feed = await _register(account, logger, uidds)
+            await response.prepare(request)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + account.live_max_s
         while (remaining := deadline - loop.time()) > 0:
@@ -1087,7 +1094,17 @@ async def _realtime(account: VideoloftAccount, request: web.Request) -> web.Stre
         await response.write_eof()
         return response
     finally:
-        account.close_feed(feed)
+        if feed is not None:
+            account.close_feed(feed)
+
+
+async def _register(account: VideoloftAccount, logger: int, uidds: list[str]) -> _LiveFeed:
+    """The logger registers a realtime connection ``live_connect_delay`` after the request;
+    only updates from then on are sent on it."""
+    low, high = account.live_connect_delay
+    if high > 0:
+        await asyncio.sleep(random.uniform(low, high))
+    return account.open_feed(logger, uidds)
 
 
 # ----------------------------------------------------- /_sim control surface
@@ -1366,6 +1383,11 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar=("LOW", "HIGH"),
         help="seconds before a realtime request is registered and answered (uniform)",
     )
+    parser.add_argument(
+        "--live-answer-first",
+        action="store_true",
+        help="answer a realtime request at once, register it after --live-connect-delay",
+    )
     parser.add_argument("--lastactivity", choices=LASTACTIVITY_MODES, default="alert")
     parser.add_argument(
         "--continuous", nargs="*", default=[], metavar="UIDD", help="devices recording 24/7"
@@ -1386,6 +1408,7 @@ def account_from_args(args: argparse.Namespace) -> VideoloftAccount:
         token_ttl_s=args.token_ttl,
         token_anywhere=args.token_anywhere,
         live_connect_delay=tuple(args.live_connect_delay),
+        live_answer_first=args.live_answer_first,
         lastactivity=args.lastactivity,
         continuous=args.continuous,
         ignore_alert_offset=args.ignore_alert_offset,

@@ -128,6 +128,9 @@ class VideoloftOptions(SiteOptions):
     devices_refresh_s: float = Field(default=600.0, gt=0)
     # /cameras/status per logger: devices still on it? each camera's status (offline missed?)
     residency_check_s: float = Field(default=60.0, gt=0)
+    # After a long-poll answered, its devices' gaps are read once more this much later: a
+    # logger that answers before it registers the connection loses nothing either.
+    live_settle_s: float = Field(default=5.0, ge=0)
     tail_s: float = Field(default=20.0, ge=0)  # recording tail after an alert ends
     page_size: int = Field(default=50, ge=1, le=500)
     backfill: Duration | None = None
@@ -372,12 +375,17 @@ class _Inbox:
     """What the long-polls delivered since the last poll, and the gaps that need catch-up."""
 
     records: list[Seen] = field(default_factory=list)
-    gaps: set[str] = field(default_factory=set)  # uidds whose stream was (re)connected
+    # uidds whose stream was (re)connected -> until when (ms) their gap is read once more
+    gaps: dict[str, int] = field(default_factory=dict)
 
     def merge_before(self, earlier: _Inbox) -> None:
         """Put an earlier, undelivered batch back in front of this one."""
         self.records[:0] = earlier.records
-        self.gaps |= earlier.gaps
+        self.add_gaps(earlier.gaps)
+
+    def add_gaps(self, gaps: Mapping[str, int]) -> None:
+        for uidd, until in gaps.items():
+            self.gaps[uidd] = max(until, self.gaps.get(uidd, 0))
 
 
 class VideoloftClient:
@@ -711,7 +719,10 @@ class VideoloftClient:
         it registered the connection."""
         self._stream_failures.pop(logger, None)
         self._logger_down_until.pop(logger, None)
-        self._inbox.gaps |= uidds
+        # A logger may also answer first and register a moment later (the manual does not
+        # say): the gap is read at once, and once more after live_settle_s.
+        until = _now_ms() + int(self._options.live_settle_s * 1000)
+        self._inbox.add_gaps(dict.fromkeys(uidds, until))
         self._connected_at[logger] = time.time()
 
     def _stream_failed(self, logger: str, error: str) -> None:
@@ -776,8 +787,9 @@ class VideoloftClient:
         """This poll's result: the open gaps read back (as far as this poll may), then the
         live records. A gap stays open in the cursor until /alert was read back to its floor;
         live alerts of its device are stored meanwhile, but never move its floor."""
-        for uidd in sorted(inbox.gaps & set(self._devices)):
-            state.open_gap(uidd)
+        for uidd, until in sorted(inbox.gaps.items()):
+            if uidd in self._devices:
+                state.open_gap(uidd, until)
         alerts: dict[tuple[str, int], VlAlert] = {}
         notes: list[str] = []
         await self._catch_up_all(state, alerts, notes)
@@ -798,8 +810,9 @@ class VideoloftClient:
         """Every device that needs /alert read (no cursor yet, or an open gap), each logger's
         devices in turn and the loggers at once: a slow logger costs only its own devices."""
         todo: dict[str, list[str]] = {}
+        now_ms = _now_ms()
         for logger, uidds in self._by_logger().items():
-            needed = [u for u in sorted(uidds) if state.needs_catch_up(u)]
+            needed = [u for u in sorted(uidds) if state.needs_catch_up(u, now_ms)]
             if needed and self._logger_up(logger):
                 todo[logger] = needed
         found = await asyncio.gather(
@@ -844,7 +857,7 @@ class VideoloftClient:
                     state.start(uidd, int(time.time()))
                 return
             state.start(uidd, int(time.time() - self._options.backfill) - 1)
-            state.open_gap(uidd)
+            state.open_gap(uidd, until=0)
         gap = state.gap(uidd)
         if gap is None:
             return
@@ -866,7 +879,10 @@ class VideoloftClient:
             gap.offset += len(page)
         else:
             return  # the page cap: the gap stays open, the next poll goes on from here
-        state.close_gap(uidd)
+        if _now_ms() >= gap.until:
+            state.close_gap(uidd)
+        else:  # read again from the newest once the connection surely was registered
+            gap.read, gap.offset = True, 0
 
     async def _alert_page(self, uidd: str, offset: int, limit: int) -> list[VlAlert]:
         params = {"uid": uidd, "startt": "1", "offset": str(offset), "limit": str(limit)}
@@ -1305,9 +1321,17 @@ class _Gap:
     floor: int
     offset: int = 0
     top: int = 0
+    until: int = 0  # ms: read it (again) once this has passed, then close it
+    read: bool = False  # read to its floor since it was last (re)opened
 
-    def dump(self) -> dict[str, int]:
-        return {"floor": self.floor, "offset": self.offset, "top": self.top}
+    def dump(self) -> dict[str, int | bool]:
+        return {
+            "floor": self.floor,
+            "offset": self.offset,
+            "top": self.top,
+            "until": self.until,
+            "read": self.read,
+        }
 
 
 class _CursorState:
@@ -1339,14 +1363,21 @@ class _CursorState:
     def start(self, uidd: str, alert_id: int) -> None:
         self._last_ids[uidd] = alert_id
 
-    def needs_catch_up(self, uidd: str) -> bool:
-        return uidd not in self._last_ids or uidd in self._gaps
+    def needs_catch_up(self, uidd: str, now_ms: int) -> bool:
+        gap = self._gaps.get(uidd)
+        if gap is not None:
+            return not gap.read or now_ms >= gap.until
+        return uidd not in self._last_ids
 
-    def open_gap(self, uidd: str) -> None:
-        """A new gap of `uidd` (joined to the one still open, if any)."""
+    def open_gap(self, uidd: str, until: int) -> None:
+        """A new gap of `uidd`, to be read now and again after `until` (joined to the one
+        still open, if any: same floor, read again)."""
         floor = self._last_ids.get(uidd)
-        if floor is not None and uidd not in self._gaps:
-            self._gaps[uidd] = _Gap(floor=floor, top=floor)
+        gap = self._gaps.get(uidd)
+        if gap is not None:
+            gap.until, gap.read = max(gap.until, until), False
+        elif floor is not None:
+            self._gaps[uidd] = _Gap(floor=floor, top=floor, until=until)
 
     def gap(self, uidd: str) -> _Gap | None:
         return self._gaps.get(uidd)
@@ -1385,10 +1416,18 @@ def _mapping(value: Any) -> Mapping[str, Any]:
 
 def _load_gap(value: Any) -> _Gap | None:
     fields = _mapping(value)
-    floor, offset, top = (as_int(fields.get(key)) for key in ("floor", "offset", "top"))
+    floor, offset, top, until = (
+        as_int(fields.get(key)) for key in ("floor", "offset", "top", "until")
+    )
     if floor is None:
         return None
-    return _Gap(floor=floor, offset=max(offset or 0, 0), top=max(top or floor, floor))
+    return _Gap(
+        floor=floor,
+        offset=max(offset or 0, 0),
+        top=max(top or floor, floor),
+        until=until or 0,
+        read=fields.get("read") is True,
+    )
 
 
 # ---------------------------------------------------------------------- helpers
