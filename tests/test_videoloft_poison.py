@@ -182,6 +182,28 @@ async def test_a_poison_live_record_is_reported_once_and_skipped(
     assert seen == ["12345.1:1700000000", f"12345.1:{good.id}"]
 
 
+async def test_a_camera_status_the_manual_does_not_name_is_reported(
+    session: aiohttp.ClientSession,
+) -> None:
+    account = VideoloftAccount(media_delay=0, tail_s=0)
+    async with VideoloftSimulator(account) as sim:
+        problems = Problems()
+        videoloft = client("videoloft", sim.url, session, problems)
+        try:
+            polls = Polls(videoloft, await started(videoloft, account))
+            record = {"uidd": "12345.1", "status": "sleeping"}
+            account._push("12345.1", {"type": "liveSession", "data": record})
+            await eventually(lambda: _reported(polls, problems, "camera_status_value"))
+        finally:
+            await videoloft.close()
+    assert polls.seen == []  # taken as up (it was up): no alarm, but not silently
+
+
+async def _reported(polls: Any, problems: Problems, what: str) -> bool:
+    await polls.once()
+    return what in problems.reported
+
+
 async def test_times_outside_the_sane_window_never_move_the_cursor(
     session: aiohttp.ClientSession,
 ) -> None:

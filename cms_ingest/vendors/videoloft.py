@@ -94,6 +94,7 @@ TRIGGER_EVERY_S = 15.0
 # every logger in use is in that state the poll fails (supervision: "no live long-poll").
 STREAM_FAILURES_DOWN = 3  # triggerevent keeps a recording going for ~20 s after each call
 OFFLINE_STATES = frozenset({"offline", "novideo"})
+KNOWN_STATES = OFFLINE_STATES | {"live"}  # the manual's "e.g.": others are taken as up
 EVENT_TYPES = {"motion": EventType.MOTION, "audio": EventType.AUDIO}
 _END_FIELDS = ("endt", "endtt", "enddt", "end")
 _SECONDS_BEFORE = 100_000_000_000  # a "time" below this is in seconds, not milliseconds
@@ -967,6 +968,10 @@ class VideoloftClient:
             uidd = str(data.get("uidd") or data.get("uid") or "")
             status = data.get("status")
             if uidd in self._devices and isinstance(status, str):
+                if status not in KNOWN_STATES:
+                    self._problems.bad_input(
+                        "camera_status_value", f"{uidd}: status {status!r:.50} taken as up"
+                    )
                 statuses.append((uidd, status, seen_ms))
 
     def _alarm(self, alert: VlAlert) -> Alarm:
