@@ -92,6 +92,10 @@ RENEW_AT = 0.75  # of the token's lifetime: 15 of 20 minutes
 TRIGGER_EVERY_S = 15.0
 # A logger whose long-poll failed this many times in a row counts as not answering; when
 # every logger in use is in that state the poll fails (supervision: "no live long-poll").
+# Alerts whose delivery was confirmed, remembered so a gap read (or a second one after the
+# connection settled) does not hand the same alert again: flood grouping counts what a poll
+# returns. The database's key stays the guarantee; this only keeps poll results clean.
+DELIVERED_MEMORY = 4096
 STREAM_FAILURES_DOWN = 3  # triggerevent keeps a recording going for ~20 s after each call
 OFFLINE_STATES = frozenset({"offline", "novideo"})
 KNOWN_STATES = OFFLINE_STATES | {"live"}  # the manual's "e.g.": others are taken as up
@@ -421,6 +425,8 @@ class VideoloftClient:
         self._unwatched: list[str] = []  # devices without a logger
         self._unacked = _Inbox()
         self._returned_cursor: Cursor | None = None
+        self._delivered: dict[tuple[str, int], None] = {}  # oldest first, DELIVERED_MEMORY
+        self._unacked_keys: list[tuple[str, int]] = []
         self._refresh_devices_now = False
 
     # ------------------------------------------------------------------ session
@@ -766,7 +772,10 @@ class VideoloftClient:
         """
         if cursor != self._returned_cursor:
             self._inbox.merge_before(self._unacked)  # the last batch was not committed
+        else:
+            self._remember_delivered(self._unacked_keys)
         self._unacked = _Inbox()
+        self._unacked_keys = []
         await self._auth_token()  # renew ahead of expiry even while only long-polls are open
         await self._ensure_devices()
         await self._reconcile()
@@ -776,18 +785,28 @@ class VideoloftClient:
             raise BadDeviceResponse(broken)  # supervision counts it; streams keep retrying
         inbox, self._inbox = self._inbox, _Inbox()
         try:
-            result = await self._collect(inbox, _CursorState.load(cursor))
+            result, keys = await self._collect(inbox, _CursorState.load(cursor))
         except BaseException:
             self._inbox.merge_before(inbox)
             raise
         self._unacked = inbox
+        self._unacked_keys = keys
         self._returned_cursor = result.cursor
         return result
 
-    async def _collect(self, inbox: _Inbox, state: _CursorState) -> PollResult:
+    def _remember_delivered(self, keys: list[tuple[str, int]]) -> None:
+        for key in keys:
+            self._delivered[key] = None
+        while len(self._delivered) > DELIVERED_MEMORY:
+            del self._delivered[next(iter(self._delivered))]
+
+    async def _collect(
+        self, inbox: _Inbox, state: _CursorState
+    ) -> tuple[PollResult, list[tuple[str, int]]]:
         """This poll's result: the open gaps read back (as far as this poll may), then the
-        live records. A gap stays open in the cursor until /alert was read back to its floor;
-        live alerts of its device are stored meanwhile, but never move its floor."""
+        live records, and the (uidd, id) of the alerts it hands over. A gap stays open in the
+        cursor until /alert was read back to its floor; live alerts of its device are stored
+        meanwhile, but never move its floor."""
         for uidd, until in sorted(inbox.gaps.items()):
             if uidd in self._devices:
                 state.open_gap(uidd, until)
@@ -798,12 +817,14 @@ class VideoloftClient:
         for _logger, record, seen_ms in inbox.records:
             self._take_safely(record, seen_ms, alerts, statuses)
         ordered = sorted(alerts.values(), key=lambda a: (a.uidd, a.id))
-        alarms = [self._alarm(alert) for alert in ordered]
         for alert in ordered:
             if self._may_move_cursor(alert):
                 state.advance(alert.uidd, alert.id)
+        fresh = [a for a in ordered if (a.uidd, a.id) not in self._delivered]
+        alarms = [self._alarm(alert) for alert in fresh]
         alarms += self._status_alarms(sorted(statuses, key=lambda s: s[2]), state)
-        return PollResult(alarms=alarms, cursor=state.dump(), notes=notes)
+        keys = [(alert.uidd, alert.id) for alert in fresh]
+        return PollResult(alarms=alarms, cursor=state.dump(), notes=notes), keys
 
     async def _catch_up_all(
         self, state: _CursorState, alerts: dict[tuple[str, int], VlAlert], notes: list[str]
