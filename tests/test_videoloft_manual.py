@@ -251,29 +251,56 @@ async def test_an_unreachable_logger_does_not_delay_the_others() -> None:
     async with VideoloftSimulator(account) as sim, aiohttp.ClientSession() as session:
         videoloft = client("videoloft", sim.url, session, problems)
         videoloft._options = videoloft._options.model_copy(update={"residency_check_s": 0.2})
+        polls = Timed(videoloft)
         try:
-            cursor = dict((await videoloft.poll(None)).cursor)
+            polls.cursor = dict((await videoloft.poll(None)).cursor)
             await eventually(lambda: account.open_live >= 2, what="long-polls")
-            account.set_logger_hanging(0)  # accepts connections, never answers
-            account.drop_live_connections()  # a gap for every device
-            durations = []
-            seen: list[str] = []
-            for _ in range(12):
-                started = time.monotonic()
-                result = await videoloft.poll(cursor)
-                durations.append(time.monotonic() - started)
-                cursor = dict(result.cursor)
-                seen += [alarm.source_id for alarm in result.alarms]
-                if len(durations) == 3:
-                    healthy = account.add_alert("12345.2")  # on logger 1
-                await asyncio.sleep(0.1)
+            await polls.for_seconds(0.3)  # their gaps read
+            polls.durations.clear()
+            account.set_logger_hanging(0)  # accepts connections, never answers (timeout 2 s)
+            account.drop_live_connections()
+            await polls.for_seconds(1.0)
+            healthy = account.add_alert("12345.2")  # on logger 1
+            await polls.for_seconds(2.5)
+            assert "logger_unreachable" in problems.reported  # its status read timed out
+            assert f"12345.2:{healthy.id}" in polls.seen
+            assert max(polls.durations) < 0.5, polls.durations  # no poll waited for it
+            # A gap of one of its devices, open from before: one read, one timeout, then it
+            # waits (30 s) while the other logger's alerts keep coming.
+            gap = {"floor": polls.cursor["last_ids"]["12345.1"], "offset": 0, "top": 0}
+            polls.cursor["gaps"] = {"12345.1": gap}
+            videoloft._logger_down_until.clear()
+            polls.durations.clear()
+            await polls.for_seconds(1.0)
+            again = account.add_alert("12345.2")
+            await polls.for_seconds(0.5)
         finally:
             account.set_logger_hanging(0, False)
             await videoloft.close()
-    assert "logger_unreachable" in problems.reported
-    assert f"12345.2:{healthy.id}" in seen
-    # The first poll after the hang waits for one request timeout (2 s); none after it.
-    assert max(durations[2:]) < 0.5, [round(d, 2) for d in durations]
+    assert 1.5 < polls.durations[0] < 3.0, polls.durations
+    assert max(polls.durations[1:]) < 0.5, polls.durations
+    assert f"12345.2:{again.id}" in polls.seen
+    assert "12345.1" in polls.cursor["gaps"]  # still open: read once it answers
+
+
+class Timed:
+    """Polls in a row, each with the cursor the one before returned; how long each took."""
+
+    def __init__(self, videoloft: Any) -> None:
+        self.videoloft = videoloft
+        self.cursor: dict[str, Any] = {}
+        self.durations: list[float] = []
+        self.seen: list[str] = []
+
+    async def for_seconds(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            started = time.monotonic()
+            result = await self.videoloft.poll(self.cursor)
+            self.durations.append(round(time.monotonic() - started, 2))
+            self.cursor = dict(result.cursor)
+            self.seen += [alarm.source_id for alarm in result.alarms]
+            await asyncio.sleep(0.1)
 
 
 # ------------------------------------------------------------- 7. snapshot_request

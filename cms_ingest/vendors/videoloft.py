@@ -422,6 +422,7 @@ class VideoloftClient:
         self._stream_failures: dict[str, tuple[int, str]] = {}  # logger -> (in a row, last)
         self._logger_down_until: dict[str, float] = {}  # logger -> monotonic
         self._connected_at: dict[str, float] = {}  # logger -> epoch its long-poll answered
+        self._status_reads: dict[str, asyncio.Task[None]] = {}  # logger -> /cameras/status
         self._unwatched: list[str] = []  # devices without a logger
         self._unacked = _Inbox()
         self._returned_cursor: Cursor | None = None
@@ -622,11 +623,11 @@ class VideoloftClient:
         self._logger_down_until[logger] = time.monotonic() + LOGGER_RETRY_S
         self._problems.bad_input("logger_unreachable", f"logger {logger}: {error}")
 
-    async def _reconcile(self) -> None:
-        """Each `residency_check_s`, ask every logger (at once) for `/cameras/status`: a device
-        it no longer lists has moved, and each camera's `status` goes into the inbox like a
-        live record, so a change that fell into a stream gap, or a camera that was already
-        offline, is not missed."""
+    def _reconcile(self) -> None:
+        """Each `residency_check_s`, ask every logger for `/cameras/status`, in the background
+        (a logger that does not answer holds up no poll): a device it no longer lists has
+        moved, and each camera's `status` goes into the inbox like a live record, so a change
+        that fell into a stream gap, or a camera that was already offline, is not missed."""
         now = time.monotonic()
         if (
             self._residency_at is not None
@@ -634,13 +635,12 @@ class VideoloftClient:
         ):
             return
         self._residency_at = now
-        await asyncio.gather(
-            *(
-                self._reconcile_logger(logger, uidds)
-                for logger, uidds in self._by_logger().items()
-                if self._logger_up(logger)
-            )
-        )
+        for logger, uidds in self._by_logger().items():
+            running = self._status_reads.get(logger)
+            if self._logger_up(logger) and (running is None or running.done()):
+                self._status_reads[logger] = asyncio.create_task(
+                    self._reconcile_logger(logger, uidds), name=f"videoloft-status:{logger}"
+                )
 
     async def _reconcile_logger(self, logger: str, uidds: list[str]) -> None:
         try:
@@ -778,7 +778,7 @@ class VideoloftClient:
         self._unacked_keys = []
         await self._auth_token()  # renew ahead of expiry even while only long-polls are open
         await self._ensure_devices()
-        await self._reconcile()
+        self._reconcile()
         self._ensure_streams()
         broken = self._no_live_stream()
         if broken is not None:
@@ -1329,11 +1329,13 @@ class VideoloftClient:
         return sorted(alarms, key=lambda alarm: alarm.occurred_at, reverse=True)[:count]
 
     async def close(self) -> None:
-        for stream in self._streams.values():
-            stream.task.cancel()
-        if self._streams:
-            await asyncio.wait([s.task for s in self._streams.values()], timeout=2)
+        tasks = [s.task for s in self._streams.values()] + list(self._status_reads.values())
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=2)
         self._streams.clear()
+        self._status_reads.clear()
 
 
 # ---------------------------------------------------------------------- cursor
