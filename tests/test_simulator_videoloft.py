@@ -720,13 +720,27 @@ async def test_the_token_is_read_only_where_the_manual_puts_it(
                 assert status in (200, 401), (url, place, status)
 
 
-async def test_a_stream_is_answered_once_registered(http: aiohttp.ClientSession) -> None:
-    async with make(live_connect_delay=(0.4, 0.4)) as sim:
+@pytest.mark.parametrize("answer_first", [False, True])
+async def test_a_stream_is_answered_once_registered(
+    answer_first: bool, http: aiohttp.ClientSession
+) -> None:
+    """By default the answer (headers) comes once the logger registered the connection;
+    with live_answer_first at once, and nothing from before the registration is sent."""
+    delay = (0.4, 0.4)
+    async with make(
+        live_connect_delay=delay, live_answer_first=answer_first, field_variants=False
+    ) as sim:
         token, _ = await login(http, sim.auth_url)
         started = time.monotonic()
         resp = await open_live(http, sim.logger_url(0), token, "12345.1")
         try:
-            assert time.monotonic() - started >= 0.35  # headers only after the registration
+            answered = time.monotonic() - started
+            if answer_first:
+                assert answered < 0.3 and sim.account.open_live == 0
+                sim.account.add_alert("12345.1")  # before the registration: never sent
+                await wait_until(lambda: sim.account.open_live == 1)
+            else:
+                assert answered >= 0.35  # headers only after the registration
             assert sim.account.open_live == 1
             alert = sim.account.add_alert("12345.1")
             records, _ = await read_records(resp, "sse", 1)
