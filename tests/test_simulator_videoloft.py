@@ -13,10 +13,12 @@ from typing import Any
 
 import aiohttp
 import pytest
+from yarl import URL
 
 from cms_ingest.simulators.videoloft import (
     END_KEYS,
     FRAMINGS,
+    TOKEN_PLACES,
     VideoloftAccount,
     VideoloftSimulator,
 )
@@ -52,7 +54,12 @@ def token_fields(token: str) -> list[str]:
 async def get_json(
     http: aiohttp.ClientSession, url: str, bearer: str | None = None, **params: Any
 ) -> tuple[int, Any]:
-    headers = header(bearer) if bearer else {}
+    """GET with the token `bearer` where the manual puts it for that route."""
+    headers = {}
+    if bearer and TOKEN_PLACES.get(URL(url).path) == "query":
+        params["token"] = bearer
+    elif bearer:
+        headers = header(bearer)
     async with http.get(url, params=params, headers=headers) as resp:
         return resp.status, await resp.json()
 
@@ -191,7 +198,8 @@ async def test_cookie_login_expiry_and_revocation(http: aiohttp.ClientSession) -
         token, cookie = await login(http, auth)
         assert token_fields(token)[2] == "0"  # int(0.4)
         assert (await get_json(http, f"{auth}/devices", token))[0] == 200
-        assert (await get_json(http, f"{auth}/devices", None, token=token))[0] == 200
+        # The manual's header route refuses the token in the query.
+        assert (await get_json(http, f"{auth}/devices", None, token=token))[0] == 401
 
         async def cookie_login(value: str | None) -> tuple[int, Any]:
             headers = {"Cookie": f"mt_session={value}"} if value else {}
@@ -363,7 +371,7 @@ async def test_thumbs_are_late_then_jpeg(http: aiohttp.ClientSession) -> None:
         async with http.get(f"{thumb}/not-a-token") as resp:
             assert resp.status == 401
         async with http.get(thumb, headers=header(token)) as resp:
-            assert resp.status == 200
+            assert resp.status == 401  # the manual puts it in the path, nowhere else
         async with http.get(f"{sim.logger_url(0)}/alertthumb/40012.7/123/{token}") as resp:
             assert resp.status == 404
         async with http.get(f"{sim.logger_url(1)}/alertthumb/40012.7/{alert.id}/{token}") as r:
@@ -662,3 +670,157 @@ async def test_command_line() -> None:
     finally:
         proc.terminate()
         assert await asyncio.wait_for(proc.wait(), 10) == 0
+
+
+# ------------------------------------------------------------- the manual's details
+PLACES = ("header", "query", "path")
+
+
+async def fetch_status(http: aiohttp.ClientSession, url: str, token: str, place: str) -> int:
+    """The status of a GET of `url` with the token in `place` (a path ends with /TOKEN)."""
+    if place == "path":
+        url = f"{url}/{token}"
+    async with http.get(
+        url,
+        params={"token": token} if place == "query" else None,
+        headers=header(token) if place == "header" else None,
+    ) as resp:
+        return resp.status
+
+
+@pytest.mark.parametrize("anywhere", [False, True])
+async def test_the_token_is_read_only_where_the_manual_puts_it(
+    anywhere: bool, http: aiohttp.ClientSession
+) -> None:
+    async with make(media_delay=0, tail_s=0, token_anywhere=anywhere) as sim:
+        token, _ = await login(http, sim.auth_url)
+        alert = sim.account.add_alert("12345.1")
+        sim.account.send_task("12345.1", "capturethumb", 0)
+        thumb_time = sim.account.devices["12345.1"].last_thumb
+        logger, auth = sim.logger_url(0), sim.auth_url
+        routes = {
+            f"{auth}/devices": "header",
+            f"{auth}/devices/viewerInfo?uidd=12345.1": "header",
+            f"{logger}/cameras/status?uidd=12345.1": "header",
+            f"{logger}/alert?uid=12345.1": "query",
+            f"{logger}/sendcameratask?uid=12345.1&action=livecommand": "query",
+            f"{logger}/alerturl.m3u8?uid=12345.1&id={alert.id}&buildmp4=0": "query",
+            f"{logger}/alertthumb/12345.1/{alert.id}": "path",
+            f"{logger}/getthumb/12345.1/{thumb_time}": "path",
+        }
+        for url, documented in routes.items():
+            for place in PLACES:
+                if (place == "path") != (documented == "path") and "/getthumb/" in url:
+                    continue  # no such route (only /alertthumb has a tokenless form)
+                if place == "path" and documented != "path":
+                    continue
+                status = await fetch_status(http, url, token, place)
+                accepted = place == documented or anywhere
+                assert (status == 200) == accepted, (url, place, status)
+                assert status in (200, 401), (url, place, status)
+
+
+@pytest.mark.parametrize("answer_first", [False, True])
+async def test_a_stream_is_answered_once_registered(
+    answer_first: bool, http: aiohttp.ClientSession
+) -> None:
+    """By default the answer (headers) comes once the logger registered the connection;
+    with live_answer_first at once, and nothing from before the registration is sent."""
+    delay = (0.4, 0.4)
+    async with make(
+        live_connect_delay=delay, live_answer_first=answer_first, field_variants=False
+    ) as sim:
+        token, _ = await login(http, sim.auth_url)
+        started = time.monotonic()
+        resp = await open_live(http, sim.logger_url(0), token, "12345.1")
+        try:
+            answered = time.monotonic() - started
+            if answer_first:
+                assert answered < 0.3 and sim.account.open_live == 0
+                sim.account.add_alert("12345.1")  # before the registration: never sent
+                await wait_until(lambda: sim.account.open_live == 1)
+            else:
+                assert answered >= 0.35  # headers only after the registration
+            assert sim.account.open_live == 1
+            alert = sim.account.add_alert("12345.1")
+            records, _ = await read_records(resp, "sse", 1)
+            assert records[0]["data"]["id"] == alert.id
+        finally:
+            resp.close()
+
+
+async def test_rom_extended_alerts_and_captured_thumbs(http: aiohttp.ClientSession) -> None:
+    async with make(media_delay=0, tail_s=0, continuous=["12345.1"], field_variants=False) as sim:
+        account = sim.account
+        token, _ = await login(http, sim.auth_url)
+        logger = sim.logger_url(0)
+        alert = account.add_alert("12345.1", duration_s=1.0)
+        first_end = alert.end_ms
+        assert first_end is not None
+        account.extend_alert(alert, 3.0)
+        _, body = await get_json(http, f"{logger}/alert", token, uid="12345.1")
+        assert body["result"][0]["rom"] == 0 and body["result"][0]["endt"] == first_end + 3000
+        await asyncio.sleep(max(0.0, (alert.mp4_ready_at or 0) - time.monotonic()) + 0.02)
+        for rom, expected in (("1", 404), ("0", 200)):
+            params = {"uid": "12345.1", "id": str(alert.id), "buildmp4": "1", "rom": rom}
+            async with http.get(f"{logger}/alerturl.m3u8", params={**params, "token": token}) as r:
+                assert r.status == expected
+        assert [r["rom"] for r in account.mp4_requests] == ["1", "0"]
+        assert all("token" not in r for r in account.mp4_requests)
+        account.send_task("12345.1", "capturethumb", 0)
+        taken = account.devices["12345.1"].last_thumb
+        async with http.get(f"{logger}/getthumb/12345.1/{taken}/{token}") as resp:
+            assert resp.status == 200 and (await resp.read()).startswith(b"\xff\xd8")
+        async with http.get(f"{logger}/getthumb/12345.1/{(taken or 0) - 1}/{token}") as resp:
+            assert resp.status == 404
+
+
+@pytest.mark.parametrize("mode", ["alert", "status", "fixed"])
+async def test_lastactivity_modes(mode: str, http: aiohttp.ClientSession) -> None:
+    async with make(lastactivity=mode) as sim:
+        account = sim.account
+        device = account.devices["12345.2"]
+        before = device.last_activity_ms
+        await asyncio.sleep(0.01)
+        account.set_status("12345.2", "offline")
+        after_status = device.last_activity_ms
+        account.add_alert("12345.2")
+        after_alert = device.last_activity_ms
+    if mode == "fixed":
+        assert before == after_status == after_alert == 1520250794022  # the manual's sample
+    elif mode == "alert":
+        assert before == after_status < after_alert
+    else:
+        assert before < after_status <= after_alert
+
+
+async def test_hostile_hooks(http: aiohttp.ClientSession) -> None:
+    async with make(media_delay=0, ignore_alert_offset=True) as sim:
+        account = sim.account
+        token, _ = await login(http, sim.auth_url)
+        logger = sim.logger_url(0)
+        added = [account.add_alert("12345.1") for _ in range(3)]
+        pages = [
+            (await get_json(http, f"{logger}/alert", token, uid="12345.1", offset=o, limit=2))[1]
+            for o in (0, 2)
+        ]
+        assert pages[0] == pages[1] and len(pages[0]["result"]) == 2  # offset ignored
+        account.refused_paths.add("/alert")
+        assert (await get_json(http, f"{logger}/alert", token, uid="12345.1"))[0] == 401
+        account.unallocate("40012.7")
+        _, info = await get_json(http, f"{sim.auth_url}/devices/viewerInfo", token)
+        assert info["result"]["40012"]["devices"]["7"]["logger"] is None
+        resp = await open_live(http, logger, token, "12345.1")
+        try:
+            await wait_until(lambda: account.open_live == 1)
+            account.push_raw("12345.1", b'{"not closed')
+            chunk = await asyncio.wait_for(resp.content.readany(), 2)
+            assert chunk == b'{"not closed'
+        finally:
+            resp.close()
+        account.set_logger_hanging(1)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.3):
+                await get_json(http, f"{sim.logger_url(1)}/alert", token, uid="12345.2")
+        account.set_logger_hanging(1, False)
+        assert len(added) == 3

@@ -228,12 +228,14 @@ async def test_poison_live_records_are_reported_and_skipped(
                 result = await videoloft.poll(cursor)
                 cursor = result.cursor
                 seen.extend(alarm.source_id for alarm in result.alarms)
-                return f"12345.1:{good.id}" in seen
+                # The good alert may come first, read back from /alert after the connection.
+                return {f"12345.1:{good.id}", "12345.1:1700000002"} <= set(seen)
 
             await eventually(the_good_alert_arrived, what="the alert after the poison")
         finally:
             await videoloft.close()
-    assert seen == [
+    # An alert read back from /alert may come again live: the database's key keeps it once.
+    assert sorted(set(seen)) == [
         "12345.1:1700000000",  # start from the id, no end (NaN and inf are no times)
         "12345.1:1700000001",
         "12345.1:1700000002",

@@ -473,6 +473,7 @@ class Daemon:
                     "last_success_at": health.last_success_at if held else None,
                     "last_error": health.last_error if held else None,
                     "clock_skew_s": site.problems.skew_s,
+                    "bad_input": site.problems.kinds_seen,
                 }
             )
         return {

@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -42,6 +43,11 @@ class SiteProblems:
         self._seen: set[str] = set()
         self.skew_s: float | None = None
         self._skew_warned = False
+
+    @property
+    def kinds_seen(self) -> list[str]:
+        """Every kind of bad input reported for this site since the client started."""
+        return sorted(self._seen)
 
     def clock_skew(self, seconds: float) -> None:
         self.skew_s = seconds
@@ -180,7 +186,9 @@ def tls_policy(site: SiteConfig) -> TlsPolicy:
     )
 
 
-def build_site(site: SiteConfig, session: aiohttp.ClientSession) -> SiteRuntime:
+def build_site(
+    site: SiteConfig, session: aiohttp.ClientSession, media_root: Path | None = None
+) -> SiteRuntime:
     problems = SiteProblems(site.id, site.vendor)
     http = SiteHttp(
         session,
@@ -196,6 +204,7 @@ def build_site(site: SiteConfig, session: aiohttp.ClientSession) -> SiteRuntime:
         username=site.username or "",
         password=site.password.get_secret_value() if site.password else "",
         token=site.token.get_secret_value() if site.token else "",
+        media_root=media_root,
     )
     client = build_client(site.vendor, context, site.options)
     return SiteRuntime(
@@ -212,6 +221,7 @@ class SiteRegistry:
 
     def __init__(self, config: AppConfig, session: aiohttp.ClientSession) -> None:
         self._session = session
+        self._media_root = config.data_dir / "media"
         self._sites: dict[str, SiteRuntime] = {}
         self.owned: dict[str, int] = {}  # site_id -> lease epoch, kept by the daemon
         self._used: set[str] = set()  # sites whose client a poller has used
@@ -237,7 +247,7 @@ class SiteRegistry:
         return self._sites
 
     def add(self, site: SiteConfig) -> None:
-        self._sites[site.id] = build_site(site, self._session)
+        self._sites[site.id] = build_site(site, self._session, self._media_root)
         self._used.discard(site.id)
         metrics.SITES.labels(vendor=site.vendor).inc()
 
@@ -260,7 +270,7 @@ class SiteRegistry:
         runtime = self._sites[site_id]
         if site_id in self._used:
             self._retired.append((time.monotonic(), runtime.client))
-            fresh = build_site(runtime.config, self._session)
+            fresh = build_site(runtime.config, self._session, self._media_root)
             fresh.health.polled = runtime.health.polled  # "was polled once, ever" carries over
             self._sites[site_id] = runtime = fresh
         self._used.add(site_id)

@@ -20,10 +20,13 @@ Service behaviour reproduced (from the vendor manual and the integrators' notes)
   scheme), ``accountInfo.maxAge`` (days) and sets an ``mt_session`` cookie; ``GET
   /login?caller=cookielogin`` with that cookie gives a fresh token without the password.
 * Tokens are ``base64("uid:issued_epoch:ttl:0") + "*" + signature`` (URL-safe alphabet, so
-  a token can travel in a query or a path), so a client can read the expiry locally. They are
-  taken from ``Authorization: ManythingToken <token>``, ``?token=`` or, for
-  ``/alertthumb``, the last path segment. Expired or unknown: 401 ``{"error":
-  "Unauthorized"}``.
+  a token can travel in a query or a path), so a client can read the expiry locally. Each
+  route reads it only where the manual puts it (``TOKEN_PLACES``): the ``Authorization:
+  ManythingToken <token>`` header for ``/devices``, ``viewerInfo``, ``/cameras/status`` and
+  ``/cameras/realtime/live``; ``?token=`` for ``/alert``, ``/sendcameratask`` and
+  ``alerturl.m3u8``; the last path segment for ``/alertthumb``, ``/getthumb`` and
+  ``/getstill``. A token anywhere else is no token: 401 ``{"error": "Unauthorized"}``, as for
+  an expired or unknown one (``token_anywhere=True`` / ``--token-anywhere``: any place).
 * ``/devices`` groups the devices by owner uid with the owner's ``alias`` (a multi-user
   account: the default account also sees a device of user 40012); ``viewerInfo`` adds the
   device's ``logger`` (host:port), ``wowza`` and ``streamname``.
@@ -33,6 +36,12 @@ Service behaviour reproduced (from the vendor manual and the integrators' notes)
   id as ``alert`` or ``id``, the end as ``endt``, ``endtt``, ``enddt`` or ``end`` (rotating
   with the id), and one alert in five (id divisible by 5) has its times in seconds. An ongoing
   alert's end is null.
+* ``rom`` is 1, or 0 for a device in ``continuous`` (24/7 recording, the manual); an MP4
+  asked for with the other ``rom`` is 404 (the clip is looked up in the wrong store). Every
+  MP4 request is kept in ``mp4_requests`` (without the token). ``extend_alert`` moves an
+  ended alert's end later (motion went on).
+* ``/getthumb/<uid>/<time>/<token>`` and ``/getstill/...`` give the image captured at
+  ``time`` (``lastthumb``/``laststill`` of ``/cameras/status``), else 404.
 * Thumbs 404 until ``media_delay`` has passed; ``buildmp4=1`` gives an mp4 (ISO-BMFF) once the
   alert has ended and ``tail_s`` more has passed (the camera records on after the event),
   else 404 ``{"error": "video not ready"}``; ``buildmp4=0`` a small HLS playlist.
@@ -44,7 +53,11 @@ Service behaviour reproduced (from the vendor manual and the integrators' notes)
   (``{"type": "alert", "data": <item as in /alert>}``) or status change (``{"type":
   "liveSession", "data": {...}}``), framed as SSE ``data:`` lines, NDJSON or back-to-back
   JSON objects. It sends nothing on connect (no history) and ends cleanly after
-  ``live_max_s``.
+  ``live_max_s``. The logger registers a connection ``live_connect_delay`` = ``(low, high)``
+  seconds after the request, uniformly drawn (default ``(0, 0)``); nothing from before the
+  registration is ever sent. The manual does not say when the answer (status, headers)
+  starts: by default once registered; ``live_answer_first`` (``--live-answer-first``) answers
+  at once and registers afterwards.
 
 Things the manual leaves open, decided here:
 
@@ -61,6 +74,10 @@ Things the manual leaves open, decided here:
 * ``liveSession``/status ``live`` is true while the camera streams (``status == "live"`` and a
   ``livecommand`` in the last 60 s); ``status`` is ``live``/``offline``/``novideo``.
   ``/cameras/status`` spells the device ``uid`` (as the manual), realtime ``uidd``.
+* ``lastactivity`` (never defined by the manual; its sample is two years older than
+  ``lastthumb``): ``"alert"`` (default) is the time of the device's last alert, ``"status"``
+  also moves on each status change, ``"fixed"`` is the manual's sample value for ever.
+* A device ``unallocate``-d has ``logger: null`` in ``viewerInfo`` and no logger serves it.
 * Without ``field_variants``, items use ``id`` and ``endt`` in milliseconds. An audio alert
   carries its magnitude in ``aud`` and ``smx`` null. Every device's ``tz`` is 0.
 * ``sendcameratask`` knows the manual's actions (``triggerevent``, ``livecommand``,
@@ -70,7 +87,10 @@ Things the manual leaves open, decided here:
 
 Test hooks (Python API and ``/_sim/...`` on the regional authenticator): alerts, ending
 them, device status and moves, token expiry and revocation, dropping the realtime streams,
-changing the framing, a Poisson alert generator, and counters (``requests``, ``logins``,
+changing the framing, a Poisson alert generator, hostile hooks (``ignore_alert_offset``,
+``push_raw`` bytes on the streams, ``refused_paths`` answering 401 (``refuse_after``: after
+so many more requests), ``set_logger_hanging``:
+connections accepted, never answered), and counters (``requests``, ``logins``,
 ``live_connections``, ``open_live``, ``tasks``).
 
 Command line: ``python -m cms_ingest.simulators.videoloft --rate 0.2 --framing ndjson``
@@ -129,6 +149,26 @@ FRAMING_CONTENT_TYPES = {
     "concat": "application/json",
 }
 STATUSES = ("live", "offline", "novideo")
+LASTACTIVITY_MODES = ("alert", "status", "fixed")
+MANUAL_LASTACTIVITY_MS = 1520250794022  # the manual's /cameras/status sample
+NO_LOGGER = -1
+# Where the manual puts the token, route by route (paths as in LOGGER_ROUTES/AUTH_ROUTES).
+HEADER, QUERY, PATH = "header", "query", "path"
+TOKEN_PLACES = {
+    "/devices": HEADER,
+    "/devices/viewerInfo": HEADER,
+    "/cameras/status": HEADER,
+    "/cameras/status/": HEADER,
+    "/cameras/realtime/live": HEADER,
+    "/alert": QUERY,
+    "/sendcameratask": QUERY,
+    "/alerturl.m3u8": QUERY,
+    "/alert.m3u8": QUERY,
+    "/alertthumb/{uidd}/{alertid}/{token}": PATH,
+    "/alertthumb/{uidd}/{alertid}": PATH,  # no token segment: refused unless token_anywhere
+    "/getthumb/{uidd}/{time}/{token}": PATH,
+    "/getstill/{uidd}/{time}/{token}": PATH,
+}
 ALERT_TYPES = ("motion", "audio")
 END_KEYS = ("endt", "endtt", "enddt", "end")
 ID_KEYS = ("alert", "id")
@@ -191,6 +231,7 @@ class VlAlert:
     thumb_ready_at: float
     mp4_ready_at: float | None
     triggered: bool = False
+    rom: int = 1  # 0 when the camera records 24/7 (the manual)
 
     def thumb_ready(self, now: float | None = None) -> bool:
         return (time.monotonic() if now is None else now) >= self.thumb_ready_at
@@ -215,7 +256,7 @@ class VlAlert:
             "deviceid": int(device) if device.isdigit() else device,
             "startt": stamp(self.start_ms),
             end_key: stamp(self.end_ms),
-            "rom": 1,
+            "rom": self.rom,
             "smx": self.smx,
             "aud": self.aud,
             "tz": self.tz,
@@ -282,7 +323,7 @@ class _LiveFeed:
 
     logger: int
     devices: set[str]
-    queue: asyncio.Queue[Record | str] = field(default_factory=asyncio.Queue)
+    queue: asyncio.Queue[Record | str | bytes] = field(default_factory=asyncio.Queue)
 
 
 # ----------------------------------------------------------------- account
@@ -306,6 +347,12 @@ class VideoloftAccount:
         redirect: bool = False,
         max_age_days: int = 7,
         field_variants: bool = True,
+        token_anywhere: bool = False,
+        live_connect_delay: tuple[float, float] = (0.0, 0.0),
+        live_answer_first: bool = False,
+        lastactivity: str = "alert",
+        continuous: Iterable[str] = (),
+        ignore_alert_offset: bool = False,
     ) -> None:
         if loggers < 1:
             raise ValueError("loggers must be at least 1")
@@ -319,6 +366,24 @@ class VideoloftAccount:
         self.redirect = redirect
         self.max_age_days = max_age_days
         self.field_variants = field_variants
+        self.token_anywhere = token_anywhere
+        low, high = live_connect_delay
+        if not 0 <= low <= high:
+            raise ValueError(
+                f"live_connect_delay must be (low, high), 0 <= low <= high: {low, high}"
+            )
+        self.live_connect_delay = (low, high)
+        self.live_answer_first = live_answer_first
+        if lastactivity not in LASTACTIVITY_MODES:
+            raise ValueError(f"lastactivity must be one of {LASTACTIVITY_MODES}: {lastactivity!r}")
+        self.lastactivity = lastactivity
+        self.continuous = set(continuous)  # devices recording 24/7: their alerts have rom 0
+        self.ignore_alert_offset = ignore_alert_offset
+        self.mp4_requests: list[dict[str, str]] = []
+        self.hung_loggers: dict[int, asyncio.Event] = {}
+        self.refused_paths: set[str] = set()  # test hook: these routes answer 401 to anyone
+        # test hook: a route answers this many more requests, then joins refused_paths
+        self.refuse_after: dict[str, int] = {}
         named = DEFAULT_DEVICES if devices is None else devices
         self.devices: dict[str, _Device] = {}
         for index, (uidd, name) in enumerate(named.items()):
@@ -326,6 +391,8 @@ class VideoloftAccount:
             if not (sep and owner and device_id):
                 raise ValueError(f"a device id is uid.deviceid, got {uidd!r}")
             self.devices[uidd] = _Device(uidd, owner, device_id, name, index % loggers)
+            if lastactivity == "fixed":
+                self.devices[uidd].last_activity_ms = MANUAL_LASTACTIVITY_MS
         owners = list(dict.fromkeys(device.owner for device in self.devices.values()))
         self.aliases = {owner: f"Customer {index}" for index, owner in enumerate(owners, 1)}
         self.alerts: dict[str, list[VlAlert]] = {uidd: [] for uidd in self.devices}
@@ -377,11 +444,13 @@ class VideoloftAccount:
             tz=0,
             thumb_ready_at=now_mono + self.media_delay,
             mp4_ready_at=mp4_ready_at,
+            rom=0 if uidd in self.continuous else 1,
         )
         bisect.insort(self.alerts[uidd], alert, key=lambda a: a.id)
         index[alert_id] = alert
         device.last_alert = max(device.last_alert, start_ms // MS)
-        device.last_activity_ms = int(now_wall * MS)
+        if self.lastactivity != "fixed":
+            device.last_activity_ms = int(now_wall * MS)
         self._push(uidd, {"type": "alert", "data": alert.item(self.field_variants)})
         return alert
 
@@ -396,6 +465,15 @@ class VideoloftAccount:
             return
         alert.end_ms = max(alert.start_ms, _now_ms())
         alert.mp4_ready_at = time.monotonic() + self.tail_s
+
+    def extend_alert(self, alert: VlAlert, seconds: float) -> None:
+        """Motion goes on: the alert's end moves ``seconds`` later (its mp4 is ready
+        ``tail_s`` after the new end)."""
+        if alert.end_ms is None:
+            return
+        alert.end_ms += int(seconds * MS)
+        ready_at = alert.mp4_ready_at if alert.mp4_ready_at is not None else time.monotonic()
+        alert.mp4_ready_at = ready_at + seconds
 
     def alert(self, uidd: str, alert_id: int) -> VlAlert | None:
         return self._alert_index.get(uidd, {}).get(alert_id)
@@ -442,7 +520,8 @@ class VideoloftAccount:
         if status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
         device.status = status
-        device.last_activity_ms = _now_ms()
+        if self.lastactivity == "status":
+            device.last_activity_ms = _now_ms()
         self._push(uidd, {"type": "liveSession", "data": {"uidd": uidd, **device.state()}})
 
     def move_device(self, uidd: str, logger_index: int) -> None:
@@ -454,6 +533,14 @@ class VideoloftAccount:
         for feed in self._feeds:
             if feed.logger != logger_index:
                 feed.devices.discard(uidd)
+
+    def unallocate(self, uidd: str) -> None:
+        """The device has no logger (``viewerInfo`` gives ``logger: null``); no logger
+        serves it."""
+        self.move_device(uidd, 0)
+        self.device(uidd).logger = NO_LOGGER
+        for feed in self._feeds:
+            feed.devices.discard(uidd)
 
     def resident(self, uidd: str, logger: int) -> _Device:
         """The device if it lives on ``logger``, else the service's error."""
@@ -572,6 +659,13 @@ class VideoloftAccount:
             if uidd in feed.devices:
                 feed.queue.put_nowait(record)
 
+    def push_raw(self, uidd: str, data: bytes) -> None:
+        """Send ``data`` as it is on the open streams covering the device (hostile input:
+        a record without its end, garbage)."""
+        for feed in self._feeds:
+            if uidd in feed.devices:
+                feed.queue.put_nowait(data)
+
     def _end_feeds(self, signal_: str) -> None:
         feeds, self._feeds = self._feeds, []
         for feed in feeds:
@@ -591,6 +685,16 @@ class VideoloftAccount:
                 feed.queue.put_nowait(_DROP)
         else:
             self.offline_loggers.discard(logger)
+
+    def set_logger_hanging(self, logger: int, hanging: bool = True) -> None:
+        """A logger that accepts connections and never answers (until released); its
+        open streams go silent."""
+        if hanging:
+            self.hung_loggers.setdefault(logger, asyncio.Event())
+        else:
+            released = self.hung_loggers.pop(logger, None)
+            if released is not None:
+                released.set()
 
     def end_live_connections(self) -> None:
         """End every open realtime stream cleanly."""
@@ -645,15 +749,18 @@ def _logger_of(request: web.Request) -> int:
     return request.app[_LOGGER]
 
 
-def request_token(request: web.Request) -> str | None:
-    """The token from the path (``/alertthumb``), the Authorization header or ``?token=``."""
-    token = request.match_info.get("token")
-    if token:
-        return token
+def request_token(request: web.Request, place: str | None = None) -> str | None:
+    """The token from where the manual puts it for this route (``place``: the path's last
+    segment, the Authorization header or ``?token=``); from any of them when ``place`` is
+    None (``token_anywhere``)."""
+    if place in (PATH, None) and request.match_info.get("token"):
+        return request.match_info["token"]
     scheme, _, value = request.headers.get("Authorization", "").strip().partition(" ")
-    if scheme.lower() == AUTH_SCHEME and value.strip():
+    if place in (HEADER, None) and scheme.lower() == AUTH_SCHEME and value.strip():
         return value.strip()
-    return request.query.get("token") or None
+    if place in (QUERY, None):
+        return request.query.get("token") or None
+    return None
 
 
 def _query_int(query: Mapping[str, str], name: str, default: int | None) -> int | None:
@@ -807,7 +914,7 @@ async def _viewer_info(account: VideoloftAccount, request: web.Request) -> web.S
             "phonename": device.name,
             "permissions": _perm(account, device),
             "wowza": WOWZA_HOST,
-            "logger": hosts[device.logger] if device.logger < len(hosts) else None,
+            "logger": hosts[device.logger] if 0 <= device.logger < len(hosts) else None,
             "cloudRecordingEnabled": 1,
             "appVersion": "4.2.0",
             "deviceType": "ipcam201701",
@@ -828,9 +935,10 @@ async def _alert_list(account: VideoloftAccount, request: web.Request) -> web.St
     account.resident(uidd, _logger_of(request))
     query = request.query
     limit = _query_int(query, "limit", DEFAULT_LIMIT)
+    offset = _query_int(query, "offset", 0) or 0
     found = account.find_alerts(
         uidd,
-        offset=_query_int(query, "offset", 0) or 0,
+        offset=0 if account.ignore_alert_offset else offset,
         limit=min(DEFAULT_LIMIT if limit is None else limit, MAX_LIMIT),
         maxage_ms=_query_int(query, "maxage", None),
         startt_ms=_query_int(query, "startt", None),
@@ -889,9 +997,26 @@ def playlist(alert: VlAlert) -> str:
     return "\n".join(lines) + "\n"
 
 
+async def _captured_image(account: VideoloftAccount, request: web.Request) -> web.StreamResponse:
+    """``/getthumb`` and ``/getstill``: the image captured at ``time`` (``lastthumb`` /
+    ``laststill``); any other time answers 404."""
+    uidd = request.match_info["uidd"]
+    device = account.resident(uidd, _logger_of(request))
+    still = request.path.startswith("/getstill/")
+    taken = device.last_still if still else device.last_thumb
+    if taken is None or request.match_info["time"].strip() != str(taken):
+        raise VlError(404, "image not found")
+    return web.Response(body=snapshot_jpeg(taken), content_type="image/jpeg")
+
+
 async def _alert_video(account: VideoloftAccount, request: web.Request) -> web.StreamResponse:
     alert = _query_alert(account, request)
     if request.query.get("buildmp4", "0").strip() == "1":
+        account.mp4_requests.append(
+            {key: value for key, value in request.query.items() if key != "token"}
+        )
+        if request.query.get("rom", "1").strip() != str(alert.rom):
+            raise VlError(404, "alert not found")  # the clip is looked up in the wrong store
         if not alert.mp4_ready():
             raise VlError(404, "video not ready")
         return web.Response(body=video_mp4(alert.id, VIDEO_BYTES), content_type="video/mp4")
@@ -936,12 +1061,18 @@ async def _realtime(account: VideoloftAccount, request: web.Request) -> web.Stre
     if not devices:
         return web.json_response({"error": "device not resident", "errors": errors}, status=404)
     framing = account.framing
-    feed = account.open_feed(logger, (device.uidd for device in devices))
+    uidds = [device.uidd for device in devices]
+    feed = None
     try:
         response = web.StreamResponse(headers={"Cache-Control": "no-cache"})
         response.content_type = FRAMING_CONTENT_TYPES[framing]
         response.enable_chunked_encoding()
-        await response.prepare(request)
+        if account.live_answer_first:
+            await response.prepare(request)
+            feed = await _register(account, logger, uidds)
+        else:
+            feed = await _register(account, logger, uidds)
+            await response.prepare(request)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + account.live_max_s
         while (remaining := deadline - loop.time()) > 0:
@@ -958,10 +1089,22 @@ async def _realtime(account: VideoloftAccount, request: web.Request) -> web.Stre
                 break
             if isinstance(item, dict):
                 await response.write(frame(item, framing))
+            elif isinstance(item, bytes):  # push_raw: exactly these bytes
+                await response.write(item)
         await response.write_eof()
         return response
     finally:
-        account.close_feed(feed)
+        if feed is not None:
+            account.close_feed(feed)
+
+
+async def _register(account: VideoloftAccount, logger: int, uidds: list[str]) -> _LiveFeed:
+    """The logger registers a realtime connection ``live_connect_delay`` after the request;
+    only updates from then on are sent on it."""
+    low, high = account.live_connect_delay
+    if high > 0:
+        await asyncio.sleep(random.uniform(low, high))
+    return account.open_feed(logger, uidds)
 
 
 # ----------------------------------------------------- /_sim control surface
@@ -1026,6 +1169,8 @@ LOGGER_ROUTES: tuple[Route[VideoloftAccount], ...] = (
     Route("GET", "/alert", _alert_list),
     Route("GET", "/alertthumb/{uidd}/{alertid}/{token}", _alert_thumb),
     Route("GET", "/alertthumb/{uidd}/{alertid}", _alert_thumb),
+    Route("GET", "/getthumb/{uidd}/{time}/{token}", _captured_image),
+    Route("GET", "/getstill/{uidd}/{time}/{token}", _captured_image),
     Route("GET", "/alerturl.m3u8", _alert_video),
     Route("GET", "/alert.m3u8", _alert_video),
     Route("GET", "/sendcameratask", _send_task),
@@ -1042,14 +1187,27 @@ def _count_key(path: str) -> str:
 
 def _device_handler(account: VideoloftAccount, route: Route[VideoloftAccount]) -> Handler:
     key = _count_key(route.path)
+    place = TOKEN_PLACES.get(route.path)
 
     async def handle(request: web.Request) -> web.StreamResponse:
         account.requests[f"{request.app[_ROLE]} {request.method} {key}"] += 1
         if request.app[_LOGGER] in account.offline_loggers:
             return web.json_response({"error": "logger unavailable"}, status=503)
+        released = account.hung_loggers.get(request.app[_LOGGER])
+        if released is not None:
+            await released.wait()  # accepts the connection, answers only once released
+        if key in account.refuse_after:
+            account.refuse_after[key] -= 1
+            if account.refuse_after[key] < 0:
+                del account.refuse_after[key]
+                account.refused_paths.add(key)
+        if key in account.refused_paths:
+            return _unauthorized().response()
         try:
             if route.auth:
-                account.check_token(request_token(request))
+                account.check_token(
+                    request_token(request, None if account.token_anywhere else place)
+                )
             return await route.handler(account, request)
         except VlError as error:
             return error.response()
@@ -1212,6 +1370,31 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tail", type=float, default=20.0, help="seconds of video after an end")
     parser.add_argument("--live-max", type=float, default=300.0)
     parser.add_argument("--token-ttl", type=float, default=1200.0)
+    parser.add_argument(
+        "--token-anywhere",
+        action="store_true",
+        help="accept the token in the header, the query or the path on every route",
+    )
+    parser.add_argument(
+        "--live-connect-delay",
+        type=float,
+        nargs=2,
+        default=(0.0, 0.0),
+        metavar=("LOW", "HIGH"),
+        help="seconds before a realtime request is registered and answered (uniform)",
+    )
+    parser.add_argument(
+        "--live-answer-first",
+        action="store_true",
+        help="answer a realtime request at once, register it after --live-connect-delay",
+    )
+    parser.add_argument("--lastactivity", choices=LASTACTIVITY_MODES, default="alert")
+    parser.add_argument(
+        "--continuous", nargs="*", default=[], metavar="UIDD", help="devices recording 24/7"
+    )
+    parser.add_argument(
+        "--ignore-alert-offset", action="store_true", help="hostile: /alert ignores offset"
+    )
 
 
 def account_from_args(args: argparse.Namespace) -> VideoloftAccount:
@@ -1223,6 +1406,12 @@ def account_from_args(args: argparse.Namespace) -> VideoloftAccount:
         tail_s=args.tail,
         live_max_s=args.live_max,
         token_ttl_s=args.token_ttl,
+        token_anywhere=args.token_anywhere,
+        live_connect_delay=tuple(args.live_connect_delay),
+        live_answer_first=args.live_answer_first,
+        lastactivity=args.lastactivity,
+        continuous=args.continuous,
+        ignore_alert_offset=args.ignore_alert_offset,
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -125,6 +126,9 @@ class VendorContext:
     username: str = ""
     password: str = ""
     token: str = ""
+    # Where a client may store media it fetches for an action (the daemon's data_dir/media);
+    # None where nothing is kept (the probe).
+    media_root: Path | None = None
 
 
 class VendorClient(Protocol):

@@ -796,7 +796,11 @@ class CamStreamerClient:
         }
 
     def probe_checks(self) -> dict[str, Callable[[], Awaitable[str]]]:
-        return {"device access (VAPIX through the cloud)": self._probe_device_access}
+        return {
+            "device access (VAPIX through the cloud)": self._probe_device_access,
+            # This cloud offers recordings (video), not snapshots: its own media step.
+            "one snapshot": self._probe_media,
+        }
 
     async def _probe_device_access(self) -> str:
         camera = await self._connected_camera()
@@ -809,7 +813,7 @@ class CamStreamerClient:
         answer = await self._port(camera.serial, "1", token, key="checkactive")
         return f"camera {camera.serial} ({camera.name}) answered {answer!r} with {which}"
 
-    async def probe_media(self) -> str:
+    async def _probe_media(self) -> str:
         """The probe's media step: this cloud offers recordings (video), not snapshots. One
         clip of a connected camera is found, prepared and downloaded as an alarm's would be."""
         camera = await self._connected_camera()

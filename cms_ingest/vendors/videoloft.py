@@ -9,16 +9,24 @@ How we use it:
   "log in at that regional authenticator". Tokens live 20 minutes and carry their issue time
   and lifetime (`base64("uid:issued:ttl:...")*signature`): we renew at 3/4 of the lifetime
   with the login cookie (`caller=cookielogin`), and log in with the password when that fails.
-  One renewal at a time.
+  One renewal at a time. The token goes where the manual puts it, route by route: the
+  `Authorization: ManythingToken` header (authenticator, `/cameras/status`, realtime), the
+  `token=` query (`/alert`, `/sendcameratask`, the MP4), the path (thumbnails).
 - Devices from `/devices` (every owner the account can see), their loggers from
   `/devices/viewerInfo`, refreshed every 10 minutes and at once when a logger stops
-  answering for a device. Hosts handed back are contacted with the site URL's scheme.
+  answering for a device. Hosts handed back are contacted with the site URL's scheme. A
+  device without a logger is reported, never silently left unwatched.
 - One long-poll per logger, held by a background task and reopened before the server's
-  5-minute cut (with jitter) and after any drop. Every (re)connection is a gap: before the
-  records that arrive on the new connection are committed, `/alert` is read back to the
-  device's cursor (the newest alert id committed), so an alert of the gap is ingested once.
+  5-minute cut (with jitter) and after any drop. The logger sends nothing from before it
+  registered a connection, so a gap ends when the new long-poll *answered*: then the
+  device's gap opens in the cursor (floor: the newest alert id committed) and `/alert` is
+  read back to the floor, at most MAX_PAGES_PER_POLL pages a poll, the rest next poll.
+  Live alerts arriving meanwhile are stored but never move the floor.
+- Each logger's `/cameras/status` every `residency_check_s`: devices that moved, and each
+  camera's status (a change missed in a gap, a camera offline from the start).
+- Loggers are read at once; one that does not answer is left out for LOGGER_RETRY_S.
 - Framing of the long-poll is not known publicly: SSE `data:` lines, newline-delimited JSON
-  and back-to-back JSON objects are all accepted (`StreamDecoder`).
+  and back-to-back JSON objects are all accepted (`StreamDecoder`, linear, bounded).
 - `/alert` spells its fields several ways (id as `alert`/`id`; end as `endt`, `endtt`, `enddt`,
   `end`; times in ms or s): `normalize_alert` reads them all.
 """
@@ -27,11 +35,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import codecs
 import json
 import math
 import random
+import re
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -42,6 +52,7 @@ import structlog
 from pydantic import ConfigDict, Field
 
 from cms_ingest.domain import Action, ActionResult, Alarm, EventType, MediaKind, MediaRequest
+from cms_ingest.runtime.mediafiles import MediaTooLarge, store_stream
 from cms_ingest.sitehttp import SiteHttp, TransportError
 from cms_ingest.units import Duration
 from cms_ingest.vendors.base import (
@@ -57,18 +68,23 @@ from cms_ingest.vendors.base import (
     PollResult,
     SiteOptions,
     VendorContext,
+    VendorError,
 )
 from cms_ingest.vendors.common import (
     MAX_JSON_DEPTH,
+    MAX_PAGES_PER_POLL,
     as_id,
+    as_int,
     error_text,
     finite_float,
     json_deeper_than,
     no_json_constant,
+    plausible_time,
     read_json,
 )
 
 VENDOR = "videoloft"
+Params = Mapping[str, str] | Sequence[tuple[str, str]]
 log = structlog.get_logger("cms_ingest.vendors.videoloft")
 
 DEFAULT_TOKEN_TTL_S = 1200.0
@@ -76,11 +92,33 @@ RENEW_AT = 0.75  # of the token's lifetime: 15 of 20 minutes
 TRIGGER_EVERY_S = 15.0
 # A logger whose long-poll failed this many times in a row counts as not answering; when
 # every logger in use is in that state the poll fails (supervision: "no live long-poll").
+# Alerts whose delivery was confirmed, remembered so a gap read (or a second one after the
+# connection settled) does not hand the same alert again: flood grouping counts what a poll
+# returns. The database's key stays the guarantee; this only keeps poll results clean.
+DELIVERED_MEMORY = 4096
 STREAM_FAILURES_DOWN = 3  # triggerevent keeps a recording going for ~20 s after each call
 OFFLINE_STATES = frozenset({"offline", "novideo"})
+KNOWN_STATES = OFFLINE_STATES | {"live"}  # the manual's "e.g.": others are taken as up
 EVENT_TYPES = {"motion": EventType.MOTION, "audio": EventType.AUDIO}
 _END_FIELDS = ("endt", "endtt", "enddt", "end")
 _SECONDS_BEFORE = 100_000_000_000  # a "time" below this is in seconds, not milliseconds
+# A long-poll record is a few hundred bytes; one this long without its end is hostile, and
+# re-reading it on every chunk would cost time quadratic in its size.
+MAX_LIVE_RECORD_CHARS = 1024 * 1024
+# accountInfo.maxAge is a storage plan in days; anything past a century is not a plan.
+MAX_AGE_DAYS = 36_500
+# Alert ids are the alert's start in seconds (the manual's samples): an id this far past our
+# clock would hide every later alert behind the cursor.
+_ID_SECONDS_FROM = 946_684_800  # 2000-01-01: an id below this is a counter, not a time
+FUTURE_ID_SLACK_S = 86_400
+# A logger that could not be reached is left out of catch-ups and status reads this long, so
+# it does not hold back the other loggers' devices poll after poll (its gaps stay open).
+LOGGER_RETRY_S = 30.0
+# snapshot_request: how long to wait for the camera to report the thumb it was told to take.
+CAPTURE_WAIT_S = 15.0
+CAPTURE_POLL_S = 0.5
+MAX_IMAGE_BYTES = 20 * 1024 * 1024  # a captured thumb is a few kB
+PROBE_STREAM_WAIT_S = 10.0
 # What a datetime holds, in ms since the epoch: 0001-01-01 to 9999-12-31.
 _MIN_MS, _MAX_MS = -62_135_596_800_000, 253_402_300_799_999
 
@@ -93,7 +131,11 @@ class VideoloftOptions(SiteOptions):
     devices: list[str] | None = None  # restrict to these uidds (default: every device)
     reconnect_after_s: float = Field(default=240.0, gt=0)  # before the server's 5-minute cut
     devices_refresh_s: float = Field(default=600.0, gt=0)
-    residency_check_s: float = Field(default=60.0, gt=0)  # are devices still on their logger?
+    # /cameras/status per logger: devices still on it? each camera's status (offline missed?)
+    residency_check_s: float = Field(default=60.0, gt=0)
+    # After a long-poll answered, its devices' gaps are read once more this much later: a
+    # logger that answers before it registers the connection loses nothing either.
+    live_settle_s: float = Field(default=5.0, ge=0)
     tail_s: float = Field(default=20.0, ge=0)  # recording tail after an alert ends
     page_size: int = Field(default=50, ge=1, le=500)
     backfill: Duration | None = None
@@ -128,7 +170,10 @@ def _millis(value: Any) -> int | None:
         return None
     if not math.isfinite(number):  # "nan", "inf", "1e999"
         return None
-    return _datetime_ms(int(number * 1000 if number < _SECONDS_BEFORE else number))
+    millis = number * 1000 if number < _SECONDS_BEFORE else number
+    if not _MIN_MS <= millis <= _MAX_MS:  # -1e306 s is -inf ms: int() would overflow
+        return None
+    return int(millis)
 
 
 def _datetime_ms(millis: int) -> int | None:
@@ -159,56 +204,149 @@ def normalize_alert(item: Mapping[str, Any], uidd: str | None = None) -> VlAlert
     return VlAlert(str(device), alert_id, start, end, str(item.get("type") or "motion"), dict(item))
 
 
+# What decides where a JSON record ends: brackets, quotes, escapes, and line breaks.
+_STRUCTURE = re.compile(r'\\.?|["{}\[\]\n]', re.DOTALL)
+
+
+@dataclass(slots=True)
+class _OpenRecord:
+    """A record begun but not yet complete: its text so far and where its scan stands."""
+
+    parts: list[str] = field(default_factory=list)
+    size: int = 0
+    depth: int = 0
+    in_string: bool = False
+    escaped: bool = False  # the last part ended with a backslash inside a string
+
+
 class StreamDecoder:
     """Records from a long-poll body: SSE `data:` lines, NDJSON or back-to-back JSON.
 
     Read like any device JSON (`common.load_json`): NaN, Infinity and numbers past a float
-    become None, and a record nested deeper than MAX_JSON_DEPTH is unreadable.
+    become None, and a record nested deeper than MAX_JSON_DEPTH is unreadable. Parsing is
+    linear: each character is scanned once for where its record ends (text is never copied
+    again per chunk), and a record is decoded once, when complete. A record still without its
+    end after MAX_LIVE_RECORD_CHARS is unreadable and dropped up to the next line break.
     """
 
-    def __init__(self) -> None:
-        self._buffer = ""
+    def __init__(self, max_record: int = MAX_LIVE_RECORD_CHARS) -> None:
+        self._head = ""  # text not yet known to start a record (prefixes, blanks, a line)
+        self._open: _OpenRecord | None = None
+        self._max_record = max_record
+        self._skipping = False  # inside an unreadable record: drop up to the next line break
         self._decoder = json.JSONDecoder(parse_constant=no_json_constant, parse_float=finite_float)
 
     def feed(self, chunk: str) -> tuple[list[Any], list[str]]:
         """(complete records, unreadable fragments) after adding `chunk`."""
-        self._buffer += chunk
         records: list[Any] = []
         garbage: list[str] = []
+        while chunk:
+            if self._skipping:
+                line_end = chunk.find("\n")
+                if line_end < 0:
+                    break
+                self._skipping = False
+                chunk = chunk[line_end + 1 :]
+            elif self._open is not None:
+                chunk = self._continue_record(chunk, records, garbage)
+            else:
+                chunk = self._start(self._head + chunk, garbage)
+        return records, garbage
+
+    def _start(self, text: str, garbage: list[str]) -> str:
+        """Consume prefixes, comments and garbage lines; what remains after a record starts."""
+        self._head = ""
         while True:
-            text = self._buffer.lstrip()
+            text = text.lstrip()
             if not text:
-                self._buffer = ""
-                break
+                return ""
             if text.startswith("data:"):
                 text = text[5:]
-                self._buffer = text
                 continue
-            if text[0] in ":" or text.startswith(("event:", "id:", "retry:")):
-                line_end = text.find("\n")
-                if line_end < 0:
-                    self._buffer = text
-                    break
-                self._buffer = text[line_end + 1 :]
-                continue
-            try:
-                record, end = self._decoder.raw_decode(text)
-            except (json.JSONDecodeError, RecursionError) as exc:
-                # RecursionError: nested too deep to parse (perhaps not complete yet either).
-                at_end = isinstance(exc, json.JSONDecodeError) and exc.pos >= len(text) - 1
-                if at_end or "\n" not in text:
-                    self._buffer = text  # incomplete: wait for more
-                    break
-                line_end = text.find("\n")
+            if text[0] in "{[":
+                self._open = _OpenRecord()
+                return text
+            line_end = text.find("\n")
+            if line_end < 0:
+                if len(text) > self._max_record:
+                    garbage.append(text[:200])
+                    self._skipping = True
+                    return ""
+                self._head = text  # "data" or a line not complete yet
+                return ""
+            if not (text[0] == ":" or text.startswith(("event:", "id:", "retry:"))):
                 garbage.append(text[:line_end][:200])
-                self._buffer = text[line_end + 1 :]
+            text = text[line_end + 1 :]
+
+    def _continue_record(self, chunk: str, records: list[Any], garbage: list[str]) -> str:
+        """Scan `chunk` as the continuation of the open record; the text after it ends."""
+        record = self._open
+        assert record is not None
+        start = 0
+        if record.escaped:
+            record.escaped, start = False, 1
+        end = self._scan(record, chunk, start)
+        if end is None:
+            record.parts.append(chunk)
+            record.size += len(chunk)
+            if record.size > self._max_record:
+                garbage.append("".join(record.parts)[:200])
+                self._drop_open(chunk)
+            return ""
+        if end < 0:  # broken or nested too deep: unreadable up to its line break
+            garbage.append(("".join(record.parts) + chunk)[:200].split("\n", 1)[0])
+            return self._drop_open(chunk)
+        text = "".join(record.parts) + chunk[:end]
+        self._open = None
+        self._decode(text, records, garbage)
+        return chunk[end:]
+
+    def _drop_open(self, chunk: str) -> str:
+        """Forget the open record; what follows the next line break of `chunk`."""
+        self._open = None
+        line_end = chunk.find("\n")
+        if line_end < 0:
+            self._skipping = True
+            return ""
+        return chunk[line_end + 1 :]
+
+    @staticmethod
+    def _scan(record: _OpenRecord, chunk: str, start: int) -> int | None:
+        """Index in `chunk` just past the record's closing bracket; None while incomplete;
+        -1 when it cannot be one record (nested too deep, or a record starting on a line of
+        its own inside it)."""
+        for match in _STRUCTURE.finditer(chunk, start):
+            mark = match.group()
+            if mark[0] == "\\":
+                record.escaped = len(mark) == 1  # the escaped character is in the next chunk
                 continue
-            if json_deeper_than(record, MAX_JSON_DEPTH):
-                garbage.append(text[:end][:200])
-            else:
-                records.append(record)
-            self._buffer = text[end:]
-        return records, garbage
+            if record.in_string:
+                record.in_string = mark != '"'
+                continue
+            if mark == '"':
+                record.in_string = True
+            elif mark in "{[":
+                record.depth += 1
+                if record.depth > MAX_JSON_DEPTH:
+                    return -1
+            elif mark in "}]":
+                record.depth -= 1
+                if record.depth == 0:
+                    return match.end()
+            elif chunk.startswith(("{", "data:"), match.end()):  # a line break
+                return -1
+        return None
+
+    def _decode(self, text: str, records: list[Any], garbage: list[str]) -> None:
+        try:
+            record, _ = self._decoder.raw_decode(text)
+        except (json.JSONDecodeError, RecursionError):
+            garbage.append(text[:200])
+            return
+        if json_deeper_than(record, MAX_JSON_DEPTH):
+            garbage.append(text[:200])
+        else:
+            records.append(record)
 
 
 # ---------------------------------------------------------------------- state
@@ -234,17 +372,25 @@ class _LiveStream:
     task: asyncio.Task[None]
 
 
+Seen = tuple[str, Any, int]  # (logger, record, ms since the epoch when it reached us)
+
+
 @dataclass(slots=True)
 class _Inbox:
     """What the long-polls delivered since the last poll, and the gaps that need catch-up."""
 
-    records: list[tuple[str, Any]] = field(default_factory=list)  # (logger, record)
-    gaps: set[str] = field(default_factory=set)  # uidds whose stream was (re)opened
+    records: list[Seen] = field(default_factory=list)
+    # uidds whose stream was (re)connected -> until when (ms) their gap is read once more
+    gaps: dict[str, int] = field(default_factory=dict)
 
     def merge_before(self, earlier: _Inbox) -> None:
         """Put an earlier, undelivered batch back in front of this one."""
         self.records[:0] = earlier.records
-        self.gaps |= earlier.gaps
+        self.add_gaps(earlier.gaps)
+
+    def add_gaps(self, gaps: Mapping[str, int]) -> None:
+        for uidd, until in gaps.items():
+            self.gaps[uidd] = max(until, self.gaps.get(uidd, 0))
 
 
 class VideoloftClient:
@@ -263,6 +409,7 @@ class VideoloftClient:
         self._password = context.password
         self._options = options
         self._problems = context.problems
+        self._media_root = context.media_root
         self._token = _Token()
         self._token_lock = asyncio.Lock()
         self._max_age_ms: int | None = None
@@ -273,8 +420,14 @@ class VideoloftClient:
         self._streams: dict[str, _LiveStream] = {}
         self._inbox = _Inbox()
         self._stream_failures: dict[str, tuple[int, str]] = {}  # logger -> (in a row, last)
+        self._logger_down_until: dict[str, float] = {}  # logger -> monotonic
+        self._connected_at: dict[str, float] = {}  # logger -> epoch its long-poll answered
+        self._status_reads: dict[str, asyncio.Task[None]] = {}  # logger -> /cameras/status
+        self._unwatched: list[str] = []  # devices without a logger
         self._unacked = _Inbox()
         self._returned_cursor: Cursor | None = None
+        self._delivered: dict[tuple[str, int], None] = {}  # oldest first, DELIVERED_MEMORY
+        self._unacked_keys: list[tuple[str, int]] = []
         self._refresh_devices_now = False
 
     # ------------------------------------------------------------------ session
@@ -311,8 +464,9 @@ class VideoloftClient:
                 cookie = _cookie(response)
             if status != 200 or not isinstance(payload, dict):
                 raise AuthenticationFailed(f"login refused (HTTP {status}): {error_text(payload)}")
-            if payload.get("location") and not _result(payload).get("authToken"):
-                http = self._host(str(payload["location"]))
+            location = payload.get("location")
+            if isinstance(location, str) and location and _login_token(payload) is None:
+                http = self._host(location)
                 continue
             self._accept_login(payload, cookie, http)
             return
@@ -329,23 +483,41 @@ class VideoloftClient:
             payload = await read_json(response, self._problems, "GET /login (cookie)")
             status = response.status
             cookie = _cookie(response)
-        if status != 200 or not isinstance(payload, dict) or not _result(payload).get("authToken"):
+        if status != 200 or _login_token(payload) is None:
             raise AuthenticationFailed(f"token renewal refused (HTTP {status})")
         self._accept_login(payload, cookie or self._token.cookie, self._auth_http)
 
-    def _accept_login(self, payload: Mapping[str, Any], cookie: str | None, http: SiteHttp) -> None:
+    def _accept_login(self, payload: Any, cookie: str | None, http: SiteHttp) -> None:
+        token = _login_token(payload)
+        if token is None:
+            self._problems.bad_input(
+                "login_answer", f"login answer without authToken: {payload!r:.200}"
+            )
+            raise AuthenticationFailed("the login answer carries no authToken")
         result = _result(payload)
-        token = str(result["authToken"])
         authenticator = result.get("authenticator")
-        self._auth_http = self._host(str(authenticator)) if authenticator else http
-        info = result.get("accountInfo")
-        if isinstance(info, dict) and isinstance(info.get("maxAge"), int | float):
-            self._max_age_ms = int(float(info["maxAge"]) * 86_400_000)
+        self._auth_http = (
+            self._host(authenticator) if isinstance(authenticator, str) and authenticator else http
+        )
+        self._max_age_ms = self._max_age(result.get("accountInfo"))
         lifetime = token_lifetime(token)
         issued, ttl = lifetime if lifetime else (time.time(), DEFAULT_TOKEN_TTL_S)
         self._token.value = token
         self._token.renew_at = issued + ttl * RENEW_AT
         self._token.cookie = cookie
+
+    def _max_age(self, info: Any) -> int | None:
+        """`accountInfo.maxAge` (days) in ms for `/alert?maxage=`; None (no filter) when it is
+        missing or not a plausible plan."""
+        if not isinstance(info, dict) or info.get("maxAge") is None:
+            return None
+        days = info["maxAge"]
+        if isinstance(days, bool) or not isinstance(days, int | float):
+            days = None
+        if days is None or not 0 < days <= MAX_AGE_DAYS:
+            self._problems.bad_input("max_age", f"accountInfo.maxAge is not a plan: {info!r:.200}")
+            return None
+        return int(days * 86_400_000)
 
     def _host(self, host: str) -> SiteHttp:
         """A server the API named (authenticator, logger): our scheme, checked host."""
@@ -354,14 +526,30 @@ class VideoloftClient:
             self._hosts[host] = self._http.for_host(host)
         return self._hosts[host]
 
-    async def _get(self, http: SiteHttp, path: str, params: Any = None) -> tuple[int, Any]:
-        """An authenticated GET (header token); one renewal and retry on a 401."""
+    async def _get(
+        self, http: SiteHttp, path: str, params: Params = (), *, auth_in: str = "header"
+    ) -> tuple[int, Any]:
+        """An authenticated GET; one renewal and retry on a 401.
+
+        The manual puts the token in a different place per route: the `Authorization:
+        ManythingToken` header (`auth_in="header"`) for the authenticator, `/cameras/status`
+        and the realtime stream; `token=` in the query (`"query"`) for `/alert` and
+        `/sendcameratask`. A logger reads it only there.
+        """
         for attempt in (1, 2):
             token = await self._auth_token()
-            headers = {"Authorization": f"ManythingToken {token}"}
-            async with http.request("GET", path, params=params, headers=headers) as response:
-                payload = await read_json(response, self._problems, f"GET {path}")
-                status = response.status
+            query = list(params.items()) if isinstance(params, Mapping) else list(params)
+            headers: dict[str, str] = {}
+            if auth_in == "query":
+                query.append(("token", token))
+            else:
+                headers["Authorization"] = f"ManythingToken {token}"
+            try:
+                async with http.request("GET", path, params=query, headers=headers) as response:
+                    payload = await read_json(response, self._problems, f"GET {path}")
+                    status = response.status
+            except TransportError as exc:
+                raise _without_token(exc, token) from None
             if status == 401 and attempt == 1:
                 self._invalidate(token)
                 continue
@@ -390,6 +578,7 @@ class VideoloftClient:
                     "devices", f"options.devices not on the account: {sorted(missing)}"
                 )
         await self._load_loggers(devices)
+        self._report_unwatched(devices)
         self._devices = devices
         self._devices_at = now
         self._refresh_devices_now = False
@@ -407,8 +596,38 @@ class VideoloftClient:
                 if uidd in devices and info.logger:
                     devices[uidd].logger = info.logger
 
-    async def _check_residency(self) -> None:
-        """A logger silently stops serving a device that moved: ask each logger now and then."""
+    def _report_unwatched(self, devices: dict[str, _Device]) -> None:
+        """A device without a logger cannot be watched: say so (logged once per site,
+        counted at every device refresh), never skip it silently."""
+        unwatched = sorted(uidd for uidd, device in devices.items() if not device.logger)
+        self._unwatched = unwatched
+        if unwatched:
+            self._problems.bad_input(
+                "device_without_logger",
+                f"viewerInfo names no logger for {', '.join(unwatched)}: not watched",
+            )
+
+    def _by_logger(self) -> dict[str, list[str]]:
+        by_logger: dict[str, list[str]] = {}
+        for device in self._devices.values():
+            if device.logger:
+                by_logger.setdefault(device.logger, []).append(device.uidd)
+        return by_logger
+
+    def _logger_up(self, logger: str) -> bool:
+        return time.monotonic() >= self._logger_down_until.get(logger, 0.0)
+
+    def _logger_unreachable(self, logger: str, error: Exception) -> None:
+        """Leave `logger` out of catch-ups and status reads for a while: one logger that
+        does not answer must not cost every poll a request timeout."""
+        self._logger_down_until[logger] = time.monotonic() + LOGGER_RETRY_S
+        self._problems.bad_input("logger_unreachable", f"logger {logger}: {error}")
+
+    def _reconcile(self) -> None:
+        """Each `residency_check_s`, ask every logger for `/cameras/status`, in the background
+        (a logger that does not answer holds up no poll): a device it no longer lists has
+        moved, and each camera's `status` goes into the inbox like a live record, so a change
+        that fell into a stream gap, or a camera that was already offline, is not missed."""
         now = time.monotonic()
         if (
             self._residency_at is not None
@@ -416,19 +635,34 @@ class VideoloftClient:
         ):
             return
         self._residency_at = now
-        by_logger: dict[str, list[str]] = {}
-        for device in self._devices.values():
-            if device.logger:
-                by_logger.setdefault(device.logger, []).append(device.uidd)
-        for logger, uidds in by_logger.items():
+        for logger, uidds in self._by_logger().items():
+            running = self._status_reads.get(logger)
+            if self._logger_up(logger) and (running is None or running.done()):
+                self._status_reads[logger] = asyncio.create_task(
+                    self._reconcile_logger(logger, uidds), name=f"videoloft-status:{logger}"
+                )
+
+    async def _reconcile_logger(self, logger: str, uidds: list[str]) -> None:
+        try:
             status, payload = await self._get(
                 self._host(logger), "/cameras/status", [("uidd", u) for u in sorted(uidds)]
             )
-            resident = set(_flatten_devices(_result(payload))) if status == 200 else set()
-            if set(uidds) - resident:
-                log.info("videoloft_devices_moved", site_id=self.site_id, logger=logger)
-                self._refresh_devices_now = True
-                return
+        except TransportError as exc:
+            self._logger_unreachable(logger, exc)
+            return
+        except VendorError as exc:
+            self._problems.bad_input("camera_status", f"logger {logger}: {exc}")
+            return
+        listed = _device_entries(_result(payload)) if status == 200 else {}
+        if set(uidds) - set(listed):
+            log.info("videoloft_devices_moved", site_id=self.site_id, logger=logger)
+            self._refresh_devices_now = True
+        seen_ms = _now_ms()
+        for uidd in uidds:
+            camera_status = listed.get(uidd, {}).get("status")
+            if isinstance(camera_status, str):
+                record = {"type": "liveSession", "data": {"uidd": uidd, "status": camera_status}}
+                self._inbox.records.append((logger, record, seen_ms))
 
     def _logger_http(self, uidd: str) -> SiteHttp:
         device = self._devices.get(uidd)
@@ -440,18 +674,13 @@ class VideoloftClient:
 
     def _ensure_streams(self) -> None:
         """One running long-poll per logger, for exactly the devices it serves."""
-        wanted: dict[str, set[str]] = {}
-        for device in self._devices.values():
-            if device.logger:
-                wanted.setdefault(device.logger, set()).add(device.uidd)
+        wanted = {logger: set(uidds) for logger, uidds in self._by_logger().items()}
         for logger, stream in list(self._streams.items()):
             if stream.task.done() or stream.uidds != frozenset(wanted.get(logger, ())):
                 stream.task.cancel()
                 del self._streams[logger]
         for logger, uidds in wanted.items():
             if logger not in self._streams:
-                # A new connection: whatever happened before it must come from /alert.
-                self._inbox.gaps |= uidds
                 task = asyncio.create_task(
                     self._stream(logger, frozenset(uidds)), name=f"videoloft-live:{logger}"
                 )
@@ -480,7 +709,7 @@ class VideoloftClient:
                     self._refresh_devices_now = True  # a logger that stops answering
                     self._stream_failed(logger, f"long-poll answered {response.status}")
                     return
-                self._stream_failures.pop(logger, None)  # connected: the logger answers
+                self._stream_connected(logger, uidds)
                 await asyncio.wait_for(self._read_stream(response, logger, decoder), timeout=hold)
         except TimeoutError:
             return  # the planned reconnect, ahead of the server's cut
@@ -489,6 +718,19 @@ class VideoloftClient:
             log.info("videoloft_live_dropped", site_id=self.site_id, logger=logger, error=str(exc))
             if isinstance(exc, TransportError) and not exc.sent:
                 self._stream_failed(logger, str(exc))  # could not even connect
+
+    def _stream_connected(self, logger: str, uidds: frozenset[str]) -> None:
+        """The logger answered the long-poll: from now on it sends every update, and what
+        happened before this moment (since the last connection) must come from /alert. The
+        gap ends here, not when the request was sent: the logger sends nothing from before
+        it registered the connection."""
+        self._stream_failures.pop(logger, None)
+        self._logger_down_until.pop(logger, None)
+        # A logger may also answer first and register a moment later (the manual does not
+        # say): the gap is read at once, and once more after live_settle_s.
+        until = _now_ms() + int(self._options.live_settle_s * 1000)
+        self._inbox.add_gaps(dict.fromkeys(uidds, until))
+        self._connected_at[logger] = time.time()
 
     def _stream_failed(self, logger: str, error: str) -> None:
         count, _ = self._stream_failures.get(logger, (0, ""))
@@ -510,13 +752,15 @@ class VideoloftClient:
     async def _read_stream(
         self, response: aiohttp.ClientResponse, logger: str, decoder: StreamDecoder
     ) -> None:
+        text = codecs.getincrementaldecoder("utf-8")(errors="replace")  # chunks split characters
         async for chunk in response.content.iter_any():
-            records, garbage = decoder.feed(chunk.decode("utf-8", errors="replace"))
+            records, garbage = decoder.feed(text.decode(chunk))
             for fragment in garbage:
                 self._problems.bad_input(
                     "live_record", f"unreadable long-poll record: {fragment!r}"
                 )
-            self._inbox.records.extend((logger, record) for record in records)
+            seen_ms = _now_ms()
+            self._inbox.records.extend((logger, record, seen_ms) for record in records)
 
     # ------------------------------------------------------------------ polling
 
@@ -528,61 +772,198 @@ class VideoloftClient:
         """
         if cursor != self._returned_cursor:
             self._inbox.merge_before(self._unacked)  # the last batch was not committed
+        else:
+            self._remember_delivered(self._unacked_keys)
         self._unacked = _Inbox()
+        self._unacked_keys = []
         await self._auth_token()  # renew ahead of expiry even while only long-polls are open
-        await self._check_residency()
         await self._ensure_devices()
+        self._reconcile()
         self._ensure_streams()
         broken = self._no_live_stream()
         if broken is not None:
             raise BadDeviceResponse(broken)  # supervision counts it; streams keep retrying
         inbox, self._inbox = self._inbox, _Inbox()
         try:
-            result, delivered = await self._collect(inbox, _CursorState.load(cursor))
+            result, keys = await self._collect(inbox, _CursorState.load(cursor))
         except BaseException:
             self._inbox.merge_before(inbox)
             raise
-        self._unacked = delivered  # what was deferred is back in the inbox already
+        self._unacked = inbox
+        self._unacked_keys = keys
         self._returned_cursor = result.cursor
         return result
 
-    async def _collect(self, inbox: _Inbox, state: _CursorState) -> tuple[PollResult, _Inbox]:
-        """This poll's result, and the part of `inbox` it delivered (the rest is deferred)."""
+    def _remember_delivered(self, keys: list[tuple[str, int]]) -> None:
+        for key in keys:
+            self._delivered[key] = None
+        while len(self._delivered) > DELIVERED_MEMORY:
+            del self._delivered[next(iter(self._delivered))]
+
+    async def _collect(
+        self, inbox: _Inbox, state: _CursorState
+    ) -> tuple[PollResult, list[tuple[str, int]]]:
+        """This poll's result: the open gaps read back (as far as this poll may), then the
+        live records, and the (uidd, id) of the alerts it hands over. A gap stays open in the
+        cursor until /alert was read back to its floor; live alerts of its device are stored
+        meanwhile, but never move its floor."""
+        for uidd, until in sorted(inbox.gaps.items()):
+            if uidd in self._devices:
+                state.open_gap(uidd, until)
         alerts: dict[tuple[str, int], VlAlert] = {}
         notes: list[str] = []
-        pending: set[str] = set()  # devices whose gap could not be read back yet
-        for uidd in sorted(inbox.gaps & set(self._devices)):
-            try:
-                caught = await self._catch_up(uidd, state)
-            except (TransportError, BadDeviceResponse) as exc:
-                # One logger down must not hold back the other cameras: this device keeps
-                # its gap (and its live records) for a later poll, everyone else goes on.
-                self._problems.bad_input("catch_up", f"{uidd}: cannot read /alert back: {exc}")
-                pending.add(uidd)
-                continue
+        await self._catch_up_all(state, alerts, notes)
+        statuses: list[tuple[str, str, int]] = []
+        for _logger, record, seen_ms in inbox.records:
+            self._take_safely(record, seen_ms, alerts, statuses)
+        ordered = sorted(alerts.values(), key=lambda a: (a.uidd, a.id))
+        for alert in ordered:
+            if self._may_move_cursor(alert):
+                state.advance(alert.uidd, alert.id)
+        fresh = [a for a in ordered if (a.uidd, a.id) not in self._delivered]
+        alarms = [self._alarm(alert) for alert in fresh]
+        alarms += self._status_alarms(sorted(statuses, key=lambda s: s[2]), state)
+        keys = [(alert.uidd, alert.id) for alert in fresh]
+        return PollResult(alarms=alarms, cursor=state.dump(), notes=notes), keys
+
+    async def _catch_up_all(
+        self, state: _CursorState, alerts: dict[tuple[str, int], VlAlert], notes: list[str]
+    ) -> None:
+        """Every device that needs /alert read (no cursor yet, or an open gap), each logger's
+        devices in turn and the loggers at once: a slow logger costs only its own devices."""
+        todo: dict[str, list[str]] = {}
+        now_ms = _now_ms()
+        for logger, uidds in self._by_logger().items():
+            needed = [u for u in sorted(uidds) if state.needs_catch_up(u, now_ms)]
+            if needed and self._logger_up(logger):
+                todo[logger] = needed
+        found = await asyncio.gather(
+            *(self._catch_up_logger(logger, uidds, state) for logger, uidds in todo.items())
+        )
+        for caught in found:
             for alert in caught:
                 alerts[(alert.uidd, alert.id)] = alert
-            if len(caught) > 1:
-                notes.append(f"{uidd}: caught up {len(caught)} alerts after a gap")
-        deferred = _Inbox(gaps=pending)
-        delivered = _Inbox(gaps=inbox.gaps - pending)
-        statuses: list[tuple[str, str, int]] = []
-        for logger, record in inbox.records:
-            if _record_device(record) in pending:
-                deferred.records.append((logger, record))  # never past an unread gap
-                continue
-            delivered.records.append((logger, record))
-            self._take_record(record, alerts, statuses)
-        self._inbox.merge_before(deferred)
-        alarms = [self._alarm(alert) for alert in sorted(alerts.values(), key=lambda a: a.id)]
-        for alert in alerts.values():
-            state.advance(alert.uidd, alert.id)
-        alarms += self._status_alarms(statuses, state)
-        return PollResult(alarms=alarms, cursor=state.dump(), notes=notes), delivered
+        total = sum(len(caught) for caught in found)
+        if total > 1:
+            notes.append(f"caught up {total} alerts after a gap")
+
+    async def _catch_up_logger(
+        self, logger: str, uidds: list[str], state: _CursorState
+    ) -> list[VlAlert]:
+        found: list[VlAlert] = []
+        for uidd in uidds:
+            try:
+                await self._catch_up(uidd, state, found)
+            except TransportError as exc:
+                self._logger_unreachable(logger, exc)  # its other devices wait too
+                break
+            except VendorError as exc:
+                # Refused (a token in the wrong place, a device moved...): reported, and the
+                # gap stays open for a later poll; live alerts of the device still arrive.
+                self._problems.bad_input("catch_up", f"{uidd}: cannot read /alert back: {exc}")
+        return found
+
+    async def _catch_up(self, uidd: str, state: _CursorState, found: list[VlAlert]) -> None:
+        """Alerts of `uidd` in its open gap, from /alert (newest first, at most
+        MAX_PAGES_PER_POLL pages: where it stopped is kept in the gap, for the next poll),
+        added to `found` page by page: when a later page fails, those of the pages read are
+        delivered, as the gap's offset already moved past them."""
+        if state.last_id(uidd) is None:
+            if self._options.backfill is None:  # first sight: start from its newest alert
+                newest = await self._alert_page(uidd, 0, 1)
+                if not newest:
+                    state.start(uidd, 0)  # no alert yet: every one to come is new
+                elif self._may_move_cursor(newest[0]):
+                    state.start(uidd, newest[0].id)
+                else:  # an id far ahead would hide what comes: start from now instead
+                    state.start(uidd, int(time.time()))
+                return
+            state.start(uidd, int(time.time() - self._options.backfill) - 1)
+            state.open_gap(uidd, until=0)
+        gap = state.gap(uidd)
+        if gap is None:
+            return
+        seen: set[int] = set()
+        size = self._options.page_size
+        for _page in range(MAX_PAGES_PER_POLL):
+            page = await self._alert_page(uidd, gap.offset, size)
+            if page and seen.issuperset(alert.id for alert in page):
+                self._problems.bad_input(
+                    "alert_paging", f"{uidd}: /alert answers the same page whatever the offset"
+                )
+                break
+            seen.update(alert.id for alert in page)
+            fresh = [alert for alert in page if alert.id > gap.floor]
+            found += fresh
+            gap.top = max([gap.top, *(a.id for a in fresh if self._may_move_cursor(a))])
+            if len(fresh) < len(page) or len(page) < size:
+                break
+            gap.offset += len(page)
+        else:
+            return  # the page cap: the gap stays open, the next poll goes on from here
+        if _now_ms() >= gap.until:
+            state.close_gap(uidd)
+        else:  # read again from the newest once the connection surely was registered
+            gap.read, gap.offset = True, 0
+
+    async def _alert_page(self, uidd: str, offset: int, limit: int) -> list[VlAlert]:
+        params = {"uid": uidd, "startt": "1", "offset": str(offset), "limit": str(limit)}
+        if self._max_age_ms:
+            params["maxage"] = str(self._max_age_ms)
+        status, payload = await self._get(
+            self._logger_http(uidd), "/alert", params, auth_in="query"
+        )
+        if status == 404:
+            self._refresh_devices_now = True  # the device moved to another logger
+            raise BadDeviceResponse(f"logger no longer serves {uidd}; refreshing devices")
+        items = _result(payload) if isinstance(payload, dict) else payload
+        if status != 200 or not isinstance(items, list):
+            raise BadDeviceResponse(f"GET /alert for {uidd} answered {status}")
+        alerts = []
+        for item in items:
+            alert = normalize_alert(item, uidd) if isinstance(item, dict) else None
+            if alert is None:
+                self._problems.bad_input(
+                    "alert_without_id", f"alert without a usable id or start: {item!r:.200}"
+                )
+            else:
+                alerts.append(alert)
+        return alerts
+
+    def _may_move_cursor(self, alert: VlAlert) -> bool:
+        """An alert whose start is outside the plausible window, or whose id (the start in
+        seconds) is more than a day ahead, is stored but never moves a cursor: it would hide
+        every later alert of its device behind it."""
+        start = datetime.fromtimestamp(alert.start_ms / 1000, UTC)
+        id_ok = alert.id < _ID_SECONDS_FROM or alert.id <= time.time() + FUTURE_ID_SLACK_S
+        if plausible_time(start) and id_ok:
+            return True
+        self._problems.bad_input(
+            "implausible_time",
+            f"alert {alert.uidd}:{alert.id} starts {start.isoformat()}: the cursor stays",
+        )
+        return False
+
+    def _take_safely(
+        self,
+        record: Any,
+        seen_ms: int,
+        alerts: dict[tuple[str, int], VlAlert],
+        statuses: list[tuple[str, str, int]],
+    ) -> None:
+        """A live record; one that cannot be read is reported and skipped, never kept to fail
+        every later poll."""
+        try:
+            self._take_record(record, seen_ms, alerts, statuses)
+        except (ArithmeticError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            self._problems.bad_input(
+                "live_record", f"{type(exc).__name__} on long-poll record {record!r:.200}"
+            )
 
     def _take_record(
         self,
         record: Any,
+        seen_ms: int,
         alerts: dict[tuple[str, int], VlAlert],
         statuses: list[tuple[str, str, int]],
     ) -> None:
@@ -608,53 +989,11 @@ class VideoloftClient:
             uidd = str(data.get("uidd") or data.get("uid") or "")
             status = data.get("status")
             if uidd in self._devices and isinstance(status, str):
-                when = _millis(data.get("lastactivity")) or int(time.time() * 1000)
-                statuses.append((uidd, status, when))
-
-    async def _catch_up(self, uidd: str, state: _CursorState) -> list[VlAlert]:
-        """Alerts of `uidd` after its cursor, from /alert (newest first, paged)."""
-        known = state.last_id(uidd)
-        floor = known
-        if known is None:  # first sight of this device: start from its newest alert
-            if self._options.backfill is None:
-                newest = await self._alert_page(uidd, 0, 1)
-                state.advance(uidd, newest[0].id if newest else 0)
-                return []
-            floor = int(time.time() - self._options.backfill) - 1
-        found: list[VlAlert] = []
-        offset = 0
-        while True:
-            page = await self._alert_page(uidd, offset, self._options.page_size)
-            fresh = [alert for alert in page if alert.id > (floor or 0)]
-            found.extend(fresh)
-            if len(fresh) < len(page) or len(page) < self._options.page_size:
-                break
-            offset += len(page)
-        if known is None:
-            state.advance(uidd, max((a.id for a in found), default=floor or 0))
-        return found
-
-    async def _alert_page(self, uidd: str, offset: int, limit: int) -> list[VlAlert]:
-        params = {"uid": uidd, "startt": "1", "offset": str(offset), "limit": str(limit)}
-        if self._max_age_ms:
-            params["maxage"] = str(self._max_age_ms)
-        status, payload = await self._get(self._logger_http(uidd), "/alert", params)
-        if status == 404:
-            self._refresh_devices_now = True  # the device moved to another logger
-            raise BadDeviceResponse(f"logger no longer serves {uidd}; refreshing devices")
-        items = _result(payload) if isinstance(payload, dict) else payload
-        if status != 200 or not isinstance(items, list):
-            raise BadDeviceResponse(f"GET /alert for {uidd} answered {status}")
-        alerts = []
-        for item in items:
-            alert = normalize_alert(item, uidd) if isinstance(item, dict) else None
-            if alert is None:
-                self._problems.bad_input(
-                    "alert_without_id", f"alert without a usable id or start: {item!r:.200}"
-                )
-            else:
-                alerts.append(alert)
-        return alerts
+                if status not in KNOWN_STATES:
+                    self._problems.bad_input(
+                        "camera_status_value", f"{uidd}: status {status!r:.50} taken as up"
+                    )
+                statuses.append((uidd, status, seen_ms))
 
     def _alarm(self, alert: VlAlert) -> Alarm:
         device = self._devices.get(alert.uidd)
@@ -678,6 +1017,7 @@ class VideoloftClient:
                         "alert_id": alert.id,
                         "start_ms": alert.start_ms,
                         "end_ms": alert.end_ms,
+                        "rom": _rom(alert),
                     },
                 ),
             ),
@@ -686,14 +1026,14 @@ class VideoloftClient:
     def _status_alarms(
         self, statuses: list[tuple[str, str, int]], state: _CursorState
     ) -> list[Alarm]:
-        """camera_offline when a camera leaves `live`, camera_online when it returns."""
+        """camera_offline when a camera leaves `live` (or is offline when first seen),
+        camera_online when it returns. Timed by when we saw the change (the manual never
+        says what `lastactivity` is), keyed by that moment: each episode its own alarm."""
         alarms = []
-        for uidd, status, when in statuses:
+        for uidd, status, seen_ms in statuses:
             previous = state.status(uidd)
             state.set_status(uidd, status)
-            went_down = (
-                status in OFFLINE_STATES and previous is not None and previous not in OFFLINE_STATES
-            )
+            went_down = status in OFFLINE_STATES and previous not in OFFLINE_STATES
             came_back = status not in OFFLINE_STATES and previous in OFFLINE_STATES
             if not (went_down or came_back):
                 continue
@@ -703,11 +1043,11 @@ class VideoloftClient:
                 Alarm(
                     site_id=self.site_id,
                     vendor=VENDOR,
-                    source_id=f"{uidd}:{status}:{when}",
+                    source_id=f"{uidd}:{status}:{seen_ms}",
                     event_type=event,
                     vendor_event=f"liveSession:{status}",
                     description=f"camera {device.name if device else uidd} is {status}",
-                    occurred_at=datetime.fromtimestamp(when / 1000, UTC),
+                    occurred_at=datetime.fromtimestamp(seen_ms / 1000, UTC),
                     camera_id=uidd,
                     camera_name=device.name if device else None,
                     raw={"uidd": uidd, "status": status, "previous": previous},
@@ -725,48 +1065,56 @@ class VideoloftClient:
             return MediaProbe("unavailable", detail=f"device {uidd} is not on the account")
         if kind is MediaKind.THUMBNAIL:
             return MediaProbe("ready", path=f"thumb|{device.logger}|{uidd}|{alert_id}")
-        end_ms = locator.get("end_ms")
-        if not isinstance(end_ms, int):
-            end_ms = await self._alert_end(uidd, alert_id)
-        if end_ms is None:
-            return MediaProbe("pending", detail="the alert is still going on")
-        ready_at = end_ms / 1000 + self._options.tail_s
-        if time.time() < ready_at:
+        known_end = locator.get("end_ms")
+        if isinstance(known_end, int) and time.time() < known_end / 1000 + self._options.tail_s:
             return MediaProbe("pending", detail="waiting for the recording tail after the alert")
+        # Motion that goes on moves the alert's end later: read it again before the clip.
+        current = await self._alert_now(uidd, alert_id)
+        end_ms = current.end_ms if current is not None else known_end
+        if not isinstance(end_ms, int):
+            return MediaProbe("pending", detail="the alert is still going on")
+        if time.time() < end_ms / 1000 + self._options.tail_s:
+            return MediaProbe("pending", detail="the alert's end moved: waiting for its tail")
         start_ms = int(locator.get("start_ms") or alert_id * 1000)
+        rom = _rom(current) if current is not None else locator.get("rom", 1)
         return MediaProbe(
             "ready",
-            path=f"mp4|{device.logger}|{uidd}|{alert_id}|{start_ms // 1000}|{end_ms // 1000}",
+            path=f"mp4|{device.logger}|{uidd}|{alert_id}|{start_ms // 1000}|{end_ms // 1000}|{rom}",
         )
 
-    async def _alert_end(self, uidd: str, alert_id: int) -> int | None:
+    async def _alert_now(self, uidd: str, alert_id: int) -> VlAlert | None:
+        """The alert as /alert lists it now (newest first: a recent alert is near the top)."""
         offset = 0
-        while offset < 10 * self._options.page_size:
+        for _page in range(MAX_PAGES_PER_POLL):
             page = await self._alert_page(uidd, offset, self._options.page_size)
             for alert in page:
                 if alert.id == alert_id:
-                    return alert.end_ms
-            if not page or page[-1].id < alert_id:
+                    return alert
+            if len(page) < self._options.page_size or page[-1].id < alert_id:
                 return None
             offset += len(page)
         return None
 
     @asynccontextmanager
     async def download(self, path: str) -> AsyncIterator[Download]:
-        """`path` is our own locator (`thumb|logger|uidd|id` or `mp4|...`), never a URL."""
-        kind, logger, uidd, alert_id, *times = path.split("|")
+        """`path` is our own locator (`thumb|logger|uidd|id`, `getthumb|logger|uidd|time` or
+        `mp4|...`), never a URL. The token goes where the manual puts it: in the path of
+        thumbnails, in the query of the MP4."""
+        kind, logger, uidd, alert_id, *rest = path.split("|")
         if logger not in {d.logger for d in self._devices.values()}:
             raise BadDeviceResponse(f"logger {logger} is not one the account uses")
         http = self._host(logger)
         token = await self._auth_token()
         if kind == "thumb":
             request = http.request("GET", f"/alertthumb/{uidd}/{alert_id}/{token}")
+        elif kind == "getthumb":  # alert_id is the capture time (`lastthumb`) here
+            request = http.request("GET", f"/getthumb/{uidd}/{alert_id}/{token}")
         else:
             params = {
                 "uid": uidd,
-                "startt": times[0],
-                "endt": times[1],
-                "rom": "1",
+                "startt": rest[0],
+                "endt": rest[1],
+                "rom": rest[2] if len(rest) > 2 else "1",
                 "id": alert_id,
                 "buildmp4": "1",
                 "token": token,
@@ -794,7 +1142,7 @@ class VideoloftClient:
                 )
         except TransportError as exc:
             # The thumb URL carries the token in its path: never let it reach a message.
-            raise type(exc)(str(exc).replace(token, "[token]"), sent=exc.sent) from None
+            raise _without_token(exc, token) from None
 
     # ------------------------------------------------------------------ actions
 
@@ -804,8 +1152,7 @@ class VideoloftClient:
         if uidd not in self._devices:
             raise InvalidAction(f"target must be a uidd of this account, not {action.target!r}")
         if action.kind == "snapshot_request":
-            answer = await self._camera_task(uidd, "capturethumb")
-            return ActionResult(result={"answer": answer})
+            return await self._snapshot(action, uidd)
         if action.kind == "record":
             return await self._record(uidd, action.params.get("duration_s", 60))
         raise InvalidAction(
@@ -826,9 +1173,71 @@ class VideoloftClient:
             await asyncio.sleep(TRIGGER_EVERY_S)
         return ActionResult(result={"triggers_sent": sent, "duration_s": duration})
 
+    async def _snapshot(self, action: Action, uidd: str) -> ActionResult:
+        """capturethumb only asks the camera for an image: the manual's way to get it is
+        `lastthumb` in /cameras/status, then /getthumb. The image is stored under the media
+        directory (`<site>/<yyyy>/<mm>/<dd>/<action id>-action-snapshot.jpg`) and its path
+        is the action's result."""
+        before = await self._last_thumb(uidd)
+        answer = await self._camera_task(uidd, "capturethumb")
+        taken = await self._new_thumb(uidd, before)
+        path = f"getthumb|{self._devices[uidd].logger}|{uidd}|{taken}"
+        image = await self._keep_image(action, path)
+        return ActionResult(result={"answer": answer, "thumb_time": taken, **image})
+
+    async def _last_thumb(self, uidd: str) -> int | None:
+        status, payload = await self._get(
+            self._logger_http(uidd), "/cameras/status", [("uidd", uidd)]
+        )
+        if status != 200:
+            raise BadDeviceResponse(f"GET /cameras/status for {uidd} answered {status}")
+        return as_id(_device_entries(_result(payload)).get(uidd, {}).get("lastthumb"))
+
+    async def _new_thumb(self, uidd: str, before: int | None) -> int:
+        """The `lastthumb` the camera reports once it took the thumb asked for."""
+        deadline = time.monotonic() + CAPTURE_WAIT_S
+        while True:
+            taken = await self._last_thumb(uidd)
+            if taken is not None and (before is None or taken > before):
+                return taken
+            if time.monotonic() >= deadline:
+                raise BadDeviceResponse(
+                    f"{uidd} reported no new thumb within {CAPTURE_WAIT_S:g} s of capturethumb"
+                )
+            await asyncio.sleep(CAPTURE_POLL_S)
+
+    async def _keep_image(self, action: Action, path: str) -> dict[str, Any]:
+        """Download the image at `path` and store it (when the daemon gave a media root)."""
+        async with self.download(path) as image:
+            if self._media_root is None:  # the probe: download it, keep nothing
+                size = 0
+                async for chunk in image.chunks:
+                    size += len(chunk)
+                return {"image_bytes": size, "content_type": image.content_type}
+            try:
+                stored = await store_stream(
+                    image.chunks,
+                    root=self._media_root,
+                    site_id=self.site_id,
+                    alarm_id=action.id,
+                    kind="action-snapshot",
+                    occurred_at=datetime.now(UTC),
+                    max_bytes=MAX_IMAGE_BYTES,
+                )
+            except MediaTooLarge as exc:
+                raise BadDeviceResponse(f"captured image of {action.target}: {exc}") from None
+        return {
+            "path": stored.path,
+            "image_bytes": stored.size_bytes,
+            "content_type": stored.content_type,
+        }
+
     async def _camera_task(self, uidd: str, task: str) -> Any:
         status, payload = await self._get(
-            self._logger_http(uidd), "/sendcameratask", {"uid": uidd, "action": task}
+            self._logger_http(uidd),
+            "/sendcameratask",
+            {"uid": uidd, "action": task},
+            auth_in="query",
         )
         if 200 <= status < 300:
             return payload
@@ -846,8 +1255,71 @@ class VideoloftClient:
         return {
             "devices (uidd: name @ logger)": {
                 uidd: f"{d.name} @ {d.logger}" for uidd, d in sorted(self._devices.items())
-            }
+            },
+            "not watched (viewerInfo names no logger)": list(self._unwatched),
         }
+
+    def probe_checks(self) -> dict[str, Callable[[], Awaitable[str]]]:
+        """Commissioning: the live stream of every logger connects, and what the vendor
+        offers as media (an alert's thumbnail and MP4, a thumb captured now) downloads."""
+        return {
+            "live stream of every logger": self._probe_streams,
+            "one snapshot": self._probe_media,
+        }
+
+    async def _probe_streams(self) -> str:
+        await self._ensure_devices()
+        self._ensure_streams()
+        loggers = sorted(self._by_logger())
+        deadline = time.monotonic() + PROBE_STREAM_WAIT_S
+        while time.monotonic() < deadline:
+            if all(logger in self._connected_at for logger in loggers):
+                return "\n".join(f"{logger}: connected" for logger in loggers)
+            await asyncio.sleep(0.1)
+        missing = [logger for logger in loggers if logger not in self._connected_at]
+        failures = {
+            logger: self._stream_failures.get(logger, (0, "no answer"))[1] for logger in missing
+        }
+        raise BadDeviceResponse(
+            f"live stream not connected within {PROBE_STREAM_WAIT_S:g} s: {failures}"
+        )
+
+    async def _probe_media(self) -> str:
+        await self._ensure_devices()
+        lines = []
+        for alarm in await self.recent_alarms(1):
+            for media in alarm.media:
+                what = f"alert {alarm.source_id} {media.kind.value}"
+                probe = await self.media_status(media.kind, media.locator)
+                if probe.state != "ready" or probe.path is None:
+                    lines.append(f"{what}: {probe.state} ({probe.detail})")
+                    continue
+                try:
+                    size, content_type = await self._download_size(probe.path)
+                except MediaNotReady as exc:  # a fresh alert: the logger has not got it yet
+                    lines.append(f"{what}: not served yet ({exc})")
+                    continue
+                lines.append(f"{what}: {size} bytes ({content_type})")
+        uidd = next((u for u, d in sorted(self._devices.items()) if d.logger), None)
+        if uidd is None:
+            raise BadDeviceResponse("no device with a logger to capture a thumb from")
+        before = await self._last_thumb(uidd)
+        await self._camera_task(uidd, "capturethumb")
+        taken = await self._new_thumb(uidd, before)
+        size, content_type = await self._download_size(
+            f"getthumb|{self._devices[uidd].logger}|{uidd}|{taken}"
+        )
+        lines.append(f"thumb captured now on {uidd}: {size} bytes ({content_type})")
+        return "\n".join(lines)
+
+    async def _download_size(self, path: str) -> tuple[int, str | None]:
+        size = 0
+        async with self.download(path) as download:
+            async for chunk in download.chunks:
+                size += len(chunk)
+                if size > MAX_IMAGE_BYTES:
+                    break
+        return size, download.content_type
 
     async def recent_alarms(self, count: int) -> list[Alarm]:
         await self._ensure_devices()
@@ -857,38 +1329,98 @@ class VideoloftClient:
         return sorted(alarms, key=lambda alarm: alarm.occurred_at, reverse=True)[:count]
 
     async def close(self) -> None:
-        for stream in self._streams.values():
-            stream.task.cancel()
-        if self._streams:
-            await asyncio.wait([s.task for s in self._streams.values()], timeout=2)
+        tasks = [s.task for s in self._streams.values()] + list(self._status_reads.values())
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=2)
         self._streams.clear()
+        self._status_reads.clear()
 
 
 # ---------------------------------------------------------------------- cursor
 
 
-class _CursorState:
-    """Per device: the newest alert id committed, and the last camera status seen."""
+@dataclass(slots=True)
+class _Gap:
+    """A device's alerts not read back yet: those above `floor` (the newest id committed
+    before the gap), /alert read from `offset` on; `top` is the newest id seen since."""
 
-    def __init__(self, last_ids: dict[str, int], statuses: dict[str, str]) -> None:
+    floor: int
+    offset: int = 0
+    top: int = 0
+    until: int = 0  # ms: read it (again) once this has passed, then close it
+    read: bool = False  # read to its floor since it was last (re)opened
+
+    def dump(self) -> dict[str, int | bool]:
+        return {
+            "floor": self.floor,
+            "offset": self.offset,
+            "top": self.top,
+            "until": self.until,
+            "read": self.read,
+        }
+
+
+class _CursorState:
+    """Per device: the newest alert id committed, its open gap if any, and the last camera
+    status seen. Small: a few numbers per device of the account."""
+
+    def __init__(
+        self, last_ids: dict[str, int], statuses: dict[str, str], gaps: dict[str, _Gap]
+    ) -> None:
         self._last_ids = last_ids
         self._statuses = statuses
+        self._gaps = gaps
 
     @classmethod
     def load(cls, cursor: Cursor | None) -> _CursorState:
         cursor = cursor or {}
-        ids = cursor.get("last_ids") if isinstance(cursor.get("last_ids"), dict) else {}
-        statuses = cursor.get("statuses") if isinstance(cursor.get("statuses"), dict) else {}
+        ids = _mapping(cursor.get("last_ids"))
+        statuses = _mapping(cursor.get("statuses"))
+        gaps = _mapping(cursor.get("gaps"))
         return cls(
-            {str(k): int(v) for k, v in (ids or {}).items()},
-            {str(k): str(v) for k, v in (statuses or {}).items()},
+            {str(k): n for k, v in ids.items() if (n := as_int(v)) is not None},
+            {str(k): str(v) for k, v in statuses.items()},
+            {str(k): gap for k, v in gaps.items() if (gap := _load_gap(v)) is not None},
         )
 
     def last_id(self, uidd: str) -> int | None:
         return self._last_ids.get(uidd)
 
+    def start(self, uidd: str, alert_id: int) -> None:
+        self._last_ids[uidd] = alert_id
+
+    def needs_catch_up(self, uidd: str, now_ms: int) -> bool:
+        gap = self._gaps.get(uidd)
+        if gap is not None:
+            return not gap.read or now_ms >= gap.until
+        return uidd not in self._last_ids
+
+    def open_gap(self, uidd: str, until: int) -> None:
+        """A new gap of `uidd`, to be read now and again after `until` (joined to the one
+        still open, if any: same floor, read again)."""
+        floor = self._last_ids.get(uidd)
+        gap = self._gaps.get(uidd)
+        if gap is not None:
+            gap.until, gap.read = max(gap.until, until), False
+        elif floor is not None:
+            self._gaps[uidd] = _Gap(floor=floor, top=floor, until=until)
+
+    def gap(self, uidd: str) -> _Gap | None:
+        return self._gaps.get(uidd)
+
+    def close_gap(self, uidd: str) -> None:
+        gap = self._gaps.pop(uidd, None)
+        if gap is not None:
+            self.advance(uidd, gap.top)
+
     def advance(self, uidd: str, alert_id: int) -> None:
-        self._last_ids[uidd] = max(alert_id, self._last_ids.get(uidd, 0))
+        gap = self._gaps.get(uidd)
+        if gap is not None:  # never past an unread gap: its end is remembered instead
+            gap.top = max(gap.top, alert_id)
+        else:
+            self._last_ids[uidd] = max(alert_id, self._last_ids.get(uidd, 0))
 
     def status(self, uidd: str) -> str | None:
         return self._statuses.get(uidd)
@@ -897,7 +1429,33 @@ class _CursorState:
         self._statuses[uidd] = status
 
     def dump(self) -> dict[str, Any]:
-        return {"last_ids": dict(self._last_ids), "statuses": dict(self._statuses)}
+        cursor: dict[str, Any] = {
+            "last_ids": dict(self._last_ids),
+            "statuses": dict(self._statuses),
+        }
+        if self._gaps:
+            cursor["gaps"] = {uidd: gap.dump() for uidd, gap in self._gaps.items()}
+        return cursor
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _load_gap(value: Any) -> _Gap | None:
+    fields = _mapping(value)
+    floor, offset, top, until = (
+        as_int(fields.get(key)) for key in ("floor", "offset", "top", "until")
+    )
+    if floor is None:
+        return None
+    return _Gap(
+        floor=floor,
+        offset=max(offset or 0, 0),
+        top=max(top or floor, floor),
+        until=until or 0,
+        read=fields.get("read") is True,
+    )
 
 
 # ---------------------------------------------------------------------- helpers
@@ -907,6 +1465,24 @@ def _result(payload: Any) -> Any:
     if isinstance(payload, dict) and "result" in payload:
         return payload["result"]
     return payload if payload is not None else {}
+
+
+def _login_token(payload: Any) -> str | None:
+    """The authToken of a login answer, or None when it has none (`{}`, `{"result": 1.0}`)."""
+    result = _result(payload)
+    token = result.get("authToken") if isinstance(result, dict) else None
+    return token if isinstance(token, str) and token else None
+
+
+def _without_token(exc: TransportError, token: str) -> TransportError:
+    """The same error with the token (in a query or a path) out of its message."""
+    return type(exc)(str(exc).replace(token, "[token]"), sent=exc.sent)
+
+
+def _rom(alert: VlAlert) -> int:
+    """`rom` of the alert's MP4: 0 when the camera was recording 24/7, 1 (record on motion,
+    the manual's "usually") otherwise or when the alert does not say."""
+    return 0 if as_int(alert.raw.get("rom")) == 0 else 1
 
 
 def _cookie(response: aiohttp.ClientResponse) -> str | None:
@@ -925,21 +1501,32 @@ def _record_device(record: Any) -> str | None:
     return str(device) if device else None
 
 
-def _flatten_devices(result: Any) -> dict[str, _Device]:
-    """`{owner uid: {"devices": {id: {...}}, "alias": ...}}` -> {uidd: device}."""
-    devices: dict[str, _Device] = {}
+def _device_entries(result: Any) -> dict[str, dict[str, Any]]:
+    """`{owner uid: {"devices": {id: {...}}, "alias": ...}}` -> {uidd: its entry}."""
+    entries: dict[str, dict[str, Any]] = {}
     if not isinstance(result, dict):
-        return devices
+        return entries
     for owner in result.values():
         if not isinstance(owner, dict) or not isinstance(owner.get("devices"), dict):
             continue
         for item in owner["devices"].values():
             uidd_value = item.get("uidd") or item.get("uid") if isinstance(item, dict) else None
             if isinstance(item, dict) and uidd_value:
-                uidd = str(uidd_value)
-                devices[uidd] = _Device(
-                    uidd=uidd,
-                    name=str(item.get("phonename") or uidd),
-                    logger=str(item["logger"]) if item.get("logger") else None,
-                )
-    return devices
+                entries[str(uidd_value)] = item
+    return entries
+
+
+def _flatten_devices(result: Any) -> dict[str, _Device]:
+    """Every device of a `/devices` or `viewerInfo` answer."""
+    return {
+        uidd: _Device(
+            uidd=uidd,
+            name=str(item.get("phonename") or uidd),
+            logger=str(item["logger"]) if item.get("logger") else None,
+        )
+        for uidd, item in _device_entries(result).items()
+    }
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
