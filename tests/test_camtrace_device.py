@@ -4,6 +4,7 @@ cursor it returns, as the poller would (storage is covered in test_camtrace.py).
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from collections.abc import AsyncIterator
@@ -13,8 +14,10 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from structlog.testing import capture_logs
 
 from cms_ingest.domain import Alarm, EventType, MediaKind
+from cms_ingest.probe import run_probe
 from cms_ingest.simulators.base import DeviceAnswer, static_answer
 from cms_ingest.simulators.camtrace import SLICE_BYTES, CamTraceSimulator, CamTraceSite
 from cms_ingest.sitehttp import SiteHttp
@@ -22,6 +25,7 @@ from cms_ingest.vendors.base import AuthenticationFailed, BadDeviceResponse, Cur
 from cms_ingest.vendors.camtrace import CamTraceClient, CamTraceOptions, alarm_type
 from cms_ingest.vendors.common import MAX_PAGES_PER_POLL
 from tests.conftest import eventually
+from tests.support import camtrace_site
 
 ALARMS = "/api/v1.2/cameras/alarms"
 
@@ -129,17 +133,21 @@ async def test_a_reset_seen_by_its_newest_id_below_the_cursor(
         assert device.problems.resets and "below the cursor" in device.problems.resets[0]
 
 
+@pytest.mark.parametrize("auth", ["wsse", "basic"])
 async def test_alarms_the_server_still_lists_are_no_reset(
-    session: aiohttp.ClientSession,
+    session: aiohttp.ClientSession, auth: str
 ) -> None:
-    site = CamTraceSite(media_delay=0, order="time")
+    """Nor is a server clock 20 s ahead a clock step (the Date header's second resolution)."""
+    site = CamTraceSite(media_delay=0, order="time", clock_offset_s=20.0)
     async with CamTraceSimulator({"default": site}) as sim:
-        device = driver(session, sim.url())
-        await device.poll()
-        for _ in range(5):
-            site.add_alarms(3, recording=False)
+        device = driver(session, sim.url(), auth=auth, allow_basic_over_http=True)
+        with capture_logs() as logs:
             await device.poll()
+            for _ in range(5):
+                site.add_alarms(3, recording=False)
+                await device.poll()
         assert device.problems.resets == [] and len(device.stored) == 15
+        assert not [e for e in logs if e["event"] == "server_clock_stepped_back"]
 
 
 # ------------------------------------------------------------------ paging
@@ -498,3 +506,23 @@ async def test_without_the_admin_profile_alarms_still_arrive(
         site.add_alarm(recording=False)
         assert source_ids(await device.poll()) == ["1"]
         assert "connection_log" in device.problems.kinds()
+
+
+# ------------------------------------------------------------------ commissioning probe
+
+
+async def test_probe_reports_the_camtrace_checks() -> None:
+    site = CamTraceSite(media_delay=0, link_host="demo.camtrace.com")
+    site.add_alarms(3, recording=False)
+    async with CamTraceSimulator({"default": site}) as sim:
+        out = io.StringIO()
+        assert await run_probe(camtrace_site("ct", sim.url()), out=out) == 0, out.getvalue()
+        report = out.getvalue()
+        assert "[PASS] server time (getservertime)" in report and "Europe/Paris" in report
+        assert "[PASS] alarm list paging" in report and "demo.camtrace.com" in report
+        assert "[PASS] camera connection log readable" in report
+        site.admin = False
+        out = io.StringIO()
+        assert await run_probe(camtrace_site("ct", sim.url()), out=out) == 1
+        assert "[FAIL] camera connection log readable" in out.getvalue()
+        assert "Admin profile" in out.getvalue()

@@ -98,6 +98,7 @@ RECENT_ALARMS_KEPT = 64  # alarms the cursor remembers to tell a reset server
 IDENTITY_LIMIT = 40  # characters of an alarm's time and camera the cursor keeps
 FIRST_LOOK_BACK = timedelta(days=1)  # a cursor without a usable watermark reads this far back
 CLOCK_REMEASURE_S = 30.0  # an unusable server time is measured again after this long
+CLOCK_STEP_TOLERANCE_S = 5.0  # the server's clock this far behind the watermark: a step back
 CAMERA_NAMES_TTL_S = 600.0
 CUSTOM_TYPES_LOGGED = 100  # custom alarm types named in the log, per site
 SKEW_WARN_S = 5.0
@@ -536,12 +537,13 @@ class CamTraceClient:
     async def _first_poll(self) -> PollResult:
         """First start on a site: the newest alarm becomes the cursor (no backlog flood); with
         `backfill`, the alarms of that period are read from the following polls on."""
-        page = await self._alarm_page(None, None, 0, limit=1)
-        newest = page.items[0] if page.items else None
+        # A page of the newest, not only the newest: the cursor remembers them, so an odd
+        # newest alarm (stamped year 1, outside every window) cannot pass for a reset server.
+        page = await self._alarm_page(None, None, 0, limit=RECENT_ALARMS_KEPT)
         server_now = page.server_time or self._server_now()
-        state = AlarmCursor(last_id=(_id(newest) or 0) if newest else 0, watermark=server_now)
-        if newest is not None:
-            state.remember([newest])
+        newest = max((_id(item) or 0 for item in page.items), default=0)
+        state = AlarmCursor(last_id=newest, watermark=server_now)
+        state.remember(page.items)
         state.connections = ConnectionCursor(watermark=server_now)
         if self._options.backfill is not None:
             since = server_now - timedelta(seconds=self._options.backfill)
@@ -556,7 +558,12 @@ class CamTraceClient:
         top = server_now - FIRST_LOOK_BACK if state.watermark is None else state.watermark
         start = min(top, server_now) - margin
         first = await self._alarm_page(start, None, 0)
-        stepped_back = first.server_time is not None and first.server_time < start + margin
+        # A step smaller than the margin is covered by it; the tolerance absorbs the Date
+        # header's 1 s resolution.
+        stepped_back = (
+            first.server_time is not None
+            and first.server_time < start + margin - timedelta(seconds=CLOCK_STEP_TOLERANCE_S)
+        )
         if stepped_back and first.server_time is not None:
             # The server's clock went back (an NTP step) since we last looked: its new alarms
             # are timed before the watermark. Read again from its present time.
@@ -577,8 +584,7 @@ class CamTraceClient:
         fresh = [item for item in listed if (_id(item) or 0) > floor]
         state.last_id = max([floor, *(_id(item) or 0 for item in fresh)])
         state.remember(fresh)
-        if first.server_time is not None:
-            state.watermark = first.server_time
+        state.watermark = first.server_time or server_now
         if not listing.complete:
             state.backlog = _backlog_after(listed, start, first.server_time or server_now, floor)
             self._problems.bad_input(
@@ -698,7 +704,10 @@ class CamTraceClient:
             self._problems.bad_input("connection_log", str(exc))
             return state
         listed_ids = [as_id(entry.get("id")) or 0 for entry in entries]
-        floor = log_cursor.last_id if max(listed_ids, default=0) >= log_cursor.last_id else 0
+        # Ids below ours only: the server's log started again (a reset); its source ids carry
+        # the camera, state and time, so nothing is stored twice either way.
+        restarted = bool(listed_ids) and max(listed_ids) < log_cursor.last_id
+        floor = 0 if restarted else log_cursor.last_id
         fresh = [entry for entry, key in zip(entries, listed_ids, strict=True) if key > floor]
         alarms.extend(self._connection_alarms(fresh, state.life))
         state.connections = ConnectionCursor(
