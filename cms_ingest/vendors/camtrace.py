@@ -103,6 +103,8 @@ CAMERA_NAMES_TTL_S = 600.0
 CUSTOM_TYPES_LOGGED = 100  # custom alarm types named in the log, per site
 SKEW_WARN_S = 5.0
 NO_SLICE_AFTER_S = 300.0  # no alarm slice this long after the alarm: the camera has none
+SLICE_RELOOK_S = 1.5  # a slice's stop unchanged this long: the slice is closed
+SLICE_STOPS_KEPT = 1000  # slices whose stop we watch (media of recent alarms)
 
 
 class CamTraceOptions(SiteOptions):
@@ -396,6 +398,7 @@ class CamTraceClient:
         self._health_errors: dict[str, str] = {}
         self._custom_types_seen: set[str] = set()
         self._date_offset_s = 0.0
+        self._slice_stops: dict[str, tuple[datetime, float]] = {}  # url -> (stop, first seen)
         self._connections_read_at: float | None = None
         self._connections_method = "GET"
 
@@ -982,14 +985,28 @@ class CamTraceClient:
         stop = parse_time(covering.get("stop"))
         if stop is None or stop <= alarm_time:
             return MediaProbe("pending", detail="the alarm slice is still recording")
-        if stop > self._server_now() - timedelta(seconds=self._options.slice_settle_s):
-            # Some servers list a slice being written with `stop` = its end so far: only a
-            # stop that has stayed put a while is the end of the recording.
-            return MediaProbe("pending", detail="the alarm slice may still be recording")
         url = covering.get("downloadUrl")
         if not isinstance(url, str):
             raise BadDeviceResponse("alarm slice without downloadUrl")
+        if not self._slice_settled(url, stop):
+            # Some servers list a slice being written with `stop` = its end so far: only a
+            # stop that stays put is the end of the recording.
+            return MediaProbe("pending", detail="the alarm slice may still be recording")
         return MediaProbe("ready", path=url)
+
+    def _slice_settled(self, url: str, stop: datetime) -> bool:
+        """Whether a slice's `stop` is its end: older than `slice_settle_s` on the server's
+        clock, or the same as at an earlier look `SLICE_RELOOK_S` ago or more."""
+        if stop <= self._server_now() - timedelta(seconds=self._options.slice_settle_s):
+            return True
+        now = time.monotonic()
+        seen = self._slice_stops.get(url)
+        if seen is not None and seen[0] == stop:
+            return now - seen[1] >= SLICE_RELOOK_S
+        if len(self._slice_stops) >= SLICE_STOPS_KEPT:
+            self._slice_stops.pop(next(iter(self._slice_stops)))
+        self._slice_stops[url] = (stop, now)
+        return False
 
     @asynccontextmanager
     async def download(self, path: str) -> AsyncIterator[Download]:
