@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from datetime import timedelta
 from pathlib import Path
 
 import asyncpg
@@ -151,6 +152,28 @@ async def test_a_reset_server_keeps_every_alarm_of_both_lives(
     assert len({key.split("@")[1] for key in later}) == 1  # one new life
     assert sorted(int(key.split("@")[0]) for key in later) == list(range(1, 11))
     assert len([e for e in logs if e["event"] == "device_reset_detected"]) == 1
+
+
+async def test_camera_connections_logged_while_the_daemon_was_down_arrive(
+    database_url: str, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    site = CamTraceSite(media_delay=0)
+    async with CamTraceSimulator({"default": site}) as sim:
+        options = {"connection_log_interval_s": 0.2}
+        config = app_config(
+            database_url, tmp_path, [camtrace_site("c1", sim.url(), options=options)]
+        )
+        async with running_daemon(config):
+            await eventually(lambda: has_cursor(db), what="cursor")
+        down = site.now().replace(microsecond=0)
+        site.camera_connection(3, False, time=down)  # while no daemon runs
+        site.camera_connection(3, True, time=down + timedelta(seconds=2))
+        async with running_daemon(config):
+            await eventually(lambda: count_at_least(db, 2), what="offline and online")
+        rows = await db.fetch("SELECT * FROM alarms ORDER BY occurred_at")
+    assert [r["event_type"] for r in rows] == ["camera_offline", "camera_online"]
+    assert [r["occurred_at"] for r in rows] == [down, down + timedelta(seconds=2)]
+    assert rows[0]["camera_id"] == "3" and rows[0]["camera_name"] == "Loading bay"
 
 
 async def test_paging_shift_under_a_burst_loses_and_duplicates_nothing(

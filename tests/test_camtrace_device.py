@@ -526,3 +526,13 @@ async def test_probe_reports_the_camtrace_checks() -> None:
         assert await run_probe(camtrace_site("ct", sim.url()), out=out) == 1
         assert "[FAIL] camera connection log readable" in out.getvalue()
         assert "Admin profile" in out.getvalue()
+
+
+async def test_an_inventory_of_odd_shape_is_no_crash(session: aiohttp.ClientSession) -> None:
+    site = CamTraceSite(media_delay=0)
+    async with CamTraceSimulator({"default": site}) as sim:
+        sim.respond("GET", "/api/v1.2/exturls", static_answer(200, "[1, 2]"), times=None)
+        sim.respond("GET", "/api/v1.2/scenarios", static_answer(200, '"none"'), times=None)
+        device = driver(session, sim.url())
+        inventory = await device.client.describe()  # was: AttributeError on a list
+        assert inventory["commands (exturls)"] == [] and inventory["scenarios"] == []

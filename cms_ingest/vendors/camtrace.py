@@ -55,7 +55,9 @@ from cms_ingest.vendors.base import (
     PollResult,
     ProblemReporter,
     SiteOptions,
+    TransportError,
     VendorContext,
+    VendorError,
 )
 from cms_ingest.vendors.common import (
     MAX_PAGES_PER_POLL,
@@ -702,9 +704,10 @@ class CamTraceClient:
         log_cursor = state.connections or ConnectionCursor(watermark=self._server_now())
         try:
             entries, server_time = await self._read_connection_log(log_cursor)
-        except BadDeviceResponse as exc:
-            # Another profile than Admin, an older server: the alarms go on without it.
-            self._problems.bad_input("connection_log", str(exc))
+        except (VendorError, TransportError) as exc:
+            # Another profile than Admin, an older server, a slow log: the alarms read in this
+            # poll are committed without it; the log is read from its own cursor next time.
+            self._problems.bad_input("connection_log", f"{type(exc).__name__}: {exc}")
             return state
         listed_ids = [as_id(entry.get("id")) or 0 for entry in entries]
         # Ids below ours only: the server's log started again (a reset); its source ids carry
@@ -906,8 +909,8 @@ class CamTraceClient:
         _, scenarios, _ = await self._request(f"{API}/scenarios")
         return {
             "cameras": {key: cam.get("name") for key, cam in self._cameras.items()},
-            "commands (exturls)": (exturls or {}).get("exturls", []),
-            "scenarios": (scenarios or {}).get("scenarios", []),
+            "commands (exturls)": _listed(exturls, "exturls"),
+            "scenarios": _listed(scenarios, "scenarios"),
             "clock skew (s)": round(self._offset_s or 0.0, 2),
         }
 
@@ -1078,6 +1081,11 @@ def _path_only(path: str) -> str:
 
 def _id(item: Mapping[str, Any]) -> int | None:
     return as_id(item.get("id"))
+
+
+def _listed(payload: Any, key: str) -> Any:
+    """`payload[key]` when the answer is the documented object, else an empty list."""
+    return payload.get(key, []) if isinstance(payload, dict) else []
 
 
 def _connected(entry: Mapping[str, Any]) -> bool | None:
