@@ -102,7 +102,7 @@ async def test_a_server_whose_ids_start_again_is_a_new_life(
 ) -> None:
     site = CamTraceSite(media_delay=0, order=order)
     async with CamTraceSimulator({"default": site}) as sim:
-        device = driver(session, sim.url())
+        device = driver(session, sim.url(), page_size=5)  # the new life spans pages
         await device.poll()
         site.add_alarms(10, camera=1, recording=False)
         assert len(await device.poll()) == 10
@@ -205,18 +205,36 @@ async def test_a_backfill_arrives_over_the_next_polls(session: aiohttp.ClientSes
 async def test_a_server_clock_stepped_back_loses_no_alarm(
     session: aiohttp.ClientSession, order: str
 ) -> None:
+    """Listed by time, the new alarms sort below more than a page of older ones stamped
+    ahead of the stepped-back clock: they are still found."""
     site = CamTraceSite(media_delay=0, order=order)
     async with CamTraceSimulator({"default": site}) as sim:
-        device = driver(session, sim.url())
+        device = driver(session, sim.url(), page_size=5)
         await device.poll()
-        site.add_alarms(3, recording=False)
-        assert len(await device.poll()) == 3
+        site.add_alarms(12, recording=False)
+        assert len(await device.poll()) == 12
         site.clock_offset_s = -900.0  # NTP steps the server's clock back 15 minutes
         site.add_alarms(2, recording=False)
         await device.poll()
         site.add_alarm(recording=False)
         await device.poll()
-        assert device.ids() == [str(n) for n in range(1, 7)]
+        site.add_alarm(recording=False)
+        await device.poll()
+        assert device.ids() == [str(n) for n in range(1, 17)]
+
+
+async def test_a_quiet_poll_after_a_burst_reads_one_page(
+    session: aiohttp.ClientSession,
+) -> None:
+    site = CamTraceSite(media_delay=0)
+    async with CamTraceSimulator({"default": site}) as sim:
+        device = driver(session, sim.url(), page_size=5)
+        await device.poll()
+        site.add_alarms(60, recording=False)
+        assert len(await device.poll()) == 60
+        before = site.requests[f"GET {ALARMS}"]
+        assert await device.poll() == []
+        assert site.requests[f"GET {ALARMS}"] - before == 1  # not the 12 pages of the window
 
 
 async def test_an_alarm_stamped_9999_hides_nothing(session: aiohttp.ClientSession) -> None:

@@ -253,6 +253,22 @@ class Listing:
     items: list[dict[str, Any]]
     complete: bool
     raw_read: int
+    stopped_early: bool = False
+
+
+Stop = tuple[int, datetime] | None  # (last id read, the server's now) for an early stop
+
+
+def _all_read_before(items: list[dict[str, Any]], last_id: int, now: datetime) -> bool:
+    """Whether a page holds only alarms at or below our id and timed at or before `now` (a
+    page of alarms stamped ahead of the clock, e.g. before an NTP step, goes on)."""
+    if not items:
+        return False
+    for item in items:
+        when = parse_time(item.get("time"))
+        if (_id(item) or 0) > last_id or when is None or when > now:
+            return False
+    return True
 
 
 def _oldest_first(found: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -579,12 +595,18 @@ class CamTraceClient:
             )
             start = first.server_time - margin
             first = await self._alarm_page(start, None, 0)
-        listing = await self._read_pages(first, start, None)
-        listed = listing.items
-        evidence = _reset_evidence(state, listed)
+        # Ids only grow, so a page of old alarms timed before now ends the read (a server
+        # listing by time puts a clock step's new alarms below older ones: then read it all).
+        now = (first.server_time or server_now) + timedelta(seconds=1)  # `Date` is truncated
+        stop = None if stepped_back else (state.last_id, now)
+        listing = await self._read_pages(first, start, None, stop)
+        evidence = _reset_evidence(state, listing.items)
         if evidence is not None:
             self._problems.device_reset(evidence)
             state = state.next_life()
+            if listing.stopped_early:  # every alarm of the new life is new: read them all
+                listing = await self._read_pages(first, start, None)
+        listed = listing.items
         floor = state.last_id
         fresh = [item for item in listed if (_id(item) or 0) > floor]
         state.last_id = max([floor, *(_id(item) or 0 for item in fresh)])
@@ -631,16 +653,19 @@ class CamTraceClient:
         return AlarmPage(items, len(raw), offset, more, server_time)
 
     async def _read_pages(
-        self, first: AlarmPage, start: datetime | None, end: datetime | None
+        self, first: AlarmPage, start: datetime | None, end: datetime | None, stop: Stop = None
     ) -> Listing:
         """The alarms of `first` and the pages after it, each id once, and whether the listing
-        was read to its end (not: MAX_PAGES_PER_POLL pages read, the rest is for the next poll)."""
+        was read to its end (not: MAX_PAGES_PER_POLL pages read, the rest is for the next poll).
+        With `stop`, a page of nothing but alarms already read ends it early."""
         found: dict[int, dict[str, Any]] = {}
         page, raw_read = first, 0
         for pages in range(1, MAX_PAGES_PER_POLL + 1):
             raw_read += page.raw_count
             for item in page.items:
                 found.setdefault(_id(item) or 0, item)
+            if stop is not None and _all_read_before(page.items, *stop):
+                return Listing(_oldest_first(found), True, raw_read, stopped_early=True)
             if not page.more:
                 return Listing(_oldest_first(found), True, raw_read)
             if pages < MAX_PAGES_PER_POLL:
