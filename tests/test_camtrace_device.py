@@ -19,7 +19,7 @@ from structlog.testing import capture_logs
 from cms_ingest.domain import Alarm, EventType, MediaKind
 from cms_ingest.probe import run_probe
 from cms_ingest.simulators.base import DeviceAnswer, static_answer
-from cms_ingest.simulators.camtrace import SLICE_BYTES, CamTraceSimulator, CamTraceSite
+from cms_ingest.simulators.camtrace import SLICE_BYTES, CamTraceSimulator, CamTraceSite, iso_z
 from cms_ingest.sitehttp import SiteHttp
 from cms_ingest.vendors.base import AuthenticationFailed, BadDeviceResponse, Cursor, VendorContext
 from cms_ingest.vendors.camtrace import CamTraceClient, CamTraceOptions, alarm_type
@@ -554,3 +554,16 @@ async def test_an_inventory_of_odd_shape_is_no_crash(session: aiohttp.ClientSess
         device = driver(session, sim.url())
         inventory = await device.client.describe()  # was: AttributeError on a list
         assert inventory["commands (exturls)"] == [] and inventory["scenarios"] == []
+
+
+async def test_a_cursor_stored_by_the_previous_version_goes_on(
+    session: aiohttp.ClientSession,
+) -> None:
+    site = CamTraceSite(media_delay=0)
+    async with CamTraceSimulator({"default": site}) as sim:
+        device = driver(session, sim.url())
+        site.add_alarms(2, recording=False)
+        device.cursor = {"last_id": 2, "last_time": iso_z(site.alarms[-1].time)}
+        site.add_alarm(recording=False)
+        assert source_ids(await device.poll()) == ["3"]
+        assert device.problems.kinds() == set() and device.problems.resets == []
