@@ -567,3 +567,27 @@ async def test_a_cursor_stored_by_the_previous_version_goes_on(
         site.add_alarm(recording=False)
         assert source_ids(await device.poll()) == ["3"]
         assert device.problems.kinds() == set() and device.problems.resets == []
+
+
+async def test_a_connection_log_longer_than_the_page_cap_arrives_over_polls(
+    session: aiohttp.ClientSession,
+) -> None:
+    """After a long outage of ours: the newest pages first, the older part on the next polls
+    (an entry at the boundary may come twice; its source id is the same, stored once)."""
+    site = CamTraceSite(media_delay=0)
+    async with CamTraceSimulator({"default": site}) as sim:
+        device = driver(session, sim.url(), page_size=2)
+        await device.poll()
+        start = site.now().replace(microsecond=0) - timedelta(seconds=60)
+        for camera in range(1, 31):  # 60 lines, over the 40 that 20 pages of 2 hold
+            site.camera_connection(camera, False, time=start + timedelta(seconds=camera))
+        seen: set[str] = set()
+        for _ in range(3):
+            result = await device.client.poll(device.cursor)
+            device.cursor = json.loads(json.dumps(result.cursor))
+            seen |= {alarm.source_id for alarm in result.alarms}
+        assert len(seen) == 30
+        assert device.cursor is not None and "until" not in device.cursor["connections"]
+        site.camera_connection(2, True)
+        result = await device.client.poll(device.cursor)
+        assert [alarm.event_type for alarm in result.alarms] == [EventType.CAMERA_ONLINE]

@@ -162,14 +162,19 @@ class Backlog:
 
 @dataclasses.dataclass(slots=True)
 class ConnectionCursor:
-    """Where the camera connection log was read up to (same scheme as the alarms)."""
+    """Where the camera connection log was read up to (same scheme as the alarms); `until`:
+    a read hit the page cap, the log up to that time is still to be read."""
 
     last_id: int = 0
     watermark: datetime | None = None
+    until: datetime | None = None
 
     def dump(self) -> dict[str, Any]:
         mark = None if self.watermark is None else _iso(self.watermark)
-        return {"last_id": self.last_id, "watermark": mark}
+        cursor: dict[str, Any] = {"last_id": self.last_id, "watermark": mark}
+        if self.until is not None:
+            cursor["until"] = _iso(self.until)
+        return cursor
 
     @classmethod
     def load(cls, value: Any) -> ConnectionCursor | None:
@@ -178,7 +183,38 @@ class ConnectionCursor:
         watermark = parse_time(value.get("watermark"))
         if watermark is not None and not plausible_time(watermark):
             watermark = None
-        return cls(as_id(value.get("last_id")) or 0, watermark)
+        return cls(as_id(value.get("last_id")) or 0, watermark, parse_time(value.get("until")))
+
+
+def _connections_read(entries: list[dict[str, Any]], last_id: int, now: datetime) -> bool:
+    """Whether a page of the connection log holds only lines at or below our last id, timed
+    before now (lines stamped ahead of a clock stepped back sort above new ones)."""
+    return bool(entries) and all(
+        (as_id(entry.get("id")) or 0) <= last_id
+        and (parse_time(entry["dateTime"]) or now + timedelta(seconds=1)) <= now
+        for entry in entries
+    )
+
+
+def _connections_after(
+    previous: ConnectionCursor,
+    entries: list[dict[str, Any]],
+    last_id: int,
+    server_time: datetime | None,
+    complete: bool,
+) -> ConnectionCursor:
+    """The connection log cursor after a read. A capped read (newest first) leaves the part
+    older than what it read for the next polls: `until` = the oldest time read (inclusive:
+    that second may hold unread lines too). The watermark is the time of the first read of
+    the two, so what came meanwhile is read after."""
+    watermark = previous.watermark if previous.until is not None else server_time
+    if complete:
+        return ConnectionCursor(last_id, watermark or previous.watermark)
+    times = [when for when in (parse_time(entry["dateTime"]) for entry in entries) if when]
+    oldest = min(times, default=None)
+    if oldest is None or oldest == previous.until:
+        oldest = (previous.until or server_time or datetime.now(UTC)) - timedelta(seconds=1)
+    return ConnectionCursor(last_id, watermark or previous.watermark, oldest)
 
 
 @dataclasses.dataclass(slots=True)
@@ -728,30 +764,35 @@ class CamTraceClient:
         self._connections_read_at = now
         log_cursor = state.connections or ConnectionCursor(watermark=self._server_now())
         try:
-            entries, server_time = await self._read_connection_log(log_cursor)
+            entries, server_time, complete = await self._read_connection_log(log_cursor)
         except (VendorError, TransportError) as exc:
             # Another profile than Admin, an older server, a slow log: the alarms read in this
             # poll are committed without it; the log is read from its own cursor next time.
             self._problems.bad_input("connection_log", f"{type(exc).__name__}: {exc}")
             return state
         listed_ids = [as_id(entry.get("id")) or 0 for entry in entries]
-        # Ids below ours only: the server's log started again (a reset); its source ids carry
-        # the camera, state and time, so nothing is stored twice either way.
+        # Ids below ours only: the server's log started again (a reset). An older part still
+        # to read (`until`) has ids below ours too. Source ids carry the camera, state and
+        # time, so an entry read twice is never stored twice.
         restarted = bool(listed_ids) and max(listed_ids) < log_cursor.last_id
-        floor = 0 if restarted else log_cursor.last_id
+        floor = 0 if restarted or log_cursor.until is not None else log_cursor.last_id
         fresh = [entry for entry, key in zip(entries, listed_ids, strict=True) if key > floor]
         alarms.extend(self._connection_alarms(fresh, state.life))
-        state.connections = ConnectionCursor(
-            max([floor, *listed_ids]), server_time or log_cursor.watermark
-        )
+        # The newest id read; an older part's ids (until) are below the one we have.
+        newest = max([floor, *listed_ids]) if log_cursor.until is None else log_cursor.last_id
+        state.connections = _connections_after(log_cursor, entries, newest, server_time, complete)
         return state
 
     async def _read_connection_log(
         self, log_cursor: ConnectionCursor
-    ) -> tuple[list[dict[str, Any]], datetime | None]:
+    ) -> tuple[list[dict[str, Any]], datetime | None, bool]:
+        """The log since the watermark (and up to `until`, when an older part is still to be
+        read): its usable entries, the server's time, whether it was read to its end."""
         margin = timedelta(seconds=self._options.watermark_margin_s)
         top = log_cursor.watermark or self._server_now() - FIRST_LOOK_BACK
         params = {"from": _iso(min(top, self._server_now()) - margin)}
+        if log_cursor.until is not None:
+            params["to"] = _iso(log_cursor.until)
         entries: list[dict[str, Any]] = []
         server_time: datetime | None = None
         offset = 0
@@ -760,14 +801,15 @@ class CamTraceClient:
             raw, headers = await self._connection_page(params)
             if server_time is None:
                 server_time = _plausible(_date_header(headers), self._problems, "Date header")
-            entries += [entry for entry in raw if _usable_connection(entry, self._problems)]
+            usable = [entry for entry in raw if _usable_connection(entry, self._problems)]
+            entries += usable
             offset += len(raw)
             if len(raw) < self._options.page_size and not _has_next_link(headers):
-                return entries, server_time
-        self._problems.bad_input(
-            "connection_log", f"more than {MAX_PAGES_PER_POLL} pages of camera connections"
-        )
-        return entries, server_time
+                return entries, server_time, True
+            now = (server_time or self._server_now()) + timedelta(seconds=1)
+            if log_cursor.until is None and _connections_read(usable, log_cursor.last_id, now):
+                return entries, server_time, True  # the rest of the window was read before
+        return entries, server_time, False
 
     async def _connection_page(
         self, params: Mapping[str, str]
