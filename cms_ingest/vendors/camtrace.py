@@ -6,19 +6,27 @@ What the server gives us, and how we use it:
   is the hashed password in `base64(sha1(nonce + created + hashed))`; without a salt the hash
   is MD5 (manual). A fresh nonce and `Created` per request.
 - The server refuses a `Created` more than about 10 s off its own clock. We measure its clock
-  (`GET /api/v1.2/getservertime`) and write `Created` in server time; on a 401 we measure
-  again and retry once. The measured skew is a metric and is warned about once over 5 s.
+  (`GET /api/v1.2/getservertime`, else its `Date`) and write `Created` in server time; on a
+  401 we measure again and retry once; an unusable time is measured again 30 s later. The
+  measured skew is a metric and is warned about once over 5 s.
 - `GET /api/v1.2/cameras/alarms` pages newest first with `limit`/`offset` and a
-  protocol-relative `Link: <//host/...>; rel="next"`. Alarms that arrive while we page shift
-  every later page down, so a page may repeat alarms already seen (never skip one): we
-  de-duplicate by id and stop at the newest id already stored. The `from` watermark (the last
-  alarm's time, minus a margin) keeps each poll small.
+  `Link: <//host/...>; rel="next"` naming the server's own host (not ours behind NAT): we page
+  by offset on the configured origin. Alarms that arrive while we page shift every later
+  page down, so a page may repeat alarms (never skip one): new ones are those above the
+  cursor's id. `from` is the server's time at the previous poll minus a margin (never an
+  alarm's time: one stamped 9999 would hide every later alarm); a clock stepped back is
+  followed. The cursor remembers the newest alarms' times and cameras to tell a server whose
+  ids started again (a reset): its alarms then get a device-life tag in their source id.
 - A video is the alarm recording slice (`/api/v1.2/slices?type=a`) that covers the alarm,
-  fetched once the slice is closed (its `stop` after the alarm), as Matroska.
+  fetched once the slice is closed (its `stop` after the alarm and no longer moving), as
+  Matroska. `isRecordingAlarm` is a live state, not a setting: not used.
+- The camera connection log gives `camera_offline` / `camera_online`, read with its own
+  cursor (inside the alarm cursor) so our outages lose none.
 
 Unknown (nobody public shows it): the full list of alarm descriptions CamTrace emits. The
-manual shows only "MOTION Alarm ..."; a triggered alarm's description is its custom type.
-`ALARM_TYPES` below is the one place that maps description types to the taxonomy.
+manual shows only "MOTION Alarm ..."; a triggered alarm's description is its custom type
+(`<type> Alarm` or `<type>`). `ALARM_TYPES` below maps the server's own types; every other
+type is a trigger's custom type, `input` (contract).
 """
 
 from __future__ import annotations
@@ -76,8 +84,8 @@ API = "/api/v1.2"
 log = structlog.get_logger("cms_ingest.vendors.camtrace")
 
 # Description type (the text before "Alarm", upper case) -> taxonomy. The manual documents
-# MOTION only; the others are what CamTrace installations are reported to show. Anything not
-# here is `other`, unless the site lists it in options.input_types (custom trigger types).
+# MOTION only; the others are what CamTrace installations are reported to show. Any other
+# type is the custom type of a trigger (`input`); an empty description is `other`.
 ALARM_TYPES: Mapping[str, EventType] = {
     "MOTION": EventType.MOTION,
     "TRIGGER": EventType.INPUT,
@@ -118,7 +126,8 @@ class CamTraceOptions(SiteOptions):
     allow_basic_over_http: bool = False  # Basic sends the password as is: https only, unless this
     page_size: int = Field(default=100, ge=1, le=500)
     backfill: Duration | None = None  # first start: ingest this far back instead of nothing
-    input_types: list[str] = Field(default_factory=list)  # custom trigger types -> `input`
+    # Kept for configs written before every custom trigger type became `input` by itself.
+    input_types: list[str] = Field(default_factory=list)
     health_interval_s: float = Field(default=60.0, gt=0)
     # `from` = the server's time at the previous poll - this (late-written alarms, clock steps)
     watermark_margin_s: float = Field(default=300.0, ge=0)
