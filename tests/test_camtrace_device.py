@@ -591,3 +591,16 @@ async def test_a_connection_log_longer_than_the_page_cap_arrives_over_polls(
         site.camera_connection(2, True)
         result = await device.client.poll(device.cursor)
         assert [alarm.event_type for alarm in result.alarms] == [EventType.CAMERA_ONLINE]
+
+
+async def test_each_custom_type_is_logged_once(session: aiohttp.ClientSession) -> None:
+    site = CamTraceSite(media_delay=0)
+    async with CamTraceSimulator({"default": site}) as sim:
+        device = driver(session, sim.url())
+        await device.poll()
+        with capture_logs() as logs:
+            for _ in range(3):
+                site.trigger_alarm([1, 2], "porte1")
+                await device.poll()
+        said = [e for e in logs if e["event"] == "camtrace_custom_alarm_type"]
+        assert [e["vendor_event"] for e in said] == ["PORTE1"]

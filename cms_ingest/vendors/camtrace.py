@@ -882,7 +882,8 @@ class CamTraceClient:
             return ALARM_TYPES[kind]
         if not kind:
             return EventType.OTHER
-        if kind not in self._input_types and len(self._custom_types_seen) < CUSTOM_TYPES_LOGGED:
+        unannounced = kind not in self._input_types and kind not in self._custom_types_seen
+        if unannounced and len(self._custom_types_seen) < CUSTOM_TYPES_LOGGED:
             self._custom_types_seen.add(kind)
             log.info(
                 "camtrace_custom_alarm_type",
