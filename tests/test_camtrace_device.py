@@ -604,3 +604,18 @@ async def test_each_custom_type_is_logged_once(session: aiohttp.ClientSession) -
                 await device.poll()
         said = [e for e in logs if e["event"] == "camtrace_custom_alarm_type"]
         assert [e["vendor_event"] for e in said] == ["PORTE1"]
+
+
+async def test_a_quiet_poll_leaves_the_cursor_as_it_was(session: aiohttp.ClientSession) -> None:
+    """Nothing new, no cursor change: the poller then writes nothing to the database."""
+    site = CamTraceSite(media_delay=0)
+    async with CamTraceSimulator({"default": site}) as sim:
+        device = driver(session, sim.url())
+        await device.poll()
+        site.add_alarm(recording=False)
+        site.camera_connection(1, False)
+        assert len(await device.poll()) == 2
+        settled = device.cursor
+        for _ in range(3):
+            assert await device.poll() == []
+            assert device.cursor == settled

@@ -195,6 +195,19 @@ class ConnectionCursor:
         return cls(as_id(value.get("last_id")) or 0, watermark, parse_time(value.get("until")))
 
 
+def _watermark_after(
+    previous: datetime | None, server_time: datetime | None, moved: bool, margin: timedelta
+) -> datetime | None:
+    """The watermark after a poll: the server's time when something was read (or the clock
+    stepped), else the old one until it is half a margin old. A quiet poll then leaves the
+    cursor as it was: no database write per site and poll."""
+    if server_time is None:
+        return previous
+    if moved or previous is None or abs(server_time - previous) > margin / 2:
+        return server_time
+    return previous
+
+
 def _connections_read(entries: list[dict[str, Any]], last_id: int, now: datetime) -> bool:
     """Whether a page of the connection log holds only lines at or below our last id, timed
     before now (lines stamped ahead of a clock stepped back sort above new ones)."""
@@ -656,7 +669,9 @@ class CamTraceClient:
         fresh = [item for item in listed if (_id(item) or 0) > floor]
         state.last_id = max([floor, *(_id(item) or 0 for item in fresh)])
         state.remember(fresh)
-        state.watermark = first.server_time or server_now
+        state.watermark = _watermark_after(
+            state.watermark, first.server_time or server_now, bool(fresh) or stepped_back, margin
+        )
         if not listing.complete:
             state.backlog = _backlog_after(listed, start, first.server_time or server_now, floor)
             self._problems.bad_input(
@@ -789,7 +804,10 @@ class CamTraceClient:
         alarms.extend(self._connection_alarms(fresh, state.life))
         # The newest id read; an older part's ids (until) are below the one we have.
         newest = max([floor, *listed_ids]) if log_cursor.until is None else log_cursor.last_id
-        state.connections = _connections_after(log_cursor, entries, newest, server_time, complete)
+        moved = bool(fresh) or not complete or log_cursor.until is not None
+        margin = timedelta(seconds=self._options.watermark_margin_s)
+        mark = _watermark_after(log_cursor.watermark, server_time, moved, margin)
+        state.connections = _connections_after(log_cursor, entries, newest, mark, complete)
         return state
 
     async def _read_connection_log(
