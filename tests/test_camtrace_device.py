@@ -19,7 +19,13 @@ from structlog.testing import capture_logs
 from cms_ingest.domain import Alarm, EventType, MediaKind
 from cms_ingest.probe import run_probe
 from cms_ingest.simulators.base import DeviceAnswer, static_answer
-from cms_ingest.simulators.camtrace import SLICE_BYTES, CamTraceSimulator, CamTraceSite, iso_z
+from cms_ingest.simulators.camtrace import (
+    SLICE_BYTES,
+    CamTraceSimulator,
+    CamTraceSite,
+    iso_z,
+    parse_alarm_query,
+)
 from cms_ingest.sitehttp import SiteHttp
 from cms_ingest.vendors.base import AuthenticationFailed, BadDeviceResponse, Cursor, VendorContext
 from cms_ingest.vendors.camtrace import CamTraceClient, CamTraceOptions, alarm_type
@@ -619,3 +625,27 @@ async def test_a_quiet_poll_leaves_the_cursor_as_it_was(session: aiohttp.ClientS
         for _ in range(3):
             assert await device.poll() == []
             assert device.cursor == settled
+
+
+async def test_a_server_ignoring_offset_does_not_hold_the_site(
+    session: aiohttp.ClientSession,
+) -> None:
+    site = CamTraceSite(media_delay=0)
+
+    async def first_page_always(request: web.Request, device: DeviceAnswer) -> web.StreamResponse:
+        page, _ = site.find_alarms(parse_alarm_query({**request.query, "offset": "0"}))
+        answer = web.json_response({"alarms": [alarm.to_json() for alarm in page]})
+        answer.headers["Link"] = '<//demo.camtrace.com/api/v1.2/cameras/alarms>; rel="next"'
+        return answer
+
+    async with CamTraceSimulator({"default": site}) as sim:
+        device = driver(session, sim.url(), page_size=5)
+        await device.poll()
+        sim.respond("GET", ALARMS, first_page_always, times=None)
+        site.add_alarms(12, recording=False)
+        before = site.requests[f"GET {ALARMS}"]
+        assert source_ids(await device.poll()) == ["8", "9", "10", "11", "12"]
+        assert site.requests[f"GET {ALARMS}"] - before == 2
+        assert "paging_ignored" in device.problems.kinds()
+        site.add_alarm(recording=False)
+        assert source_ids(await device.poll()) == ["13"]  # the site goes on

@@ -722,8 +722,14 @@ class CamTraceClient:
         page, raw_read = first, 0
         for pages in range(1, MAX_PAGES_PER_POLL + 1):
             raw_read += page.raw_count
+            known = len(found)
             for item in page.items:
                 found.setdefault(_id(item) or 0, item)
+            if pages > 1 and page.items and len(found) == known:
+                # A full page of nothing new: the server answers the same page whatever the
+                # offset. Paging on would never end (nor would a backlog of it).
+                self._problems.bad_input("paging_ignored", "the server ignores `offset`")
+                return Listing(_oldest_first(found), True, raw_read)
             if stop is not None and _all_read_before(page.items, *stop):
                 return Listing(_oldest_first(found), True, raw_read, stopped_early=True)
             if not page.more:
