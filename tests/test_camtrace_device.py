@@ -9,6 +9,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 from typing import Any
 
 import aiohttp
@@ -649,3 +650,26 @@ async def test_a_server_ignoring_offset_does_not_hold_the_site(
         assert "paging_ignored" in device.problems.kinds()
         site.add_alarm(recording=False)
         assert source_ids(await device.poll()) == ["13"]  # the site goes on
+
+
+async def test_a_date_header_from_a_reverse_proxy_hides_no_alarm(
+    session: aiohttp.ClientSession,
+) -> None:
+    """Behind a reverse proxy `Date` is the proxy's clock; the server's runs 10 minutes late
+    and stamps its alarms with it: the window starts at the earlier of the two clocks (the
+    one getservertime gave)."""
+    site = CamTraceSite(media_delay=0, clock_offset_s=-600.0)
+
+    async def proxy_date(request: web.Request, device: DeviceAnswer) -> web.StreamResponse:
+        response = await device()
+        response.headers["Date"] = format_datetime(datetime.now(UTC), usegmt=True)
+        return response
+
+    async with CamTraceSimulator({"default": site}) as sim:
+        sim.respond("GET", ALARMS, proxy_date, times=None)
+        device = driver(session, sim.url())
+        await device.poll()
+        site.add_alarm(recording=False)
+        assert source_ids(await device.poll()) == ["1"]
+        site.add_alarm(recording=False)
+        assert source_ids(await device.poll()) == ["2"]
