@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from datetime import timedelta
 from pathlib import Path
 
 import asyncpg
 import bcrypt
 import pytest
+from structlog.testing import capture_logs
 
 from cms_ingest.simulators.camtrace import CamTraceSimulator, CamTraceSite
 from cms_ingest.vendors.camtrace import alarm_type, check_site, hash_password, wsse_digest
@@ -81,20 +83,17 @@ async def test_alarms_mapping_and_media(
     site = CamTraceSite(media_delay=0.5, slice_after_s=1.0)
     site.add_alarms(3)  # history: not ingested on a first start
     async with CamTraceSimulator({"default": site}) as sim:
-        config = app_config(
-            database_url,
-            tmp_path,
-            [camtrace_site("c1", sim.url(), options={"input_types": ["porte1"]})],
-        )
+        config = app_config(database_url, tmp_path, [camtrace_site("c1", sim.url())])
         async with running_daemon(config):
             await eventually(lambda: has_cursor(db), what="cursor")
             site.add_alarm(camera=2, description="MOTION Alarm starts now, with 5s pre-alarm")
             site.add_alarm(camera=1, description="porte1 Alarm", recording=False)
-            site.add_alarm(camera=3, description="SOMETHING NEW Alarm")
+            site.add_alarm(camera=3, description="SOMETHING NEW Alarm", snapshot=False)
             await eventually(lambda: count_at_least(db, 3), what="3 alarms")
             rows = await db.fetch("SELECT * FROM alarms ORDER BY source_id::bigint")
             assert [r["source_id"] for r in rows] == ["4", "5", "6"]
-            assert [r["event_type"] for r in rows] == ["motion", "input", "other"]
+            # Custom trigger types are `input` with no configuration (contract, section 4a).
+            assert [r["event_type"] for r in rows] == ["motion", "input", "input"]
             assert [r["vendor_event"] for r in rows] == ["MOTION", "PORTE1", "SOMETHING NEW"]
             assert rows[0]["camera_id"] == "2" and rows[0]["camera_name"]
             assert rows[0]["vendor"] == "camtrace" and rows[0]["priority"] == 5
@@ -123,6 +122,58 @@ async def test_alarms_mapping_and_media(
             assert (
                 media[("5", "video")]["state"] == "unavailable"
             )  # no recordTime: no alarm recording
+            assert media[("4", "thumbnail")]["state"] == "ready"
+            # No snapshot announced: nothing to fetch, so `unavailable`, never `failed`.
+            assert media[("6", "snapshot")]["state"] == "unavailable"
+            assert media[("6", "thumbnail")]["state"] == "unavailable"
+
+
+async def test_a_reset_server_keeps_every_alarm_of_both_lives(
+    database_url: str, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """10 alarms stored, the server is factory-reset (ids start again at 1), 10 more: 20 of 20
+    stored, the old rows untouched, `device_reset_detected` logged once."""
+    site = CamTraceSite(media_delay=0)
+    async with CamTraceSimulator({"default": site}) as sim:
+        config = app_config(database_url, tmp_path, [camtrace_site("c1", sim.url())])
+        with capture_logs() as logs:
+            async with running_daemon(config):
+                await eventually(lambda: has_cursor(db), what="cursor")
+                site.add_alarms(10, camera=1, recording=False)
+                await eventually(lambda: count_at_least(db, 10), what="first life")
+                before = await db.fetch("SELECT id, source_id, occurred_at FROM alarms")
+                site.reset()
+                site.add_alarms(10, camera=2, recording=False)
+                await eventually(lambda: count_at_least(db, 20), what="second life")
+                rows = await db.fetch("SELECT id, source_id, occurred_at, camera_id FROM alarms")
+    assert len(rows) == 20
+    assert {tuple(r) for r in before} <= {(r["id"], r["source_id"], r["occurred_at"]) for r in rows}
+    later = sorted(r["source_id"] for r in rows if r["camera_id"] == "2")
+    assert len({key.split("@")[1] for key in later}) == 1  # one new life
+    assert sorted(int(key.split("@")[0]) for key in later) == list(range(1, 11))
+    assert len([e for e in logs if e["event"] == "device_reset_detected"]) == 1
+
+
+async def test_camera_connections_logged_while_the_daemon_was_down_arrive(
+    database_url: str, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    site = CamTraceSite(media_delay=0)
+    async with CamTraceSimulator({"default": site}) as sim:
+        options = {"connection_log_interval_s": 0.2}
+        config = app_config(
+            database_url, tmp_path, [camtrace_site("c1", sim.url(), options=options)]
+        )
+        async with running_daemon(config):
+            await eventually(lambda: has_cursor(db), what="cursor")
+        down = site.now().replace(microsecond=0)
+        site.camera_connection(3, False, time=down)  # while no daemon runs
+        site.camera_connection(3, True, time=down + timedelta(seconds=2))
+        async with running_daemon(config):
+            await eventually(lambda: count_at_least(db, 2), what="offline and online")
+        rows = await db.fetch("SELECT * FROM alarms ORDER BY occurred_at")
+    assert [r["event_type"] for r in rows] == ["camera_offline", "camera_online"]
+    assert [r["occurred_at"] for r in rows] == [down, down + timedelta(seconds=2)]
+    assert rows[0]["camera_id"] == "3" and rows[0]["camera_name"] == "Loading bay"
 
 
 async def test_paging_shift_under_a_burst_loses_and_duplicates_nothing(

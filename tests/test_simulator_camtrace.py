@@ -29,6 +29,7 @@ from cms_ingest.simulators.camtrace import (
     wsse_digest,
 )
 from cms_ingest.simulators.davantis import snapshot_jpeg
+from tests.conftest import eventually
 
 API = "/api/v1.2"
 LINK_RE = re.compile(r'^<(//[^>]+)>; rel="next"$')
@@ -166,7 +167,8 @@ async def test_wsse_with_bcrypt_salt_is_accepted(
     status, body, _ = await aget(http, sim.url(), f"{API}/cameras", hashed)
     assert status == 200
     assert [cam["id"] for cam in body["cameras"]] == [1, 2, 3, 4]
-    assert all(cam["isRecordingAlarm"] is True and cam["name"] for cam in body["cameras"])
+    # A live state (manual: "True if the camera is recording an alarm"): no alarm, no.
+    assert all(cam["isRecordingAlarm"] is False and cam["name"] for cam in body["cameras"])
     status, body, _ = await aget(http, sim.url(), f"{API}/cameras/2", hashed)
     assert (status, body["id"], body["status"]) == (200, 2, 2)
     status, body, _ = await aget(http, sim.url(), f"{API}/cameras/9", hashed)
@@ -481,6 +483,101 @@ async def test_alarm_slice_is_open_then_closed_and_downloadable(
             http, sim.url(), f"{API}/slices/2/2001-01-01T00%3A00%3A00.000Z/a/download", hashed
         )
         assert status == 404
+
+
+async def test_is_recording_alarm_is_live_and_open_slices_may_show_a_moving_stop(
+    http: aiohttp.ClientSession,
+) -> None:
+    site = CamTraceSite(slice_after_s=1.0, open_slice_stop="moving")
+    alarm = site.add_alarm(camera=2)
+    async with CamTraceSimulator({"default": site}) as sim:
+        hashed = await hashed_for(http, sim.url())
+        _, body, _ = await aget(http, sim.url(), f"{API}/cameras", hashed)
+        assert [cam["isRecordingAlarm"] for cam in body["cameras"]] == [False, True, False, False]
+        query = {"cameraId": "2", "type": "a"}
+        _, body, _ = await aget(http, sim.url(), f"{API}/slices", hashed, **query)
+        [recording] = body["slices"]
+        stop = datetime.fromisoformat(recording["stop"])
+        assert alarm.time <= stop < alarm.time + timedelta(seconds=1)  # the end so far
+        async with http.get(f"{sim.url()}{recording['downloadUrl']}", headers=wsse(hashed)) as r:
+            assert r.status == 200
+            assert len(await r.read()) < 4096  # what a client fetching now gets: truncated
+
+        async def closed() -> bool:
+            _, body, _ = await aget(http, sim.url(), f"{API}/cameras/2", hashed)
+            return body["isRecordingAlarm"] is False
+
+        await eventually(closed, what="the slice closed")
+        async with http.get(f"{sim.url()}{recording['downloadUrl']}", headers=wsse(hashed)) as r:
+            assert len(await r.read()) == 4096
+
+
+async def test_alarms_by_time_a_foreign_link_host_and_a_reset(http: aiohttp.ClientSession) -> None:
+    site = CamTraceSite(order="time", link_host="demo.camtrace.com")
+    now = datetime.now(UTC)
+    site.add_alarm(time=now)
+    site.add_alarm(time=now - timedelta(minutes=10))  # the clock stepped back
+    site.add_alarm(time=now + timedelta(seconds=1))
+    async with CamTraceSimulator({"default": site}) as sim:
+        hashed = await hashed_for(http, sim.url())
+        _, body, headers = await aget(http, sim.url(), f"{API}/cameras/alarms", hashed, limit="2")
+        assert ids(body) == [3, 1]
+        assert headers["Link"].startswith("<//demo.camtrace.com/api/v1.2/cameras/alarms?")
+        _, body, _ = await aget(
+            http, sim.url(), f"{API}/cameras/alarms", hashed, limit="2", offset="2"
+        )
+        assert ids(body) == [2]
+        site.reset()
+        assert [alarm.id for alarm in site.add_alarms(2)] == [1, 2]
+        _, body, _ = await aget(http, sim.url(), f"{API}/cameras/alarms", hashed)
+        assert ids(body) == [2, 1]
+
+
+async def test_alarms_without_snapshot_and_bare_trigger_descriptions(
+    http: aiohttp.ClientSession,
+) -> None:
+    site = CamTraceSite(media_delay=0, trigger_description="bare")
+    site.add_alarm(snapshot=False)
+    site.trigger_alarm([1], "porte1")
+    site.trigger_alarm([1])
+    async with CamTraceSimulator({"default": site}) as sim:
+        hashed = await hashed_for(http, sim.url())
+        _, body, _ = await aget(http, sim.url(), f"{API}/cameras/alarms", hashed)
+        assert [a["description"] for a in body["alarms"]] == ["TRIGGER", "porte1", "MOTION Alarm"]
+        assert (body["alarms"][2]["snapshot"], body["alarms"][2]["thumbnail"]) == (None, None)
+        status, _, _ = await get(http, f"{sim.url()}{API}/cameras/alarms/1.jpg")
+        assert status == 404
+        status, _, _ = await get(http, f"{sim.url()}{API}/cameras/alarms/2.jpg?w=50&h=50")
+        assert status == 200  # a thumbnail, without authentication
+
+
+async def test_camera_connection_log(http: aiohttp.ClientSession) -> None:
+    site = CamTraceSite(connections_methods=("POST",))
+    early = datetime(2026, 1, 1, 8, 0, tzinfo=UTC)
+    site.camera_connection(2, False, time=early)
+    site.camera_connection(2, True, time=early + timedelta(minutes=5))
+    site.camera_connection(3, False, time=early + timedelta(minutes=5), streams=1)
+    async with CamTraceSimulator({"default": site}) as sim:
+        hashed = await hashed_for(http, sim.url())
+        url = f"{sim.url()}{API}/cameras/connections"
+        async with http.get(url, headers=wsse(hashed)) as resp:
+            assert resp.status == 405  # this server takes POST only
+        async with http.post(url, headers=wsse(hashed), params={"limit": "2"}) as resp:
+            body = await resp.json()
+        assert [e["id"] for e in body["connections"]] == [3, 4]  # newest first, then by id
+        assert body["paging"] == {"total": 5, "offset": 2, "limit": 2}
+        assert body["connections"][0]["dateTime"] == "2026-01-01T08:05:00Z"
+        params = {"from": "2026-01-01T08:01:00Z", "connected": "false", "id_cams": "3"}
+        async with http.post(url, headers=wsse(hashed), params=params) as resp:
+            assert [e["id"] for e in (await resp.json())["connections"]] == [5]
+        async with http.post(f"{sim.url()}{API}/cameras/2/connections", headers=wsse(hashed)) as r:
+            assert len((await r.json())["connections"]) == 4
+        site.admin = False
+        async with http.post(url, headers=wsse(hashed)) as resp:
+            assert resp.status == 403  # the manual: "Requires Admin profile"
+        async with http.post(f"{sim.url()}/_sim/faults", json={"reset": True}) as resp:
+            assert (await resp.json())["alarms"] == 0
+        assert site.connections == []
 
 
 # ------------------------------------------------------------ actions, health

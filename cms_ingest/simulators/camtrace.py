@@ -39,15 +39,35 @@ Things the manual leaves open, decided here:
   ``Link`` keeps every other query parameter except the one-time authentication ones.
 * Times are written ``YYYY-MM-DDTHH:MM:SS.mmmZ``; a date filter without an offset is UTC. An
   alarm's default time is the server's clock, so a clock jump shows in the alarm times.
-* Only alarm slices exist (``type=r`` lists nothing). ``isRecordingAlarm`` is always true
-  (every simulated camera records on alarm).
+* Only alarm slices exist (``type=r`` lists nothing). ``isRecordingAlarm`` is the live state
+  the manual describes: true while an alarm slice of the camera is being written.
+* The connection log (``GET`` or ``POST .../cameras[/<id>]/connections``, Admin profile) has a
+  line per stream, newest first (same second: by id), ``paging`` as in the manual.
+
+Switches (constructor options, ``--flags`` on the command line) for what the manual allows
+but does not pin down; the defaults are listed first:
+
+* ``order``: ``"id"`` (newest id first) or ``"time"`` (latest ``time`` first: after a clock
+  step back, new alarms sort below older ones).
+* ``link_host``: the host the ``Link`` header names; None = the request's own (behind NAT a
+  server writes its own name, e.g. ``demo.camtrace.com`` as in the manual).
+* ``open_slice_stop``: ``"null"`` (a slice being written lists ``"stop": null`` and is not
+  downloadable) or ``"moving"`` (its ``stop`` is the end so far and a download gives the part
+  recorded so far: a truncated file).
+* ``trigger_description``: ``"suffixed"`` (``"<type> Alarm"``) or ``"bare"`` (``"<type>"``)
+  for alarms raised by ``cameras/alarms/trigger``.
+* ``admin``: False answers 403 on the connection log; ``connections_methods``: the HTTP
+  methods the connection log answers (the manual lists GET and shows POST).
+* ``add_alarm(snapshot=False)``: an alarm without image (``snapshot``/``thumbnail`` null).
+* ``reset()`` (``/_sim/faults {"reset": true}``): a factory reset, ids start again at 1.
 * ``triggers`` records the trigger calls that took effect, not refused ones.
 * ``expire_all_digests()`` refuses the next WSSE request as stale whatever its ``Created``, so
   a client that re-synchronises and retries once gets through.
 
 Test hooks (Python API and ``/_sim/...`` HTTP control surface): alarm creation, a Poisson alarm
 generator shared by all tenants, failing alarm polls, alarms injected while a client pages,
-clock offset, digest expiry, health errors and a whole site going offline (503).
+clock offset, digest expiry, health errors, camera (dis)connections
+(``camera_connection``), a reset, and a whole site going offline (503).
 
 Command line: ``python -m cms_ingest.simulators.camtrace --sites 500 --rate 0.2`` prints one
 site URL per line, then ``READY``, and serves until SIGTERM/SIGINT.
@@ -226,6 +246,7 @@ class CtAlarm:
     snapshot_ready_at: float  # monotonic
     has_recording: bool
     slice_stop: datetime | None
+    has_snapshot: bool = True
 
     def snapshot_ready(self, now: float | None = None) -> bool:
         return (monotonic() if now is None else now) >= self.snapshot_ready_at
@@ -236,7 +257,7 @@ class CtAlarm:
 
     def to_json(self) -> dict[str, Any]:
         """The alarm object as ``GET .../cameras/alarms`` renders it."""
-        snapshot = f"{API}/cameras/alarms/{self.id}.jpg"
+        snapshot = f"{API}/cameras/alarms/{self.id}.jpg" if self.has_snapshot else None
         return {
             "id": self.id,
             "time": iso_z(self.time),
@@ -244,7 +265,7 @@ class CtAlarm:
             "cameraId": self.camera_id,
             "description": self.description,
             "snapshot": snapshot,
-            "thumbnail": f"{snapshot}?w=50&h=50",
+            "thumbnail": None if snapshot is None else f"{snapshot}?w=50&h=50",
         }
 
 
@@ -369,7 +390,19 @@ class CamTraceSite:
         slice_after_s: float = 2.0,
         name: str = "CamTrace site",
         max_alarms: int | None = None,
+        order: str = "id",
+        link_host: str | None = None,
+        open_slice_stop: str = "null",
+        trigger_description: str = "suffixed",
+        admin: bool = True,
+        connections_methods: tuple[str, ...] = ("GET", "POST"),
     ) -> None:
+        if order not in ("id", "time"):
+            raise ValueError("order must be 'id' or 'time'")
+        if open_slice_stop not in ("null", "moving"):
+            raise ValueError("open_slice_stop must be 'null' or 'moving'")
+        if trigger_description not in ("suffixed", "bare"):
+            raise ValueError("trigger_description must be 'suffixed' or 'bare'")
         self.username, self.password, self.salt = username, password, salt
         self.allow_basic = allow_basic
         self.cameras = cameras
@@ -379,6 +412,13 @@ class CamTraceSite:
         self.slice_after_s = slice_after_s
         self.name = name
         self.max_alarms = max_alarms
+        self.order = order
+        self.link_host = link_host
+        self.open_slice_stop = open_slice_stop
+        self.trigger_description = trigger_description
+        self.admin = admin
+        self.connections_methods = connections_methods
+        self.connections: list[dict[str, Any]] = []
         self.alarms: list[CtAlarm] = []
         self.offline = False
         self.requests: collections.Counter[str] = collections.Counter()
@@ -394,6 +434,7 @@ class CamTraceSite:
         self._nonces: dict[str, float] = {}  # nonce -> monotonic time it may be forgotten
         self._stale_pending = 0
         self._next_id = 1
+        self._next_connection_id = 1
         self._times_sorted = True
         self._longest_slice = timedelta(0)
 
@@ -411,8 +452,10 @@ class CamTraceSite:
         time: datetime | None = None,
         recording: bool = True,
         media_delay: float | None = None,
+        snapshot: bool = True,
     ) -> CtAlarm:
-        """Record a new alarm (ids 1, 2, ...); see the module docstring for its media."""
+        """Record a new alarm (ids 1, 2, ...); see the module docstring for its media.
+        ``snapshot=False``: the alarm has no image (``snapshot``/``thumbnail`` null, 404)."""
         stamp = to_ms(self.now() if time is None else time)
         if self.alarms and stamp < self.alarms[-1].time:
             self._times_sorted = False
@@ -427,6 +470,7 @@ class CamTraceSite:
             snapshot_ready_at=monotonic() + delay,
             has_recording=recording,
             slice_stop=slice_stop,
+            has_snapshot=snapshot,
         )
         if slice_stop is not None:
             self._longest_slice = max(self._longest_slice, slice_stop - stamp)
@@ -460,6 +504,8 @@ class CamTraceSite:
     def find_alarms(self, query: AlarmQuery) -> tuple[list[CtAlarm], bool]:
         """One page of matching alarms, newest (highest id) first, and whether more remain."""
         low, high = self._time_range(query.start, query.end)
+        if self.order == "time" and not self._times_sorted:
+            return self._find_by_time(query, low, high)
         if self._times_sorted and query.time_only:
             top = high - query.offset
             bottom = max(low, top - query.limit)
@@ -478,6 +524,23 @@ class CamTraceSite:
             else:
                 page.append(alarm)
         return page, False
+
+    def _find_by_time(self, query: AlarmQuery, low: int, high: int) -> tuple[list[CtAlarm], bool]:
+        """``order="time"``: latest time first (ties: highest id first)."""
+        matching = [alarm for alarm in self.alarms[low:high] if query.matches(alarm)]
+        matching.sort(key=lambda alarm: (alarm.time, alarm.id), reverse=True)
+        end = query.offset + query.limit
+        return matching[query.offset : end], end < len(matching)
+
+    def reset(self) -> None:
+        """A factory reset, a replaced box or a reinstalled server under the same address: every
+        alarm and connection entry gone, ids start again at 1."""
+        self.alarms.clear()
+        self.connections.clear()
+        self._next_id = 1
+        self._next_connection_id = 1
+        self._times_sorted = True
+        self._longest_slice = timedelta(0)
 
     def on_page_request(self, offset: int) -> None:
         """Count the pages of a paging sequence and add the alarms due before this one."""
@@ -532,12 +595,89 @@ class CamTraceSite:
             "cameraId": alarm.camera_id,
             "cameraName": self.camera_name(alarm.camera_id),
             "start": start,
-            "stop": None if is_open else iso_z(alarm.slice_stop),
+            "stop": iso_z(alarm.slice_stop) if not is_open else self._open_stop(now),
             "type": "a",
             "downloadUrl": f"{API}/slices/{alarm.camera_id}/{quote(start, safe='')}/a/download",
             "size": size,
             "protected": False,
         }
+
+    def _open_stop(self, now: datetime) -> str | None:
+        """``stop`` of a slice still being written: null, or (``open_slice_stop="moving"``)
+        the end recorded so far, which moves on until the slice closes."""
+        return iso_z(now) if self.open_slice_stop == "moving" else None
+
+    def slice_body(self, alarm: CtAlarm) -> bytes | None:
+        """What downloading an alarm's slice gives now: None (404) while it is written, or, when
+        open slices show a moving ``stop``, the part recorded so far (a truncated file)."""
+        assert alarm.record_time is not None
+        assert alarm.slice_stop is not None
+        if not alarm.slice_open(self.now()):
+            return slice_mkv(alarm.id)
+        if self.open_slice_stop != "moving":
+            return None
+        done = (self.now() - alarm.record_time) / (alarm.slice_stop - alarm.record_time)
+        return slice_mkv(alarm.id, max(MIN_SLICE_BYTES, int(SLICE_BYTES * min(done, 1.0))))
+
+    def recording_alarm(self, camera: int) -> bool:
+        """``isRecordingAlarm``: whether an alarm slice of the camera is being written now."""
+        now = self.now()
+        for alarm in reversed(self.alarms):
+            if alarm.time < now - self._longest_slice - PRE_ALARM:
+                break
+            if alarm.camera_id == camera and alarm.slice_open(now):
+                return True
+        return False
+
+    # -------------------------------------------------------- connection log
+    def camera_connection(
+        self, camera: int, connected: bool, *, time: datetime | None = None, streams: int = 2
+    ) -> list[dict[str, Any]]:
+        """Log a camera's streams (dis)connecting at ``time`` (default: the server's clock)."""
+        stamp = (self.now() if time is None else time).astimezone(UTC)
+        added = []
+        for stream in range(1, streams + 1):
+            added.append(
+                {
+                    "id": self._next_connection_id,
+                    "cameraId": camera,
+                    "cameraName": self.camera_name(camera),
+                    "streamId": stream,
+                    "streamName": f"MsMediaProfile{stream}",
+                    "dateTime": stamp.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                    "connected": connected,
+                }
+            )
+            self._next_connection_id += 1
+        self.connections.extend(added)
+        return added
+
+    def find_connections(self, query: Mapping[str, str], camera: int | None) -> dict[str, Any]:
+        """The connection log newest first (same second: by id), filtered and paged."""
+        start, end = query.get("from", ""), query.get("to", "")
+        low = _query_time("from", start) if start.strip() else None
+        high = _query_time("to", end) if end.strip() else None
+        cameras = _id_list("id_cams", query["id_cams"]) if query.get("id_cams") else None
+        state = query.get("connected", "").strip().lower()
+        found = []
+        for entry in self.connections:
+            when = parse_time(entry["dateTime"])
+            assert when is not None
+            if (low is not None and when < low) or (high is not None and when > high):
+                continue
+            if camera is not None and entry["cameraId"] != camera:
+                continue
+            if cameras is not None and entry["cameraId"] not in cameras:
+                continue
+            if state in ("true", "false") and entry["connected"] != (state == "true"):
+                continue
+            found.append(entry)
+        found.sort(key=lambda entry: (entry["dateTime"], -entry["id"]), reverse=True)
+        limit = min(_query_int(query, "limit", DEFAULT_LIMIT, 1), MAX_LIMIT)
+        offset = _query_int(query, "offset", 0, 0)
+        page = found[offset : offset + limit]
+        paging = {"total": len(found), "offset": offset + len(page), "limit": limit}
+        return {"connections": page, "paging": paging}
 
     def slice_alarm(self, camera: int, start: datetime, kind: str) -> CtAlarm | None:
         """The alarm whose slice on ``camera`` starts at ``start`` (to the millisecond)."""
@@ -575,7 +715,7 @@ class CamTraceSite:
             "alHeight": 480,
             "isIgnored": False,
             "isRecording": True,
-            "isRecordingAlarm": True,
+            "isRecordingAlarm": self.recording_alarm(camera),
             "isRecordingForced": False,
             "isRemote": False,
             "isReplayEnabled": False,
@@ -597,7 +737,10 @@ class CamTraceSite:
     def trigger_alarm(self, cameras: Sequence[int], kind: str | None = None) -> list[CtAlarm]:
         """Raise one alarm per camera (``"<type> Alarm"``, else ``"TRIGGER Alarm"``)."""
         self.check_cameras(cameras)
-        description = f"{kind} Alarm" if kind else "TRIGGER Alarm"
+        if self.trigger_description == "bare":
+            description = kind or "TRIGGER"
+        else:
+            description = f"{kind} Alarm" if kind else "TRIGGER Alarm"
         raised = [self.add_alarm(camera=camera, description=description) for camera in cameras]
         params: dict[str, Any] = {"cameraId": list(cameras)}
         if kind:
@@ -842,9 +985,10 @@ async def _camera(site: CamTraceSite, request: web.Request) -> web.StreamRespons
     return web.json_response(site.camera_json(_path_camera(site, request)))
 
 
-def _next_link(request: web.Request, query: AlarmQuery) -> str:
+def _next_link(request: web.Request, query: AlarmQuery, host: str | None = None) -> str:
     """``<//host/path?limit=L&offset=O+L&...>; rel="next"``: protocol-relative, the request's
-    own host and path (tenant prefix included), the other parameters kept."""
+    own host (or ``host``: the name the server knows itself by) and path (tenant prefix
+    included), the other parameters kept."""
     params = [("limit", str(query.limit)), ("offset", str(query.offset + query.limit))]
     params += [
         (key, value)
@@ -852,7 +996,7 @@ def _next_link(request: web.Request, query: AlarmQuery) -> str:
         if key not in ("limit", "offset") and key not in AUTH_QUERY_PARAMS
     ]
     encoded = urlencode(params, safe=":,", quote_via=quote)
-    target = f"//{request.host}{request.rel_url.raw_path}?{encoded}"
+    target = f"//{host or request.host}{request.rel_url.raw_path}?{encoded}"
     return f'<{target}>; rel="next"'
 
 
@@ -863,14 +1007,14 @@ async def _alarms(site: CamTraceSite, request: web.Request) -> web.StreamRespons
     page, more = site.find_alarms(query)
     response = web.json_response({"alarms": [alarm.to_json() for alarm in page]})
     if more:
-        response.headers["Link"] = _next_link(request, query)
+        response.headers["Link"] = _next_link(request, query, site.link_host)
     return response
 
 
 async def _snapshot(site: CamTraceSite, request: web.Request) -> web.StreamResponse:
     alarm_id = int(request.match_info["alarm_id"])
     alarm = site.alarm(alarm_id)
-    if alarm is None or not alarm.snapshot_ready():
+    if alarm is None or not alarm.has_snapshot or not alarm.snapshot_ready():
         return web.Response(status=404)  # the manual's images answer 404 with no content
     return web.Response(body=snapshot_jpeg(alarm.id), content_type="image/jpeg")
 
@@ -945,9 +1089,19 @@ async def _slice_download(site: CamTraceSite, request: web.Request) -> web.Strea
     alarm = None if start is None else site.slice_alarm(camera, start, request.match_info["kind"])
     if alarm is None:
         raise DeviceError(404, "Slice not found")
-    if alarm.slice_open(site.now()):
+    body = site.slice_body(alarm)
+    if body is None:
         raise DeviceError(404, "Slice is still being recorded")
-    return web.Response(body=slice_mkv(alarm.id), content_type="video/x-matroska")
+    return web.Response(body=body, content_type="video/x-matroska")
+
+
+async def _connections(site: CamTraceSite, request: web.Request) -> web.StreamResponse:
+    if request.method not in site.connections_methods:
+        raise DeviceError(405, "Method not allowed")
+    if not site.admin:
+        raise DeviceError(403, "Access denied: Admin profile required")
+    camera = _path_camera(site, request) if "camera_id" in request.match_info else None
+    return web.json_response(site.find_connections(request.query, camera))
 
 
 async def _health(site: CamTraceSite, request: web.Request) -> web.StreamResponse:
@@ -963,6 +1117,10 @@ DEVICE_ROUTES = (
     Route("GET", f"{API}/cameras/alarms/trigger", _trigger),
     Route("GET", f"{API}/cameras/alarms/untrigger", _untrigger),
     Route("GET", f"{API}/cameras/alarms/{{alarm_id:\\d+}}.jpg", _snapshot, auth=False),
+    Route("GET", f"{API}/cameras/connections", _connections),
+    Route("POST", f"{API}/cameras/connections", _connections),
+    Route("GET", f"{API}/cameras/{{camera_id:\\d+}}/connections", _connections),
+    Route("POST", f"{API}/cameras/{{camera_id:\\d+}}/connections", _connections),
     Route("GET", f"{API}/cameras/{{camera_id:\\d+}}", _camera),
     Route("GET", f"{API}/cameras/{{camera_id:\\d+}}/alarms", _alarms, poll_faults=True),
     Route("GET", f"{API}/exturls", _exturls),
@@ -984,6 +1142,7 @@ _ALARM_FIELDS: dict[str, Callable[[Any], Any]] = {
     "time": as_datetime,
     "recording": as_bool,
     "media_delay": float,
+    "snapshot": as_bool,
 }
 
 
@@ -1002,6 +1161,11 @@ async def _sim_faults(site: CamTraceSite, request: web.Request) -> web.StreamRes
         site.set_camera_error(int(error["camera"]), str(error["error"]))
     if body.get("clear_errors"):
         site.clear_errors()
+    if body.get("reset"):
+        site.reset()
+    if "camera_connection" in body:
+        change = body["camera_connection"]
+        site.camera_connection(int(change["camera"]), as_bool(change["connected"]))
     return web.json_response(site.state())
 
 
@@ -1070,12 +1234,24 @@ async def _respond(
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--media-delay", type=float, default=1.0)
     parser.add_argument("--slice-after", type=float, default=2.0)
+    parser.add_argument("--order", choices=("id", "time"), default="id")
+    parser.add_argument("--link-host", default=None, help="host the Link header names")
+    parser.add_argument("--open-slice-stop", choices=("null", "moving"), default="null")
+    parser.add_argument("--trigger-description", choices=("suffixed", "bare"), default="suffixed")
+    parser.add_argument("--no-admin", action="store_true", help="connection log answers 403")
 
 
 async def serve(args: argparse.Namespace) -> None:
     sites = {
         name: CamTraceSite(
-            media_delay=args.media_delay, slice_after_s=args.slice_after, name=f"CamTrace {name}"
+            media_delay=args.media_delay,
+            slice_after_s=args.slice_after,
+            name=f"CamTrace {name}",
+            order=args.order,
+            link_host=args.link_host,
+            open_slice_stop=args.open_slice_stop,
+            trigger_description=args.trigger_description,
+            admin=not args.no_admin,
         )
         for name in tenant_names(args.sites)
     }
