@@ -20,7 +20,7 @@ from typing import Any
 import structlog
 
 from cms_ingest import metrics
-from cms_ingest.db.store import PollCommit
+from cms_ingest.db.store import PollCommit, stored_source_id
 from cms_ingest.domain import Alarm
 from cms_ingest.retry import RetryPolicy
 from cms_ingest.runtime.flood import FloodTracker
@@ -30,7 +30,6 @@ from cms_ingest.runtime.supervisor import sleep_or_stop
 from cms_ingest.runtime.writer import AlarmWriter, LeaseLost
 from cms_ingest.sitehttp import DeviceTimeout, TlsFailure, TransportError
 from cms_ingest.vendors.base import AuthenticationFailed, BadDeviceResponse, VendorError
-from cms_ingest.vendors.common import storable
 
 log = structlog.get_logger("cms_ingest.poller")
 
@@ -140,13 +139,11 @@ class SitePoller:
         self, alarms: list[Alarm], cursor: Mapping[str, Any] | None, notes: list[str]
     ) -> bool:
         site = self._site.config
-        # Every vendor's alarms made storable here, first (NUL, lone surrogates, sizes): no
-        # device string can jam the site's commit, and flood groups and priorities see the
-        # ids as they are stored.
-        cleaned = [storable(alarm) for alarm in alarms]
+        # The store makes every value storable (alarms, media locators, the cursor), in one
+        # place; flood groups name their head by the same source_id, cleaned alike there.
         prioritized = [
             dataclasses.replace(alarm, priority=site.priority(alarm.event_type, alarm.camera_id))
-            for alarm in self._flood.apply(cleaned, datetime.now(UTC))
+            for alarm in self._flood.apply(alarms, datetime.now(UTC))
         ]
         commit = PollCommit(
             site_id=self._site.config.id,
@@ -155,6 +152,7 @@ class SitePoller:
             cursor=cursor,
             media_deadline_s=self._media_deadline_s,
             lease=self._lease,
+            problems=self._site.problems,
         )
         try:
             inserted = await self._writer.commit(commit)
@@ -186,7 +184,7 @@ class SitePoller:
         now = datetime.now(UTC)
         vendor = self._site.config.vendor
         for alarm in alarms:
-            if alarm.source_id not in new_ids:
+            if stored_source_id(alarm.source_id) not in new_ids:
                 continue
             metrics.ALARMS.labels(vendor=vendor, event_type=alarm.event_type.value).inc()
             if alarm.group_of is not None:
