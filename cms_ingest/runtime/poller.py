@@ -103,21 +103,29 @@ class SitePoller:
     async def poll_once(self) -> bool:
         """One poll and its commit. True when the site answered and the result is stored."""
         client = self._site.client
+        deadline = self._site.config.poll_deadline()
         started = time.monotonic()
+        guard = asyncio.timeout(deadline)
         try:
-            result = await client.poll(self.cursor)
+            async with guard:
+                result = await client.poll(self.cursor)
+        except TimeoutError as exc:
+            if not guard.expired():  # the client's own, not our deadline: a client bug
+                return await self._crashed(exc)
+            # A device that trickles or never ends its answers (or a client stuck in a loop
+            # that awaits): this poll failed, the cursor stays, the next poll starts afresh.
+            error = f"poll exceeded its deadline of {deadline:g} s (poll_deadline_s)"
+            metrics.POLLS.labels(**self._labels, outcome="timeout").inc()
+            self._site.health.failure(error)
+            await self._supervise(ok=False, error=error)
+            return False
         except (TransportError, VendorError) as exc:
             metrics.POLLS.labels(**self._labels, outcome=_outcome(exc)).inc()
             self._site.health.failure(_describe(exc))
             await self._supervise(ok=False, error=_describe(exc))
             return False
         except Exception as exc:  # a client bug on odd input: this site fails, visibly, alone
-            metrics.POLLS.labels(**self._labels, outcome="error").inc()
-            if self._site.health.up is not False:
-                log.exception("poll_crashed", note="a bug in the vendor client; polling goes on")
-            self._site.health.failure(f"internal error: {_describe(exc)}")
-            await self._supervise(ok=False, error=f"internal error: {type(exc).__name__}")
-            return False
+            return await self._crashed(exc)
         finally:
             self._poll_duration.observe(time.monotonic() - started)
         changed = bool(result.alarms) or result.cursor != self.cursor
@@ -127,6 +135,18 @@ class SitePoller:
         self._site.health.success()
         await self._supervise(ok=True)
         return True
+
+    async def _crashed(self, exc: Exception) -> bool:
+        metrics.POLLS.labels(**self._labels, outcome="error").inc()
+        if self._site.health.up is not False:
+            log.error(
+                "poll_crashed",
+                note="a bug in the vendor client; polling goes on",
+                exc_info=exc,
+            )
+        self._site.health.failure(f"internal error: {_describe(exc)}")
+        await self._supervise(ok=False, error=f"internal error: {type(exc).__name__}")
+        return False
 
     async def _supervise(self, *, ok: bool, error: str = "") -> None:
         """comm_lost / comm_restored, committed like any alarm; kept pending if that fails."""
