@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from aiohttp import web
 from structlog.testing import capture_logs
 
 from cms_ingest.config import ActionsConfig, MediaConfig
+from cms_ingest.runtime.looplag import LoopLagMonitor
 from cms_ingest.simulators.base import DeviceAnswer
 from cms_ingest.simulators.davantis import DavantisSimulator, DavantisSite
 from tests.conftest import eventually
@@ -167,3 +169,43 @@ async def test_an_action_without_outcome_by_its_deadline_is_settled_by_the_rule(
     assert row["attempts"] == 2
     retries = [e for e in logs if e["event"] == "action_retry"]
     assert len(retries) == 1 and "no outcome within 0.5 s" in retries[0]["error"], retries
+
+
+async def test_a_blocked_event_loop_is_measured_and_logged_once_per_episode(
+    database_url: str, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    async with DavantisSimulator({"default": DavantisSite(media_delay=0)}) as sim:
+        config = app_config(database_url, tmp_path, [davantis_site("d1", sim.url())])
+        async with running_daemon(config) as daemon:
+            assert "loop_lag" in daemon.supervisor.names
+            slow_ticks = _lag_count_over_1s()
+            with capture_logs() as logs:
+                time.sleep(1.3)  # blocking the loop on purpose
+                await eventually(
+                    lambda: [e for e in logs if e["event"] == "event_loop_recovered"],
+                    what="the recovery line",
+                )
+    blocked = [e for e in logs if e["event"] == "event_loop_blocked"]
+    assert len(blocked) == 1, blocked
+    assert blocked[0]["lag_s"] > 1.0
+    recovered = [e for e in logs if e["event"] == "event_loop_recovered"]
+    assert recovered[0]["worst_lag_s"] >= blocked[0]["lag_s"]
+    assert _lag_count_over_1s() >= slow_ticks + 1
+
+
+def _lag_count_over_1s() -> float:
+    total = sample("cms_ingest_event_loop_lag_seconds_count")
+    return total - sample("cms_ingest_event_loop_lag_seconds_bucket", le="1.0")
+
+
+def test_a_long_block_is_one_episode_logged_once_with_its_worst_lag() -> None:
+    monitor = LoopLagMonitor()
+    with capture_logs() as logs:
+        for now, lag in enumerate([0.01, 1.5, 3.0, 1.1, 0.02, 0.01, 2.0, 0.0]):
+            monitor.observe(lag, now=float(now))
+    assert [(e["event"], e.get("lag_s", e.get("worst_lag_s"))) for e in logs] == [
+        ("event_loop_blocked", 1.5),
+        ("event_loop_recovered", 3.0),
+        ("event_loop_blocked", 2.0),
+        ("event_loop_recovered", 2.0),
+    ]
