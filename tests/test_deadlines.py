@@ -133,6 +133,46 @@ async def test_a_trickling_media_download_is_cut_at_its_deadline_and_retried(
     assert not list((tmp_path / "media" / ".partial").glob("*")), "no half-written file left"
 
 
+async def test_a_slow_media_status_is_cut_at_its_deadline_and_asked_again(
+    database_url: str, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    site = DavantisSite(media_delay=0)
+    late_probes: list[str] = []
+
+    async def media_lookups_late_once(
+        request: web.Request, device: DeviceAnswer
+    ) -> web.StreamResponse:
+        # Polls ask for armed alarms only (cra=yes); the media status looks an alarm up.
+        if "cra" not in request.query and not late_probes:
+            late_probes.append(request.query_string)
+            await asyncio.sleep(1.5)  # inside the request timeout (5 s)
+        return await device()
+
+    async with DavantisSimulator({"default": site}) as sim:
+        sim.respond("GET", "/alarms", media_lookups_late_once, times=None)
+        config = app_config(
+            database_url,
+            tmp_path,
+            [davantis_site("d1", sim.url(), request_timeout_s=5)],
+            media=MediaConfig(retry_base_s=0.2, retry_max_s=0.5, probe_timeout_s=0.5),
+        )
+        before = sample(
+            "cms_ingest_media_fetches_total", vendor="davantis", kind="snapshot", outcome="timeout"
+        )
+        async with running_daemon(config):
+            await eventually(lambda: _cursor(db, "d1"), what="the first cursor")
+            site.add_alarms(1, video="unavailable")
+            row = await eventually(lambda: _snapshot(db, "ready"), what="snapshot", timeout=10)
+    assert late_probes, "the media status was asked for"
+    assert row["attempts"] == 2
+    assert (
+        sample(
+            "cms_ingest_media_fetches_total", vendor="davantis", kind="snapshot", outcome="timeout"
+        )
+        == before + 1
+    )
+
+
 async def _snapshot(db: asyncpg.Connection, state: str) -> asyncpg.Record | None:
     row = await db.fetchrow("SELECT * FROM alarm_media WHERE kind = 'snapshot'")
     return row if row is not None and row["state"] == state else None
