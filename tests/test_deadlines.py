@@ -249,3 +249,17 @@ def test_a_long_block_is_one_episode_logged_once_with_its_worst_lag() -> None:
         ("event_loop_blocked", 2.0),
         ("event_loop_recovered", 2.0),
     ]
+
+
+def test_default_deadlines_follow_the_site_and_the_action() -> None:
+    site = davantis_site("d1", "http://127.0.0.1:1", request_timeout_s=10, poll_interval=0.5)
+    assert site.poll_deadline() == 30
+    assert davantis_site("d1", "http://x", request_timeout_s=20).poll_deadline() == 60
+    assert davantis_site("d1", "http://x", poll_interval=40).poll_deadline() == 80
+    assert davantis_site("d1", "http://x", poll_deadline_s=5).poll_deadline() == 5
+    actions = ActionsConfig(attempt_timeout_s=60)
+    assert actions.attempt_deadline({}) == 60
+    assert actions.attempt_deadline({"duration_s": 30}) == 90  # a hold gets its own length
+    for odd in (float("nan"), float("-inf"), "30", True, None, -5):
+        assert actions.attempt_deadline({"duration_s": odd}) == 60, odd
+    assert actions.attempt_deadline({"duration_s": 10**400}) == 60 + 86400  # capped at a day
