@@ -22,6 +22,7 @@ messages never quote a value that may hold a secret, and the models hide input i
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 from collections.abc import Hashable, Iterable, Mapping
@@ -73,6 +74,9 @@ VENDOR_DEFAULT_POLL_INTERVAL: dict[str, float] = {
     "exacq": 1.0,
     "camstreamer": 10.0,
 }
+
+# A hold longer than a day is not a hold: the attempt deadline does not follow it further.
+MAX_HOLD_S = 86400.0
 
 # Vendors that log in with username + password; camstreamer uses a token or OAuth client.
 _PASSWORD_VENDORS = frozenset({"davantis", "camtrace", "videoloft", "exacq"})
@@ -190,6 +194,8 @@ class SiteConfig(_Model):
     supervision_timeout: float = Field(default=60.0, gt=0)
     media_deadline_s: float | None = Field(default=None, gt=0)  # None: media.deadline_s
     request_timeout_s: float = Field(default=10.0, gt=0)  # per HTTP request to the device
+    # The longest one poll (paging, logins included) may run; None: `poll_deadline()`'s rule.
+    poll_deadline_s: float | None = Field(default=None, gt=0)
     tls: TlsConfig = Field(default_factory=TlsConfig)
     options: dict[str, Any] = Field(default_factory=dict)
     # Alarm priority (1 most urgent .. 9) by event type, over the built-in CMS defaults;
@@ -230,6 +236,14 @@ class SiteConfig(_Model):
     def _null_is_empty(cls, value: Any) -> Any:
         return _empty_mapping_if_none(value)
 
+    def poll_deadline(self) -> float:
+        """Seconds one poll may take before it counts as failed (outcome `timeout`): the
+        configured `poll_deadline_s`, else room for a few slow requests and for a vendor
+        that spaces its requests over the interval, never under 30 s."""
+        if self.poll_deadline_s is not None:
+            return self.poll_deadline_s
+        return max(30.0, 3 * self.request_timeout_s, 2 * self.poll_interval)
+
     def priority(self, event_type: EventType, camera_id: str | None) -> int:
         """The camera's override, else the site's (with defaults), else the CMS default."""
         camera = self.camera_priorities.get(camera_id or "", {})
@@ -262,6 +276,10 @@ class MediaConfig(_Model):
     deadline_s: float = Field(default=600.0, gt=0)
     retry_base_s: float = Field(default=2.0, gt=0)
     retry_max_s: float = Field(default=30.0, gt=0)
+    # One look at where a media file stands, and one download: a device that stops answering
+    # mid-way frees the worker after this (the row is retried until `deadline_s`).
+    probe_timeout_s: float = Field(default=30.0, gt=0)
+    download_timeout_s: float = Field(default=300.0, gt=0)
 
     @field_validator("retry_max_s")
     @classmethod
@@ -285,6 +303,25 @@ class ActionsConfig(_Model):
     sweep_interval_s: float = Field(default=5.0, gt=0)
     running_timeout_s: float = Field(default=120.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)
+    # One attempt may run this long, plus its own `params.duration_s` (a hold); then its
+    # outcome is unknown: retried only when the kind is idempotent.
+    attempt_timeout_s: float = Field(default=60.0, gt=0)
+
+    def attempt_deadline(self, params: Mapping[str, Any]) -> float:
+        """Seconds an attempt of an action with these params may run."""
+        return self.attempt_timeout_s + _hold_seconds(params.get("duration_s"))
+
+
+def _hold_seconds(duration: Any) -> float:
+    """An action's `params.duration_s` as seconds to allow for, 0 when it is not a number
+    (the vendor refuses such an action itself)."""
+    if isinstance(duration, bool) or not isinstance(duration, int | float):
+        return 0.0
+    try:
+        seconds = float(duration)
+    except OverflowError:  # an integer too large for a float
+        return MAX_HOLD_S
+    return min(max(seconds, 0.0), MAX_HOLD_S) if math.isfinite(seconds) else 0.0
 
 
 def _check_database_hosts(url: str) -> None:

@@ -191,6 +191,19 @@ DAEMONS_LIVE = Gauge(
     registry=REGISTRY,
 )
 
+EVENT_LOOP_LAG = Histogram(
+    "cms_ingest_event_loop_lag_seconds",
+    "How much later than asked the event loop ran a 0.25 s timer (anything blocking it delays "
+    "every site).",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    registry=REGISTRY,
+)
+EVENT_LOOP_BLOCKED = Counter(
+    "cms_ingest_event_loop_blocked_total",
+    "Episodes in which the event loop lagged over 1 s (each logged as event_loop_blocked).",
+    registry=REGISTRY,
+)
+
 
 # Per-site gauges: only the daemon holding a site exports them, so a site handed to another
 # daemon must not leave a stale "down" (or "up") behind here.

@@ -10,12 +10,14 @@ The guarantees live here:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 from sqlalchemy import (
     ARRAY,
     Text,
@@ -36,6 +38,16 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from cms_ingest.db.leases import fenced_sites
 from cms_ingest.db.schema import actions, alarm_media, alarms, site_leases, site_state
 from cms_ingest.domain import Action, ActionState, Alarm, MediaKind, MediaState
+from cms_ingest.vendors.base import ProblemReporter
+from cms_ingest.vendors.common import (
+    DESCRIPTION_LIMIT,
+    ID_LIMIT,
+    NAME_LIMIT,
+    RAW_TEXT_LIMIT,
+    clean_json,
+    clean_text,
+    storable,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +61,8 @@ class PollCommit:
     media_deadline_s: float
     # The lease this poll ran under (daemon id, epoch); None only outside a daemon (tools).
     lease: tuple[str, int] | None = None
+    # Where a value the database cannot take is reported (the site's bad-input reporter).
+    problems: ProblemReporter | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +160,11 @@ class Store:
 
     async def commit_polls(self, commits: Sequence[PollCommit]) -> CommitResult:
         """Alarms, media rows and cursors of several sites in one transaction; the commits of
-        sites whose lease is no longer held at the commit's epoch are left out (fencing)."""
+        sites whose lease is no longer held at the commit's epoch are left out (fencing).
+
+        Everything is made storable first (`storable_commit`), here and nowhere else, so no
+        device value can fail the transaction that other sites share."""
+        commits = [storable_commit(commit) for commit in commits]
         async with self.engine.begin() as connection:
             fenced = await _fence(connection, commits)
             admitted = [commit for commit in commits if commit.site_id not in fenced]
@@ -611,6 +629,134 @@ def _lease_expired(required: bool) -> list[Any]:
 def _jsonable(value: Mapping[str, Any]) -> Any:
     # Round-trip through json so anything a device sent (and we keep) is plain JSON.
     return json.loads(json.dumps(dict(value), default=str))
+
+
+# ---------------------------------------------------------------------- storable values
+# PostgreSQL refuses NUL and lone surrogates in text and jsonb, NaN and Infinity in jsonb,
+# and Python will not even serialize an integer of thousands of digits. A device can put any
+# of them into an alarm, a media locator or (through the vendor's cursor) the site's cursor;
+# one such value would fail the transaction every site of the batch shares.
+
+
+def stored_source_id(source_id: str) -> str:
+    """The `source_id` as `commit_polls` stores it (to match the ids it returns)."""
+    return clean_text(source_id, ID_LIMIT)
+
+
+def storable_json(value: Any) -> Any:
+    """Any JSON-like value as plain JSON `jsonb` takes: device strings cleaned, non-finite
+    numbers and giant integers None, other objects (a datetime, bytes) as cleaned text."""
+    return json.loads(json.dumps(clean_json(value), default=_storable_str))
+
+
+def _storable_str(value: Any) -> str:
+    return clean_text(str(value), RAW_TEXT_LIMIT)
+
+
+def _storable_alarm(alarm: Alarm) -> Alarm:
+    cleaned = storable(alarm)
+    return dataclasses.replace(
+        cleaned,
+        raw=storable_json(dict(cleaned.raw)),
+        media=tuple(
+            dataclasses.replace(media, locator=storable_json(dict(media.locator)))
+            for media in cleaned.media
+        ),
+        # A flood member names its head by source_id: cleaned alike, so they still match.
+        group_of=None if alarm.group_of is None else stored_source_id(alarm.group_of),
+    )
+
+
+def storable_commit(commit: PollCommit) -> PollCommit:
+    """The commit as PostgreSQL can store it; a cursor that had to be changed for that is
+    reported as bad input (the vendor put a device value into it)."""
+    cursor = commit.cursor
+    if cursor is not None:
+        cursor = storable_json(dict(cursor))
+        if commit.problems is not None and _as_json_text(commit.cursor) != _as_json_text(cursor):
+            commit.problems.bad_input(
+                "unstorable_cursor",
+                "the cursor held a value PostgreSQL cannot store (NUL, lone surrogate, NaN, "
+                "infinity, a giant integer or an over-long string); stored cleaned",
+            )
+    return dataclasses.replace(
+        commit, alarms=[_storable_alarm(alarm) for alarm in commit.alarms], cursor=cursor
+    )
+
+
+def _as_json_text(value: Any) -> str | None:
+    try:
+        return json.dumps(value, default=str)
+    except (TypeError, ValueError):  # e.g. an integer too long to print
+        return None
+
+
+def is_data_error(exc: BaseException) -> bool:
+    """Whether a failed commit was refused for a value in it (PostgreSQL's class 22 "data
+    exception", or a value that could not even be encoded), not for the database failing.
+    Such a commit fails the same way every time: retrying it as an outage would stall the
+    site for good."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        error = pending.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        if isinstance(error, asyncpg.DataError | UnicodeError | OverflowError):
+            return True
+        if isinstance(error, ValueError | TypeError) and not isinstance(error, OSError):
+            return True
+        orig = getattr(error, "orig", None)  # SQLAlchemy's wrapper of the driver's error
+        pending += [orig if isinstance(orig, BaseException) else None, error.__cause__]
+    return False
+
+
+def degraded_commit(commit: PollCommit, *, keep_cursor: bool) -> PollCommit:
+    """The commit reduced to what surely stores, after PostgreSQL refused it: every alarm kept
+    with its texts, its device time (the time we received it when that one cannot be stored)
+    and its media; `raw` replaced by a note. Without `keep_cursor` the stored cursor stays as
+    it was (a restart replays from there; the unique key absorbs the replay)."""
+    now = datetime.now(UTC)
+    alarms = [
+        dataclasses.replace(
+            alarm,
+            source_id=_text(alarm.source_id, ID_LIMIT),
+            vendor_event=_text(alarm.vendor_event, ID_LIMIT),
+            description=_text(alarm.description, DESCRIPTION_LIMIT),
+            camera_id=_optional_text(alarm.camera_id, ID_LIMIT),
+            camera_name=_optional_text(alarm.camera_name, NAME_LIMIT),
+            occurred_at=_storable_time(alarm.occurred_at, now),
+            raw={"unstorable": "the device's record could not be stored; see the daemon log"},
+            group_of=_optional_text(alarm.group_of, ID_LIMIT),
+        )
+        for alarm in commit.alarms
+    ]
+    return dataclasses.replace(
+        commit, alarms=alarms, cursor=commit.cursor if keep_cursor else None, problems=None
+    )
+
+
+def _text(value: object, limit: int) -> str:
+    return clean_text(value if isinstance(value, str) else str(value), limit)
+
+
+def _optional_text(value: object, limit: int) -> str | None:
+    return None if value is None else _text(value, limit)
+
+
+# PostgreSQL's timestamptz covers 4713 BC to 294276 AD, but the driver converts to UTC first:
+# year 1 or 9999 with an offset overflows there.
+_EARLIEST_STORABLE = datetime(1, 1, 2, tzinfo=UTC)
+_LATEST_STORABLE = datetime(9999, 12, 30, tzinfo=UTC)
+
+
+def _storable_time(value: datetime, fallback: datetime) -> datetime:
+    try:
+        utc = value.astimezone(UTC)
+    except (OverflowError, ValueError):
+        return fallback
+    return utc if _EARLIEST_STORABLE <= utc <= _LATEST_STORABLE else fallback
 
 
 def _alarm_row(alarm: Alarm) -> dict[str, Any]:

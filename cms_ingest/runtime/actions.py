@@ -37,6 +37,11 @@ from cms_ingest.vendors.common import DESCRIPTION_LIMIT, clean_json, clean_text
 
 log = structlog.get_logger("cms_ingest.actions")
 
+
+class _AttemptTimedOut(Exception):
+    """An action attempt ran past its deadline; its outcome is unknown."""
+
+
 RETRY = RetryPolicy(base=1.0, factor=2.0, cap=15.0, jitter=0.3)
 
 
@@ -153,8 +158,22 @@ class ActionWorker:
             )
             return
         lease = asyncio.create_task(self._keep_lease(action.id))
+        deadline = self._config.attempt_deadline(action.params)
+        guard = asyncio.timeout(deadline)
         try:
-            result = await site.client.perform(action)
+            async with guard:
+                result = await site.client.perform(action)
+        except TimeoutError as exc:
+            if not guard.expired():  # the client's own: a bug, handled as one
+                bound.error("action_crashed", exc_info=exc)
+                await self._retry_or_fail(action, site, exc, safe=False)
+            else:
+                # Sent or not, nobody knows: like a timeout after sending.
+                timed_out = _AttemptTimedOut(
+                    f"no outcome within {deadline:g} s (actions.attempt_timeout_s"
+                    " plus params.duration_s)"
+                )
+                await self._retry_or_fail(action, site, timed_out, safe=spec.idempotent)
         except (InvalidAction, DeviceRefused) as exc:
             if isinstance(exc, InvalidAction):
                 _bad_row("invalid_action")

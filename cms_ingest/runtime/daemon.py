@@ -31,6 +31,7 @@ from cms_ingest.runtime.actions import ActionWorker
 from cms_ingest.runtime.flood import FloodTracker
 from cms_ingest.runtime.httpserver import Readiness, make_app, serve
 from cms_ingest.runtime.leases import LeaseKeeper, local_identity
+from cms_ingest.runtime.looplag import LoopLagMonitor
 from cms_ingest.runtime.media import MediaFetcher
 from cms_ingest.runtime.poller import SitePoller
 from cms_ingest.runtime.sdnotify import SystemdNotifier
@@ -110,6 +111,7 @@ class Daemon:
         try:
             self.supervisor.start("http", self._serve_http)
             self.supervisor.start("watchdog", self._watchdog)
+            self.supervisor.start("loop_lag", LoopLagMonitor().run)
             if not await self._prepare_database(stop):
                 return
             self.sites = SiteRegistry(self.config, session)

@@ -19,7 +19,7 @@ from cms_ingest.config import MediaConfig
 from cms_ingest.db.store import MediaJob, Store
 from cms_ingest.domain import MediaState
 from cms_ingest.retry import RetryPolicy
-from cms_ingest.runtime.mediafiles import MediaTooLarge, store_stream
+from cms_ingest.runtime.mediafiles import MediaTooLarge, StoredFile, store_stream
 from cms_ingest.runtime.sites import SiteRegistry, SiteRuntime
 from cms_ingest.runtime.supervisor import wake_or_stop
 from cms_ingest.sitehttp import TransportError, UnsafeUrl
@@ -27,6 +27,11 @@ from cms_ingest.vendors.base import MediaNotReady, MediaProbe, VendorError
 from cms_ingest.vendors.common import DESCRIPTION_LIMIT, clean_text
 
 log = structlog.get_logger("cms_ingest.media")
+
+
+class _StepTimedOut(Exception):
+    """A media status or download ran past its deadline: tried again later, like an error."""
+
 
 LEASE_S = 900.0  # longer than any download may take; a crashed worker's rows return after it
 IDLE_WAIT_S = 1.0
@@ -135,7 +140,7 @@ class MediaFetcher:
             )
             return
         try:
-            probe = await site.client.media_status(job.kind, job.locator)
+            probe = await self._probe(job, site)
             if probe.state == "ready" and probe.path:
                 await self._download(job, site, probe.path)
             elif probe.state == "unavailable":
@@ -150,6 +155,8 @@ class MediaFetcher:
                 await self._later(job, site, probe, f"not ready: {probe.detail}", "not_ready")
         except MediaNotReady as exc:
             await self._later(job, site, None, f"not ready: {exc}", "not_ready")
+        except _StepTimedOut as exc:
+            await self._later(job, site, None, str(exc), "timeout")
         except MediaTooLarge as exc:
             await self._settle(job, MediaState.FAILED, str(exc), "too_large", site)
         except UnsafeUrl as exc:
@@ -162,25 +169,21 @@ class MediaFetcher:
             log_.exception("media_fetch_crashed")
             await self._later(job, site, None, f"internal error: {exc}", "error")
 
+    async def _probe(self, job: MediaJob, site: SiteRuntime) -> MediaProbe:
+        timeout_s = self._config.probe_timeout_s
+        guard = asyncio.timeout(timeout_s)
+        try:
+            async with guard:
+                return await site.client.media_status(job.kind, job.locator)
+        except TimeoutError:
+            if not guard.expired():
+                raise  # the client's own: a bug, reported as one
+            raise _StepTimedOut(
+                f"no media status within {timeout_s:g} s (media.probe_timeout_s)"
+            ) from None
+
     async def _download(self, job: MediaJob, site: SiteRuntime, path: str) -> None:
-        async with site.client.download(path) as download:
-            if (
-                download.content_length is not None
-                and download.content_length > self._config.max_bytes
-            ):
-                raise MediaTooLarge(
-                    f"device announces {download.content_length} bytes, over the "
-                    f"{self._config.max_bytes}-byte cap (media.max_bytes)"
-                )
-            stored = await store_stream(
-                download.chunks,
-                root=self._root,
-                site_id=job.site_id,
-                alarm_id=job.alarm_id,
-                kind=job.kind.value,
-                occurred_at=job.occurred_at,
-                max_bytes=self._config.max_bytes,
-            )
+        stored = await self._fetch_file(job, site, path)
         await self._store.media_ready(
             job.id,
             path=stored.path,
@@ -191,6 +194,37 @@ class MediaFetcher:
         labels = {"vendor": site.config.vendor, "kind": job.kind.value}
         metrics.MEDIA_FETCHES.labels(**labels, outcome="ready").inc()
         metrics.MEDIA_BYTES.labels(**labels).inc(stored.size_bytes)
+
+    async def _fetch_file(self, job: MediaJob, site: SiteRuntime, path: str) -> StoredFile:
+        """The device's file, streamed to disk within media.download_timeout_s (a device
+        that trickles bytes would otherwise hold a worker as long as it likes)."""
+        timeout_s = self._config.download_timeout_s
+        guard = asyncio.timeout(timeout_s)
+        try:
+            async with guard, site.client.download(path) as download:
+                if (
+                    download.content_length is not None
+                    and download.content_length > self._config.max_bytes
+                ):
+                    raise MediaTooLarge(
+                        f"device announces {download.content_length} bytes, over the "
+                        f"{self._config.max_bytes}-byte cap (media.max_bytes)"
+                    )
+                return await store_stream(
+                    download.chunks,
+                    root=self._root,
+                    site_id=job.site_id,
+                    alarm_id=job.alarm_id,
+                    kind=job.kind.value,
+                    occurred_at=job.occurred_at,
+                    max_bytes=self._config.max_bytes,
+                )
+        except TimeoutError:
+            if not guard.expired():
+                raise
+            raise _StepTimedOut(
+                f"download not done within {timeout_s:g} s (media.download_timeout_s)"
+            ) from None
 
     async def _later(
         self, job: MediaJob, site: SiteRuntime, probe: MediaProbe | None, note: str, outcome: str

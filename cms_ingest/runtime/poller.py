@@ -20,7 +20,7 @@ from typing import Any
 import structlog
 
 from cms_ingest import metrics
-from cms_ingest.db.store import PollCommit
+from cms_ingest.db.store import PollCommit, stored_source_id
 from cms_ingest.domain import Alarm
 from cms_ingest.retry import RetryPolicy
 from cms_ingest.runtime.flood import FloodTracker
@@ -30,7 +30,6 @@ from cms_ingest.runtime.supervisor import sleep_or_stop
 from cms_ingest.runtime.writer import AlarmWriter, LeaseLost
 from cms_ingest.sitehttp import DeviceTimeout, TlsFailure, TransportError
 from cms_ingest.vendors.base import AuthenticationFailed, BadDeviceResponse, VendorError
-from cms_ingest.vendors.common import storable
 
 log = structlog.get_logger("cms_ingest.poller")
 
@@ -104,21 +103,29 @@ class SitePoller:
     async def poll_once(self) -> bool:
         """One poll and its commit. True when the site answered and the result is stored."""
         client = self._site.client
+        deadline = self._site.config.poll_deadline()
         started = time.monotonic()
+        guard = asyncio.timeout(deadline)
         try:
-            result = await client.poll(self.cursor)
+            async with guard:
+                result = await client.poll(self.cursor)
+        except TimeoutError as exc:
+            if not guard.expired():  # the client's own, not our deadline: a client bug
+                return await self._crashed(exc)
+            # A device that trickles or never ends its answers (or a client stuck in a loop
+            # that awaits): this poll failed, the cursor stays, the next poll starts afresh.
+            error = f"poll exceeded its deadline of {deadline:g} s (poll_deadline_s)"
+            metrics.POLLS.labels(**self._labels, outcome="timeout").inc()
+            self._site.health.failure(error)
+            await self._supervise(ok=False, error=error)
+            return False
         except (TransportError, VendorError) as exc:
             metrics.POLLS.labels(**self._labels, outcome=_outcome(exc)).inc()
             self._site.health.failure(_describe(exc))
             await self._supervise(ok=False, error=_describe(exc))
             return False
         except Exception as exc:  # a client bug on odd input: this site fails, visibly, alone
-            metrics.POLLS.labels(**self._labels, outcome="error").inc()
-            if self._site.health.up is not False:
-                log.exception("poll_crashed", note="a bug in the vendor client; polling goes on")
-            self._site.health.failure(f"internal error: {_describe(exc)}")
-            await self._supervise(ok=False, error=f"internal error: {type(exc).__name__}")
-            return False
+            return await self._crashed(exc)
         finally:
             self._poll_duration.observe(time.monotonic() - started)
         changed = bool(result.alarms) or result.cursor != self.cursor
@@ -128,6 +135,18 @@ class SitePoller:
         self._site.health.success()
         await self._supervise(ok=True)
         return True
+
+    async def _crashed(self, exc: Exception) -> bool:
+        metrics.POLLS.labels(**self._labels, outcome="error").inc()
+        if self._site.health.up is not False:
+            log.error(
+                "poll_crashed",
+                note="a bug in the vendor client; polling goes on",
+                exc_info=exc,
+            )
+        self._site.health.failure(f"internal error: {_describe(exc)}")
+        await self._supervise(ok=False, error=f"internal error: {type(exc).__name__}")
+        return False
 
     async def _supervise(self, *, ok: bool, error: str = "") -> None:
         """comm_lost / comm_restored, committed like any alarm; kept pending if that fails."""
@@ -140,13 +159,11 @@ class SitePoller:
         self, alarms: list[Alarm], cursor: Mapping[str, Any] | None, notes: list[str]
     ) -> bool:
         site = self._site.config
-        # Every vendor's alarms made storable here, first (NUL, lone surrogates, sizes): no
-        # device string can jam the site's commit, and flood groups and priorities see the
-        # ids as they are stored.
-        cleaned = [storable(alarm) for alarm in alarms]
+        # The store makes every value storable (alarms, media locators, the cursor), in one
+        # place; flood groups name their head by the same source_id, cleaned alike there.
         prioritized = [
             dataclasses.replace(alarm, priority=site.priority(alarm.event_type, alarm.camera_id))
-            for alarm in self._flood.apply(cleaned, datetime.now(UTC))
+            for alarm in self._flood.apply(alarms, datetime.now(UTC))
         ]
         commit = PollCommit(
             site_id=self._site.config.id,
@@ -155,6 +172,7 @@ class SitePoller:
             cursor=cursor,
             media_deadline_s=self._media_deadline_s,
             lease=self._lease,
+            problems=self._site.problems,
         )
         try:
             inserted = await self._writer.commit(commit)
@@ -186,7 +204,7 @@ class SitePoller:
         now = datetime.now(UTC)
         vendor = self._site.config.vendor
         for alarm in alarms:
-            if alarm.source_id not in new_ids:
+            if stored_source_id(alarm.source_id) not in new_ids:
                 continue
             metrics.ALARMS.labels(vendor=vendor, event_type=alarm.event_type.value).inc()
             if alarm.group_of is not None:

@@ -4,6 +4,10 @@ Two thousand pollers must not mean two thousand database connections. Pollers ha
 `PollCommit` to the writer and await the outcome; the writer commits whatever has gathered
 (up to `max_batch` sites, waiting at most `max_wait_s` for company) in one transaction. When
 a batch fails, each site is committed on its own so one bad payload cannot hold back others.
+Every value is made storable by the store before anything is sent; a commit PostgreSQL still
+refuses for a value in it (a data error, not an outage) is reported as the site's bad input
+and committed reduced (`degraded_commit`): its alarms are never lost, and it is never retried
+as a database outage (it would fail the same way for ever).
 A poller advances its in-memory cursor only after its commit succeeded. A commit whose site
 lease this daemon no longer holds is refused inside the transaction (`LeaseLost`).
 """
@@ -16,7 +20,15 @@ from collections.abc import Callable
 import structlog
 
 from cms_ingest import metrics
-from cms_ingest.db.store import InsertedAlarm, PollCommit, Store
+from cms_ingest.db.store import (
+    CommitResult,
+    InsertedAlarm,
+    PollCommit,
+    Store,
+    degraded_commit,
+    is_data_error,
+)
+from cms_ingest.vendors.common import DESCRIPTION_LIMIT, clean_text
 
 log = structlog.get_logger("cms_ingest.writer")
 
@@ -84,17 +96,50 @@ class AlarmWriter:
 
     async def _commit(self, batch: list[_Pending]) -> None:
         metrics.COMMIT_BATCH.observe(len(batch))
+        if len(batch) == 1:
+            await self._commit_alone(batch[0])
+            return
         try:
             result = await self._store.commit_polls([commit for commit, _ in batch])
         except Exception as exc:
-            if len(batch) == 1:
-                metrics.DB_ERRORS.labels(operation="commit_polls").inc()
-                _resolve_error(batch[0][1], exc)
-                return
             log.warning("batch_commit_failed", sites=len(batch), error=str(exc))
             for item in batch:  # isolate the culprit: each site on its own
-                await self._commit([item])
+                await self._commit_alone(item)
             return
+        self._resolve(batch, result)
+
+    async def _commit_alone(self, item: _Pending) -> None:
+        commit, future = item
+        try:
+            result = await self._store.commit_polls([commit])
+        except Exception as exc:
+            if not is_data_error(exc):
+                metrics.DB_ERRORS.labels(operation="commit_polls").inc()
+                _resolve_error(future, exc)
+                return
+            try:
+                result = await self._commit_degraded(commit, exc)
+            except Exception as again:
+                metrics.DB_ERRORS.labels(operation="commit_polls").inc()
+                _resolve_error(future, again)
+                return
+        self._resolve([item], result)
+
+    async def _commit_degraded(self, commit: PollCommit, refused: Exception) -> CommitResult:
+        """A commit refused for a value in it: reported once as the site's bad input, then
+        stored reduced; without its new cursor only if even that is refused."""
+        detail = clean_text(f"{type(refused).__name__}: {refused}", DESCRIPTION_LIMIT)
+        if commit.problems is not None:
+            commit.problems.bad_input("unstorable_value", detail)
+        log.debug("commit_degraded", site_id=commit.site_id, error=detail)
+        try:
+            return await self._store.commit_polls([degraded_commit(commit, keep_cursor=True)])
+        except Exception as exc:
+            if not is_data_error(exc):
+                raise
+        return await self._store.commit_polls([degraded_commit(commit, keep_cursor=False)])
+
+    def _resolve(self, batch: list[_Pending], result: CommitResult) -> None:
         by_site: dict[str, list[InsertedAlarm]] = {}
         for row in result.inserted:
             by_site.setdefault(row.site_id, []).append(row)

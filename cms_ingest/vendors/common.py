@@ -39,6 +39,9 @@ ID_LIMIT = 256
 NAME_LIMIT = 512
 DESCRIPTION_LIMIT = 2048
 RAW_TEXT_LIMIT = 8192
+# Integers in stored JSON: jsonb takes far more than 64 bits, but Python will not print an
+# integer of over 4300 digits (json.dumps raises) and jsonb's numeric has its own ceiling.
+MAX_JSON_INT_BITS = 1024
 
 
 class UnreadableJson(ValueError):
@@ -217,10 +220,13 @@ def clean_text(value: str, limit: int) -> str:
 
 def clean_json(value: Any, *, depth: int = MAX_JSON_DEPTH) -> Any:
     """Device JSON made storable as `jsonb`: strings (keys too) cleaned, non-finite numbers
-    None, containers nested past `depth` levels dropped (None)."""
+    and integers of over MAX_JSON_INT_BITS bits None, containers nested past `depth` levels
+    dropped (None)."""
     if isinstance(value, str):
         return clean_text(value, RAW_TEXT_LIMIT)
     if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, int) and value.bit_length() > MAX_JSON_INT_BITS:
         return None
     if isinstance(value, dict):
         if depth <= 0:

@@ -1,0 +1,197 @@
+"""Values PostgreSQL refuses, committed through the real writer into real PostgreSQL.
+
+A device can put NUL, lone surrogates, NaN, infinity or giant integers into an alarm, a media
+locator or (through the vendor's cursor) the site's cursor. They are made storable where rows
+are written, so a poisoned site shares its batch with a healthy one without splitting or
+delaying it; a value the database still refuses (a device time that cannot be converted) is
+the site's bad input, and its alarms are stored anyway instead of being retried for ever as a
+database outage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import asyncpg
+import pytest
+from structlog.testing import capture_logs
+
+from cms_ingest.db.store import PollCommit, Store
+from cms_ingest.domain import Alarm, EventType, MediaKind, MediaRequest
+from cms_ingest.runtime.sites import SiteProblems
+from cms_ingest.runtime.writer import AlarmWriter
+from tests.support import sample
+
+POISON = "cam\x00era \ud800 name"
+
+
+def _alarm(site_id: str, source_id: str, **fields: Any) -> Alarm:
+    values: dict[str, Any] = {
+        "site_id": site_id,
+        "vendor": "exacq",
+        "source_id": source_id,
+        "event_type": EventType.INTRUSION,
+        "vendor_event": "intrusion",
+        "description": "Intrusion detected",
+        "occurred_at": datetime.now(UTC),
+        "camera_id": "1",
+        **fields,
+    }
+    return Alarm(**values)
+
+
+def _commit(
+    site_id: str, alarms: list[Alarm], cursor: dict[str, Any], problems: SiteProblems
+) -> PollCommit:
+    return PollCommit(
+        site_id=site_id,
+        vendor="exacq",
+        alarms=alarms,
+        cursor=cursor,
+        media_deadline_s=60.0,
+        problems=problems,
+    )
+
+
+@pytest.fixture
+async def writer(store: Store) -> AsyncIterator[AlarmWriter]:
+    # Long enough a gathering window that two commits handed over together share one batch.
+    writer = AlarmWriter(store, max_wait_s=0.5)
+    stop = asyncio.Event()
+    task = asyncio.create_task(writer.run(stop))
+    yield writer
+    stop.set()
+    await asyncio.wait_for(task, timeout=5)
+
+
+async def _cursor(db: asyncpg.Connection, site_id: str) -> Any:
+    value = await db.fetchval("SELECT cursor FROM site_state WHERE site_id = $1", site_id)
+    return None if value is None else json.loads(value)
+
+
+def _batches() -> tuple[float, float]:
+    return sample("cms_ingest_commit_batch_sites_count"), sample(
+        "cms_ingest_commit_batch_sites_sum"
+    )
+
+
+def _bad_input(what: str) -> float:
+    return sample("cms_ingest_bad_input_total", source="device:exacq", what=what)
+
+
+async def test_poisoned_cursor_and_alarm_share_a_batch_with_a_healthy_site(
+    writer: AlarmWriter, db: asyncpg.Connection
+) -> None:
+    poisoned_cursor = {
+        "serial": "SN\x00123",
+        "status": "open \udc80",
+        "camera": float("nan"),
+        "score": float("inf"),
+        "event_id": 2**80,  # over 64 bits: jsonb takes it
+        "giant": 10**5000,  # Python cannot even print it as JSON
+        "open": [{"id": "e\x001", "started": float("-inf")}],
+    }
+    poisoned_alarm = _alarm(
+        "poisoned",
+        "ev\x00-1",
+        camera_name=POISON,
+        description="a\ud800b",
+        raw={"name": POISON, "score": float("nan"), "big": 10**5000, "k\x00": [float("inf")]},
+        media=(
+            MediaRequest(MediaKind.SNAPSHOT, {"path": "/snap\x00?id=\udfff", "t": float("nan")}),
+        ),
+    )
+    healthy_cursor = {"last_id": 7}
+    batches_before, sites_before = _batches()
+    unstorable_before = _bad_input("unstorable_cursor")
+
+    with capture_logs() as logs:
+        poisoned, healthy = await asyncio.gather(
+            writer.commit(
+                _commit(
+                    "poisoned",
+                    [poisoned_alarm],
+                    poisoned_cursor,
+                    SiteProblems("poisoned", "exacq"),
+                )
+            ),
+            writer.commit(
+                _commit(
+                    "healthy",
+                    [_alarm("healthy", "7")],
+                    healthy_cursor,
+                    SiteProblems("healthy", "exacq"),
+                )
+            ),
+        )
+
+    assert [row.source_id for row in poisoned] == ["ev\ufffd-1"]
+    assert [row.source_id for row in healthy] == ["7"]
+    batches, sites = _batches()
+    assert (batches - batches_before, sites - sites_before) == (1, 2), "one shared batch"
+    assert not [entry for entry in logs if entry["event"] == "batch_commit_failed"]
+    assert await _cursor(db, "healthy") == healthy_cursor
+    assert await _cursor(db, "poisoned") == {
+        "serial": "SN\ufffd123",
+        "status": "open \ufffd",
+        "camera": None,
+        "score": None,
+        "event_id": 2**80,
+        "giant": None,
+        "open": [{"id": "e\ufffd1", "started": None}],
+    }
+    assert _bad_input("unstorable_cursor") == unstorable_before + 1
+    row = await db.fetchrow("SELECT * FROM alarms WHERE site_id = 'poisoned'")
+    assert row["camera_name"] == "cam\ufffdera \ufffd name"
+    assert row["description"] == "a\ufffdb"
+    assert json.loads(row["raw"]) == {
+        "name": "cam\ufffdera \ufffd name",
+        "score": None,
+        "big": None,
+        "k\ufffd": [None],
+    }
+    locator = await db.fetchval("SELECT locator FROM alarm_media WHERE alarm_id = $1", row["id"])
+    assert json.loads(locator) == {"path": "/snap\ufffd?id=\ufffd", "t": None}
+
+
+@pytest.mark.parametrize(
+    "occurred_at",
+    [
+        datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=5))),
+        datetime(9999, 12, 31, 23, tzinfo=timezone(timedelta(hours=-5))),
+    ],
+    ids=["year-1", "year-9999"],
+)
+async def test_a_value_postgresql_still_refuses_is_bad_input_and_the_alarm_is_kept(
+    writer: AlarmWriter, db: asyncpg.Connection, occurred_at: datetime
+) -> None:
+    problems = SiteProblems("poisoned", "exacq")
+    db_errors_before = sample("cms_ingest_db_errors_total", operation="commit_polls")
+    refused_before = _bad_input("unstorable_value")
+    received = datetime.now(UTC)
+
+    poisoned, healthy = await asyncio.gather(
+        writer.commit(
+            _commit(
+                "poisoned",
+                [_alarm("poisoned", "41", occurred_at=occurred_at), _alarm("poisoned", "42")],
+                {"last_id": 42},
+                problems,
+            )
+        ),
+        writer.commit(
+            _commit("healthy", [_alarm("healthy", "1")], {"last_id": 1}, SiteProblems("h", "exacq"))
+        ),
+    )
+
+    assert sorted(row.source_id for row in poisoned) == ["41", "42"]
+    assert [row.source_id for row in healthy] == ["1"]
+    assert await _cursor(db, "poisoned") == {"last_id": 42}
+    assert _bad_input("unstorable_value") == refused_before + 1
+    assert sample("cms_ingest_db_errors_total", operation="commit_polls") == db_errors_before
+    stored = await db.fetchval("SELECT occurred_at FROM alarms WHERE source_id = '41'")
+    assert stored >= received - timedelta(seconds=1), "the time we received it instead"
