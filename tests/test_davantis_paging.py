@@ -273,10 +273,11 @@ async def test_alarms_from_before_a_dst_change_keep_their_hour(
     assert [alarm.occurred_at for alarm in result.alarms] == [WINTER, SUMMER]
 
 
+@pytest.mark.parametrize("offset", ["local time", 2**63], ids=["text", "huge-number-fuzz"])
 async def test_an_unreadable_offset_is_reported_once_not_taken_silently(
-    session: aiohttp.ClientSession,
+    session: aiohttp.ClientSession, offset: Any
 ) -> None:
-    site = DavantisSite(utc_offset="local time", local_times=False)
+    site = DavantisSite(utc_offset=offset, local_times=False)
     site.add_alarm(started=WINTER)
     reported = bad_input("utc_offset")
     async with DavantisSimulator({"default": site}) as sim:

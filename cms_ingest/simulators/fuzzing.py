@@ -38,6 +38,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
+from cms_ingest.config import ActionsConfig
 from cms_ingest.db.store import PollCommit, storable_commit
 from cms_ingest.domain import Action, MediaKind
 from cms_ingest.metrics import REGISTRY
@@ -556,17 +557,20 @@ class FuzzRun:
         self.action_ids = 0
         self.hang_s = HANG_S
 
-    async def guarded(self, call: str, work: Coroutine[Any, Any, Any]) -> Any:
+    async def guarded(
+        self, call: str, work: Coroutine[Any, Any, Any], hang_s: float | None = None
+    ) -> Any:
         """Run one client call; its outcome counted, None unless it returned normally."""
         self.report.calls += 1
         self.mutator.recent.clear()
         task = asyncio.ensure_future(work)
-        done, _ = await asyncio.wait({task}, timeout=self.hang_s)
+        hang_s = self.hang_s if hang_s is None else hang_s
+        done, _ = await asyncio.wait({task}, timeout=hang_s)
         if not done:
             where = _stack_of(task)
             task.cancel()
             await asyncio.wait({task}, timeout=2.0)
-            error = f"no end within {self.hang_s:g} s"
+            error = f"no end within {hang_s:g} s"
             self.report.record(Finding("hang", call, error, where, list(self.mutator.recent)))
             return None
         exc = task.exception()
@@ -634,7 +638,10 @@ class FuzzRun:
             action_kind, target, params = rng.choice(device.actions)
             self.action_ids += 1
             action = Action(self.action_ids, "fuzz", action_kind, target, params, 1, None)
-            await self.guarded("perform", client.perform(action))
+            # An action may rightly run for long (a hold, an "off" retried, a capture awaited):
+            # it hangs only past the deadline the action worker gives it.
+            limit = ActionsConfig().attempt_deadline(params)
+            await self.guarded("perform", client.perform(action), hang_s=limit)
 
     def check_storable(self, result: PollResult) -> None:
         commit = PollCommit("fuzz", self.vendor, result.alarms, result.cursor, 60.0)

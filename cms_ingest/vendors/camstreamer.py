@@ -139,7 +139,9 @@ class CamStreamerOptions(SiteOptions):
     # The camera ends the output itself (VAPIX `<port>:/<ms>\`): only where it supports that.
     output_pulse: bool = False
     # How long a failed "off" is retried when the action has no `not_after`.
-    output_off_retry_s: float = Field(default=120.0, gt=0)
+    # Within the action worker's attempt deadline (actions.attempt_timeout_s, 60 s, plus the
+    # hold), so the off's outcome reaches the action's result instead of being cut off.
+    output_off_retry_s: float = Field(default=45.0, gt=0)
     # Hosts (host or host:port) recordings may be downloaded from besides the portal itself:
     # the manual's download URL is on another host than its API example.
     download_hosts: tuple[str, ...] = ()

@@ -1029,10 +1029,10 @@ def _numeric_offset(number: float) -> tzinfo | None:
     """A bare number: hours up to 14, else minutes (up to 14 h of them), else seconds."""
     if not math.isfinite(number):
         return None
-    for unit in (timedelta(hours=1), timedelta(minutes=1), timedelta(seconds=1)):
-        offset = number * unit
-        if abs(offset) <= MAX_OFFSET:
-            return timezone(offset)
+    for unit in (3600, 60, 1):
+        # Compared as seconds first: a huge number times a timedelta overflows.
+        if abs(number * unit) <= MAX_OFFSET.total_seconds():
+            return timezone(timedelta(seconds=number * unit))
     return None
 
 
