@@ -713,10 +713,12 @@ class VideoloftClient:
                 await asyncio.wait_for(self._read_stream(response, logger, decoder), timeout=hold)
         except TimeoutError:
             return  # the planned reconnect, ahead of the server's cut
-        except (TransportError, BadDeviceResponse, aiohttp.ClientError) as exc:
-            # BadDeviceResponse: e.g. a token renewal answered over the size cap.
+        except (TransportError, VendorError, aiohttp.ClientError) as exc:
+            # VendorError: a token renewal refused (AuthenticationFailed) or answered over the
+            # size cap; the poll meets the same refusal and reports it. Nothing may escape a
+            # task nobody awaits.
             log.info("videoloft_live_dropped", site_id=self.site_id, logger=logger, error=str(exc))
-            if isinstance(exc, TransportError) and not exc.sent:
+            if isinstance(exc, VendorError) or (isinstance(exc, TransportError) and not exc.sent):
                 self._stream_failed(logger, str(exc))  # could not even connect
 
     def _stream_connected(self, logger: str, uidds: frozenset[str]) -> None:
