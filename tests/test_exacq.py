@@ -214,3 +214,48 @@ async def test_daemon_stopping_mid_hold_turns_the_trigger_off(
         assert site.trigger_sets[-1][1] == "off"
         row = await db.fetchrow("SELECT state, error FROM actions")
         assert row["state"] == "failed" and "stopped" in row["error"]
+
+
+async def test_an_export_made_before_a_restart_is_asked_for_again_not_made_twice(
+    database_url: str, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """The export id lives in the media row's locator, not only in the client's memory: the
+    manual has no call that lists exports, so a daemon that forgot it would make another."""
+    from datetime import UTC, datetime, timedelta
+
+    from cms_ingest.config import MediaConfig
+
+    site = ExacqSite(export_seconds=3.0)
+    async with ExacqSimulator({"default": site}) as sim:
+        options = {"pre_seconds": 1, "post_seconds": 1}
+        config = app_config(
+            database_url,
+            tmp_path,
+            [exacq_site("x1", sim.url(), options=options)],
+            media=MediaConfig(retry_base_s=0.2, retry_max_s=0.5),
+        )
+
+        async def video_state() -> str | None:
+            return await db.fetchval("SELECT state FROM alarm_media WHERE kind = 'video'")
+
+        async with running_daemon(config):
+            await eventually(lambda: has_cursor(db), what="first poll")
+            site.activate_event(1, 13, start=datetime.now(UTC) - timedelta(seconds=2))
+            await eventually(lambda: len(site.exports) == 1, timeout=15, what="an export made")
+
+            async def remembered() -> bool:
+                locator = await db.fetchval(
+                    "SELECT locator->>'export_id' FROM alarm_media WHERE kind = 'video'"
+                )
+                return locator is not None
+
+            await eventually(remembered, what="the export id kept in the media row")
+        assert await video_state() == "pending"  # stopped while the export was being made
+        async with running_daemon(config):
+
+            async def settled() -> bool:
+                return await video_state() != "pending"
+
+            await eventually(settled, timeout=20, what="the video settled")
+            assert await video_state() == "ready"
+        assert len(site.exports) == 1  # the same export, asked for again

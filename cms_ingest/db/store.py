@@ -299,13 +299,24 @@ class Store:
             for row in rows
         ]
 
-    async def media_retry_later(self, media_id: int, *, delay_s: float, note: str | None) -> None:
+    async def media_retry_later(
+        self,
+        media_id: int,
+        *,
+        delay_s: float,
+        note: str | None,
+        locator: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Check again after `delay_s`; `locator`, when given, replaces the row's (the vendor
+        made something on the device that the next check must find again)."""
+        changes: dict[str, Any] = {} if locator is None else {"locator": storable_json(locator)}
         await self._update_media(
             media_id,
             attempts=alarm_media.c.attempts + 1,
             last_error=note,
             next_attempt_at=func.now() + _seconds(delay_s),
             claimed_until=None,
+            **changes,
         )
 
     async def media_ready(

@@ -247,7 +247,11 @@ class MediaFetcher:
         delay = self._policy.delay(job.attempts + 1)
         delay = min(delay, max(0.0, (job.deadline_at - now).total_seconds()))
         note = clean_text(note, DESCRIPTION_LIMIT)  # it may quote the device
-        await self._store.media_retry_later(job.id, delay_s=delay, note=note)
+        locator = None
+        if probe is not None and probe.remember:
+            locator = {**job.locator, **probe.remember}
+            locator = {key: value for key, value in locator.items() if value is not None}
+        await self._store.media_retry_later(job.id, delay_s=delay, note=note, locator=locator)
 
     async def _settle(
         self,

@@ -75,6 +75,10 @@ class MediaProbe:
     path: str | None = None  # when ready: what `download` takes (a site-relative path, or the
     # vendor's own reference to a media file on a host its API named); never stored
     detail: str = ""
+    # Vendor state this media needs at its next check (an export made on the device): merged
+    # into the media row's locator, so a retry after a restart or on another daemon finds it
+    # again instead of making it twice. A key set to None is removed.
+    remember: Mapping[str, Any] | None = None
 
 
 @dataclass(slots=True)

@@ -33,6 +33,7 @@ so that a correction from the field is a one-line change.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -728,17 +729,25 @@ class ExacqClient:
         if kind is MediaKind.SNAPSHOT:
             live = "live" if locator.get("live") is True else "frame"
             return MediaProbe("ready", path=f"{live}|{camera}|{when.isoformat()}")
-        return await self._export_status(str(camera), when, str(locator.get("key")))
+        probe = await self._export_status(str(camera), when, str(locator.get("key")), locator)
+        export_id = self._exports.get(str(locator.get("key")))
+        if probe.state == "pending" and export_id != locator.get("export_id"):
+            # Kept in the media row: a retry after a restart (or on another daemon) asks for
+            # this export again instead of making a second one on the server.
+            probe = dataclasses.replace(probe, remember={"export_id": export_id})
+        return probe
 
-    async def _export_status(self, camera: str, when: datetime, key: str) -> MediaProbe:
+    async def _export_status(
+        self, camera: str, when: datetime, key: str, locator: Mapping[str, Any]
+    ) -> MediaProbe:
         start = when - timedelta(seconds=self._options.pre_seconds)
         end = when + timedelta(seconds=self._options.post_seconds)
         if datetime.now(UTC) < end + timedelta(seconds=1):
             return MediaProbe("pending", detail="the export window has not passed yet")
-        export_id = self._exports.get(key)
+        export_id = self._exports.get(key) or _vendor_id(locator.get("export_id"))
         if export_id is None:
             export_id = await self._create_export(camera, start, end)
-            self._exports[key] = export_id
+        self._exports[key] = export_id
         status, payload = await self._call("GET", API.export, {"export": export_id})
         refused = isinstance(payload, dict) and payload.get("success") is False
         if status == 404 or refused:
