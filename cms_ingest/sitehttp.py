@@ -127,9 +127,17 @@ class SiteHttp:
         if not _HOST_RE.fullmatch(host):
             raise UnsafeUrl(f"refusing host {host[:100]!r} handed back by the site", sent=False)
         tls = TlsPolicy(verify=self._tls.verify, ca_file=self._tls.ca_file, pin_sha256=None)
-        return SiteHttp(
-            self._session, f"{self.base_url.scheme}://{host}", tls=tls, timeout_s=self.timeout_s
-        )
+        try:
+            return SiteHttp(
+                self._session,
+                f"{self.base_url.scheme}://{host}",
+                tls=tls,
+                timeout_s=self.timeout_s,
+            )
+        except ValueError:  # shaped like a host, but not one ("[1000000000000000000000]")
+            raise UnsafeUrl(
+                f"refusing host {host[:100]!r} handed back by the site", sent=False
+            ) from None
 
     def for_url(self, base_url: str) -> SiteHttp:
         """The same site's rules for another configured base URL (a device-access template).

@@ -43,6 +43,16 @@ async def test_only_the_configured_origin_is_requested(session: aiohttp.ClientSe
             http.url(foreign)
 
 
+async def test_a_host_handed_back_must_be_a_host(session: aiohttp.ClientSession) -> None:
+    http = SiteHttp(session, "http://192.0.2.10:21000")
+    assert str(http.for_host("logger7.example:8443").base_url) == "http://logger7.example:8443"
+    # Shaped like a bracketed IPv6 address, but not one (found by bench/fuzz.py, Videoloft's
+    # `authenticator`): refused like any other odd host, not a ValueError from deep in yarl.
+    for odd in ("[1000000000000000000000000000000]", "a/b", "user@host", "[::1"):
+        with pytest.raises(UnsafeUrl):
+            http.for_host(odd)
+
+
 async def test_connection_refused_is_unsent_and_timeout_is_bounded(
     session: aiohttp.ClientSession, unused_tcp_port: int
 ) -> None:
