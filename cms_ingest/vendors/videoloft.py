@@ -114,6 +114,9 @@ FUTURE_ID_SLACK_S = 86_400
 # A logger that could not be reached is left out of catch-ups and status reads this long, so
 # it does not hold back the other loggers' devices poll after poll (its gaps stay open).
 LOGGER_RETRY_S = 30.0
+# How long a poll waits for the /alert read-backs it started (a healthy logger answers in
+# milliseconds; one that hangs must not hold the others' alerts for a request timeout).
+CATCH_UP_WAIT_S = 1.0
 # snapshot_request: how long to wait for the camera to report the thumb it was told to take.
 CAPTURE_WAIT_S = 15.0
 CAPTURE_POLL_S = 0.5
@@ -423,6 +426,8 @@ class VideoloftClient:
         self._logger_down_until: dict[str, float] = {}  # logger -> monotonic
         self._connected_at: dict[str, float] = {}  # logger -> epoch its long-poll answered
         self._status_reads: dict[str, asyncio.Task[None]] = {}  # logger -> /cameras/status
+        # logger -> its /alert read-back still running after the poll that started it
+        self._catch_ups: dict[str, asyncio.Task[list[VlAlert]]] = {}
         self._unwatched: list[str] = []  # devices without a logger
         self._unacked = _Inbox()
         self._returned_cursor: Cursor | None = None
@@ -832,16 +837,28 @@ class VideoloftClient:
         self, state: _CursorState, alerts: dict[tuple[str, int], VlAlert], notes: list[str]
     ) -> None:
         """Every device that needs /alert read (no cursor yet, or an open gap), each logger's
-        devices in turn and the loggers at once: a slow logger costs only its own devices."""
-        todo: dict[str, list[str]] = {}
+        devices in turn and the loggers at once. The poll waits at most CATCH_UP_WAIT_S for
+        them: a logger that does not answer costs the others' alerts that second once, not a
+        request timeout; its read goes on and a later poll takes what it found. (Its gap stays
+        open in the cursor until a read finishes, so nothing is lost; what is read twice the
+        database key absorbs.)"""
+        started: list[asyncio.Task[list[VlAlert]]] = []
         now_ms = _now_ms()
         for logger, uidds in self._by_logger().items():
             needed = [u for u in sorted(uidds) if state.needs_catch_up(u, now_ms)]
-            if needed and self._logger_up(logger):
-                todo[logger] = needed
-        found = await asyncio.gather(
-            *(self._catch_up_logger(logger, uidds, state) for logger, uidds in todo.items())
-        )
+            if needed and self._logger_up(logger) and logger not in self._catch_ups:
+                task = asyncio.create_task(
+                    self._catch_up_logger(logger, needed, state), name=f"videoloft-alert:{logger}"
+                )
+                self._catch_ups[logger] = task
+                started.append(task)
+        if started:
+            await asyncio.wait(started, timeout=CATCH_UP_WAIT_S)
+        found: list[list[VlAlert]] = []
+        for logger, task in list(self._catch_ups.items()):
+            if task.done():
+                del self._catch_ups[logger]
+                found.append(task.result())  # vendor errors were handled inside; a bug raises
         for caught in found:
             for alert in caught:
                 alerts[(alert.uidd, alert.id)] = alert
@@ -1331,13 +1348,15 @@ class VideoloftClient:
         return sorted(alarms, key=lambda alarm: alarm.occurred_at, reverse=True)[:count]
 
     async def close(self) -> None:
-        tasks = [s.task for s in self._streams.values()] + list(self._status_reads.values())
+        tasks: list[asyncio.Task[Any]] = [s.task for s in self._streams.values()]
+        tasks += [*self._status_reads.values(), *self._catch_ups.values()]
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=2)
         self._streams.clear()
         self._status_reads.clear()
+        self._catch_ups.clear()
 
 
 # ---------------------------------------------------------------------- cursor
