@@ -258,6 +258,20 @@ async def test_an_alarm_stamped_9999_hides_nothing(session: aiohttp.ClientSessio
         assert source_ids(await device.poll()) == ["2", "3"]
 
 
+@pytest.mark.parametrize("year", [1, 9999])
+async def test_a_video_locator_of_an_implausible_time_is_unavailable(
+    session: aiohttp.ClientSession, year: int
+) -> None:
+    """A locator stored with such a time (bench/fuzz.py found one) asks for no slice window:
+    one second before year 1 or after 9999 is no datetime (OverflowError, every retry)."""
+    async with CamTraceSimulator({"default": CamTraceSite(media_delay=0)}) as sim:
+        device = driver(session, sim.url())
+        when = datetime(year, 1 if year == 1 else 12, 1, tzinfo=UTC).isoformat()
+        locator = {"camera_id": 1, "record_time": when, "time": when}
+        probe = await device.client.media_status(MediaKind.VIDEO, locator)
+    assert probe.state == "unavailable" and "not plausible" in probe.detail
+
+
 async def test_a_first_poll_on_an_alarm_stamped_year_1(session: aiohttp.ClientSession) -> None:
     site = CamTraceSite(media_delay=0)
     async with CamTraceSimulator({"default": site}) as sim:

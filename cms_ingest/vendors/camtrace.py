@@ -1069,6 +1069,10 @@ class CamTraceClient:
         alarm_time = parse_time(locator.get("time")) or start
         if camera_id is None or start is None or alarm_time is None:
             return MediaProbe("unavailable", detail="the alarm has no recording")
+        if not (plausible_time(start) and plausible_time(alarm_time)):
+            # Year 1 or 9999 (stored before it was checked, or a recordTime of its own): no
+            # slice window can be asked for such a time.
+            return MediaProbe("unavailable", detail=f"the recording time {start} is not plausible")
         # Not the camera's `isRecordingAlarm`: that is whether it records an alarm right now.
         # The alarm's own `recordTime` says a recording exists.
         params = {
