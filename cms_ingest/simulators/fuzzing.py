@@ -419,6 +419,9 @@ async def _camstreamer(mutator: Mutator) -> Device:
             # test of patience. Production keeps the defaults (1/s, 10,000 a day).
             "rate_per_s": 1_000_000.0,
             "daily_limit": 1_000_000_000,
+            # A failed "off" is retried for 45 s in production; half a second still runs the
+            # retry loop against mutated answers without idling a device for most of a run.
+            "output_off_retry_s": 0.5,
         },
         actions=[("output", serials[0], {"duration_s": 0.001})],
         add_alarm=add_alarm,
