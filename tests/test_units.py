@@ -9,8 +9,8 @@ import random
 import pytest
 
 from cms_ingest.logs import configure_logging, get_logger, redact_text
+from cms_ingest.mediafiles import relative_path, sniff
 from cms_ingest.retry import RetryPolicy
-from cms_ingest.runtime.mediafiles import relative_path, sniff
 from cms_ingest.units import parse_duration
 
 

@@ -18,8 +18,8 @@ from cms_ingest import metrics
 from cms_ingest.config import MediaConfig
 from cms_ingest.db.store import MediaJob, Store
 from cms_ingest.domain import MediaState
+from cms_ingest.mediafiles import MediaTooLarge, StoredFile, store_stream
 from cms_ingest.retry import RetryPolicy
-from cms_ingest.runtime.mediafiles import MediaTooLarge, StoredFile, store_stream
 from cms_ingest.runtime.sites import SiteRegistry, SiteRuntime
 from cms_ingest.runtime.supervisor import wake_or_stop
 from cms_ingest.sitehttp import TransportError, UnsafeUrl

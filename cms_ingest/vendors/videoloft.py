@@ -52,7 +52,7 @@ import structlog
 from pydantic import ConfigDict, Field
 
 from cms_ingest.domain import Action, ActionResult, Alarm, EventType, MediaKind, MediaRequest
-from cms_ingest.runtime.mediafiles import MediaTooLarge, store_stream
+from cms_ingest.mediafiles import MediaTooLarge, store_stream
 from cms_ingest.sitehttp import SiteHttp, TransportError
 from cms_ingest.units import Duration
 from cms_ingest.vendors.base import (
