@@ -38,7 +38,7 @@ ALARMS = "/api/v1.2/cameras/alarms"
 
 
 class Problems:
-    """A ProblemReporter that keeps what it is told."""
+    """A SiteReporter that keeps what it is told."""
 
     def __init__(self) -> None:
         self.reported: list[tuple[str, str]] = []
@@ -52,6 +52,12 @@ class Problems:
 
     def device_reset(self, detail: str) -> None:
         self.resets.append(detail)
+
+    def device_health(self, component: str, healthy: bool) -> None:
+        pass
+
+    def api_budget(self, remaining: float) -> None:
+        pass
 
     def kinds(self) -> set[str]:
         return {what for what, _ in self.reported}

@@ -27,7 +27,7 @@ from tests.support import CREDENTIALS, free_port
 
 
 class Problems:
-    """A ProblemReporter that keeps what it is told."""
+    """A SiteReporter that keeps what it is told."""
 
     def __init__(self) -> None:
         self.reported: list[str] = []
@@ -40,6 +40,12 @@ class Problems:
 
     def device_reset(self, detail: str) -> None:
         self.reported.append("device_reset")
+
+    def device_health(self, component: str, healthy: bool) -> None:
+        pass
+
+    def api_budget(self, remaining: float) -> None:
+        pass
 
 
 @pytest.fixture

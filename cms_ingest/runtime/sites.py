@@ -34,8 +34,9 @@ SKEW_WARN_S = 30.0  # occurred_at stays the device's time; an operator should kn
 
 
 class SiteProblems:
-    """`ProblemReporter` for one site: each kind of bad input logged once, always counted;
-    the device's clock skew kept, exported, and warned about once past 30 s."""
+    """`SiteReporter` for one site: each kind of bad input logged once, always counted;
+    the device's clock skew kept, exported, and warned about once past 30 s; the device's
+    own health and the account's API budget exported."""
 
     def __init__(self, site_id: str, vendor: str) -> None:
         self.site_id = site_id
@@ -43,6 +44,7 @@ class SiteProblems:
         self._seen: set[str] = set()
         self.skew_s: float | None = None
         self._skew_warned = False
+        self._budget_gauge: Any = None  # looked up once: a budgeted vendor reports per query
 
     @property
     def kinds_seen(self) -> list[str]:
@@ -71,6 +73,18 @@ class SiteProblems:
             detail=redact_text(detail),
             note="alarm ids started again; new alarms are kept under a new device life",
         )
+
+    def device_health(self, component: str, healthy: bool) -> None:
+        metrics.DEVICE_HEALTH.labels(
+            site_id=self.site_id, vendor=self.vendor, component=component
+        ).set(1 if healthy else 0)
+
+    def api_budget(self, remaining: float) -> None:
+        if self._budget_gauge is None:
+            self._budget_gauge = metrics.API_BUDGET_REMAINING.labels(
+                site_id=self.site_id, vendor=self.vendor
+            )
+        self._budget_gauge.set(remaining)
 
     def bad_input(self, what: str, detail: str) -> None:
         metrics.BAD_INPUT.labels(source=f"device:{self.vendor}", what=what).inc()

@@ -500,7 +500,8 @@ class FuzzReport:
 
 
 class CountingProblems:
-    """The vendor's `ProblemReporter`: counts, logs nothing (a fuzz run reports thousands)."""
+    """The vendor's `SiteReporter`: counts bad input and resets, logs and exports nothing (a
+    fuzz run reports thousands)."""
 
     def __init__(self) -> None:
         self.reports = 0
@@ -513,6 +514,12 @@ class CountingProblems:
 
     def device_reset(self, detail: str) -> None:
         self.reports += 1
+
+    def device_health(self, component: str, healthy: bool) -> None:
+        pass
+
+    def api_budget(self, remaining: float) -> None:
+        pass
 
 
 def _where(exc: BaseException) -> str:

@@ -101,10 +101,12 @@ class ActionSpec:
     idempotent: bool
 
 
-class ProblemReporter(Protocol):
-    """Where a vendor client reports bad input from its device.
+class SiteReporter(Protocol):
+    """Where a vendor client reports what it learns about its site beyond alarms: bad input
+    from the device, the device's clock and its own health, what is left of an API budget.
 
-    The runtime logs each `what` once per site (not once per poll) and counts every report.
+    The runtime logs each `what` of bad input once per site (not once per poll), counts every
+    report and exports the figures as the site's metrics; a vendor never touches metrics.
     """
 
     def bad_input(self, what: str, detail: str) -> None: ...
@@ -119,6 +121,17 @@ class ProblemReporter(Protocol):
         installer must see it) and counted."""
         ...
 
+    def device_health(self, component: str, healthy: bool) -> None:
+        """What the device says about one of its own parts (recorder, cameras, hardware)."""
+        ...
+
+    def api_budget(self, remaining: float) -> None:
+        """Queries left today in the account's daily API budget."""
+        ...
+
+
+ProblemReporter = SiteReporter  # its former name, from when it reported bad input only
+
 
 @dataclass(frozen=True, slots=True)
 class VendorContext:
@@ -126,7 +139,7 @@ class VendorContext:
 
     site_id: str
     http: SiteHttp  # the configured site URL, its TLS policy and timeout
-    problems: ProblemReporter
+    problems: SiteReporter
     username: str = ""
     password: str = ""
     token: str = ""
@@ -171,6 +184,7 @@ __all__ = [
     "PollResult",
     "ProblemReporter",
     "SiteOptions",
+    "SiteReporter",
     "TransportError",
     "VendorClient",
     "VendorContext",

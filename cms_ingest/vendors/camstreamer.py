@@ -51,7 +51,6 @@ import structlog
 from pydantic import ConfigDict, Field
 from yarl import URL
 
-from cms_ingest import metrics
 from cms_ingest.domain import Action, ActionResult, Alarm, EventType, MediaKind, MediaRequest
 from cms_ingest.retry import RetryPolicy
 from cms_ingest.sitehttp import SiteHttp, TransportError, UnsafeUrl, read_limited
@@ -254,9 +253,6 @@ class CamStreamerClient:
         self._refresh: str | None = options.refresh_token
         self._auth_lock = asyncio.Lock()
         self.budget = QueryBudget(options.rate_per_s, options.daily_limit, options.status_share)
-        self._budget_gauge = metrics.API_BUDGET_REMAINING.labels(
-            site_id=self.site_id, vendor=VENDOR
-        )
         self._last_status_at: float | None = None
         self._last_failure: TransportError | VendorError | None = None
         self._nodes: dict[int, CameraNode] | None = None
@@ -327,7 +323,7 @@ class CamStreamerClient:
         """One GraphQL call through the budget; a refused OAuth2 token is renewed once."""
         for attempt in (1, 2):
             await self.budget.acquire()
-            self._budget_gauge.set(self.budget.remaining)
+            self._problems.api_budget(self.budget.remaining)
             token = await self._token()  # after the wait for the slot: fresh when sent
             body = {"query": query, "variables": dict(variables or {})}
             async with self._http.request(
@@ -386,7 +382,7 @@ class CamStreamerClient:
             raise
         self._last_failure = None
         alarms, cameras = self._track_all(statuses, state)
-        self._budget_gauge.set(self.budget.remaining)
+        self._problems.api_budget(self.budget.remaining)
         return PollResult(
             alarms=alarms,
             cursor={"cameras": cameras, "budget": self._budget_state()},

@@ -47,7 +47,6 @@ from typing import Any, Literal
 import structlog
 from pydantic import ConfigDict, Field
 
-from cms_ingest import metrics
 from cms_ingest.domain import Action, ActionResult, Alarm, EventType, MediaKind, MediaRequest
 from cms_ingest.units import Duration
 from cms_ingest.vendors.base import (
@@ -981,9 +980,7 @@ class CamTraceClient:
         details: Mapping[str, Any] = raw_details if isinstance(raw_details, dict) else {}
         for component in ("recorder", "cameras", "hardware"):
             ok = health.get(component) is not False
-            metrics.DEVICE_HEALTH.labels(
-                site_id=self.site_id, vendor=VENDOR, component=component
-            ).set(1 if ok else 0)
+            self._problems.device_health(component, ok)
             detail = _health_detail(details.get(component)) if not ok else ""
             previous = self._health_errors.get(component)
             if not ok and previous != detail:
