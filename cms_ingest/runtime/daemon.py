@@ -114,7 +114,7 @@ class Daemon:
             self.supervisor.start("loop_lag", LoopLagMonitor().run)
             if not await self._prepare_database(stop):
                 return
-            self.sites = SiteRegistry(self.config, session)
+            self.sites = SiteRegistry(self.config, session, self.supervisor)
             self._sites_built.set()
             self._start_parts(self.sites)
             self._started = True

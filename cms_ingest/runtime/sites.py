@@ -21,10 +21,13 @@ from cms_ingest import metrics
 from cms_ingest.config import AppConfig, SiteConfig
 from cms_ingest.db.store import SiteHealth
 from cms_ingest.logs import redact_text
+from cms_ingest.runtime.supervisor import Supervisor
+from cms_ingest.runtime.vendortasks import SupervisedTasks
 from cms_ingest.sitehttp import SiteHttp, TlsPolicy
 from cms_ingest.vendors import build_client
 from cms_ingest.vendors.base import VendorClient, VendorContext
 from cms_ingest.vendors.common import clean_text
+from cms_ingest.vendors.tasks import LocalTasks
 
 log = structlog.get_logger("cms_ingest.sites")
 
@@ -192,6 +195,7 @@ class SiteRuntime:
     client: VendorClient
     health: SiteHealthState
     problems: SiteProblems
+    tasks: SupervisedTasks | LocalTasks  # the client's background tasks
 
 
 def tls_policy(site: SiteConfig) -> TlsPolicy:
@@ -201,9 +205,15 @@ def tls_policy(site: SiteConfig) -> TlsPolicy:
 
 
 def build_site(
-    site: SiteConfig, session: aiohttp.ClientSession, media_root: Path | None = None
+    site: SiteConfig,
+    session: aiohttp.ClientSession,
+    media_root: Path | None = None,
+    supervisor: Supervisor | None = None,
 ) -> SiteRuntime:
+    """The site's client and state. With the daemon's `supervisor`, the client's background
+    tasks run on it; without (the probe, tests), as plain tasks closed with the client."""
     problems = SiteProblems(site.id, site.vendor)
+    tasks = SupervisedTasks(supervisor, site.id) if supervisor is not None else LocalTasks()
     http = SiteHttp(
         session,
         site.url,
@@ -219,6 +229,7 @@ def build_site(
         password=site.password.get_secret_value() if site.password else "",
         token=site.token.get_secret_value() if site.token else "",
         media_root=media_root,
+        tasks=tasks,
     )
     client = build_client(site.vendor, context, site.options)
     return SiteRuntime(
@@ -226,6 +237,7 @@ def build_site(
         client=client,
         health=SiteHealthState(site.id, site.vendor),
         problems=problems,
+        tasks=tasks,
     )
 
 
@@ -233,8 +245,14 @@ class SiteRegistry:
     """The configured sites by id, each with its client (shared by its poller, the media
     fetcher and the action worker), and which of them this daemon holds the lease of."""
 
-    def __init__(self, config: AppConfig, session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self,
+        config: AppConfig,
+        session: aiohttp.ClientSession,
+        supervisor: Supervisor | None = None,
+    ) -> None:
         self._session = session
+        self._supervisor = supervisor  # runs the clients' background tasks
         self._media_root = config.data_dir / "media"
         self._sites: dict[str, SiteRuntime] = {}
         self.owned: dict[str, int] = {}  # site_id -> lease epoch, kept by the daemon
@@ -261,7 +279,7 @@ class SiteRegistry:
         return self._sites
 
     def add(self, site: SiteConfig) -> None:
-        self._sites[site.id] = build_site(site, self._session, self._media_root)
+        self._sites[site.id] = build_site(site, self._session, self._media_root, self._supervisor)
         self._used.discard(site.id)
         metrics.SITES.labels(vendor=site.vendor).inc()
 
@@ -283,8 +301,9 @@ class SiteRegistry:
         have moved on elsewhere; the new one starts from the stored cursor like a restart."""
         runtime = self._sites[site_id]
         if site_id in self._used:
+            runtime.tasks.retire()  # its live streams end now; actions may still run on it
             self._retired.append((time.monotonic(), runtime.client))
-            fresh = build_site(runtime.config, self._session, self._media_root)
+            fresh = build_site(runtime.config, self._session, self._media_root, self._supervisor)
             fresh.health.polled = runtime.health.polled  # "was polled once, ever" carries over
             self._sites[site_id] = runtime = fresh
         self._used.add(site_id)

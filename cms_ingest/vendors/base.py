@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cms_ingest.domain import Action, ActionResult, Alarm, MediaKind
 from cms_ingest.sitehttp import SiteHttp, TransportError
+from cms_ingest.vendors.tasks import LocalTasks, VendorTasks
 
 Cursor = Mapping[str, Any]  # JSON-serializable; persisted with the alarms it covers
 
@@ -146,6 +147,9 @@ class VendorContext:
     # Where a client may store media it fetches for an action (the daemon's data_dir/media);
     # None where nothing is kept (the probe).
     media_root: Path | None = None
+    # Where the client starts background work it needs (a long-poll held open): the daemon's
+    # supervisor, or plain tasks outside the daemon. One per client, never shared.
+    tasks: VendorTasks = field(default_factory=LocalTasks)
 
 
 class VendorClient(Protocol):
@@ -189,4 +193,5 @@ __all__ = [
     "VendorClient",
     "VendorContext",
     "VendorError",
+    "VendorTasks",
 ]
