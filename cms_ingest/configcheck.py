@@ -8,14 +8,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from cms_ingest.config import AppConfig, ConfigError, ConfigProblem, load_config
-from cms_ingest.vendors import SITE_CHECKS, VENDORS, supported_vendors
+from cms_ingest.vendors import supported_vendors, vendor_registry
 
 
 def vendor_problems(config: AppConfig) -> list[ConfigProblem]:
     """What the config schema cannot see: vendors this build lacks, vendor-specific rules."""
+    registry = vendor_registry()
     problems: list[ConfigProblem] = []
     for index, site in enumerate(config.sites):
-        if site.vendor not in VENDORS:
+        entry = registry.get(site.vendor)
+        if entry is None:
             problems.append(
                 ConfigProblem(
                     f"sites[{index}].vendor",
@@ -24,8 +26,7 @@ def vendor_problems(config: AppConfig) -> list[ConfigProblem]:
                 )
             )
             continue
-        check = SITE_CHECKS.get(site.vendor)
-        for key, message in check(site.url, site.options) if check else []:
+        for key, message in entry.site_problems(site.url, site.options):
             problems.append(ConfigProblem(f"sites[{index}].options.{key}", message))
     return problems
 
