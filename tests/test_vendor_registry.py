@@ -1,5 +1,5 @@
 """A vendor is added in `vendors/` only: one registered at run time is configured, checked,
-built and polled by the unchanged config, `check-config` and daemon.
+built, probed and polled by the unchanged config, `check-config`, probe and daemon.
 
 The fake vendor below is what a new vendor module would declare: an options model, a default
 poll interval, a credential rule, a config check and one action kind. Its client makes its
@@ -9,6 +9,7 @@ the real PostgreSQL.
 
 from __future__ import annotations
 
+import io
 import json
 import textwrap
 from collections.abc import Iterator, Mapping
@@ -26,6 +27,7 @@ from cms_ingest.cli import main
 from cms_ingest.config import ConfigError, load_checked, load_config, vendor_problems
 from cms_ingest.db.store import Store
 from cms_ingest.domain import Action, ActionResult, Alarm, EventType, MediaKind
+from cms_ingest.probe import run_probe
 from cms_ingest.sitehttp import SiteHttp
 from cms_ingest.vendors import build_client, register, registered, supported_vendors
 from cms_ingest.vendors.base import (
@@ -201,6 +203,16 @@ async def test_build_client_builds_it_with_validated_options(fake_vendor: Vendor
         client = build_client(NAME, context, {"channel": "4"})
     assert isinstance(client, FakeClient)
     assert client.options.channel == 4  # parsed by the entry's options model
+
+
+async def test_probe_commissions_it(fake_vendor: Vendor, tmp_path: Path) -> None:
+    config = load_checked(write_config(tmp_path, site_yaml(username="op")))
+    out = io.StringIO()
+    assert await run_probe(config.site("fake-site"), out=out) == 0
+    report = out.getvalue()
+    assert f"probing fake-site ({NAME})" in report
+    assert "[PASS] authentication and first poll" in report
+    assert "cursor {'n': 1}" in report
 
 
 async def test_the_daemon_polls_it_and_fires_its_action(
