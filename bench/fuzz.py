@@ -15,7 +15,7 @@ import argparse
 import asyncio
 import sys
 
-from cms_ingest.simulators.fuzzing import VENDORS, FuzzReport, fuzz_vendor
+from cms_ingest.simulators.fuzzing import FUZZED_VENDORS, FuzzReport, fuzz_vendor
 
 
 async def main(vendors: list[str], seconds: float, seed: int) -> list[FuzzReport]:
@@ -31,11 +31,11 @@ async def main(vendors: list[str], seconds: float, seed: int) -> list[FuzzReport
 
 def run(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--vendor", required=True, choices=[*VENDORS, "all"])
+    parser.add_argument("--vendor", required=True, choices=[*FUZZED_VENDORS, "all"])
     parser.add_argument("--seconds", type=float, default=10.0, help="per vendor")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    vendors = list(VENDORS) if args.vendor == "all" else [args.vendor]
+    vendors = list(FUZZED_VENDORS) if args.vendor == "all" else [args.vendor]
     reports = asyncio.run(main(vendors, args.seconds, args.seed))
     inputs = sum(r.inputs for r in reports)
     seconds = sum(r.seconds for r in reports)

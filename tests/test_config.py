@@ -10,7 +10,6 @@ import pytest
 from pydantic import SecretStr
 
 from cms_ingest.config import (
-    VENDOR_DEFAULT_POLL_INTERVAL,
     AppConfig,
     ConfigError,
     ConfigProblem,
@@ -19,6 +18,7 @@ from cms_ingest.config import (
     load_config,
     load_config_text,
 )
+from cms_ingest.vendors import vendor_registry
 
 PIN = "AB:" * 31 + "AB"  # 32 bytes as openssl prints them
 PIN_NORMALIZED = "ab" * 32
@@ -154,8 +154,10 @@ def test_vendor_default_poll_interval(tmp_path: Path) -> None:
             "  - {id: cs, vendor: camstreamer, url: 'http://h', token: t}\n",
         ),
     )
-    assert config.sites[0].poll_interval == VENDOR_DEFAULT_POLL_INTERVAL["davantis"]
-    assert config.sites[1].poll_interval == VENDOR_DEFAULT_POLL_INTERVAL["camstreamer"]
+    # The vendors' own defaults, as their registry entries give them.
+    registry = vendor_registry()
+    assert config.sites[0].poll_interval == registry["davantis"].default_poll_interval_s == 0.5
+    assert config.sites[1].poll_interval == registry["camstreamer"].default_poll_interval_s == 10
 
 
 def test_defaults_for_omitted_sections(tmp_path: Path) -> None:

@@ -52,7 +52,8 @@ from cms_ingest.sitehttp import SiteHttp, TransportError, new_client_session
 from cms_ingest.vendors import build_client
 from cms_ingest.vendors.base import PollResult, VendorClient, VendorContext, VendorError
 
-VENDORS = ("davantis", "camtrace", "videoloft", "exacq", "camstreamer")
+# The vendors the harness has a simulator and a fuzz setup for.
+FUZZED_VENDORS = ("davantis", "camtrace", "videoloft", "exacq", "camstreamer")
 HANG_S = 8.0  # a call this long against a device on loopback is stuck, not slow
 REQUEST_TIMEOUT_S = 2.0
 ROUNDS_PER_DEVICE = 300  # then a fresh simulator and client (bounded state, new logins)
@@ -692,8 +693,8 @@ async def fuzz_vendor(
 ) -> FuzzReport:
     """Fuzz one vendor's client for `seconds`, `concurrency` devices and clients side by
     side; the figures and findings."""
-    if vendor not in VENDORS:
-        raise ValueError(f"unknown vendor {vendor!r} (one of {', '.join(VENDORS)})")
+    if vendor not in FUZZED_VENDORS:
+        raise ValueError(f"unknown vendor {vendor!r} (one of {', '.join(FUZZED_VENDORS)})")
     report = FuzzReport(vendor)
     started = time.monotonic()
     runs = [

@@ -1,57 +1,104 @@
 """The vendors cms-ingest speaks, each one module behind `base.VendorClient`.
 
-To add a vendor: a module with an options model and a client class taking
-`(VendorContext, options)`, one entry in `VENDORS` below, and a simulator in
-`cms_ingest.simulators`.
+Importing this package registers the built-in vendors below in `registry`, the one place
+that says what a vendor is. To add a vendor: a module with an options model and a client
+class taking `(VendorContext, options)`, one `Vendor` entry in `BUILT_IN` below, and a
+simulator in `cms_ingest.simulators`; the config, `check-config` and the runtime need no
+change.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterator, Mapping
 
 from cms_ingest.vendors import camstreamer, camtrace, davantis, exacq, videoloft
-from cms_ingest.vendors.base import SiteOptions, VendorClient, VendorContext
+from cms_ingest.vendors.base import SiteOptions
+from cms_ingest.vendors.registry import (
+    USERNAME_AND_PASSWORD,
+    TokenOrOptions,
+    Vendor,
+    build_client,
+    register,
+    registered,
+    supported_vendors,
+    vendor_registry,
+)
 
-SiteCheck = Callable[[str, Mapping[str, Any]], list[tuple[str, str]]]
+__all__ = [
+    "BUILT_IN",
+    "OPTIONS_MODELS",
+    "Vendor",
+    "build_client",
+    "register",
+    "registered",
+    "supported_vendors",
+    "vendor_registry",
+]
 
-
-@dataclass(frozen=True, slots=True)
-class Vendor:
-    client: Callable[[VendorContext, Any], VendorClient]
-    options: type[SiteOptions]
-    # Rules beyond the options model, for check-config: (options key, message) per problem.
-    check: SiteCheck | None = None
-
-
-VENDORS: Mapping[str, Vendor] = {
-    "davantis": Vendor(davantis.DavantisClient, davantis.DavantisOptions),
-    "camtrace": Vendor(camtrace.CamTraceClient, camtrace.CamTraceOptions, camtrace.check_site),
-    "videoloft": Vendor(videoloft.VideoloftClient, videoloft.VideoloftOptions),
-    "exacq": Vendor(exacq.ExacqClient, exacq.ExacqOptions),
-    "camstreamer": Vendor(
-        camstreamer.CamStreamerClient, camstreamer.CamStreamerOptions, camstreamer.check_site
+BUILT_IN: tuple[Vendor, ...] = (
+    Vendor(
+        name="davantis",
+        client=davantis.DavantisClient,
+        options=davantis.DavantisOptions,
+        default_poll_interval_s=0.5,
+        credentials=USERNAME_AND_PASSWORD,
+        actions=davantis.DavantisClient.actions,
     ),
-}
+    Vendor(
+        name="camtrace",
+        client=camtrace.CamTraceClient,
+        options=camtrace.CamTraceOptions,
+        default_poll_interval_s=1.0,
+        credentials=USERNAME_AND_PASSWORD,
+        actions=camtrace.CamTraceClient.actions,
+        check=camtrace.check_site,
+    ),
+    Vendor(
+        name="videoloft",
+        client=videoloft.VideoloftClient,
+        options=videoloft.VideoloftOptions,
+        default_poll_interval_s=1.0,
+        credentials=USERNAME_AND_PASSWORD,
+        actions=videoloft.VideoloftClient.actions,
+    ),
+    Vendor(
+        name="exacq",
+        client=exacq.ExacqClient,
+        options=exacq.ExacqOptions,
+        default_poll_interval_s=1.0,
+        credentials=USERNAME_AND_PASSWORD,
+        actions=exacq.ExacqClient.actions,
+    ),
+    Vendor(
+        name="camstreamer",
+        client=camstreamer.CamStreamerClient,
+        options=camstreamer.CamStreamerOptions,
+        # One query per poll of the account's daily budget: 10 s spends 8,640 a day.
+        default_poll_interval_s=10.0,
+        # An API token, or an OAuth client the daemon gets its tokens with.
+        credentials=TokenOrOptions(("client_id", "client_secret")),
+        actions=camstreamer.CamStreamerClient.actions,
+        check=camstreamer.check_site,
+    ),
+)
 
-# What the config loader validates each site's `options` with.
-OPTIONS_MODELS: Mapping[str, type[SiteOptions]] = {name: v.options for name, v in VENDORS.items()}
-SITE_CHECKS: Mapping[str, SiteCheck] = {
-    name: v.check for name, v in VENDORS.items() if v.check is not None
-}
+for _vendor in BUILT_IN:
+    register(_vendor)
 
 
-def supported_vendors() -> list[str]:
-    return sorted(VENDORS)
+class _OptionsModels(Mapping[str, type[SiteOptions]]):
+    """Each registered vendor's options model by name, following the registry."""
+
+    def __getitem__(self, name: str) -> type[SiteOptions]:
+        return vendor_registry()[name].options
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(vendor_registry())
+
+    def __len__(self) -> int:
+        return len(vendor_registry())
 
 
-def build_client(vendor: str, context: VendorContext, options: Mapping[str, Any]) -> VendorClient:
-    try:
-        spec = VENDORS[vendor]
-    except KeyError:
-        raise ValueError(
-            f"vendor {vendor!r} is not supported by this build "
-            f"(supported: {', '.join(supported_vendors())})"
-        ) from None
-    return spec.client(context, spec.options.model_validate(options))
+# What the config loader validates each site's `options` with (the runtime reads
+# `restore_after_s` through it too).
+OPTIONS_MODELS: Mapping[str, type[SiteOptions]] = _OptionsModels()
