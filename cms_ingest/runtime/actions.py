@@ -25,7 +25,7 @@ from cms_ingest.db.store import Store
 from cms_ingest.domain import Action, ActionState
 from cms_ingest.retry import RetryPolicy
 from cms_ingest.runtime.sites import SiteRegistry, SiteRuntime
-from cms_ingest.runtime.supervisor import wake_or_stop
+from cms_ingest.runtime.tasks import wake_or_stop
 from cms_ingest.sitehttp import TransportError
 from cms_ingest.vendors.base import (
     AuthenticationFailed,

@@ -37,7 +37,7 @@ from cms_ingest.runtime.poller import SitePoller
 from cms_ingest.runtime.sdnotify import SystemdNotifier
 from cms_ingest.runtime.sites import SiteRegistry
 from cms_ingest.runtime.supervision import OpenOutage, Supervision
-from cms_ingest.runtime.supervisor import Supervisor, sleep_or_stop
+from cms_ingest.runtime.tasks import TaskSupervisor, sleep_or_stop
 from cms_ingest.runtime.writer import AlarmWriter
 from cms_ingest.sitehttp import new_client_session
 from cms_ingest.vendors import OPTIONS_MODELS
@@ -92,7 +92,7 @@ class Daemon:
         self.config = config
         self.url = url
         self.readiness = Readiness()
-        self.supervisor = Supervisor()
+        self.supervisor = TaskSupervisor()
         # A frozen daemon's transaction is ended well before its leases expire.
         idle_s = max(2.0, config.lease_ttl / 2)
         self.store = Store(create_engine(url, idle_in_transaction_s=idle_s))

@@ -27,7 +27,7 @@ import structlog
 
 from cms_ingest import metrics
 from cms_ingest.db.leases import DaemonIdentity, Heartbeat, LeaseStore
-from cms_ingest.runtime.supervisor import wake_or_stop
+from cms_ingest.runtime.tasks import wake_or_stop
 
 log = structlog.get_logger("cms_ingest.leases")
 

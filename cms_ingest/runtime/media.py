@@ -21,7 +21,7 @@ from cms_ingest.domain import MediaState
 from cms_ingest.retry import RetryPolicy
 from cms_ingest.runtime.mediafiles import MediaTooLarge, StoredFile, store_stream
 from cms_ingest.runtime.sites import SiteRegistry, SiteRuntime
-from cms_ingest.runtime.supervisor import wake_or_stop
+from cms_ingest.runtime.tasks import wake_or_stop
 from cms_ingest.sitehttp import TransportError, UnsafeUrl
 from cms_ingest.vendors.base import MediaNotReady, MediaProbe, VendorError
 from cms_ingest.vendors.common import DESCRIPTION_LIMIT, clean_text

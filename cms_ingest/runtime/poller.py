@@ -26,7 +26,7 @@ from cms_ingest.retry import RetryPolicy
 from cms_ingest.runtime.flood import FloodTracker
 from cms_ingest.runtime.sites import SiteRuntime
 from cms_ingest.runtime.supervision import Supervision
-from cms_ingest.runtime.supervisor import sleep_or_stop
+from cms_ingest.runtime.tasks import sleep_or_stop
 from cms_ingest.runtime.writer import AlarmWriter, LeaseLost
 from cms_ingest.sitehttp import DeviceTimeout, TlsFailure, TransportError
 from cms_ingest.vendors.base import AuthenticationFailed, BadDeviceResponse, VendorError
