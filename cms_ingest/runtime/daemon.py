@@ -26,8 +26,10 @@ from cms_ingest.db.engine import MigrationNeeded, create_engine, embedded_postgr
 from cms_ingest.db.leases import LEASES_CHANNEL, LeaseStore
 from cms_ingest.db.notify import Listener
 from cms_ingest.db.store import Store
+from cms_ingest.domain import CommHistory
 from cms_ingest.retry import RetryPolicy
 from cms_ingest.runtime.actions import ActionWorker
+from cms_ingest.runtime.comm_loss import CommLossTracker
 from cms_ingest.runtime.flood import FloodTracker
 from cms_ingest.runtime.httpserver import Readiness, make_app, serve
 from cms_ingest.runtime.leases import LeaseKeeper, local_identity
@@ -36,7 +38,6 @@ from cms_ingest.runtime.media import MediaFetcher
 from cms_ingest.runtime.poller import SitePoller
 from cms_ingest.runtime.sdnotify import SystemdNotifier
 from cms_ingest.runtime.sites import SiteRegistry
-from cms_ingest.runtime.supervision import OpenOutage, Supervision
 from cms_ingest.runtime.tasks import TaskSupervisor, sleep_or_stop
 from cms_ingest.runtime.writer import AlarmWriter
 from cms_ingest.sitehttp import new_client_session
@@ -209,15 +210,13 @@ class Daemon:
         ids = [site_id for site_id in leases if self.sites.get(site_id) is not None]
         try:
             cursors = await self.store.load_cursors(ids)
-            supervision = await self.store.supervision_states(ids)
+            histories = await self.store.supervision_states(ids)
         except Exception as exc:
             metrics.DB_ERRORS.labels(operation="start_sites").inc()
             log.warning("sites_not_started", sites=len(ids), error=str(exc))
             return set()
         for site_id in ids:
-            self._start_poller(
-                site_id, leases[site_id], cursors.get(site_id), supervision.get(site_id)
-            )
+            self._start_poller(site_id, leases[site_id], cursors.get(site_id), histories[site_id])
         return set(ids)
 
     def _start_poller(
@@ -225,25 +224,23 @@ class Daemon:
         site_id: str,
         epoch: int,
         cursor: Any,
-        supervision: tuple[Any, Any] | None,
+        history: CommHistory,
     ) -> None:
         assert self.sites is not None
         assert self._writer is not None
         site = self.sites.client_for_tenure(site_id)  # fresh client and health when reused
-        last_success, outage = supervision or (None, None)
         poller = SitePoller(
             site,
             self._writer,
             cursor=cursor,
             media_deadline_s=site.config.media_deadline_s or self.config.media.deadline_s,
-            supervision=Supervision(
+            comm_loss=CommLossTracker(
                 site_id=site_id,
                 timeout_s=site.config.supervision_timeout,
                 restore_after_s=OPTIONS_MODELS[site.config.vendor]
                 .model_validate(site.config.options)
                 .restore_after_s,
-                open_outage=OpenOutage(*outage) if outage else None,
-                last_success=last_success,
+                history=history,
             ),
             flood=FloodTracker(
                 max_per_minute=self.config.flood.max_per_minute,
