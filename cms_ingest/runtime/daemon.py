@@ -41,7 +41,6 @@ from cms_ingest.runtime.sites import SiteRegistry
 from cms_ingest.runtime.tasks import TaskSupervisor, sleep_or_stop
 from cms_ingest.runtime.writer import AlarmWriter
 from cms_ingest.sitehttp import new_client_session
-from cms_ingest.vendors import OPTIONS_MODELS
 
 log = structlog.get_logger("cms_ingest.daemon")
 
@@ -237,9 +236,7 @@ class Daemon:
             comm_loss=CommLossTracker(
                 site_id=site_id,
                 timeout_s=site.config.supervision_timeout,
-                restore_after_s=OPTIONS_MODELS[site.config.vendor]
-                .model_validate(site.config.options)
-                .restore_after_s,
+                restore_after_s=site.options.restore_after_s,
                 history=history,
             ),
             flood=FloodTracker(

@@ -22,8 +22,8 @@ from cms_ingest.config import AppConfig, SiteConfig
 from cms_ingest.db.store import SiteHealth
 from cms_ingest.logs import redact_text
 from cms_ingest.sitehttp import SiteHttp, TlsPolicy
-from cms_ingest.vendors import build_client
-from cms_ingest.vendors.base import VendorClient, VendorContext
+from cms_ingest.vendors import OPTIONS_MODELS, build_client
+from cms_ingest.vendors.base import SiteOptions, VendorClient, VendorContext
 from cms_ingest.vendors.common import clean_text
 
 log = structlog.get_logger("cms_ingest.sites")
@@ -175,6 +175,7 @@ class SiteHealthState:
 @dataclass(slots=True)
 class SiteRuntime:
     config: SiteConfig
+    options: SiteOptions  # the site's `options`, validated by its vendor's model
     client: VendorClient
     health: SiteHealthState
     problems: SiteProblems
@@ -209,6 +210,7 @@ def build_site(
     client = build_client(site.vendor, context, site.options)
     return SiteRuntime(
         config=site,
+        options=OPTIONS_MODELS[site.vendor].model_validate(site.options),
         client=client,
         health=SiteHealthState(site.id, site.vendor),
         problems=problems,
