@@ -219,13 +219,12 @@ def build_site(
 
 class SiteRegistry:
     """The configured sites by id, each with its client (shared by its poller, the media
-    fetcher and the action worker), and which of them this daemon holds the lease of."""
+    fetcher and the action worker). Which of them this daemon holds is the `PollerSet`'s."""
 
     def __init__(self, config: AppConfig, session: aiohttp.ClientSession) -> None:
         self._session = session
         self._media_root = config.data_dir / "media"
         self._sites: dict[str, SiteRuntime] = {}
-        self.owned: dict[str, int] = {}  # site_id -> lease epoch, kept by the daemon
         self._used: set[str] = set()  # sites whose client a poller has used
         # Clients replaced while an action or download may still run on them: closed later.
         self._retired: list[tuple[float, VendorClient]] = []
@@ -234,9 +233,6 @@ class SiteRegistry:
 
     def get(self, site_id: str) -> SiteRuntime | None:
         return self._sites.get(site_id)
-
-    def owned_ids(self) -> list[str]:
-        return list(self.owned)
 
     def __iter__(self) -> Iterator[SiteRuntime]:
         return iter(list(self._sites.values()))
