@@ -125,6 +125,23 @@ def default_priority(event_type: EventType) -> int:
 
 
 @dataclass(frozen=True, slots=True)
+class OpenOutage:
+    """A site's outage whose comm_lost is stored and whose comm_restored is not."""
+
+    source_id: str  # of the comm_lost alarm; comm_restored reuses its suffix
+    silent_since: datetime  # the last successful poll before it
+
+
+@dataclass(frozen=True, slots=True)
+class CommHistory:
+    """What is stored of a site's communication, read when a poller starts: its last
+    successful poll, and the outage it is in (when its newest comm_* alarm is a comm_lost)."""
+
+    last_success: datetime | None = None
+    open_outage: OpenOutage | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Action:
     """A row of `actions` as the action worker sees it."""
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from cms_ingest.retry import RetryPolicy
-from cms_ingest.runtime.supervisor import Supervisor
+from cms_ingest.runtime.tasks import TaskSupervisor
 from cms_ingest.simulators.davantis import DavantisSimulator, DavantisSite
 from tests.support import free_port, sample
 
@@ -128,7 +128,7 @@ async def _run(*args: str) -> tuple[int, str]:
 
 
 async def test_a_dying_task_is_restarted_and_others_keep_running() -> None:
-    supervisor = Supervisor()
+    supervisor = TaskSupervisor()
     runs = 0
     healthy_ticks = 0
     recovered = asyncio.Event()

@@ -399,16 +399,16 @@ async def test_a_site_back_after_a_hand_off_gets_a_fresh_client(
         async with running_daemon(config) as daemon:
             assert daemon.sites is not None
             assert daemon.keeper is not None
+            assert daemon.pollers is not None
             await eventually(lambda: has_cursor(db), what="first cursor")
             site.add_alarm()
             await eventually(lambda: _count(db, 1), what="alarm before the hand-off")
             old_client, logins = daemon.sites.by_id["d1"].client, site.logins
-            async with daemon.keeper.lock:
-                await daemon.keeper.release(["d1"], reason="test")
-            assert "d1" not in daemon.sites.owned
+            await daemon.keeper.release(["d1"], reason="test")
+            assert "d1" not in daemon.pollers.held
             site.add_alarm()  # raised while nobody holds the site
-            owned = daemon.sites.owned
-            await eventually(lambda: "d1" in owned, what="lease taken again")
+            held = daemon.pollers.held
+            await eventually(lambda: "d1" in held, what="lease taken again")
             await eventually(lambda: _count(db, 2), what="alarm raised meanwhile")
             assert daemon.sites.by_id["d1"].client is not old_client
             assert site.logins == logins + 1  # the new client logged in

@@ -1,4 +1,4 @@
-"""Communication supervision: comm_lost / comm_restored, flapping, restarts."""
+"""Communication loss: comm_lost / comm_restored, flapping, restarts."""
 
 from __future__ import annotations
 
@@ -7,32 +7,35 @@ from pathlib import Path
 
 import asyncpg
 
-from cms_ingest.runtime.supervision import OpenOutage, Supervision
+from cms_ingest.domain import CommHistory, OpenOutage
+from cms_ingest.runtime.comm_loss import CommLossTracker
 from cms_ingest.simulators.davantis import DavantisSimulator, DavantisSite
 from tests.conftest import eventually
 from tests.support import app_config, davantis_site, free_port, running_daemon
 
-T0 = datetime.now(UTC) + timedelta(seconds=5)  # after the supervisor's own start
+T0 = datetime.now(UTC) + timedelta(seconds=5)  # after the tracker's own start
 
 
 def at(seconds: float) -> datetime:
     return T0 + timedelta(seconds=seconds)
 
 
-def supervision(**kw: object) -> Supervision:
-    values: dict[str, object] = {
-        "site_id": "s",
-        "timeout_s": 60,
-        "restore_after_s": 10,
-        "open_outage": None,
-        "last_success": None,
-    }
-    values.update(kw)
-    return Supervision(**values)  # type: ignore[arg-type]
+def tracker(
+    *,
+    timeout_s: float = 60,
+    open_outage: OpenOutage | None = None,
+    last_success: datetime | None = None,
+) -> CommLossTracker:
+    return CommLossTracker(
+        site_id="s",
+        timeout_s=timeout_s,
+        restore_after_s=10,
+        history=CommHistory(last_success, open_outage),
+    )
 
 
 def test_one_outage_for_a_flapping_site_and_one_restore() -> None:
-    sup = supervision()
+    sup = tracker()
     assert sup.observe(True, now=at(0)) == []
     assert sup.observe(False, "cannot connect", now=at(30)) == []
     lost = sup.observe(False, "cannot connect", now=at(61))
@@ -52,7 +55,7 @@ def test_one_outage_for_a_flapping_site_and_one_restore() -> None:
 
 
 def test_authentication_failures_say_so() -> None:
-    sup = supervision(timeout_s=10)
+    sup = tracker(timeout_s=10)
     sup.observe(True, now=at(0))
     alarms = sup.observe(False, "authentication failed: password grant refused", now=at(11))
     assert "authentication failures" in alarms[0].description
@@ -60,7 +63,7 @@ def test_authentication_failures_say_so() -> None:
 
 def test_an_outage_open_before_a_restart_is_not_raised_again() -> None:
     outage = OpenOutage("comm_lost:123", at(-300))
-    sup = supervision(timeout_s=10, open_outage=outage, last_success=at(-300))
+    sup = tracker(timeout_s=10, open_outage=outage, last_success=at(-300))
     assert sup.observe(False, "still down", now=at(100)) == []  # already raised
     sup.observe(True, now=at(101))
     restored = sup.observe(True, now=at(111))
@@ -68,7 +71,7 @@ def test_an_outage_open_before_a_restart_is_not_raised_again() -> None:
 
 
 def test_a_long_stopped_daemon_does_not_cry_wolf_at_start() -> None:
-    sup = supervision(timeout_s=60, last_success=datetime.now(UTC) - timedelta(days=2))
+    sup = tracker(timeout_s=60, last_success=datetime.now(UTC) - timedelta(days=2))
     assert (
         sup.observe(False, "first poll failed", now=datetime.now(UTC) + timedelta(seconds=1)) == []
     )

@@ -15,7 +15,7 @@ import aiohttp
 from structlog.testing import capture_logs
 
 from cms_ingest.runtime.sites import SiteRegistry
-from cms_ingest.runtime.supervisor import Supervisor
+from cms_ingest.runtime.tasks import TaskSupervisor
 from cms_ingest.runtime.vendortasks import SupervisedTasks
 from cms_ingest.simulators.videoloft import VideoloftAccount, VideoloftSimulator
 from cms_ingest.vendors.tasks import LocalTasks
@@ -23,12 +23,12 @@ from tests.conftest import eventually
 from tests.support import app_config, sample, videoloft_site
 
 
-def vendor_tasks(supervisor: Supervisor) -> list[str]:
+def vendor_tasks(supervisor: TaskSupervisor) -> list[str]:
     return [name for name in supervisor.names if name.startswith("vendor:")]
 
 
 async def test_a_crashing_vendor_task_is_logged_and_restarted_by_the_supervisor() -> None:
-    supervisor = Supervisor()
+    supervisor = TaskSupervisor()
     tasks = SupervisedTasks(supervisor, "s1")
     runs = 0
     recovered = asyncio.Event()
@@ -60,7 +60,7 @@ async def test_a_crashing_vendor_task_is_logged_and_restarted_by_the_supervisor(
 async def test_a_replaced_clients_task_gives_way_to_its_successors() -> None:
     """A new client of the site may start a task of the same name before the replaced one's
     has finished stopping: it waits for it, never runs two of one name."""
-    supervisor = Supervisor()
+    supervisor = TaskSupervisor()
     ran: list[str] = []
 
     def body(who: str) -> Any:
@@ -88,7 +88,7 @@ async def test_videoloft_long_polls_stop_with_their_client_closed_or_replaced(
     tmp_path: Path,
 ) -> None:
     account = VideoloftAccount(media_delay=0, tail_s=0)  # two loggers: two long-polls
-    supervisor = Supervisor()
+    supervisor = TaskSupervisor()
     async with VideoloftSimulator(account) as sim, aiohttp.ClientSession() as session:
         site = videoloft_site("v1", sim.url)
         config = app_config("postgresql://unused@127.0.0.1/none", tmp_path, [site])  # no DB

@@ -37,7 +37,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from cms_ingest.db.leases import fenced_sites
 from cms_ingest.db.schema import actions, alarm_media, alarms, site_leases, site_state
-from cms_ingest.domain import Action, ActionState, Alarm, MediaKind, MediaState
+from cms_ingest.domain import (
+    Action,
+    ActionState,
+    Alarm,
+    CommHistory,
+    MediaKind,
+    MediaState,
+    OpenOutage,
+)
 from cms_ingest.vendors.base import ProblemReporter
 from cms_ingest.vendors.common import (
     DESCRIPTION_LIMIT,
@@ -125,9 +133,7 @@ class Store:
             found = {row.site_id: row.cursor for row in rows}
         return {site_id: found.get(site_id) for site_id in ids}
 
-    async def supervision_states(
-        self, site_ids: Iterable[str]
-    ) -> dict[str, tuple[datetime | None, tuple[str, datetime] | None]]:
+    async def supervision_states(self, site_ids: Iterable[str]) -> dict[str, CommHistory]:
         """Per site: its last successful poll, and its open outage (comm_lost source id and
         the start of the silence) when its newest comm_* alarm is a comm_lost."""
         ids = list(site_ids)
@@ -149,14 +155,16 @@ class Store:
                     )
                 )
             }
-            outages: dict[str, tuple[str, datetime]] = {}
+            outages: dict[str, OpenOutage] = {}
             for row in await connection.execute(newest_comm):
                 if row.event_type == "comm_lost":
                     silent = (row.raw or {}).get("silent_since")
                     since = datetime.fromisoformat(silent) if silent else None
                     if since is not None:
-                        outages[row.site_id] = (row.source_id, since)
-        return {site_id: (successes.get(site_id), outages.get(site_id)) for site_id in ids}
+                        outages[row.site_id] = OpenOutage(row.source_id, since)
+        return {
+            site_id: CommHistory(successes.get(site_id), outages.get(site_id)) for site_id in ids
+        }
 
     async def commit_polls(self, commits: Sequence[PollCommit]) -> CommitResult:
         """Alarms, media rows and cursors of several sites in one transaction; the commits of

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import structlog
@@ -25,7 +26,7 @@ from cms_ingest.db.store import Store
 from cms_ingest.domain import Action, ActionState
 from cms_ingest.retry import RetryPolicy
 from cms_ingest.runtime.sites import SiteRegistry, SiteRuntime
-from cms_ingest.runtime.supervisor import wake_or_stop
+from cms_ingest.runtime.tasks import wake_or_stop
 from cms_ingest.sitehttp import TransportError
 from cms_ingest.vendors.base import (
     AuthenticationFailed,
@@ -46,9 +47,17 @@ RETRY = RetryPolicy(base=1.0, factor=2.0, cap=15.0, jitter=0.3)
 
 
 class ActionWorker:
-    def __init__(self, store: Store, sites: SiteRegistry, *, config: ActionsConfig) -> None:
+    def __init__(
+        self,
+        store: Store,
+        sites: SiteRegistry,
+        *,
+        config: ActionsConfig,
+        held: Callable[[], list[str]],
+    ) -> None:
         self._store = store
         self._sites = sites
+        self._held = held  # the sites this daemon holds: only their actions are run here
         self._config = config
         self._owner = f"{socket.gethostname()}:{os.getpid()}"
         self._wake = asyncio.Event()
@@ -72,7 +81,7 @@ class ActionWorker:
             if expired:
                 metrics.ACTIONS.labels(vendor="any", kind="any", outcome="expired").inc(expired)
                 log.warning("actions_expired", count=expired)
-            for action in await self._store.stale_running_actions(self._sites.owned_ids()):
+            for action in await self._store.stale_running_actions(self._held()):
                 await self._recover(action)
         except Exception as exc:
             metrics.DB_ERRORS.labels(operation="action_sweep").inc()
@@ -87,7 +96,7 @@ class ActionWorker:
                 limit=free,
                 lease_s=self._config.running_timeout_s,
                 owner=self._owner,
-                site_ids=self._sites.owned_ids(),
+                site_ids=self._held(),
             )
         except Exception as exc:
             metrics.DB_ERRORS.labels(operation="claim_actions").inc()

@@ -1,11 +1,14 @@
-"""The daemon: wires the database, the sites and the runtime parts, and shuts down in order.
+"""The daemon: assembles the database, the sites and the runtime parts, and orders their
+start and stop. The parts do the work: the lease keeper decides which sites this daemon
+holds and the poller set runs their pollers, the reloader applies SIGHUPs, housekeeping
+keeps readiness and health; each runs as a supervised task.
 
 Start: HTTP endpoints first (so /healthz answers while the database comes up), then the
 database (embedded when no `database_url`), migrations, the shared workers, and the lease
 keeper, which starts one poller per site whose lease this daemon holds (all of them when it
 runs alone). Stop (SIGTERM/SIGINT): pollers, then the alarm writer drains what they handed
 it, the leases are released for the other daemons, then media and actions settle or release
-their rows; well inside 15 seconds. SIGHUP reloads the config file (`reload`).
+their rows; well inside 15 seconds.
 """
 
 from __future__ import annotations
@@ -13,39 +16,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import AsyncIterator, Callable, Iterable
-from pathlib import Path
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import structlog
 
-from cms_ingest import metrics
-from cms_ingest.config import AppConfig, ConfigError, ConfigProblem, SiteConfig
-from cms_ingest.configcheck import load_checked
+from cms_ingest.config import AppConfig
 from cms_ingest.db.engine import MigrationNeeded, create_engine, embedded_postgres, migrate
 from cms_ingest.db.leases import LEASES_CHANNEL, LeaseStore
 from cms_ingest.db.notify import Listener
 from cms_ingest.db.store import Store
 from cms_ingest.retry import RetryPolicy
 from cms_ingest.runtime.actions import ActionWorker
-from cms_ingest.runtime.flood import FloodTracker
+from cms_ingest.runtime.housekeeping import Housekeeping
 from cms_ingest.runtime.httpserver import Readiness, make_app, serve
 from cms_ingest.runtime.leases import LeaseKeeper, local_identity
 from cms_ingest.runtime.looplag import LoopLagMonitor
 from cms_ingest.runtime.media import MediaFetcher
-from cms_ingest.runtime.poller import SitePoller
+from cms_ingest.runtime.pollers import PollerSet
+from cms_ingest.runtime.reload import ConfigReloader
 from cms_ingest.runtime.sdnotify import SystemdNotifier
-from cms_ingest.runtime.sites import SiteRegistry
-from cms_ingest.runtime.supervision import OpenOutage, Supervision
-from cms_ingest.runtime.supervisor import Supervisor, sleep_or_stop
+from cms_ingest.runtime.sites import SiteRegistry, SiteRuntime
+from cms_ingest.runtime.tasks import TaskSupervisor, sleep_or_stop
 from cms_ingest.runtime.writer import AlarmWriter
 from cms_ingest.sitehttp import new_client_session
-from cms_ingest.vendors import OPTIONS_MODELS
 
 log = structlog.get_logger("cms_ingest.daemon")
 
 STARTUP_RETRY = RetryPolicy(base=1.0, factor=2.0, cap=15.0, jitter=0.2)
-HOUSEKEEPING_INTERVAL_S = 5.0
 
 
 @contextlib.asynccontextmanager
@@ -70,41 +68,28 @@ def _on_signal(signum: int, stop: asyncio.Event) -> None:
     stop.set()
 
 
-# Settings a reload cannot change in a running daemon: a changed value is reported and
-# kept as it was until the next restart. Everything under `sites` (and `defaults`, which
-# is merged into the sites) is applied live.
-RESTART_ONLY_SETTINGS = (
-    "database_url",
-    "data_dir",
-    "listen",
-    "log_level",
-    "log_format",
-    "media",
-    "actions",
-    "flood",
-    "lease_ttl",
-    "instance_id",
-)
-
-
 class Daemon:
     def __init__(self, config: AppConfig, url: str) -> None:
-        self.config = config
         self.url = url
         self.readiness = Readiness()
-        self.supervisor = Supervisor()
+        self.supervisor = TaskSupervisor()
         # A frozen daemon's transaction is ended well before its leases expire.
         idle_s = max(2.0, config.lease_ttl / 2)
         self.store = Store(create_engine(url, idle_in_transaction_s=idle_s))
         self.identity = local_identity(config.instance_id)
         self.notifier = SystemdNotifier.from_environment()
+        self.reloader = ConfigReloader(config, self.notifier, self._status_line)
+        # Built once the database is ready:
         self.sites: SiteRegistry | None = None
+        self.pollers: PollerSet | None = None
         self.keeper: LeaseKeeper | None = None
-        self._writer: AlarmWriter | None = None
         self._sites_built = asyncio.Event()
         self._started = False
-        self._reload_task: asyncio.Task[None] | None = None
-        self._reload_again = False
+
+    @property
+    def config(self) -> AppConfig:
+        """The running config (the reloader's: a reload may have changed its sites)."""
+        return self.reloader.config
 
     async def run(self, stop: asyncio.Event) -> None:
         session = new_client_session()
@@ -112,16 +97,15 @@ class Daemon:
             self.supervisor.start("http", self._serve_http)
             self.supervisor.start("watchdog", self._watchdog)
             self.supervisor.start("loop_lag", LoopLagMonitor().run)
+            self.supervisor.start("reload", self.reloader.run)
             if not await self._prepare_database(stop):
                 return
-            self.sites = SiteRegistry(self.config, session, self.supervisor)
-            self._sites_built.set()
-            self._start_parts(self.sites)
+            self._start_parts(SiteRegistry(self.config, session, self.supervisor))
             self._started = True
             self.notifier.ready(self._status_line())
             log.info(
                 "started",
-                sites=len(self.sites),
+                sites=len(self.config.sites),
                 listen=self.config.listen,
                 instance=self.identity.daemon_id,
             )
@@ -171,15 +155,57 @@ class Daemon:
         return False
 
     def _start_parts(self, sites: SiteRegistry) -> None:
+        """Build the parts over the sites and start them, the lease keeper last: it starts
+        the pollers, which commit through the writer."""
+        config = self.config
+
+        def media_added() -> None:
+            # The writer wakes the media fetcher, which serves the sites the pollers hold,
+            # which commit through the writer: the fetcher is built after the writer.
+            media.wake()
+
+        writer = AlarmWriter(self.store, on_media_added=media_added)
+        pollers = PollerSet(
+            self.supervisor,
+            sites,
+            self.store,
+            writer,
+            daemon_id=self.identity.daemon_id,
+            media_deadline_s=config.media.deadline_s,
+            flood=config.flood,
+        )
         media = MediaFetcher(
-            self.store, sites, root=self.config.data_dir / "media", config=self.config.media
+            self.store,
+            sites,
+            root=config.data_dir / "media",
+            config=config.media,
+            held=pollers.held_ids,
         )
-        actions = ActionWorker(self.store, sites, config=self.config.actions)
-        self._writer = AlarmWriter(self.store, on_media_added=media.wake)
-        self.keeper = LeaseKeeper(
-            LeaseStore(self.store.engine), self.identity, self.config.lease_ttl, control=self
+        actions = ActionWorker(self.store, sites, config=config.actions, held=pollers.held_ids)
+        keeper = LeaseKeeper(
+            LeaseStore(self.store.engine), self.identity, config.lease_ttl, pollers
         )
-        keeper = self.keeper
+        housekeeping = Housekeeping(
+            self.store,
+            sites,
+            pollers,
+            self.readiness,
+            action_running_timeout_s=config.actions.running_timeout_s,
+            report_status=lambda: self.notifier.status(self._status_line()),
+        )
+        self.sites, self.pollers, self.keeper = sites, pollers, keeper
+        self.reloader.sites_running(sites, keeper)
+        self._sites_built.set()
+        self.supervisor.start("writer", writer.run)
+        self.supervisor.start("media", media.run)
+        self.supervisor.start("actions", actions.run)
+        self.supervisor.start("listener", self._listener(keeper, actions).run)
+        self.supervisor.start("housekeeping", housekeeping.run)
+        self.supervisor.start("leases", keeper.run)
+
+    def _listener(self, keeper: LeaseKeeper, actions: ActionWorker) -> Listener:
+        """LISTEN: another daemon's lease notice wakes the keeper, a queued action the
+        action worker (and every reconnect too: a notice may have been missed)."""
 
         def on_notify(channel: str, _payload: str) -> None:
             if channel == LEASES_CHANNEL:
@@ -187,251 +213,27 @@ class Daemon:
             else:
                 actions.wake()
 
-        listener = Listener(
+        return Listener(
             self.url, ["cms_actions", LEASES_CHANNEL], on_notify=on_notify, on_connect=actions.wake
         )
-        self.supervisor.start("writer", self._writer.run)
-        self.supervisor.start("media", media.run)
-        self.supervisor.start("actions", actions.run)
-        self.supervisor.start("listener", listener.run)
-        self.supervisor.start("housekeeping", self._housekeeping)
-        self.supervisor.start("leases", keeper.run)
-
-    # ------------------------------------------------------------------ sites (SiteControl)
-
-    def configured(self) -> list[str]:
-        return [site.id for site in self.config.sites]
-
-    async def start_sites(self, leases: dict[str, int]) -> set[str]:
-        """Pollers for sites whose lease we just took, each from its committed cursor (read
-        now: the previous holder may have advanced it a moment ago)."""
-        assert self.sites is not None
-        ids = [site_id for site_id in leases if self.sites.get(site_id) is not None]
-        try:
-            cursors = await self.store.load_cursors(ids)
-            supervision = await self.store.supervision_states(ids)
-        except Exception as exc:
-            metrics.DB_ERRORS.labels(operation="start_sites").inc()
-            log.warning("sites_not_started", sites=len(ids), error=str(exc))
-            return set()
-        for site_id in ids:
-            self._start_poller(
-                site_id, leases[site_id], cursors.get(site_id), supervision.get(site_id)
-            )
-        return set(ids)
-
-    def _start_poller(
-        self,
-        site_id: str,
-        epoch: int,
-        cursor: Any,
-        supervision: tuple[Any, Any] | None,
-    ) -> None:
-        assert self.sites is not None
-        assert self._writer is not None
-        site = self.sites.client_for_tenure(site_id)  # fresh client and health when reused
-        last_success, outage = supervision or (None, None)
-        poller = SitePoller(
-            site,
-            self._writer,
-            cursor=cursor,
-            media_deadline_s=site.config.media_deadline_s or self.config.media.deadline_s,
-            supervision=Supervision(
-                site_id=site_id,
-                timeout_s=site.config.supervision_timeout,
-                restore_after_s=OPTIONS_MODELS[site.config.vendor]
-                .model_validate(site.config.options)
-                .restore_after_s,
-                open_outage=OpenOutage(*outage) if outage else None,
-                last_success=last_success,
-            ),
-            flood=FloodTracker(
-                max_per_minute=self.config.flood.max_per_minute,
-                quiet_s=self.config.flood.quiet_s,
-                fetch_media=self.config.flood.fetch_media,
-            ),
-            lease=(self.identity.daemon_id, epoch),
-        )
-        self.sites.owned[site_id] = epoch
-        self.supervisor.start(f"poller:{site_id}", poller.run)
-
-    async def stop_sites(self, site_ids: Iterable[str]) -> None:
-        """Stop pollers and wait for their last commit; their health is written down and
-        their per-site gauges withdrawn (the next holder exports them)."""
-        assert self.sites is not None
-        ids = list(site_ids)
-        for site_id in ids:
-            self.sites.owned.pop(site_id, None)
-        await self.supervisor.stop_tasks([f"poller:{site_id}" for site_id in ids], timeout=3.0)
-        snapshots = []
-        for site_id in ids:
-            site = self.sites.get(site_id)
-            snapshot = site.health.snapshot() if site else None
-            if snapshot is not None:
-                snapshots.append(snapshot)
-            metrics.forget_site(site_id)
-        try:
-            await self.store.record_health(snapshots)
-        except Exception as exc:
-            log.warning("health_not_recorded", sites=len(snapshots), error=str(exc))
 
     # ------------------------------------------------------------------ reload (SIGHUP)
 
     def request_reload(self) -> None:
         """SIGHUP: reload the config file; reloads asked for during one run once more after."""
-        if self._reload_task is not None and not self._reload_task.done():
-            self._reload_again = True
-            return
-        self._reload_task = asyncio.create_task(self._reload_loop(), name="reload")
-
-    async def _reload_loop(self) -> None:
-        while True:
-            self._reload_again = False
-            await self.reload()
-            if not self._reload_again:
-                return
+        self.reloader.request()
 
     async def reload(self) -> bool:
-        """Validate the whole file, then start, stop or restart only the sites that changed.
-        An invalid file changes nothing. True when the new config was applied."""
-        path = self.config.config_path
-        log.info("config_reloading", path=str(path))
-        self.notifier.reloading()
-        try:
-            return await self._reload_from(path)
-        finally:
-            # READY=1 only once the sites are started or stopped: systemd's reload ends here.
-            self.notifier.ready(self._status_line())
-
-    async def _reload_from(self, path: Path | None) -> bool:
-        try:
-            if path is None:
-                raise ConfigError([ConfigProblem("", "the daemon was not started from a file")])
-            new = await asyncio.to_thread(load_checked, path)
-        except Exception as exc:  # ConfigError, or a loader bug that must not kill the reload
-            if isinstance(exc, ConfigError):
-                problems = [str(problem) for problem in exc.problems]
-            else:
-                problems = [f"the file could not be read: {type(exc).__name__}"]
-            metrics.CONFIG_RELOADS.labels(outcome="invalid").inc()
-            log.error(
-                "config_reload_refused",
-                path=str(path),
-                problems=problems,
-                note="the running config is kept",
-                exc_info=not isinstance(exc, ConfigError),
-            )
-            return False
-        try:
-            await self._apply(new)
-        except Exception:
-            metrics.CONFIG_RELOADS.labels(outcome="failed").inc()
-            log.exception("config_reload_failed")
-            return False
-        metrics.CONFIG_RELOADS.labels(outcome="applied").inc()
-        return True
+        """Reload the config file now (see `ConfigReloader.reload`)."""
+        return await self.reloader.reload()
 
     def _status_line(self) -> str:
         """systemd's STATUS=: what `systemctl status cms-ingest` shows."""
-        held = len(self.sites.owned) if self.sites is not None else 0
+        held = len(self.pollers.held) if self.pollers is not None else 0
         text = f"{len(self.config.sites)} site(s) configured, {held} held by this daemon"
         if not self.readiness.database_ok:
             text += "; database unreachable"
         return text
-
-    async def _apply(self, new: AppConfig) -> None:
-        kept = [
-            name
-            for name in RESTART_ONLY_SETTINGS
-            if getattr(new, name) != getattr(self.config, name)
-        ]
-        if kept:
-            log.warning(
-                "config_reload_needs_restart",
-                settings=kept,
-                note="these keep their running values until cms-ingest restarts",
-            )
-        old = {site.id: site for site in self.config.sites}
-        fresh = {site.id: site for site in new.sites}
-        removed = sorted(old.keys() - fresh.keys())
-        added = sorted(fresh.keys() - old.keys())
-        changed = sorted(i for i in old.keys() & fresh.keys() if old[i] != fresh[i])
-        if self.sites is None or self.keeper is None:  # still waiting for the database
-            self.config = self.config.model_copy(update={"sites": new.sites})
-        else:
-            await self._apply_sites(new, fresh, removed, added, changed)
-        log.info(
-            "config_reloaded",
-            added=added,
-            removed=removed,
-            changed=changed,
-            unchanged=len(fresh) - len(added) - len(changed),
-        )
-
-    async def _apply_sites(
-        self,
-        new: AppConfig,
-        fresh: dict[str, SiteConfig],
-        removed: list[str],
-        added: list[str],
-        changed: list[str],
-    ) -> None:
-        assert self.sites is not None
-        assert self.keeper is not None
-        keeper = self.keeper
-        async with keeper.lock:
-            await keeper.release(removed, reason="removed from the config")
-            restart = {
-                site_id: keeper.held[site_id] for site_id in changed if site_id in keeper.held
-            }
-            await self.stop_sites(restart)  # the leases stay ours
-            self.config = self.config.model_copy(update={"sites": new.sites})
-            for site_id in removed:
-                await self.sites.remove(site_id)
-            for site_id in changed:
-                await self.sites.replace(fresh[site_id])
-            for site_id in added:
-                self.sites.add(fresh[site_id])
-            started = await self.start_sites(restart)
-            await keeper.release([s for s in restart if s not in started], reason="restart failed")
-        keeper.sites_changed()
-
-    # ------------------------------------------------------------------ housekeeping
-
-    async def _housekeeping(self, stop: asyncio.Event) -> None:
-        """Readiness, queue gauges and site health persisted, every few seconds."""
-        while True:
-            await self._housekeeping_once()
-            if self.sites is not None:  # an action may run on a replaced client this long
-                await self.sites.close_retired(self.config.actions.running_timeout_s + 10)
-            if await sleep_or_stop(HOUSEKEEPING_INTERVAL_S, stop):
-                await self._flush_health()
-                return
-
-    async def _housekeeping_once(self) -> None:
-        try:
-            depths = await self.store.queue_depths()
-            metrics.MEDIA_QUEUE.set(depths["media"])
-            metrics.ACTION_QUEUE.set(depths["actions"])
-            await self._flush_health()
-            if not self.readiness.database_ok:
-                log.info("database_reachable_again")
-            self.readiness.database_ok = True
-            self.readiness.reason = ""
-        except Exception as exc:
-            metrics.DB_ERRORS.labels(operation="housekeeping").inc()
-            if self.readiness.database_ok:
-                log.error("database_unreachable", error=str(exc))
-            self.readiness.database_ok = False
-            self.readiness.reason = f"database: {exc}"
-        self.notifier.status(self._status_line())
-
-    async def _flush_health(self) -> None:
-        if self.sites is None:
-            return
-        owned = [self.sites.by_id[site_id] for site_id in list(self.sites.owned)]
-        snapshots = [s for s in (site.health.snapshot() for site in owned) if s]
-        await self.store.record_health(snapshots)
 
     # ------------------------------------------------------------------ stop
 
@@ -439,14 +241,13 @@ class Daemon:
         """Ordered: nothing new is polled, what was polled is committed, the leases go to
         the other daemons at once, then the queues settle."""
         await self.supervisor.stop_tasks(["leases"], timeout=2.0)
-        await self.supervisor.stop_matching("poller:", timeout=3.0)
+        if self.pollers is not None:
+            await self.pollers.halt()
         await self.supervisor.stop_tasks(["writer"], timeout=2.0)
         if self.keeper is not None:
             await self.keeper.release_all(reason="shutdown")
         await self.supervisor.stop_tasks(["media", "actions"], timeout=6.0)
         await self.supervisor.stop_all(timeout=2.0)
-        if self._reload_task is not None:
-            self._reload_task.cancel()
         if self.sites is not None:
             await self.sites.close()
         log.info("stopped")
@@ -460,32 +261,32 @@ class Daemon:
     # ------------------------------------------------------------------ status
 
     def status(self) -> dict[str, Any]:
-        sites = []
-        owned = self.sites.owned if self.sites is not None else {}
-        for site in self.sites or []:
-            health = site.health
-            held = site.config.id in owned
-            sites.append(
-                {
-                    "site_id": site.config.id,
-                    "vendor": site.config.vendor,
-                    "owned": held,
-                    "up": health.up if held else None,
-                    "consecutive_failures": health.consecutive_failures if held else 0,
-                    "last_success_at": health.last_success_at if held else None,
-                    "last_error": health.last_error if held else None,
-                    "clock_skew_s": site.problems.skew_s,
-                    "bad_input": site.problems.kinds_seen,
-                }
-            )
+        held = self.pollers.held if self.pollers is not None else {}
         return {
             "ready": self.readiness.ready,
             "instance": self.identity.daemon_id,
             "live_daemons": self.keeper.live if self.keeper else [],
-            "sites_owned": len(owned),
+            "sites_owned": len(held),
             "tasks": self.supervisor.names,
-            "sites": sites,
+            "sites": [_site_status(site, site.config.id in held) for site in self.sites or []],
         }
+
+
+def _site_status(site: SiteRuntime, held: bool) -> dict[str, Any]:
+    """A site in `/status`: its health only when this daemon holds it (another daemon's
+    view of it is that daemon's)."""
+    health = site.health
+    return {
+        "site_id": site.config.id,
+        "vendor": site.config.vendor,
+        "owned": held,
+        "up": health.up if held else None,
+        "consecutive_failures": health.consecutive_failures if held else 0,
+        "last_success_at": health.last_success_at if held else None,
+        "last_error": health.last_error if held else None,
+        "clock_skew_s": site.problems.skew_s,
+        "bad_input": site.problems.kinds_seen,
+    }
 
 
 async def run_daemon(

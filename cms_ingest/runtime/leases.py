@@ -18,7 +18,7 @@ import importlib.metadata
 import os
 import socket
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Protocol
@@ -27,23 +27,29 @@ import structlog
 
 from cms_ingest import metrics
 from cms_ingest.db.leases import DaemonIdentity, Heartbeat, LeaseStore
-from cms_ingest.runtime.supervisor import wake_or_stop
+from cms_ingest.runtime.tasks import wake_or_stop
 
 log = structlog.get_logger("cms_ingest.leases")
 
 SELF_FENCE_AT = 0.8  # of lease_ttl without a renewal: stop polling before anyone may take over
 
 
-class SiteControl(Protocol):
-    """What the keeper needs from the daemon: start and stop pollers."""
+class Pollers(Protocol):
+    """What the keeper drives: the pollers of the sites this daemon holds (`PollerSet`,
+    which owns `held`)."""
+
+    @property
+    def held(self) -> Mapping[str, int]:
+        """site_id -> lease epoch of every site whose poller runs."""
+        ...
 
     def configured(self) -> list[str]: ...
 
-    async def start_sites(self, leases: dict[str, int]) -> set[str]:
+    async def start(self, leases: Mapping[str, int]) -> set[str]:
         """Start pollers under these leases; returns the sites actually started."""
         ...
 
-    async def stop_sites(self, site_ids: Iterable[str]) -> None:
+    async def stop(self, site_ids: Iterable[str]) -> None:
         """Stop these sites' pollers and wait until their last commit is done."""
         ...
 
@@ -95,27 +101,35 @@ def _process_gone(pid: int) -> bool:
 
 
 class LeaseKeeper:
+    """Holds this daemon's fair share of the site leases and drives the pollers to match.
+
+    Its lock makes every change of what is held (a tick, a release, a reconfiguration,
+    shutdown) happen one at a time; nothing outside the keeper takes it."""
+
     def __init__(
-        self, store: LeaseStore, me: DaemonIdentity, ttl_s: float, control: SiteControl
+        self, store: LeaseStore, me: DaemonIdentity, ttl_s: float, pollers: Pollers
     ) -> None:
         self._store = store
         self.me = me
         self._ttl_s = ttl_s
-        self._control = control
-        self.held: dict[str, int] = {}  # site_id -> epoch
+        self._pollers = pollers
         self.live: list[str] = []
-        self.lock = asyncio.Lock()  # ticks, reloads and shutdown change `held` one at a time
+        self._lock = asyncio.Lock()
         self._kick = asyncio.Event()
         self._renewed_at: float | None = None  # monotonic time of the last good heartbeat
         self._db_failing = False
         self._rows_needed = True  # lease rows must exist for newly configured sites
         self._server_started_at: datetime | None = None
-        metrics.SITES_OWNED.set_function(lambda: len(self.held))
+        metrics.SITES_OWNED.set_function(lambda: len(self._pollers.held))
         metrics.DAEMONS_LIVE.set_function(lambda: len(self.live))
 
     @property
     def interval_s(self) -> float:
         return min(2.0, self._ttl_s / 3)
+
+    @property
+    def _held(self) -> Mapping[str, int]:
+        return self._pollers.held
 
     def kick(self) -> None:
         """Look again now (another daemon released sites or joined, or the config changed)."""
@@ -128,7 +142,7 @@ class LeaseKeeper:
     async def run(self, stop: asyncio.Event) -> None:
         await self._forget_dead_local_daemons()
         while not stop.is_set():
-            async with self.lock:
+            async with self._lock:
                 await self._tick()
             await wake_or_stop(self._kick, stop, self.interval_s)
 
@@ -148,9 +162,9 @@ class LeaseKeeper:
     async def _tick(self) -> None:
         try:
             if self._rows_needed:
-                await self._store.ensure_sites(self._control.configured())
+                await self._store.ensure_sites(self._pollers.configured())
                 self._rows_needed = False
-            beat = await self._store.heartbeat(self.me, self._ttl_s, self.held)
+            beat = await self._store.heartbeat(self.me, self._ttl_s, dict(self._held))
         except Exception as exc:
             await self._database_failed(exc)
             return
@@ -161,11 +175,12 @@ class LeaseKeeper:
         await self._drop_lost(beat)
         await self._follow_server(beat.server_started_at)
         self.live = beat.live
-        share = fair_share(len(self._control.configured()), beat.live, self.me.daemon_id)
-        if len(self.held) > share:
-            await self._hand_off(len(self.held) - share)
-        elif len(self.held) < share:
-            await self._acquire(share - len(self.held))
+        share = fair_share(len(self._pollers.configured()), beat.live, self.me.daemon_id)
+        held = len(self._held)
+        if held > share:
+            await self._hand_off(held - share)
+        elif held < share:
+            await self._acquire(share - held)
 
     async def _announce(self) -> None:
         try:
@@ -177,23 +192,22 @@ class LeaseKeeper:
         """A database restarted or failed over may have lost its last commits (a crashed
         primary with asynchronous replication): the pollers' cursors in memory could be past
         what is stored. Restart them from the stored cursors; the unique key absorbs the
-        overlap, so nothing is lost and nothing doubled."""
+        overlap, so nothing is lost and nothing doubled. A site not restarted is no longer
+        held: its lease is not renewed, expires, and is taken again."""
         before, self._server_started_at = self._server_started_at, started_at
-        if before is None or before == started_at or not self.held:
+        if before is None or before == started_at or not self._held:
             return
         log.warning(
             "database_server_changed",
-            sites=len(self.held),
+            sites=len(self._held),
             note="restarted or failed over: pollers resume from the committed cursors",
         )
-        leases = dict(self.held)
-        await self._control.stop_sites(list(leases))
-        started = await self._control.start_sites(leases)
-        for site in set(leases) - started:
-            self.held.pop(site, None)  # not renewed any more: it expires, then is taken again
+        leases = dict(self._held)
+        await self._pollers.stop(leases)
+        await self._pollers.start(leases)
 
     async def _drop_lost(self, beat: Heartbeat) -> None:
-        lost = [site for site, epoch in self.held.items() if beat.renewed.get(site) != epoch]
+        lost = [site for site, epoch in self._held.items() if beat.renewed.get(site) != epoch]
         if not lost:
             return
         metrics.LEASES_LOST.inc(len(lost))
@@ -203,22 +217,58 @@ class LeaseKeeper:
             examples=sorted(lost)[:10],
             note="another daemon took them while this one could not renew; polling stopped",
         )
-        for site in lost:
-            self.held.pop(site, None)
-        await self._control.stop_sites(lost)
+        await self._pollers.stop(lost)
 
     async def _hand_off(self, count: int) -> None:
-        sites = sorted(self.held)[-count:]
-        await self.release(sites, reason="rebalance")
+        sites = sorted(self._held)[-count:]
+        await self._release(sites, reason="rebalance")
 
-    async def release(self, site_ids: Iterable[str], *, reason: str, leaving: bool = False) -> None:
-        """Stop these sites' pollers, then give their leases up at once."""
-        leases = {site: self.held[site] for site in site_ids if site in self.held}
+    async def release(self, site_ids: Iterable[str], *, reason: str) -> None:
+        """Hand these sites over: pollers stopped (their last commit done), then their
+        leases given up at once for the other daemons."""
+        async with self._lock:
+            await self._release(site_ids, reason=reason)
+
+    async def release_all(self, *, reason: str) -> None:
+        """Shutdown: every lease released and the membership left, in one transaction."""
+        async with self._lock:
+            await self._release(list(self._held), reason=reason, leaving=True)
+
+    async def reconfigure(
+        self,
+        *,
+        removed: Iterable[str],
+        changed: Iterable[str],
+        apply: Callable[[], Awaitable[None]],
+    ) -> None:
+        """A reload: the leases of removed sites are released; changed sites held here are
+        stopped, `apply` swaps the configuration, and they start again under the same
+        leases from their committed cursors (a site that fails to start is released)."""
+        async with self._lock:
+            await self._release(removed, reason="removed from the config")
+            restart = {site: self._held[site] for site in changed if site in self._held}
+            await self._pollers.stop(restart)  # the leases stay ours
+            await apply()
+            started = await self._pollers.start(restart)
+            failed = {site: epoch for site, epoch in restart.items() if site not in started}
+            await self._give_up(failed, reason="restart failed")
+        self.sites_changed()
+
+    async def _release(
+        self, site_ids: Iterable[str], *, reason: str, leaving: bool = False
+    ) -> None:
+        leases = {site: self._held[site] for site in site_ids if site in self._held}
         if not leases and not leaving:
             return
-        await self._control.stop_sites(list(leases))
-        for site in leases:
-            self.held.pop(site, None)
+        await self._pollers.stop(list(leases))
+        await self._give_up(leases, reason=reason, leaving=leaving)
+
+    async def _give_up(
+        self, leases: Mapping[str, int], *, reason: str, leaving: bool = False
+    ) -> None:
+        """Release leases whose pollers are stopped (and, when leaving, the membership)."""
+        if not leases and not leaving:
+            return
         try:
             released = await self._store.release(self.me.daemon_id, leases, leaving=leaving)
         except Exception as exc:
@@ -227,13 +277,8 @@ class LeaseKeeper:
         metrics.LEASE_HANDOFFS.inc(len(released))
         log.info("leases_released", reason=reason, sites=len(released))
 
-    async def release_all(self, *, reason: str) -> None:
-        """Shutdown: every lease released and the membership left, in one transaction."""
-        async with self.lock:
-            await self.release(list(self.held), reason=reason, leaving=True)
-
     async def _acquire(self, count: int) -> None:
-        candidates = [site for site in self._control.configured() if site not in self.held]
+        candidates = [site for site in self._pollers.configured() if site not in self._held]
         try:
             taken = await self._store.acquire(self.me.daemon_id, self._ttl_s, candidates, count)
         except Exception as exc:
@@ -242,8 +287,7 @@ class LeaseKeeper:
         if not taken:
             return
         leases = {lease.site_id: lease.epoch for lease in taken}
-        started = await self._control.start_sites(leases)
-        self.held.update({site: leases[site] for site in started})
+        started = await self._pollers.start(leases)
         not_started = {site: epoch for site, epoch in leases.items() if site not in started}
         if not_started:  # their cursors could not be loaded: let them go for another try
             try:
@@ -265,19 +309,17 @@ class LeaseKeeper:
         metrics.DB_ERRORS.labels(operation="leases").inc()
         if not self._db_failing:
             self._db_failing = True
-            log.error("lease_renewal_failed", error=str(exc), held=len(self.held))
+            log.error("lease_renewal_failed", error=str(exc), held=len(self._held))
         silent_for = time.monotonic() - (self._renewed_at or 0.0)
-        if self.held and silent_for > SELF_FENCE_AT * self._ttl_s:
+        if self._held and silent_for > SELF_FENCE_AT * self._ttl_s:
             log.warning(
                 "leases_abandoned",
-                sites=len(self.held),
+                sites=len(self._held),
                 note="not renewed for too long; polling stopped until the database is back",
             )
-            sites = list(self.held)
-            self.held.clear()
-            await self._control.stop_sites(sites)
+            await self._pollers.stop(list(self._held))
 
     def _database_back(self) -> None:
         if self._db_failing:
             self._db_failing = False
-            log.info("lease_renewal_recovered", held=len(self.held))
+            log.info("lease_renewal_recovered", held=len(self._held))

@@ -15,7 +15,7 @@ import asyncio
 import structlog
 
 from cms_ingest import metrics
-from cms_ingest.runtime.supervisor import sleep_or_stop
+from cms_ingest.runtime.tasks import sleep_or_stop
 
 log = structlog.get_logger("cms_ingest.looplag")
 

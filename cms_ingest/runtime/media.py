@@ -9,6 +9,7 @@ row the vendor has no media for becomes `unavailable`.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from cms_ingest.domain import MediaState
 from cms_ingest.mediafiles import MediaTooLarge, StoredFile, store_stream
 from cms_ingest.retry import RetryPolicy
 from cms_ingest.runtime.sites import SiteRegistry, SiteRuntime
-from cms_ingest.runtime.supervisor import wake_or_stop
+from cms_ingest.runtime.tasks import wake_or_stop
 from cms_ingest.sitehttp import TransportError, UnsafeUrl
 from cms_ingest.vendors.base import MediaNotReady, MediaProbe, VendorError
 from cms_ingest.vendors.common import DESCRIPTION_LIMIT, clean_text
@@ -39,10 +40,17 @@ IDLE_WAIT_S = 1.0
 
 class MediaFetcher:
     def __init__(
-        self, store: Store, sites: SiteRegistry, *, root: Path, config: MediaConfig
+        self,
+        store: Store,
+        sites: SiteRegistry,
+        *,
+        root: Path,
+        config: MediaConfig,
+        held: Callable[[], list[str]],
     ) -> None:
         self._store = store
         self._sites = sites
+        self._held = held  # the sites this daemon holds: only their media is fetched here
         self._root = root
         self._config = config
         self._policy = RetryPolicy(
@@ -77,7 +85,7 @@ class MediaFetcher:
     async def _claim(self, limit: int) -> list[MediaJob]:
         try:
             return await self._store.claim_media(
-                limit=limit, lease_s=LEASE_S, site_ids=self._sites.owned_ids()
+                limit=limit, lease_s=LEASE_S, site_ids=self._held()
             )
         except Exception as exc:
             metrics.DB_ERRORS.labels(operation="claim_media").inc()

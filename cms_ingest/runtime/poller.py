@@ -23,10 +23,10 @@ from cms_ingest import metrics
 from cms_ingest.db.store import PollCommit, stored_source_id
 from cms_ingest.domain import Alarm
 from cms_ingest.retry import RetryPolicy
+from cms_ingest.runtime.comm_loss import CommLossTracker
 from cms_ingest.runtime.flood import FloodTracker
 from cms_ingest.runtime.sites import SiteRuntime
-from cms_ingest.runtime.supervision import Supervision
-from cms_ingest.runtime.supervisor import sleep_or_stop
+from cms_ingest.runtime.tasks import sleep_or_stop
 from cms_ingest.runtime.writer import AlarmWriter, LeaseLost
 from cms_ingest.sitehttp import DeviceTimeout, TlsFailure, TransportError
 from cms_ingest.vendors.base import AuthenticationFailed, BadDeviceResponse, VendorError
@@ -59,7 +59,7 @@ class SitePoller:
         *,
         cursor: Mapping[str, Any] | None,
         media_deadline_s: float,
-        supervision: Supervision,
+        comm_loss: CommLossTracker,
         flood: FloodTracker,
         lease: tuple[str, int] | None = None,
     ) -> None:
@@ -69,11 +69,11 @@ class SitePoller:
         self._writer = writer
         self.cursor = cursor
         self._media_deadline_s = media_deadline_s
-        self._supervision = supervision
+        self._comm_loss = comm_loss
         self._flood = flood
         self._db_failing = False
         metrics.SITE_SECONDS_SINCE_SUCCESS.labels(**self._labels).set_function(
-            supervision.seconds_since_success
+            comm_loss.seconds_since_success
         )
         self._polls_ok = metrics.POLLS.labels(**self._labels, outcome="ok")
         self._poll_duration = metrics.POLL_DURATION.labels(vendor=site.config.vendor)
@@ -117,12 +117,12 @@ class SitePoller:
             error = f"poll exceeded its deadline of {deadline:g} s (poll_deadline_s)"
             metrics.POLLS.labels(**self._labels, outcome="timeout").inc()
             self._site.health.failure(error)
-            await self._supervise(ok=False, error=error)
+            await self._track_comm(ok=False, error=error)
             return False
         except (TransportError, VendorError) as exc:
             metrics.POLLS.labels(**self._labels, outcome=_outcome(exc)).inc()
             self._site.health.failure(_describe(exc))
-            await self._supervise(ok=False, error=_describe(exc))
+            await self._track_comm(ok=False, error=_describe(exc))
             return False
         except Exception as exc:  # a client bug on odd input: this site fails, visibly, alone
             return await self._crashed(exc)
@@ -130,10 +130,10 @@ class SitePoller:
             self._poll_duration.observe(time.monotonic() - started)
         changed = bool(result.alarms) or result.cursor != self.cursor
         if changed and not await self._commit(result.alarms, result.cursor, result.notes):
-            return False  # our database failed, not the site: supervision is not told
+            return False  # our database failed, not the site: comm loss is not told
         self._polls_ok.inc()
         self._site.health.success()
-        await self._supervise(ok=True)
+        await self._track_comm(ok=True)
         return True
 
     async def _crashed(self, exc: Exception) -> bool:
@@ -145,15 +145,15 @@ class SitePoller:
                 exc_info=exc,
             )
         self._site.health.failure(f"internal error: {_describe(exc)}")
-        await self._supervise(ok=False, error=f"internal error: {type(exc).__name__}")
+        await self._track_comm(ok=False, error=f"internal error: {type(exc).__name__}")
         return False
 
-    async def _supervise(self, *, ok: bool, error: str = "") -> None:
+    async def _track_comm(self, *, ok: bool, error: str = "") -> None:
         """comm_lost / comm_restored, committed like any alarm; kept pending if that fails."""
-        before = self._supervision.outage
-        alarms = self._supervision.observe(ok, error)
+        before = self._comm_loss.outage
+        alarms = self._comm_loss.observe(ok, error)
         if alarms and not await self._commit(alarms, self.cursor, []):
-            self._supervision.outage = before  # raise it again on the next poll
+            self._comm_loss.outage = before  # raise it again on the next poll
 
     async def _commit(
         self, alarms: list[Alarm], cursor: Mapping[str, Any] | None, notes: list[str]

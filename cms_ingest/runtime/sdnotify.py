@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 
 import structlog
 
-from cms_ingest.runtime.supervisor import sleep_or_stop
+from cms_ingest.runtime.tasks import sleep_or_stop
 
 log = structlog.get_logger("cms_ingest.sdnotify")
 

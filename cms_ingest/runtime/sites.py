@@ -21,11 +21,11 @@ from cms_ingest import metrics
 from cms_ingest.config import AppConfig, SiteConfig
 from cms_ingest.db.store import SiteHealth
 from cms_ingest.logs import redact_text
-from cms_ingest.runtime.supervisor import Supervisor
+from cms_ingest.runtime.tasks import TaskSupervisor
 from cms_ingest.runtime.vendortasks import SupervisedTasks
 from cms_ingest.sitehttp import SiteHttp, TlsPolicy
-from cms_ingest.vendors import build_client
-from cms_ingest.vendors.base import VendorClient, VendorContext
+from cms_ingest.vendors import OPTIONS_MODELS, build_client
+from cms_ingest.vendors.base import SiteOptions, VendorClient, VendorContext
 from cms_ingest.vendors.common import clean_text
 from cms_ingest.vendors.tasks import LocalTasks
 
@@ -192,6 +192,7 @@ class SiteHealthState:
 @dataclass(slots=True)
 class SiteRuntime:
     config: SiteConfig
+    options: SiteOptions  # the site's `options`, validated by its vendor's model
     client: VendorClient
     health: SiteHealthState
     problems: SiteProblems
@@ -208,7 +209,7 @@ def build_site(
     site: SiteConfig,
     session: aiohttp.ClientSession,
     media_root: Path | None = None,
-    supervisor: Supervisor | None = None,
+    supervisor: TaskSupervisor | None = None,
 ) -> SiteRuntime:
     """The site's client and state. With the daemon's `supervisor`, the client's background
     tasks run on it; without (the probe, tests), as plain tasks closed with the client."""
@@ -234,6 +235,7 @@ def build_site(
     client = build_client(site.vendor, context, site.options)
     return SiteRuntime(
         config=site,
+        options=OPTIONS_MODELS[site.vendor].model_validate(site.options),
         client=client,
         health=SiteHealthState(site.id, site.vendor),
         problems=problems,
@@ -243,19 +245,18 @@ def build_site(
 
 class SiteRegistry:
     """The configured sites by id, each with its client (shared by its poller, the media
-    fetcher and the action worker), and which of them this daemon holds the lease of."""
+    fetcher and the action worker). Which of them this daemon holds is the `PollerSet`'s."""
 
     def __init__(
         self,
         config: AppConfig,
         session: aiohttp.ClientSession,
-        supervisor: Supervisor | None = None,
+        supervisor: TaskSupervisor | None = None,
     ) -> None:
         self._session = session
         self._supervisor = supervisor  # runs the clients' background tasks
         self._media_root = config.data_dir / "media"
         self._sites: dict[str, SiteRuntime] = {}
-        self.owned: dict[str, int] = {}  # site_id -> lease epoch, kept by the daemon
         self._used: set[str] = set()  # sites whose client a poller has used
         # Clients replaced while an action or download may still run on them: closed later.
         self._retired: list[tuple[float, VendorClient]] = []
@@ -264,9 +265,6 @@ class SiteRegistry:
 
     def get(self, site_id: str) -> SiteRuntime | None:
         return self._sites.get(site_id)
-
-    def owned_ids(self) -> list[str]:
-        return list(self.owned)
 
     def __iter__(self) -> Iterator[SiteRuntime]:
         return iter(list(self._sites.values()))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from cms_ingest.runtime.supervisor import Supervisor
+from cms_ingest.runtime.tasks import TaskSupervisor
 from cms_ingest.vendors.tasks import STOP_GRACE_S, TaskBody
 
 
@@ -39,9 +39,9 @@ class _Handle:
 
 @dataclass(slots=True)
 class SupervisedTasks:
-    """`VendorTasks` of one site's client, run on the daemon's `Supervisor`."""
+    """`VendorTasks` of one site's client, run on the daemon's `TaskSupervisor`."""
 
-    supervisor: Supervisor
+    supervisor: TaskSupervisor
     site_id: str
     _handles: dict[str, _Handle] = field(default_factory=dict)
     _retired: bool = False

@@ -1,4 +1,4 @@
-"""Communication supervision: a site that goes quiet is itself an alarm.
+"""Communication loss: a site that goes quiet is itself an alarm.
 
 After `supervision_timeout` seconds without a successful poll, one `comm_lost` alarm (vendor
 `cms`); once polls have succeeded again for `restore_after_s`, one `comm_restored` naming
@@ -6,8 +6,9 @@ the outage's length. A site that bounces while lost stays one outage: a failure 
 restore window just restarts the window.
 
 The state needs no table of its own: the site's newest `comm_*` alarm says whether an outage
-is open (and since when). So an outage that began before a restart is not raised again,
-and one that ended while the daemon was down still gets its `comm_restored`.
+is open (and since when); the store reads it back as a `CommHistory` when a poller starts.
+So an outage that began before a restart is not raised again, and one that ended while the
+daemon was down still gets its `comm_restored`.
 
 Pure logic, no I/O: the poller feeds it outcomes and commits the alarms it returns.
 """
@@ -15,39 +16,32 @@ Pure logic, no I/O: the poller feeds it outcomes and commits the alarms it retur
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from cms_ingest.domain import Alarm, EventType, default_priority
+from cms_ingest.domain import Alarm, CommHistory, EventType, OpenOutage, default_priority
 
 VENDOR = "cms"
 
 
-@dataclass(frozen=True, slots=True)
-class OpenOutage:
-    """An outage whose comm_lost is stored and whose comm_restored is not."""
+class CommLossTracker:
+    """One site's `comm_lost` / `comm_restored`, from the outcomes of its polls."""
 
-    source_id: str  # of the comm_lost alarm; comm_restored reuses its suffix
-    silent_since: datetime  # the last successful poll before it
-
-
-class Supervision:
     def __init__(
         self,
         *,
         site_id: str,
         timeout_s: float,
         restore_after_s: float,
-        open_outage: OpenOutage | None,
-        last_success: datetime | None,
+        history: CommHistory,
     ) -> None:
         self.site_id = site_id
         self._timeout = timedelta(seconds=timeout_s)
         self._restore_after = timedelta(seconds=restore_after_s)
-        self.outage = open_outage
+        self.outage = history.open_outage
         # Silence is counted from our own start at the earliest: the daemon being down is
         # not the site's fault (and a long-stopped daemon must not cry wolf at start).
         started = datetime.now(UTC)
+        last_success = history.last_success
         self._last_success = max(last_success, started) if last_success else started
         self._healthy_since: datetime | None = None
         self._last_error = ""

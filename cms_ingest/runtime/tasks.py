@@ -19,7 +19,7 @@ import structlog
 from cms_ingest import metrics
 from cms_ingest.retry import RetryPolicy
 
-log = structlog.get_logger("cms_ingest.supervisor")
+log = structlog.get_logger("cms_ingest.tasks")
 
 RESTART_POLICY = RetryPolicy(base=1.0, factor=2.0, cap=60.0, jitter=0.3)
 HEALTHY_AFTER_S = 60.0  # a task that ran this long before dying starts its backoff afresh
@@ -55,7 +55,7 @@ class _Supervised:
     stop: asyncio.Event  # this task's own stop signal
 
 
-class Supervisor:
+class TaskSupervisor:
     """Owns the daemon's tasks by name. Shutdown is ordered by the caller, group by group
     (pollers before the writer they commit through), with `stop_matching`."""
 

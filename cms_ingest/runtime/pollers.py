@@ -1,0 +1,146 @@
+"""The poller set: the running pollers, and which sites this daemon holds.
+
+Both facts live here and nowhere else. The lease keeper decides which sites this daemon
+holds and drives the set through `start` (sites under their lease epochs) and `stop`; the
+media fetcher, the action worker, housekeeping and `status` only read `held`.
+
+A site is held from the moment its poller is started until `stop` is asked for it, so the
+queues stop serving a site at once when it is being handed over; `stop` returns once the
+poller's last commit is done, which is when its lease may be released.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from types import MappingProxyType
+from typing import Any
+
+import structlog
+
+from cms_ingest import metrics
+from cms_ingest.config import FloodConfig
+from cms_ingest.db.store import SiteHealth, Store
+from cms_ingest.domain import CommHistory
+from cms_ingest.runtime.comm_loss import CommLossTracker
+from cms_ingest.runtime.flood import FloodTracker
+from cms_ingest.runtime.poller import SitePoller
+from cms_ingest.runtime.sites import SiteRegistry
+from cms_ingest.runtime.tasks import TaskSupervisor
+from cms_ingest.runtime.writer import AlarmWriter
+
+log = structlog.get_logger("cms_ingest.pollers")
+
+POLLER_PREFIX = "poller:"
+STOP_TIMEOUT_S = 3.0  # a poller's last poll and commit; then its task is cancelled
+
+
+def task_name(site_id: str) -> str:
+    return f"{POLLER_PREFIX}{site_id}"
+
+
+class PollerSet:
+    def __init__(
+        self,
+        tasks: TaskSupervisor,
+        sites: SiteRegistry,
+        store: Store,
+        writer: AlarmWriter,
+        *,
+        daemon_id: str,
+        media_deadline_s: float,
+        flood: FloodConfig,
+    ) -> None:
+        self._tasks = tasks
+        self._sites = sites
+        self._store = store
+        self._writer = writer
+        self._daemon_id = daemon_id
+        self._media_deadline_s = media_deadline_s  # unless the site sets its own
+        self._flood = flood
+        self._held: dict[str, int] = {}  # site_id -> lease epoch
+
+    @property
+    def held(self) -> Mapping[str, int]:
+        """The sites this daemon holds, each with its lease epoch (read-only)."""
+        return MappingProxyType(self._held)
+
+    def held_ids(self) -> list[str]:
+        return list(self._held)
+
+    def configured(self) -> list[str]:
+        """Every configured site: those a poller could be started for."""
+        return list(self._sites.by_id)
+
+    async def start(self, leases: Mapping[str, int]) -> set[str]:
+        """Pollers for sites whose lease was just taken, each from its committed cursor
+        (read now: the previous holder may have advanced it a moment ago). Returns the
+        sites started: none when their stored state could not be read."""
+        ids = [site_id for site_id in leases if self._sites.get(site_id) is not None]
+        try:
+            cursors = await self._store.load_cursors(ids)
+            histories = await self._store.supervision_states(ids)
+        except Exception as exc:
+            metrics.DB_ERRORS.labels(operation="start_sites").inc()
+            log.warning("sites_not_started", sites=len(ids), error=str(exc))
+            return set()
+        for site_id in ids:
+            self._held[site_id] = leases[site_id]
+            poller = self._poller(
+                site_id, leases[site_id], cursors.get(site_id), histories[site_id]
+            )
+            self._tasks.start(task_name(site_id), poller.run)
+        return set(ids)
+
+    def _poller(
+        self, site_id: str, epoch: int, cursor: Mapping[str, Any] | None, history: CommHistory
+    ) -> SitePoller:
+        site = self._sites.client_for_tenure(site_id)  # fresh client and health when reused
+        return SitePoller(
+            site,
+            self._writer,
+            cursor=cursor,
+            media_deadline_s=site.config.media_deadline_s or self._media_deadline_s,
+            comm_loss=CommLossTracker(
+                site_id=site_id,
+                timeout_s=site.config.supervision_timeout,
+                restore_after_s=site.options.restore_after_s,
+                history=history,
+            ),
+            flood=FloodTracker(
+                max_per_minute=self._flood.max_per_minute,
+                quiet_s=self._flood.quiet_s,
+                fetch_media=self._flood.fetch_media,
+            ),
+            lease=(self._daemon_id, epoch),
+        )
+
+    async def stop(self, site_ids: Iterable[str]) -> None:
+        """Stop these sites' pollers and wait for their last commit; no longer held. Their
+        health is written down and their per-site gauges withdrawn (the next holder
+        exports them)."""
+        ids = list(site_ids)
+        for site_id in ids:
+            self._held.pop(site_id, None)
+        await self._tasks.stop_tasks(
+            [task_name(site_id) for site_id in ids], timeout=STOP_TIMEOUT_S
+        )
+        snapshots = self.health_snapshots(ids)
+        for site_id in ids:
+            metrics.forget_site(site_id)
+        try:
+            await self._store.record_health(snapshots)
+        except Exception as exc:
+            log.warning("health_not_recorded", sites=len(snapshots), error=str(exc))
+
+    async def halt(self) -> None:
+        """Shutdown: every poller stopped at once, its last poll handed to the writer. The
+        sites stay held until their leases are released, after the writer has drained."""
+        await self._tasks.stop_matching(POLLER_PREFIX, timeout=STOP_TIMEOUT_S)
+
+    def health_snapshots(self, site_ids: Iterable[str] | None = None) -> list[SiteHealth]:
+        """The health to write down of these sites (default: the held ones), each once it
+        changed."""
+        ids = self.held_ids() if site_ids is None else site_ids
+        runtimes = (self._sites.get(site_id) for site_id in ids)
+        snapshots = (runtime.health.snapshot() for runtime in runtimes if runtime is not None)
+        return [snapshot for snapshot in snapshots if snapshot is not None]
