@@ -24,9 +24,9 @@ from cms_ingest.logs import redact_text
 from cms_ingest.runtime.tasks import TaskSupervisor
 from cms_ingest.runtime.vendortasks import SupervisedTasks
 from cms_ingest.sitehttp import SiteHttp, TlsPolicy
-from cms_ingest.vendors import OPTIONS_MODELS, build_client
 from cms_ingest.vendors.base import SiteOptions, VendorClient, VendorContext
 from cms_ingest.vendors.common import clean_text
+from cms_ingest.vendors.registry import vendor_entry
 from cms_ingest.vendors.tasks import LocalTasks
 
 log = structlog.get_logger("cms_ingest.sites")
@@ -232,11 +232,12 @@ def build_site(
         media_root=media_root,
         tasks=tasks,
     )
-    client = build_client(site.vendor, context, site.options)
+    vendor = vendor_entry(site.vendor)
+    options = vendor.options.model_validate(site.options)  # once: the client and we read it
     return SiteRuntime(
         config=site,
-        options=OPTIONS_MODELS[site.vendor].model_validate(site.options),
-        client=client,
+        options=options,
+        client=vendor.client(context, options),
         health=SiteHealthState(site.id, site.vendor),
         problems=problems,
         tasks=tasks,

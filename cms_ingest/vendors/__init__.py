@@ -9,10 +9,7 @@ change.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-
 from cms_ingest.vendors import camstreamer, camtrace, davantis, exacq, videoloft
-from cms_ingest.vendors.base import SiteOptions
 from cms_ingest.vendors.registry import (
     USERNAME_AND_PASSWORD,
     TokenOrOptions,
@@ -26,7 +23,6 @@ from cms_ingest.vendors.registry import (
 
 __all__ = [
     "BUILT_IN",
-    "OPTIONS_MODELS",
     "Vendor",
     "build_client",
     "register",
@@ -84,21 +80,3 @@ BUILT_IN: tuple[Vendor, ...] = (
 
 for _vendor in BUILT_IN:
     register(_vendor)
-
-
-class _OptionsModels(Mapping[str, type[SiteOptions]]):
-    """Each registered vendor's options model by name, following the registry."""
-
-    def __getitem__(self, name: str) -> type[SiteOptions]:
-        return vendor_registry()[name].options
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(vendor_registry())
-
-    def __len__(self) -> int:
-        return len(vendor_registry())
-
-
-# What the config loader validates each site's `options` with (the runtime reads
-# `restore_after_s` through it too).
-OPTIONS_MODELS: Mapping[str, type[SiteOptions]] = _OptionsModels()

@@ -136,12 +136,17 @@ def registered(vendor: Vendor) -> Iterator[Vendor]:
         unregister(vendor.name)
 
 
-def build_client(vendor: str, context: VendorContext, options: Mapping[str, Any]) -> VendorClient:
+def vendor_entry(vendor: str) -> Vendor:
+    """The registered vendor of that name; ValueError naming the supported ones otherwise."""
     try:
-        entry = _registry[vendor]
+        return _registry[vendor]
     except KeyError:
         raise ValueError(
             f"vendor {vendor!r} is not supported by this build "
             f"(supported: {', '.join(supported_vendors())})"
         ) from None
+
+
+def build_client(vendor: str, context: VendorContext, options: Mapping[str, Any]) -> VendorClient:
+    entry = vendor_entry(vendor)
     return entry.client(context, entry.options.model_validate(options))
