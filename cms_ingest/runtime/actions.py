@@ -85,7 +85,7 @@ class ActionWorker:
         try:
             claimed = await self._store.claim_actions(
                 limit=free,
-                lease_s=self._config.running_timeout_s,
+                claim_s=self._config.running_timeout_s,
                 owner=self._owner,
                 site_ids=self._sites.owned_ids(),
             )
@@ -113,7 +113,7 @@ class ActionWorker:
             await asyncio.wait(pending, timeout=3.0)
 
     async def _recover(self, action: Action) -> None:
-        """A row left `running` past its lease: its worker died mid-attempt."""
+        """A row left `running` past its claim: its worker died mid-attempt."""
         site = self._sites.get(action.site_id)
         spec = site.client.actions.get(action.kind) if site else None
         reason = "the daemon running it stopped mid-attempt"
@@ -122,12 +122,12 @@ class ActionWorker:
                 action.id,
                 delay_s=0,
                 error=f"{reason}; retried (idempotent)",
-                only_if_lease_expired=True,
+                only_if_claim_expired=True,
             )
             return
         error = f"{reason}; outcome unknown, not retried (it could fire twice)"
         if await self._store.finish_action(
-            action.id, ActionState.FAILED, error=error, only_if_lease_expired=True
+            action.id, ActionState.FAILED, error=error, only_if_claim_expired=True
         ):
             vendor = site.config.vendor if site else "unknown"
             metrics.ACTIONS.labels(vendor=vendor, kind=action.kind, outcome="failed").inc()
@@ -157,7 +157,7 @@ class ActionWorker:
                 action, site, ActionState.EXPIRED, error="not_after passed before it could be fired"
             )
             return
-        lease = asyncio.create_task(self._keep_lease(action.id))
+        claim = asyncio.create_task(self._keep_claim(action.id))
         deadline = self._config.attempt_deadline(action.params)
         guard = asyncio.timeout(deadline)
         try:
@@ -195,7 +195,7 @@ class ActionWorker:
             await self._settle(action, site, ActionState.SUCCEEDED, result=result.result)
             bound.info("action_succeeded")
         finally:
-            lease.cancel()
+            claim.cancel()
 
     async def _recover_cancelled(self, action: Action, site: SiteRuntime, idempotent: bool) -> None:
         if idempotent and not _too_late(action):
@@ -207,16 +207,17 @@ class ActionWorker:
                 action, site, "daemon stopped mid-attempt; outcome unknown, not retried"
             )
 
-    async def _keep_lease(self, action_id: int) -> None:
+    async def _keep_claim(self, action_id: int) -> None:
         """Long actions (holds) keep their claim alive so nobody takes them as crashed."""
         interval = self._config.running_timeout_s / 3
         while True:
             await asyncio.sleep(interval)
             try:
-                await self._store.extend_action_lease(
-                    action_id, lease_s=self._config.running_timeout_s, owner=self._owner
+                await self._store.extend_action_claim(
+                    action_id, claim_s=self._config.running_timeout_s, owner=self._owner
                 )
             except Exception as exc:
+                # The event's name predates calling a worker's hold on a row a claim.
                 log.warning("action_lease_extend_failed", action_id=action_id, error=str(exc))
 
     async def _retry_or_fail(

@@ -1,6 +1,6 @@
 """The media fetcher: downloads snapshots and clips once the device has them ready.
 
-Generic over vendors: it claims due `pending` rows (SKIP LOCKED, under a lease), asks the
+Generic over vendors: it claims due `pending` rows (SKIP LOCKED, under a claim), asks the
 site's vendor client where the media stands, and then downloads, re-checks later, or
 settles the row. A row still not ready at its deadline becomes `failed` with the reason; a
 row the vendor has no media for becomes `unavailable`.
@@ -33,7 +33,7 @@ class _StepTimedOut(Exception):
     """A media status or download ran past its deadline: tried again later, like an error."""
 
 
-LEASE_S = 900.0  # longer than any download may take; a crashed worker's rows return after it
+CLAIM_S = 900.0  # longer than any download may take; a crashed worker's rows return after it
 IDLE_WAIT_S = 1.0
 
 
@@ -51,7 +51,7 @@ class MediaFetcher:
         self._wake = asyncio.Event()
         self._inflight: dict[int, asyncio.Task[None]] = {}
         # Rows whose outcome could not be written (the database failed meanwhile): handed
-        # back as soon as it answers, instead of staying claimed for LEASE_S.
+        # back as soon as it answers, instead of staying claimed for CLAIM_S.
         self._unreleased: set[int] = set()
 
     def wake(self) -> None:
@@ -77,7 +77,7 @@ class MediaFetcher:
     async def _claim(self, limit: int) -> list[MediaJob]:
         try:
             return await self._store.claim_media(
-                limit=limit, lease_s=LEASE_S, site_ids=self._sites.owned_ids()
+                limit=limit, claim_s=CLAIM_S, site_ids=self._sites.owned_ids()
             )
         except Exception as exc:
             metrics.DB_ERRORS.labels(operation="claim_media").inc()
@@ -100,7 +100,9 @@ class MediaFetcher:
                 await self._store.release_media(list(tasks))
             except Exception as exc:
                 log.warning(
-                    "media_release_failed", error=str(exc), note="rows return after their lease"
+                    "media_release_failed",
+                    error=str(exc),
+                    note="rows return when their claim runs out",
                 )
 
     async def _release_unrecorded(self) -> None:
