@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import structlog
@@ -24,8 +25,8 @@ from cms_ingest.config import ActionsConfig
 from cms_ingest.db.store import Store
 from cms_ingest.domain import Action, ActionState
 from cms_ingest.retry import RetryPolicy
+from cms_ingest.runtime.claims import ClaimLoop, ClaimTimings, DeadlinePassed, within
 from cms_ingest.runtime.sites import SiteRegistry, SiteRuntime
-from cms_ingest.runtime.supervisor import wake_or_stop
 from cms_ingest.sitehttp import TransportError
 from cms_ingest.vendors.base import (
     AuthenticationFailed,
@@ -38,35 +39,48 @@ from cms_ingest.vendors.common import DESCRIPTION_LIMIT, clean_json, clean_text
 log = structlog.get_logger("cms_ingest.actions")
 
 
-class _AttemptTimedOut(Exception):
-    """An action attempt ran past its deadline; its outcome is unknown."""
+class _AttemptTimedOut(DeadlinePassed):
+    """An action attempt ran past its deadline; its outcome is unknown. (The class name is
+    part of the `error` stored for such an attempt.)"""
 
 
 RETRY = RetryPolicy(base=1.0, factor=2.0, cap=15.0, jitter=0.3)
+# Shutdown: running actions get this long to finish; those still running are cancelled and
+# settle by rule within the second figure.
+STOP_GRACE_S = 5.0
+CANCEL_WAIT_S = 3.0
 
 
 class ActionWorker:
+    """The actions part of the claim loop: which rows to claim, and how one is fired."""
+
     def __init__(self, store: Store, sites: SiteRegistry, *, config: ActionsConfig) -> None:
         self._store = store
         self._sites = sites
         self._config = config
         self._owner = f"{socket.gethostname()}:{os.getpid()}"
-        self._wake = asyncio.Event()
-        self._inflight: set[asyncio.Task[None]] = set()
+        self._loop = ClaimLoop(
+            self,
+            name="action",
+            timings=ClaimTimings(
+                workers=config.workers,
+                idle_s=config.sweep_interval_s,
+                stop_grace_s=STOP_GRACE_S,
+                cancel_wait_s=CANCEL_WAIT_S,
+            ),
+        )
 
     def wake(self) -> None:
-        self._wake.set()
+        self._loop.wake()
 
     async def run(self, stop: asyncio.Event) -> None:
-        try:
-            while not stop.is_set():
-                await self._sweep()
-                await self._claim_and_start()
-                await wake_or_stop(self._wake, stop, self._config.sweep_interval_s)
-        finally:
-            await self._finish_inflight()
+        await self._loop.run(stop)
 
-    async def _sweep(self) -> None:
+    # ------------------------------------------------------------------ ClaimedJobs
+
+    async def before_claim(self) -> None:
+        """The sweep: queued actions past `not_after` expire, and rows left running by a
+        worker that died are settled by rule."""
         try:
             expired = await self._store.expire_actions()
             if expired:
@@ -78,13 +92,10 @@ class ActionWorker:
             metrics.DB_ERRORS.labels(operation="action_sweep").inc()
             log.warning("action_sweep_failed", error=str(exc))
 
-    async def _claim_and_start(self) -> None:
-        free = self._config.workers - len(self._inflight)
-        if free <= 0:
-            return
+    async def claim(self, limit: int) -> list[Action]:
         try:
-            claimed = await self._store.claim_actions(
-                limit=free,
+            return await self._store.claim_actions(
+                limit=limit,
                 claim_s=self._config.running_timeout_s,
                 owner=self._owner,
                 site_ids=self._sites.owned_ids(),
@@ -92,25 +103,23 @@ class ActionWorker:
         except Exception as exc:
             metrics.DB_ERRORS.labels(operation="claim_actions").inc()
             log.warning("action_claim_failed", error=str(exc))
-            return
-        for action in claimed:
-            task = asyncio.create_task(self._execute(action), name=f"action:{action.id}")
-            self._inflight.add(task)
-            task.add_done_callback(self._done)
+            return []
 
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._inflight.discard(task)
-        self._wake.set()
+    async def not_settled(self, action: Action, error: Exception) -> None:
+        """Writing the outcome failed (the database): the row stays `running` until its
+        claim runs out, and the sweep then settles it by rule."""
+        log.warning(
+            "action_outcome_not_recorded",
+            action_id=action.id,
+            site_id=action.site_id,
+            error=str(error),
+            note="settled by rule once its claim runs out",
+        )
 
-    async def _finish_inflight(self) -> None:
-        """Shutdown: give running actions a moment; what is cut short is settled by rule."""
-        if not self._inflight:
-            return
-        _done, pending = await asyncio.wait(set(self._inflight), timeout=5.0)
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.wait(pending, timeout=3.0)
+    async def release(self, actions: Sequence[Action]) -> None:
+        """Nothing to hand back: a cancelled attempt settles its own row by rule."""
+
+    # ------------------------------------------------------------------ one row
 
     async def _recover(self, action: Action) -> None:
         """A row left `running` past its claim: its worker died mid-attempt."""
@@ -133,7 +142,8 @@ class ActionWorker:
             metrics.ACTIONS.labels(vendor=vendor, kind=action.kind, outcome="failed").inc()
             log.warning("action_failed", action_id=action.id, site_id=action.site_id, error=error)
 
-    async def _execute(self, action: Action) -> None:
+    async def run_one(self, action: Action) -> None:
+        """Fire one action within its deadline and settle its row by the rules above."""
         bound = log.bind(
             action_id=action.id, site_id=action.site_id, kind=action.kind, target=action.target
         )
@@ -159,21 +169,15 @@ class ActionWorker:
             return
         claim = asyncio.create_task(self._keep_claim(action.id))
         deadline = self._config.attempt_deadline(action.params)
-        guard = asyncio.timeout(deadline)
+        timed_out = _AttemptTimedOut(
+            f"no outcome within {deadline:g} s (actions.attempt_timeout_s plus params.duration_s)"
+        )
         try:
-            async with guard:
+            async with within(deadline, timed_out):
                 result = await site.client.perform(action)
-        except TimeoutError as exc:
-            if not guard.expired():  # the client's own: a bug, handled as one
-                bound.error("action_crashed", exc_info=exc)
-                await self._retry_or_fail(action, site, exc, safe=False)
-            else:
-                # Sent or not, nobody knows: like a timeout after sending.
-                timed_out = _AttemptTimedOut(
-                    f"no outcome within {deadline:g} s (actions.attempt_timeout_s"
-                    " plus params.duration_s)"
-                )
-                await self._retry_or_fail(action, site, timed_out, safe=spec.idempotent)
+        except _AttemptTimedOut as exc:
+            # Sent or not, nobody knows: like a timeout after sending.
+            await self._retry_or_fail(action, site, exc, safe=spec.idempotent)
         except (InvalidAction, DeviceRefused) as exc:
             if isinstance(exc, InvalidAction):
                 _bad_row("invalid_action")
@@ -188,7 +192,7 @@ class ActionWorker:
             # Stopping mid-attempt: settle by the same rule as a crash, then let go.
             await asyncio.shield(self._recover_cancelled(action, site, spec.idempotent))
             raise
-        except Exception as exc:
+        except Exception as exc:  # a bug (a client's own TimeoutError too): handled as one
             bound.exception("action_crashed")
             await self._retry_or_fail(action, site, exc, safe=False)
         else:
