@@ -25,7 +25,7 @@ from cms_ingest.config import ActionsConfig
 from cms_ingest.db.store import Store
 from cms_ingest.domain import Action, ActionState
 from cms_ingest.retry import RetryPolicy
-from cms_ingest.runtime.claims import ClaimLoop, ClaimTimings, DeadlinePassed, within
+from cms_ingest.runtime.claims import ClaimTimings, ClaimWorker, DeadlinePassed, within
 from cms_ingest.runtime.sites import SiteRegistry, SiteRuntime
 from cms_ingest.sitehttp import TransportError
 from cms_ingest.vendors.base import (
@@ -51,30 +51,22 @@ STOP_GRACE_S = 5.0
 CANCEL_WAIT_S = 3.0
 
 
-class ActionWorker:
-    """The actions part of the claim loop: which rows to claim, and how one is fired."""
+class ActionWorker(ClaimWorker[Action]):
+    """The actions part of the claim loop: which rows to claim, and how one is fired.
+    `wake()` on `NOTIFY cms_actions`."""
 
     def __init__(self, store: Store, sites: SiteRegistry, *, config: ActionsConfig) -> None:
         self._store = store
         self._sites = sites
         self._config = config
         self._owner = f"{socket.gethostname()}:{os.getpid()}"
-        self._loop = ClaimLoop(
-            self,
-            name="action",
-            timings=ClaimTimings(
-                workers=config.workers,
-                idle_s=config.sweep_interval_s,
-                stop_grace_s=STOP_GRACE_S,
-                cancel_wait_s=CANCEL_WAIT_S,
-            ),
+        timings = ClaimTimings(
+            workers=config.workers,
+            idle_s=config.sweep_interval_s,  # the sweep runs at least this often
+            stop_grace_s=STOP_GRACE_S,
+            cancel_wait_s=CANCEL_WAIT_S,
         )
-
-    def wake(self) -> None:
-        self._loop.wake()
-
-    async def run(self, stop: asyncio.Event) -> None:
-        await self._loop.run(stop)
+        super().__init__(name="action", timings=timings)
 
     # ------------------------------------------------------------------ ClaimedJobs
 

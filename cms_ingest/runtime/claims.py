@@ -128,6 +128,22 @@ class ClaimLoop(Generic[Job]):
             await self._jobs.release([running[task] for task in cut_short])
 
 
+class ClaimWorker(ClaimedJobs[Job]):
+    """A kind of work that is its own job source (a subclass implements the methods of
+    `ClaimedJobs`): builds its loop and offers `wake` and `run`, what the daemon calls."""
+
+    def __init__(self, *, name: str, timings: ClaimTimings) -> None:
+        self._loop = ClaimLoop(self, name=name, timings=timings)
+
+    def wake(self) -> None:
+        """Rows were added or became due (or a notification may have been lost): claim now
+        rather than at the next idle tick."""
+        self._loop.wake()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self._loop.run(stop)
+
+
 class DeadlinePassed(Exception):
     """A step of a job ran past its deadline (`within`)."""
 

@@ -20,7 +20,7 @@ from cms_ingest.config import MediaConfig
 from cms_ingest.db.store import MediaJob, Store
 from cms_ingest.domain import MediaState
 from cms_ingest.retry import RetryPolicy
-from cms_ingest.runtime.claims import ClaimLoop, ClaimTimings, DeadlinePassed, within
+from cms_ingest.runtime.claims import ClaimTimings, ClaimWorker, DeadlinePassed, within
 from cms_ingest.runtime.mediafiles import MediaTooLarge, StoredFile, store_stream
 from cms_ingest.runtime.sites import SiteRegistry, SiteRuntime
 from cms_ingest.sitehttp import TransportError, UnsafeUrl
@@ -37,8 +37,9 @@ IDLE_WAIT_S = 1.0
 CANCEL_WAIT_S = 2.0
 
 
-class MediaFetcher:
-    """The media part of the claim loop: which rows to claim, and how one is fetched."""
+class MediaFetcher(ClaimWorker[MediaJob]):
+    """The media part of the claim loop: which rows to claim, and how one is fetched.
+    `wake()` when new media rows were committed."""
 
     def __init__(
         self, store: Store, sites: SiteRegistry, *, root: Path, config: MediaConfig
@@ -53,23 +54,13 @@ class MediaFetcher:
         # Rows whose outcome could not be written (the database failed meanwhile): handed
         # back as soon as it answers, instead of staying claimed for CLAIM_S.
         self._unreleased: set[int] = set()
-        self._loop = ClaimLoop(
-            self,
-            name="media",
-            timings=ClaimTimings(
-                workers=config.workers,
-                idle_s=IDLE_WAIT_S,
-                stop_grace_s=0.0,
-                cancel_wait_s=CANCEL_WAIT_S,
-            ),
+        timings = ClaimTimings(
+            workers=config.workers,
+            idle_s=IDLE_WAIT_S,
+            stop_grace_s=0.0,
+            cancel_wait_s=CANCEL_WAIT_S,
         )
-
-    def wake(self) -> None:
-        """New media rows were committed: look now rather than at the next idle tick."""
-        self._loop.wake()
-
-    async def run(self, stop: asyncio.Event) -> None:
-        await self._loop.run(stop)
+        super().__init__(name="media", timings=timings)
 
     # ------------------------------------------------------------------ ClaimedJobs
 
