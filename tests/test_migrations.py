@@ -94,11 +94,11 @@ async def test_media_lease_of_a_dead_worker_is_taken_back(
         media=(MediaRequest(MediaKind.SNAPSHOT, {"alarm_id": 1}),),
     )
     await store.commit_polls([PollCommit("s", "davantis", [alarm], {"last_id": 1}, 60.0)])
-    first = await store.claim_media(limit=10, lease_s=0.3)
+    first = await store.claim_media(limit=10, claim_s=0.3)
     assert len(first) == 1
-    assert await store.claim_media(limit=10, lease_s=0.3) == []  # leased: nobody else gets it
+    assert await store.claim_media(limit=10, claim_s=0.3) == []  # claimed: nobody else gets it
     await asyncio.sleep(0.4)  # the worker "died" holding it
-    again = await store.claim_media(limit=10, lease_s=0.3)
+    again = await store.claim_media(limit=10, claim_s=0.3)
     assert [job.id for job in again] == [first[0].id]
     # A replayed poll changes nothing: one alarm, one media row, the cursor as committed.
     await store.commit_polls([PollCommit("s", "davantis", [alarm], {"last_id": 1}, 60.0)])

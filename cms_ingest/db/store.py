@@ -3,9 +3,9 @@
 The guarantees live here:
 - a site's new alarms, their media rows and the site's advanced cursor commit in one
   transaction (`commit_polls`), and `UNIQUE (site_id, source_id)` absorbs any replay;
-- media and action rows are claimed with `FOR UPDATE SKIP LOCKED` under a lease
-  (`claimed_until`), so several workers and daemons share the queues and a crashed worker's
-  rows come back when its lease runs out.
+- media and action rows are claimed with `FOR UPDATE SKIP LOCKED` until `claimed_until`,
+  so several workers and daemons share the queues and a crashed worker's rows come back
+  when its claim runs out.
 """
 
 from __future__ import annotations
@@ -258,9 +258,9 @@ class Store:
     # ------------------------------------------------------------------ media queue
 
     async def claim_media(
-        self, *, limit: int, lease_s: float, site_ids: Sequence[str] | None = None
+        self, *, limit: int, claim_s: float, site_ids: Sequence[str] | None = None
     ) -> list[MediaJob]:
-        """Due pending media rows, leased to the caller for `lease_s` seconds; only of
+        """Due pending media rows, claimed by the caller for `claim_s` seconds; only of
         `site_ids` (the sites this daemon holds) when given."""
         claimable = (
             select(alarm_media.c.id)
@@ -279,7 +279,7 @@ class Store:
         statement = (
             update(alarm_media)
             .where(alarm_media.c.id.in_(claimable))
-            .values(claimed_until=func.now() + _seconds(lease_s), updated_at=func.now())
+            .values(claimed_until=func.now() + _seconds(claim_s), updated_at=func.now())
             .returning(
                 alarm_media.c.id,
                 alarm_media.c.alarm_id,
@@ -353,7 +353,7 @@ class Store:
         )
 
     async def release_media(self, media_ids: Sequence[int]) -> None:
-        """Hand leased rows back untouched (shutdown): another worker may take them now."""
+        """Hand claimed rows back untouched (shutdown): another worker may take them now."""
         if media_ids:
             async with self.engine.begin() as connection:
                 await connection.execute(
@@ -423,7 +423,7 @@ class Store:
             return int(result.rowcount)
 
     async def stale_running_actions(self, site_ids: Sequence[str] | None = None) -> list[Action]:
-        """Actions left `running` by a worker whose lease ran out (a crash, a kill)."""
+        """Actions left `running` by a worker whose claim ran out (a crash, a kill)."""
         async with self.engine.connect() as connection:
             rows = (
                 await connection.execute(
@@ -437,7 +437,7 @@ class Store:
         return [_action(row._mapping) for row in rows]
 
     async def claim_actions(
-        self, *, limit: int, lease_s: float, owner: str, site_ids: Sequence[str] | None = None
+        self, *, limit: int, claim_s: float, owner: str, site_ids: Sequence[str] | None = None
     ) -> list[Action]:
         claimable = (
             select(actions.c.id)
@@ -459,7 +459,7 @@ class Store:
                 state=ActionState.RUNNING.value,
                 attempts=actions.c.attempts + 1,
                 started_at=func.coalesce(actions.c.started_at, func.now()),
-                claimed_until=func.now() + _seconds(lease_s),
+                claimed_until=func.now() + _seconds(claim_s),
                 claimed_by=owner,
             )
             .returning(*actions.c)
@@ -468,12 +468,12 @@ class Store:
             rows = (await connection.execute(statement)).all()
         return [_action(row._mapping) for row in rows]
 
-    async def extend_action_lease(self, action_id: int, *, lease_s: float, owner: str) -> None:
+    async def extend_action_claim(self, action_id: int, *, claim_s: float, owner: str) -> None:
         async with self.engine.begin() as connection:
             await connection.execute(
                 update(actions)
                 .where(actions.c.id == action_id, actions.c.claimed_by == owner)
-                .values(claimed_until=func.now() + _seconds(lease_s))
+                .values(claimed_until=func.now() + _seconds(claim_s))
             )
 
     async def finish_action(
@@ -484,12 +484,12 @@ class Store:
         result: Mapping[str, Any] | None = None,
         error: str | None = None,
         expected: ActionState = ActionState.RUNNING,
-        only_if_lease_expired: bool = False,
+        only_if_claim_expired: bool = False,
     ) -> bool:
         """Move an action to a final state; False when it was no longer in `expected`.
 
-        `only_if_lease_expired`: for recovering a crashed worker's row, which must not race a
-        live worker that still holds (and renews) the lease.
+        `only_if_claim_expired`: for recovering a crashed worker's row, which must not race a
+        live worker that still holds (and renews) the claim.
         """
         async with self.engine.begin() as connection:
             outcome = await connection.execute(
@@ -497,7 +497,7 @@ class Store:
                 .where(
                     actions.c.id == action_id,
                     actions.c.state == expected.value,
-                    *_lease_expired(only_if_lease_expired),
+                    *_claim_expired(only_if_claim_expired),
                 )
                 .values(
                     state=state.value,
@@ -516,7 +516,7 @@ class Store:
         delay_s: float,
         error: str,
         expected: ActionState = ActionState.RUNNING,
-        only_if_lease_expired: bool = False,
+        only_if_claim_expired: bool = False,
     ) -> bool:
         async with self.engine.begin() as connection:
             outcome = await connection.execute(
@@ -524,7 +524,7 @@ class Store:
                 .where(
                     actions.c.id == action_id,
                     actions.c.state == expected.value,
-                    *_lease_expired(only_if_lease_expired),
+                    *_claim_expired(only_if_claim_expired),
                 )
                 .values(
                     state=ActionState.QUEUED.value,
@@ -641,7 +641,7 @@ def _seconds(value: float) -> Any:
     return func.make_interval(0, 0, 0, 0, 0, 0, value)
 
 
-def _lease_expired(required: bool) -> list[Any]:
+def _claim_expired(required: bool) -> list[Any]:
     return [actions.c.claimed_until < func.now()] if required else []
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 import structlog
@@ -25,8 +25,8 @@ from cms_ingest.config import ActionsConfig
 from cms_ingest.db.store import Store
 from cms_ingest.domain import Action, ActionState
 from cms_ingest.retry import RetryPolicy
+from cms_ingest.runtime.claims import ClaimTimings, ClaimWorker, DeadlinePassed, within
 from cms_ingest.runtime.sites import SiteRegistry, SiteRuntime
-from cms_ingest.runtime.tasks import wake_or_stop
 from cms_ingest.sitehttp import TransportError
 from cms_ingest.vendors.base import (
     AuthenticationFailed,
@@ -39,14 +39,22 @@ from cms_ingest.vendors.common import DESCRIPTION_LIMIT, clean_json, clean_text
 log = structlog.get_logger("cms_ingest.actions")
 
 
-class _AttemptTimedOut(Exception):
-    """An action attempt ran past its deadline; its outcome is unknown."""
+class _AttemptTimedOut(DeadlinePassed):
+    """An action attempt ran past its deadline; its outcome is unknown. (The class name is
+    part of the `error` stored for such an attempt.)"""
 
 
 RETRY = RetryPolicy(base=1.0, factor=2.0, cap=15.0, jitter=0.3)
+# Shutdown: running actions get this long to finish; those still running are cancelled and
+# settle by rule within the second figure.
+STOP_GRACE_S = 5.0
+CANCEL_WAIT_S = 3.0
 
 
-class ActionWorker:
+class ActionWorker(ClaimWorker[Action]):
+    """The actions part of the claim loop: which rows to claim, and how one is fired.
+    `wake()` on `NOTIFY cms_actions`."""
+
     def __init__(
         self,
         store: Store,
@@ -60,22 +68,19 @@ class ActionWorker:
         self._held = held  # the sites this daemon holds: only their actions are run here
         self._config = config
         self._owner = f"{socket.gethostname()}:{os.getpid()}"
-        self._wake = asyncio.Event()
-        self._inflight: set[asyncio.Task[None]] = set()
+        timings = ClaimTimings(
+            workers=config.workers,
+            idle_s=config.sweep_interval_s,  # the sweep runs at least this often
+            stop_grace_s=STOP_GRACE_S,
+            cancel_wait_s=CANCEL_WAIT_S,
+        )
+        super().__init__(name="action", timings=timings)
 
-    def wake(self) -> None:
-        self._wake.set()
+    # ------------------------------------------------------------------ ClaimedJobs
 
-    async def run(self, stop: asyncio.Event) -> None:
-        try:
-            while not stop.is_set():
-                await self._sweep()
-                await self._claim_and_start()
-                await wake_or_stop(self._wake, stop, self._config.sweep_interval_s)
-        finally:
-            await self._finish_inflight()
-
-    async def _sweep(self) -> None:
+    async def before_claim(self) -> None:
+        """The sweep: queued actions past `not_after` expire, and rows left running by a
+        worker that died are settled by rule."""
         try:
             expired = await self._store.expire_actions()
             if expired:
@@ -87,42 +92,37 @@ class ActionWorker:
             metrics.DB_ERRORS.labels(operation="action_sweep").inc()
             log.warning("action_sweep_failed", error=str(exc))
 
-    async def _claim_and_start(self) -> None:
-        free = self._config.workers - len(self._inflight)
-        if free <= 0:
-            return
+    async def claim(self, limit: int) -> list[Action]:
         try:
-            claimed = await self._store.claim_actions(
-                limit=free,
-                lease_s=self._config.running_timeout_s,
+            return await self._store.claim_actions(
+                limit=limit,
+                claim_s=self._config.running_timeout_s,
                 owner=self._owner,
                 site_ids=self._held(),
             )
         except Exception as exc:
             metrics.DB_ERRORS.labels(operation="claim_actions").inc()
             log.warning("action_claim_failed", error=str(exc))
-            return
-        for action in claimed:
-            task = asyncio.create_task(self._execute(action), name=f"action:{action.id}")
-            self._inflight.add(task)
-            task.add_done_callback(self._done)
+            return []
 
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._inflight.discard(task)
-        self._wake.set()
+    async def not_settled(self, action: Action, error: Exception) -> None:
+        """Writing the outcome failed (the database): the row stays `running` until its
+        claim runs out, and the sweep then settles it by rule."""
+        log.warning(
+            "action_outcome_not_recorded",
+            action_id=action.id,
+            site_id=action.site_id,
+            error=str(error),
+            note="settled by rule once its claim runs out",
+        )
 
-    async def _finish_inflight(self) -> None:
-        """Shutdown: give running actions a moment; what is cut short is settled by rule."""
-        if not self._inflight:
-            return
-        _done, pending = await asyncio.wait(set(self._inflight), timeout=5.0)
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.wait(pending, timeout=3.0)
+    async def release(self, actions: Sequence[Action]) -> None:
+        """Nothing to hand back: a cancelled attempt settles its own row by rule."""
+
+    # ------------------------------------------------------------------ one row
 
     async def _recover(self, action: Action) -> None:
-        """A row left `running` past its lease: its worker died mid-attempt."""
+        """A row left `running` past its claim: its worker died mid-attempt."""
         site = self._sites.get(action.site_id)
         spec = site.client.actions.get(action.kind) if site else None
         reason = "the daemon running it stopped mid-attempt"
@@ -131,18 +131,19 @@ class ActionWorker:
                 action.id,
                 delay_s=0,
                 error=f"{reason}; retried (idempotent)",
-                only_if_lease_expired=True,
+                only_if_claim_expired=True,
             )
             return
         error = f"{reason}; outcome unknown, not retried (it could fire twice)"
         if await self._store.finish_action(
-            action.id, ActionState.FAILED, error=error, only_if_lease_expired=True
+            action.id, ActionState.FAILED, error=error, only_if_claim_expired=True
         ):
             vendor = site.config.vendor if site else "unknown"
             metrics.ACTIONS.labels(vendor=vendor, kind=action.kind, outcome="failed").inc()
             log.warning("action_failed", action_id=action.id, site_id=action.site_id, error=error)
 
-    async def _execute(self, action: Action) -> None:
+    async def run_one(self, action: Action) -> None:
+        """Fire one action within its deadline and settle its row by the rules above."""
         bound = log.bind(
             action_id=action.id, site_id=action.site_id, kind=action.kind, target=action.target
         )
@@ -166,23 +167,17 @@ class ActionWorker:
                 action, site, ActionState.EXPIRED, error="not_after passed before it could be fired"
             )
             return
-        lease = asyncio.create_task(self._keep_lease(action.id))
+        claim = asyncio.create_task(self._keep_claim(action.id))
         deadline = self._config.attempt_deadline(action.params)
-        guard = asyncio.timeout(deadline)
+        timed_out = _AttemptTimedOut(
+            f"no outcome within {deadline:g} s (actions.attempt_timeout_s plus params.duration_s)"
+        )
         try:
-            async with guard:
+            async with within(deadline, timed_out):
                 result = await site.client.perform(action)
-        except TimeoutError as exc:
-            if not guard.expired():  # the client's own: a bug, handled as one
-                bound.error("action_crashed", exc_info=exc)
-                await self._retry_or_fail(action, site, exc, safe=False)
-            else:
-                # Sent or not, nobody knows: like a timeout after sending.
-                timed_out = _AttemptTimedOut(
-                    f"no outcome within {deadline:g} s (actions.attempt_timeout_s"
-                    " plus params.duration_s)"
-                )
-                await self._retry_or_fail(action, site, timed_out, safe=spec.idempotent)
+        except _AttemptTimedOut as exc:
+            # Sent or not, nobody knows: like a timeout after sending.
+            await self._retry_or_fail(action, site, exc, safe=spec.idempotent)
         except (InvalidAction, DeviceRefused) as exc:
             if isinstance(exc, InvalidAction):
                 _bad_row("invalid_action")
@@ -197,14 +192,14 @@ class ActionWorker:
             # Stopping mid-attempt: settle by the same rule as a crash, then let go.
             await asyncio.shield(self._recover_cancelled(action, site, spec.idempotent))
             raise
-        except Exception as exc:
+        except Exception as exc:  # a bug (a client's own TimeoutError too): handled as one
             bound.exception("action_crashed")
             await self._retry_or_fail(action, site, exc, safe=False)
         else:
             await self._settle(action, site, ActionState.SUCCEEDED, result=result.result)
             bound.info("action_succeeded")
         finally:
-            lease.cancel()
+            claim.cancel()
 
     async def _recover_cancelled(self, action: Action, site: SiteRuntime, idempotent: bool) -> None:
         if idempotent and not _too_late(action):
@@ -216,16 +211,17 @@ class ActionWorker:
                 action, site, "daemon stopped mid-attempt; outcome unknown, not retried"
             )
 
-    async def _keep_lease(self, action_id: int) -> None:
+    async def _keep_claim(self, action_id: int) -> None:
         """Long actions (holds) keep their claim alive so nobody takes them as crashed."""
         interval = self._config.running_timeout_s / 3
         while True:
             await asyncio.sleep(interval)
             try:
-                await self._store.extend_action_lease(
-                    action_id, lease_s=self._config.running_timeout_s, owner=self._owner
+                await self._store.extend_action_claim(
+                    action_id, claim_s=self._config.running_timeout_s, owner=self._owner
                 )
             except Exception as exc:
+                # The event's name predates calling a worker's hold on a row a claim.
                 log.warning("action_lease_extend_failed", action_id=action_id, error=str(exc))
 
     async def _retry_or_fail(

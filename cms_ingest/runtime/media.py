@@ -1,15 +1,15 @@
 """The media fetcher: downloads snapshots and clips once the device has them ready.
 
-Generic over vendors: it claims due `pending` rows (SKIP LOCKED, under a lease), asks the
-site's vendor client where the media stands, and then downloads, re-checks later, or
-settles the row. A row still not ready at its deadline becomes `failed` with the reason; a
-row the vendor has no media for becomes `unavailable`.
+Generic over vendors: run by the claim loop (`claims.py`), it claims due `pending` rows
+(SKIP LOCKED, for `CLAIM_S`), asks the site's vendor client where the media stands, and then
+downloads, re-checks later, or settles the row. A row still not ready at its deadline becomes
+`failed` with the reason; a row the vendor has no media for becomes `unavailable`.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -21,8 +21,8 @@ from cms_ingest.db.store import MediaJob, Store
 from cms_ingest.domain import MediaState
 from cms_ingest.mediafiles import MediaTooLarge, StoredFile, store_stream
 from cms_ingest.retry import RetryPolicy
+from cms_ingest.runtime.claims import ClaimTimings, ClaimWorker, DeadlinePassed, within
 from cms_ingest.runtime.sites import SiteRegistry, SiteRuntime
-from cms_ingest.runtime.tasks import wake_or_stop
 from cms_ingest.sitehttp import TransportError, UnsafeUrl
 from cms_ingest.vendors.base import MediaNotReady, MediaProbe, VendorError
 from cms_ingest.vendors.common import DESCRIPTION_LIMIT, clean_text
@@ -30,15 +30,17 @@ from cms_ingest.vendors.common import DESCRIPTION_LIMIT, clean_text
 log = structlog.get_logger("cms_ingest.media")
 
 
-class _StepTimedOut(Exception):
-    """A media status or download ran past its deadline: tried again later, like an error."""
-
-
-LEASE_S = 900.0  # longer than any download may take; a crashed worker's rows return after it
+CLAIM_S = 900.0  # longer than any download may take; a crashed worker's rows return after it
 IDLE_WAIT_S = 1.0
+# Shutdown: downloads in flight are abandoned at once (their rows are handed back untouched,
+# another worker starts them afresh); cancelled ones get this long to clean up.
+CANCEL_WAIT_S = 2.0
 
 
-class MediaFetcher:
+class MediaFetcher(ClaimWorker[MediaJob]):
+    """The media part of the claim loop: which rows to claim, and how one is fetched.
+    `wake()` when new media rows were committed."""
+
     def __init__(
         self,
         store: Store,
@@ -56,62 +58,21 @@ class MediaFetcher:
         self._policy = RetryPolicy(
             base=config.retry_base_s, factor=1.6, cap=config.retry_max_s, jitter=0.3
         )
-        self._wake = asyncio.Event()
-        self._inflight: dict[int, asyncio.Task[None]] = {}
         # Rows whose outcome could not be written (the database failed meanwhile): handed
-        # back as soon as it answers, instead of staying claimed for LEASE_S.
+        # back as soon as it answers, instead of staying claimed for CLAIM_S.
         self._unreleased: set[int] = set()
+        timings = ClaimTimings(
+            workers=config.workers,
+            idle_s=IDLE_WAIT_S,
+            stop_grace_s=0.0,
+            cancel_wait_s=CANCEL_WAIT_S,
+        )
+        super().__init__(name="media", timings=timings)
 
-    def wake(self) -> None:
-        """New media rows were committed: look now rather than at the next idle tick."""
-        self._wake.set()
+    # ------------------------------------------------------------------ ClaimedJobs
 
-    async def run(self, stop: asyncio.Event) -> None:
-        try:
-            while not stop.is_set():
-                await self._release_unrecorded()
-                free = self._config.workers - len(self._inflight)
-                jobs = await self._claim(free) if free > 0 else []
-                for job in jobs:
-                    task = asyncio.create_task(self._handle(job), name=f"media:{job.id}")
-                    self._inflight[job.id] = task
-                    task.add_done_callback(self._finished)
-                if not jobs or free <= len(jobs):
-                    # New rows, a free slot, shutdown, or the periodic look for due retries.
-                    await wake_or_stop(self._wake, stop, IDLE_WAIT_S)
-        finally:
-            await self._release_inflight()
-
-    async def _claim(self, limit: int) -> list[MediaJob]:
-        try:
-            return await self._store.claim_media(
-                limit=limit, lease_s=LEASE_S, site_ids=self._held()
-            )
-        except Exception as exc:
-            metrics.DB_ERRORS.labels(operation="claim_media").inc()
-            log.warning("media_claim_failed", error=str(exc))
-            return []
-
-    def _finished(self, task: asyncio.Task[None]) -> None:
-        media_id = int(task.get_name().split(":", 1)[1])
-        self._inflight.pop(media_id, None)
-        self._wake.set()  # a slot is free
-
-    async def _release_inflight(self) -> None:
-        """Shutdown: abandon downloads in flight and hand their rows back at once."""
-        tasks = dict(self._inflight)
-        for task in tasks.values():
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks.values(), timeout=2.0)
-            try:
-                await self._store.release_media(list(tasks))
-            except Exception as exc:
-                log.warning(
-                    "media_release_failed", error=str(exc), note="rows return after their lease"
-                )
-
-    async def _release_unrecorded(self) -> None:
+    async def before_claim(self) -> None:
+        """Hand back the rows whose outcome could not be written, once the database answers."""
         if not self._unreleased:
             return
         try:
@@ -121,23 +82,43 @@ class MediaFetcher:
         log.info("media_rows_handed_back", count=len(self._unreleased))
         self._unreleased.clear()
 
-    async def _handle(self, job: MediaJob) -> None:
+    async def claim(self, limit: int) -> list[MediaJob]:
         try:
-            await self._attempt(job)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # writing the outcome failed: the database, not the device
-            metrics.DB_ERRORS.labels(operation="media_outcome").inc()
-            log.warning(
-                "media_outcome_not_recorded",
-                site_id=job.site_id,
-                media_id=job.id,
-                error=str(exc),
-                note="the row is handed back and retried once the database answers",
+            return await self._store.claim_media(
+                limit=limit, claim_s=CLAIM_S, site_ids=self._held()
             )
-            self._unreleased.add(job.id)
+        except Exception as exc:
+            metrics.DB_ERRORS.labels(operation="claim_media").inc()
+            log.warning("media_claim_failed", error=str(exc))
+            return []
 
-    async def _attempt(self, job: MediaJob) -> None:
+    async def not_settled(self, job: MediaJob, error: Exception) -> None:
+        """Writing the outcome failed: the database, not the device."""
+        metrics.DB_ERRORS.labels(operation="media_outcome").inc()
+        log.warning(
+            "media_outcome_not_recorded",
+            site_id=job.site_id,
+            media_id=job.id,
+            error=str(error),
+            note="the row is handed back and retried once the database answers",
+        )
+        self._unreleased.add(job.id)
+
+    async def release(self, jobs: Sequence[MediaJob]) -> None:
+        """Shutdown: the downloads abandoned hand their rows back at once."""
+        try:
+            await self._store.release_media([job.id for job in jobs])
+        except Exception as exc:
+            log.warning(
+                "media_release_failed",
+                error=str(exc),
+                note="rows return when their claim runs out",
+            )
+
+    # ------------------------------------------------------------------ one row
+
+    async def run_one(self, job: MediaJob) -> None:
+        """Where the media stands, then download it, look again later, or settle the row."""
         site = self._sites.get(job.site_id)
         log_ = log.bind(
             site_id=job.site_id, media_id=job.id, alarm_id=job.alarm_id, kind=job.kind.value
@@ -163,7 +144,7 @@ class MediaFetcher:
                 await self._later(job, site, probe, f"not ready: {probe.detail}", "not_ready")
         except MediaNotReady as exc:
             await self._later(job, site, None, f"not ready: {exc}", "not_ready")
-        except _StepTimedOut as exc:
+        except DeadlinePassed as exc:
             await self._later(job, site, None, str(exc), "timeout")
         except MediaTooLarge as exc:
             await self._settle(job, MediaState.FAILED, str(exc), "too_large", site)
@@ -179,16 +160,9 @@ class MediaFetcher:
 
     async def _probe(self, job: MediaJob, site: SiteRuntime) -> MediaProbe:
         timeout_s = self._config.probe_timeout_s
-        guard = asyncio.timeout(timeout_s)
-        try:
-            async with guard:
-                return await site.client.media_status(job.kind, job.locator)
-        except TimeoutError:
-            if not guard.expired():
-                raise  # the client's own: a bug, reported as one
-            raise _StepTimedOut(
-                f"no media status within {timeout_s:g} s (media.probe_timeout_s)"
-            ) from None
+        passed = DeadlinePassed(f"no media status within {timeout_s:g} s (media.probe_timeout_s)")
+        async with within(timeout_s, passed):
+            return await site.client.media_status(job.kind, job.locator)
 
     async def _download(self, job: MediaJob, site: SiteRuntime, path: str) -> None:
         stored = await self._fetch_file(job, site, path)
@@ -207,32 +181,27 @@ class MediaFetcher:
         """The device's file, streamed to disk within media.download_timeout_s (a device
         that trickles bytes would otherwise hold a worker as long as it likes)."""
         timeout_s = self._config.download_timeout_s
-        guard = asyncio.timeout(timeout_s)
-        try:
-            async with guard, site.client.download(path) as download:
-                if (
-                    download.content_length is not None
-                    and download.content_length > self._config.max_bytes
-                ):
-                    raise MediaTooLarge(
-                        f"device announces {download.content_length} bytes, over the "
-                        f"{self._config.max_bytes}-byte cap (media.max_bytes)"
-                    )
-                return await store_stream(
-                    download.chunks,
-                    root=self._root,
-                    site_id=job.site_id,
-                    alarm_id=job.alarm_id,
-                    kind=job.kind.value,
-                    occurred_at=job.occurred_at,
-                    max_bytes=self._config.max_bytes,
+        passed = DeadlinePassed(
+            f"download not done within {timeout_s:g} s (media.download_timeout_s)"
+        )
+        async with within(timeout_s, passed), site.client.download(path) as download:
+            if (
+                download.content_length is not None
+                and download.content_length > self._config.max_bytes
+            ):
+                raise MediaTooLarge(
+                    f"device announces {download.content_length} bytes, over the "
+                    f"{self._config.max_bytes}-byte cap (media.max_bytes)"
                 )
-        except TimeoutError:
-            if not guard.expired():
-                raise
-            raise _StepTimedOut(
-                f"download not done within {timeout_s:g} s (media.download_timeout_s)"
-            ) from None
+            return await store_stream(
+                download.chunks,
+                root=self._root,
+                site_id=job.site_id,
+                alarm_id=job.alarm_id,
+                kind=job.kind.value,
+                occurred_at=job.occurred_at,
+                max_bytes=self._config.max_bytes,
+            )
 
     async def _later(
         self, job: MediaJob, site: SiteRuntime, probe: MediaProbe | None, note: str, outcome: str
