@@ -273,7 +273,11 @@ async def test_alarms_from_before_a_dst_change_keep_their_hour(
     assert [alarm.occurred_at for alarm in result.alarms] == [WINTER, SUMMER]
 
 
-@pytest.mark.parametrize("offset", ["local time", 2**63], ids=["text", "huge-number-fuzz"])
+@pytest.mark.parametrize(
+    "offset",
+    ["local time", 2**63, int("1" * 415)],
+    ids=["text", "huge-number-fuzz", "beyond-any-float-fuzz"],
+)
 async def test_an_unreadable_offset_is_reported_once_not_taken_silently(
     session: aiohttp.ClientSession, offset: Any
 ) -> None:

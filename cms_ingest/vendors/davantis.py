@@ -1007,7 +1007,10 @@ def installation_zone(value: Any) -> tzinfo | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, int | float):
-        return _numeric_offset(float(value))
+        try:
+            return _numeric_offset(float(value))
+        except OverflowError:  # an integer beyond any float: no offset at all
+            return None
     if not isinstance(value, str) or len(value) > CURSOR_TEXT_LIMIT:
         return None
     text = value.strip()
