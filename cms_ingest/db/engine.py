@@ -20,8 +20,6 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import URL, Connection, ExceptionContext, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-import cms_ingest
-
 MIGRATION_LOCK_KEY = 0x636D_7369  # "cmsi": one migrator at a time across daemons
 
 
@@ -220,7 +218,7 @@ async def embedded_postgres(data_dir: Path) -> AsyncIterator[str]:
 
 def migrations_dir() -> Path:
     """The alembic scripts: shipped inside the wheel, or the source tree's `migrations/`."""
-    package = Path(cms_ingest.__file__).resolve().parent
+    package = Path(__file__).resolve().parent.parent  # cms_ingest/, from cms_ingest/db/
     for candidate in (package / "_migrations", package.parent / "migrations"):
         if (candidate / "env.py").exists():
             return candidate

@@ -16,46 +16,24 @@ same daemon) never wait on each other in a cycle.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import datetime
 
 from sqlalchemy import delete, func, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from cms_ingest.db.schema import daemons, site_leases
+from cms_ingest.domain import Acquired, DaemonIdentity, Heartbeat, LeaseRow
 
-
-@dataclass(frozen=True, slots=True)
-class DaemonIdentity:
-    daemon_id: str
-    host: str
-    pid: int
-    boot_id: str
-    version: str
-
-
-@dataclass(frozen=True, slots=True)
-class Acquired:
-    site_id: str
-    epoch: int
-    previous_owner: str | None  # another daemon's id: a take-over after its lease expired
-
-
-@dataclass(frozen=True, slots=True)
-class Heartbeat:
-    renewed: dict[str, int]  # site_id -> epoch, of the leases still ours
-    live: list[str]  # the live daemons' ids, sorted (ours included)
-    server_started_at: datetime  # the database server's start: changes on restart or failover
-
-
-@dataclass(frozen=True, slots=True)
-class LeaseRow:
-    site_id: str
-    owner: str | None
-    epoch: int
-    expires_at: datetime
-    live: bool  # held by someone and not expired
+# The lease types live in the domain (the ports speak them); importers find them here as before.
+__all__ = [
+    "LEASES_CHANNEL",
+    "Acquired",
+    "DaemonIdentity",
+    "Heartbeat",
+    "LeaseRow",
+    "LeaseStore",
+    "fenced_sites",
+]
 
 
 def _held(lock: str) -> str:
@@ -134,6 +112,8 @@ async def fenced_sites(
 
 
 class LeaseStore:
+    """The PostgreSQL adapter of the `SiteLeases` port (`cms_ingest.storage_ports`)."""
+
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
 

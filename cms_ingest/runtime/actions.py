@@ -33,7 +33,6 @@ from cms_ingest.vendors.base import (
     InvalidAction,
     VendorError,
 )
-from cms_ingest.vendors.common import DESCRIPTION_LIMIT, clean_json, clean_text
 
 log = structlog.get_logger("cms_ingest.actions")
 
@@ -232,7 +231,6 @@ class ActionWorker:
             await self._fail(action, site, f"{error} (gave up after {action.attempts} attempts)")
             return
         delay = RETRY.delay(action.attempts)
-        error = clean_text(error, DESCRIPTION_LIMIT)
         await self._store.requeue_action(action.id, delay_s=delay, error=error)
         metrics.ACTIONS.labels(vendor=site.config.vendor, kind=action.kind, outcome="retried").inc()
         log.warning(
@@ -255,12 +253,12 @@ class ActionWorker:
         error: str | None = None,
         result: object = None,
     ) -> None:
-        # The error and the result may quote the device: stored only as PostgreSQL can.
+        # The error and the result may quote the device: the store cleans them.
         await self._store.finish_action(
             action.id,
             state,
-            error=None if error is None else clean_text(error, DESCRIPTION_LIMIT),
-            result=clean_json(result) if isinstance(result, dict) else None,
+            error=error,
+            result=result if isinstance(result, dict) else None,
         )
         vendor = site.config.vendor if site else "unknown"
         metrics.ACTIONS.labels(vendor=vendor, kind=action.kind, outcome=state.value).inc()

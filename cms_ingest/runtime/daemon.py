@@ -26,6 +26,7 @@ from cms_ingest.db.engine import MigrationNeeded, create_engine, embedded_postgr
 from cms_ingest.db.leases import LEASES_CHANNEL, LeaseStore
 from cms_ingest.db.notify import Listener
 from cms_ingest.db.store import Store
+from cms_ingest.domain import SiteLease
 from cms_ingest.retry import RetryPolicy
 from cms_ingest.runtime.actions import ActionWorker
 from cms_ingest.runtime.flood import FloodTracker
@@ -175,7 +176,12 @@ class Daemon:
             self.store, sites, root=self.config.data_dir / "media", config=self.config.media
         )
         actions = ActionWorker(self.store, sites, config=self.config.actions)
-        self._writer = AlarmWriter(self.store, on_media_added=media.wake)
+        self._writer = AlarmWriter(
+            self.store,
+            on_media_added=media.wake,
+            lease_of=self._lease_of,
+            media_deadline_of=self._media_deadline_of,
+        )
         self.keeper = LeaseKeeper(
             LeaseStore(self.store.engine), self.identity, self.config.lease_ttl, control=self
         )
@@ -196,6 +202,17 @@ class Daemon:
         self.supervisor.start("listener", listener.run)
         self.supervisor.start("housekeeping", self._housekeeping)
         self.supervisor.start("leases", keeper.run)
+
+    def _lease_of(self, site_id: str) -> SiteLease | None:
+        """The lease this daemon polls `site_id` under, None when it does not hold it. Read
+        from the lease keeper, which keeps a site until its poller has stopped."""
+        epoch = self.keeper.held.get(site_id) if self.keeper is not None else None
+        return None if epoch is None else SiteLease(self.identity.daemon_id, epoch)
+
+    def _media_deadline_of(self, site_id: str) -> float:
+        site = self.sites.get(site_id) if self.sites is not None else None
+        deadline = site.config.media_deadline_s if site is not None else None
+        return deadline or self.config.media.deadline_s
 
     # ------------------------------------------------------------------ sites (SiteControl)
 
@@ -235,7 +252,6 @@ class Daemon:
             site,
             self._writer,
             cursor=cursor,
-            media_deadline_s=site.config.media_deadline_s or self.config.media.deadline_s,
             supervision=Supervision(
                 site_id=site_id,
                 timeout_s=site.config.supervision_timeout,
@@ -250,7 +266,6 @@ class Daemon:
                 quiet_s=self.config.flood.quiet_s,
                 fetch_media=self.config.flood.fetch_media,
             ),
-            lease=(self.identity.daemon_id, epoch),
         )
         self.sites.owned[site_id] = epoch
         self.supervisor.start(f"poller:{site_id}", poller.run)

@@ -24,7 +24,6 @@ from cms_ingest.runtime.sites import SiteRegistry, SiteRuntime
 from cms_ingest.runtime.supervisor import wake_or_stop
 from cms_ingest.sitehttp import TransportError, UnsafeUrl
 from cms_ingest.vendors.base import MediaNotReady, MediaProbe, VendorError
-from cms_ingest.vendors.common import DESCRIPTION_LIMIT, clean_text
 
 log = structlog.get_logger("cms_ingest.media")
 
@@ -246,7 +245,6 @@ class MediaFetcher:
             return
         delay = self._policy.delay(job.attempts + 1)
         delay = min(delay, max(0.0, (job.deadline_at - now).total_seconds()))
-        note = clean_text(note, DESCRIPTION_LIMIT)  # it may quote the device
         locator = None
         if probe is not None and probe.remember:
             locator = {**job.locator, **probe.remember}
@@ -261,7 +259,6 @@ class MediaFetcher:
         outcome: str,
         site: SiteRuntime | None = None,
     ) -> None:
-        reason = clean_text(reason, DESCRIPTION_LIMIT)  # it may quote the device
         await self._store.media_final(job.id, state, reason)
         vendor = site.config.vendor if site else "unknown"
         metrics.MEDIA_FETCHES.labels(vendor=vendor, kind=job.kind.value, outcome=outcome).inc()

@@ -58,17 +58,13 @@ class SitePoller:
         writer: AlarmWriter,
         *,
         cursor: Mapping[str, Any] | None,
-        media_deadline_s: float,
         supervision: Supervision,
         flood: FloodTracker,
-        lease: tuple[str, int] | None = None,
     ) -> None:
         self._site = site
-        self._lease = lease
         self.fenced = False  # set when a commit was refused: the site is another daemon's now
         self._writer = writer
         self.cursor = cursor
-        self._media_deadline_s = media_deadline_s
         self._supervision = supervision
         self._flood = flood
         self._db_failing = False
@@ -170,8 +166,6 @@ class SitePoller:
             vendor=self._site.config.vendor,
             alarms=prioritized,
             cursor=cursor,
-            media_deadline_s=self._media_deadline_s,
-            lease=self._lease,
             problems=self._site.problems,
         )
         try:

@@ -24,12 +24,10 @@ from cms_ingest.logs import redact_text
 from cms_ingest.sitehttp import SiteHttp, TlsPolicy
 from cms_ingest.vendors import build_client
 from cms_ingest.vendors.base import VendorClient, VendorContext
-from cms_ingest.vendors.common import clean_text
 
 log = structlog.get_logger("cms_ingest.sites")
 
 
-ERROR_LIMIT = 1000  # characters of a site's last error kept in site_state
 SKEW_WARN_S = 30.0  # occurred_at stays the device's time; an operator should know it is off
 
 
@@ -133,7 +131,7 @@ class SiteHealthState:
 
     def failure(self, error: str) -> None:
         now = datetime.now(UTC)
-        error = clean_text(redact_text(error), ERROR_LIMIT)  # one bad string must not stop all
+        error = redact_text(error)  # the store cleans and cuts it where it is written
         if self.up is not False:
             self.failing_since = time.monotonic()
             log.warning("site_failing", site_id=self.site_id, vendor=self.vendor, error=error)
