@@ -20,6 +20,8 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import URL, Connection, ExceptionContext, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from cms_ingest.db.errors import raises_unavailable
+
 MIGRATION_LOCK_KEY = 0x636D_7369  # "cmsi": one migrator at a time across daemons
 
 
@@ -302,6 +304,7 @@ def _upgrade(connection: Connection) -> None:
         connection.commit()
 
 
+@raises_unavailable
 async def migrate(engine: AsyncEngine) -> None:
     """Apply every pending migration (safe when several daemons start at once).
 
@@ -317,6 +320,7 @@ def _current(connection: Connection) -> Any:
     return MigrationContext.configure(connection).get_current_revision()
 
 
+@raises_unavailable
 async def current_revision(engine: AsyncEngine) -> str | None:
     async with engine.connect() as connection:
         revision = await connection.run_sync(_current)

@@ -31,7 +31,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import distinct_on, insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from cms_ingest.db.errors import is_data_error
+from cms_ingest.db.errors import is_data_error, raises_unavailable
 from cms_ingest.db.leases import fenced_sites
 from cms_ingest.db.schema import actions, alarm_media, alarms, site_leases, site_state
 from cms_ingest.db.storable import (
@@ -78,20 +78,22 @@ __all__ = [
 
 class Store:
     """The daemon's database access, over one shared async engine: the PostgreSQL adapter of
-    the storage ports (`cms_ingest.storage_ports`). Every text and JSON value is
-    cleaned here before it is written."""
+    the storage ports (`cms_ingest.storage_ports`). Connection-level failures raise
+    `DatabaseUnavailable`; every text and JSON value is cleaned here before it is written."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
 
     # ------------------------------------------------------------------ health
 
+    @raises_unavailable
     async def ping(self) -> None:
         async with self.engine.connect() as connection:
             await connection.execute(text("SELECT 1"))
 
     # ------------------------------------------------------------------ cursors and polls
 
+    @raises_unavailable
     async def load_cursors(self, site_ids: Iterable[str]) -> dict[str, Mapping[str, Any] | None]:
         ids = list(site_ids)
         async with self.engine.connect() as connection:
@@ -103,6 +105,7 @@ class Store:
             found = {row.site_id: row.cursor for row in rows}
         return {site_id: found.get(site_id) for site_id in ids}
 
+    @raises_unavailable
     async def supervision_states(self, site_ids: Iterable[str]) -> dict[str, SupervisionState]:
         """Per site: its last successful poll, and its open outage (comm_lost source id and
         the start of the silence) when its newest comm_* alarm is a comm_lost."""
@@ -137,6 +140,7 @@ class Store:
             for site_id in ids
         }
 
+    @raises_unavailable
     async def commit_polls(
         self, commits: Sequence[PollCommit], terms: Mapping[str, CommitTerms]
     ) -> CommitResult:
@@ -200,6 +204,7 @@ class Store:
         )
         return inserted
 
+    @raises_unavailable
     async def record_health(self, reports: Sequence[SiteHealth]) -> None:
         """Last poll, last success and failures per site, batched (a few times a minute)."""
         if not reports:
@@ -236,6 +241,7 @@ class Store:
 
     # ------------------------------------------------------------------ media queue
 
+    @raises_unavailable
     async def claim_media(
         self, *, limit: int, lease_s: float, site_ids: Sequence[str] | None = None
     ) -> list[MediaJob]:
@@ -286,6 +292,7 @@ class Store:
             for row in rows
         ]
 
+    @raises_unavailable
     async def media_retry_later(
         self,
         media_id: int,
@@ -306,6 +313,7 @@ class Store:
             **changes,
         )
 
+    @raises_unavailable
     async def media_ready(
         self, media_id: int, *, path: str, content_type: str, size_bytes: int, sha256: str
     ) -> None:
@@ -321,6 +329,7 @@ class Store:
             claimed_until=None,
         )
 
+    @raises_unavailable
     async def media_final(self, media_id: int, state: MediaState, reason: str) -> None:
         """`unavailable` (the vendor has none) or `failed` (we gave up), with the reason."""
         await self._update_media(
@@ -331,6 +340,7 @@ class Store:
             claimed_until=None,
         )
 
+    @raises_unavailable
     async def release_media(self, media_ids: Sequence[int]) -> None:
         """Hand leased rows back untouched (shutdown): another worker may take them now."""
         if media_ids:
@@ -351,6 +361,7 @@ class Store:
 
     # ------------------------------------------------------------------ actions queue
 
+    @raises_unavailable
     async def enqueue_action(
         self,
         *,
@@ -376,6 +387,7 @@ class Store:
             )
             return int(result.scalar_one())
 
+    @raises_unavailable
     async def action_row(self, action_id: int) -> dict[str, Any] | None:
         async with self.engine.connect() as connection:
             row = (
@@ -383,6 +395,7 @@ class Store:
             ).first()
         return None if row is None else dict(row._mapping)
 
+    @raises_unavailable
     async def expire_actions(self) -> int:
         """Queued actions past `not_after` become `expired`: never fired late."""
         async with self.engine.begin() as connection:
@@ -401,6 +414,7 @@ class Store:
             )
             return int(result.rowcount)
 
+    @raises_unavailable
     async def stale_running_actions(self, site_ids: Sequence[str] | None = None) -> list[Action]:
         """Actions left `running` by a worker whose lease ran out (a crash, a kill)."""
         async with self.engine.connect() as connection:
@@ -415,6 +429,7 @@ class Store:
             ).all()
         return [_action(row._mapping) for row in rows]
 
+    @raises_unavailable
     async def claim_actions(
         self, *, limit: int, lease_s: float, owner: str, site_ids: Sequence[str] | None = None
     ) -> list[Action]:
@@ -447,6 +462,7 @@ class Store:
             rows = (await connection.execute(statement)).all()
         return [_action(row._mapping) for row in rows]
 
+    @raises_unavailable
     async def extend_action_lease(self, action_id: int, *, lease_s: float, owner: str) -> None:
         async with self.engine.begin() as connection:
             await connection.execute(
@@ -455,6 +471,7 @@ class Store:
                 .values(claimed_until=func.now() + _seconds(lease_s))
             )
 
+    @raises_unavailable
     async def finish_action(
         self,
         action_id: int,
@@ -488,6 +505,7 @@ class Store:
             )
             return bool(outcome.rowcount)
 
+    @raises_unavailable
     async def requeue_action(
         self,
         action_id: int,
@@ -517,6 +535,7 @@ class Store:
 
     # ------------------------------------------------------------------ observation
 
+    @raises_unavailable
     async def alarms_by_id(self, alarm_ids: Sequence[int]) -> list[dict[str, Any]]:
         async with self.engine.connect() as connection:
             rows = await connection.execute(
@@ -524,6 +543,7 @@ class Store:
             )
             return [dict(row._mapping) for row in rows]
 
+    @raises_unavailable
     async def media_changed_since(self, since: datetime) -> list[dict[str, Any]]:
         """Media rows settled (ready, unavailable, failed) after `since`, oldest first."""
         async with self.engine.connect() as connection:
@@ -534,6 +554,7 @@ class Store:
             )
             return [dict(row._mapping) for row in rows]
 
+    @raises_unavailable
     async def actions_finished_since(self, since: datetime) -> list[dict[str, Any]]:
         async with self.engine.connect() as connection:
             rows = await connection.execute(
@@ -541,6 +562,7 @@ class Store:
             )
             return [dict(row._mapping) for row in rows]
 
+    @raises_unavailable
     async def site_overview(self, site_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         """Per site, for `cms-ingest status`: health, last alarm, latency, backlogs."""
         ids = list(site_ids)
@@ -577,6 +599,7 @@ class Store:
                     )
         return overview
 
+    @raises_unavailable
     async def queue_depths(self) -> dict[str, int]:
         async with self.engine.connect() as connection:
             media = await connection.scalar(

@@ -21,6 +21,7 @@ import structlog
 
 from cms_ingest import metrics
 from cms_ingest.config import ActionsConfig
+from cms_ingest.db.errors import DatabaseUnavailable
 from cms_ingest.db.store import Store
 from cms_ingest.domain import Action, ActionState
 from cms_ingest.retry import RetryPolicy
@@ -73,7 +74,7 @@ class ActionWorker:
                 log.warning("actions_expired", count=expired)
             for action in await self._store.stale_running_actions(self._sites.owned_ids()):
                 await self._recover(action)
-        except Exception as exc:
+        except DatabaseUnavailable as exc:
             metrics.DB_ERRORS.labels(operation="action_sweep").inc()
             log.warning("action_sweep_failed", error=str(exc))
 
@@ -88,7 +89,7 @@ class ActionWorker:
                 owner=self._owner,
                 site_ids=self._sites.owned_ids(),
             )
-        except Exception as exc:
+        except DatabaseUnavailable as exc:
             metrics.DB_ERRORS.labels(operation="claim_actions").inc()
             log.warning("action_claim_failed", error=str(exc))
             return
@@ -215,7 +216,7 @@ class ActionWorker:
                 await self._store.extend_action_lease(
                     action_id, lease_s=self._config.running_timeout_s, owner=self._owner
                 )
-            except Exception as exc:
+            except DatabaseUnavailable as exc:
                 log.warning("action_lease_extend_failed", action_id=action_id, error=str(exc))
 
     async def _retry_or_fail(

@@ -23,6 +23,7 @@ from cms_ingest import metrics
 from cms_ingest.config import AppConfig, ConfigError, ConfigProblem, SiteConfig
 from cms_ingest.configcheck import load_checked
 from cms_ingest.db.engine import MigrationNeeded, create_engine, embedded_postgres, migrate
+from cms_ingest.db.errors import DatabaseUnavailable
 from cms_ingest.db.leases import LEASES_CHANNEL, LeaseStore
 from cms_ingest.db.notify import Listener
 from cms_ingest.db.store import Store
@@ -227,7 +228,7 @@ class Daemon:
         try:
             cursors = await self.store.load_cursors(ids)
             supervision = await self.store.supervision_states(ids)
-        except Exception as exc:
+        except DatabaseUnavailable as exc:
             metrics.DB_ERRORS.labels(operation="start_sites").inc()
             log.warning("sites_not_started", sites=len(ids), error=str(exc))
             return set()
@@ -287,7 +288,7 @@ class Daemon:
             metrics.forget_site(site_id)
         try:
             await self.store.record_health(snapshots)
-        except Exception as exc:
+        except DatabaseUnavailable as exc:
             log.warning("health_not_recorded", sites=len(snapshots), error=str(exc))
 
     # ------------------------------------------------------------------ reload (SIGHUP)
@@ -433,7 +434,7 @@ class Daemon:
                 log.info("database_reachable_again")
             self.readiness.database_ok = True
             self.readiness.reason = ""
-        except Exception as exc:
+        except DatabaseUnavailable as exc:
             metrics.DB_ERRORS.labels(operation="housekeeping").inc()
             if self.readiness.database_ok:
                 log.error("database_unreachable", error=str(exc))

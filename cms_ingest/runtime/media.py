@@ -16,6 +16,7 @@ import structlog
 
 from cms_ingest import metrics
 from cms_ingest.config import MediaConfig
+from cms_ingest.db.errors import DatabaseUnavailable
 from cms_ingest.db.store import MediaJob, Store
 from cms_ingest.domain import MediaState
 from cms_ingest.retry import RetryPolicy
@@ -78,7 +79,7 @@ class MediaFetcher:
             return await self._store.claim_media(
                 limit=limit, lease_s=LEASE_S, site_ids=self._sites.owned_ids()
             )
-        except Exception as exc:
+        except DatabaseUnavailable as exc:
             metrics.DB_ERRORS.labels(operation="claim_media").inc()
             log.warning("media_claim_failed", error=str(exc))
             return []
@@ -97,7 +98,7 @@ class MediaFetcher:
             await asyncio.wait(tasks.values(), timeout=2.0)
             try:
                 await self._store.release_media(list(tasks))
-            except Exception as exc:
+            except DatabaseUnavailable as exc:
                 log.warning(
                     "media_release_failed", error=str(exc), note="rows return after their lease"
                 )
@@ -107,7 +108,7 @@ class MediaFetcher:
             return
         try:
             await self._store.release_media(sorted(self._unreleased))
-        except Exception:
+        except DatabaseUnavailable:
             return  # still down: next turn
         log.info("media_rows_handed_back", count=len(self._unreleased))
         self._unreleased.clear()
@@ -117,7 +118,7 @@ class MediaFetcher:
             await self._attempt(job)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # writing the outcome failed: the database, not the device
+        except DatabaseUnavailable as exc:  # writing the outcome failed: the database
             metrics.DB_ERRORS.labels(operation="media_outcome").inc()
             log.warning(
                 "media_outcome_not_recorded",

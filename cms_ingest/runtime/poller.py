@@ -20,6 +20,7 @@ from typing import Any
 import structlog
 
 from cms_ingest import metrics
+from cms_ingest.db.errors import DatabaseUnavailable
 from cms_ingest.db.store import PollCommit, stored_source_id
 from cms_ingest.domain import Alarm
 from cms_ingest.retry import RetryPolicy
@@ -178,7 +179,7 @@ class SitePoller:
                 note="another daemon holds this site now; it resumes from the committed cursor",
             )
             return False
-        except Exception as exc:
+        except DatabaseUnavailable as exc:
             # The database, not the site, failed: keep the cursor, poll the same range again.
             metrics.POLLS.labels(**self._labels, outcome="db_error").inc()
             if not self._db_failing:
