@@ -131,6 +131,6 @@ def test_which_driver_errors_mean_the_database_is_unavailable(
 ) -> None:
     assert is_connection_failure(error) is unavailable
     # As SQLAlchemy hands them over: wrapped, the driver's error as `orig` and the cause.
-    wrapped = sqlalchemy.exc.DBAPIError("SELECT 1", None, error)  # type: ignore[arg-type]
+    wrapped = sqlalchemy.exc.DBAPIError("SELECT 1", None, error)
     wrapped.__cause__ = error
     assert is_connection_failure(wrapped) is unavailable

@@ -8,6 +8,7 @@ stored expiry and due time `s` seconds into the past, which is the same as the c
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import asyncpg
 import pytest
 from sqlalchemy import text
 
+from cms_ingest import storage_ports
 from cms_ingest.db.engine import create_engine, plain_url
 from cms_ingest.db.errors import DatabaseUnavailable, is_data_error
 from cms_ingest.db.leases import LeaseStore
@@ -598,6 +600,44 @@ async def test_leaving_and_dead_daemons_free_their_leases_at_once(h: Harness) ->
     assert not rows["l1"].live and not rows["l2"].live
     assert (await h.leases.heartbeat(_me("C", host="h2", pid=13), 30, {})).live == ["C"]
     await h.leases.announce("C")
+
+
+# ---------------------------------------------------------------------- the ports' shape
+
+_PORTS = [
+    storage_ports.PollCommits,
+    storage_ports.MediaQueue,
+    storage_ports.ActionQueue,
+    storage_ports.ActionRequests,
+    storage_ports.SiteHealthRecords,
+    storage_ports.SiteLeases,
+]
+
+
+def _shape(method: Any) -> list[tuple[str, Any, Any]]:
+    parameters = inspect.signature(method).parameters.values()
+    return [(p.name, p.kind, p.default) for p in parameters if p.name != "self"]
+
+
+@pytest.mark.parametrize("adapter", [Store, LeaseStore, MemoryStorage], ids=lambda a: a.__name__)
+def test_each_adapter_takes_every_port_method_as_the_port_declares_it(adapter: type) -> None:
+    ports = [port for port in _PORTS if adapter is MemoryStorage or _serves(adapter, port)]
+    assert ports, f"{adapter.__name__} implements no port"
+    for port in ports:
+        for name in _port_methods(port):
+            implemented = getattr(adapter, name, None)
+            assert implemented is not None, f"{adapter.__name__} lacks {port.__name__}.{name}"
+            assert inspect.iscoroutinefunction(implemented), name
+            assert _shape(implemented) == _shape(getattr(port, name)), name
+
+
+def _port_methods(port: type) -> list[str]:
+    return [name for name in vars(port) if not name.startswith("_")]
+
+
+def _serves(adapter: type, port: type) -> bool:
+    """PostgreSQL splits the ports between Store and LeaseStore."""
+    return (port is storage_ports.SiteLeases) == (adapter is LeaseStore)
 
 
 # ---------------------------------------------------------------------- memory only
