@@ -8,10 +8,12 @@ it can be read (and tested) on its own.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+import math
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 
 class EventType(enum.StrEnum):
@@ -159,3 +161,161 @@ class ActionResult:
     """What the device answered to an action that it accepted."""
 
     result: Mapping[str, Any]
+
+
+# ---------------------------------------------------------------------- storable text and JSON
+# PostgreSQL refuses NUL and lone surrogates in text and jsonb, NaN and Infinity in jsonb, and
+# Python will not even serialize an integer of thousands of digits. The store cleans every value
+# it writes with these (once, where rows are built); vendors use them on what they keep in their
+# cursors.
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+REPLACEMENT = "\ufffd"
+# Length caps for device strings stored in columns (raw JSON strings get RAW_TEXT_LIMIT).
+ID_LIMIT = 256
+NAME_LIMIT = 512
+DESCRIPTION_LIMIT = 2048
+RAW_TEXT_LIMIT = 8192
+MAX_JSON_DEPTH = 64  # real device answers nest a handful of levels
+# Integers in stored JSON: jsonb takes far more than 64 bits, but Python will not print an
+# integer of over 4300 digits (json.dumps raises) and jsonb's numeric has its own ceiling.
+MAX_JSON_INT_BITS = 1024
+
+
+def clean_text(value: str, limit: int) -> str:
+    """A device string as PostgreSQL can store it: NUL and lone surrogates become U+FFFD, and
+    at most `limit` characters (a longer one is cut and ends with "…")."""
+    if len(value) > limit:
+        value = value[: limit - 1] + "…"
+    return _UNSTORABLE.sub(REPLACEMENT, value)
+
+
+def clean_json(value: Any, *, depth: int = MAX_JSON_DEPTH) -> Any:
+    """Device JSON made storable as `jsonb`: strings (keys too) cleaned, non-finite numbers
+    and integers of over MAX_JSON_INT_BITS bits None, containers nested past `depth` levels
+    dropped (None)."""
+    if isinstance(value, str):
+        return clean_text(value, RAW_TEXT_LIMIT)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, int) and value.bit_length() > MAX_JSON_INT_BITS:
+        return None
+    if isinstance(value, dict):
+        if depth <= 0:
+            return None
+        return {
+            clean_text(str(key), ID_LIMIT): clean_json(item, depth=depth - 1)
+            for key, item in value.items()
+        }
+    if isinstance(value, list | tuple):
+        if depth <= 0:
+            return None
+        return [clean_json(item, depth=depth - 1) for item in value]
+    return value
+
+
+# ---------------------------------------------------------------------- storage vocabulary
+# What the runtime and the storage ports (`cms_ingest.storage_ports`) exchange. Both adapters
+# (`db.store`/`db.leases` over PostgreSQL, `db.memory` in memory) speak it.
+
+
+class BadInputReporter(Protocol):
+    """Where the store reports a device value it had to change to store it (the site's
+    `ProblemReporter` satisfies it)."""
+
+    def bad_input(self, what: str, detail: str) -> None: ...
+
+
+class SiteLease(NamedTuple):
+    """The lease a site is polled under: the holding daemon and the lease's epoch."""
+
+    owner: str
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class PollCommit:
+    """One site's poll outcome to persist: its alarms and the cursor after them."""
+
+    site_id: str
+    vendor: str
+    alarms: Sequence[Alarm]
+    cursor: Mapping[str, Any] | None  # None: the site has no cursor yet (leave it so)
+    # Where a value the database cannot take is reported (the site's bad-input reporter).
+    problems: BadInputReporter | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CommitTerms:
+    """What one site's commit is made under, known where commits are made (the alarm
+    writer), not carried by every poll result."""
+
+    media_deadline_s: float  # its media rows are given up this long after the alarm is stored
+    lease: SiteLease | None = None  # the lease its poll ran under; None: not fenced (tools)
+
+
+@dataclass(frozen=True, slots=True)
+class InsertedAlarm:
+    id: int
+    site_id: str
+    source_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class CommitResult:
+    inserted: list[InsertedAlarm]
+    fenced: set[str]  # sites whose lease was lost: nothing of theirs was written
+
+
+@dataclass(frozen=True, slots=True)
+class MediaJob:
+    id: int
+    alarm_id: int
+    site_id: str
+    kind: MediaKind
+    locator: Mapping[str, Any]
+    attempts: int
+    deadline_at: datetime
+    occurred_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class SiteHealth:
+    site_id: str
+    vendor: str
+    last_poll_at: datetime
+    last_success_at: datetime | None
+    consecutive_failures: int
+    last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonIdentity:
+    daemon_id: str
+    host: str
+    pid: int
+    boot_id: str
+    version: str
+
+
+@dataclass(frozen=True, slots=True)
+class Acquired:
+    site_id: str
+    epoch: int
+    previous_owner: str | None  # another daemon's id: a take-over after its lease expired
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    renewed: dict[str, int]  # site_id -> epoch, of the leases still ours
+    live: list[str]  # the live daemons' ids, sorted (ours included)
+    server_started_at: datetime  # the database server's start: changes on restart or failover
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRow:
+    site_id: str
+    owner: str | None
+    epoch: int
+    expires_at: datetime
+    live: bool  # held by someone and not expired

@@ -42,8 +42,8 @@ from sqlalchemy.engine import make_url
 
 from cms_ingest.db.engine import create_engine, plain_url
 from cms_ingest.db.leases import DaemonIdentity, LeaseStore
-from cms_ingest.db.store import PollCommit, Store
-from cms_ingest.domain import Alarm, EventType
+from cms_ingest.db.store import CommitTerms, PollCommit, Store
+from cms_ingest.domain import Alarm, EventType, SiteLease
 from cms_ingest.runtime.leases import fair_share
 from cms_ingest.simulators.davantis import DavantisSimulator, DavantisSite
 from tests.conftest import eventually
@@ -100,9 +100,12 @@ def _poll(site_id: str, ids: Iterable[int], lease: tuple[str, int]) -> PollCommi
         vendor="davantis",
         alarms=[_alarm(site_id, i) for i in ids],
         cursor={"last_id": max(ids)},
-        media_deadline_s=60.0,
-        lease=lease,
     )
+
+
+def _terms(**leases: tuple[str, int]) -> dict[str, CommitTerms]:
+    """Each site's commit terms: the lease (owner, epoch) its poll ran under."""
+    return {site: CommitTerms(60.0, SiteLease(*lease)) for site, lease in leases.items()}
 
 
 async def _stored(db: asyncpg.Connection, site_id: str) -> list[int]:
@@ -127,7 +130,7 @@ async def test_commit_under_a_lost_lease_is_refused_and_writes_nothing(
     [x1] = await leases.acquire("X", 30, ["f1"], 1)
     assert (x1.site_id, x1.previous_owner) == ("f1", None)
     e = x1.epoch
-    first = await store.commit_polls([_poll("f1", [1], ("X", e))])
+    first = await store.commit_polls([_poll("f1", [1], ("X", e))], _terms(f1=("X", e)))
     assert first.fenced == set() and [a.source_id for a in first.inserted] == ["1"]
 
     # X is declared gone (as after its lease_ttl); Y takes the site over at e + 1.
@@ -136,17 +139,17 @@ async def test_commit_under_a_lost_lease_is_refused_and_writes_nothing(
     assert (y1.site_id, y1.epoch, y1.previous_owner) == ("f1", e + 1, "X")
 
     # X, back from a pause, commits what it polled meanwhile: refused, nothing written.
-    stale = await store.commit_polls([_poll("f1", [2, 3], ("X", e))])
+    stale = await store.commit_polls([_poll("f1", [2, 3], ("X", e))], _terms(f1=("X", e)))
     assert stale.fenced == {"f1"} and stale.inserted == []
     assert await _stored(db, "f1") == [1]
     assert await _cursor(db, "f1") == {"last_id": 1}, "a fenced commit moved the cursor"
 
     # The epoch is checked, not only the owner: Y at X's old epoch is refused too.
-    wrong_epoch = await store.commit_polls([_poll("f1", [2], ("Y", e))])
+    wrong_epoch = await store.commit_polls([_poll("f1", [2], ("Y", e))], _terms(f1=("Y", e)))
     assert wrong_epoch.fenced == {"f1"} and wrong_epoch.inserted == []
 
     # Y, the holder, at e + 1: lands.
-    fresh = await store.commit_polls([_poll("f1", [2, 3], ("Y", e + 1))])
+    fresh = await store.commit_polls([_poll("f1", [2, 3], ("Y", e + 1))], _terms(f1=("Y", e + 1)))
     assert fresh.fenced == set() and sorted(a.source_id for a in fresh.inserted) == ["2", "3"]
     assert await _stored(db, "f1") == [1, 2, 3]
     assert await _cursor(db, "f1") == {"last_id": 3}
@@ -155,7 +158,8 @@ async def test_commit_under_a_lost_lease_is_refused_and_writes_nothing(
     # while its valid f2 commits.
     [x2] = await leases.acquire("X", 30, ["f2"], 1)
     mixed = await store.commit_polls(
-        [_poll("f1", [4], ("X", e)), _poll("f2", [1], ("X", x2.epoch))]
+        [_poll("f1", [4], ("X", e)), _poll("f2", [1], ("X", x2.epoch))],
+        _terms(f1=("X", e), f2=("X", x2.epoch)),
     )
     assert mixed.fenced == {"f1"}
     assert [(a.site_id, a.source_id) for a in mixed.inserted] == [("f2", "1")]

@@ -77,7 +77,7 @@ async def test_inserts_are_announced(database_url: str) -> None:
 async def test_media_lease_of_a_dead_worker_is_taken_back(
     store: object, db: asyncpg.Connection
 ) -> None:
-    from cms_ingest.db.store import PollCommit, Store
+    from cms_ingest.db.store import CommitTerms, PollCommit, Store
     from cms_ingest.domain import Alarm, EventType, MediaKind, MediaRequest
 
     assert isinstance(store, Store)
@@ -93,7 +93,8 @@ async def test_media_lease_of_a_dead_worker_is_taken_back(
         occurred_at=datetime.now(UTC),
         media=(MediaRequest(MediaKind.SNAPSHOT, {"alarm_id": 1}),),
     )
-    await store.commit_polls([PollCommit("s", "davantis", [alarm], {"last_id": 1}, 60.0)])
+    terms = {"s": CommitTerms(media_deadline_s=60.0)}
+    await store.commit_polls([PollCommit("s", "davantis", [alarm], {"last_id": 1})], terms)
     first = await store.claim_media(limit=10, claim_s=0.3)
     assert len(first) == 1
     assert await store.claim_media(limit=10, claim_s=0.3) == []  # claimed: nobody else gets it
@@ -101,6 +102,6 @@ async def test_media_lease_of_a_dead_worker_is_taken_back(
     again = await store.claim_media(limit=10, claim_s=0.3)
     assert [job.id for job in again] == [first[0].id]
     # A replayed poll changes nothing: one alarm, one media row, the cursor as committed.
-    await store.commit_polls([PollCommit("s", "davantis", [alarm], {"last_id": 1}, 60.0)])
+    await store.commit_polls([PollCommit("s", "davantis", [alarm], {"last_id": 1})], terms)
     assert await db.fetchval("SELECT count(*) FROM alarms") == 1
     assert await db.fetchval("SELECT count(*) FROM alarm_media") == 1

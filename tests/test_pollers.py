@@ -27,6 +27,7 @@ from cms_ingest.configcheck import load_checked
 from cms_ingest.db.engine import create_engine
 from cms_ingest.db.leases import DaemonIdentity, LeaseStore
 from cms_ingest.db.store import Store
+from cms_ingest.domain import SiteLease
 from cms_ingest.runtime.leases import LeaseKeeper
 from cms_ingest.runtime.pollers import PollerSet
 from cms_ingest.runtime.reload import ConfigReloader
@@ -94,7 +95,15 @@ async def node(name: str, database_url: str, config: AppConfig) -> AsyncIterator
     store = Store(create_engine(database_url, pool_size=2))
     tasks = TaskSupervisor()
     sites = SiteRegistry(config, session)
-    writer = AlarmWriter(store)
+
+    # As the daemon wires them: the writer commits under the leases the poller set holds.
+    def lease_of(site_id: str) -> SiteLease | None:
+        return pollers.lease_of(site_id)
+
+    def media_deadline_of(site_id: str) -> float:
+        return pollers.media_deadline_of(site_id)
+
+    writer = AlarmWriter(store, lease_of=lease_of, media_deadline_of=media_deadline_of)
     pollers = PollerSet(
         tasks,
         sites,
@@ -212,7 +221,7 @@ async def test_a_site_whose_stored_state_cannot_be_read_is_not_started(
                 d1.tasks,
                 d1.sites,
                 broken,
-                AlarmWriter(broken),
+                AlarmWriter(broken, media_deadline_of=lambda _site: 60.0),
                 daemon_id="d1",
                 media_deadline_s=60.0,
                 flood=config.flood,

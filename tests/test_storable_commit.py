@@ -52,7 +52,6 @@ def _commit(
         vendor="exacq",
         alarms=alarms,
         cursor=cursor,
-        media_deadline_s=60.0,
         problems=problems,
     )
 
@@ -60,7 +59,7 @@ def _commit(
 @pytest.fixture
 async def writer(store: Store) -> AsyncIterator[AlarmWriter]:
     # Long enough a gathering window that two commits handed over together share one batch.
-    writer = AlarmWriter(store, max_wait_s=0.5)
+    writer = AlarmWriter(store, max_wait_s=0.5, media_deadline_of=lambda _site: 60.0)
     stop = asyncio.Event()
     task = asyncio.create_task(writer.run(stop))
     yield writer

@@ -20,7 +20,7 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import URL, Connection, ExceptionContext, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-import cms_ingest
+from cms_ingest.db.errors import raises_unavailable
 
 MIGRATION_LOCK_KEY = 0x636D_7369  # "cmsi": one migrator at a time across daemons
 
@@ -220,7 +220,7 @@ async def embedded_postgres(data_dir: Path) -> AsyncIterator[str]:
 
 def migrations_dir() -> Path:
     """The alembic scripts: shipped inside the wheel, or the source tree's `migrations/`."""
-    package = Path(cms_ingest.__file__).resolve().parent
+    package = Path(__file__).resolve().parent.parent  # cms_ingest/, from cms_ingest/db/
     for candidate in (package / "_migrations", package.parent / "migrations"):
         if (candidate / "env.py").exists():
             return candidate
@@ -304,6 +304,7 @@ def _upgrade(connection: Connection) -> None:
         connection.commit()
 
 
+@raises_unavailable
 async def migrate(engine: AsyncEngine) -> None:
     """Apply every pending migration (safe when several daemons start at once).
 
@@ -319,6 +320,7 @@ def _current(connection: Connection) -> Any:
     return MigrationContext.configure(connection).get_current_revision()
 
 
+@raises_unavailable
 async def current_revision(engine: AsyncEngine) -> str | None:
     async with engine.connect() as connection:
         revision = await connection.run_sync(_current)

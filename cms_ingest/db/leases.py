@@ -16,46 +16,25 @@ same daemon) never wait on each other in a cycle.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import datetime
 
 from sqlalchemy import delete, func, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from cms_ingest.db.errors import raises_unavailable
 from cms_ingest.db.schema import daemons, site_leases
+from cms_ingest.domain import Acquired, DaemonIdentity, Heartbeat, LeaseRow
 
-
-@dataclass(frozen=True, slots=True)
-class DaemonIdentity:
-    daemon_id: str
-    host: str
-    pid: int
-    boot_id: str
-    version: str
-
-
-@dataclass(frozen=True, slots=True)
-class Acquired:
-    site_id: str
-    epoch: int
-    previous_owner: str | None  # another daemon's id: a take-over after its lease expired
-
-
-@dataclass(frozen=True, slots=True)
-class Heartbeat:
-    renewed: dict[str, int]  # site_id -> epoch, of the leases still ours
-    live: list[str]  # the live daemons' ids, sorted (ours included)
-    server_started_at: datetime  # the database server's start: changes on restart or failover
-
-
-@dataclass(frozen=True, slots=True)
-class LeaseRow:
-    site_id: str
-    owner: str | None
-    epoch: int
-    expires_at: datetime
-    live: bool  # held by someone and not expired
+# The lease types live in the domain (the ports speak them); importers find them here as before.
+__all__ = [
+    "LEASES_CHANNEL",
+    "Acquired",
+    "DaemonIdentity",
+    "Heartbeat",
+    "LeaseRow",
+    "LeaseStore",
+    "fenced_sites",
+]
 
 
 def _held(lock: str) -> str:
@@ -134,9 +113,12 @@ async def fenced_sites(
 
 
 class LeaseStore:
+    """The PostgreSQL adapter of the `SiteLeases` port (`cms_ingest.storage_ports`)."""
+
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
 
+    @raises_unavailable
     async def ensure_sites(self, site_ids: Iterable[str]) -> None:
         """A lease row for every configured site (free until someone takes it)."""
         rows = [{"site_id": site_id} for site_id in site_ids]
@@ -147,6 +129,7 @@ class LeaseStore:
                 insert(site_leases).on_conflict_do_nothing(index_elements=["site_id"]), rows
             )
 
+    @raises_unavailable
     async def heartbeat(
         self, me: DaemonIdentity, ttl_s: float, held: Mapping[str, int]
     ) -> Heartbeat:
@@ -191,6 +174,7 @@ class LeaseStore:
             ).scalar_one()
             return Heartbeat(renewed=renewed, live=live_ids, server_started_at=started)
 
+    @raises_unavailable
     async def acquire(
         self, me: str, ttl_s: float, candidates: Sequence[str], limit: int
     ) -> list[Acquired]:
@@ -212,6 +196,7 @@ class LeaseStore:
                 for row in rows
             ]
 
+    @raises_unavailable
     async def release(
         self, me: str, leases: Mapping[str, int], *, leaving: bool = False
     ) -> set[str]:
@@ -230,11 +215,13 @@ class LeaseStore:
             await connection.execute(text("SELECT pg_notify(:channel, :me)"), _notice(me))
             return released
 
+    @raises_unavailable
     async def announce(self, me: str) -> None:
         """Tell the other daemons (LISTEN cms_leases) to look at the sites' split now."""
         async with self.engine.begin() as connection:
             await connection.execute(text("SELECT pg_notify(:channel, :me)"), _notice(me))
 
+    @raises_unavailable
     async def local_daemons(self, host: str, boot_id: str) -> list[tuple[str, int]]:
         """Live daemons recorded on this very machine (same host name and boot): id, pid."""
         async with self.engine.connect() as connection:
@@ -247,6 +234,7 @@ class LeaseStore:
             )
             return [(row.daemon_id, row.pid) for row in rows]
 
+    @raises_unavailable
     async def expire_daemons(self, daemon_ids: Sequence[str]) -> int:
         """Declare daemons dead now (their process is known gone): their leases expire at
         once instead of after lease_ttl. Returns how many leases that freed."""
@@ -264,6 +252,7 @@ class LeaseStore:
             )
             return int(result.rowcount)
 
+    @raises_unavailable
     async def lease_rows(self, site_ids: Sequence[str]) -> dict[str, LeaseRow]:
         async with self.engine.connect() as connection:
             rows = await connection.execute(

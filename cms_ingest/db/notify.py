@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -12,11 +13,9 @@ import structlog
 from sqlalchemy.engine import make_url
 
 from cms_ingest.db.engine import plain_url
-from cms_ingest.retry import RetryPolicy
 
 log = structlog.get_logger("cms_ingest.notify")
 
-RECONNECT = RetryPolicy(base=1.0, factor=2.0, cap=30.0, jitter=0.3)
 APPLICATION_NAME = "cms-ingest-listen"  # its row in pg_stat_activity
 PROBE_INTERVAL_S = 5.0  # how often an idle LISTEN connection proves it is still useful
 # What losing or not finding the server raises: OSError (refused, reset), PostgresError
@@ -31,6 +30,15 @@ CONNECTION_ERRORS = (
     asyncpg.InternalClientError,
 )
 _PRIMARY_ONLY = ("read-write", "primary")
+
+
+def reconnect_delay(failures: int) -> float:
+    """Seconds before reconnecting after `failures` failed connections in a row: doubling from
+    1 s up to 30 s, minus up to 30 % at random so daemons that lost the server together do
+    not all come back at once. (The rest of the daemon uses `cms_ingest.retry`; `db` imports
+    nothing of ours but the domain.)"""
+    ceiling = min(30.0, 2.0 ** min(failures - 1, 5))
+    return ceiling * (1.0 - 0.3 * random.random())
 
 
 class NotPrimary(Exception):
@@ -72,7 +80,7 @@ class Listener:
             if stop.is_set():
                 return
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=RECONNECT.delay(failures or 1))
+                await asyncio.wait_for(stop.wait(), timeout=reconnect_delay(failures or 1))
 
     async def _listen(self, stop: asyncio.Event) -> None:
         connection: asyncpg.Connection = await asyncpg.connect(

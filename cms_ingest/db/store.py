@@ -10,14 +10,10 @@ The guarantees live here:
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
-import asyncpg
 from sqlalchemy import (
     ARRAY,
     Text,
@@ -35,93 +31,69 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import distinct_on, insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from cms_ingest.db.errors import is_data_error, raises_unavailable
 from cms_ingest.db.leases import fenced_sites
 from cms_ingest.db.schema import actions, alarm_media, alarms, site_leases, site_state
+from cms_ingest.db.storable import (
+    degraded_commit,
+    storable_commit,
+    storable_health,
+    storable_json,
+    storable_note,
+    storable_result,
+    stored_source_id,
+)
 from cms_ingest.domain import (
     Action,
     ActionState,
     Alarm,
     CommHistory,
+    CommitResult,
+    CommitTerms,
+    InsertedAlarm,
+    MediaJob,
     MediaKind,
     MediaState,
     OpenOutage,
-)
-from cms_ingest.vendors.base import ProblemReporter
-from cms_ingest.vendors.common import (
-    DESCRIPTION_LIMIT,
-    ID_LIMIT,
-    NAME_LIMIT,
-    RAW_TEXT_LIMIT,
-    clean_json,
-    clean_text,
-    storable,
+    PollCommit,
+    SiteHealth,
 )
 
-
-@dataclass(frozen=True, slots=True)
-class PollCommit:
-    """One site's poll outcome to persist: its alarms and the cursor after them."""
-
-    site_id: str
-    vendor: str
-    alarms: Sequence[Alarm]
-    cursor: Mapping[str, Any] | None  # None: the site has no cursor yet (leave it so)
-    media_deadline_s: float
-    # The lease this poll ran under (daemon id, epoch); None only outside a daemon (tools).
-    lease: tuple[str, int] | None = None
-    # Where a value the database cannot take is reported (the site's bad-input reporter).
-    problems: ProblemReporter | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class InsertedAlarm:
-    id: int
-    site_id: str
-    source_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class CommitResult:
-    inserted: list[InsertedAlarm]
-    fenced: set[str]  # sites whose lease was lost: nothing of theirs was written
-
-
-@dataclass(frozen=True, slots=True)
-class MediaJob:
-    id: int
-    alarm_id: int
-    site_id: str
-    kind: MediaKind
-    locator: Mapping[str, Any]
-    attempts: int
-    deadline_at: datetime
-    occurred_at: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class SiteHealth:
-    site_id: str
-    vendor: str
-    last_poll_at: datetime
-    last_success_at: datetime | None
-    consecutive_failures: int
-    last_error: str | None
+# The poll and queue types live in the domain (the ports speak them); the cleaning helpers in
+# `db.storable`. Importers of this module find them here as before.
+__all__ = [
+    "CommitResult",
+    "CommitTerms",
+    "InsertedAlarm",
+    "MediaJob",
+    "PollCommit",
+    "SiteHealth",
+    "Store",
+    "degraded_commit",
+    "is_data_error",
+    "storable_commit",
+    "stored_source_id",
+]
 
 
 class Store:
-    """The daemon's database access, over one shared async engine."""
+    """The daemon's database access, over one shared async engine: the PostgreSQL adapter of
+    the storage ports (`cms_ingest.storage_ports`). Connection-level failures raise
+    `DatabaseUnavailable`; every text and JSON value is cleaned here before it is written."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
 
     # ------------------------------------------------------------------ health
 
+    @raises_unavailable
     async def ping(self) -> None:
         async with self.engine.connect() as connection:
             await connection.execute(text("SELECT 1"))
 
     # ------------------------------------------------------------------ cursors and polls
 
+    @raises_unavailable
     async def load_cursors(self, site_ids: Iterable[str]) -> dict[str, Mapping[str, Any] | None]:
         ids = list(site_ids)
         async with self.engine.connect() as connection:
@@ -133,6 +105,7 @@ class Store:
             found = {row.site_id: row.cursor for row in rows}
         return {site_id: found.get(site_id) for site_id in ids}
 
+    @raises_unavailable
     async def supervision_states(self, site_ids: Iterable[str]) -> dict[str, CommHistory]:
         """Per site: its last successful poll, and its open outage (comm_lost source id and
         the start of the silence) when its newest comm_* alarm is a comm_lost."""
@@ -166,20 +139,28 @@ class Store:
             site_id: CommHistory(successes.get(site_id), outages.get(site_id)) for site_id in ids
         }
 
-    async def commit_polls(self, commits: Sequence[PollCommit]) -> CommitResult:
+    @raises_unavailable
+    async def commit_polls(
+        self, commits: Sequence[PollCommit], terms: Mapping[str, CommitTerms]
+    ) -> CommitResult:
         """Alarms, media rows and cursors of several sites in one transaction; the commits of
-        sites whose lease is no longer held at the commit's epoch are left out (fencing).
+        sites whose lease (in `terms`, per site) is no longer held at its epoch are left out
+        (fencing). Every site of `commits` has its terms.
 
         Everything is made storable first (`storable_commit`), here and nowhere else, so no
         device value can fail the transaction that other sites share."""
         commits = [storable_commit(commit) for commit in commits]
         async with self.engine.begin() as connection:
-            fenced = await _fence(connection, commits)
+            fenced = await _fence(connection, commits, terms)
             admitted = [commit for commit in commits if commit.site_id not in fenced]
-            return CommitResult(await self._commit_polls(connection, admitted), fenced)
+            inserted = await self._commit_polls(connection, admitted, terms)
+            return CommitResult(inserted, fenced)
 
     async def _commit_polls(
-        self, connection: AsyncConnection, commits: Sequence[PollCommit]
+        self,
+        connection: AsyncConnection,
+        commits: Sequence[PollCommit],
+        terms: Mapping[str, CommitTerms],
     ) -> list[InsertedAlarm]:
         alarm_rows = [_alarm_row(alarm) for commit in commits for alarm in commit.alarms]
         inserted: list[InsertedAlarm] = []
@@ -192,7 +173,7 @@ class Store:
             )
             inserted = [InsertedAlarm(row.id, row.site_id, row.source_id) for row in result]
         await _link_groups(connection, commits, inserted)
-        media_rows = _media_rows(commits, inserted)
+        media_rows = _media_rows(commits, inserted, terms)
         if media_rows:
             await connection.execute(
                 insert(alarm_media).values(
@@ -222,10 +203,12 @@ class Store:
         )
         return inserted
 
+    @raises_unavailable
     async def record_health(self, reports: Sequence[SiteHealth]) -> None:
         """Last poll, last success and failures per site, batched (a few times a minute)."""
         if not reports:
             return
+        reports = [storable_health(report) for report in reports]
         rows = [
             {
                 "site_id": r.site_id,
@@ -257,6 +240,7 @@ class Store:
 
     # ------------------------------------------------------------------ media queue
 
+    @raises_unavailable
     async def claim_media(
         self, *, limit: int, claim_s: float, site_ids: Sequence[str] | None = None
     ) -> list[MediaJob]:
@@ -307,6 +291,7 @@ class Store:
             for row in rows
         ]
 
+    @raises_unavailable
     async def media_retry_later(
         self,
         media_id: int,
@@ -321,12 +306,13 @@ class Store:
         await self._update_media(
             media_id,
             attempts=alarm_media.c.attempts + 1,
-            last_error=note,
+            last_error=storable_note(note),
             next_attempt_at=func.now() + _seconds(delay_s),
             claimed_until=None,
             **changes,
         )
 
+    @raises_unavailable
     async def media_ready(
         self, media_id: int, *, path: str, content_type: str, size_bytes: int, sha256: str
     ) -> None:
@@ -342,16 +328,18 @@ class Store:
             claimed_until=None,
         )
 
+    @raises_unavailable
     async def media_final(self, media_id: int, state: MediaState, reason: str) -> None:
         """`unavailable` (the vendor has none) or `failed` (we gave up), with the reason."""
         await self._update_media(
             media_id,
             state=state.value,
-            last_error=reason,
+            last_error=storable_note(reason),
             attempts=alarm_media.c.attempts + 1,
             claimed_until=None,
         )
 
+    @raises_unavailable
     async def release_media(self, media_ids: Sequence[int]) -> None:
         """Hand claimed rows back untouched (shutdown): another worker may take them now."""
         if media_ids:
@@ -372,6 +360,7 @@ class Store:
 
     # ------------------------------------------------------------------ actions queue
 
+    @raises_unavailable
     async def enqueue_action(
         self,
         *,
@@ -389,7 +378,7 @@ class Store:
                     site_id=site_id,
                     kind=kind,
                     target=target,
-                    params=dict(params),
+                    params=storable_json(dict(params)),
                     requested_by=requested_by,
                     not_after=not_after,
                 )
@@ -397,6 +386,7 @@ class Store:
             )
             return int(result.scalar_one())
 
+    @raises_unavailable
     async def action_row(self, action_id: int) -> dict[str, Any] | None:
         async with self.engine.connect() as connection:
             row = (
@@ -404,6 +394,7 @@ class Store:
             ).first()
         return None if row is None else dict(row._mapping)
 
+    @raises_unavailable
     async def expire_actions(self) -> int:
         """Queued actions past `not_after` become `expired`: never fired late."""
         async with self.engine.begin() as connection:
@@ -422,6 +413,7 @@ class Store:
             )
             return int(result.rowcount)
 
+    @raises_unavailable
     async def stale_running_actions(self, site_ids: Sequence[str] | None = None) -> list[Action]:
         """Actions left `running` by a worker whose claim ran out (a crash, a kill)."""
         async with self.engine.connect() as connection:
@@ -436,6 +428,7 @@ class Store:
             ).all()
         return [_action(row._mapping) for row in rows]
 
+    @raises_unavailable
     async def claim_actions(
         self, *, limit: int, claim_s: float, owner: str, site_ids: Sequence[str] | None = None
     ) -> list[Action]:
@@ -468,6 +461,7 @@ class Store:
             rows = (await connection.execute(statement)).all()
         return [_action(row._mapping) for row in rows]
 
+    @raises_unavailable
     async def extend_action_claim(self, action_id: int, *, claim_s: float, owner: str) -> None:
         async with self.engine.begin() as connection:
             await connection.execute(
@@ -476,6 +470,7 @@ class Store:
                 .values(claimed_until=func.now() + _seconds(claim_s))
             )
 
+    @raises_unavailable
     async def finish_action(
         self,
         action_id: int,
@@ -501,14 +496,15 @@ class Store:
                 )
                 .values(
                     state=state.value,
-                    result=None if result is None else _jsonable(result),
-                    error=error,
+                    result=storable_result(result),
+                    error=storable_note(error),
                     finished_at=func.now(),
                     claimed_until=None,
                 )
             )
             return bool(outcome.rowcount)
 
+    @raises_unavailable
     async def requeue_action(
         self,
         action_id: int,
@@ -528,7 +524,7 @@ class Store:
                 )
                 .values(
                     state=ActionState.QUEUED.value,
-                    error=error,
+                    error=storable_note(error),
                     next_attempt_at=func.now() + _seconds(delay_s),
                     claimed_until=None,
                     claimed_by=None,
@@ -538,6 +534,7 @@ class Store:
 
     # ------------------------------------------------------------------ observation
 
+    @raises_unavailable
     async def alarms_by_id(self, alarm_ids: Sequence[int]) -> list[dict[str, Any]]:
         async with self.engine.connect() as connection:
             rows = await connection.execute(
@@ -545,6 +542,7 @@ class Store:
             )
             return [dict(row._mapping) for row in rows]
 
+    @raises_unavailable
     async def media_changed_since(self, since: datetime) -> list[dict[str, Any]]:
         """Media rows settled (ready, unavailable, failed) after `since`, oldest first."""
         async with self.engine.connect() as connection:
@@ -555,6 +553,7 @@ class Store:
             )
             return [dict(row._mapping) for row in rows]
 
+    @raises_unavailable
     async def actions_finished_since(self, since: datetime) -> list[dict[str, Any]]:
         async with self.engine.connect() as connection:
             rows = await connection.execute(
@@ -562,6 +561,7 @@ class Store:
             )
             return [dict(row._mapping) for row in rows]
 
+    @raises_unavailable
     async def site_overview(self, site_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         """Per site, for `cms-ingest status`: health, last alarm, latency, backlogs."""
         ids = list(site_ids)
@@ -598,6 +598,7 @@ class Store:
                     )
         return overview
 
+    @raises_unavailable
     async def queue_depths(self) -> dict[str, int]:
         async with self.engine.connect() as connection:
             media = await connection.scalar(
@@ -625,12 +626,14 @@ def _of_sites(column: Any, site_ids: Sequence[str] | None) -> Any:
     return or_(column == any_(literal(list(site_ids), ARRAY(Text))), unleased)
 
 
-async def _fence(connection: AsyncConnection, commits: Sequence[PollCommit]) -> set[str]:
+async def _fence(
+    connection: AsyncConnection, commits: Sequence[PollCommit], terms: Mapping[str, CommitTerms]
+) -> set[str]:
     by_owner: dict[str, dict[str, int]] = {}
     for commit in commits:
-        if commit.lease is not None:
-            owner, epoch = commit.lease
-            by_owner.setdefault(owner, {})[commit.site_id] = epoch
+        lease = terms[commit.site_id].lease
+        if lease is not None:
+            by_owner.setdefault(lease.owner, {})[commit.site_id] = lease.epoch
     fenced: set[str] = set()
     for owner, leases in by_owner.items():
         fenced |= await fenced_sites(connection, owner, leases)
@@ -643,139 +646,6 @@ def _seconds(value: float) -> Any:
 
 def _claim_expired(required: bool) -> list[Any]:
     return [actions.c.claimed_until < func.now()] if required else []
-
-
-def _jsonable(value: Mapping[str, Any]) -> Any:
-    # Round-trip through json so anything a device sent (and we keep) is plain JSON.
-    return json.loads(json.dumps(dict(value), default=str))
-
-
-# ---------------------------------------------------------------------- storable values
-# PostgreSQL refuses NUL and lone surrogates in text and jsonb, NaN and Infinity in jsonb,
-# and Python will not even serialize an integer of thousands of digits. A device can put any
-# of them into an alarm, a media locator or (through the vendor's cursor) the site's cursor;
-# one such value would fail the transaction every site of the batch shares.
-
-
-def stored_source_id(source_id: str) -> str:
-    """The `source_id` as `commit_polls` stores it (to match the ids it returns)."""
-    return clean_text(source_id, ID_LIMIT)
-
-
-def storable_json(value: Any) -> Any:
-    """Any JSON-like value as plain JSON `jsonb` takes: device strings cleaned, non-finite
-    numbers and giant integers None, other objects (a datetime, bytes) as cleaned text."""
-    return json.loads(json.dumps(clean_json(value), default=_storable_str))
-
-
-def _storable_str(value: Any) -> str:
-    return clean_text(str(value), RAW_TEXT_LIMIT)
-
-
-def _storable_alarm(alarm: Alarm) -> Alarm:
-    cleaned = storable(alarm)
-    return dataclasses.replace(
-        cleaned,
-        raw=storable_json(dict(cleaned.raw)),
-        media=tuple(
-            dataclasses.replace(media, locator=storable_json(dict(media.locator)))
-            for media in cleaned.media
-        ),
-        # A flood member names its head by source_id: cleaned alike, so they still match.
-        group_of=None if alarm.group_of is None else stored_source_id(alarm.group_of),
-    )
-
-
-def storable_commit(commit: PollCommit) -> PollCommit:
-    """The commit as PostgreSQL can store it; a cursor that had to be changed for that is
-    reported as bad input (the vendor put a device value into it)."""
-    cursor = commit.cursor
-    if cursor is not None:
-        cursor = storable_json(dict(cursor))
-        if commit.problems is not None and _as_json_text(commit.cursor) != _as_json_text(cursor):
-            commit.problems.bad_input(
-                "unstorable_cursor",
-                "the cursor held a value PostgreSQL cannot store (NUL, lone surrogate, NaN, "
-                "infinity, a giant integer or an over-long string); stored cleaned",
-            )
-    return dataclasses.replace(
-        commit, alarms=[_storable_alarm(alarm) for alarm in commit.alarms], cursor=cursor
-    )
-
-
-def _as_json_text(value: Any) -> str | None:
-    try:
-        return json.dumps(value, default=str)
-    except (TypeError, ValueError):  # e.g. an integer too long to print
-        return None
-
-
-def is_data_error(exc: BaseException) -> bool:
-    """Whether a failed commit was refused for a value in it (PostgreSQL's class 22 "data
-    exception", or a value that could not even be encoded), not for the database failing.
-    Such a commit fails the same way every time: retrying it as an outage would stall the
-    site for good."""
-    seen: set[int] = set()
-    pending: list[BaseException | None] = [exc]
-    while pending:
-        error = pending.pop()
-        if error is None or id(error) in seen:
-            continue
-        seen.add(id(error))
-        if isinstance(error, asyncpg.DataError | UnicodeError | OverflowError):
-            return True
-        if isinstance(error, ValueError | TypeError) and not isinstance(error, OSError):
-            return True
-        orig = getattr(error, "orig", None)  # SQLAlchemy's wrapper of the driver's error
-        pending += [orig if isinstance(orig, BaseException) else None, error.__cause__]
-    return False
-
-
-def degraded_commit(commit: PollCommit, *, keep_cursor: bool) -> PollCommit:
-    """The commit reduced to what surely stores, after PostgreSQL refused it: every alarm kept
-    with its texts, its device time (the time we received it when that one cannot be stored)
-    and its media; `raw` replaced by a note. Without `keep_cursor` the stored cursor stays as
-    it was (a restart replays from there; the unique key absorbs the replay)."""
-    now = datetime.now(UTC)
-    alarms = [
-        dataclasses.replace(
-            alarm,
-            source_id=_text(alarm.source_id, ID_LIMIT),
-            vendor_event=_text(alarm.vendor_event, ID_LIMIT),
-            description=_text(alarm.description, DESCRIPTION_LIMIT),
-            camera_id=_optional_text(alarm.camera_id, ID_LIMIT),
-            camera_name=_optional_text(alarm.camera_name, NAME_LIMIT),
-            occurred_at=_storable_time(alarm.occurred_at, now),
-            raw={"unstorable": "the device's record could not be stored; see the daemon log"},
-            group_of=_optional_text(alarm.group_of, ID_LIMIT),
-        )
-        for alarm in commit.alarms
-    ]
-    return dataclasses.replace(
-        commit, alarms=alarms, cursor=commit.cursor if keep_cursor else None, problems=None
-    )
-
-
-def _text(value: object, limit: int) -> str:
-    return clean_text(value if isinstance(value, str) else str(value), limit)
-
-
-def _optional_text(value: object, limit: int) -> str | None:
-    return None if value is None else _text(value, limit)
-
-
-# PostgreSQL's timestamptz covers 4713 BC to 294276 AD, but the driver converts to UTC first:
-# year 1 or 9999 with an offset overflows there.
-_EARLIEST_STORABLE = datetime(1, 1, 2, tzinfo=UTC)
-_LATEST_STORABLE = datetime(9999, 12, 30, tzinfo=UTC)
-
-
-def _storable_time(value: datetime, fallback: datetime) -> datetime:
-    try:
-        utc = value.astimezone(UTC)
-    except (OverflowError, ValueError):
-        return fallback
-    return utc if _EARLIEST_STORABLE <= utc <= _LATEST_STORABLE else fallback
 
 
 def _alarm_row(alarm: Alarm) -> dict[str, Any]:
@@ -791,7 +661,7 @@ def _alarm_row(alarm: Alarm) -> dict[str, Any]:
         "occurred_at": alarm.occurred_at,
         "armed": alarm.armed,
         "priority": alarm.priority,
-        "raw": _jsonable(alarm.raw),
+        "raw": dict(alarm.raw),  # storable already (storable_commit)
     }
 
 
@@ -823,7 +693,9 @@ async def _link_groups(
 
 
 def _media_rows(
-    commits: Sequence[PollCommit], inserted: Sequence[InsertedAlarm]
+    commits: Sequence[PollCommit],
+    inserted: Sequence[InsertedAlarm],
+    terms: Mapping[str, CommitTerms],
 ) -> list[dict[str, Any]]:
     ids = {(row.site_id, row.source_id): row.id for row in inserted}
     rows: list[dict[str, Any]] = []
@@ -840,9 +712,9 @@ def _media_rows(
                         "site_id": alarm.site_id,
                         "kind": media.kind.value,
                         "state": state.value,
-                        "locator": _jsonable(media.locator),
+                        "locator": dict(media.locator),
                         "last_error": None if media.available else "the device has none",
-                        "deadline_s": commit.media_deadline_s,
+                        "deadline_s": terms[commit.site_id].media_deadline_s,
                     }
                 )
     return rows

@@ -22,6 +22,7 @@ import structlog
 
 from cms_ingest import metrics
 from cms_ingest.config import ActionsConfig
+from cms_ingest.db.errors import DatabaseUnavailable
 from cms_ingest.db.store import Store
 from cms_ingest.domain import Action, ActionState
 from cms_ingest.retry import RetryPolicy
@@ -34,7 +35,6 @@ from cms_ingest.vendors.base import (
     InvalidAction,
     VendorError,
 )
-from cms_ingest.vendors.common import DESCRIPTION_LIMIT, clean_json, clean_text
 
 log = structlog.get_logger("cms_ingest.actions")
 
@@ -88,7 +88,7 @@ class ActionWorker(ClaimWorker[Action]):
                 log.warning("actions_expired", count=expired)
             for action in await self._store.stale_running_actions(self._held()):
                 await self._recover(action)
-        except Exception as exc:
+        except DatabaseUnavailable as exc:
             metrics.DB_ERRORS.labels(operation="action_sweep").inc()
             log.warning("action_sweep_failed", error=str(exc))
 
@@ -100,19 +100,23 @@ class ActionWorker(ClaimWorker[Action]):
                 owner=self._owner,
                 site_ids=self._held(),
             )
-        except Exception as exc:
+        except DatabaseUnavailable as exc:
             metrics.DB_ERRORS.labels(operation="claim_actions").inc()
             log.warning("action_claim_failed", error=str(exc))
             return []
 
     async def not_settled(self, action: Action, error: Exception) -> None:
-        """Writing the outcome failed (the database): the row stays `running` until its
-        claim runs out, and the sweep then settles it by rule."""
-        log.warning(
+        """Writing the outcome failed: the database, or a bug of ours (logged with its
+        traceback). The row stays `running` until its claim runs out, and the sweep then
+        settles it by rule."""
+        unavailable = isinstance(error, DatabaseUnavailable)
+        report = log.warning if unavailable else log.error
+        report(
             "action_outcome_not_recorded",
             action_id=action.id,
             site_id=action.site_id,
             error=str(error),
+            exc_info=None if unavailable else error,
             note="settled by rule once its claim runs out",
         )
 
@@ -220,7 +224,7 @@ class ActionWorker(ClaimWorker[Action]):
                 await self._store.extend_action_claim(
                     action_id, claim_s=self._config.running_timeout_s, owner=self._owner
                 )
-            except Exception as exc:
+            except DatabaseUnavailable as exc:
                 # The event's name predates calling a worker's hold on a row a claim.
                 log.warning("action_lease_extend_failed", action_id=action_id, error=str(exc))
 
@@ -237,7 +241,6 @@ class ActionWorker(ClaimWorker[Action]):
             await self._fail(action, site, f"{error} (gave up after {action.attempts} attempts)")
             return
         delay = RETRY.delay(action.attempts)
-        error = clean_text(error, DESCRIPTION_LIMIT)
         await self._store.requeue_action(action.id, delay_s=delay, error=error)
         metrics.ACTIONS.labels(vendor=site.config.vendor, kind=action.kind, outcome="retried").inc()
         log.warning(
@@ -260,12 +263,12 @@ class ActionWorker(ClaimWorker[Action]):
         error: str | None = None,
         result: object = None,
     ) -> None:
-        # The error and the result may quote the device: stored only as PostgreSQL can.
+        # The error and the result may quote the device: the store cleans them.
         await self._store.finish_action(
             action.id,
             state,
-            error=None if error is None else clean_text(error, DESCRIPTION_LIMIT),
-            result=clean_json(result) if isinstance(result, dict) else None,
+            error=error,
+            result=result if isinstance(result, dict) else None,
         )
         vendor = site.config.vendor if site else "unknown"
         metrics.ACTIONS.labels(vendor=vendor, kind=action.kind, outcome=state.value).inc()

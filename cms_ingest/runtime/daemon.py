@@ -26,6 +26,7 @@ from cms_ingest.db.engine import MigrationNeeded, create_engine, embedded_postgr
 from cms_ingest.db.leases import LEASES_CHANNEL, LeaseStore
 from cms_ingest.db.notify import Listener
 from cms_ingest.db.store import Store
+from cms_ingest.domain import SiteLease
 from cms_ingest.retry import RetryPolicy
 from cms_ingest.runtime.actions import ActionWorker
 from cms_ingest.runtime.housekeeping import Housekeeping
@@ -159,12 +160,24 @@ class Daemon:
         the pollers, which commit through the writer."""
         config = self.config
 
+        # The writer commits under the leases the poller set holds and wakes the media
+        # fetcher, which serves those sites; the pollers commit through the writer. So the
+        # writer is built first and reaches the other two through these.
         def media_added() -> None:
-            # The writer wakes the media fetcher, which serves the sites the pollers hold,
-            # which commit through the writer: the fetcher is built after the writer.
             media.wake()
 
-        writer = AlarmWriter(self.store, on_media_added=media_added)
+        def lease_of(site_id: str) -> SiteLease | None:
+            return pollers.lease_of(site_id)
+
+        def media_deadline_of(site_id: str) -> float:
+            return pollers.media_deadline_of(site_id)
+
+        writer = AlarmWriter(
+            self.store,
+            on_media_added=media_added,
+            lease_of=lease_of,
+            media_deadline_of=media_deadline_of,
+        )
         pollers = PollerSet(
             self.supervisor,
             sites,

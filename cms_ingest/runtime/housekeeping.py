@@ -15,6 +15,7 @@ from collections.abc import Callable
 import structlog
 
 from cms_ingest import metrics
+from cms_ingest.db.errors import DatabaseUnavailable
 from cms_ingest.db.store import Store
 from cms_ingest.runtime.httpserver import Readiness
 from cms_ingest.runtime.pollers import PollerSet
@@ -60,7 +61,7 @@ class Housekeeping:
             metrics.ACTION_QUEUE.set(depths["actions"])
             await self._flush_health()
             self._database_reachable()
-        except Exception as exc:
+        except DatabaseUnavailable as exc:
             metrics.DB_ERRORS.labels(operation="housekeeping").inc()
             self._database_unreachable(exc)
         self._report_status()

@@ -26,6 +26,7 @@ from typing import Protocol
 import structlog
 
 from cms_ingest import metrics
+from cms_ingest.db.errors import DatabaseUnavailable
 from cms_ingest.db.leases import DaemonIdentity, Heartbeat, LeaseStore
 from cms_ingest.runtime.tasks import wake_or_stop
 
@@ -153,7 +154,7 @@ class LeaseKeeper:
             local = await self._store.local_daemons(self.me.host, self.me.boot_id)
             dead = [d for d, pid in local if d != self.me.daemon_id and _process_gone(pid)]
             freed = await self._store.expire_daemons(dead)
-        except Exception as exc:
+        except DatabaseUnavailable as exc:
             log.warning("dead_daemon_check_failed", error=str(exc))
             return
         if dead:
@@ -165,7 +166,7 @@ class LeaseKeeper:
                 await self._store.ensure_sites(self._pollers.configured())
                 self._rows_needed = False
             beat = await self._store.heartbeat(self.me, self._ttl_s, dict(self._held))
-        except Exception as exc:
+        except DatabaseUnavailable as exc:
             await self._database_failed(exc)
             return
         if self._renewed_at is None:
@@ -185,7 +186,7 @@ class LeaseKeeper:
     async def _announce(self) -> None:
         try:
             await self._store.announce(self.me.daemon_id)
-        except Exception as exc:
+        except DatabaseUnavailable as exc:
             log.warning("daemon_announce_failed", error=str(exc))
 
     async def _follow_server(self, started_at: datetime) -> None:
@@ -271,7 +272,7 @@ class LeaseKeeper:
             return
         try:
             released = await self._store.release(self.me.daemon_id, leases, leaving=leaving)
-        except Exception as exc:
+        except DatabaseUnavailable as exc:
             log.warning("lease_release_failed", error=str(exc), note="they expire by themselves")
             return
         metrics.LEASE_HANDOFFS.inc(len(released))
@@ -281,7 +282,7 @@ class LeaseKeeper:
         candidates = [site for site in self._pollers.configured() if site not in self._held]
         try:
             taken = await self._store.acquire(self.me.daemon_id, self._ttl_s, candidates, count)
-        except Exception as exc:
+        except DatabaseUnavailable as exc:
             await self._database_failed(exc)
             return
         if not taken:
@@ -292,7 +293,7 @@ class LeaseKeeper:
         if not_started:  # their cursors could not be loaded: let them go for another try
             try:
                 await self._store.release(self.me.daemon_id, not_started)
-            except Exception as exc:
+            except DatabaseUnavailable as exc:
                 log.warning("lease_release_failed", error=str(exc))
         takeovers = sorted({lease.previous_owner for lease in taken if lease.previous_owner})
         taken_over = sum(1 for lease in taken if lease.previous_owner)
@@ -305,7 +306,7 @@ class LeaseKeeper:
             live_daemons=len(self.live),
         )
 
-    async def _database_failed(self, exc: Exception) -> None:
+    async def _database_failed(self, exc: DatabaseUnavailable) -> None:
         metrics.DB_ERRORS.labels(operation="leases").inc()
         if not self._db_failing:
             self._db_failing = True

@@ -17,6 +17,7 @@ import structlog
 
 from cms_ingest import metrics
 from cms_ingest.config import MediaConfig
+from cms_ingest.db.errors import DatabaseUnavailable
 from cms_ingest.db.store import MediaJob, Store
 from cms_ingest.domain import MediaState
 from cms_ingest.mediafiles import MediaTooLarge, StoredFile, store_stream
@@ -25,7 +26,6 @@ from cms_ingest.runtime.claims import ClaimTimings, ClaimWorker, DeadlinePassed,
 from cms_ingest.runtime.sites import SiteRegistry, SiteRuntime
 from cms_ingest.sitehttp import TransportError, UnsafeUrl
 from cms_ingest.vendors.base import MediaNotReady, MediaProbe, VendorError
-from cms_ingest.vendors.common import DESCRIPTION_LIMIT, clean_text
 
 log = structlog.get_logger("cms_ingest.media")
 
@@ -77,7 +77,7 @@ class MediaFetcher(ClaimWorker[MediaJob]):
             return
         try:
             await self._store.release_media(sorted(self._unreleased))
-        except Exception:
+        except DatabaseUnavailable:
             return  # still down: next turn
         log.info("media_rows_handed_back", count=len(self._unreleased))
         self._unreleased.clear()
@@ -87,28 +87,38 @@ class MediaFetcher(ClaimWorker[MediaJob]):
             return await self._store.claim_media(
                 limit=limit, claim_s=CLAIM_S, site_ids=self._held()
             )
-        except Exception as exc:
+        except DatabaseUnavailable as exc:
             metrics.DB_ERRORS.labels(operation="claim_media").inc()
             log.warning("media_claim_failed", error=str(exc))
             return []
 
     async def not_settled(self, job: MediaJob, error: Exception) -> None:
-        """Writing the outcome failed: the database, not the device."""
-        metrics.DB_ERRORS.labels(operation="media_outcome").inc()
-        log.warning(
-            "media_outcome_not_recorded",
-            site_id=job.site_id,
-            media_id=job.id,
-            error=str(error),
-            note="the row is handed back and retried once the database answers",
-        )
+        """Writing the outcome failed: the database (waited out), or a bug of ours (logged
+        with its traceback). Either way the row is handed back and tried again."""
+        if isinstance(error, DatabaseUnavailable):
+            metrics.DB_ERRORS.labels(operation="media_outcome").inc()
+            log.warning(
+                "media_outcome_not_recorded",
+                site_id=job.site_id,
+                media_id=job.id,
+                error=str(error),
+                note="the row is handed back and retried once the database answers",
+            )
+        else:
+            log.error(
+                "media_job_crashed",
+                site_id=job.site_id,
+                media_id=job.id,
+                exc_info=error,
+                note="a bug: the row is handed back and tried again",
+            )
         self._unreleased.add(job.id)
 
     async def release(self, jobs: Sequence[MediaJob]) -> None:
         """Shutdown: the downloads abandoned hand their rows back at once."""
         try:
             await self._store.release_media([job.id for job in jobs])
-        except Exception as exc:
+        except DatabaseUnavailable as exc:
             log.warning(
                 "media_release_failed",
                 error=str(exc),
@@ -223,7 +233,6 @@ class MediaFetcher(ClaimWorker[MediaJob]):
             return
         delay = self._policy.delay(job.attempts + 1)
         delay = min(delay, max(0.0, (job.deadline_at - now).total_seconds()))
-        note = clean_text(note, DESCRIPTION_LIMIT)  # it may quote the device
         locator = None
         if probe is not None and probe.remember:
             locator = {**job.locator, **probe.remember}
@@ -238,7 +247,6 @@ class MediaFetcher(ClaimWorker[MediaJob]):
         outcome: str,
         site: SiteRuntime | None = None,
     ) -> None:
-        reason = clean_text(reason, DESCRIPTION_LIMIT)  # it may quote the device
         await self._store.media_final(job.id, state, reason)
         vendor = site.config.vendor if site else "unknown"
         metrics.MEDIA_FETCHES.labels(vendor=vendor, kind=job.kind.value, outcome=outcome).inc()

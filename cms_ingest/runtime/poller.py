@@ -20,6 +20,7 @@ from typing import Any
 import structlog
 
 from cms_ingest import metrics
+from cms_ingest.db.errors import DatabaseUnavailable
 from cms_ingest.db.store import PollCommit, stored_source_id
 from cms_ingest.domain import Alarm
 from cms_ingest.retry import RetryPolicy
@@ -58,17 +59,13 @@ class SitePoller:
         writer: AlarmWriter,
         *,
         cursor: Mapping[str, Any] | None,
-        media_deadline_s: float,
         comm_loss: CommLossTracker,
         flood: FloodTracker,
-        lease: tuple[str, int] | None = None,
     ) -> None:
         self._site = site
-        self._lease = lease
         self.fenced = False  # set when a commit was refused: the site is another daemon's now
         self._writer = writer
         self.cursor = cursor
-        self._media_deadline_s = media_deadline_s
         self._comm_loss = comm_loss
         self._flood = flood
         self._db_failing = False
@@ -170,8 +167,6 @@ class SitePoller:
             vendor=self._site.config.vendor,
             alarms=prioritized,
             cursor=cursor,
-            media_deadline_s=self._media_deadline_s,
-            lease=self._lease,
             problems=self._site.problems,
         )
         try:
@@ -184,7 +179,7 @@ class SitePoller:
                 note="another daemon holds this site now; it resumes from the committed cursor",
             )
             return False
-        except Exception as exc:
+        except DatabaseUnavailable as exc:
             # The database, not the site, failed: keep the cursor, poll the same range again.
             metrics.POLLS.labels(**self._labels, outcome="db_error").inc()
             if not self._db_failing:

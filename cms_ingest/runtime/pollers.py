@@ -6,7 +6,8 @@ media fetcher, the action worker, housekeeping and `status` only read `held`.
 
 A site is held from the moment its poller is started until `stop` is asked for it, so the
 queues stop serving a site at once when it is being handed over; `stop` returns once the
-poller's last commit is done, which is when its lease may be released.
+poller's last commit is done, which is when its lease may be released. Until then the
+writer still commits the site's polls under its lease (`lease_of`).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import structlog
 
 from cms_ingest import metrics
 from cms_ingest.config import FloodConfig
+from cms_ingest.db.errors import DatabaseUnavailable
 from cms_ingest.db.store import SiteHealth, Store
-from cms_ingest.domain import CommHistory
+from cms_ingest.domain import CommHistory, SiteLease
 from cms_ingest.runtime.comm_loss import CommLossTracker
 from cms_ingest.runtime.flood import FloodTracker
 from cms_ingest.runtime.poller import SitePoller
@@ -58,6 +60,9 @@ class PollerSet:
         self._media_deadline_s = media_deadline_s  # unless the site sets its own
         self._flood = flood
         self._held: dict[str, int] = {}  # site_id -> lease epoch
+        # Sites being stopped: no longer held, but their pollers' last commits are still
+        # made under these epochs.
+        self._stopping: dict[str, int] = {}
 
     @property
     def held(self) -> Mapping[str, int]:
@@ -66,6 +71,18 @@ class PollerSet:
 
     def held_ids(self) -> list[str]:
         return list(self._held)
+
+    def lease_of(self, site_id: str) -> SiteLease | None:
+        """The lease the site's polls are committed under; None once its poller has
+        stopped or when this daemon never held it (the writer refuses such commits)."""
+        epoch = self._held.get(site_id, self._stopping.get(site_id))
+        return None if epoch is None else SiteLease(self._daemon_id, epoch)
+
+    def media_deadline_of(self, site_id: str) -> float:
+        """Seconds the site's media may take: its own setting, else the daemon's."""
+        site = self._sites.get(site_id)
+        own = site.config.media_deadline_s if site is not None else None
+        return own or self._media_deadline_s
 
     def configured(self) -> list[str]:
         """Every configured site: those a poller could be started for."""
@@ -79,27 +96,24 @@ class PollerSet:
         try:
             cursors = await self._store.load_cursors(ids)
             histories = await self._store.supervision_states(ids)
-        except Exception as exc:
+        except DatabaseUnavailable as exc:
             metrics.DB_ERRORS.labels(operation="start_sites").inc()
             log.warning("sites_not_started", sites=len(ids), error=str(exc))
             return set()
         for site_id in ids:
             self._held[site_id] = leases[site_id]
-            poller = self._poller(
-                site_id, leases[site_id], cursors.get(site_id), histories[site_id]
-            )
+            poller = self._poller(site_id, cursors.get(site_id), histories[site_id])
             self._tasks.start(task_name(site_id), poller.run)
         return set(ids)
 
     def _poller(
-        self, site_id: str, epoch: int, cursor: Mapping[str, Any] | None, history: CommHistory
+        self, site_id: str, cursor: Mapping[str, Any] | None, history: CommHistory
     ) -> SitePoller:
         site = self._sites.client_for_tenure(site_id)  # fresh client and health when reused
         return SitePoller(
             site,
             self._writer,
             cursor=cursor,
-            media_deadline_s=site.config.media_deadline_s or self._media_deadline_s,
             comm_loss=CommLossTracker(
                 site_id=site_id,
                 timeout_s=site.config.supervision_timeout,
@@ -111,7 +125,6 @@ class PollerSet:
                 quiet_s=self._flood.quiet_s,
                 fetch_media=self._flood.fetch_media,
             ),
-            lease=(self._daemon_id, epoch),
         )
 
     async def stop(self, site_ids: Iterable[str]) -> None:
@@ -120,16 +133,21 @@ class PollerSet:
         exports them)."""
         ids = list(site_ids)
         for site_id in ids:
-            self._held.pop(site_id, None)
-        await self._tasks.stop_tasks(
-            [task_name(site_id) for site_id in ids], timeout=STOP_TIMEOUT_S
-        )
+            if site_id in self._held:
+                self._stopping[site_id] = self._held.pop(site_id)
+        try:
+            await self._tasks.stop_tasks(
+                [task_name(site_id) for site_id in ids], timeout=STOP_TIMEOUT_S
+            )
+        finally:
+            for site_id in ids:
+                self._stopping.pop(site_id, None)
         snapshots = self.health_snapshots(ids)
         for site_id in ids:
             metrics.forget_site(site_id)
         try:
             await self._store.record_health(snapshots)
-        except Exception as exc:
+        except DatabaseUnavailable as exc:
             log.warning("health_not_recorded", sites=len(snapshots), error=str(exc))
 
     async def halt(self) -> None:

@@ -25,14 +25,12 @@ from cms_ingest.runtime.tasks import TaskSupervisor
 from cms_ingest.runtime.vendortasks import SupervisedTasks
 from cms_ingest.sitehttp import SiteHttp, TlsPolicy
 from cms_ingest.vendors.base import SiteOptions, VendorClient, VendorContext
-from cms_ingest.vendors.common import clean_text
 from cms_ingest.vendors.registry import vendor_entry
 from cms_ingest.vendors.tasks import LocalTasks
 
 log = structlog.get_logger("cms_ingest.sites")
 
 
-ERROR_LIMIT = 1000  # characters of a site's last error kept in site_state
 SKEW_WARN_S = 30.0  # occurred_at stays the device's time; an operator should know it is off
 
 
@@ -150,7 +148,7 @@ class SiteHealthState:
 
     def failure(self, error: str) -> None:
         now = datetime.now(UTC)
-        error = clean_text(redact_text(error), ERROR_LIMIT)  # one bad string must not stop all
+        error = redact_text(error)  # the store cleans and cuts it where it is written
         if self.up is not False:
             self.failing_since = time.monotonic()
             log.warning("site_failing", site_id=self.site_id, vendor=self.vendor, error=error)

@@ -10,6 +10,9 @@ and committed reduced (`degraded_commit`): its alarms are never lost, and it is 
 as a database outage (it would fail the same way for ever).
 A poller advances its in-memory cursor only after its commit succeeded. A commit whose site
 lease this daemon no longer holds is refused inside the transaction (`LeaseLost`).
+The writer makes the commits, so it knows what they are made under (`CommitTerms`): the
+lease each site is polled under (`lease_of`, read when the poller hands its commit over) and
+the site's media deadline (`media_deadline_of`).
 """
 
 from __future__ import annotations
@@ -20,19 +23,20 @@ from collections.abc import Callable
 import structlog
 
 from cms_ingest import metrics
-from cms_ingest.db.store import (
+from cms_ingest.db.errors import is_data_error
+from cms_ingest.db.storable import degraded_commit
+from cms_ingest.domain import (
     CommitResult,
+    CommitTerms,
     InsertedAlarm,
     PollCommit,
-    Store,
-    degraded_commit,
-    is_data_error,
+    SiteLease,
 )
-from cms_ingest.vendors.common import DESCRIPTION_LIMIT, clean_text
+from cms_ingest.storage_ports import PollCommits
 
 log = structlog.get_logger("cms_ingest.writer")
 
-_Pending = tuple[PollCommit, asyncio.Future[list[InsertedAlarm]]]
+_Pending = tuple[PollCommit, CommitTerms, asyncio.Future[list[InsertedAlarm]]]
 
 
 class LeaseLost(Exception):
@@ -46,13 +50,20 @@ class LeaseLost(Exception):
 class AlarmWriter:
     def __init__(
         self,
-        store: Store,
+        store: PollCommits,
         *,
+        media_deadline_of: Callable[[str], float],
+        lease_of: Callable[[str], SiteLease | None] | None = None,
         max_batch: int = 250,
         max_wait_s: float = 0.02,
         on_media_added: Callable[[], None] | None = None,
     ) -> None:
+        """`lease_of(site_id)`: the lease this daemon polls the site under, None when it does
+        not hold the site (its commits are refused); without it (tools, tests) nothing is
+        fenced. `media_deadline_of(site_id)`: seconds its media may take."""
         self._store = store
+        self._media_deadline_of = media_deadline_of
+        self._lease_of = lease_of
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._max_batch = max_batch
         self._max_wait_s = max_wait_s
@@ -60,9 +71,21 @@ class AlarmWriter:
 
     async def commit(self, commit: PollCommit) -> list[InsertedAlarm]:
         """Persist one site's poll atomically; returns the alarms that were new."""
+        terms = self._terms(commit.site_id)
         future: asyncio.Future[list[InsertedAlarm]] = asyncio.get_running_loop().create_future()
-        await self._queue.put((commit, future))
+        await self._queue.put((commit, terms, future))
         return await future
+
+    def _terms(self, site_id: str) -> CommitTerms:
+        """The site's terms as the poller hands its commit over: the lease it polls under
+        now, even if the commit waits in the queue while the site changes hands."""
+        lease = None
+        if self._lease_of is not None:
+            lease = self._lease_of(site_id)
+            if lease is None:  # not ours any more: refused as the transaction would
+                metrics.FENCING_REFUSALS.inc()
+                raise LeaseLost(site_id)
+        return CommitTerms(media_deadline_s=self._media_deadline_of(site_id), lease=lease)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Commit batches until stopped and drained (pollers stop first)."""
@@ -100,8 +123,10 @@ class AlarmWriter:
             await self._commit_alone(batch[0])
             return
         try:
-            result = await self._store.commit_polls([commit for commit, _ in batch])
-        except Exception as exc:
+            result = await self._store.commit_polls(
+                [commit for commit, _, _ in batch], _terms_by_site(batch)
+            )
+        except Exception as exc:  # whatever failed the batch: each site alone finds the culprit
             log.warning("batch_commit_failed", sites=len(batch), error=str(exc))
             for item in batch:  # isolate the culprit: each site on its own
                 await self._commit_alone(item)
@@ -109,41 +134,49 @@ class AlarmWriter:
         self._resolve(batch, result)
 
     async def _commit_alone(self, item: _Pending) -> None:
-        commit, future = item
+        commit, terms, future = item
+        alone = {commit.site_id: terms}
+        # Every failure is handed to the poller that waits for this commit: it waits out a
+        # DatabaseUnavailable; anything else (a bug) crashes it into its supervisor. The
+        # writer itself goes on for the other sites.
         try:
-            result = await self._store.commit_polls([commit])
+            result = await self._store.commit_polls([commit], alone)
         except Exception as exc:
             if not is_data_error(exc):
                 metrics.DB_ERRORS.labels(operation="commit_polls").inc()
                 _resolve_error(future, exc)
                 return
             try:
-                result = await self._commit_degraded(commit, exc)
+                result = await self._commit_degraded(commit, alone, exc)
             except Exception as again:
                 metrics.DB_ERRORS.labels(operation="commit_polls").inc()
                 _resolve_error(future, again)
                 return
         self._resolve([item], result)
 
-    async def _commit_degraded(self, commit: PollCommit, refused: Exception) -> CommitResult:
+    async def _commit_degraded(
+        self, commit: PollCommit, terms: dict[str, CommitTerms], refused: Exception
+    ) -> CommitResult:
         """A commit refused for a value in it: reported once as the site's bad input, then
         stored reduced; without its new cursor only if even that is refused."""
-        detail = clean_text(f"{type(refused).__name__}: {refused}", DESCRIPTION_LIMIT)
+        detail = f"{type(refused).__name__}: {refused}"
         if commit.problems is not None:
             commit.problems.bad_input("unstorable_value", detail)
         log.debug("commit_degraded", site_id=commit.site_id, error=detail)
         try:
-            return await self._store.commit_polls([degraded_commit(commit, keep_cursor=True)])
+            return await self._store.commit_polls(
+                [degraded_commit(commit, keep_cursor=True)], terms
+            )
         except Exception as exc:
             if not is_data_error(exc):
                 raise
-        return await self._store.commit_polls([degraded_commit(commit, keep_cursor=False)])
+        return await self._store.commit_polls([degraded_commit(commit, keep_cursor=False)], terms)
 
     def _resolve(self, batch: list[_Pending], result: CommitResult) -> None:
         by_site: dict[str, list[InsertedAlarm]] = {}
         for row in result.inserted:
             by_site.setdefault(row.site_id, []).append(row)
-        for commit, future in batch:
+        for commit, _, future in batch:
             if commit.site_id in result.fenced:
                 metrics.FENCING_REFUSALS.inc()
                 _resolve_error(future, LeaseLost(commit.site_id))
@@ -151,6 +184,10 @@ class AlarmWriter:
                 future.set_result(by_site.get(commit.site_id, []))
         if result.inserted and self._on_media_added is not None:
             self._on_media_added()
+
+
+def _terms_by_site(batch: list[_Pending]) -> dict[str, CommitTerms]:
+    return {commit.site_id: terms for commit, terms, _ in batch}
 
 
 def _resolve_error(future: asyncio.Future[list[InsertedAlarm]], exc: Exception) -> None:

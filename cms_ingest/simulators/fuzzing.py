@@ -655,7 +655,7 @@ class FuzzRun:
             await self.guarded("perform", client.perform(action), hang_s=limit)
 
     def check_storable(self, result: PollResult) -> None:
-        commit = PollCommit("fuzz", self.vendor, result.alarms, result.cursor, 60.0)
+        commit = PollCommit("fuzz", self.vendor, result.alarms, result.cursor)
         try:
             storable_commit(commit)
         except Exception as exc:

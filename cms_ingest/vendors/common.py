@@ -9,39 +9,31 @@ an odd value raise (`as_id`, `parse_time`).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-import re
 from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
 
 import aiohttp
 
-from cms_ingest.domain import Alarm
+# The storable-text helpers live in the domain (the store cleans with them); vendors use them
+# on what they keep in cursors and texts, and import them from here as before (`as`: an
+# explicit re-export for mypy --strict).
+from cms_ingest.domain import DESCRIPTION_LIMIT as DESCRIPTION_LIMIT  # noqa: PLC0414 (re-exported)
+from cms_ingest.domain import ID_LIMIT as ID_LIMIT  # noqa: PLC0414 (re-exported)
+from cms_ingest.domain import MAX_JSON_DEPTH as MAX_JSON_DEPTH  # noqa: PLC0414 (re-exported)
+from cms_ingest.domain import NAME_LIMIT as NAME_LIMIT  # noqa: PLC0414 (re-exported)
+from cms_ingest.domain import clean_text as clean_text  # noqa: PLC0414 (re-exported)
 from cms_ingest.sitehttp import ResponseTooLarge, read_limited
 from cms_ingest.vendors.base import BadDeviceResponse, ProblemReporter
 
 ERROR_KEYS = ("error", "message", "detail", "result")
 MAX_JSON_BYTES = 16 * 1024 * 1024  # a page of alarms is ~200 kB; anything near this is hostile
-MAX_JSON_DEPTH = 64  # real device answers nest a handful of levels
 MAX_INT_DIGITS = 18  # ids and counters: always fits a signed 64-bit integer
 # Pages one poll may read: a device that ignores its paging parameters while answering full
 # pages must not keep a poll running for ever. What is left is read by the next poll, from the
 # cursor this poll commits (so a catch-up of thousands of alarms still arrives, in steps).
 MAX_PAGES_PER_POLL = 20
-
-# What a device string may not carry into PostgreSQL `text` / `jsonb`.
-_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
-REPLACEMENT = "\ufffd"
-# Length caps for device strings stored in columns (raw JSON strings get RAW_TEXT_LIMIT).
-ID_LIMIT = 256
-NAME_LIMIT = 512
-DESCRIPTION_LIMIT = 2048
-RAW_TEXT_LIMIT = 8192
-# Integers in stored JSON: jsonb takes far more than 64 bits, but Python will not print an
-# integer of over 4300 digits (json.dumps raises) and jsonb's numeric has its own ceiling.
-MAX_JSON_INT_BITS = 1024
 
 
 class UnreadableJson(ValueError):
@@ -205,57 +197,3 @@ def life_source_id(vendor_id: str, life: str | None) -> str:
     """`source_id` of a vendor alarm id in a device life: the vendor's id as it was for the
     first life (life None or ""), else "<id>@<life>"."""
     return f"{vendor_id}{LIFE_SEPARATOR}{life}" if life else vendor_id
-
-
-# ------------------------------------------------------------------ storable device strings
-
-
-def clean_text(value: str, limit: int) -> str:
-    """A device string as PostgreSQL can store it: NUL and lone surrogates become U+FFFD, and
-    at most `limit` characters (a longer one is cut and ends with "…")."""
-    if len(value) > limit:
-        value = value[: limit - 1] + "…"
-    return _UNSTORABLE.sub(REPLACEMENT, value)
-
-
-def clean_json(value: Any, *, depth: int = MAX_JSON_DEPTH) -> Any:
-    """Device JSON made storable as `jsonb`: strings (keys too) cleaned, non-finite numbers
-    and integers of over MAX_JSON_INT_BITS bits None, containers nested past `depth` levels
-    dropped (None)."""
-    if isinstance(value, str):
-        return clean_text(value, RAW_TEXT_LIMIT)
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, int) and value.bit_length() > MAX_JSON_INT_BITS:
-        return None
-    if isinstance(value, dict):
-        if depth <= 0:
-            return None
-        return {
-            clean_text(str(key), ID_LIMIT): clean_json(item, depth=depth - 1)
-            for key, item in value.items()
-        }
-    if isinstance(value, list | tuple):
-        if depth <= 0:
-            return None
-        return [clean_json(item, depth=depth - 1) for item in value]
-    return value
-
-
-def storable(alarm: Alarm) -> Alarm:
-    """The alarm with every device-supplied string cleaned for the database (see above)."""
-    return dataclasses.replace(
-        alarm,
-        source_id=clean_text(alarm.source_id, ID_LIMIT),
-        vendor_event=clean_text(alarm.vendor_event, ID_LIMIT),
-        description=clean_text(alarm.description, DESCRIPTION_LIMIT),
-        camera_id=None if alarm.camera_id is None else clean_text(alarm.camera_id, ID_LIMIT),
-        camera_name=(
-            None if alarm.camera_name is None else clean_text(alarm.camera_name, NAME_LIMIT)
-        ),
-        raw=clean_json(dict(alarm.raw)),
-        media=tuple(
-            dataclasses.replace(media, locator=clean_json(dict(media.locator)))
-            for media in alarm.media
-        ),
-    )

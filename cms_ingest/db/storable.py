@@ -1,0 +1,156 @@
+"""Every value the store writes, made storable once, where its rows are built.
+
+PostgreSQL refuses NUL and lone surrogates in text and jsonb, NaN and Infinity in jsonb, and
+Python will not even serialize an integer of thousands of digits. A device can put any of
+them into an alarm, a media locator, a cursor, an error text or an action's result; one such
+value would fail the transaction every site of the batch shares. Both adapters (PostgreSQL and
+in memory) clean with these functions, so the runtime and the vendors never need to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from cms_ingest.domain import (
+    DESCRIPTION_LIMIT,
+    ID_LIMIT,
+    NAME_LIMIT,
+    RAW_TEXT_LIMIT,
+    Alarm,
+    PollCommit,
+    SiteHealth,
+    clean_json,
+    clean_text,
+)
+
+HEALTH_ERROR_LIMIT = 1000  # characters of a site's last error kept in site_state
+NOTE_LIMIT = DESCRIPTION_LIMIT  # media notes and reasons, action errors: they may quote devices
+
+
+def stored_source_id(source_id: str) -> str:
+    """The `source_id` as `commit_polls` stores it (to match the ids it returns)."""
+    return clean_text(source_id, ID_LIMIT)
+
+
+def storable_json(value: Any) -> Any:
+    """Any JSON-like value as plain JSON `jsonb` takes: device strings cleaned, non-finite
+    numbers and giant integers None, other objects (a datetime, bytes) as cleaned text."""
+    return json.loads(json.dumps(clean_json(value), default=_storable_str))
+
+
+def storable_note(note: str | None) -> str | None:
+    """A media note or reason, or an action's error, as stored (it may quote the device)."""
+    return None if note is None else clean_text(note, NOTE_LIMIT)
+
+
+def storable_result(result: Mapping[str, Any] | None) -> Any:
+    """An action's result (the device's answer, quoted) as `jsonb` takes it."""
+    return None if result is None else storable_json(dict(result))
+
+
+def storable_health(report: SiteHealth) -> SiteHealth:
+    """A site's health as stored: its last error (it may quote the device) cleaned and cut."""
+    if report.last_error is None:
+        return report
+    return dataclasses.replace(report, last_error=clean_text(report.last_error, HEALTH_ERROR_LIMIT))
+
+
+def _storable_str(value: Any) -> str:
+    return clean_text(str(value), RAW_TEXT_LIMIT)
+
+
+def storable_alarm(alarm: Alarm) -> Alarm:
+    """The alarm with every device-supplied string cleaned and its JSON made plain."""
+    return dataclasses.replace(
+        alarm,
+        source_id=clean_text(alarm.source_id, ID_LIMIT),
+        vendor_event=clean_text(alarm.vendor_event, ID_LIMIT),
+        description=clean_text(alarm.description, DESCRIPTION_LIMIT),
+        camera_id=None if alarm.camera_id is None else clean_text(alarm.camera_id, ID_LIMIT),
+        camera_name=(
+            None if alarm.camera_name is None else clean_text(alarm.camera_name, NAME_LIMIT)
+        ),
+        raw=storable_json(dict(alarm.raw)),
+        media=tuple(
+            dataclasses.replace(media, locator=storable_json(dict(media.locator)))
+            for media in alarm.media
+        ),
+        # A flood member names its head by source_id: cleaned alike, so they still match.
+        group_of=None if alarm.group_of is None else stored_source_id(alarm.group_of),
+    )
+
+
+def storable_commit(commit: PollCommit) -> PollCommit:
+    """The commit as PostgreSQL can store it; a cursor that had to be changed for that is
+    reported as bad input (the vendor put a device value into it)."""
+    cursor = commit.cursor
+    if cursor is not None:
+        cursor = storable_json(dict(cursor))
+        if commit.problems is not None and _as_json_text(commit.cursor) != _as_json_text(cursor):
+            commit.problems.bad_input(
+                "unstorable_cursor",
+                "the cursor held a value PostgreSQL cannot store (NUL, lone surrogate, NaN, "
+                "infinity, a giant integer or an over-long string); stored cleaned",
+            )
+    return dataclasses.replace(
+        commit, alarms=[storable_alarm(alarm) for alarm in commit.alarms], cursor=cursor
+    )
+
+
+def _as_json_text(value: Any) -> str | None:
+    try:
+        return json.dumps(value, default=str)
+    except (TypeError, ValueError):  # e.g. an integer too long to print
+        return None
+
+
+def degraded_commit(commit: PollCommit, *, keep_cursor: bool) -> PollCommit:
+    """The commit reduced to what surely stores, after PostgreSQL refused it: every alarm kept
+    with its texts, its device time (the time we received it when that one cannot be stored)
+    and its media; `raw` replaced by a note. Without `keep_cursor` the stored cursor stays as
+    it was (a restart replays from there; the unique key absorbs the replay)."""
+    now = datetime.now(UTC)
+    alarms = [
+        dataclasses.replace(
+            alarm,
+            source_id=_text(alarm.source_id, ID_LIMIT),
+            vendor_event=_text(alarm.vendor_event, ID_LIMIT),
+            description=_text(alarm.description, DESCRIPTION_LIMIT),
+            camera_id=_optional_text(alarm.camera_id, ID_LIMIT),
+            camera_name=_optional_text(alarm.camera_name, NAME_LIMIT),
+            occurred_at=storable_time(alarm.occurred_at, now),
+            raw={"unstorable": "the device's record could not be stored; see the daemon log"},
+            group_of=_optional_text(alarm.group_of, ID_LIMIT),
+        )
+        for alarm in commit.alarms
+    ]
+    return dataclasses.replace(
+        commit, alarms=alarms, cursor=commit.cursor if keep_cursor else None, problems=None
+    )
+
+
+def _text(value: object, limit: int) -> str:
+    return clean_text(value if isinstance(value, str) else str(value), limit)
+
+
+def _optional_text(value: object, limit: int) -> str | None:
+    return None if value is None else _text(value, limit)
+
+
+# PostgreSQL's timestamptz covers 4713 BC to 294276 AD, but the driver converts to UTC first:
+# year 1 or 9999 with an offset overflows there.
+EARLIEST_STORABLE = datetime(1, 1, 2, tzinfo=UTC)
+LATEST_STORABLE = datetime(9999, 12, 30, tzinfo=UTC)
+
+
+def storable_time(value: datetime, fallback: datetime) -> datetime:
+    """`value` in UTC when the driver can send it, else `fallback`."""
+    try:
+        utc = value.astimezone(UTC)
+    except (OverflowError, ValueError):
+        return fallback
+    return utc if EARLIEST_STORABLE <= utc <= LATEST_STORABLE else fallback

@@ -1,0 +1,177 @@
+"""The alarm writer against the in-memory storage adapter: direct and fast, no daemon.
+
+The writer makes the commits, so it knows what they are made under: the lease each site is
+polled under and the site's media deadline. These tests show that those reach the store with
+each commit, that a lost lease or a site no longer held writes nothing, that a value the
+database refuses is stored reduced, and that an outage reaches the waiting poller while the
+writer goes on. `test_storage_conformance.py` shows the adapter behaves as PostgreSQL does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+
+from cms_ingest.db.errors import DatabaseUnavailable
+from cms_ingest.db.memory import ManualClock, MemoryStorage
+from cms_ingest.domain import (
+    Alarm,
+    EventType,
+    MediaKind,
+    MediaRequest,
+    PollCommit,
+    SiteLease,
+)
+from cms_ingest.runtime.writer import AlarmWriter, LeaseLost
+from tests.support import sample
+
+
+class Reporter:
+    def __init__(self) -> None:
+        self.reports: list[str] = []
+
+    def bad_input(self, what: str, detail: str) -> None:
+        self.reports.append(what)
+
+
+def _alarm(site_id: str, source_id: str, **fields: Any) -> Alarm:
+    values: dict[str, Any] = {
+        "site_id": site_id,
+        "vendor": "davantis",
+        "source_id": source_id,
+        "event_type": EventType.INTRUSION,
+        "vendor_event": "11",
+        "description": "Intrusion detected",
+        "occurred_at": datetime.now(UTC),
+        "media": (MediaRequest(MediaKind.SNAPSHOT, {"id": source_id}),),
+        **fields,
+    }
+    return Alarm(**values)
+
+
+def _poll(site_id: str, *ids: str, problems: Reporter | None = None) -> PollCommit:
+    alarms = [_alarm(site_id, source_id) for source_id in ids]
+    return PollCommit(site_id, "davantis", alarms, {"last_id": ids[-1]}, problems)
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+def memory(clock: ManualClock) -> MemoryStorage:
+    return MemoryStorage(clock=clock)
+
+
+@pytest.fixture
+async def run_writer() -> AsyncIterator[Callable[[AlarmWriter], AlarmWriter]]:
+    """Start a writer; it is stopped, and must drain and end, after the test."""
+    running: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
+
+    def start(writer: AlarmWriter) -> AlarmWriter:
+        stop = asyncio.Event()
+        running.append((stop, asyncio.create_task(writer.run(stop))))
+        return writer
+
+    yield start
+    for stop, task in running:
+        stop.set()
+        await asyncio.wait_for(task, timeout=5)
+
+
+def _writer(
+    memory: MemoryStorage,
+    *,
+    lease_of: Callable[[str], SiteLease | None] | None = None,
+    deadlines: dict[str, float] | None = None,
+) -> AlarmWriter:
+    known = deadlines or {}
+    return AlarmWriter(
+        memory,
+        lease_of=lease_of,
+        media_deadline_of=lambda site_id: known.get(site_id, 600.0),
+        max_wait_s=0.2,  # long enough that commits handed over together share a batch
+    )
+
+
+async def test_sites_share_a_batch_each_with_its_own_media_deadline(
+    memory: MemoryStorage, clock: ManualClock, run_writer: Callable[[AlarmWriter], AlarmWriter]
+) -> None:
+    writer = run_writer(_writer(memory, deadlines={"a": 30.0, "b": 90.0}))
+    batches = sample("cms_ingest_commit_batch_sites_count")
+    a, b = await asyncio.gather(writer.commit(_poll("a", "1")), writer.commit(_poll("b", "1")))
+    assert [row.source_id for row in a] == ["1"] and [row.source_id for row in b] == ["1"]
+    assert sample("cms_ingest_commit_batch_sites_count") == batches + 1, "one batch"
+    deadlines = {row.site_id: row.deadline_at - clock.now for row in memory.media.values()}
+    assert deadlines == {"a": timedelta(seconds=30), "b": timedelta(seconds=90)}
+    assert await memory.load_cursors(["a", "b"]) == {"a": {"last_id": "1"}, "b": {"last_id": "1"}}
+
+
+async def test_a_site_no_longer_held_is_refused_before_anything_is_written(
+    memory: MemoryStorage, run_writer: Callable[[AlarmWriter], AlarmWriter]
+) -> None:
+    writer = run_writer(_writer(memory, lease_of=lambda _site: None))
+    refusals = sample("cms_ingest_fencing_refusals_total")
+    with pytest.raises(LeaseLost):
+        await writer.commit(_poll("gone", "1"))
+    assert sample("cms_ingest_fencing_refusals_total") == refusals + 1
+    assert memory.alarms == {} and await memory.load_cursors(["gone"]) == {"gone": None}
+
+
+async def test_a_commit_under_a_lease_another_daemon_took_is_fenced(
+    memory: MemoryStorage, run_writer: Callable[[AlarmWriter], AlarmWriter]
+) -> None:
+    await memory.ensure_sites(["f"])
+    [mine] = await memory.acquire("me", 30, ["f"], 1)
+    held = {"f": SiteLease("me", mine.epoch)}
+    writer = run_writer(_writer(memory, lease_of=held.get))
+    assert len(await writer.commit(_poll("f", "1"))) == 1
+
+    # Paused past its lease: another daemon takes the site, this one still thinks it holds it.
+    await memory.expire_daemons(["me"])
+    await memory.acquire("other", 30, ["f"], 1)
+    refusals = sample("cms_ingest_fencing_refusals_total")
+    with pytest.raises(LeaseLost):
+        await writer.commit(_poll("f", "2", "3"))
+    assert sample("cms_ingest_fencing_refusals_total") == refusals + 1
+    assert [row.alarm.source_id for row in memory.alarms.values()] == ["1"]
+    assert await memory.load_cursors(["f"]) == {"f": {"last_id": "1"}}
+
+
+async def test_a_value_the_database_refuses_is_bad_input_and_the_alarms_are_kept(
+    memory: MemoryStorage, run_writer: Callable[[AlarmWriter], AlarmWriter]
+) -> None:
+    writer = run_writer(_writer(memory))
+    reporter = Reporter()
+    year_one = datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=5)))
+    commit = PollCommit(
+        "p",
+        "davantis",
+        [_alarm("p", "1", occurred_at=year_one, raw={"x": 1}), _alarm("p", "2")],
+        {"last_id": 2},
+        reporter,
+    )
+    inserted = await writer.commit(commit)
+    assert sorted(row.source_id for row in inserted) == ["1", "2"]
+    assert reporter.reports == ["unstorable_value"]
+    assert await memory.load_cursors(["p"]) == {"p": {"last_id": 2}}
+    stored = {row.alarm.source_id: row.alarm for row in memory.alarms.values()}
+    assert stored["1"].occurred_at.year == datetime.now(UTC).year, "the time we received it"
+    assert "unstorable" in stored["1"].raw
+
+
+async def test_an_outage_reaches_the_waiting_poller_and_the_writer_goes_on(
+    memory: MemoryStorage, run_writer: Callable[[AlarmWriter], AlarmWriter]
+) -> None:
+    writer = run_writer(_writer(memory))
+    memory.unavailable = True
+    with pytest.raises(DatabaseUnavailable):
+        await writer.commit(_poll("o", "1"))
+    assert memory.alarms == {}
+    memory.unavailable = False
+    assert [row.source_id for row in await writer.commit(_poll("o", "1"))] == ["1"]
