@@ -11,7 +11,7 @@ Contracts every adapter keeps:
 - `commit_polls` writes a site's alarms, their media rows and its cursor all or nothing, never
   an alarm twice (unique per site and `source_id`), and refuses (fences) a site whose lease
   moved past the epoch in its terms;
-- claims (media, actions) last `lease_s` seconds; a claim not renewed in time can be claimed
+- claims (media, actions) last `claim_s` seconds; a claim not renewed in time can be claimed
   again; `site_ids` restricts a claim to those sites plus sites no daemon has a lease row for.
 
 This module imports only the domain.
@@ -58,7 +58,7 @@ class MediaQueue(Protocol):
     """Pending media rows: claimed under a lease, retried later, settled, or handed back."""
 
     async def claim_media(
-        self, *, limit: int, lease_s: float, site_ids: Sequence[str] | None = None
+        self, *, limit: int, claim_s: float, site_ids: Sequence[str] | None = None
     ) -> list[MediaJob]: ...
 
     async def media_retry_later(
@@ -83,10 +83,10 @@ class ActionQueue(Protocol):
     """Operators' actions as the action worker runs them."""
 
     async def claim_actions(
-        self, *, limit: int, lease_s: float, owner: str, site_ids: Sequence[str] | None = None
+        self, *, limit: int, claim_s: float, owner: str, site_ids: Sequence[str] | None = None
     ) -> list[Action]: ...
 
-    async def extend_action_lease(self, action_id: int, *, lease_s: float, owner: str) -> None: ...
+    async def extend_action_claim(self, action_id: int, *, claim_s: float, owner: str) -> None: ...
 
     async def finish_action(
         self,
@@ -96,7 +96,7 @@ class ActionQueue(Protocol):
         result: Mapping[str, Any] | None = None,
         error: str | None = None,
         expected: ActionState = ActionState.RUNNING,
-        only_if_lease_expired: bool = False,
+        only_if_claim_expired: bool = False,
     ) -> bool: ...
 
     async def requeue_action(
@@ -106,7 +106,7 @@ class ActionQueue(Protocol):
         delay_s: float,
         error: str,
         expected: ActionState = ActionState.RUNNING,
-        only_if_lease_expired: bool = False,
+        only_if_claim_expired: bool = False,
     ) -> bool: ...
 
     async def expire_actions(self) -> int: ...

@@ -245,7 +245,7 @@ async def test_alarms_media_and_cursor_commit_together_and_a_replay_adds_nothing
     assert again.inserted == []
     assert [a["source_id"] for a in await h.alarms("s")] == ["1", "2"]
     assert await h.store.queue_depths() == {"media": 1, "actions": 0}
-    pending = await h.store.claim_media(limit=10, lease_s=30)
+    pending = await h.store.claim_media(limit=10, claim_s=30)
     assert [job.alarm_id for job in pending] == [first.inserted[0].id], "only the available"
 
     # A commit without a cursor leaves the stored one as it is.
@@ -321,7 +321,7 @@ async def test_the_store_cleans_what_it_writes_and_reports_a_cleaned_cursor(h: H
     assert row["raw"] == {"name": "a\ufffd", "score": None, "big": None}
     assert await h.store.load_cursors(["p"]) == {"p": {"serial": "SN\ufffd1", "n": None}}
     assert reporter.reports == ["unstorable_cursor"]
-    [job] = await h.store.claim_media(limit=1, lease_s=30)
+    [job] = await h.store.claim_media(limit=1, claim_s=30)
     assert job.locator == {"path": "/s\ufffd", "t": None}
 
 
@@ -375,7 +375,7 @@ async def _one_media(h: Harness, site_id: str = "m") -> int:
 
 async def test_a_media_claim_not_renewed_in_time_is_claimed_again(h: Harness) -> None:
     alarm_id = await _one_media(h)
-    [job] = await h.store.claim_media(limit=5, lease_s=30)
+    [job] = await h.store.claim_media(limit=5, claim_s=30)
     assert (job.alarm_id, job.kind, job.attempts, job.site_id) == (
         alarm_id,
         MediaKind.SNAPSHOT,
@@ -383,24 +383,24 @@ async def test_a_media_claim_not_renewed_in_time_is_claimed_again(h: Harness) ->
         "m",
     )
     assert job.deadline_at > h.now() + timedelta(seconds=590)
-    assert await h.store.claim_media(limit=5, lease_s=30) == [], "claimed: nobody else gets it"
+    assert await h.store.claim_media(limit=5, claim_s=30) == [], "claimed: nobody else gets it"
     await h.later(31)
-    [again] = await h.store.claim_media(limit=5, lease_s=30)
+    [again] = await h.store.claim_media(limit=5, claim_s=30)
     assert again.id == job.id
     await h.store.release_media([again.id])
-    [back] = await h.store.claim_media(limit=5, lease_s=30)
+    [back] = await h.store.claim_media(limit=5, claim_s=30)
     assert back.id == job.id, "released: claimable at once"
 
 
 async def test_media_retried_later_waits_and_keeps_what_the_vendor_remembers(h: Harness) -> None:
     await _one_media(h)
-    [job] = await h.store.claim_media(limit=1, lease_s=30)
+    [job] = await h.store.claim_media(limit=1, claim_s=30)
     await h.store.media_retry_later(
         job.id, delay_s=10, note="not ready: \x00", locator={"id": 1, "export": "x\ud800"}
     )
-    assert await h.store.claim_media(limit=1, lease_s=30) == [], "not due yet"
+    assert await h.store.claim_media(limit=1, claim_s=30) == [], "not due yet"
     await h.later(11)
-    [due] = await h.store.claim_media(limit=1, lease_s=30)
+    [due] = await h.store.claim_media(limit=1, claim_s=30)
     assert (due.id, due.attempts) == (job.id, 1)
     assert due.locator == {"id": 1, "export": "x\ufffd"}
     assert (await h.media_row(job.id))["last_error"] == "not ready: \ufffd"
@@ -409,7 +409,7 @@ async def test_media_retried_later_waits_and_keeps_what_the_vendor_remembers(h: 
 async def test_media_settled_leaves_the_queue(h: Harness) -> None:
     await _one_media(h, "a")
     await _one_media(h, "b")
-    jobs = await h.store.claim_media(limit=5, lease_s=30)
+    jobs = await h.store.claim_media(limit=5, claim_s=30)
     ready, failed = sorted(jobs, key=lambda job: job.site_id)
     await h.store.media_ready(
         ready.id, path="a/1.jpg", content_type="image/jpeg", size_bytes=3, sha256="00"
@@ -417,7 +417,7 @@ async def test_media_settled_leaves_the_queue(h: Harness) -> None:
     await h.store.media_final(failed.id, MediaState.FAILED, "gave up: " + "r" * 3000)
     assert await h.store.queue_depths() == {"media": 0, "actions": 0}
     await h.later(60)
-    assert await h.store.claim_media(limit=5, lease_s=30) == []
+    assert await h.store.claim_media(limit=5, claim_s=30) == []
     assert (await h.media_row(ready.id))["state"] == "ready"
     settled = await h.media_row(failed.id)
     assert (settled["state"], settled["attempts"], len(settled["last_error"])) == (
@@ -436,11 +436,11 @@ async def test_claims_are_limited_to_the_sites_asked_for_and_sites_nobody_leases
             site_id=site_id, kind="relay", target="1", params={}, requested_by="op"
         )
     await h.leases.ensure_sites(["mine", "theirs"])  # "unknown" is in no daemon's config
-    media = await h.store.claim_media(limit=5, lease_s=30, site_ids=["mine"])
+    media = await h.store.claim_media(limit=5, claim_s=30, site_ids=["mine"])
     assert sorted(job.site_id for job in media) == ["mine", "unknown"]
-    actions = await h.store.claim_actions(limit=5, lease_s=30, owner=ME, site_ids=["mine"])
+    actions = await h.store.claim_actions(limit=5, claim_s=30, owner=ME, site_ids=["mine"])
     assert sorted(action.site_id for action in actions) == ["mine", "unknown"]
-    everything = await h.store.claim_actions(limit=5, lease_s=30, owner=ME)
+    everything = await h.store.claim_actions(limit=5, claim_s=30, owner=ME)
     assert [action.site_id for action in everything] == ["theirs"]
 
 
@@ -461,9 +461,9 @@ async def _action(h: Harness, **fields: Any) -> int:
 
 async def test_an_action_is_claimed_once_and_finished_once(h: Harness) -> None:
     action_id = await _action(h)
-    [action] = await h.store.claim_actions(limit=5, lease_s=30, owner=ME)
+    [action] = await h.store.claim_actions(limit=5, claim_s=30, owner=ME)
     assert (action.id, action.attempts, dict(action.params)) == (action_id, 1, {"duration_s": 1})
-    assert await h.store.claim_actions(limit=5, lease_s=30, owner="d2") == []
+    assert await h.store.claim_actions(limit=5, claim_s=30, owner="d2") == []
     assert await h.store.queue_depths() == {"media": 0, "actions": 1}
     result = {"answer": "ok\x00", "level": float("nan")}
     assert await h.store.finish_action(action_id, ActionState.SUCCEEDED, result=result)
@@ -485,7 +485,7 @@ async def test_an_action_past_not_after_expires_and_is_never_claimed(h: Harness)
     timely = await _action(h, not_after=h.now() + timedelta(seconds=60))
     assert await h.store.expire_actions() == 0
     await h.later(6)
-    [claimed] = await h.store.claim_actions(limit=5, lease_s=30, owner=ME)
+    [claimed] = await h.store.claim_actions(limit=5, claim_s=30, owner=ME)
     assert claimed.id == timely
     assert await h.store.expire_actions() == 1
     row = await h.store.action_row(late)
@@ -495,12 +495,12 @@ async def test_an_action_past_not_after_expires_and_is_never_claimed(h: Harness)
 
 async def test_a_requeued_action_waits_its_delay_and_loses_its_claim(h: Harness) -> None:
     action_id = await _action(h)
-    await h.store.claim_actions(limit=1, lease_s=30, owner=ME)
+    await h.store.claim_actions(limit=1, claim_s=30, owner=ME)
     assert await h.store.requeue_action(action_id, delay_s=10, error="refused \x00")
     assert not await h.store.requeue_action(action_id, delay_s=10, error="not running now")
-    assert await h.store.claim_actions(limit=1, lease_s=30, owner=ME) == []
+    assert await h.store.claim_actions(limit=1, claim_s=30, owner=ME) == []
     await h.later(11)
-    [again] = await h.store.claim_actions(limit=1, lease_s=30, owner="d2")
+    [again] = await h.store.claim_actions(limit=1, claim_s=30, owner="d2")
     assert again.attempts == 2
     row = await h.store.action_row(action_id)
     assert row is not None and (row["claimed_by"], row["error"]) == ("d2", "refused \ufffd")
@@ -511,25 +511,25 @@ async def test_a_running_action_whose_claim_ran_out_is_stale_and_recovered_once(
 ) -> None:
     await h.leases.ensure_sites(["a"])  # a configured site: only its holder recovers it
     action_id = await _action(h)
-    await h.store.claim_actions(limit=1, lease_s=30, owner=ME)
+    await h.store.claim_actions(limit=1, claim_s=30, owner=ME)
     await h.later(20)
-    await h.store.extend_action_lease(action_id, lease_s=30, owner="someone else")
-    await h.store.extend_action_lease(action_id, lease_s=30, owner=ME)
+    await h.store.extend_action_claim(action_id, claim_s=30, owner="someone else")
+    await h.store.extend_action_claim(action_id, claim_s=30, owner=ME)
     await h.later(20)
     assert await h.store.stale_running_actions() == [], "renewed by its owner: alive"
     assert not await h.store.finish_action(
-        action_id, ActionState.FAILED, error="crashed?", only_if_lease_expired=True
+        action_id, ActionState.FAILED, error="crashed?", only_if_claim_expired=True
     ), "a live claim is not recovered"
     await h.later(11)
     [stale] = await h.store.stale_running_actions(["a"])
     assert stale.id == action_id
     assert await h.store.stale_running_actions(["elsewhere"]) == []
     assert await h.store.requeue_action(
-        action_id, delay_s=0, error="retried", only_if_lease_expired=True
+        action_id, delay_s=0, error="retried", only_if_claim_expired=True
     )
     assert await h.store.stale_running_actions() == []
     assert not await h.store.finish_action(
-        action_id, ActionState.FAILED, error="too late", only_if_lease_expired=True
+        action_id, ActionState.FAILED, error="too late", only_if_claim_expired=True
     ), "recovered once"
     assert await h.store.finish_action(
         action_id, ActionState.EXPIRED, error="gone", expected=ActionState.QUEUED

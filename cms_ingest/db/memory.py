@@ -313,7 +313,7 @@ class MemoryStorage:
     # ------------------------------------------------------------------ media queue
 
     async def claim_media(
-        self, *, limit: int, lease_s: float, site_ids: Sequence[str] | None = None
+        self, *, limit: int, claim_s: float, site_ids: Sequence[str] | None = None
     ) -> list[MediaJob]:
         now = self._reachable()
         due = sorted(
@@ -328,7 +328,7 @@ class MemoryStorage:
             key=lambda row: row.next_attempt_at,
         )[:limit]
         for row in due:
-            row.claimed_until = now + timedelta(seconds=lease_s)
+            row.claimed_until = now + timedelta(seconds=claim_s)
             row.updated_at = now
         return [self._job(row) for row in due]
 
@@ -458,7 +458,7 @@ class MemoryStorage:
         ]
 
     async def claim_actions(
-        self, *, limit: int, lease_s: float, owner: str, site_ids: Sequence[str] | None = None
+        self, *, limit: int, claim_s: float, owner: str, site_ids: Sequence[str] | None = None
     ) -> list[Action]:
         now = self._reachable()
         due = [
@@ -473,23 +473,23 @@ class MemoryStorage:
             row.state = ActionState.RUNNING.value
             row.attempts += 1
             row.started_at = row.started_at or now
-            row.claimed_until = now + timedelta(seconds=lease_s)
+            row.claimed_until = now + timedelta(seconds=claim_s)
             row.claimed_by = owner
         return [_action(row) for row in due]
 
-    async def extend_action_lease(self, action_id: int, *, lease_s: float, owner: str) -> None:
+    async def extend_action_claim(self, action_id: int, *, claim_s: float, owner: str) -> None:
         now = self._reachable()
         row = self.actions.get(action_id)
         if row is not None and row.claimed_by == owner:
-            row.claimed_until = now + timedelta(seconds=lease_s)
+            row.claimed_until = now + timedelta(seconds=claim_s)
 
     def _settleable(
-        self, action_id: int, expected: ActionState, only_if_lease_expired: bool, now: datetime
+        self, action_id: int, expected: ActionState, only_if_claim_expired: bool, now: datetime
     ) -> _ActionRow | None:
         row = self.actions.get(action_id)
         if row is None or row.state != expected.value:
             return None
-        if only_if_lease_expired and not _before(row.claimed_until, now):
+        if only_if_claim_expired and not _before(row.claimed_until, now):
             return None
         return row
 
@@ -501,10 +501,10 @@ class MemoryStorage:
         result: Mapping[str, Any] | None = None,
         error: str | None = None,
         expected: ActionState = ActionState.RUNNING,
-        only_if_lease_expired: bool = False,
+        only_if_claim_expired: bool = False,
     ) -> bool:
         now = self._reachable()
-        row = self._settleable(action_id, expected, only_if_lease_expired, now)
+        row = self._settleable(action_id, expected, only_if_claim_expired, now)
         if row is None:
             return False
         row.state = state.value
@@ -521,10 +521,10 @@ class MemoryStorage:
         delay_s: float,
         error: str,
         expected: ActionState = ActionState.RUNNING,
-        only_if_lease_expired: bool = False,
+        only_if_claim_expired: bool = False,
     ) -> bool:
         now = self._reachable()
-        row = self._settleable(action_id, expected, only_if_lease_expired, now)
+        row = self._settleable(action_id, expected, only_if_claim_expired, now)
         if row is None:
             return False
         row.state = ActionState.QUEUED.value
