@@ -101,8 +101,9 @@ def _broken_rule(i: Import) -> str | None:
         for banned in ("db", "runtime", "metrics", "simulators"):
             if _within(target, f"cms_ingest.{banned}"):
                 return f"vendors never import {banned}"
+    in_db = _within(own, "cms_ingest.db") and _within(target, "cms_ingest.db")
     storage = _within(own, "cms_ingest.db") or _within(own, "cms_ingest.storage_ports")
-    if storage and not (_within(target, "cms_ingest.db") or _within(target, "cms_ingest.domain")):
+    if storage and not (in_db or _within(target, "cms_ingest.domain")):
         return "db and the storage ports import only domain"
     if _within(own, "cms_ingest.runtime"):
         if _within(target, "cms_ingest.simulators"):
