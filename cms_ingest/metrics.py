@@ -2,221 +2,242 @@
 
 Per-site labels only where an operator needs the site (up/down, polls by outcome);
 histograms carry the vendor only, so two thousand sites do not mean two thousand series each.
+
+`Metrics` is built once per daemon, on a registry of its own, and handed to every part that
+counts; its `/metrics` endpoint serves that registry. Nothing here is module-level state: two
+daemons in one process (as tests run them) keep separate figures, and a gauge read through a
+function reads the daemon it belongs to. A part built without one (a tool, a test) makes a
+private `Metrics()` of its own.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
-REGISTRY = CollectorRegistry(auto_describe=True)
-
-POLLS = Counter(
-    "cms_ingest_polls_total",
-    "Polls of a site, by outcome (ok, error, auth_error, bad_response, timeout).",
-    ["site_id", "vendor", "outcome"],
-    registry=REGISTRY,
-)
-POLL_DURATION = Histogram(
-    "cms_ingest_poll_duration_seconds",
-    "Time of one poll request cycle (including paging), by vendor.",
-    ["vendor"],
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-    registry=REGISTRY,
-)
-ALARMS = Counter(
-    "cms_ingest_alarms_ingested_total",
-    "Alarms committed to the alarms table, by vendor and event type.",
-    ["vendor", "event_type"],
-    registry=REGISTRY,
-)
-INGEST_LATENCY = Histogram(
-    "cms_ingest_alarm_ingest_latency_seconds",
-    "From the alarm's occurred_at (device clock) to its commit.",
-    ["vendor"],
-    buckets=(0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30, 60, 300, 3600),
-    registry=REGISTRY,
-)
-SITE_UP = Gauge(
-    "cms_ingest_site_up",
-    "1 while the site's last poll succeeded, 0 while it fails.",
-    ["site_id", "vendor"],
-    registry=REGISTRY,
-)
-SITE_CONSECUTIVE_FAILURES = Gauge(
-    "cms_ingest_site_consecutive_failures",
-    "Polls that failed in a row.",
-    ["site_id", "vendor"],
-    registry=REGISTRY,
-)
-SITE_LAST_SUCCESS = Gauge(
-    "cms_ingest_site_last_success_timestamp_seconds",
-    "Unix time of the site's last successful poll.",
-    ["site_id", "vendor"],
-    registry=REGISTRY,
-)
-BAD_INPUT = Counter(
-    "cms_ingest_bad_input_total",
-    "Unreadable input from a device, a config file or an action row, by source and kind.",
-    ["source", "what"],
-    registry=REGISTRY,
-)
-AUTH = Counter(
-    "cms_ingest_auth_total",
-    "Logins and token refreshes towards devices, by vendor and outcome.",
-    ["vendor", "kind", "outcome"],
-    registry=REGISTRY,
-)
-MEDIA_FETCHES = Counter(
-    "cms_ingest_media_fetches_total",
-    "Media fetch attempts by outcome (ready, not_ready, unavailable, failed, error).",
-    ["vendor", "kind", "outcome"],
-    registry=REGISTRY,
-)
-MEDIA_BYTES = Counter(
-    "cms_ingest_media_bytes_total",
-    "Bytes of media stored.",
-    ["vendor", "kind"],
-    registry=REGISTRY,
-)
-MEDIA_QUEUE = Gauge(
-    "cms_ingest_media_queue_depth",
-    "Media rows still pending.",
-    registry=REGISTRY,
-)
-ACTION_QUEUE = Gauge(
-    "cms_ingest_action_queue_depth",
-    "Actions queued or running.",
-    registry=REGISTRY,
-)
-ACTIONS = Counter(
-    "cms_ingest_actions_total",
-    "Actions finished, by vendor, kind and outcome (succeeded, failed, expired, retried).",
-    ["vendor", "kind", "outcome"],
-    registry=REGISTRY,
-)
-TASK_RESTARTS = Counter(
-    "cms_ingest_task_restarts_total",
-    "Supervised tasks that died and were restarted.",
-    ["task"],
-    registry=REGISTRY,
-)
-COMMIT_BATCH = Histogram(
-    "cms_ingest_commit_batch_sites",
-    "Sites whose poll results shared one database transaction.",
-    buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500),
-    registry=REGISTRY,
-)
-DB_ERRORS = Counter(
-    "cms_ingest_db_errors_total",
-    "Database operations that failed, by operation.",
-    ["operation"],
-    registry=REGISTRY,
-)
-SITES = Gauge(
-    "cms_ingest_sites",
-    "Configured sites, by vendor.",
-    ["vendor"],
-    registry=REGISTRY,
-)
-CLOCK_SKEW = Gauge(
-    "cms_ingest_clock_skew_seconds",
-    "The device's clock minus ours, as last measured (positive: the device is ahead).",
-    ["site_id", "vendor"],
-    registry=REGISTRY,
-)
-DEVICE_RESETS = Counter(
-    "cms_ingest_device_resets_total",
-    "Devices whose alarm ids started again (reset, replaced, reinstalled); a new device life.",
-    ["vendor"],
-    registry=REGISTRY,
-)
-DEVICE_HEALTH = Gauge(
-    "cms_ingest_device_health",
-    "What the device reports about its own parts (1 healthy, 0 in error), e.g. recorder, cameras.",
-    ["site_id", "vendor", "component"],
-    registry=REGISTRY,
-)
-API_BUDGET_REMAINING = Gauge(
-    "cms_ingest_api_budget_remaining",
-    "Queries left today in an account's daily API budget (CamStreamer).",
-    ["site_id", "vendor"],
-    registry=REGISTRY,
-)
-SITE_SECONDS_SINCE_SUCCESS = Gauge(
-    "cms_ingest_site_seconds_since_success",
-    "Seconds since the site's last successful poll (supervision: comm_lost after the timeout).",
-    ["site_id", "vendor"],
-    registry=REGISTRY,
-)
-FLOOD_GROUPED = Counter(
-    "cms_ingest_flood_grouped_total",
-    "Alarms stored as members of a flood burst (their media skipped unless flood.fetch_media).",
-    ["vendor"],
-    registry=REGISTRY,
-)
-CONFIG_RELOADS = Counter(
-    "cms_ingest_config_reloads_total",
-    "Config reloads on SIGHUP, by outcome (applied, invalid, failed).",
-    ["outcome"],
-    registry=REGISTRY,
-)
-SITES_OWNED = Gauge(
-    "cms_ingest_sites_owned",
-    "Sites whose lease this daemon holds (and therefore polls).",
-    registry=REGISTRY,
-)
-LEASE_TAKEOVERS = Counter(
-    "cms_ingest_lease_takeovers_total",
-    "Site leases this daemon took from another daemon whose lease had expired.",
-    registry=REGISTRY,
-)
-LEASE_HANDOFFS = Counter(
-    "cms_ingest_lease_handoffs_total",
-    "Site leases this daemon gave up on purpose (rebalance, reload, shutdown).",
-    registry=REGISTRY,
-)
-LEASES_LOST = Counter(
-    "cms_ingest_leases_lost_total",
-    "Site leases this daemon found taken or expired when renewing (it stopped those sites).",
-    registry=REGISTRY,
-)
-FENCING_REFUSALS = Counter(
-    "cms_ingest_fencing_refusals_total",
-    "Poll commits refused because this daemon no longer held the site's lease.",
-    registry=REGISTRY,
-)
-DAEMONS_LIVE = Gauge(
-    "cms_ingest_daemons_live",
-    "Daemons sharing the database, as last seen by this one (heartbeat not expired).",
-    registry=REGISTRY,
-)
-
-EVENT_LOOP_LAG = Histogram(
-    "cms_ingest_event_loop_lag_seconds",
-    "How much later than asked the event loop ran a 0.25 s timer (anything blocking it delays "
-    "every site).",
-    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-    registry=REGISTRY,
-)
-EVENT_LOOP_BLOCKED = Counter(
-    "cms_ingest_event_loop_blocked_total",
-    "Episodes in which the event loop lagged over 1 s (each logged as event_loop_blocked).",
-    registry=REGISTRY,
-)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 
-# Per-site gauges: only the daemon holding a site exports them, so a site handed to another
-# daemon must not leave a stale "down" (or "up") behind here.
-_PER_SITE_GAUGES = (
-    SITE_UP,
-    SITE_CONSECUTIVE_FAILURES,
-    SITE_LAST_SUCCESS,
-    SITE_SECONDS_SINCE_SUCCESS,
-    CLOCK_SKEW,
-    DEVICE_HEALTH,
-)
+class Metrics:
+    """One daemon's collectors, on its own `registry`."""
 
+    def __init__(self) -> None:
+        self.registry = registry = CollectorRegistry(auto_describe=True)
+        self.polls = Counter(
+            "cms_ingest_polls_total",
+            "Polls of a site, by outcome (ok, error, auth_error, bad_response, timeout).",
+            ["site_id", "vendor", "outcome"],
+            registry=registry,
+        )
+        self.poll_duration = Histogram(
+            "cms_ingest_poll_duration_seconds",
+            "Time of one poll request cycle (including paging), by vendor.",
+            ["vendor"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=registry,
+        )
+        self.alarms = Counter(
+            "cms_ingest_alarms_ingested_total",
+            "Alarms committed to the alarms table, by vendor and event type.",
+            ["vendor", "event_type"],
+            registry=registry,
+        )
+        self.ingest_latency = Histogram(
+            "cms_ingest_alarm_ingest_latency_seconds",
+            "From the alarm's occurred_at (device clock) to its commit.",
+            ["vendor"],
+            buckets=(0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30, 60, 300, 3600),
+            registry=registry,
+        )
+        self.site_up = Gauge(
+            "cms_ingest_site_up",
+            "1 while the site's last poll succeeded, 0 while it fails.",
+            ["site_id", "vendor"],
+            registry=registry,
+        )
+        self.site_consecutive_failures = Gauge(
+            "cms_ingest_site_consecutive_failures",
+            "Polls that failed in a row.",
+            ["site_id", "vendor"],
+            registry=registry,
+        )
+        self.site_last_success = Gauge(
+            "cms_ingest_site_last_success_timestamp_seconds",
+            "Unix time of the site's last successful poll.",
+            ["site_id", "vendor"],
+            registry=registry,
+        )
+        self.bad_input = Counter(
+            "cms_ingest_bad_input_total",
+            "Unreadable input from a device, a config file or an action row, by source and kind.",
+            ["source", "what"],
+            registry=registry,
+        )
+        self.auth = Counter(
+            "cms_ingest_auth_total",
+            "Logins and token refreshes towards devices, by vendor and outcome.",
+            ["vendor", "kind", "outcome"],
+            registry=registry,
+        )
+        self.media_fetches = Counter(
+            "cms_ingest_media_fetches_total",
+            "Media fetch attempts by outcome (ready, not_ready, unavailable, failed, error).",
+            ["vendor", "kind", "outcome"],
+            registry=registry,
+        )
+        self.media_bytes = Counter(
+            "cms_ingest_media_bytes_total",
+            "Bytes of media stored.",
+            ["vendor", "kind"],
+            registry=registry,
+        )
+        self.media_queue = Gauge(
+            "cms_ingest_media_queue_depth",
+            "Media rows still pending.",
+            registry=registry,
+        )
+        self.action_queue = Gauge(
+            "cms_ingest_action_queue_depth",
+            "Actions queued or running.",
+            registry=registry,
+        )
+        self.actions = Counter(
+            "cms_ingest_actions_total",
+            "Actions finished, by vendor, kind and outcome (succeeded, failed, expired, retried).",
+            ["vendor", "kind", "outcome"],
+            registry=registry,
+        )
+        self.task_restarts = Counter(
+            "cms_ingest_task_restarts_total",
+            "Supervised tasks that died and were restarted.",
+            ["task"],
+            registry=registry,
+        )
+        self.commit_batch = Histogram(
+            "cms_ingest_commit_batch_sites",
+            "Sites whose poll results shared one database transaction.",
+            buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500),
+            registry=registry,
+        )
+        self.db_errors = Counter(
+            "cms_ingest_db_errors_total",
+            "Database operations that failed, by operation.",
+            ["operation"],
+            registry=registry,
+        )
+        self.sites = Gauge(
+            "cms_ingest_sites",
+            "Configured sites, by vendor.",
+            ["vendor"],
+            registry=registry,
+        )
+        self.clock_skew = Gauge(
+            "cms_ingest_clock_skew_seconds",
+            "The device's clock minus ours, as last measured (positive: the device is ahead).",
+            ["site_id", "vendor"],
+            registry=registry,
+        )
+        self.device_resets = Counter(
+            "cms_ingest_device_resets_total",
+            "Devices whose alarm ids started again (reset, replaced, reinstalled); a new device "
+            "life.",
+            ["vendor"],
+            registry=registry,
+        )
+        self.device_health = Gauge(
+            "cms_ingest_device_health",
+            "What the device reports about its own parts (1 healthy, 0 in error), e.g. recorder, "
+            "cameras.",
+            ["site_id", "vendor", "component"],
+            registry=registry,
+        )
+        self.api_budget_remaining = Gauge(
+            "cms_ingest_api_budget_remaining",
+            "Queries left today in an account's daily API budget (CamStreamer).",
+            ["site_id", "vendor"],
+            registry=registry,
+        )
+        self.site_seconds_since_success = Gauge(
+            "cms_ingest_site_seconds_since_success",
+            "Seconds since the site's last successful poll (supervision: comm_lost after the "
+            "timeout).",
+            ["site_id", "vendor"],
+            registry=registry,
+        )
+        self.flood_grouped = Counter(
+            "cms_ingest_flood_grouped_total",
+            "Alarms stored as members of a flood burst (their media skipped unless "
+            "flood.fetch_media).",
+            ["vendor"],
+            registry=registry,
+        )
+        self.config_reloads = Counter(
+            "cms_ingest_config_reloads_total",
+            "Config reloads on SIGHUP, by outcome (applied, invalid, failed).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.sites_owned = Gauge(
+            "cms_ingest_sites_owned",
+            "Sites whose lease this daemon holds (and therefore polls).",
+            registry=registry,
+        )
+        self.lease_takeovers = Counter(
+            "cms_ingest_lease_takeovers_total",
+            "Site leases this daemon took from another daemon whose lease had expired.",
+            registry=registry,
+        )
+        self.lease_handoffs = Counter(
+            "cms_ingest_lease_handoffs_total",
+            "Site leases this daemon gave up on purpose (rebalance, reload, shutdown).",
+            registry=registry,
+        )
+        self.leases_lost = Counter(
+            "cms_ingest_leases_lost_total",
+            "Site leases this daemon found taken or expired when renewing (it stopped those "
+            "sites).",
+            registry=registry,
+        )
+        self.fencing_refusals = Counter(
+            "cms_ingest_fencing_refusals_total",
+            "Poll commits refused because this daemon no longer held the site's lease.",
+            registry=registry,
+        )
+        self.daemons_live = Gauge(
+            "cms_ingest_daemons_live",
+            "Daemons sharing the database, as last seen by this one (heartbeat not expired).",
+            registry=registry,
+        )
+        self.event_loop_lag = Histogram(
+            "cms_ingest_event_loop_lag_seconds",
+            "How much later than asked the event loop ran a 0.25 s timer (anything blocking it "
+            "delays every site).",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=registry,
+        )
+        self.event_loop_blocked = Counter(
+            "cms_ingest_event_loop_blocked_total",
+            "Episodes in which the event loop lagged over 1 s (each logged as event_loop_blocked).",
+            registry=registry,
+        )
 
-def forget_site(site_id: str) -> None:
-    for gauge in _PER_SITE_GAUGES:
-        gauge.remove_by_labels({"site_id": site_id})
+        # Per-site gauges: only the daemon holding a site exports them, so a site handed to
+        # another daemon must not leave a stale "down" (or "up") behind here.
+        self._per_site_gauges = (
+            self.site_up,
+            self.site_consecutive_failures,
+            self.site_last_success,
+            self.site_seconds_since_success,
+            self.clock_skew,
+            self.device_health,
+        )
+
+    def forget_site(self, site_id: str) -> None:
+        """Withdraw the site's per-site gauges (it was removed or handed to another daemon)."""
+        for gauge in self._per_site_gauges:
+            gauge.remove_by_labels({"site_id": site_id})
+
+    def sample(self, name: str, **labels: str) -> float:
+        """One sample's value, 0 when it does not exist (yet): for tools and tests."""
+        return self.registry.get_sample_value(name, labels) or 0.0
+
+    def exposition(self) -> bytes:
+        """The registry in Prometheus' text format, as `/metrics` serves it."""
+        return generate_latest(self.registry)

@@ -22,7 +22,6 @@ from prometheus_client.samples import Sample
 from pydantic import SecretStr
 
 from cms_ingest.config import ActionsConfig, AppConfig, MediaConfig, SiteConfig
-from cms_ingest.metrics import REGISTRY
 from cms_ingest.runtime.daemon import Daemon, run_daemon
 from tests.conftest import eventually
 
@@ -178,11 +177,6 @@ def metric_sum(samples: list[Sample], name: str, **labels: str) -> float | None:
         if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
     ]
     return float(sum(values)) if values else None
-
-
-def sample(name: str, **labels: str) -> float:
-    """A sample of this process's metrics (a daemon run in-process); 0 when not there yet."""
-    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 def log_events(log: Path, name: str | None = None) -> list[dict[str, Any]]:

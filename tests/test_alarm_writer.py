@@ -26,8 +26,8 @@ from cms_ingest.domain import (
     PollCommit,
     SiteLease,
 )
+from cms_ingest.metrics import Metrics
 from cms_ingest.runtime.writer import AlarmWriter, LeaseLost
-from tests.support import sample
 
 
 class Reporter:
@@ -89,6 +89,7 @@ def _writer(
     *,
     lease_of: Callable[[str], SiteLease | None] | None = None,
     deadlines: dict[str, float] | None = None,
+    metrics: Metrics | None = None,
 ) -> AlarmWriter:
     known = deadlines or {}
     return AlarmWriter(
@@ -96,17 +97,19 @@ def _writer(
         lease_of=lease_of,
         media_deadline_of=lambda site_id: known.get(site_id, 600.0),
         max_wait_s=0.2,  # long enough that commits handed over together share a batch
+        metrics=metrics,
     )
 
 
 async def test_sites_share_a_batch_each_with_its_own_media_deadline(
     memory: MemoryStorage, clock: ManualClock, run_writer: Callable[[AlarmWriter], AlarmWriter]
 ) -> None:
-    writer = run_writer(_writer(memory, deadlines={"a": 30.0, "b": 90.0}))
-    batches = sample("cms_ingest_commit_batch_sites_count")
+    metrics = Metrics()
+    writer = run_writer(_writer(memory, deadlines={"a": 30.0, "b": 90.0}, metrics=metrics))
     a, b = await asyncio.gather(writer.commit(_poll("a", "1")), writer.commit(_poll("b", "1")))
     assert [row.source_id for row in a] == ["1"] and [row.source_id for row in b] == ["1"]
-    assert sample("cms_ingest_commit_batch_sites_count") == batches + 1, "one batch"
+    assert metrics.sample("cms_ingest_commit_batch_sites_count") == 1, "one batch"
+    assert metrics.sample("cms_ingest_commit_batch_sites_sum") == 2, "of both sites"
     deadlines = {row.site_id: row.deadline_at - clock.now for row in memory.media.values()}
     assert deadlines == {"a": timedelta(seconds=30), "b": timedelta(seconds=90)}
     assert await memory.load_cursors(["a", "b"]) == {"a": {"last_id": "1"}, "b": {"last_id": "1"}}
@@ -115,11 +118,11 @@ async def test_sites_share_a_batch_each_with_its_own_media_deadline(
 async def test_a_site_no_longer_held_is_refused_before_anything_is_written(
     memory: MemoryStorage, run_writer: Callable[[AlarmWriter], AlarmWriter]
 ) -> None:
-    writer = run_writer(_writer(memory, lease_of=lambda _site: None))
-    refusals = sample("cms_ingest_fencing_refusals_total")
+    metrics = Metrics()
+    writer = run_writer(_writer(memory, lease_of=lambda _site: None, metrics=metrics))
     with pytest.raises(LeaseLost):
         await writer.commit(_poll("gone", "1"))
-    assert sample("cms_ingest_fencing_refusals_total") == refusals + 1
+    assert metrics.sample("cms_ingest_fencing_refusals_total") == 1
     assert memory.alarms == {} and await memory.load_cursors(["gone"]) == {"gone": None}
 
 
@@ -129,16 +132,17 @@ async def test_a_commit_under_a_lease_another_daemon_took_is_fenced(
     await memory.ensure_sites(["f"])
     [mine] = await memory.acquire("me", 30, ["f"], 1)
     held = {"f": SiteLease("me", mine.epoch)}
-    writer = run_writer(_writer(memory, lease_of=held.get))
+    metrics = Metrics()
+    writer = run_writer(_writer(memory, lease_of=held.get, metrics=metrics))
     assert len(await writer.commit(_poll("f", "1"))) == 1
 
     # Paused past its lease: another daemon takes the site, this one still thinks it holds it.
     await memory.expire_daemons(["me"])
     await memory.acquire("other", 30, ["f"], 1)
-    refusals = sample("cms_ingest_fencing_refusals_total")
+    assert metrics.sample("cms_ingest_fencing_refusals_total") == 0
     with pytest.raises(LeaseLost):
         await writer.commit(_poll("f", "2", "3"))
-    assert sample("cms_ingest_fencing_refusals_total") == refusals + 1
+    assert metrics.sample("cms_ingest_fencing_refusals_total") == 1
     assert [row.alarm.source_id for row in memory.alarms.values()] == ["1"]
     assert await memory.load_cursors(["f"]) == {"f": {"last_id": "1"}}
 

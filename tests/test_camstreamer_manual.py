@@ -21,6 +21,7 @@ import pytest
 from aiohttp import web
 
 from cms_ingest.domain import Action, EventType, MediaKind
+from cms_ingest.metrics import Metrics
 from cms_ingest.probe import run_probe
 from cms_ingest.runtime.sites import build_site
 from cms_ingest.simulators.base import DeviceAnswer, static_answer
@@ -29,12 +30,14 @@ from cms_ingest.sitehttp import new_client_session
 from cms_ingest.vendors.base import AuthenticationFailed, DeviceRefused, InvalidAction
 from cms_ingest.vendors.camstreamer import CamStreamerClient, OutputIncomplete
 from tests.conftest import eventually
-from tests.support import app_config, camstreamer_site, final, running_daemon, sample
+from tests.support import app_config, camstreamer_site, final, running_daemon
 
 GATE, YARD = "ACCC8EE8A9CA", "ACCC8EE8A9CB"
 FAST = math.inf
 SCHEMAS = ("manual", "extended")
 OAUTH = {"client_id": "cms-client", "client_secret": "cms-secret", "refresh_token": "refresh-1"}
+# What the clients of `client_for` report counts here (read with `bad_inputs`).
+CLIENT_METRICS = Metrics()
 
 
 def fast_options(**extra: Any) -> dict[str, Any]:
@@ -49,7 +52,8 @@ async def client_for(
     """The real client for one account, built as the daemon builds it."""
     overrides.setdefault("options", fast_options())
     async with new_client_session() as session:
-        site = build_site(camstreamer_site("cs", sim.url(tenant), **overrides), session)
+        config = camstreamer_site("cs", sim.url(tenant), **overrides)
+        site = build_site(config, session, metrics=CLIENT_METRICS)
         assert isinstance(site.client, CamStreamerClient)
         yield site.client
         await site.client.close()
@@ -68,7 +72,10 @@ def output(params: dict[str, Any], *, not_after: datetime | None = None) -> Acti
 
 
 def bad_inputs(what: str) -> float:
-    return sample("cms_ingest_bad_input_total", source="device:camstreamer", what=what)
+    """Bad input the clients of `client_for` reported, so far."""
+    return CLIENT_METRICS.sample(
+        "cms_ingest_bad_input_total", source="device:camstreamer", what=what
+    )
 
 
 # ------------------------------------------------------------------ 5: the manual's fields

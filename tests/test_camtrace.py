@@ -211,8 +211,6 @@ async def test_catch_up_after_downtime(
 async def test_clock_skew_of_30_s_and_stale_digests(
     database_url: str, db: asyncpg.Connection, tmp_path: Path
 ) -> None:
-    from cms_ingest.metrics import REGISTRY
-
     site = CamTraceSite(media_delay=0, clock_offset_s=30.0)  # the server runs 30 s ahead
     async with CamTraceSimulator({"default": site}) as sim:
         config = app_config(database_url, tmp_path, [camtrace_site("c1", sim.url())])
@@ -221,7 +219,7 @@ async def test_clock_skew_of_30_s_and_stale_digests(
             site.add_alarm(recording=False)
             await eventually(lambda: count_at_least(db, 1), what="alarm 1")
             labels = {"site_id": "c1", "vendor": "camtrace"}
-            skew = REGISTRY.get_sample_value("cms_ingest_clock_skew_seconds", labels)
+            skew = daemon.metrics.registry.get_sample_value("cms_ingest_clock_skew_seconds", labels)
             assert skew is not None and 28 <= skew <= 32
             site.clock_offset_s = -30.0  # the server's clock jumps: our digests are now stale
             site.add_alarm(recording=False)
@@ -271,12 +269,6 @@ async def test_every_camtrace_action(
 async def test_health_errors_are_reported_once_and_in_metrics(
     database_url: str, db: asyncpg.Connection, tmp_path: Path
 ) -> None:
-    from cms_ingest.metrics import REGISTRY
-
-    def health(component: str) -> float | None:
-        labels = {"component": component, "site_id": "c1", "vendor": "camtrace"}
-        return REGISTRY.get_sample_value("cms_ingest_device_health", labels)
-
     site = CamTraceSite(media_delay=0)
     async with CamTraceSimulator({"default": site}) as sim:
         config = app_config(
@@ -284,7 +276,12 @@ async def test_health_errors_are_reported_once_and_in_metrics(
             tmp_path,
             [camtrace_site("c1", sim.url(), options={"health_interval_s": 0.2})],
         )
-        async with running_daemon(config):
+        async with running_daemon(config) as daemon:
+
+            def health(component: str) -> float | None:
+                labels = {"component": component, "site_id": "c1", "vendor": "camtrace"}
+                return daemon.metrics.registry.get_sample_value("cms_ingest_device_health", labels)
+
             await eventually(lambda: health("cameras") == 1.0, what="cameras healthy")
             site.set_camera_error(1, "No image")
             await eventually(lambda: health("cameras") == 0.0, what="camera error seen")

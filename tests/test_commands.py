@@ -7,10 +7,11 @@ import re
 import sys
 from pathlib import Path
 
+from cms_ingest.metrics import Metrics
 from cms_ingest.retry import RetryPolicy
 from cms_ingest.runtime.tasks import TaskSupervisor
 from cms_ingest.simulators.davantis import DavantisSimulator, DavantisSite
-from tests.support import free_port, sample
+from tests.support import free_port
 
 
 async def test_demo_shows_alarms_media_and_stops_by_itself(tmp_path: Path) -> None:
@@ -128,7 +129,8 @@ async def _run(*args: str) -> tuple[int, str]:
 
 
 async def test_a_dying_task_is_restarted_and_others_keep_running() -> None:
-    supervisor = TaskSupervisor()
+    metrics = Metrics()
+    supervisor = TaskSupervisor(metrics=metrics)
     runs = 0
     healthy_ticks = 0
     recovered = asyncio.Event()
@@ -147,13 +149,13 @@ async def test_a_dying_task_is_restarted_and_others_keep_running() -> None:
             healthy_ticks += 1
             await asyncio.sleep(0.01)
 
-    before = sample("cms_ingest_task_restarts_total", task="flaky")
     fast = RetryPolicy(base=0.05, factor=2, cap=0.2, jitter=0)
     supervisor.start("flaky", flaky, policy=fast)
     supervisor.start("steady", steady)
     await asyncio.wait_for(recovered.wait(), timeout=5)
     assert runs == 3
-    assert sample("cms_ingest_task_restarts_total", task="flaky") - before == 2
+    assert metrics.sample("cms_ingest_task_restarts_total", task="flaky") == 2
+    assert metrics.sample("cms_ingest_task_restarts_total", task="steady") == 0
     assert supervisor.names == ["flaky", "steady"]
     ticks = healthy_ticks
     await asyncio.sleep(0.05)

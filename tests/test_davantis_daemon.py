@@ -8,7 +8,6 @@ from pathlib import Path
 import asyncpg
 from aiohttp import web
 
-from cms_ingest.metrics import REGISTRY
 from cms_ingest.simulators.base import DeviceAnswer
 from cms_ingest.simulators.davantis import DavantisSimulator, DavantisSite
 from tests.conftest import eventually
@@ -237,8 +236,7 @@ async def test_faulty_site_recovers_and_never_delays_another(
                 assert daemon.sites.by_id["bad"].health.up is True
             assert await alarm_ids(db, "bad") == [1, 2, 3]
             labels = {"outcome": "bad_response", "site_id": "bad", "vendor": "davantis"}
-            polls = REGISTRY.get_sample_value("cms_ingest_polls_total", labels)
-            assert polls is not None and polls >= 5
+            assert daemon.metrics.sample("cms_ingest_polls_total", **labels) >= 5
 
 
 async def _site_count(db: asyncpg.Connection, site_id: str, n: int) -> bool:

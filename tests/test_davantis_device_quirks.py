@@ -9,10 +9,11 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from cms_ingest.metrics import Metrics
 from cms_ingest.simulators.davantis import DavantisSimulator, DavantisSite
 from cms_ingest.vendors.common import MAX_PAGES_PER_POLL
 from tests.conftest import eventually
-from tests.support import app_config, davantis_site, running_daemon, sample
+from tests.support import app_config, davantis_site, running_daemon
 
 
 async def count(db: asyncpg.Connection) -> int:
@@ -26,8 +27,8 @@ async def cursor(db: asyncpg.Connection) -> dict[str, object] | None:
     return None if value is None else dict(json.loads(value) if isinstance(value, str) else value)
 
 
-def bad_input(what: str) -> float:
-    return sample("cms_ingest_bad_input_total", source="device:davantis", what=what)
+def bad_input(metrics: Metrics, what: str) -> float:
+    return metrics.sample("cms_ingest_bad_input_total", source="device:davantis", what=what)
 
 
 @pytest.mark.parametrize(
@@ -39,10 +40,9 @@ async def test_a_reset_device_loses_no_alarm_and_duplicates_none(
     """10 alarms stored, the box factory-reset (ids start again at 1), 10 new alarms: 20 of
     20 stored, the old rows untouched, the new ones tagged with the device's new life."""
     site = DavantisSite(media_delay=0)
-    resets = sample("cms_ingest_device_resets_total", vendor="davantis")
     async with DavantisSimulator({"default": site}) as sim:
         config = app_config(database_url, tmp_path, [davantis_site("d1", sim.url())])
-        async with running_daemon(config):
+        async with running_daemon(config) as daemon:
             await eventually(lambda: cursor(db), what="first cursor")
             site.add_alarms(10)
             await eventually(lambda: _at_least(db, 10), what="10 alarms before the reset")
@@ -59,7 +59,7 @@ async def test_a_reset_device_loses_no_alarm_and_duplicates_none(
     life = (await cursor(db) or {})["life"]
     assert isinstance(life, str) and life
     assert [row["source_id"] for row in rows[10:]] == [f"{n}@{life}" for n in range(1, 11)]
-    assert sample("cms_ingest_device_resets_total", vendor="davantis") == resets + 1
+    assert daemon.metrics.sample("cms_ingest_device_resets_total", vendor="davantis") == 1
 
 
 async def _at_least(db: asyncpg.Connection, n: int) -> bool:
@@ -76,13 +76,12 @@ async def test_arming_events_in_the_device_language(
     database_url: str, db: asyncpg.Connection, tmp_path: Path, language: str
 ) -> None:
     site = DavantisSite(media_delay=0, language=language)
-    unclassified = bad_input("arming_event_unclassified")
     async with DavantisSimulator({"default": site}) as sim:
         options = {"armed_only": False}
         config = app_config(
             database_url, tmp_path, [davantis_site("d1", sim.url(), options=options)]
         )
-        async with running_daemon(config):
+        async with running_daemon(config) as daemon:
             await eventually(lambda: cursor(db), what="first cursor")
             site.set_input(1, False)
             site.set_input(1, True)
@@ -91,7 +90,7 @@ async def test_arming_events_in_the_device_language(
             rows = await db.fetch("SELECT event_type, description FROM alarms ORDER BY id")
     assert [row["event_type"] for row in rows] == ["disarmed", "armed", "system"]
     assert rows[2]["description"] == "Zustand 7"
-    assert bad_input("arming_event_unclassified") == unclassified + 1
+    assert bad_input(daemon.metrics, "arming_event_unclassified") == 1
 
 
 @pytest.mark.parametrize(
@@ -109,13 +108,12 @@ async def test_arming_per_input_when_inputs_do_not_list_cameras(
     expected: list[bool | None],
 ) -> None:
     site = DavantisSite(media_delay=0, cameras=4, input_cameras=links)  # input 1: cameras 1-2
-    unknown = bad_input("camera_input_unknown")
     async with DavantisSimulator({"default": site}) as sim:
         options = {"armed_only": False}
         config = app_config(
             database_url, tmp_path, [davantis_site("d1", sim.url(), options=options)]
         )
-        async with running_daemon(config):
+        async with running_daemon(config) as daemon:
             await eventually(lambda: cursor(db), what="first cursor")
             site.set_input(1, False)
             await eventually(lambda: _at_least(db, 1), what="the disarm event")
@@ -124,7 +122,7 @@ async def test_arming_per_input_when_inputs_do_not_list_cameras(
             await eventually(lambda: _at_least(db, 3), what="two person alarms")
             rows = await db.fetch("SELECT camera_id, armed FROM alarms ORDER BY id")
     assert [row["armed"] for row in rows[1:]] == expected
-    assert (bad_input("camera_input_unknown") > unknown) == (links == "none")
+    assert (bad_input(daemon.metrics, "camera_input_unknown") > 0) == (links == "none")
 
 
 async def test_a_catch_up_beyond_the_page_cap_resumes_from_the_stored_cursor(

@@ -16,16 +16,19 @@ import pytest
 from aiohttp import web
 
 from cms_ingest.domain import Alarm
+from cms_ingest.metrics import Metrics
 from cms_ingest.runtime.sites import build_site
 from cms_ingest.simulators.base import DeviceAnswer
 from cms_ingest.simulators.davantis import DavantisSimulator, DavantisSite
 from cms_ingest.vendors.base import PollResult
 from cms_ingest.vendors.common import MAX_PAGES_PER_POLL
 from cms_ingest.vendors.davantis import DavantisClient
-from tests.support import davantis_site, sample
+from tests.support import davantis_site
 
 PAGE = 20  # a small device cap keeps these tests fast; the paging is the same at 300
 BASE = datetime(2026, 11, 2, 8, 0, tzinfo=UTC)
+# What the clients of `client_for` report counts here.
+CLIENT_METRICS = Metrics()
 
 
 @pytest.fixture
@@ -38,7 +41,7 @@ def client_for(
     sim: DavantisSimulator, session: aiohttp.ClientSession, **options: Any
 ) -> DavantisClient:
     config = davantis_site("dp", sim.url(), options={"page_cap": PAGE, **options})
-    client = build_site(config, session).client
+    client = build_site(config, session, metrics=CLIENT_METRICS).client
     assert isinstance(client, DavantisClient)
     return client
 
@@ -60,7 +63,7 @@ def ids_of(alarms: list[Alarm]) -> list[int]:
 
 
 def bad_input(what: str) -> float:
-    return sample("cms_ingest_bad_input_total", source="device:davantis", what=what)
+    return CLIENT_METRICS.sample("cms_ingest_bad_input_total", source="device:davantis", what=what)
 
 
 # ------------------------------------------------------------------ paging (item 4)
@@ -370,7 +373,7 @@ async def test_a_reset_is_seen_when_cra_hides_the_id_of_the_cursor(
     list it, while 11 and 12 are listed. The old alarm 10 is asked for without cra."""
     site = DavantisSite()
     site.add_alarms(10)
-    resets = sample("cms_ingest_device_resets_total", vendor="davantis")
+    resets = CLIENT_METRICS.sample("cms_ingest_device_resets_total", vendor="davantis")
     async with DavantisSimulator({"default": site}) as sim:
         client = client_for(sim, session)
         first = await client.poll(None)
@@ -383,7 +386,7 @@ async def test_a_reset_is_seen_when_cra_hides_the_id_of_the_cursor(
     life = result.cursor["life"]
     expected = [f"{n}@{life}" for n in (*range(1, 10), 11, 12)]
     assert [alarm.source_id for alarm in result.alarms] == expected
-    assert sample("cms_ingest_device_resets_total", vendor="davantis") == resets + 1
+    assert CLIENT_METRICS.sample("cms_ingest_device_resets_total", vendor="davantis") == resets + 1
 
 
 async def test_a_firmware_writing_times_differently_is_no_reset(
@@ -393,7 +396,7 @@ async def test_a_firmware_writing_times_differently_is_no_reset(
     device writes the same instant with its offset. Same alarm: no new device life."""
     site = DavantisSite(utc_offset="Europe/Madrid", time_zone="Europe/Madrid", local_times=True)
     site.add_alarms(3)
-    resets = sample("cms_ingest_device_resets_total", vendor="davantis")
+    resets = CLIENT_METRICS.sample("cms_ingest_device_resets_total", vendor="davantis")
     async with DavantisSimulator({"default": site}) as sim:
         client = client_for(sim, session)
         first = await client.poll(None)
@@ -403,4 +406,4 @@ async def test_a_firmware_writing_times_differently_is_no_reset(
         result = await client.poll(dict(first.cursor))
     assert [alarm.source_id for alarm in result.alarms] == ["4"]
     assert "life" not in result.cursor
-    assert sample("cms_ingest_device_resets_total", vendor="davantis") == resets
+    assert CLIENT_METRICS.sample("cms_ingest_device_resets_total", vendor="davantis") == resets

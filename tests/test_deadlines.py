@@ -20,11 +20,12 @@ from aiohttp import web
 from structlog.testing import capture_logs
 
 from cms_ingest.config import ActionsConfig, MediaConfig
+from cms_ingest.metrics import Metrics
 from cms_ingest.runtime.looplag import LoopLagMonitor
 from cms_ingest.simulators.base import DeviceAnswer
 from cms_ingest.simulators.davantis import DavantisSimulator, DavantisSite
 from tests.conftest import eventually
-from tests.support import app_config, davantis_site, final, running_daemon, sample
+from tests.support import app_config, davantis_site, final, running_daemon
 
 
 async def _alarm_ids(db: asyncpg.Connection, site_id: str) -> list[int]:
@@ -41,8 +42,10 @@ async def _cursor(db: asyncpg.Connection, site_id: str) -> Any:
     return None if value is None else json.loads(value)
 
 
-def _timeouts(site_id: str) -> float:
-    return sample("cms_ingest_polls_total", site_id=site_id, vendor="davantis", outcome="timeout")
+def _timeouts(metrics: Metrics, site_id: str) -> float:
+    return metrics.sample(
+        "cms_ingest_polls_total", site_id=site_id, vendor="davantis", outcome="timeout"
+    )
 
 
 async def test_a_poll_past_its_deadline_fails_as_timeout_and_other_sites_go_on(
@@ -59,16 +62,18 @@ async def test_a_poll_past_its_deadline_fails_as_timeout_and_other_sites_go_on(
                 davantis_site("fast", sim.url("fast")),
             ],
         )
-        async with running_daemon(config):
+        async with running_daemon(config) as daemon:
             await eventually(lambda: _cursor(db, "slow"), what="the slow site's first cursor")
             slow.add_alarms(2, snapshot="unavailable", video="unavailable")
             await eventually(lambda: _has_ids(db, "slow", [1, 2]), what="the first alarms")
             cursor = await _cursor(db, "slow")
-            before = _timeouts("slow")
+            before = _timeouts(daemon.metrics, "slow")
             with capture_logs() as logs:
                 slow.slow_alarm_polls(3, delay=1.2)
                 slow.add_alarms(2, snapshot="unavailable", video="unavailable")
-                await eventually(lambda: _timeouts("slow") >= before + 3, what="3 late polls")
+                await eventually(
+                    lambda: _timeouts(daemon.metrics, "slow") >= before + 3, what="3 late polls"
+                )
                 assert await _cursor(db, "slow") == cursor, "a late poll moves no cursor"
                 # Meanwhile the other site is polled as usual.
                 fast.add_alarms(1, snapshot="unavailable", video="unavailable")
@@ -116,19 +121,16 @@ async def test_a_trickling_media_download_is_cut_at_its_deadline_and_retried(
             [davantis_site("d1", sim.url())],
             media=MediaConfig(retry_base_s=0.2, retry_max_s=0.5, download_timeout_s=0.8),
         )
-        before = sample(
-            "cms_ingest_media_fetches_total", vendor="davantis", kind="snapshot", outcome="timeout"
-        )
-        async with running_daemon(config):
+        async with running_daemon(config) as daemon:
             await eventually(lambda: _cursor(db, "d1"), what="the first cursor")
             site.add_alarms(1, video="unavailable")
             row = await eventually(lambda: _snapshot(db, "ready"), what="snapshot", timeout=10)
     assert row["attempts"] == 2
     assert (
-        sample(
+        daemon.metrics.sample(
             "cms_ingest_media_fetches_total", vendor="davantis", kind="snapshot", outcome="timeout"
         )
-        == before + 1
+        == 1
     )
     assert not list((tmp_path / "media" / ".partial").glob("*")), "no half-written file left"
 
@@ -156,20 +158,17 @@ async def test_a_slow_media_status_is_cut_at_its_deadline_and_asked_again(
             [davantis_site("d1", sim.url(), request_timeout_s=5)],
             media=MediaConfig(retry_base_s=0.2, retry_max_s=0.5, probe_timeout_s=0.5),
         )
-        before = sample(
-            "cms_ingest_media_fetches_total", vendor="davantis", kind="snapshot", outcome="timeout"
-        )
-        async with running_daemon(config):
+        async with running_daemon(config) as daemon:
             await eventually(lambda: _cursor(db, "d1"), what="the first cursor")
             site.add_alarms(1, video="unavailable")
             row = await eventually(lambda: _snapshot(db, "ready"), what="snapshot", timeout=10)
     assert late_probes, "the media status was asked for"
     assert row["attempts"] == 2
     assert (
-        sample(
+        daemon.metrics.sample(
             "cms_ingest_media_fetches_total", vendor="davantis", kind="snapshot", outcome="timeout"
         )
-        == before + 1
+        == 1
     )
 
 
@@ -218,7 +217,7 @@ async def test_a_blocked_event_loop_is_measured_and_logged_once_per_episode(
         config = app_config(database_url, tmp_path, [davantis_site("d1", sim.url())])
         async with running_daemon(config) as daemon:
             assert "loop_lag" in daemon.supervisor.names
-            slow_ticks = _lag_count_over_1s()
+            slow_ticks = _lag_count_over_1s(daemon.metrics)
             with capture_logs() as logs:
                 time.sleep(1.3)  # blocking the loop on purpose
                 await eventually(
@@ -230,16 +229,18 @@ async def test_a_blocked_event_loop_is_measured_and_logged_once_per_episode(
     assert blocked[0]["lag_s"] > 1.0
     recovered = [e for e in logs if e["event"] == "event_loop_recovered"]
     assert recovered[0]["worst_lag_s"] >= blocked[0]["lag_s"]
-    assert _lag_count_over_1s() >= slow_ticks + 1
+    assert _lag_count_over_1s(daemon.metrics) >= slow_ticks + 1
+    assert daemon.metrics.sample("cms_ingest_event_loop_blocked_total") == 1
 
 
-def _lag_count_over_1s() -> float:
-    total = sample("cms_ingest_event_loop_lag_seconds_count")
-    return total - sample("cms_ingest_event_loop_lag_seconds_bucket", le="1.0")
+def _lag_count_over_1s(metrics: Metrics) -> float:
+    total = metrics.sample("cms_ingest_event_loop_lag_seconds_count")
+    return total - metrics.sample("cms_ingest_event_loop_lag_seconds_bucket", le="1.0")
 
 
 def test_a_long_block_is_one_episode_logged_once_with_its_worst_lag() -> None:
-    monitor = LoopLagMonitor()
+    metrics = Metrics()
+    monitor = LoopLagMonitor(metrics=metrics)
     with capture_logs() as logs:
         for now, lag in enumerate([0.01, 1.5, 3.0, 1.1, 0.02, 0.01, 2.0, 0.0]):
             monitor.observe(lag, now=float(now))
@@ -249,6 +250,8 @@ def test_a_long_block_is_one_episode_logged_once_with_its_worst_lag() -> None:
         ("event_loop_blocked", 2.0),
         ("event_loop_recovered", 2.0),
     ]
+    assert metrics.sample("cms_ingest_event_loop_blocked_total") == 2  # one per episode
+    assert metrics.sample("cms_ingest_event_loop_lag_seconds_count") == 8
 
 
 def test_default_deadlines_follow_the_site_and_the_action() -> None:

@@ -1,7 +1,7 @@
 """The deployment and observability assets under deploy/, checked without Docker.
 
 - Prometheus rules, their unit tests and the Grafana dashboard only name metrics and labels
-  that `cms_ingest.metrics.REGISTRY` really exports (a renamed metric breaks this test, not
+  that a daemon's `cms_ingest.metrics.Metrics` really exports (a renamed metric breaks this test, not
   the on-call engineer's dashboard at 3 a.m.).
 - Every alert says how long, how bad, what and what to check.
 - The Compose stack and the Kubernetes manifest mount files that exist, and the configs they
@@ -24,8 +24,8 @@ import pytest
 import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
-from cms_ingest import metrics
 from cms_ingest.config import AppConfig, load_config
+from cms_ingest.metrics import Metrics
 from cms_ingest.simulators import davantis as davantis_simulator
 from cms_ingest.simulators.base import parse_cli_args, tenant_names
 
@@ -81,6 +81,7 @@ def _strings(node: Any) -> Iterator[str]:
 
 def _catalogue() -> tuple[dict[str, frozenset[str]], set[str]]:
     """({series name a query may use: its labels}, {family names, for mentions in prose})."""
+    metrics = Metrics()  # what a daemon builds
     wrappers: dict[str, MetricWrapperBase] = {}
     for value in vars(metrics).values():
         if isinstance(value, MetricWrapperBase):
@@ -88,7 +89,7 @@ def _catalogue() -> tuple[dict[str, frozenset[str]], set[str]]:
             wrappers[family.name] = value
     series: dict[str, frozenset[str]] = {}
     families: set[str] = set()
-    for family in metrics.REGISTRY.collect():
+    for family in metrics.registry.collect():
         families.add(family.name)
         # prometheus_client keeps a wrapper's label names in `_labelnames`; collect() shows
         # them only once a child exists, and these tests must not create series.

@@ -26,12 +26,13 @@ from structlog.testing import capture_logs
 from yarl import URL
 
 from cms_ingest.config import MediaConfig
+from cms_ingest.metrics import Metrics
 from cms_ingest.simulators.base import DeviceAnswer, ScriptedAnswer, static_answer
 from cms_ingest.simulators.camtrace import CamTraceSimulator, CamTraceSite
 from cms_ingest.simulators.davantis import DavantisSimulator, DavantisSite
 from cms_ingest.vendors.davantis import MAX_JSON_BYTES
 from tests.conftest import eventually
-from tests.support import app_config, camtrace_site, davantis_site, running_daemon, sample
+from tests.support import app_config, camtrace_site, davantis_site, running_daemon
 
 MiB = 1024 * 1024
 
@@ -80,16 +81,16 @@ async def traps() -> AsyncIterator[tuple[Trap, Trap]]:
     await other_port.stop()
 
 
-def _polls(site_id: str, outcome: str, vendor: str = "davantis") -> float:
-    return sample("cms_ingest_polls_total", site_id=site_id, vendor=vendor, outcome=outcome)
+def _polls(metrics: Metrics, site_id: str, outcome: str, vendor: str = "davantis") -> float:
+    return metrics.sample("cms_ingest_polls_total", site_id=site_id, vendor=vendor, outcome=outcome)
 
 
-def _bad_input(what: str, vendor: str = "davantis") -> float:
-    return sample("cms_ingest_bad_input_total", source=f"device:{vendor}", what=what)
+def _bad_input(metrics: Metrics, what: str, vendor: str = "davantis") -> float:
+    return metrics.sample("cms_ingest_bad_input_total", source=f"device:{vendor}", what=what)
 
 
-def _poller_restarts() -> float:
-    return sample("cms_ingest_task_restarts_total", task="poller")
+def _poller_restarts(metrics: Metrics) -> float:
+    return metrics.sample("cms_ingest_task_restarts_total", task="poller")
 
 
 async def _source_ids(db: asyncpg.Connection, site_id: str) -> list[str]:
@@ -239,11 +240,10 @@ async def test_camtrace_paging_links_stay_on_the_site(
         config = app_config(
             database_url, tmp_path, [camtrace_site("hx-ct", sim.url(), options={"page_size": 5})]
         )
-        restarts = _poller_restarts()
         with capture_logs() as logs:
-            async with running_daemon(config):
+            async with running_daemon(config) as daemon:
                 await eventually(lambda: _has_cursor(db, "hx-ct"), what="first cursor")
-                failed = _polls("hx-ct", "error", "camtrace")
+                failed = _polls(daemon.metrics, "hx-ct", "error", "camtrace")
                 expected: list[int] = []
                 for link in (
                     f"<//127.0.0.2:{foreign.port}/api/v1.2/cameras/alarms?offset=5>",
@@ -260,10 +260,10 @@ async def test_camtrace_paging_links_stay_on_the_site(
                         what=f"alarms with {link}",
                     )
                     sim.unscript("GET", page)
-                assert _polls("hx-ct", "error", "camtrace") == failed
+                assert _polls(daemon.metrics, "hx-ct", "error", "camtrace") == failed
         assert sorted(map(int, await _source_ids(db, "hx-ct"))) == expected  # each once
     assert foreign.contacts == [] and other_port.contacts == []
-    assert _poller_restarts() == restarts
+    assert _poller_restarts(daemon.metrics) == 0
     assert not [e for e in logs if e["event"] in ("task_crashed", "site_failing")]
 
 
@@ -355,10 +355,8 @@ async def test_hostile_strings_are_stored_as_data(
         config = app_config(
             database_url, tmp_path, [davantis_site("hx-str", sim.url(), media_deadline_s=3.0)]
         )
-        restarts = _poller_restarts()
-        unusable, bad_dates = _bad_input("alarm_without_id"), _bad_input("bad_started")
         with capture_logs() as logs:
-            async with running_daemon(config):
+            async with running_daemon(config) as daemon:
                 await eventually(lambda: _has_cursor(db, "hx-str"), what="first cursor")
                 added_at = datetime.now(UTC)
                 stored = [site.add_alarm(overrides=fields).id for fields in HOSTILE_ALARMS]
@@ -385,8 +383,8 @@ async def test_hostile_strings_are_stored_as_data(
     # Every usable alarm once, the unusable ones skipped (and counted), none lost after them.
     assert await _source_ids(db, "hx-str") == [str(i) for i in [*stored, after]]
     assert not {str(i) for i in skipped} & set(await _source_ids(db, "hx-str"))
-    assert _bad_input("alarm_without_id") >= unusable + len(UNUSABLE_IDS)
-    assert _poller_restarts() == restarts
+    assert _bad_input(daemon.metrics, "alarm_without_id") >= len(UNUSABLE_IDS)
+    assert _poller_restarts(daemon.metrics) == 0
     assert not [e for e in logs if e["event"] == "task_crashed"]
     injected = [e for e in logs if e["event"] == "site_failing" and e["site_id"] == "hx-str"]
     assert len(injected) == 1 and "not a valid bearer token" in injected[0]["error"]
@@ -416,7 +414,7 @@ async def test_hostile_strings_are_stored_as_data(
     for bad_date in (stored[6], stored[7]):
         occurred_at = rows[str(bad_date)]["occurred_at"]
         assert added_at <= occurred_at <= ingested_at, (added_at, occurred_at, ingested_at)
-    assert _bad_input("bad_started") >= bad_dates + 2
+    assert _bad_input(daemon.metrics, "bad_started") >= 2
     assert json.loads(rows[str(stored[9])]["raw"])["score"] is None
     assert json.loads(rows[str(stored[0])]["raw"])["idcamera"] == "../../etc/passwd"
 
@@ -461,8 +459,7 @@ async def test_camtrace_hostile_alarm_fields(
     site = CamTraceSite(media_delay=0)
     async with CamTraceSimulator({"default": site}) as sim:
         config = app_config(database_url, tmp_path, [camtrace_site("hx-ctstr", sim.url())])
-        restarts = _poller_restarts()
-        async with running_daemon(config):
+        async with running_daemon(config) as daemon:
             await eventually(lambda: _has_cursor(db, "hx-ctstr"), what="first cursor")
             changes: dict[int, dict[str, Any]] = {}
             sim.respond("GET", "/api/v1.2/cameras/alarms", _rewrite_alarms(changes), times=None)
@@ -489,7 +486,7 @@ async def test_camtrace_hostile_alarm_fields(
     assert row["description"] == "MOTION Alarm \ufffd 北門 \ufffd"
     assert row["vendor_event"] == "MOTION"
     assert "NaN" not in row["raw"]
-    assert _poller_restarts() == restarts
+    assert _poller_restarts(daemon.metrics) == 0
     for path in _files_under(tmp_path / "media"):
         assert OUR_MEDIA_NAME.fullmatch(str(path.relative_to(tmp_path / "media"))), path
 
@@ -503,10 +500,8 @@ async def test_huge_and_deep_json_answers_are_refused_and_polling_goes_on(
     site = DavantisSite(media_delay=0)
     async with DavantisSimulator({"default": site}) as sim:
         config = app_config(database_url, tmp_path, [davantis_site("hx-body", sim.url())])
-        restarts = _poller_restarts()
-        counted = _bad_input("unreadable_json"), _bad_input("oversized_answer")
         with capture_logs() as logs:
-            async with running_daemon(config):
+            async with running_daemon(config) as daemon:
                 await eventually(lambda: _has_cursor(db, "hx-body"), what="first cursor")
                 expected: list[int] = []
                 sent: list[int] = []
@@ -534,7 +529,7 @@ async def test_huge_and_deep_json_answers_are_refused_and_polling_goes_on(
                     ("deep", deep),
                     ("100 levels", deep_but_parseable),
                 ):
-                    bad = _polls("hx-body", "bad_response")
+                    bad = _polls(daemon.metrics, "hx-body", "bad_response")
                     sim.respond("GET", "/alarms", answer)
                     # No media: only polls ask for /alarms, so the poll meets the answer.
                     expected.append(site.add_alarm(snapshot="unavailable", video="unavailable").id)
@@ -542,7 +537,7 @@ async def test_huge_and_deep_json_answers_are_refused_and_polling_goes_on(
                         lambda ids=list(expected): _has_ids(db, "hx-body", ids),
                         what=f"the alarm after the {name} answer",
                     )
-                    assert _polls("hx-body", "bad_response") > bad, name
+                    assert _polls(daemon.metrics, "hx-body", "bad_response") > bad, name
                 growth = tracemalloc.get_traced_memory()[1] - baseline
                 if not tracing:
                     tracemalloc.stop()
@@ -551,14 +546,14 @@ async def test_huge_and_deep_json_answers_are_refused_and_polling_goes_on(
     assert len(sent) == 1 and sent[0] < offered // 2, sent
     print(f"peak Python allocations over the hostile answers: {growth / MiB:.1f} MiB")
     assert growth < 2 * MAX_JSON_BYTES + 16 * MiB, growth
-    assert _poller_restarts() == restarts
+    assert _poller_restarts(daemon.metrics) == 0
     assert not [e for e in logs if e["event"] == "task_crashed"]
     reported = [e for e in logs if e["event"] == "bad_device_input" and e["site_id"] == "hx-body"]
     kinds = sorted(e["what"] for e in reported)
     assert kinds == ["oversized_answer", "unreadable_json"], kinds  # each kind logged once
     # Counted every time: two unreadable (deep) answers, two oversized (huge, bomb).
-    assert _bad_input("unreadable_json") - counted[0] >= 2
-    assert _bad_input("oversized_answer") - counted[1] >= 2
+    assert _bad_input(daemon.metrics, "unreadable_json") >= 2
+    assert _bad_input(daemon.metrics, "oversized_answer") >= 2
 
 
 async def test_media_body_over_the_cap_is_abandoned(

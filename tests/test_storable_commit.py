@@ -22,9 +22,9 @@ from structlog.testing import capture_logs
 
 from cms_ingest.db.store import PollCommit, Store
 from cms_ingest.domain import Alarm, EventType, MediaKind, MediaRequest
+from cms_ingest.metrics import Metrics
 from cms_ingest.runtime.sites import SiteProblems
 from cms_ingest.runtime.writer import AlarmWriter
-from tests.support import sample
 
 POISON = "cam\x00era \ud800 name"
 
@@ -57,9 +57,17 @@ def _commit(
 
 
 @pytest.fixture
-async def writer(store: Store) -> AsyncIterator[AlarmWriter]:
+def metrics() -> Metrics:
+    """The test's metrics: the writer's and the sites' problems count here."""
+    return Metrics()
+
+
+@pytest.fixture
+async def writer(store: Store, metrics: Metrics) -> AsyncIterator[AlarmWriter]:
     # Long enough a gathering window that two commits handed over together share one batch.
-    writer = AlarmWriter(store, max_wait_s=0.5, media_deadline_of=lambda _site: 60.0)
+    writer = AlarmWriter(
+        store, max_wait_s=0.5, media_deadline_of=lambda _site: 60.0, metrics=metrics
+    )
     stop = asyncio.Event()
     task = asyncio.create_task(writer.run(stop))
     yield writer
@@ -72,18 +80,18 @@ async def _cursor(db: asyncpg.Connection, site_id: str) -> Any:
     return None if value is None else json.loads(value)
 
 
-def _batches() -> tuple[float, float]:
-    return sample("cms_ingest_commit_batch_sites_count"), sample(
+def _batches(metrics: Metrics) -> tuple[float, float]:
+    return metrics.sample("cms_ingest_commit_batch_sites_count"), metrics.sample(
         "cms_ingest_commit_batch_sites_sum"
     )
 
 
-def _bad_input(what: str) -> float:
-    return sample("cms_ingest_bad_input_total", source="device:exacq", what=what)
+def _bad_input(metrics: Metrics, what: str) -> float:
+    return metrics.sample("cms_ingest_bad_input_total", source="device:exacq", what=what)
 
 
 async def test_poisoned_cursor_and_alarm_share_a_batch_with_a_healthy_site(
-    writer: AlarmWriter, db: asyncpg.Connection
+    writer: AlarmWriter, db: asyncpg.Connection, metrics: Metrics
 ) -> None:
     poisoned_cursor = {
         "serial": "SN\x00123",
@@ -105,8 +113,6 @@ async def test_poisoned_cursor_and_alarm_share_a_batch_with_a_healthy_site(
         ),
     )
     healthy_cursor = {"last_id": 7}
-    batches_before, sites_before = _batches()
-    unstorable_before = _bad_input("unstorable_cursor")
 
     with capture_logs() as logs:
         poisoned, healthy = await asyncio.gather(
@@ -115,7 +121,7 @@ async def test_poisoned_cursor_and_alarm_share_a_batch_with_a_healthy_site(
                     "poisoned",
                     [poisoned_alarm],
                     poisoned_cursor,
-                    SiteProblems("poisoned", "exacq"),
+                    SiteProblems("poisoned", "exacq", metrics=metrics),
                 )
             ),
             writer.commit(
@@ -123,15 +129,14 @@ async def test_poisoned_cursor_and_alarm_share_a_batch_with_a_healthy_site(
                     "healthy",
                     [_alarm("healthy", "7")],
                     healthy_cursor,
-                    SiteProblems("healthy", "exacq"),
+                    SiteProblems("healthy", "exacq", metrics=metrics),
                 )
             ),
         )
 
     assert [row.source_id for row in poisoned] == ["ev\ufffd-1"]
     assert [row.source_id for row in healthy] == ["7"]
-    batches, sites = _batches()
-    assert (batches - batches_before, sites - sites_before) == (1, 2), "one shared batch"
+    assert _batches(metrics) == (1, 2), "one shared batch"
     assert not [entry for entry in logs if entry["event"] == "batch_commit_failed"]
     assert await _cursor(db, "healthy") == healthy_cursor
     assert await _cursor(db, "poisoned") == {
@@ -143,7 +148,7 @@ async def test_poisoned_cursor_and_alarm_share_a_batch_with_a_healthy_site(
         "giant": None,
         "open": [{"id": "e\ufffd1", "started": None}],
     }
-    assert _bad_input("unstorable_cursor") == unstorable_before + 1
+    assert _bad_input(metrics, "unstorable_cursor") == 1
     row = await db.fetchrow("SELECT * FROM alarms WHERE site_id = 'poisoned'")
     assert row["camera_name"] == "cam\ufffdera \ufffd name"
     assert row["description"] == "a\ufffdb"
@@ -166,11 +171,9 @@ async def test_poisoned_cursor_and_alarm_share_a_batch_with_a_healthy_site(
     ids=["year-1", "year-9999"],
 )
 async def test_a_value_postgresql_still_refuses_is_bad_input_and_the_alarm_is_kept(
-    writer: AlarmWriter, db: asyncpg.Connection, occurred_at: datetime
+    writer: AlarmWriter, db: asyncpg.Connection, metrics: Metrics, occurred_at: datetime
 ) -> None:
-    problems = SiteProblems("poisoned", "exacq")
-    db_errors_before = sample("cms_ingest_db_errors_total", operation="commit_polls")
-    refused_before = _bad_input("unstorable_value")
+    problems = SiteProblems("poisoned", "exacq", metrics=metrics)
     received = datetime.now(UTC)
 
     poisoned, healthy = await asyncio.gather(
@@ -183,14 +186,19 @@ async def test_a_value_postgresql_still_refuses_is_bad_input_and_the_alarm_is_ke
             )
         ),
         writer.commit(
-            _commit("healthy", [_alarm("healthy", "1")], {"last_id": 1}, SiteProblems("h", "exacq"))
+            _commit(
+                "healthy",
+                [_alarm("healthy", "1")],
+                {"last_id": 1},
+                SiteProblems("h", "exacq", metrics=metrics),
+            )
         ),
     )
 
     assert sorted(row.source_id for row in poisoned) == ["41", "42"]
     assert [row.source_id for row in healthy] == ["1"]
     assert await _cursor(db, "poisoned") == {"last_id": 42}
-    assert _bad_input("unstorable_value") == refused_before + 1
-    assert sample("cms_ingest_db_errors_total", operation="commit_polls") == db_errors_before
+    assert _bad_input(metrics, "unstorable_value") == 1
+    assert metrics.sample("cms_ingest_db_errors_total", operation="commit_polls") == 0
     stored = await db.fetchval("SELECT occurred_at FROM alarms WHERE source_id = '41'")
     assert stored >= received - timedelta(seconds=1), "the time we received it instead"

@@ -20,6 +20,7 @@ import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
+from cms_ingest.metrics import Metrics
 from cms_ingest.simulators.camtrace import CamTraceSimulator, CamTraceSite
 from cms_ingest.simulators.davantis import DavantisSimulator, DavantisSite
 from tests.conftest import eventually
@@ -28,7 +29,6 @@ from tests.support import (
     camtrace_site,
     davantis_site,
     running_daemon,
-    sample,
     self_signed_certificate,
 )
 
@@ -74,8 +74,8 @@ async def https_davantis(certificate: Certificate) -> AsyncIterator[DavantisSimu
         await simulator.stop()
 
 
-def _polls(site_id: str, vendor: str, outcome: str) -> float:
-    return sample("cms_ingest_polls_total", site_id=site_id, vendor=vendor, outcome=outcome)
+def _polls(metrics: Metrics, site_id: str, vendor: str, outcome: str) -> float:
+    return metrics.sample("cms_ingest_polls_total", site_id=site_id, vendor=vendor, outcome=outcome)
 
 
 async def _count(db: asyncpg.Connection, site_id: str) -> int:
@@ -131,7 +131,7 @@ async def test_tls_policy_per_site_against_https_devices(
                     ("tls-ct-noca", "camtrace"),
                 ):
                     await eventually(
-                        lambda s=site_id, v=vendor: _polls(s, v, "tls_error") >= 3,
+                        lambda s=site_id, v=vendor: _polls(daemon.metrics, s, v, "tls_error") >= 3,
                         what=f"{site_id}: three failed polls",
                     )
                 assert daemon.sites is not None
@@ -148,10 +148,12 @@ async def test_tls_policy_per_site_against_https_devices(
                 status = _status(daemon)
                 assert "pin" in status["tls-badpin"]["last_error"]
                 assert status["tls-ca"]["up"] is True
-                assert _polls("tls-ca", "davantis", "tls_error") == 0
-                assert _polls("tls-badpin", "davantis", "ok") == 0
-                assert sample("cms_ingest_site_up", site_id="tls-badpin", vendor="davantis") == 0
-                assert sample("cms_ingest_site_up", site_id="tls-pin", vendor="davantis") == 1
+                metrics = daemon.metrics
+                assert _polls(metrics, "tls-ca", "davantis", "tls_error") == 0
+                assert _polls(metrics, "tls-badpin", "davantis", "ok") == 0
+                up = "cms_ingest_site_up"
+                assert metrics.sample(up, site_id="tls-badpin", vendor="davantis") == 0
+                assert metrics.sample(up, site_id="tls-pin", vendor="davantis") == 1
 
         # Nothing from the failing sites, and they were never even sent a request: the TLS
         # check happens before any HTTP (a password never goes to an unverified peer).

@@ -16,7 +16,7 @@ import aiohttp
 import asyncpg
 import pytest
 
-from cms_ingest.metrics import REGISTRY
+from cms_ingest.metrics import Metrics
 from cms_ingest.probe import run_probe
 from cms_ingest.simulators.videoloft import LASTACTIVITY_MODES, VideoloftAccount, VideoloftSimulator
 from cms_ingest.vendors.videoloft import CATCH_UP_WAIT_S
@@ -233,7 +233,6 @@ async def test_a_device_without_a_logger_is_reported(
 ) -> None:
     account = VideoloftAccount(media_delay=0, tail_s=0)
     account.unallocate("40012.7")
-    before = _bad_input("device_without_logger")
     async with VideoloftSimulator(account) as sim:
         config = app_config(database_url, tmp_path, [videoloft_site("v1", sim.url)])
         async with running_daemon(config) as daemon:
@@ -241,7 +240,7 @@ async def test_a_device_without_a_logger_is_reported(
             assert daemon.sites is not None
             described = await daemon.sites.by_id["v1"].client.describe()
             status = daemon.status()
-    assert _bad_input("device_without_logger") > before
+    assert _bad_input(daemon.metrics, "device_without_logger") > 0
     assert "device_without_logger" in status["sites"][0]["bad_input"]
     assert described["not watched (viewerInfo names no logger)"] == ["40012.7"]
 
@@ -362,9 +361,9 @@ async def _comm(db: asyncpg.Connection) -> list[str]:
     return [r["event_type"] for r in rows]
 
 
-def _bad_input(what: str) -> float:
+def _bad_input(metrics: Metrics, what: str) -> float:
     total = 0.0
-    for family in REGISTRY.collect():
+    for family in metrics.registry.collect():
         for sample in family.samples:
             if sample.labels.get("what") == what and sample.name.endswith("_total"):
                 total += sample.value

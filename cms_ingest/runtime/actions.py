@@ -20,15 +20,15 @@ from datetime import UTC, datetime
 
 import structlog
 
-from cms_ingest import metrics
 from cms_ingest.config import ActionsConfig
 from cms_ingest.db.errors import DatabaseUnavailable
-from cms_ingest.db.store import Store
 from cms_ingest.domain import Action, ActionState
+from cms_ingest.metrics import Metrics
 from cms_ingest.retry import RetryPolicy
 from cms_ingest.runtime.claims import ClaimTimings, ClaimWorker, DeadlinePassed, within
 from cms_ingest.runtime.sites import SiteRegistry, SiteRuntime
 from cms_ingest.sitehttp import TransportError
+from cms_ingest.storage_ports import ActionQueue
 from cms_ingest.vendors.base import (
     AuthenticationFailed,
     DeviceRefused,
@@ -57,13 +57,15 @@ class ActionWorker(ClaimWorker[Action]):
 
     def __init__(
         self,
-        store: Store,
+        store: ActionQueue,
         sites: SiteRegistry,
         *,
         config: ActionsConfig,
         held: Callable[[], list[str]],
+        metrics: Metrics | None = None,
     ) -> None:
         self._store = store
+        self._metrics = metrics if metrics is not None else Metrics()
         self._sites = sites
         self._held = held  # the sites this daemon holds: only their actions are run here
         self._config = config
@@ -84,12 +86,14 @@ class ActionWorker(ClaimWorker[Action]):
         try:
             expired = await self._store.expire_actions()
             if expired:
-                metrics.ACTIONS.labels(vendor="any", kind="any", outcome="expired").inc(expired)
+                self._metrics.actions.labels(vendor="any", kind="any", outcome="expired").inc(
+                    expired
+                )
                 log.warning("actions_expired", count=expired)
             for action in await self._store.stale_running_actions(self._held()):
                 await self._recover(action)
         except DatabaseUnavailable as exc:
-            metrics.DB_ERRORS.labels(operation="action_sweep").inc()
+            self._metrics.db_errors.labels(operation="action_sweep").inc()
             log.warning("action_sweep_failed", error=str(exc))
 
     async def claim(self, limit: int) -> list[Action]:
@@ -101,7 +105,7 @@ class ActionWorker(ClaimWorker[Action]):
                 site_ids=self._held(),
             )
         except DatabaseUnavailable as exc:
-            metrics.DB_ERRORS.labels(operation="claim_actions").inc()
+            self._metrics.db_errors.labels(operation="claim_actions").inc()
             log.warning("action_claim_failed", error=str(exc))
             return []
 
@@ -143,7 +147,7 @@ class ActionWorker(ClaimWorker[Action]):
             action.id, ActionState.FAILED, error=error, only_if_claim_expired=True
         ):
             vendor = site.config.vendor if site else "unknown"
-            metrics.ACTIONS.labels(vendor=vendor, kind=action.kind, outcome="failed").inc()
+            self._metrics.actions.labels(vendor=vendor, kind=action.kind, outcome="failed").inc()
             log.warning("action_failed", action_id=action.id, site_id=action.site_id, error=error)
 
     async def run_one(self, action: Action) -> None:
@@ -184,7 +188,7 @@ class ActionWorker(ClaimWorker[Action]):
             await self._retry_or_fail(action, site, exc, safe=spec.idempotent)
         except (InvalidAction, DeviceRefused) as exc:
             if isinstance(exc, InvalidAction):
-                _bad_row("invalid_action")
+                self._bad_row("invalid_action")
             answer = exc.answer if isinstance(exc, DeviceRefused) else None
             await self._settle(action, site, ActionState.FAILED, error=str(exc), result=answer)
         except (TransportError, AuthenticationFailed, VendorError) as exc:
@@ -242,7 +246,9 @@ class ActionWorker(ClaimWorker[Action]):
             return
         delay = RETRY.delay(action.attempts)
         await self._store.requeue_action(action.id, delay_s=delay, error=error)
-        metrics.ACTIONS.labels(vendor=site.config.vendor, kind=action.kind, outcome="retried").inc()
+        self._metrics.actions.labels(
+            vendor=site.config.vendor, kind=action.kind, outcome="retried"
+        ).inc()
         log.warning(
             "action_retry",
             action_id=action.id,
@@ -250,6 +256,10 @@ class ActionWorker(ClaimWorker[Action]):
             delay_s=round(delay, 1),
             error=error,
         )
+
+    def _bad_row(self, what: str) -> None:
+        """An operator's row we cannot carry out: counted like any bad input (logged per row)."""
+        self._metrics.bad_input.labels(source="actions", what=what).inc()
 
     async def _fail(self, action: Action, site: SiteRuntime | None, error: str) -> None:
         await self._settle(action, site, ActionState.FAILED, error=error)
@@ -271,7 +281,7 @@ class ActionWorker(ClaimWorker[Action]):
             result=result if isinstance(result, dict) else None,
         )
         vendor = site.config.vendor if site else "unknown"
-        metrics.ACTIONS.labels(vendor=vendor, kind=action.kind, outcome=state.value).inc()
+        self._metrics.actions.labels(vendor=vendor, kind=action.kind, outcome=state.value).inc()
         if state is not ActionState.SUCCEEDED:
             log.warning(
                 "action_" + state.value,
@@ -280,11 +290,6 @@ class ActionWorker(ClaimWorker[Action]):
                 kind=action.kind,
                 error=error,
             )
-
-
-def _bad_row(what: str) -> None:
-    """An operator's row we cannot carry out: counted like any bad input (logged per row)."""
-    metrics.BAD_INPUT.labels(source="actions", what=what).inc()
 
 
 def _too_late(action: Action) -> bool:

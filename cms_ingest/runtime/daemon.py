@@ -27,6 +27,7 @@ from cms_ingest.db.leases import LEASES_CHANNEL, LeaseStore
 from cms_ingest.db.notify import Listener
 from cms_ingest.db.store import Store
 from cms_ingest.domain import SiteLease
+from cms_ingest.metrics import Metrics
 from cms_ingest.retry import RetryPolicy
 from cms_ingest.runtime.actions import ActionWorker
 from cms_ingest.runtime.housekeeping import Housekeeping
@@ -73,13 +74,17 @@ class Daemon:
     def __init__(self, config: AppConfig, url: str) -> None:
         self.url = url
         self.readiness = Readiness()
-        self.supervisor = TaskSupervisor()
+        # This daemon's metrics: every part that counts is handed this one object.
+        self.metrics = Metrics()
+        self.supervisor = TaskSupervisor(metrics=self.metrics)
         # A frozen daemon's transaction is ended well before its leases expire.
         idle_s = max(2.0, config.lease_ttl / 2)
         self.store = Store(create_engine(url, idle_in_transaction_s=idle_s))
         self.identity = local_identity(config.instance_id)
         self.notifier = SystemdNotifier.from_environment()
-        self.reloader = ConfigReloader(config, self.notifier, self._status_line)
+        self.reloader = ConfigReloader(
+            config, self.notifier, self._status_line, metrics=self.metrics
+        )
         # Built once the database is ready:
         self.sites: SiteRegistry | None = None
         self.pollers: PollerSet | None = None
@@ -97,11 +102,12 @@ class Daemon:
         try:
             self.supervisor.start("http", self._serve_http)
             self.supervisor.start("watchdog", self._watchdog)
-            self.supervisor.start("loop_lag", LoopLagMonitor().run)
+            self.supervisor.start("loop_lag", LoopLagMonitor(metrics=self.metrics).run)
             self.supervisor.start("reload", self.reloader.run)
             if not await self._prepare_database(stop):
                 return
-            self._start_parts(SiteRegistry(self.config, session, self.supervisor))
+            sites = SiteRegistry(self.config, session, self.supervisor, metrics=self.metrics)
+            self._start_parts(sites)
             self._started = True
             self.notifier.ready(self._status_line())
             log.info(
@@ -120,7 +126,7 @@ class Daemon:
     # ------------------------------------------------------------------ start
 
     async def _serve_http(self, stop: asyncio.Event) -> None:
-        app = make_app(self.readiness, self.status)
+        app = make_app(self.readiness, self.status, metrics=self.metrics)
         await serve(app, self.config.listen_host, self.config.listen_port, stop)
 
     async def _watchdog(self, stop: asyncio.Event) -> None:
@@ -159,6 +165,7 @@ class Daemon:
         """Build the parts over the sites and start them, the lease keeper last: it starts
         the pollers, which commit through the writer."""
         config = self.config
+        metrics = self.metrics
 
         # The writer commits under the leases the poller set holds and wakes the media
         # fetcher, which serves those sites; the pollers commit through the writer. So the
@@ -177,6 +184,7 @@ class Daemon:
             on_media_added=media_added,
             lease_of=lease_of,
             media_deadline_of=media_deadline_of,
+            metrics=metrics,
         )
         pollers = PollerSet(
             self.supervisor,
@@ -186,6 +194,7 @@ class Daemon:
             daemon_id=self.identity.daemon_id,
             media_deadline_s=config.media.deadline_s,
             flood=config.flood,
+            metrics=metrics,
         )
         media = MediaFetcher(
             self.store,
@@ -193,10 +202,17 @@ class Daemon:
             root=config.data_dir / "media",
             config=config.media,
             held=pollers.held_ids,
+            metrics=metrics,
         )
-        actions = ActionWorker(self.store, sites, config=config.actions, held=pollers.held_ids)
+        actions = ActionWorker(
+            self.store, sites, config=config.actions, held=pollers.held_ids, metrics=metrics
+        )
         keeper = LeaseKeeper(
-            LeaseStore(self.store.engine), self.identity, config.lease_ttl, pollers
+            LeaseStore(self.store.engine),
+            self.identity,
+            config.lease_ttl,
+            pollers,
+            metrics=metrics,
         )
         housekeeping = Housekeeping(
             self.store,
@@ -205,6 +221,7 @@ class Daemon:
             self.readiness,
             action_running_timeout_s=config.actions.running_timeout_s,
             report_status=lambda: self.notifier.status(self._status_line()),
+            metrics=metrics,
         )
         self.sites, self.pollers, self.keeper = sites, pollers, keeper
         self.reloader.sites_running(sites, keeper)

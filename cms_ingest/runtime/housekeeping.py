@@ -14,13 +14,13 @@ from collections.abc import Callable
 
 import structlog
 
-from cms_ingest import metrics
 from cms_ingest.db.errors import DatabaseUnavailable
-from cms_ingest.db.store import Store
+from cms_ingest.metrics import Metrics
 from cms_ingest.runtime.httpserver import Readiness
 from cms_ingest.runtime.pollers import PollerSet
 from cms_ingest.runtime.sites import SiteRegistry
 from cms_ingest.runtime.tasks import sleep_or_stop
+from cms_ingest.storage_ports import SiteHealthRecords
 
 log = structlog.get_logger("cms_ingest.housekeeping")
 
@@ -31,15 +31,17 @@ RETIRE_MARGIN_S = 10.0  # beyond the longest an action may run on a replaced cli
 class Housekeeping:
     def __init__(
         self,
-        store: Store,
+        store: SiteHealthRecords,
         sites: SiteRegistry,
         pollers: PollerSet,
         readiness: Readiness,
         *,
         action_running_timeout_s: float,
         report_status: Callable[[], None],
+        metrics: Metrics | None = None,
     ) -> None:
         self._store = store
+        self._metrics = metrics if metrics is not None else Metrics()
         self._sites = sites
         self._pollers = pollers
         self._readiness = readiness
@@ -57,12 +59,12 @@ class Housekeeping:
     async def once(self) -> None:
         try:
             depths = await self._store.queue_depths()
-            metrics.MEDIA_QUEUE.set(depths["media"])
-            metrics.ACTION_QUEUE.set(depths["actions"])
+            self._metrics.media_queue.set(depths["media"])
+            self._metrics.action_queue.set(depths["actions"])
             await self._flush_health()
             self._database_reachable()
         except DatabaseUnavailable as exc:
-            metrics.DB_ERRORS.labels(operation="housekeeping").inc()
+            self._metrics.db_errors.labels(operation="housekeeping").inc()
             self._database_unreachable(exc)
         self._report_status()
 

@@ -7,9 +7,9 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
-from cms_ingest.metrics import REGISTRY
+from cms_ingest.metrics import Metrics
 
 
 class Readiness:
@@ -38,9 +38,17 @@ class Readiness:
         await self._became_ready.wait()
 
 
-def make_app(readiness: Readiness, status: Callable[[], dict[str, Any]]) -> web.Application:
-    async def metrics(_request: web.Request) -> web.Response:
-        body = await asyncio.to_thread(generate_latest, REGISTRY)
+def make_app(
+    readiness: Readiness,
+    status: Callable[[], dict[str, Any]],
+    *,
+    metrics: Metrics | None = None,
+) -> web.Application:
+    """The endpoints; `/metrics` serves `metrics`' registry (the daemon's)."""
+    served = metrics if metrics is not None else Metrics()
+
+    async def metrics_view(_request: web.Request) -> web.Response:
+        body = await asyncio.to_thread(served.exposition)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def healthz(_request: web.Request) -> web.Response:
@@ -55,7 +63,7 @@ def make_app(readiness: Readiness, status: Callable[[], dict[str, Any]]) -> web.
         return web.json_response(status(), dumps=_dumps)
 
     app = web.Application()
-    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/metrics", metrics_view)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/status", status_view)

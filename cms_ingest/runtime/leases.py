@@ -25,10 +25,11 @@ from typing import Protocol
 
 import structlog
 
-from cms_ingest import metrics
 from cms_ingest.db.errors import DatabaseUnavailable
-from cms_ingest.db.leases import DaemonIdentity, Heartbeat, LeaseStore
+from cms_ingest.domain import DaemonIdentity, Heartbeat
+from cms_ingest.metrics import Metrics
 from cms_ingest.runtime.tasks import wake_or_stop
+from cms_ingest.storage_ports import SiteLeases
 
 log = structlog.get_logger("cms_ingest.leases")
 
@@ -108,9 +109,16 @@ class LeaseKeeper:
     shutdown) happen one at a time; nothing outside the keeper takes it."""
 
     def __init__(
-        self, store: LeaseStore, me: DaemonIdentity, ttl_s: float, pollers: Pollers
+        self,
+        store: SiteLeases,
+        me: DaemonIdentity,
+        ttl_s: float,
+        pollers: Pollers,
+        *,
+        metrics: Metrics | None = None,
     ) -> None:
         self._store = store
+        self._metrics = metrics if metrics is not None else Metrics()
         self.me = me
         self._ttl_s = ttl_s
         self._pollers = pollers
@@ -121,8 +129,9 @@ class LeaseKeeper:
         self._db_failing = False
         self._rows_needed = True  # lease rows must exist for newly configured sites
         self._server_started_at: datetime | None = None
-        metrics.SITES_OWNED.set_function(lambda: len(self._pollers.held))
-        metrics.DAEMONS_LIVE.set_function(lambda: len(self.live))
+        # Read at each scrape from this keeper: the gauges belong to this daemon's metrics.
+        self._metrics.sites_owned.set_function(lambda: len(self._pollers.held))
+        self._metrics.daemons_live.set_function(lambda: len(self.live))
 
     @property
     def interval_s(self) -> float:
@@ -211,7 +220,7 @@ class LeaseKeeper:
         lost = [site for site, epoch in self._held.items() if beat.renewed.get(site) != epoch]
         if not lost:
             return
-        metrics.LEASES_LOST.inc(len(lost))
+        self._metrics.leases_lost.inc(len(lost))
         log.warning(
             "leases_lost",
             sites=len(lost),
@@ -275,7 +284,7 @@ class LeaseKeeper:
         except DatabaseUnavailable as exc:
             log.warning("lease_release_failed", error=str(exc), note="they expire by themselves")
             return
-        metrics.LEASE_HANDOFFS.inc(len(released))
+        self._metrics.lease_handoffs.inc(len(released))
         log.info("leases_released", reason=reason, sites=len(released))
 
     async def _acquire(self, count: int) -> None:
@@ -297,7 +306,7 @@ class LeaseKeeper:
                 log.warning("lease_release_failed", error=str(exc))
         takeovers = sorted({lease.previous_owner for lease in taken if lease.previous_owner})
         taken_over = sum(1 for lease in taken if lease.previous_owner)
-        metrics.LEASE_TAKEOVERS.inc(taken_over)
+        self._metrics.lease_takeovers.inc(taken_over)
         log.info(
             "leases_acquired",
             sites=len(started),
@@ -307,7 +316,7 @@ class LeaseKeeper:
         )
 
     async def _database_failed(self, exc: DatabaseUnavailable) -> None:
-        metrics.DB_ERRORS.labels(operation="leases").inc()
+        self._metrics.db_errors.labels(operation="leases").inc()
         if not self._db_failing:
             self._db_failing = True
             log.error("lease_renewal_failed", error=str(exc), held=len(self._held))

@@ -14,7 +14,7 @@ import asyncio
 
 import structlog
 
-from cms_ingest import metrics
+from cms_ingest.metrics import Metrics
 from cms_ingest.runtime.tasks import sleep_or_stop
 
 log = structlog.get_logger("cms_ingest.looplag")
@@ -26,8 +26,15 @@ BLOCKED_AFTER_S = 1.0
 class LoopLagMonitor:
     """Run as a supervised task (`run(stop)`); one per daemon."""
 
-    def __init__(self, *, tick_s: float = TICK_S, blocked_after_s: float = BLOCKED_AFTER_S) -> None:
+    def __init__(
+        self,
+        *,
+        tick_s: float = TICK_S,
+        blocked_after_s: float = BLOCKED_AFTER_S,
+        metrics: Metrics | None = None,
+    ) -> None:
         self._tick_s = tick_s
+        self._metrics = metrics if metrics is not None else Metrics()
         self._blocked_after_s = blocked_after_s
         self._episode_worst: float | None = None  # set while the loop counts as blocked
         self._episode_started = 0.0
@@ -41,12 +48,12 @@ class LoopLagMonitor:
             self.observe(max(0.0, loop.time() - asked - self._tick_s), now=loop.time())
 
     def observe(self, lag: float, *, now: float) -> None:
-        metrics.EVENT_LOOP_LAG.observe(lag)
+        self._metrics.event_loop_lag.observe(lag)
         if lag > self._blocked_after_s:
             if self._episode_worst is None:
                 self._episode_worst = lag
                 self._episode_started = now - lag
-                metrics.EVENT_LOOP_BLOCKED.inc()
+                self._metrics.event_loop_blocked.inc()
                 log.warning(
                     "event_loop_blocked",
                     lag_s=round(lag, 3),

@@ -15,16 +15,16 @@ from pathlib import Path
 
 import structlog
 
-from cms_ingest import metrics
 from cms_ingest.config import MediaConfig
 from cms_ingest.db.errors import DatabaseUnavailable
-from cms_ingest.db.store import MediaJob, Store
-from cms_ingest.domain import MediaState
+from cms_ingest.domain import MediaJob, MediaState
 from cms_ingest.mediafiles import MediaTooLarge, StoredFile, store_stream
+from cms_ingest.metrics import Metrics
 from cms_ingest.retry import RetryPolicy
 from cms_ingest.runtime.claims import ClaimTimings, ClaimWorker, DeadlinePassed, within
 from cms_ingest.runtime.sites import SiteRegistry, SiteRuntime
 from cms_ingest.sitehttp import TransportError, UnsafeUrl
+from cms_ingest.storage_ports import MediaQueue
 from cms_ingest.vendors.base import MediaNotReady, MediaProbe, VendorError
 
 log = structlog.get_logger("cms_ingest.media")
@@ -43,14 +43,16 @@ class MediaFetcher(ClaimWorker[MediaJob]):
 
     def __init__(
         self,
-        store: Store,
+        store: MediaQueue,
         sites: SiteRegistry,
         *,
         root: Path,
         config: MediaConfig,
         held: Callable[[], list[str]],
+        metrics: Metrics | None = None,
     ) -> None:
         self._store = store
+        self._metrics = metrics if metrics is not None else Metrics()
         self._sites = sites
         self._held = held  # the sites this daemon holds: only their media is fetched here
         self._root = root
@@ -88,7 +90,7 @@ class MediaFetcher(ClaimWorker[MediaJob]):
                 limit=limit, claim_s=CLAIM_S, site_ids=self._held()
             )
         except DatabaseUnavailable as exc:
-            metrics.DB_ERRORS.labels(operation="claim_media").inc()
+            self._metrics.db_errors.labels(operation="claim_media").inc()
             log.warning("media_claim_failed", error=str(exc))
             return []
 
@@ -96,7 +98,7 @@ class MediaFetcher(ClaimWorker[MediaJob]):
         """Writing the outcome failed: the database (waited out), or a bug of ours (logged
         with its traceback). Either way the row is handed back and tried again."""
         if isinstance(error, DatabaseUnavailable):
-            metrics.DB_ERRORS.labels(operation="media_outcome").inc()
+            self._metrics.db_errors.labels(operation="media_outcome").inc()
             log.warning(
                 "media_outcome_not_recorded",
                 site_id=job.site_id,
@@ -184,8 +186,8 @@ class MediaFetcher(ClaimWorker[MediaJob]):
             sha256=stored.sha256,
         )
         labels = {"vendor": site.config.vendor, "kind": job.kind.value}
-        metrics.MEDIA_FETCHES.labels(**labels, outcome="ready").inc()
-        metrics.MEDIA_BYTES.labels(**labels).inc(stored.size_bytes)
+        self._metrics.media_fetches.labels(**labels, outcome="ready").inc()
+        self._metrics.media_bytes.labels(**labels).inc(stored.size_bytes)
 
     async def _fetch_file(self, job: MediaJob, site: SiteRuntime, path: str) -> StoredFile:
         """The device's file, streamed to disk within media.download_timeout_s (a device
@@ -218,7 +220,7 @@ class MediaFetcher(ClaimWorker[MediaJob]):
     ) -> None:
         """Re-check after a backoff, or give up if that would pass the deadline."""
         now = datetime.now(UTC)
-        metrics.MEDIA_FETCHES.labels(
+        self._metrics.media_fetches.labels(
             vendor=site.config.vendor, kind=job.kind.value, outcome=outcome
         ).inc()
         if now >= job.deadline_at:
@@ -249,7 +251,9 @@ class MediaFetcher(ClaimWorker[MediaJob]):
     ) -> None:
         await self._store.media_final(job.id, state, reason)
         vendor = site.config.vendor if site else "unknown"
-        metrics.MEDIA_FETCHES.labels(vendor=vendor, kind=job.kind.value, outcome=outcome).inc()
+        self._metrics.media_fetches.labels(
+            vendor=vendor, kind=job.kind.value, outcome=outcome
+        ).inc()
         if state is MediaState.FAILED:
             log.warning(
                 "media_failed",

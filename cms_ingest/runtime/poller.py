@@ -19,10 +19,10 @@ from typing import Any
 
 import structlog
 
-from cms_ingest import metrics
 from cms_ingest.db.errors import DatabaseUnavailable
 from cms_ingest.db.store import PollCommit, stored_source_id
 from cms_ingest.domain import Alarm
+from cms_ingest.metrics import Metrics
 from cms_ingest.retry import RetryPolicy
 from cms_ingest.runtime.comm_loss import CommLossTracker
 from cms_ingest.runtime.flood import FloodTracker
@@ -61,19 +61,21 @@ class SitePoller:
         cursor: Mapping[str, Any] | None,
         comm_loss: CommLossTracker,
         flood: FloodTracker,
+        metrics: Metrics | None = None,
     ) -> None:
         self._site = site
+        self._metrics = metrics = metrics if metrics is not None else Metrics()
         self.fenced = False  # set when a commit was refused: the site is another daemon's now
         self._writer = writer
         self.cursor = cursor
         self._comm_loss = comm_loss
         self._flood = flood
         self._db_failing = False
-        metrics.SITE_SECONDS_SINCE_SUCCESS.labels(**self._labels).set_function(
+        metrics.site_seconds_since_success.labels(**self._labels).set_function(
             comm_loss.seconds_since_success
         )
-        self._polls_ok = metrics.POLLS.labels(**self._labels, outcome="ok")
-        self._poll_duration = metrics.POLL_DURATION.labels(vendor=site.config.vendor)
+        self._polls_ok = metrics.polls.labels(**self._labels, outcome="ok")
+        self._poll_duration = metrics.poll_duration.labels(vendor=site.config.vendor)
 
     @property
     def _labels(self) -> dict[str, str]:
@@ -112,12 +114,12 @@ class SitePoller:
             # A device that trickles or never ends its answers (or a client stuck in a loop
             # that awaits): this poll failed, the cursor stays, the next poll starts afresh.
             error = f"poll exceeded its deadline of {deadline:g} s (poll_deadline_s)"
-            metrics.POLLS.labels(**self._labels, outcome="timeout").inc()
+            self._metrics.polls.labels(**self._labels, outcome="timeout").inc()
             self._site.health.failure(error)
             await self._track_comm(ok=False, error=error)
             return False
         except (TransportError, VendorError) as exc:
-            metrics.POLLS.labels(**self._labels, outcome=_outcome(exc)).inc()
+            self._metrics.polls.labels(**self._labels, outcome=_outcome(exc)).inc()
             self._site.health.failure(_describe(exc))
             await self._track_comm(ok=False, error=_describe(exc))
             return False
@@ -134,7 +136,7 @@ class SitePoller:
         return True
 
     async def _crashed(self, exc: Exception) -> bool:
-        metrics.POLLS.labels(**self._labels, outcome="error").inc()
+        self._metrics.polls.labels(**self._labels, outcome="error").inc()
         if self._site.health.up is not False:
             log.error(
                 "poll_crashed",
@@ -181,7 +183,7 @@ class SitePoller:
             return False
         except DatabaseUnavailable as exc:
             # The database, not the site, failed: keep the cursor, poll the same range again.
-            metrics.POLLS.labels(**self._labels, outcome="db_error").inc()
+            self._metrics.polls.labels(**self._labels, outcome="db_error").inc()
             if not self._db_failing:
                 self._db_failing = True
                 log.error("commit_failed", error=str(exc), note="cursor kept; will retry")
@@ -201,11 +203,11 @@ class SitePoller:
         for alarm in alarms:
             if stored_source_id(alarm.source_id) not in new_ids:
                 continue
-            metrics.ALARMS.labels(vendor=vendor, event_type=alarm.event_type.value).inc()
+            self._metrics.alarms.labels(vendor=vendor, event_type=alarm.event_type.value).inc()
             if alarm.group_of is not None:
-                metrics.FLOOD_GROUPED.labels(vendor=vendor).inc()
+                self._metrics.flood_grouped.labels(vendor=vendor).inc()
             latency = (now - alarm.occurred_at).total_seconds()
-            metrics.INGEST_LATENCY.labels(vendor=vendor).observe(max(0.0, latency))
+            self._metrics.ingest_latency.labels(vendor=vendor).observe(max(0.0, latency))
 
 
 def _describe(exc: BaseException) -> str:

@@ -14,21 +14,21 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
-from cms_ingest import metrics
 from cms_ingest.config import FloodConfig
 from cms_ingest.db.errors import DatabaseUnavailable
-from cms_ingest.db.store import SiteHealth, Store
-from cms_ingest.domain import CommHistory, SiteLease
+from cms_ingest.domain import CommHistory, SiteHealth, SiteLease
+from cms_ingest.metrics import Metrics
 from cms_ingest.runtime.comm_loss import CommLossTracker
 from cms_ingest.runtime.flood import FloodTracker
 from cms_ingest.runtime.poller import SitePoller
 from cms_ingest.runtime.sites import SiteRegistry
 from cms_ingest.runtime.tasks import TaskSupervisor
 from cms_ingest.runtime.writer import AlarmWriter
+from cms_ingest.storage_ports import PollCommits, SiteHealthRecords
 
 log = structlog.get_logger("cms_ingest.pollers")
 
@@ -40,19 +40,26 @@ def task_name(site_id: str) -> str:
     return f"{POLLER_PREFIX}{site_id}"
 
 
+class PollerStorage(PollCommits, SiteHealthRecords, Protocol):
+    """What the poller set needs from storage: the stored cursors and comm histories its
+    pollers start from, and the site health it writes down when they stop."""
+
+
 class PollerSet:
     def __init__(
         self,
         tasks: TaskSupervisor,
         sites: SiteRegistry,
-        store: Store,
+        store: PollerStorage,
         writer: AlarmWriter,
         *,
         daemon_id: str,
         media_deadline_s: float,
         flood: FloodConfig,
+        metrics: Metrics | None = None,
     ) -> None:
         self._tasks = tasks
+        self._metrics = metrics if metrics is not None else Metrics()
         self._sites = sites
         self._store = store
         self._writer = writer
@@ -97,7 +104,7 @@ class PollerSet:
             cursors = await self._store.load_cursors(ids)
             histories = await self._store.supervision_states(ids)
         except DatabaseUnavailable as exc:
-            metrics.DB_ERRORS.labels(operation="start_sites").inc()
+            self._metrics.db_errors.labels(operation="start_sites").inc()
             log.warning("sites_not_started", sites=len(ids), error=str(exc))
             return set()
         for site_id in ids:
@@ -125,6 +132,7 @@ class PollerSet:
                 quiet_s=self._flood.quiet_s,
                 fetch_media=self._flood.fetch_media,
             ),
+            metrics=self._metrics,
         )
 
     async def stop(self, site_ids: Iterable[str]) -> None:
@@ -144,7 +152,7 @@ class PollerSet:
                 self._stopping.pop(site_id, None)
         snapshots = self.health_snapshots(ids)
         for site_id in ids:
-            metrics.forget_site(site_id)
+            self._metrics.forget_site(site_id)
         try:
             await self._store.record_health(snapshots)
         except DatabaseUnavailable as exc:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import structlog
 
-from cms_ingest import metrics
 from cms_ingest.config import AppConfig, ConfigError, ConfigProblem, SiteConfig
 from cms_ingest.configcheck import load_checked
+from cms_ingest.metrics import Metrics
 from cms_ingest.runtime.leases import LeaseKeeper
 from cms_ingest.runtime.sdnotify import SystemdNotifier
 from cms_ingest.runtime.sites import SiteRegistry
@@ -77,9 +77,15 @@ class _RunningSites:
 
 class ConfigReloader:
     def __init__(
-        self, config: AppConfig, notifier: SystemdNotifier, status_line: Callable[[], str]
+        self,
+        config: AppConfig,
+        notifier: SystemdNotifier,
+        status_line: Callable[[], str],
+        *,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config  # the running config
+        self._metrics = metrics if metrics is not None else Metrics()
         self._notifier = notifier
         self._status_line = status_line
         self._wake = asyncio.Event()
@@ -125,7 +131,7 @@ class ConfigReloader:
                 problems = [str(problem) for problem in exc.problems]
             else:
                 problems = [f"the file could not be read: {type(exc).__name__}"]
-            metrics.CONFIG_RELOADS.labels(outcome="invalid").inc()
+            self._metrics.config_reloads.labels(outcome="invalid").inc()
             log.error(
                 "config_reload_refused",
                 path=str(path),
@@ -137,10 +143,10 @@ class ConfigReloader:
         try:
             await self._apply(new)
         except Exception:
-            metrics.CONFIG_RELOADS.labels(outcome="failed").inc()
+            self._metrics.config_reloads.labels(outcome="failed").inc()
             log.exception("config_reload_failed")
             return False
-        metrics.CONFIG_RELOADS.labels(outcome="applied").inc()
+        self._metrics.config_reloads.labels(outcome="applied").inc()
         return True
 
     async def _apply(self, new: AppConfig) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -17,10 +17,10 @@ from typing import Any
 import aiohttp
 import structlog
 
-from cms_ingest import metrics
 from cms_ingest.config import AppConfig, SiteConfig
 from cms_ingest.db.store import SiteHealth
 from cms_ingest.logs import redact_text
+from cms_ingest.metrics import Metrics
 from cms_ingest.runtime.tasks import TaskSupervisor
 from cms_ingest.runtime.vendortasks import SupervisedTasks
 from cms_ingest.sitehttp import SiteHttp, TlsPolicy
@@ -39,9 +39,10 @@ class SiteProblems:
     the device's clock skew kept, exported, and warned about once past 30 s; the device's
     own health and the account's API budget exported."""
 
-    def __init__(self, site_id: str, vendor: str) -> None:
+    def __init__(self, site_id: str, vendor: str, *, metrics: Metrics | None = None) -> None:
         self.site_id = site_id
         self.vendor = vendor
+        self._metrics = metrics if metrics is not None else Metrics()
         self._seen: set[str] = set()
         self.skew_s: float | None = None
         self._skew_warned = False
@@ -54,7 +55,7 @@ class SiteProblems:
 
     def clock_skew(self, seconds: float) -> None:
         self.skew_s = seconds
-        metrics.CLOCK_SKEW.labels(site_id=self.site_id, vendor=self.vendor).set(seconds)
+        self._metrics.clock_skew.labels(site_id=self.site_id, vendor=self.vendor).set(seconds)
         if abs(seconds) > SKEW_WARN_S and not self._skew_warned:
             self._skew_warned = True
             log.warning(
@@ -66,7 +67,7 @@ class SiteProblems:
             )
 
     def device_reset(self, detail: str) -> None:
-        metrics.DEVICE_RESETS.labels(vendor=self.vendor).inc()
+        self._metrics.device_resets.labels(vendor=self.vendor).inc()
         log.warning(
             "device_reset_detected",
             site_id=self.site_id,
@@ -76,19 +77,19 @@ class SiteProblems:
         )
 
     def device_health(self, component: str, healthy: bool) -> None:
-        metrics.DEVICE_HEALTH.labels(
+        self._metrics.device_health.labels(
             site_id=self.site_id, vendor=self.vendor, component=component
         ).set(1 if healthy else 0)
 
     def api_budget(self, remaining: float) -> None:
         if self._budget_gauge is None:
-            self._budget_gauge = metrics.API_BUDGET_REMAINING.labels(
+            self._budget_gauge = self._metrics.api_budget_remaining.labels(
                 site_id=self.site_id, vendor=self.vendor
             )
         self._budget_gauge.set(remaining)
 
     def bad_input(self, what: str, detail: str) -> None:
-        metrics.BAD_INPUT.labels(source=f"device:{self.vendor}", what=what).inc()
+        self._metrics.bad_input.labels(source=f"device:{self.vendor}", what=what).inc()
         if what not in self._seen:
             self._seen.add(what)
             log.warning(
@@ -118,13 +119,16 @@ class SiteHealthState:
     polled: asyncio.Event = field(default_factory=asyncio.Event)
     # This site's metric series, looked up once (a label lookup per poll adds up at 2,000).
     _gauges: tuple[Any, Any, Any] = field(init=False, repr=False)
+    # The daemon's metrics the gauges are exported to (a private one when None).
+    metrics: InitVar[Metrics | None] = field(default=None, kw_only=True)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, metrics: Metrics | None) -> None:
+        metrics = metrics if metrics is not None else Metrics()
         labels = {"site_id": self.site_id, "vendor": self.vendor}
         self._gauges = (
-            metrics.SITE_UP.labels(**labels),
-            metrics.SITE_CONSECUTIVE_FAILURES.labels(**labels),
-            metrics.SITE_LAST_SUCCESS.labels(**labels),
+            metrics.site_up.labels(**labels),
+            metrics.site_consecutive_failures.labels(**labels),
+            metrics.site_last_success.labels(**labels),
         )
 
     def success(self) -> None:
@@ -208,10 +212,14 @@ def build_site(
     session: aiohttp.ClientSession,
     media_root: Path | None = None,
     supervisor: TaskSupervisor | None = None,
+    *,
+    metrics: Metrics | None = None,
 ) -> SiteRuntime:
     """The site's client and state. With the daemon's `supervisor`, the client's background
-    tasks run on it; without (the probe, tests), as plain tasks closed with the client."""
-    problems = SiteProblems(site.id, site.vendor)
+    tasks run on it; without (the probe, tests), as plain tasks closed with the client. The
+    site's problems and health count on `metrics` (the daemon's; a private one when None)."""
+    metrics = metrics if metrics is not None else Metrics()
+    problems = SiteProblems(site.id, site.vendor, metrics=metrics)
     tasks = SupervisedTasks(supervisor, site.id) if supervisor is not None else LocalTasks()
     http = SiteHttp(
         session,
@@ -236,7 +244,7 @@ def build_site(
         config=site,
         options=options,
         client=vendor.client(context, options),
-        health=SiteHealthState(site.id, site.vendor),
+        health=SiteHealthState(site.id, site.vendor, metrics=metrics),
         problems=problems,
         tasks=tasks,
     )
@@ -251,9 +259,12 @@ class SiteRegistry:
         config: AppConfig,
         session: aiohttp.ClientSession,
         supervisor: TaskSupervisor | None = None,
+        *,
+        metrics: Metrics | None = None,
     ) -> None:
         self._session = session
         self._supervisor = supervisor  # runs the clients' background tasks
+        self._metrics = metrics if metrics is not None else Metrics()
         self._media_root = config.data_dir / "media"
         self._sites: dict[str, SiteRuntime] = {}
         self._used: set[str] = set()  # sites whose client a poller has used
@@ -276,15 +287,15 @@ class SiteRegistry:
         return self._sites
 
     def add(self, site: SiteConfig) -> None:
-        self._sites[site.id] = build_site(site, self._session, self._media_root, self._supervisor)
+        self._sites[site.id] = self._build(site)
         self._used.discard(site.id)
-        metrics.SITES.labels(vendor=site.vendor).inc()
+        self._metrics.sites.labels(vendor=site.vendor).inc()
 
     async def remove(self, site_id: str) -> None:
         runtime = self._sites.pop(site_id, None)
         if runtime is not None:
-            metrics.SITES.labels(vendor=runtime.config.vendor).dec()
-            metrics.forget_site(site_id)
+            self._metrics.sites.labels(vendor=runtime.config.vendor).dec()
+            self._metrics.forget_site(site_id)
             await runtime.client.close()
 
     async def replace(self, site: SiteConfig) -> None:
@@ -300,11 +311,16 @@ class SiteRegistry:
         if site_id in self._used:
             runtime.tasks.retire()  # its live streams end now; actions may still run on it
             self._retired.append((time.monotonic(), runtime.client))
-            fresh = build_site(runtime.config, self._session, self._media_root, self._supervisor)
+            fresh = self._build(runtime.config)
             fresh.health.polled = runtime.health.polled  # "was polled once, ever" carries over
             self._sites[site_id] = runtime = fresh
         self._used.add(site_id)
         return runtime
+
+    def _build(self, site: SiteConfig) -> SiteRuntime:
+        return build_site(
+            site, self._session, self._media_root, self._supervisor, metrics=self._metrics
+        )
 
     async def close_retired(self, older_than_s: float) -> None:
         """Close replaced clients once nothing can still run on them (actions time out)."""

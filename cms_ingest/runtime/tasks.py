@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from cms_ingest import metrics
+from cms_ingest.metrics import Metrics
 from cms_ingest.retry import RetryPolicy
 
 log = structlog.get_logger("cms_ingest.tasks")
@@ -59,8 +59,9 @@ class TaskSupervisor:
     """Owns the daemon's tasks by name. Shutdown is ordered by the caller, group by group
     (pollers before the writer they commit through), with `stop_matching`."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, metrics: Metrics | None = None) -> None:
         self._tasks: dict[str, _Supervised] = {}
+        self._metrics = metrics if metrics is not None else Metrics()
 
     def start(
         self,
@@ -103,7 +104,7 @@ class TaskSupervisor:
                 raise
             except Exception:
                 log.exception("task_crashed")
-            metrics.TASK_RESTARTS.labels(task=name.split(":", 1)[0]).inc()
+            self._metrics.task_restarts.labels(task=name.split(":", 1)[0]).inc()
             if time.monotonic() - started > HEALTHY_AFTER_S:
                 failures = 0
             failures += 1

@@ -22,7 +22,6 @@ from collections.abc import Callable
 
 import structlog
 
-from cms_ingest import metrics
 from cms_ingest.db.errors import is_data_error
 from cms_ingest.db.storable import degraded_commit
 from cms_ingest.domain import (
@@ -32,6 +31,7 @@ from cms_ingest.domain import (
     PollCommit,
     SiteLease,
 )
+from cms_ingest.metrics import Metrics
 from cms_ingest.storage_ports import PollCommits
 
 log = structlog.get_logger("cms_ingest.writer")
@@ -57,6 +57,7 @@ class AlarmWriter:
         max_batch: int = 250,
         max_wait_s: float = 0.02,
         on_media_added: Callable[[], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         """`lease_of(site_id)`: the lease this daemon polls the site under, None when it does
         not hold the site (its commits are refused); without it (tools, tests) nothing is
@@ -68,6 +69,7 @@ class AlarmWriter:
         self._max_batch = max_batch
         self._max_wait_s = max_wait_s
         self._on_media_added = on_media_added
+        self._metrics = metrics if metrics is not None else Metrics()
 
     async def commit(self, commit: PollCommit) -> list[InsertedAlarm]:
         """Persist one site's poll atomically; returns the alarms that were new."""
@@ -83,7 +85,7 @@ class AlarmWriter:
         if self._lease_of is not None:
             lease = self._lease_of(site_id)
             if lease is None:  # not ours any more: refused as the transaction would
-                metrics.FENCING_REFUSALS.inc()
+                self._metrics.fencing_refusals.inc()
                 raise LeaseLost(site_id)
         return CommitTerms(media_deadline_s=self._media_deadline_of(site_id), lease=lease)
 
@@ -118,7 +120,7 @@ class AlarmWriter:
         return batch
 
     async def _commit(self, batch: list[_Pending]) -> None:
-        metrics.COMMIT_BATCH.observe(len(batch))
+        self._metrics.commit_batch.observe(len(batch))
         if len(batch) == 1:
             await self._commit_alone(batch[0])
             return
@@ -143,13 +145,13 @@ class AlarmWriter:
             result = await self._store.commit_polls([commit], alone)
         except Exception as exc:
             if not is_data_error(exc):
-                metrics.DB_ERRORS.labels(operation="commit_polls").inc()
+                self._metrics.db_errors.labels(operation="commit_polls").inc()
                 _resolve_error(future, exc)
                 return
             try:
                 result = await self._commit_degraded(commit, alone, exc)
             except Exception as again:
-                metrics.DB_ERRORS.labels(operation="commit_polls").inc()
+                self._metrics.db_errors.labels(operation="commit_polls").inc()
                 _resolve_error(future, again)
                 return
         self._resolve([item], result)
@@ -178,7 +180,7 @@ class AlarmWriter:
             by_site.setdefault(row.site_id, []).append(row)
         for commit, _, future in batch:
             if commit.site_id in result.fenced:
-                metrics.FENCING_REFUSALS.inc()
+                self._metrics.fencing_refusals.inc()
                 _resolve_error(future, LeaseLost(commit.site_id))
             elif not future.done():
                 future.set_result(by_site.get(commit.site_id, []))

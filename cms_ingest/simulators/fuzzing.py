@@ -41,7 +41,7 @@ from aiohttp import web
 from cms_ingest.config import ActionsConfig
 from cms_ingest.db.store import PollCommit, storable_commit
 from cms_ingest.domain import Action, MediaKind
-from cms_ingest.metrics import REGISTRY
+from cms_ingest.metrics import Metrics
 from cms_ingest.runtime.looplag import LoopLagMonitor
 from cms_ingest.simulators.camstreamer import CamStreamerAccount, CamStreamerSimulator
 from cms_ingest.simulators.camtrace import CamTraceSimulator, CamTraceSite
@@ -703,9 +703,9 @@ async def fuzz_vendor(
     loop = asyncio.get_running_loop()
     previous_handler = loop.get_exception_handler()
     loop.set_exception_handler(runs[0].on_loop_exception)
-    blocks_before = REGISTRY.get_sample_value("cms_ingest_event_loop_blocked_total") or 0.0
+    metrics = Metrics()  # the run's own: only its loop blocks are counted
     stop = asyncio.Event()
-    lag = asyncio.create_task(LoopLagMonitor().run(stop), name="fuzz-loop-lag")
+    lag = asyncio.create_task(LoopLagMonitor(metrics=metrics).run(stop), name="fuzz-loop-lag")
     try:
         async with _quiet_logs(), _session() as session:
             await asyncio.gather(*(run.until_deadline(session) for run in runs))
@@ -716,8 +716,7 @@ async def fuzz_vendor(
     report.seconds = time.monotonic() - started
     report.inputs = sum(run.mutator.inputs for run in runs)
     report.bad_input_reports = sum(run.problems.reports for run in runs)
-    blocks = REGISTRY.get_sample_value("cms_ingest_event_loop_blocked_total") or 0.0
-    report.loop_blocks = int(blocks - blocks_before)
+    report.loop_blocks = int(metrics.sample("cms_ingest_event_loop_blocked_total"))
     report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return report
 
