@@ -7,8 +7,9 @@
   devices, tasks or metrics.
 - `runtime` never imports `simulators` or a concrete vendor module: it knows vendors only
   through the registry and `vendors.base`.
-- No module but `metrics.py` itself imports `cms_ingest.metrics`'s collectors at module level
-  (the metrics object is built per daemon and handed to the parts that count).
+- Nothing is imported from `cms_ingest.metrics` but its `Metrics` class, and the module
+  defines no collector of its own: the metrics object is built per daemon and handed to the
+  parts that count (two daemons in one process keep their own figures).
 
 Every import counts: at module level, inside functions, under TYPE_CHECKING.
 """
@@ -21,8 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.metrics import MetricWrapperBase
 
 import cms_ingest
+import cms_ingest.metrics
 
 PACKAGE_DIR = Path(cms_ingest.__file__).parent
 # Modules of `cms_ingest.vendors` that are shared machinery, not a vendor.
@@ -34,6 +38,7 @@ class Import:
     importer: str  # dotted module name
     imported: str  # dotted module name (a `from x import y` naming a module gives x.y)
     line: int
+    name: str | None = None  # y of a `from x import y` where y is not a module
 
 
 def module_name(path: Path) -> str:
@@ -62,7 +67,10 @@ def imports_of(importer: str, source: str, *, is_package: bool = False) -> Itera
             for alias in node.names:
                 candidate = f"{base}.{alias.name}"
                 named_module = candidate.startswith("cms_ingest") and _is_module(candidate)
-                yield Import(importer, candidate if named_module else base, node.lineno)
+                if named_module:
+                    yield Import(importer, candidate, node.lineno)
+                else:
+                    yield Import(importer, base, node.lineno, alias.name)
 
 
 def all_imports() -> list[Import]:
@@ -105,6 +113,8 @@ def _broken_rule(i: Import) -> str | None:
     storage = _within(own, "cms_ingest.db") or _within(own, "cms_ingest.storage_ports")
     if storage and not (in_db or _within(target, "cms_ingest.domain")):
         return "db and the storage ports import only domain"
+    if target == "cms_ingest.metrics" and own != target and i.name != "Metrics":
+        return "only the Metrics class is imported from metrics (no module-level collector)"
     if _within(own, "cms_ingest.runtime"):
         if _within(target, "cms_ingest.simulators"):
             return "runtime never imports simulators"
@@ -133,6 +143,13 @@ def test_the_package_keeps_its_import_layers() -> None:
         ("cms_ingest.storage_ports", "from cms_ingest.db import store", "only domain"),
         ("cms_ingest.runtime.sites", "from cms_ingest.vendors import davantis", "concrete vendor"),
         ("cms_ingest.runtime.sites", "from cms_ingest.simulators import base", "simulators"),
+        ("cms_ingest.runtime.poller", "from cms_ingest import metrics", "only the Metrics class"),
+        ("cms_ingest.runtime.poller", "import cms_ingest.metrics", "only the Metrics class"),
+        (
+            "cms_ingest.simulators.fuzzing",
+            "from cms_ingest.metrics import REGISTRY",
+            "only the Metrics class",
+        ),
     ],
 )
 def test_the_checker_catches_each_kind_of_violation(
@@ -148,6 +165,17 @@ def test_allowed_imports_are_not_flagged() -> None:
         ("cms_ingest.db.store", "from cms_ingest.domain import Alarm\nfrom . import schema"),
         ("cms_ingest.runtime.sites", "from cms_ingest.vendors import base, registry"),
         ("cms_ingest.vendors.davantis", "from cms_ingest.vendors.common import as_id"),
+        ("cms_ingest.runtime.poller", "from cms_ingest.metrics import Metrics"),
     ]
     for importer, source in allowed:
         assert violations(list(imports_of(importer, source))) == []
+
+
+def test_metrics_defines_no_module_level_collector() -> None:
+    """A collector or registry at module level would be shared by every daemon of a process."""
+    shared = [
+        name
+        for name, value in vars(cms_ingest.metrics).items()
+        if isinstance(value, (MetricWrapperBase, CollectorRegistry))
+    ]
+    assert shared == []
