@@ -20,8 +20,8 @@ from typing import Any
 import structlog
 
 from cms_ingest.db.errors import DatabaseUnavailable
-from cms_ingest.db.store import PollCommit, stored_source_id
-from cms_ingest.domain import Alarm
+from cms_ingest.db.storable import stored_source_id
+from cms_ingest.domain import Alarm, PollCommit
 from cms_ingest.metrics import Metrics
 from cms_ingest.retry import RetryPolicy
 from cms_ingest.runtime.comm_loss import CommLossTracker

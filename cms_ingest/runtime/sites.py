@@ -18,7 +18,7 @@ import aiohttp
 import structlog
 
 from cms_ingest.config import AppConfig, SiteConfig
-from cms_ingest.db.store import SiteHealth
+from cms_ingest.domain import SiteHealth
 from cms_ingest.logs import redact_text
 from cms_ingest.metrics import Metrics
 from cms_ingest.runtime.tasks import TaskSupervisor
