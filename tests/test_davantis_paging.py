@@ -203,7 +203,8 @@ async def test_an_implausible_time_never_becomes_a_paging_bound(
         site.add_alarm(started=started)
     reported = bad_input("implausible_time")
     async with DavantisSimulator({"default": site}) as sim:
-        client = build_site(davantis_site("dp", sim.url(), options={"page_cap": 5}), session).client
+        config = davantis_site("dp", sim.url(), options={"page_cap": 5})
+        client = build_site(config, session, metrics=CLIENT_METRICS).client
         assert isinstance(client, DavantisClient)
         alarms, _ = await drain(client, {"last_id": 0})
     assert ids_of(alarms) == list(range(1, 13))
