@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
+import tempfile
 import uuid
 import warnings
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -127,3 +129,19 @@ async def eventually(
 @pytest.fixture
 def media_root(tmp_path: Path) -> Path:
     return tmp_path / "data" / "media"
+
+
+@pytest.fixture
+def outside_pytest_tmp() -> Iterator[Path]:
+    """A directory of this test's own outside /tmp/pytest-of-<user>, removed afterwards.
+
+    For an embedded PostgreSQL: under root pgserver runs it as another user, who must traverse
+    the path to its data, and every pytest session starting meanwhile (an xdist worker,
+    another developer's run) chmods /tmp/pytest-of-<user> back to 0700.
+    """
+    path = Path(tempfile.mkdtemp(prefix="cms-ingest-test-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

@@ -14,7 +14,7 @@ from cms_ingest.simulators.davantis import DavantisSimulator, DavantisSite
 from tests.support import free_port
 
 
-async def test_demo_shows_alarms_media_and_stops_by_itself(tmp_path: Path) -> None:
+async def test_demo_shows_alarms_media_and_stops_by_itself(outside_pytest_tmp: Path) -> None:
     """The README's first command, minus the install: embedded PostgreSQL and all."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -24,7 +24,7 @@ async def test_demo_shows_alarms_media_and_stops_by_itself(tmp_path: Path) -> No
         "--duration",
         "16",
         "--data-dir",
-        str(tmp_path / "demo"),
+        str(outside_pytest_tmp / "demo"),
         "--listen",
         f"127.0.0.1:{free_port()}",
         stdout=asyncio.subprocess.PIPE,
@@ -42,7 +42,7 @@ async def test_demo_shows_alarms_media_and_stops_by_itself(tmp_path: Path) -> No
     assert re.search(r"demo-camstreamer p4 camera_offline +camera 'Yard'", text)
     assert "Warning" not in err.decode()
     assert "snapshot ready" in text
-    assert list((tmp_path / "demo" / "media" / "demo-davantis").rglob("*-snapshot.jpg"))
+    assert list((outside_pytest_tmp / "demo" / "media" / "demo-davantis").rglob("*-snapshot.jpg"))
 
 
 async def test_probe_reports_each_step(tmp_path: Path) -> None:
