@@ -10,7 +10,8 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,17 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 from pydantic import SecretStr
 
-from cms_ingest.config import ActionsConfig, AppConfig, MediaConfig, SiteConfig
+from cms_ingest.config import ActionsConfig, AppConfig, FloodConfig, MediaConfig, SiteConfig
+from cms_ingest.db.memory import ManualClock, MemoryStorage
+from cms_ingest.domain import CommHistory
 from cms_ingest.metrics import REGISTRY
+from cms_ingest.runtime.comm_loss import CommLossTracker
 from cms_ingest.runtime.daemon import Daemon, run_daemon
+from cms_ingest.runtime.flood import FloodTracker
+from cms_ingest.runtime.poller import SitePoller
+from cms_ingest.runtime.sites import SiteRegistry, SiteRuntime
+from cms_ingest.runtime.writer import AlarmWriter
+from cms_ingest.sitehttp import new_client_session
 from tests.conftest import eventually
 
 # What each vendor's simulator accepts by default.
@@ -223,3 +232,71 @@ def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
         capture_output=True,
     )
     return cert, key
+
+
+# ------------------------------------------------ direct tests on the in-memory storage adapter
+
+NO_DATABASE = "postgresql://unused@127.0.0.1:1/none"  # direct tests never connect to it
+
+
+def clock_at_now() -> ManualClock:
+    """A manual clock starting at the wall clock's now. The runtime parts read the wall clock
+    themselves (a media deadline, an action's `not_after`, comm loss), so the storage's time
+    must start where theirs is, then move only when a test moves it."""
+    return ManualClock(datetime.now(UTC))
+
+
+def memory_storage() -> MemoryStorage:
+    return MemoryStorage(clock=clock_at_now())
+
+
+@contextlib.asynccontextmanager
+async def site_registry(config: AppConfig) -> AsyncIterator[SiteRegistry]:
+    """The configured sites with their vendor clients, over one HTTP session."""
+    session = new_client_session()
+    sites = SiteRegistry(config, session)
+    try:
+        yield sites
+    finally:
+        await sites.close()
+        await session.close()
+
+
+@contextlib.asynccontextmanager
+async def running(body: Callable[[asyncio.Event], Awaitable[None]]) -> AsyncIterator[asyncio.Event]:
+    """`body(stop)` as a task (a writer, a worker's loop); stopped, and must end, on exit."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(body(stop))
+    try:
+        yield stop
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=15)
+
+
+def site_poller(
+    site: SiteRuntime,
+    writer: AlarmWriter,
+    *,
+    cursor: Mapping[str, Any] | None = None,
+    history: CommHistory | None = None,
+    flood: FloodConfig | None = None,
+) -> SitePoller:
+    """A site's poller as the poller set builds it."""
+    flood = flood or FloodConfig()
+    return SitePoller(
+        site,
+        writer,
+        cursor=cursor,
+        comm_loss=CommLossTracker(
+            site_id=site.config.id,
+            timeout_s=site.config.supervision_timeout,
+            restore_after_s=site.options.restore_after_s,
+            history=history or CommHistory(),
+        ),
+        flood=FloodTracker(
+            max_per_minute=flood.max_per_minute,
+            quiet_s=flood.quiet_s,
+            fetch_media=flood.fetch_media,
+        ),
+    )
