@@ -15,159 +15,35 @@ it:
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from cms_ingest.config import AppConfig, SiteConfig
 from cms_ingest.configcheck import load_checked
 from cms_ingest.db.memory import MemoryStorage
-from cms_ingest.domain import DaemonIdentity, SiteLease
-from cms_ingest.runtime.leases import LeaseKeeper
 from cms_ingest.runtime.pollers import PollerSet
 from cms_ingest.runtime.reload import ConfigReloader
 from cms_ingest.runtime.sdnotify import SystemdNotifier
-from cms_ingest.runtime.sites import SiteRegistry
 from cms_ingest.runtime.tasks import TaskSupervisor
 from cms_ingest.runtime.writer import AlarmWriter
-from cms_ingest.simulators.davantis import DavantisSimulator, DavantisSite
-from cms_ingest.sitehttp import new_client_session
+from cms_ingest.simulators.davantis import DavantisSimulator
 from tests.conftest import eventually
-from tests.support import NO_DATABASE, app_config, davantis_site, memory_storage
-
-TTL_S = 0.6  # keeper ticks every 0.2 s; leases expire only when the manual clock is moved
-
-
-def identity(name: str) -> DaemonIdentity:
-    # A host of its own per daemon: daemons of one host and process would take each other
-    # for a dead predecessor and free each other's leases at start.
-    return DaemonIdentity(daemon_id=name, host=f"host-{name}", pid=1, boot_id="", version="")
-
-
-class RecordingLeases:
-    """One daemon's door to the shared storage's leases, noting what was still running when
-    it released leases; every other call goes to the storage unchanged."""
-
-    def __init__(self, storage: MemoryStorage, tasks: TaskSupervisor) -> None:
-        self._storage = storage
-        self._tasks = tasks
-        self.pollers: PollerSet | None = None
-        self.releases: list[tuple[set[str], list[str], set[str]]] = []
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._storage, name)
-
-    async def release(
-        self, me: str, leases: Mapping[str, int], *, leaving: bool = False
-    ) -> set[str]:
-        assert self.pollers is not None
-        running = [
-            name.split(":", 1)[1] for name in self._tasks.names if name.startswith("poller:")
-        ]
-        self.releases.append((set(leases), running, set(self.pollers.held)))
-        return await self._storage.release(me, leases, leaving=leaving)
-
-
-@dataclass
-class Node:
-    """One daemon's runtime parts, as `Daemon` wires them."""
-
-    name: str
-    tasks: TaskSupervisor
-    sites: SiteRegistry
-    store: MemoryStorage
-    pollers: PollerSet
-    keeper: LeaseKeeper
-    leases: RecordingLeases
-    config: AppConfig
-
-    def run_keeper(self) -> None:
-        self.tasks.start("leases", self.keeper.run)
-
-    def held(self) -> set[str]:
-        return set(self.pollers.held)
-
-
-@contextlib.asynccontextmanager
-async def node(name: str, store: MemoryStorage, config: AppConfig) -> AsyncIterator[Node]:
-    session = new_client_session()
-    tasks = TaskSupervisor()
-    sites = SiteRegistry(config, session)
-
-    # As the daemon wires them: the writer commits under the leases the poller set holds.
-    def lease_of(site_id: str) -> SiteLease | None:
-        return pollers.lease_of(site_id)
-
-    def media_deadline_of(site_id: str) -> float:
-        return pollers.media_deadline_of(site_id)
-
-    writer = AlarmWriter(store, lease_of=lease_of, media_deadline_of=media_deadline_of)
-    pollers = PollerSet(
-        tasks,
-        sites,
-        store,
-        writer,
-        daemon_id=name,
-        media_deadline_s=60.0,
-        flood=config.flood,
-    )
-    leases = RecordingLeases(store, tasks)
-    leases.pollers = pollers
-    keeper = LeaseKeeper(leases, identity(name), TTL_S, pollers)
-    tasks.start("writer", writer.run)
-    try:
-        yield Node(name, tasks, sites, store, pollers, keeper, leases, config)
-    finally:
-        # The daemon's shutdown order.
-        await tasks.stop_tasks(["leases"], timeout=2.0)
-        await pollers.halt()
-        await tasks.stop_tasks(["writer"], timeout=2.0)
-        await keeper.release_all(reason="shutdown")
-        await tasks.stop_all(timeout=2.0)
-        await sites.close()
-        await session.close()
-
-
-def tenants(*names: str) -> dict[str, DavantisSite]:
-    return {name: DavantisSite(media_delay=0) for name in names}
-
-
-def sites_of(sim: DavantisSimulator, names: Iterable[str]) -> list[SiteConfig]:
-    return [davantis_site(name, sim.url(name)) for name in names]
-
-
-async def take(node: Node, *site_ids: str) -> dict[str, int]:
-    """Leases taken for `node` straight in the store, as the keeper takes them."""
-    await node.leases.ensure_sites(site_ids)
-    taken = await node.leases.acquire(node.name, TTL_S * 10, list(site_ids), len(site_ids))
-    return {lease.site_id: lease.epoch for lease in taken}
-
-
-def stored_ids(store: MemoryStorage, site_id: str) -> set[int]:
-    alarms = (row.alarm for row in store.alarms.values())
-    return {int(alarm.source_id) for alarm in alarms if alarm.site_id == site_id}
-
-
-def owner(store: MemoryStorage, site_id: str) -> tuple[str | None, int]:
-    lease = store.leases[site_id]
-    return lease.owner, lease.epoch
-
-
-async def first_polls(node: Node, *site_ids: str) -> None:
-    """Until these sites were polled once: a new site's cursor starts at its newest alarm, so
-    only alarms raised after its first poll are stored."""
-    polled = [node.sites.by_id[site_id].health.polled.wait() for site_id in site_ids]
-    await asyncio.wait_for(asyncio.gather(*polled), timeout=10)
-
-
-def pollers_running(node: Node) -> set[str]:
-    return {name.split(":", 1)[1] for name in node.tasks.names if name.startswith("poller:")}
-
+from tests.support import (
+    KEEPER_TTL_S,
+    NO_DATABASE,
+    app_config,
+    first_polls,
+    memory_storage,
+    node,
+    owner,
+    pollers_running,
+    sites_of,
+    stored_ids,
+    take,
+    tenants,
+)
 
 # ---------------------------------------------------------------------------- poller set
 
@@ -300,7 +176,7 @@ async def test_a_lease_taken_by_another_daemon_stops_its_poller(tmp_path: Path) 
             assert pollers_running(d1) == {"b"}
             assert owner(store, "a") == ("thief", taken.epoch)  # not released by d1
             # d1 alone, its share is both sites, but "a" is not free: it is not taken back.
-            await asyncio.sleep(TTL_S)  # three ticks of its keeper
+            await asyncio.sleep(KEEPER_TTL_S)  # three ticks of its keeper
             assert d1.held() == {"b"}
 
 
