@@ -436,3 +436,10 @@ async def first_polls(node: Node, *site_ids: str) -> None:
 
 def pollers_running(node: Node) -> set[str]:
     return {name.split(":", 1)[1] for name in node.tasks.names if name.startswith("poller:")}
+
+
+def holding(node: Node, site_ids: set[str]) -> Callable[[], bool]:
+    """A check for `eventually`: `node` holds exactly these sites and runs exactly their
+    pollers. (A site stops being held when its stop begins; its poller ends a moment later,
+    once its last commit is done.)"""
+    return lambda: node.held() == site_ids and pollers_running(node) == site_ids

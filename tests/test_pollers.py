@@ -35,6 +35,7 @@ from tests.support import (
     NO_DATABASE,
     app_config,
     first_polls,
+    holding,
     memory_storage,
     node,
     owner,
@@ -121,11 +122,13 @@ async def test_two_keepers_split_the_sites_evenly_and_never_share_one(tmp_path: 
                 d2.run_keeper()
 
                 def split() -> bool:
-                    return len(d1.held()) == 2 and len(d2.held()) == 2
+                    return all(
+                        len(node.held()) == 2 and pollers_running(node) == node.held()
+                        for node in (d1, d2)
+                    )
 
                 await eventually(split, timeout=15, what="a 2/2 split")
                 assert not d1.held() & d2.held()
-                assert pollers_running(d1) == d1.held() and pollers_running(d2) == d2.held()
                 for site_id in d2.held():
                     assert owner(store, site_id)[0] == "d2"
                 # Handed over, never taken: d1 released the leases d2 then acquired.
@@ -172,8 +175,7 @@ async def test_a_lease_taken_by_another_daemon_stops_its_poller(tmp_path: Path) 
             store.leases["a"].expires_at = store.clock()
             [taken] = await d1.leases.acquire("thief", 60.0, ["a"], 1)
 
-            await eventually(lambda: d1.held() == {"b"}, what="a dropped")
-            assert pollers_running(d1) == {"b"}
+            await eventually(holding(d1, {"b"}), what="a dropped, its poller ended")
             assert owner(store, "a") == ("thief", taken.epoch)  # not released by d1
             # d1 alone, its share is both sites, but "a" is not free: it is not taken back.
             await asyncio.sleep(KEEPER_TTL_S)  # three ticks of its keeper
