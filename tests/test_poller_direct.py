@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from cms_ingest.config import FloodConfig
 from cms_ingest.db.memory import MemoryStorage
 from cms_ingest.runtime.poller import SitePoller
 from cms_ingest.runtime.sites import SiteRuntime
@@ -183,3 +184,24 @@ async def test_a_comm_lost_whose_commit_failed_is_raised_on_a_later_poll(
         await fail_for(poller, 0.1)
         kinds = [row.alarm.event_type.value for row in memory.alarms.values()]
         assert kinds == ["comm_lost"], "raised once the database answers, and once only"
+
+
+async def test_a_flood_committed_after_an_outage_is_grouped_once(tmp_path: Path) -> None:
+    """Beyond the limit a camera's alarms join a burst; when the commit fails the same alarms
+    come back on the next poll, and the burst is neither counted twice nor split."""
+    async with davantis(tmp_path) as (device, site, memory, writer):
+        poller = site_poller(site, writer, flood=FloodConfig(max_per_minute=2))
+        assert await poller.poll_once()
+        posted = [str(alarm.id) for alarm in device.add_alarms(6, camera=1)]
+        memory.unavailable = True
+        assert not await poller.poll_once()
+        memory.unavailable = False
+        assert await poller.poll_once()
+
+        rows = sorted(memory.alarms.values(), key=lambda row: row.id)
+        assert [row.alarm.source_id for row in rows] == posted
+        head = posted[2]  # the limit (2), then the burst's first alarm
+        assert [row.alarm.group_of for row in rows] == [None, None, None, head, head, head]
+        assert rows[2].repeat_count == 3
+        members = {row.id for row in rows[3:]}
+        assert not [media for media in memory.media.values() if media.alarm_id in members]
