@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import yaml
+from structlog.testing import capture_logs
 
 from cms_ingest.configcheck import load_checked
 from cms_ingest.db.memory import MemoryStorage
@@ -293,3 +294,28 @@ async def test_reload_requests_coalesce_into_one_more_reload(tmp_path: Path) -> 
         finally:
             await tasks.stop_all(timeout=2.0)
         assert tasks.names == []
+
+
+@pytest.mark.timeout(30)
+async def test_a_reload_before_the_sites_run_keeps_restart_only_settings(tmp_path: Path) -> None:
+    """Reloaded while the daemon still waits for its database: the new sites are taken for
+    when they start; a setting that applies only at start is reported and kept."""
+    path = tmp_path / "cms.yaml"
+    site_a = {"id": "a", "vendor": "davantis", "url": "http://127.0.0.1:9"}
+    write_config(path, NO_DATABASE, tmp_path, [site_a])
+    reloader = ConfigReloader(load_checked(path), SystemdNotifier(None, None), lambda: "")
+    workers = reloader.config.media.workers
+
+    changed = yaml.safe_load(path.read_text())
+    changed["media"] = {"workers": workers + 4}
+    changed["sites"].append({**site_a, "id": "b"})
+    path.write_text(yaml.safe_dump(changed))
+    with capture_logs() as logs:
+        assert await reloader.reload()
+
+    assert [site.id for site in reloader.config.sites] == ["a", "b"]
+    assert reloader.config.media.workers == workers
+    [kept] = [entry for entry in logs if entry["event"] == "config_reload_needs_restart"]
+    assert kept["settings"] == ["media"]
+    [reloaded] = [entry for entry in logs if entry["event"] == "config_reloaded"]
+    assert (reloaded["added"], reloaded["removed"], reloaded["changed"]) == (["b"], [], [])
