@@ -194,3 +194,32 @@ async def test_media_not_ready_by_its_deadline_fails_with_the_reason(tmp_path: P
             fetcher.wake()
             await eventually(lambda: row.state is MediaState.FAILED, what="given up")
         assert "(deadline)" in row.last_error and "not ready" in row.last_error
+
+
+async def test_a_row_whose_outcome_could_not_be_written_is_handed_back_once_the_store_answers(
+    tmp_path: Path,
+) -> None:
+    async with davantis(tmp_path) as setup:
+        alarm = setup.device.add_alarm(video="unavailable")
+        await setup.committed(alarm)
+        row = rows_of(setup, alarm)[MediaKind.SNAPSHOT]
+        downloading, gate = asyncio.Event(), asyncio.Event()
+
+        async def held_back(request: web.Request, device: DeviceAnswer) -> web.StreamResponse:
+            downloading.set()
+            await gate.wait()
+            return await device()
+
+        setup.sim.respond("GET", f"/alarms/{alarm.id}/snapshot", held_back)  # the first time
+        fetcher = setup.fetcher()
+        async with running(fetcher.run):
+            await asyncio.wait_for(downloading.wait(), timeout=10)
+            setup.memory.unavailable = True  # the download ends while the database is gone
+            gate.set()
+            await asyncio.sleep(0.2)
+            assert row.state is MediaState.PENDING and row.claimed_until is not None
+            # Back: handed back at once rather than when its claim (CLAIM_S) runs out.
+            setup.memory.unavailable = False
+            fetcher.wake()
+            await eventually(lambda: row.state is MediaState.READY, what="fetched again")
+        assert row.attempts == 1
