@@ -10,7 +10,9 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +23,20 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 from pydantic import SecretStr
 
-from cms_ingest.config import ActionsConfig, AppConfig, MediaConfig, SiteConfig
+from cms_ingest.config import ActionsConfig, AppConfig, FloodConfig, MediaConfig, SiteConfig
+from cms_ingest.db.memory import ManualClock, MemoryStorage
+from cms_ingest.domain import CommHistory, DaemonIdentity, SiteLease
+from cms_ingest.runtime.comm_loss import CommLossTracker
 from cms_ingest.runtime.daemon import Daemon, run_daemon
+from cms_ingest.runtime.flood import FloodTracker
+from cms_ingest.runtime.leases import LeaseKeeper
+from cms_ingest.runtime.poller import SitePoller
+from cms_ingest.runtime.pollers import PollerSet
+from cms_ingest.runtime.sites import SiteRegistry, SiteRuntime
+from cms_ingest.runtime.tasks import TaskSupervisor
+from cms_ingest.runtime.writer import AlarmWriter
+from cms_ingest.simulators.davantis import DavantisSimulator, DavantisSite
+from cms_ingest.sitehttp import new_client_session
 from tests.conftest import eventually
 
 # What each vendor's simulator accepts by default.
@@ -217,3 +231,209 @@ def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
         capture_output=True,
     )
     return cert, key
+
+
+# ------------------------------------------------ direct tests on the in-memory storage adapter
+
+NO_DATABASE = "postgresql://unused@127.0.0.1:1/none"  # direct tests never connect to it
+
+
+def clock_at_now() -> ManualClock:
+    """A manual clock starting at the wall clock's now. The runtime parts read the wall clock
+    themselves (a media deadline, an action's `not_after`, comm loss), so the storage's time
+    must start where theirs is, then move only when a test moves it."""
+    return ManualClock(datetime.now(UTC))
+
+
+def memory_storage() -> MemoryStorage:
+    return MemoryStorage(clock=clock_at_now())
+
+
+@contextlib.asynccontextmanager
+async def site_registry(config: AppConfig) -> AsyncIterator[SiteRegistry]:
+    """The configured sites with their vendor clients, over one HTTP session."""
+    session = new_client_session()
+    sites = SiteRegistry(config, session)
+    try:
+        yield sites
+    finally:
+        await sites.close()
+        await session.close()
+
+
+@contextlib.asynccontextmanager
+async def running(body: Callable[[asyncio.Event], Awaitable[None]]) -> AsyncIterator[asyncio.Event]:
+    """`body(stop)` as a task (a writer, a worker's loop); stopped, and must end, on exit."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(body(stop))
+    try:
+        yield stop
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=15)
+
+
+def site_poller(
+    site: SiteRuntime,
+    writer: AlarmWriter,
+    *,
+    cursor: Mapping[str, Any] | None = None,
+    history: CommHistory | None = None,
+    flood: FloodConfig | None = None,
+) -> SitePoller:
+    """A site's poller as the poller set builds it."""
+    flood = flood or FloodConfig()
+    return SitePoller(
+        site,
+        writer,
+        cursor=cursor,
+        comm_loss=CommLossTracker(
+            site_id=site.config.id,
+            timeout_s=site.config.supervision_timeout,
+            restore_after_s=site.options.restore_after_s,
+            history=history or CommHistory(),
+        ),
+        flood=FloodTracker(
+            max_per_minute=flood.max_per_minute,
+            quiet_s=flood.quiet_s,
+            fetch_media=flood.fetch_media,
+        ),
+    )
+
+
+# ----------------------------------- daemons' runtime parts over one in-memory storage adapter
+
+KEEPER_TTL_S = 0.6  # keeper ticks every 0.2 s; leases expire only when the manual clock moves
+
+
+def identity(name: str) -> DaemonIdentity:
+    # A host of its own per daemon: daemons of one host and process would take each other
+    # for a dead predecessor and free each other's leases at start.
+    return DaemonIdentity(daemon_id=name, host=f"host-{name}", pid=1, boot_id="", version="")
+
+
+class RecordingLeases:
+    """One daemon's door to the shared storage's leases, noting what was still running when
+    it released leases; every other call goes to the storage unchanged."""
+
+    def __init__(self, storage: MemoryStorage, tasks: TaskSupervisor) -> None:
+        self._storage = storage
+        self._tasks = tasks
+        self.pollers: PollerSet | None = None
+        self.releases: list[tuple[set[str], list[str], set[str]]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._storage, name)
+
+    async def release(
+        self, me: str, leases: Mapping[str, int], *, leaving: bool = False
+    ) -> set[str]:
+        assert self.pollers is not None
+        running = [
+            name.split(":", 1)[1] for name in self._tasks.names if name.startswith("poller:")
+        ]
+        self.releases.append((set(leases), running, set(self.pollers.held)))
+        return await self._storage.release(me, leases, leaving=leaving)
+
+
+@dataclass
+class Node:
+    """One daemon's runtime parts, as `Daemon` wires them."""
+
+    name: str
+    tasks: TaskSupervisor
+    sites: SiteRegistry
+    store: MemoryStorage
+    pollers: PollerSet
+    keeper: LeaseKeeper
+    leases: RecordingLeases
+    config: AppConfig
+
+    def run_keeper(self) -> None:
+        self.tasks.start("leases", self.keeper.run)
+
+    def held(self) -> set[str]:
+        return set(self.pollers.held)
+
+
+@contextlib.asynccontextmanager
+async def node(name: str, store: MemoryStorage, config: AppConfig) -> AsyncIterator[Node]:
+    session = new_client_session()
+    tasks = TaskSupervisor()
+    sites = SiteRegistry(config, session)
+
+    # As the daemon wires them: the writer commits under the leases the poller set holds.
+    def lease_of(site_id: str) -> SiteLease | None:
+        return pollers.lease_of(site_id)
+
+    def media_deadline_of(site_id: str) -> float:
+        return pollers.media_deadline_of(site_id)
+
+    writer = AlarmWriter(store, lease_of=lease_of, media_deadline_of=media_deadline_of)
+    pollers = PollerSet(
+        tasks,
+        sites,
+        store,
+        writer,
+        daemon_id=name,
+        media_deadline_s=60.0,
+        flood=config.flood,
+    )
+    leases = RecordingLeases(store, tasks)
+    leases.pollers = pollers
+    keeper = LeaseKeeper(leases, identity(name), KEEPER_TTL_S, pollers)
+    tasks.start("writer", writer.run)
+    try:
+        yield Node(name, tasks, sites, store, pollers, keeper, leases, config)
+    finally:
+        # The daemon's shutdown order.
+        await tasks.stop_tasks(["leases"], timeout=2.0)
+        await pollers.halt()
+        await tasks.stop_tasks(["writer"], timeout=2.0)
+        await keeper.release_all(reason="shutdown")
+        await tasks.stop_all(timeout=2.0)
+        await sites.close()
+        await session.close()
+
+
+def tenants(*names: str) -> dict[str, DavantisSite]:
+    return {name: DavantisSite(media_delay=0) for name in names}
+
+
+def sites_of(sim: DavantisSimulator, names: Iterable[str]) -> list[SiteConfig]:
+    return [davantis_site(name, sim.url(name)) for name in names]
+
+
+async def take(node: Node, *site_ids: str) -> dict[str, int]:
+    """Leases taken for `node` straight in the store, as the keeper takes them."""
+    await node.leases.ensure_sites(site_ids)
+    taken = await node.leases.acquire(node.name, KEEPER_TTL_S * 10, list(site_ids), len(site_ids))
+    return {lease.site_id: lease.epoch for lease in taken}
+
+
+def stored_ids(store: MemoryStorage, site_id: str) -> set[int]:
+    alarms = (row.alarm for row in store.alarms.values())
+    return {int(alarm.source_id) for alarm in alarms if alarm.site_id == site_id}
+
+
+def owner(store: MemoryStorage, site_id: str) -> tuple[str | None, int]:
+    lease = store.leases[site_id]
+    return lease.owner, lease.epoch
+
+
+async def first_polls(node: Node, *site_ids: str) -> None:
+    """Until these sites were polled once: a new site's cursor starts at its newest alarm, so
+    only alarms raised after its first poll are stored."""
+    polled = [node.sites.by_id[site_id].health.polled.wait() for site_id in site_ids]
+    await asyncio.wait_for(asyncio.gather(*polled), timeout=10)
+
+
+def pollers_running(node: Node) -> set[str]:
+    return {name.split(":", 1)[1] for name in node.tasks.names if name.startswith("poller:")}
+
+
+def holding(node: Node, site_ids: set[str]) -> Callable[[], bool]:
+    """A check for `eventually`: `node` holds exactly these sites and runs exactly their
+    pollers. (A site stops being held when its stop begins; its poller ends a moment later,
+    once its last commit is done.)"""
+    return lambda: node.held() == site_ids and pollers_running(node) == site_ids

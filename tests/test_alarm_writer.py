@@ -179,3 +179,31 @@ async def test_an_outage_reaches_the_waiting_poller_and_the_writer_goes_on(
     assert memory.alarms == {}
     memory.unavailable = False
     assert [row.source_id for row in await writer.commit(_poll("o", "1"))] == ["1"]
+
+
+async def test_a_refused_value_in_a_batch_holds_back_no_other_site(
+    memory: MemoryStorage, run_writer: Callable[[AlarmWriter], AlarmWriter]
+) -> None:
+    """The batch is refused as a whole; each site is then committed on its own, so only the
+    culprit is reported and stored reduced, and every site's alarms and cursor are kept."""
+    writer = run_writer(_writer(memory))
+    year_one = datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=5)))
+    reporters = {site: Reporter() for site in ("good1", "bad", "good2")}
+
+    def poll(site: str) -> PollCommit:
+        when = {"occurred_at": year_one} if site == "bad" else {}
+        alarm = _alarm(site, "1", raw={"site": site}, **when)
+        return PollCommit(site, "davantis", [alarm], {"last_id": 1}, reporters[site])
+
+    inserted = await asyncio.gather(*(writer.commit(poll(site)) for site in reporters))
+    assert [[row.source_id for row in rows] for rows in inserted] == [["1"], ["1"], ["1"]]
+    assert {site: r.reports for site, r in reporters.items()} == {
+        "good1": [],
+        "bad": ["unstorable_value"],
+        "good2": [],
+    }
+    raw = {row.alarm.site_id: row.alarm.raw for row in memory.alarms.values()}
+    assert raw["good1"] == {"site": "good1"} and raw["good2"] == {"site": "good2"}
+    assert "unstorable" in raw["bad"]
+    cursors = await memory.load_cursors(reporters)
+    assert cursors == {site: {"last_id": 1} for site in reporters}

@@ -1,8 +1,11 @@
-"""The poller set and the lease keeper, driven directly: no daemon, no subprocess.
+"""The poller set and the lease keeper, driven directly: no daemon, no subprocess, no SQL.
 
-The parts are assembled here as the daemon assembles them (a real `Store` and `LeaseStore`
-over this test's database, a real alarm writer, Davantis simulator sites over HTTP), so
-each behaviour is seen at the part that owns it:
+The parts are assembled here as the daemon assembles them (a real alarm writer, Davantis
+simulator sites over HTTP), over one in-memory storage adapter shared by the daemons as they
+would share one database (`test_storage_conformance.py` shows it behaves as PostgreSQL does;
+`test_leases.py` keeps what only PostgreSQL and real processes show). Its clock is a manual
+one, so no lease expires unless a test says so. Each behaviour is seen at the part that owns
+it:
 - the poller set: which sites are held, their pollers started and stopped;
 - the lease keeper: the even split and hand-off between daemons, a lost lease, the order of
   a hand-off (poller stopped and its last commit done before the lease is released);
@@ -12,172 +15,47 @@ each behaviour is seen at the part that owns it:
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 import yaml
+from structlog.testing import capture_logs
 
-from cms_ingest.config import AppConfig, SiteConfig
 from cms_ingest.configcheck import load_checked
-from cms_ingest.db.engine import create_engine
-from cms_ingest.db.leases import DaemonIdentity, LeaseStore
-from cms_ingest.db.store import Store
-from cms_ingest.domain import SiteLease
-from cms_ingest.runtime.leases import LeaseKeeper
+from cms_ingest.db.memory import MemoryStorage
 from cms_ingest.runtime.pollers import PollerSet
 from cms_ingest.runtime.reload import ConfigReloader
 from cms_ingest.runtime.sdnotify import SystemdNotifier
-from cms_ingest.runtime.sites import SiteRegistry
 from cms_ingest.runtime.tasks import TaskSupervisor
 from cms_ingest.runtime.writer import AlarmWriter
-from cms_ingest.simulators.davantis import DavantisSimulator, DavantisSite
-from cms_ingest.sitehttp import new_client_session
+from cms_ingest.simulators.davantis import DavantisSimulator
 from tests.conftest import eventually
-from tests.support import app_config, davantis_site
-
-TTL_S = 3.0  # keeper ticks every second
-
-
-def identity(name: str) -> DaemonIdentity:
-    # A host of its own per daemon: daemons of one host and process would take each other
-    # for a dead predecessor and free each other's leases at start.
-    return DaemonIdentity(daemon_id=name, host=f"host-{name}", pid=1, boot_id="", version="")
-
-
-class RecordingLeaseStore(LeaseStore):
-    """The real lease store, noting what was still running when leases were released."""
-
-    def __init__(self, store: Store, tasks: TaskSupervisor) -> None:
-        super().__init__(store.engine)
-        self._tasks = tasks
-        self.pollers: PollerSet | None = None
-        self.releases: list[tuple[set[str], list[str], set[str]]] = []
-
-    async def release(
-        self, me: str, leases: Mapping[str, int], *, leaving: bool = False
-    ) -> set[str]:
-        assert self.pollers is not None
-        running = [
-            name.split(":", 1)[1] for name in self._tasks.names if name.startswith("poller:")
-        ]
-        self.releases.append((set(leases), running, set(self.pollers.held)))
-        return await super().release(me, leases, leaving=leaving)
-
-
-@dataclass
-class Node:
-    """One daemon's runtime parts, as `Daemon` wires them."""
-
-    name: str
-    tasks: TaskSupervisor
-    sites: SiteRegistry
-    store: Store
-    pollers: PollerSet
-    keeper: LeaseKeeper
-    leases: RecordingLeaseStore
-    config: AppConfig
-
-    def run_keeper(self) -> None:
-        self.tasks.start("leases", self.keeper.run)
-
-    def held(self) -> set[str]:
-        return set(self.pollers.held)
-
-
-@contextlib.asynccontextmanager
-async def node(name: str, database_url: str, config: AppConfig) -> AsyncIterator[Node]:
-    session = new_client_session()
-    store = Store(create_engine(database_url, pool_size=2))
-    tasks = TaskSupervisor()
-    sites = SiteRegistry(config, session)
-
-    # As the daemon wires them: the writer commits under the leases the poller set holds.
-    def lease_of(site_id: str) -> SiteLease | None:
-        return pollers.lease_of(site_id)
-
-    def media_deadline_of(site_id: str) -> float:
-        return pollers.media_deadline_of(site_id)
-
-    writer = AlarmWriter(store, lease_of=lease_of, media_deadline_of=media_deadline_of)
-    pollers = PollerSet(
-        tasks,
-        sites,
-        store,
-        writer,
-        daemon_id=name,
-        media_deadline_s=60.0,
-        flood=config.flood,
-    )
-    leases = RecordingLeaseStore(store, tasks)
-    leases.pollers = pollers
-    keeper = LeaseKeeper(leases, identity(name), TTL_S, pollers)
-    tasks.start("writer", writer.run)
-    try:
-        yield Node(name, tasks, sites, store, pollers, keeper, leases, config)
-    finally:
-        # The daemon's shutdown order.
-        await tasks.stop_tasks(["leases"], timeout=2.0)
-        await pollers.halt()
-        await tasks.stop_tasks(["writer"], timeout=2.0)
-        await keeper.release_all(reason="shutdown")
-        await tasks.stop_all(timeout=2.0)
-        await sites.close()
-        await session.close()
-        await store.engine.dispose()
-
-
-def tenants(*names: str) -> dict[str, DavantisSite]:
-    return {name: DavantisSite(media_delay=0) for name in names}
-
-
-def sites_of(sim: DavantisSimulator, names: Iterable[str]) -> list[SiteConfig]:
-    return [davantis_site(name, sim.url(name)) for name in names]
-
-
-async def take(node: Node, *site_ids: str) -> dict[str, int]:
-    """Leases taken for `node` straight in the store, as the keeper takes them."""
-    await node.leases.ensure_sites(site_ids)
-    taken = await node.leases.acquire(node.name, TTL_S * 10, list(site_ids), len(site_ids))
-    return {lease.site_id: lease.epoch for lease in taken}
-
-
-async def stored_ids(db: asyncpg.Connection, site_id: str) -> set[int]:
-    rows = await db.fetch("SELECT source_id FROM alarms WHERE site_id = $1", site_id)
-    return {int(row["source_id"]) for row in rows}
-
-
-async def owner(db: asyncpg.Connection, site_id: str) -> tuple[Any, Any]:
-    row = await db.fetchrow("SELECT owner, epoch FROM site_leases WHERE site_id = $1", site_id)
-    assert row is not None
-    return row["owner"], row["epoch"]
-
-
-async def first_polls(node: Node, *site_ids: str) -> None:
-    """Until these sites were polled once: a new site's cursor starts at its newest alarm, so
-    only alarms raised after its first poll are stored."""
-    polled = [node.sites.by_id[site_id].health.polled.wait() for site_id in site_ids]
-    await asyncio.wait_for(asyncio.gather(*polled), timeout=10)
-
-
-def pollers_running(node: Node) -> set[str]:
-    return {name.split(":", 1)[1] for name in node.tasks.names if name.startswith("poller:")}
-
+from tests.support import (
+    KEEPER_TTL_S,
+    NO_DATABASE,
+    app_config,
+    first_polls,
+    holding,
+    memory_storage,
+    node,
+    owner,
+    pollers_running,
+    sites_of,
+    stored_ids,
+    take,
+    tenants,
+)
 
 # ---------------------------------------------------------------------------- poller set
 
 
 @pytest.mark.timeout(30)
-async def test_started_sites_are_held_and_polled_until_stopped(
-    database_url: str, db: asyncpg.Connection, tmp_path: Path
-) -> None:
+async def test_started_sites_are_held_and_polled_until_stopped(tmp_path: Path) -> None:
+    store = memory_storage()
     async with DavantisSimulator(tenants("a", "b")) as sim:
-        config = app_config(database_url, tmp_path, sites_of(sim, ["a", "b"]))
-        async with node("d1", database_url, config) as d1:
+        config = app_config(NO_DATABASE, tmp_path, sites_of(sim, ["a", "b"]))
+        async with node("d1", store, config) as d1:
             leases = await take(d1, "a", "b")
             started = await d1.pollers.start({**leases, "unknown": 7})
 
@@ -186,37 +64,35 @@ async def test_started_sites_are_held_and_polled_until_stopped(
             assert pollers_running(d1) == {"a", "b"}
             await first_polls(d1, "a", "b")
             posted = {alarm.id for alarm in sim.site("a").add_alarms(2)}
-            await eventually(lambda: _has(db, "a", posted), what="a's alarms stored")
+            await eventually(lambda: _has(store, "a", posted), what="a's alarms stored")
 
             await d1.pollers.stop(["a"])
             assert dict(d1.pollers.held) == {"b": leases["b"]}
             assert pollers_running(d1) == {"b"}
-            health = await db.fetchrow("SELECT last_success_at FROM site_state WHERE site_id='a'")
-            assert health is not None and health["last_success_at"] is not None  # written down
+            assert store.site_state["a"].last_success_at is not None  # its health written down
 
             late = {alarm.id for alarm in sim.site("a").add_alarms(1)}
             sim.site("b").add_alarm()
-            await eventually(lambda: _count(db, "b", 1), what="b still polled")
-            assert not late & await stored_ids(db, "a")  # a is not polled any more
+            await eventually(lambda: _count(store, "b", 1), what="b still polled")
+            assert not late & stored_ids(store, "a")  # a is not polled any more
 
 
-async def _has(db: asyncpg.Connection, site_id: str, ids: set[int]) -> bool:
-    return ids <= await stored_ids(db, site_id)
+def _has(store: MemoryStorage, site_id: str, ids: set[int]) -> bool:
+    return ids <= stored_ids(store, site_id)
 
 
-async def _count(db: asyncpg.Connection, site_id: str, n: int) -> bool:
-    return len(await stored_ids(db, site_id)) >= n
+def _count(store: MemoryStorage, site_id: str, n: int) -> bool:
+    return len(stored_ids(store, site_id)) >= n
 
 
 @pytest.mark.timeout(30)
-async def test_a_site_whose_stored_state_cannot_be_read_is_not_started(
-    database_url: str, tmp_path: Path
-) -> None:
+async def test_a_site_whose_stored_state_cannot_be_read_is_not_started(tmp_path: Path) -> None:
+    store = memory_storage()
     async with DavantisSimulator(tenants("a")) as sim:
-        config = app_config(database_url, tmp_path, sites_of(sim, ["a"]))
-        async with node("d1", database_url, config) as d1:
+        config = app_config(NO_DATABASE, tmp_path, sites_of(sim, ["a"]))
+        async with node("d1", store, config) as d1:
             leases = await take(d1, "a")
-            broken = Store(create_engine("postgresql://nobody@127.0.0.1:1/none", pool_size=1))
+            broken = MemoryStorage(unavailable=True)
             unreadable = PollerSet(
                 d1.tasks,
                 d1.sites,
@@ -229,33 +105,33 @@ async def test_a_site_whose_stored_state_cannot_be_read_is_not_started(
             assert await unreadable.start(leases) == set()
             assert dict(unreadable.held) == {}
             assert pollers_running(d1) == set()
-            await broken.engine.dispose()
 
 
 # ---------------------------------------------------------------------------- lease keeper
 
 
 @pytest.mark.timeout(40)
-async def test_two_keepers_split_the_sites_evenly_and_never_share_one(
-    database_url: str, db: asyncpg.Connection, tmp_path: Path
-) -> None:
+async def test_two_keepers_split_the_sites_evenly_and_never_share_one(tmp_path: Path) -> None:
+    store = memory_storage()
     names = ["a", "b", "c", "d"]
     async with DavantisSimulator(tenants(*names)) as sim:
-        config = app_config(database_url, tmp_path, sites_of(sim, names))
-        async with node("d1", database_url, config) as d1:
+        config = app_config(NO_DATABASE, tmp_path, sites_of(sim, names))
+        async with node("d1", store, config) as d1:
             d1.run_keeper()
             await eventually(lambda: d1.held() == set(names), what="d1 takes every site")
-            async with node("d2", database_url, config) as d2:
+            async with node("d2", store, config) as d2:
                 d2.run_keeper()
 
                 def split() -> bool:
-                    return len(d1.held()) == 2 and len(d2.held()) == 2
+                    return all(
+                        len(node.held()) == 2 and pollers_running(node) == node.held()
+                        for node in (d1, d2)
+                    )
 
                 await eventually(split, timeout=15, what="a 2/2 split")
                 assert not d1.held() & d2.held()
-                assert pollers_running(d1) == d1.held() and pollers_running(d2) == d2.held()
                 for site_id in d2.held():
-                    assert (await owner(db, site_id))[0] == "d2"
+                    assert owner(store, site_id)[0] == "d2"
                 # Handed over, never taken: d1 released the leases d2 then acquired.
                 handed = {site for released, _, _ in d1.leases.releases for site in released}
                 assert handed == d2.held()
@@ -264,18 +140,17 @@ async def test_two_keepers_split_the_sites_evenly_and_never_share_one(
 
 
 @pytest.mark.timeout(30)
-async def test_a_hand_off_stops_the_poller_before_the_lease_is_released(
-    database_url: str, db: asyncpg.Connection, tmp_path: Path
-) -> None:
+async def test_a_hand_off_stops_the_poller_before_the_lease_is_released(tmp_path: Path) -> None:
+    store = memory_storage()
     async with DavantisSimulator(tenants("a", "b")) as sim:
-        config = app_config(database_url, tmp_path, sites_of(sim, ["a", "b"]))
-        async with node("d1", database_url, config) as d1:
+        config = app_config(NO_DATABASE, tmp_path, sites_of(sim, ["a", "b"]))
+        async with node("d1", store, config) as d1:
             d1.run_keeper()
             await eventually(lambda: d1.held() == {"a", "b"}, what="both sites taken")
             await first_polls(d1, "a")
             posted = {alarm.id for alarm in sim.site("a").add_alarms(3)}
-            await eventually(lambda: _has(db, "a", posted), what="a's alarms stored")
-            _, epoch = await owner(db, "a")
+            await eventually(lambda: _has(store, "a", posted), what="a's alarms stored")
+            _, epoch = owner(store, "a")
 
             await d1.keeper.release(["a"], reason="test")
 
@@ -286,27 +161,25 @@ async def test_a_hand_off_stops_the_poller_before_the_lease_is_released(
             assert "b" in running  # the other site was not touched
             # Given up at the epoch it was held under; the keeper takes it again later.
             await eventually(lambda: d1.held() == {"a", "b"}, what="a taken again")
-            assert (await owner(db, "a"))[1] > epoch
+            assert owner(store, "a")[1] > epoch
 
 
 @pytest.mark.timeout(30)
-async def test_a_lease_taken_by_another_daemon_stops_its_poller(
-    database_url: str, db: asyncpg.Connection, tmp_path: Path
-) -> None:
+async def test_a_lease_taken_by_another_daemon_stops_its_poller(tmp_path: Path) -> None:
+    store = memory_storage()
     async with DavantisSimulator(tenants("a", "b")) as sim:
-        config = app_config(database_url, tmp_path, sites_of(sim, ["a", "b"]))
-        async with node("d1", database_url, config) as d1:
+        config = app_config(NO_DATABASE, tmp_path, sites_of(sim, ["a", "b"]))
+        async with node("d1", store, config) as d1:
             d1.run_keeper()
             await eventually(lambda: d1.held() == {"a", "b"}, what="both sites taken")
             # Another daemon takes "a" as if d1 had been paused past its lease.
-            await db.execute("UPDATE site_leases SET expires_at = now() WHERE site_id = 'a'")
+            store.leases["a"].expires_at = store.clock()
             [taken] = await d1.leases.acquire("thief", 60.0, ["a"], 1)
 
-            await eventually(lambda: d1.held() == {"b"}, what="a dropped")
-            assert pollers_running(d1) == {"b"}
-            assert await owner(db, "a") == ("thief", taken.epoch)  # not released by d1
+            await eventually(holding(d1, {"b"}), what="a dropped, its poller ended")
+            assert owner(store, "a") == ("thief", taken.epoch)  # not released by d1
             # d1 alone, its share is both sites, but "a" is not free: it is not taken back.
-            await asyncio.sleep(1.5)
+            await asyncio.sleep(KEEPER_TTL_S)  # three ticks of its keeper
             assert d1.held() == {"b"}
 
 
@@ -333,18 +206,17 @@ def write_config(
 
 
 @pytest.mark.timeout(40)
-async def test_a_reload_restarts_only_the_changed_sites_under_their_leases(
-    database_url: str, db: asyncpg.Connection, tmp_path: Path
-) -> None:
+async def test_a_reload_restarts_only_the_changed_sites_under_their_leases(tmp_path: Path) -> None:
+    store = memory_storage()
     async with DavantisSimulator(tenants("a", "b", "c", "d")) as sim:
 
         def site(site_id: str, **extra: Any) -> dict[str, Any]:
             return {"id": site_id, "vendor": "davantis", "url": sim.url(site_id), **extra}
 
         path = tmp_path / "cms.yaml"
-        write_config(path, database_url, tmp_path, [site("a"), site("b"), site("c")])
+        write_config(path, NO_DATABASE, tmp_path, [site("a"), site("b"), site("c")])
         config = load_checked(path)
-        async with node("d1", database_url, config) as d1:
+        async with node("d1", store, config) as d1:
             reloader = ConfigReloader(config, SystemdNotifier(None, None), lambda: "")
             reloader.sites_running(d1.sites, d1.keeper)
             d1.run_keeper()
@@ -354,7 +226,7 @@ async def test_a_reload_restarts_only_the_changed_sites_under_their_leases(
 
             # A unchanged, B polled slower, C removed, D added.
             b_changed = site("b", poll_interval=0.5)
-            write_config(path, database_url, tmp_path, [site("a"), b_changed, site("d")])
+            write_config(path, NO_DATABASE, tmp_path, [site("a"), b_changed, site("d")])
             assert await reloader.reload()
 
             assert reloader.config.sites[1].poll_interval == 0.5
@@ -364,21 +236,22 @@ async def test_a_reload_restarts_only_the_changed_sites_under_their_leases(
             assert d1.pollers.held["b"] == leases_before["b"]  # restarted under its lease
             assert d1.pollers.held["a"] == leases_before["a"]
             assert "c" not in d1.pollers.held and "c" not in d1.sites.by_id
-            assert (await owner(db, "c"))[0] is None  # released for the others
+            assert owner(store, "c")[0] is None  # released for the others
             await eventually(lambda: d1.held() == {"a", "b", "d"}, what="d taken on")
             await first_polls(d1, "b")
             posted = {alarm.id for alarm in sim.site("b").add_alarms(2)}
-            await eventually(lambda: _has(db, "b", posted), what="b polled again")
+            await eventually(lambda: _has(store, "b", posted), what="b polled again")
 
 
 @pytest.mark.timeout(30)
-async def test_an_invalid_file_changes_nothing(database_url: str, tmp_path: Path) -> None:
+async def test_an_invalid_file_changes_nothing(tmp_path: Path) -> None:
+    store = memory_storage()
     async with DavantisSimulator(tenants("a")) as sim:
         path = tmp_path / "cms.yaml"
         sites = [{"id": "a", "vendor": "davantis", "url": sim.url("a")}]
-        write_config(path, database_url, tmp_path, sites)
+        write_config(path, NO_DATABASE, tmp_path, sites)
         config = load_checked(path)
-        async with node("d1", database_url, config) as d1:
+        async with node("d1", store, config) as d1:
             reloader = ConfigReloader(config, SystemdNotifier(None, None), lambda: "")
             reloader.sites_running(d1.sites, d1.keeper)
             d1.run_keeper()
@@ -392,15 +265,13 @@ async def test_an_invalid_file_changes_nothing(database_url: str, tmp_path: Path
 
 
 @pytest.mark.timeout(30)
-async def test_reload_requests_coalesce_into_one_more_reload(
-    database_url: str, tmp_path: Path
-) -> None:
+async def test_reload_requests_coalesce_into_one_more_reload(tmp_path: Path) -> None:
     """The reload task: requests made before it ran are one reload; requests made while a
     reload runs are one more reload after it, not one each."""
     async with DavantisSimulator(tenants("a")) as sim:
         path = tmp_path / "cms.yaml"
         sites = [{"id": "a", "vendor": "davantis", "url": sim.url("a")}]
-        write_config(path, database_url, tmp_path, sites)
+        write_config(path, NO_DATABASE, tmp_path, sites)
         reloads = 0
 
         def status_line() -> str:  # read at the end of every reload, while it still runs
@@ -423,3 +294,28 @@ async def test_reload_requests_coalesce_into_one_more_reload(
         finally:
             await tasks.stop_all(timeout=2.0)
         assert tasks.names == []
+
+
+@pytest.mark.timeout(30)
+async def test_a_reload_before_the_sites_run_keeps_restart_only_settings(tmp_path: Path) -> None:
+    """Reloaded while the daemon still waits for its database: the new sites are taken for
+    when they start; a setting that applies only at start is reported and kept."""
+    path = tmp_path / "cms.yaml"
+    site_a = {"id": "a", "vendor": "davantis", "url": "http://127.0.0.1:9"}
+    write_config(path, NO_DATABASE, tmp_path, [site_a])
+    reloader = ConfigReloader(load_checked(path), SystemdNotifier(None, None), lambda: "")
+    workers = reloader.config.media.workers
+
+    changed = yaml.safe_load(path.read_text())
+    changed["media"] = {"workers": workers + 4}
+    changed["sites"].append({**site_a, "id": "b"})
+    path.write_text(yaml.safe_dump(changed))
+    with capture_logs() as logs:
+        assert await reloader.reload()
+
+    assert [site.id for site in reloader.config.sites] == ["a", "b"]
+    assert reloader.config.media.workers == workers
+    [kept] = [entry for entry in logs if entry["event"] == "config_reload_needs_restart"]
+    assert kept["settings"] == ["media"]
+    [reloaded] = [entry for entry in logs if entry["event"] == "config_reloaded"]
+    assert (reloaded["added"], reloaded["removed"], reloaded["changed"]) == (["b"], [], [])

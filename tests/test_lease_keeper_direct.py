@@ -1,0 +1,153 @@
+"""The lease keeper, driven directly on the in-memory storage adapter, with time in hand.
+
+Each daemon is its runtime parts as the daemon wires them (`tests.support.node`: poller set,
+alarm writer, lease keeper) over one `MemoryStorage` standing for the shared database, and
+simulated Davantis sites over HTTP. The storage's clock is a manual one: a lease expires when
+the test moves the clock past it, so renewal, fencing and take-over are shown without waiting
+for a TTL. (`test_pollers.py` has the even split, the order of a hand-off and reloads;
+`test_leases.py` the lease SQL and real processes.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from cms_ingest.db.memory import ManualClock, MemoryStorage
+from cms_ingest.simulators.davantis import DavantisSimulator, DavantisSite
+from tests.conftest import eventually
+from tests.support import (
+    KEEPER_TTL_S,
+    NO_DATABASE,
+    app_config,
+    first_polls,
+    holding,
+    memory_storage,
+    node,
+    owner,
+    pollers_running,
+    sites_of,
+    stored_ids,
+    tenants,
+)
+
+
+def clock_of(store: MemoryStorage) -> ManualClock:
+    assert isinstance(store.clock, ManualClock)
+    return store.clock
+
+
+async def polls_ended(site: DavantisSite) -> bool:
+    """No poll of `site` for three poll intervals (0.1 s each)."""
+    before = site.requests["GET /alarms"]
+    await asyncio.sleep(0.3)
+    return site.requests["GET /alarms"] == before
+
+
+@pytest.mark.timeout(30)
+async def test_leases_are_taken_then_renewed_at_the_same_epoch(tmp_path: Path) -> None:
+    store = memory_storage()
+    clock = clock_of(store)
+    async with DavantisSimulator(tenants("a", "b")) as sim:
+        config = app_config(NO_DATABASE, tmp_path, sites_of(sim, ["a", "b"]))
+        async with node("d1", store, config) as d1:
+            d1.run_keeper()
+            await eventually(lambda: d1.held() == {"a", "b"}, what="both sites taken")
+            epochs = dict(d1.pollers.held)
+            assert {site: owner(store, site) for site in epochs} == {
+                site: ("d1", epoch) for site, epoch in epochs.items()
+            }
+
+            for _ in range(4):  # 3.2 TTLs in all: held only because each step renews them
+                clock.advance(KEEPER_TTL_S * 0.8)
+                renewed_until = clock.now + timedelta(seconds=KEEPER_TTL_S)
+
+                def renewed(until: datetime = renewed_until) -> bool:
+                    return all(store.leases[site].expires_at == until for site in epochs)
+
+                await eventually(renewed, what="renewed from the clock's now")
+            assert dict(d1.pollers.held) == epochs  # renewed, never taken afresh
+            assert await store.acquire("d2", KEEPER_TTL_S, ["a", "b"], 2) == []
+
+
+@pytest.mark.timeout(30)
+async def test_a_commit_after_the_lease_moved_is_refused_and_the_poller_stops(
+    tmp_path: Path,
+) -> None:
+    """A daemon paused past its leases: another takes one of its sites. Whatever the paused
+    one polls of that site afterwards is refused in the commit (fencing) and it polls the
+    site no more; its other site, expired but taken by nobody, still commits."""
+    store = memory_storage()
+    async with DavantisSimulator(tenants("a", "b")) as sim:
+        config = app_config(NO_DATABASE, tmp_path, sites_of(sim, ["a", "b"]))
+        async with node("d1", store, config) as d1:
+            d1.run_keeper()
+            await eventually(lambda: d1.held() == {"a", "b"}, what="both sites taken")
+            await first_polls(d1, "a", "b")
+            await d1.tasks.stop_tasks(["leases"], timeout=2)  # paused: nothing renewed
+            clock_of(store).advance(KEEPER_TTL_S * 2)
+            [taken] = await store.acquire("thief", 60.0, ["a"], 1)
+            cursor = (await store.load_cursors(["a"]))["a"]
+
+            late = {alarm.id for alarm in sim.site("a").add_alarms(2)}
+            kept = {alarm.id for alarm in sim.site("b").add_alarms(2)}
+            await eventually(lambda: kept <= stored_ids(store, "b"), what="b still committed")
+            await eventually(lambda: polls_ended(sim.site("a")), what="a polled no more")
+            assert not late & stored_ids(store, "a")
+            assert (await store.load_cursors(["a"]))["a"] == cursor
+            assert "a" in pollers_running(d1)  # until its keeper stops it
+
+            d1.run_keeper()  # resumed: its heartbeat finds the lease gone
+            await eventually(holding(d1, {"b"}), what="a dropped, its poller ended")
+            assert owner(store, "a") == ("thief", taken.epoch)
+
+
+@pytest.mark.timeout(30)
+async def test_a_dead_daemons_sites_are_taken_over_once_its_leases_expire(
+    tmp_path: Path,
+) -> None:
+    store = memory_storage()
+    clock = clock_of(store)
+    async with DavantisSimulator(tenants("a", "b")) as sim:
+        config = app_config(NO_DATABASE, tmp_path, sites_of(sim, ["a", "b"]))
+        async with node("d1", store, config) as d1, node("d2", store, config) as d2:
+            d1.run_keeper()
+            await eventually(lambda: d1.held() == {"a", "b"}, what="d1 takes both")
+            await first_polls(d1, "a")
+            epoch = owner(store, "a")[1]
+            await d1.tasks.stop_all(timeout=2)  # d1 dies: nothing handed back
+            missed = {alarm.id for alarm in sim.site("a").add_alarms(3)}
+
+            d2.run_keeper()
+            await asyncio.sleep(KEEPER_TTL_S)  # three ticks: d1 still counts as alive
+            assert d2.held() == set()
+            clock.advance(KEEPER_TTL_S + 0.1)
+            await eventually(lambda: d2.held() == {"a", "b"}, what="taken over")
+            assert owner(store, "a") == ("d2", epoch + 1)
+            # Resumed from d1's committed cursor: what came while nobody polled is stored.
+            await eventually(lambda: missed <= stored_ids(store, "a"), what="the gap polled")
+
+
+@pytest.mark.timeout(30)
+async def test_unrenewable_leases_stop_their_pollers_before_they_could_be_taken(
+    tmp_path: Path,
+) -> None:
+    store = memory_storage()
+    async with DavantisSimulator(tenants("a", "b")) as sim:
+        config = app_config(NO_DATABASE, tmp_path, sites_of(sim, ["a", "b"]))
+        async with node("d1", store, config) as d1:
+            d1.run_keeper()
+            await eventually(lambda: d1.held() == {"a", "b"}, what="both sites taken")
+            loop = asyncio.get_running_loop()
+            store.unavailable = True
+            lost_at = loop.time()
+            await eventually(lambda: d1.held() == set(), what="no site held")
+            # Past 80 % of the TTL without a renewal (the keeper's own, monotonic clock).
+            assert loop.time() - lost_at >= 0.8 * KEEPER_TTL_S - 0.25
+            await eventually(holding(d1, set()), what="their pollers ended")
+
+            store.unavailable = False  # back before anyone took them: taken again
+            await eventually(holding(d1, {"a", "b"}), what="taken again")

@@ -1,0 +1,101 @@
+"""The task supervisor, driven directly: named tasks restarted with backoff when they crash or
+return while the daemon runs, one task's death never touching another, and a stop that waits
+for each task, then cancels what does not end in time. (`test_vendor_tasks.py` shows a
+vendor's background task on it; this is the supervisor's own contract.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import pytest
+from structlog.testing import capture_logs
+
+from cms_ingest.retry import RetryPolicy
+from cms_ingest.runtime.tasks import TaskSupervisor
+
+QUICK = RetryPolicy(base=0.05, factor=2.0, cap=1.0, jitter=0.0)  # 0.05, 0.1, 0.2 ... s
+
+
+async def test_a_crashing_task_is_restarted_with_growing_backoff_and_others_go_on() -> None:
+    supervisor = TaskSupervisor()
+    loop = asyncio.get_running_loop()
+    starts: list[float] = []
+    calm = asyncio.Event()
+
+    async def crashes_three_times(stop: asyncio.Event) -> None:
+        starts.append(loop.time())
+        if len(starts) <= 3:
+            raise RuntimeError("a bug")
+        await stop.wait()
+
+    async def steady(stop: asyncio.Event) -> None:
+        calm.set()
+        await stop.wait()
+
+    with capture_logs() as logs:
+        supervisor.start("steady", steady, policy=QUICK)
+        supervisor.start("flaky", crashes_three_times, policy=QUICK)
+        await asyncio.wait_for(calm.wait(), timeout=5)
+        while len(starts) < 4:
+            await asyncio.sleep(0.02)
+        assert supervisor.names == ["flaky", "steady"]
+        await supervisor.stop_all(timeout=2)
+    gaps = [later - earlier for earlier, later in itertools.pairwise(starts)]
+    for gap, backoff in zip(gaps, (0.05, 0.1, 0.2), strict=True):
+        assert backoff - 0.01 <= gap < backoff + 0.5, gaps
+    crashed = [entry for entry in logs if entry["event"] == "task_crashed"]
+    assert len(crashed) == 3 and all(entry["exc_info"] is True for entry in crashed)
+    assert supervisor.names == []
+
+
+async def test_a_task_that_returns_while_the_daemon_runs_is_restarted() -> None:
+    supervisor = TaskSupervisor()
+    runs = 0
+
+    async def returns_at_once(stop: asyncio.Event) -> None:
+        nonlocal runs
+        runs += 1
+        if runs > 1:
+            await stop.wait()
+
+    with capture_logs() as logs:
+        supervisor.start("quitter", returns_at_once, policy=QUICK)
+        while runs < 2:
+            await asyncio.sleep(0.02)
+        with pytest.raises(ValueError, match="already running"):
+            supervisor.start("quitter", returns_at_once, policy=QUICK)
+        await supervisor.stop_all(timeout=2)
+    assert [entry["event"] for entry in logs if entry["event"] == "task_exited"] == ["task_exited"]
+    assert runs == 2
+
+
+async def test_stop_waits_for_each_task_then_cancels_what_does_not_end() -> None:
+    supervisor = TaskSupervisor()
+    finished: list[str] = []
+
+    async def polite(stop: asyncio.Event) -> None:
+        await stop.wait()
+        await asyncio.sleep(0.05)  # its last commit
+        finished.append("polite")
+
+    async def deaf(stop: asyncio.Event) -> None:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            finished.append("deaf cancelled")
+            raise
+
+    supervisor.start("polite", polite)
+    supervisor.start("deaf", deaf)
+    await asyncio.sleep(0)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    with capture_logs() as logs:
+        await supervisor.stop_tasks(["polite", "deaf"], timeout=0.3)
+    assert 0.25 <= loop.time() - began < 2.0
+    assert sorted(finished) == ["deaf cancelled", "polite"]
+    cancelled = [entry for entry in logs if entry["event"] == "task_cancelled_at_shutdown"]
+    assert [entry["task"] for entry in cancelled] == ["deaf"]
+    assert supervisor.names == []
