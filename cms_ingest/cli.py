@@ -11,8 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from cms_ingest.config import AppConfig, ConfigError, load_config
-from cms_ingest.configcheck import load_checked, vendor_problems
+from cms_ingest.config import AppConfig, ConfigError, load_checked, load_config, vendor_problems
 from cms_ingest.logs import configure_logging
 
 EXIT_OK = 0

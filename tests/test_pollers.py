@@ -22,7 +22,7 @@ import pytest
 import yaml
 from structlog.testing import capture_logs
 
-from cms_ingest.configcheck import load_checked
+from cms_ingest.config import load_checked
 from cms_ingest.db.memory import MemoryStorage
 from cms_ingest.runtime.pollers import PollerSet
 from cms_ingest.runtime.reload import ConfigReloader

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import structlog
 
-from cms_ingest.config import AppConfig, ConfigError, ConfigProblem, SiteConfig
-from cms_ingest.configcheck import load_checked
+from cms_ingest.config import AppConfig, ConfigError, ConfigProblem, SiteConfig, load_checked
 from cms_ingest.metrics import Metrics
 from cms_ingest.runtime.leases import LeaseKeeper
 from cms_ingest.runtime.sdnotify import SystemdNotifier
