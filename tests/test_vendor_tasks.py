@@ -21,7 +21,7 @@ from cms_ingest.runtime.vendortasks import SupervisedTasks
 from cms_ingest.simulators.videoloft import VideoloftAccount, VideoloftSimulator
 from cms_ingest.vendors.tasks import LocalTasks
 from tests.conftest import eventually
-from tests.support import app_config, videoloft_site
+from tests.support import app_config, memory_storage, node, take, videoloft_site
 
 
 def vendor_tasks(supervisor: TaskSupervisor) -> list[str]:
@@ -140,3 +140,17 @@ async def test_outside_the_daemon_a_crash_reaches_the_loops_handler() -> None:
         assert not tasks.running("broken")
     finally:
         loop.set_exception_handler(previous)
+
+
+async def test_a_site_handed_over_stops_its_clients_long_polls(tmp_path: Path) -> None:
+    """Once its poller has stopped (hand-off, lease lost, removal), the site's client keeps no
+    long-poll open on the device: the next holder of the site opens its own."""
+    account = VideoloftAccount(media_delay=0, tail_s=0)  # two loggers: two long-polls
+    async with VideoloftSimulator(account) as sim:
+        site = videoloft_site("v1", sim.url)
+        config = app_config("postgresql://unused@127.0.0.1/none", tmp_path, [site])  # no DB
+        async with node("d1", memory_storage(), config) as d1:
+            assert await d1.pollers.start(await take(d1, "v1")) == {"v1"}
+            await eventually(lambda: account.open_live == 2, what="the poller's long-polls")
+            await d1.pollers.stop(["v1"])
+            await eventually(lambda: account.open_live == 0, what="long-polls closed at hand-off")

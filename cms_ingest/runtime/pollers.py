@@ -137,6 +137,7 @@ class PollerSet:
 
     async def stop(self, site_ids: Iterable[str]) -> None:
         """Stop these sites' pollers and wait for their last commit; no longer held. Their
+        clients' background tasks (a long-poll per logger) end with the tenure, their
         health is written down and their per-site gauges withdrawn (the next holder
         exports them)."""
         ids = list(site_ids)
@@ -150,6 +151,8 @@ class PollerSet:
         finally:
             for site_id in ids:
                 self._stopping.pop(site_id, None)
+        for site_id in ids:
+            self._retire_vendor_tasks(site_id)
         snapshots = self.health_snapshots(ids)
         for site_id in ids:
             self._metrics.forget_site(site_id)
@@ -157,6 +160,13 @@ class PollerSet:
             await self._store.record_health(snapshots)
         except DatabaseUnavailable as exc:
             log.warning("health_not_recorded", sites=len(snapshots), error=str(exc))
+
+    def _retire_vendor_tasks(self, site_id: str) -> None:
+        # Only polls open them; an action still running on the client needs none. A later
+        # tenure of the site here gets a fresh client (`client_for_tenure`).
+        runtime = self._sites.get(site_id)
+        if runtime is not None:
+            runtime.tasks.retire()
 
     async def halt(self) -> None:
         """Shutdown: every poller stopped at once, its last poll handed to the writer. The
