@@ -156,3 +156,31 @@ async def _scrape(own: Metrics) -> list[Sample]:
     finally:
         stop.set()
         await server
+
+
+def test_forgetting_sites_withdraws_exactly_their_per_site_series() -> None:
+    metrics = Metrics()
+    for site_id in ("a", "b", "c"):
+        metrics.site_up.labels(site_id=site_id, vendor="davantis").set(1)
+        metrics.clock_skew.labels(site_id=site_id, vendor="davantis").set(2.5)
+        for component in ("recorder", "cameras"):
+            metrics.device_health.labels(
+                site_id=site_id, vendor="davantis", component=component
+            ).set(1)
+        metrics.api_budget_remaining.labels(site_id=site_id, vendor="camstreamer").set(9)
+    metrics.forget_sites(["a", "c"])
+    metrics.forget_site("nobody")
+    left = {
+        (sample.name, sample.labels["site_id"])
+        for family in metrics.registry.collect()
+        for sample in family.samples
+        if "site_id" in sample.labels
+    }
+    assert {site for _name, site in left} == {"b"}
+    assert len(left) == 4  # up, skew, health (its two components are one name), budget
+    assert (
+        metrics.sample(
+            "cms_ingest_device_health", site_id="b", vendor="davantis", component="cameras"
+        )
+        == 1
+    )

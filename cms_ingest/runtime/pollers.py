@@ -154,8 +154,7 @@ class PollerSet:
         for site_id in ids:
             self._retire_vendor_tasks(site_id)
         snapshots = self.health_snapshots(ids)
-        for site_id in ids:
-            self._metrics.forget_site(site_id)
+        self._metrics.forget_sites(ids)
         try:
             await self._store.record_health(snapshots)
         except DatabaseUnavailable as exc:
