@@ -55,11 +55,17 @@ class PollCommits(Protocol):
 
 
 class MediaQueue(Protocol):
-    """Pending media rows: claimed under a lease, retried later, settled, or handed back."""
+    """Pending media rows: claimed (the claim renewed while the work runs), retried later,
+    settled, or handed back."""
 
     async def claim_media(
         self, *, limit: int, claim_s: float, site_ids: Sequence[str] | None = None
     ) -> list[MediaJob]: ...
+
+    async def extend_media_claims(self, media_ids: Sequence[int], *, claim_s: float) -> None:
+        """Keep these rows claimed `claim_s` seconds from now, while their work runs; a row no
+        longer pending (settled meanwhile) is left alone."""
+        ...
 
     async def media_retry_later(
         self,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import time
@@ -56,6 +57,7 @@ class Queue:
         self.running_now = 0
         self.most_at_once = 0
         self.on_claim: asyncio.Event | None = None  # set after a claim that took something
+        self.renewals: list[list[int]] = []  # the jobs of each claim renewal
 
     def add(self, *jobs: Job) -> None:
         self.due.extend(jobs)
@@ -91,6 +93,9 @@ class Queue:
     async def release(self, jobs: Sequence[Job]) -> None:
         self.released.extend(job.id for job in jobs)
 
+    async def renew(self, jobs: Sequence[Job]) -> None:
+        self.renewals.append(sorted(job.id for job in jobs))
+
 
 def timings(
     workers: int = 4, idle_s: float = 30.0, stop_grace_s: float = 0.0, cancel_wait_s: float = 1.0
@@ -112,6 +117,26 @@ async def looping(
     finally:
         stop.set()
         await asyncio.wait_for(task, timeout=10)
+
+
+async def test_claims_of_running_jobs_are_renewed_while_they_run_and_only_then() -> None:
+    queue = Queue(Job(1, seconds=0.9), Job(2, seconds=0.2))
+    renewing = dataclasses.replace(timings(), renew_every_s=0.25)
+    loop = ClaimLoop(queue, name="test", timings=renewing)
+    async with looping(loop):
+        loop.wake()
+        await eventually(lambda: queue.settled.get(1) == "done", what="job 1 done")
+        await asyncio.sleep(0.6)  # idle: nothing in flight, nothing to renew
+    assert queue.renewals[0] == [1, 2] or queue.renewals[0] == [1]
+    assert [1] in queue.renewals, "the long job renewed on its own once the short one ended"
+    assert 2 <= len(queue.renewals) <= 4, queue.renewals  # about 0.9 s / 0.25 s, none idle
+
+    unrenewed = Queue(Job(3, seconds=0.6))
+    loop = ClaimLoop(unrenewed, name="test", timings=timings())
+    async with looping(loop):
+        loop.wake()
+        await eventually(lambda: unrenewed.settled.get(3) == "done", what="job 3 done")
+    assert unrenewed.renewals == [], "no renew_every_s: claims are not renewed"
 
 
 async def test_a_wake_up_claims_at_once_and_nothing_is_claimed_without_one() -> None:

@@ -392,6 +392,23 @@ async def test_a_media_claim_not_renewed_in_time_is_claimed_again(h: Harness) ->
     assert back.id == job.id, "released: claimable at once"
 
 
+async def test_a_renewed_media_claim_holds_and_lapses_once_no_longer_renewed(
+    h: Harness,
+) -> None:
+    await _one_media(h)
+    [job] = await h.store.claim_media(limit=5, claim_s=30)
+    await h.later(20)
+    await h.store.extend_media_claims([job.id], claim_s=30)
+    await h.later(20)
+    assert await h.store.claim_media(limit=5, claim_s=30) == [], "renewed: still claimed"
+    await h.later(11)
+    [again] = await h.store.claim_media(limit=5, claim_s=30)
+    assert again.id == job.id, "no longer renewed: another worker takes it"
+    await h.store.media_final(again.id, MediaState.FAILED, "gave up")
+    await h.store.extend_media_claims([again.id, 999_999], claim_s=30)  # settled, unknown: no-op
+    assert (await h.media_row(again.id))["state"] == "failed"
+
+
 async def test_media_retried_later_waits_and_keeps_what_the_vendor_remembers(h: Harness) -> None:
     await _one_media(h)
     [job] = await h.store.claim_media(limit=1, claim_s=30)

@@ -332,6 +332,13 @@ class MemoryStorage:
             row.updated_at = now
         return [self._job(row) for row in due]
 
+    async def extend_media_claims(self, media_ids: Sequence[int], *, claim_s: float) -> None:
+        now = self._reachable()
+        for media_id in media_ids:
+            row = self.media.get(media_id)
+            if row is not None and row.state is MediaState.PENDING:
+                row.claimed_until = now + timedelta(seconds=claim_s)
+
     def _job(self, row: _MediaRow) -> MediaJob:
         return MediaJob(
             id=row.id,

@@ -340,6 +340,19 @@ class Store:
         )
 
     @raises_unavailable
+    async def extend_media_claims(self, media_ids: Sequence[int], *, claim_s: float) -> None:
+        if media_ids:
+            async with self.engine.begin() as connection:
+                await connection.execute(
+                    update(alarm_media)
+                    .where(
+                        alarm_media.c.id.in_(list(media_ids)),
+                        alarm_media.c.state == MediaState.PENDING.value,
+                    )
+                    .values(claimed_until=func.now() + _seconds(claim_s))
+                )
+
+    @raises_unavailable
     async def release_media(self, media_ids: Sequence[int]) -> None:
         """Hand claimed rows back untouched (shutdown): another worker may take them now."""
         if media_ids:

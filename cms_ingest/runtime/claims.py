@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
-from cms_ingest.runtime.tasks import wake_or_stop
+from cms_ingest.runtime.tasks import sleep_or_stop, wake_or_stop
 
 
 class Claimed(Protocol):
@@ -49,6 +49,10 @@ class ClaimedJobs(Protocol[Job]):
     async def release(self, jobs: Sequence[Job]) -> None:
         """Shutdown: these jobs were cut short and may still be claimed (never raises)."""
 
+    async def renew(self, jobs: Sequence[Job]) -> None:
+        """Keep the claims of these running jobs alive, every `renew_every_s` when the
+        timings set it (never raises)."""
+
 
 @dataclass(frozen=True, slots=True)
 class ClaimTimings:
@@ -60,6 +64,9 @@ class ClaimTimings:
     # `cancel_wait_s` to unwind (settle or clean up) before the loop returns.
     stop_grace_s: float
     cancel_wait_s: float
+    # Short claims renewed while their jobs run, so a dead worker's rows come back soon:
+    # `renew` is called this often with the jobs in flight (None: claims are not renewed).
+    renew_every_s: float | None = None
 
 
 class ClaimLoop(Generic[Job]):
@@ -82,6 +89,7 @@ class ClaimLoop(Generic[Job]):
         self._wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
+        renewing = asyncio.create_task(self._renew_claims(stop), name=f"{self._name}:renew")
         try:
             while not stop.is_set():
                 await self._jobs.before_claim()
@@ -90,6 +98,16 @@ class ClaimLoop(Generic[Job]):
                 await wake_or_stop(self._wake, stop, self._timings.idle_s)
         finally:
             await self._stop_running()
+            renewing.cancel()
+            await asyncio.gather(renewing, return_exceptions=True)
+
+    async def _renew_claims(self, stop: asyncio.Event) -> None:
+        every = self._timings.renew_every_s
+        if every is None:
+            return
+        while not await sleep_or_stop(every, stop):
+            if self._running:
+                await self._jobs.renew(list(self._running.values()))
 
     async def _claim_and_start(self) -> None:
         free = self._timings.workers - len(self._running)
@@ -142,6 +160,9 @@ class ClaimWorker(ClaimedJobs[Job]):
 
     async def run(self, stop: asyncio.Event) -> None:
         await self._loop.run(stop)
+
+    async def renew(self, jobs: Sequence[Job]) -> None:
+        """Claims not renewed by default (see `ClaimTimings.renew_every_s`)."""
 
 
 class DeadlinePassed(Exception):

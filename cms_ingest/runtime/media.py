@@ -30,7 +30,10 @@ from cms_ingest.vendors.base import MediaNotReady, MediaProbe, VendorError
 log = structlog.get_logger("cms_ingest.media")
 
 
-CLAIM_S = 900.0  # longer than any download may take; a crashed worker's rows return after it
+# A claim lasts this long and is renewed every third of it while the row's work runs (one
+# query for all rows in flight), so the rows of a worker that died (a crash, a SIGKILL, a
+# failover) are taken up again by another within CLAIM_S.
+CLAIM_S = 15.0
 IDLE_WAIT_S = 1.0
 # Shutdown: downloads in flight are abandoned at once (their rows are handed back untouched,
 # another worker starts them afresh); cancelled ones get this long to clean up.
@@ -68,6 +71,7 @@ class MediaFetcher(ClaimWorker[MediaJob]):
             idle_s=IDLE_WAIT_S,
             stop_grace_s=0.0,
             cancel_wait_s=CANCEL_WAIT_S,
+            renew_every_s=CLAIM_S / 3,
         )
         super().__init__(name="media", timings=timings)
 
@@ -125,6 +129,19 @@ class MediaFetcher(ClaimWorker[MediaJob]):
                 "media_release_failed",
                 error=str(exc),
                 note="rows return when their claim runs out",
+            )
+
+    async def renew(self, jobs: Sequence[MediaJob]) -> None:
+        """The rows in flight stay claimed while their status checks and downloads run."""
+        try:
+            await self._store.extend_media_claims([job.id for job in jobs], claim_s=CLAIM_S)
+        except DatabaseUnavailable as exc:
+            self._metrics.db_errors.labels(operation="media_claim_renewal").inc()
+            log.warning(
+                "media_claim_renewal_failed",
+                rows=len(jobs),
+                error=str(exc),
+                note="another worker may take them up when their claim runs out",
             )
 
     # ------------------------------------------------------------------ one row
