@@ -22,9 +22,11 @@ SECONDS = 6.0
 async def test_no_mutated_answer_escapes_or_hangs_the_client(vendor: str) -> None:
     report = await fuzz_vendor(vendor, SECONDS, seed=1)
     print(report.summary())
-    # The harness itself worked: answers were mutated and the client was called.
-    assert report.inputs >= 100, report.summary()
-    assert report.calls >= 100, report.summary()
+    # The harness itself worked: answers were mutated and the client was called. (Loose
+    # floors: on a CI machine shared with three other test workers Videoloft served 38
+    # mutated answers in 6 s; alone it serves ~350.)
+    assert report.inputs >= 20, report.summary()
+    assert report.calls >= 20, report.summary()
     assert report.vendor_errors > 0, "mutated answers that no client minds: nothing is mutated"
     # Event-loop blocks are printed, not asserted: on a loaded CI machine a stall of a second
     # may be the machine's, not the client's.
