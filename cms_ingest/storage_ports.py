@@ -153,8 +153,17 @@ class SiteLeases(Protocol):
     async def ensure_sites(self, site_ids: Iterable[str]) -> None: ...
 
     async def heartbeat(
-        self, me: DaemonIdentity, ttl_s: float, held: Mapping[str, int]
-    ) -> Heartbeat: ...
+        self,
+        me: DaemonIdentity,
+        ttl_s: float,
+        held: Mapping[str, int],
+        *,
+        fresh_s: float | None = None,
+    ) -> Heartbeat:
+        """Announce `me`, renew the leases it holds, and list the live daemons: those not
+        expired and, with `fresh_s`, whose last heartbeat is at most that old (a daemon that
+        stopped renewing is counted out before its leases expire)."""
+        ...
 
     async def acquire(
         self, me: str, ttl_s: float, candidates: Sequence[str], limit: int

@@ -132,6 +132,43 @@ async def test_a_dead_daemons_sites_are_taken_over_once_its_leases_expire(
 
 
 @pytest.mark.timeout(30)
+async def test_a_daemon_frozen_after_another_died_keeps_no_share_of_the_dead_ones_sites(
+    tmp_path: Path,
+) -> None:
+    """d1 dies; a moment later d2 stops renewing (frozen, or dying too) while its own leases
+    still run. d3 takes all of d1's sites as soon as they expire, not only a third of the
+    sites as if d2 would take the rest: d2 is counted out once its heartbeat is stale."""
+    store = memory_storage()
+    clock = clock_of(store)
+    names = ["a", "b", "c", "d", "e", "f"]
+    async with DavantisSimulator(tenants(*names)) as sim:
+        config = app_config(NO_DATABASE, tmp_path, sites_of(sim, names))
+        async with (
+            node("d1", store, config) as d1,
+            node("d2", store, config) as d2,
+            node("d3", store, config) as d3,
+        ):
+            for daemon in (d1, d2, d3):
+                daemon.run_keeper()
+            await eventually(
+                lambda: [len(n.held()) for n in (d1, d2, d3)] == [2, 2, 2], what="2/2/2"
+            )
+            dead, frozen, own = d1.held(), d2.held(), d3.held()
+            await d1.tasks.stop_all(timeout=2)  # d1 dies: nothing handed back
+            clock.advance(KEEPER_TTL_S / 2)
+            await asyncio.sleep(3 * d3.keeper.interval_s)  # d2 and d3 beat at the new time
+            await d2.tasks.stop_all(timeout=2)  # d2 stops renewing: its leases still run
+            # d2's last beat now older than fresh_s, its leases (renewed then) not yet
+            # expired; d1's expired.
+            assert d3.keeper.fresh_s < KEEPER_TTL_S
+            clock.advance((d3.keeper.fresh_s + KEEPER_TTL_S) / 2)
+            await eventually(lambda: d3.held() == own | dead, what="all of d1's sites taken")
+            assert all(owner(store, site)[0] == "d2" for site in frozen), "d2's still run"
+            clock.advance(KEEPER_TTL_S)
+            await eventually(lambda: d3.held() == set(names), what="then d2's too")
+
+
+@pytest.mark.timeout(30)
 async def test_unrenewable_leases_stop_their_pollers_before_they_could_be_taken(
     tmp_path: Path,
 ) -> None:

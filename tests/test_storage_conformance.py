@@ -560,6 +560,17 @@ def _me(daemon_id: str = ME, *, host: str = "h1", pid: int = 1) -> DaemonIdentit
     return DaemonIdentity(daemon_id, host, pid, "boot", "test")
 
 
+async def test_a_daemon_whose_heartbeat_is_stale_is_counted_out_before_it_expires(
+    h: Harness,
+) -> None:
+    await h.leases.heartbeat(_me("X"), 30, {})
+    await h.leases.heartbeat(_me("Y"), 30, {})
+    await h.later(6)  # X beats again, Y stays silent: not expired (30 s), but stale
+    assert (await h.leases.heartbeat(_me("X"), 30, {}, fresh_s=10)).live == ["X", "Y"]
+    assert (await h.leases.heartbeat(_me("X"), 30, {}, fresh_s=5)).live == ["X"]
+    assert (await h.leases.heartbeat(_me("X"), 30, {})).live == ["X", "Y"], "no fresh_s"
+
+
 async def test_leases_renew_expire_hand_off_and_take_over_by_epoch(h: Harness) -> None:
     await h.leases.ensure_sites(["r1", "r2"])
     await h.leases.ensure_sites(["r1"])  # idempotent

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
-from sqlalchemy import delete, func, select, text
+from sqlalchemy import and_, delete, func, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -131,7 +131,12 @@ class LeaseStore:
 
     @raises_unavailable
     async def heartbeat(
-        self, me: DaemonIdentity, ttl_s: float, held: Mapping[str, int]
+        self,
+        me: DaemonIdentity,
+        ttl_s: float,
+        held: Mapping[str, int],
+        *,
+        fresh_s: float | None = None,
     ) -> Heartbeat:
         """Announce ourselves, renew the leases we hold, and see who else is alive."""
         upsert = insert(daemons).values(
@@ -163,10 +168,14 @@ class LeaseStore:
             await connection.execute(
                 delete(daemons).where(daemons.c.expires_at < func.now() - text("interval '1 day'"))
             )
+            alive = daemons.c.expires_at > func.now()
+            if fresh_s is not None:
+                fresh = daemons.c.heartbeat_at >= func.now() - func.make_interval(
+                    0, 0, 0, 0, 0, 0, fresh_s
+                )
+                alive = and_(alive, fresh)
             live = await connection.execute(
-                select(daemons.c.daemon_id)
-                .where(daemons.c.expires_at > func.now())
-                .order_by(daemons.c.daemon_id)
+                select(daemons.c.daemon_id).where(alive).order_by(daemons.c.daemon_id)
             )
             live_ids = [row.daemon_id for row in live]
             started = (

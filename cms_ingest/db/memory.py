@@ -549,7 +549,12 @@ class MemoryStorage:
             self.leases.setdefault(site_id, _Lease(site_id, expires_at=now))
 
     async def heartbeat(
-        self, me: DaemonIdentity, ttl_s: float, held: Mapping[str, int]
+        self,
+        me: DaemonIdentity,
+        ttl_s: float,
+        held: Mapping[str, int],
+        *,
+        fresh_s: float | None = None,
     ) -> Heartbeat:
         now = self._reachable()
         expires = now + timedelta(seconds=ttl_s)
@@ -567,7 +572,13 @@ class MemoryStorage:
         for daemon_id, daemon in list(self.daemons.items()):
             if daemon.expires_at < now - DAEMON_HISTORY:
                 del self.daemons[daemon_id]
-        live = sorted(d for d, daemon in self.daemons.items() if daemon.expires_at > now)
+        stale_before = None if fresh_s is None else now - timedelta(seconds=fresh_s)
+        live = sorted(
+            d
+            for d, daemon in self.daemons.items()
+            if daemon.expires_at > now
+            and (stale_before is None or daemon.heartbeat_at >= stale_before)
+        )
         return Heartbeat(renewed=renewed, live=live, server_started_at=self.server_started_at)
 
     async def acquire(

@@ -138,6 +138,15 @@ class LeaseKeeper:
         return min(2.0, self._ttl_s / 3)
 
     @property
+    def fresh_s(self) -> float:
+        """A daemon whose last heartbeat is older than this no longer counts as live for the
+        split, though its leases have not expired yet: one frozen or dying after another
+        died would otherwise keep a share of the dead one's sites, and those would wait for
+        its leases to expire too (two lease periods). Two missed beats and a half, at
+        least a third of the TTL (5 s for the default 15 s)."""
+        return max(2.5 * self.interval_s, self._ttl_s / 3)
+
+    @property
     def _held(self) -> Mapping[str, int]:
         return self._pollers.held
 
@@ -174,7 +183,9 @@ class LeaseKeeper:
             if self._rows_needed:
                 await self._store.ensure_sites(self._pollers.configured())
                 self._rows_needed = False
-            beat = await self._store.heartbeat(self.me, self._ttl_s, dict(self._held))
+            beat = await self._store.heartbeat(
+                self.me, self._ttl_s, dict(self._held), fresh_s=self.fresh_s
+            )
         except DatabaseUnavailable as exc:
             await self._database_failed(exc)
             return
