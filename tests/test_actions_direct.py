@@ -28,7 +28,10 @@ from cms_ingest.config import ActionsConfig, SiteConfig
 from cms_ingest.db.memory import EXPIRED_ERROR, ManualClock, MemoryStorage
 from cms_ingest.domain import Action, ActionResult, MediaKind
 from cms_ingest.runtime.actions import ActionWorker
+from cms_ingest.runtime.pollers import PollerSet
 from cms_ingest.runtime.sites import SiteRegistry
+from cms_ingest.runtime.tasks import TaskSupervisor
+from cms_ingest.runtime.writer import AlarmWriter
 from cms_ingest.simulators.base import DeviceAnswer
 from cms_ingest.simulators.davantis import DavantisSimulator, DavantisSite
 from cms_ingest.vendors import registered
@@ -330,3 +333,46 @@ async def test_an_action_left_running_by_a_dead_worker_that_is_not_idempotent_fa
             row = await queue.settled(action_id)
         assert (row.state, box.attempts) == ("failed", 0), "never fired a second time"
         assert "stopped mid-attempt; outcome unknown, not retried" in row.error
+
+
+async def test_actions_queued_for_a_site_are_claimed_as_soon_as_it_is_taken(
+    tmp_path: Path,
+) -> None:
+    """A site another daemon held (a take-over, a restart, a database failover): its queued
+    actions run as soon as the poller set starts it here, not at the next sweep (60 s)."""
+    async with davantis(tmp_path) as (_device, _sim, queue):
+        memory = queue.memory
+        await memory.ensure_sites(["s"])
+        [theirs] = await memory.acquire("other", 600, ["s"], 1)
+        tasks = TaskSupervisor()
+        writer = AlarmWriter(memory, media_deadline_of=lambda _site: 60.0)
+        config = app_config(NO_DATABASE, tmp_path, [davantis_site("s", "http://127.0.0.1:1")])
+        # Its poller polls nothing useful here: what counts is that the site is held.
+
+        def wake_the_worker() -> None:  # as the daemon wires them
+            worker.wake()
+
+        pollers = PollerSet(
+            tasks,
+            queue.sites,
+            memory,
+            writer,
+            daemon_id="me",
+            media_deadline_s=60.0,
+            flood=config.flood,
+            on_sites_taken=wake_the_worker,
+        )
+        slow_sweep = ACTIONS.model_copy(update={"sweep_interval_s": 60.0})
+        worker = ActionWorker(memory, queue.sites, config=slow_sweep, held=pollers.held_ids)
+        async with worker_running(worker):
+            action_id = await queue.enqueue("relay", "1")
+            await asyncio.sleep(0.5)
+            assert queue.row(action_id).state == "queued", "another daemon's site"
+            await memory.release("other", {"s": theirs.epoch})
+            [ours] = await memory.acquire("me", 600, ["s"], 1)
+            taken_at = asyncio.get_running_loop().time()
+            assert await pollers.start({"s": ours.epoch}) == {"s"}
+            row = await queue.settled(action_id)
+            assert row.state == "succeeded"
+            assert asyncio.get_running_loop().time() - taken_at < 3.0
+            await tasks.stop_all(timeout=2)

@@ -173,6 +173,10 @@ class Daemon:
         def media_added() -> None:
             media.wake()
 
+        def sites_taken() -> None:  # their queued media and actions are ours to claim now
+            media.wake()
+            actions.wake()
+
         def lease_of(site_id: str) -> SiteLease | None:
             return pollers.lease_of(site_id)
 
@@ -195,6 +199,7 @@ class Daemon:
             media_deadline_s=config.media.deadline_s,
             flood=config.flood,
             metrics=metrics,
+            on_sites_taken=sites_taken,
         )
         media = MediaFetcher(
             self.store,

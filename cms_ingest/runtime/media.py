@@ -181,8 +181,8 @@ class MediaFetcher(ClaimWorker[MediaJob]):
             await self._settle(job, MediaState.FAILED, str(exc), "unsafe_url", site)
         except (TransportError, VendorError) as exc:
             await self._later(job, site, None, f"{type(exc).__name__}: {exc}", "error")
-        except asyncio.CancelledError:
-            raise
+        except (asyncio.CancelledError, DatabaseUnavailable):
+            raise  # the loop hands a row whose outcome could not be written back
         except Exception as exc:  # a bug must not wedge the row: retry, visibly
             log_.exception("media_fetch_crashed")
             await self._later(job, site, None, f"internal error: {exc}", "error")

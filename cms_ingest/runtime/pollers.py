@@ -12,7 +12,7 @@ writer still commits the site's polls under its lease (`lease_of`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any, Protocol
 
@@ -57,8 +57,12 @@ class PollerSet:
         media_deadline_s: float,
         flood: FloodConfig,
         metrics: Metrics | None = None,
+        on_sites_taken: Callable[[], None] | None = None,
     ) -> None:
+        """`on_sites_taken`: called once sites were started here, so the media fetcher
+        and the action worker claim their queued rows now, not at their next sweep."""
         self._tasks = tasks
+        self._on_sites_taken = on_sites_taken
         self._metrics = metrics if metrics is not None else Metrics()
         self._sites = sites
         self._store = store
@@ -111,6 +115,8 @@ class PollerSet:
             self._held[site_id] = leases[site_id]
             poller = self._poller(site_id, cursors.get(site_id), histories[site_id])
             self._tasks.start(task_name(site_id), poller.run)
+        if ids and self._on_sites_taken is not None:
+            self._on_sites_taken()
         return set(ids)
 
     def _poller(
