@@ -13,7 +13,7 @@ mapping is made here and nowhere else.
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, ParamSpec, TypeVar
 
 import asyncpg
@@ -50,6 +50,11 @@ _CONNECTION_EXCEPTIONS: tuple[type[BaseException], ...] = (
 def is_connection_failure(exc: BaseException) -> bool:
     """Whether `exc`, or an error it wraps (SQLAlchemy's `orig`, `__cause__`), says the
     database is unreachable or unusable now rather than that our statement is wrong."""
+    return any(_says_unavailable(error) for error in _wrapped(exc))
+
+
+def _wrapped(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and every error it wraps (SQLAlchemy's `orig`, `__cause__`), each once."""
     seen: set[int] = set()
     pending: list[BaseException | None] = [exc]
     while pending:
@@ -57,11 +62,9 @@ def is_connection_failure(exc: BaseException) -> bool:
         if error is None or id(error) in seen:
             continue
         seen.add(id(error))
-        if _says_unavailable(error):
-            return True
-        orig = getattr(error, "orig", None)
+        yield error
+        orig = getattr(error, "orig", None)  # SQLAlchemy's wrapper of the driver's error
         pending += [orig if isinstance(orig, BaseException) else None, error.__cause__]
-    return False
 
 
 def _says_unavailable(error: BaseException) -> bool:
@@ -106,17 +109,10 @@ def is_data_error(exc: BaseException) -> bool:
     site for good."""
     if isinstance(exc, DatabaseUnavailable):
         return False
-    seen: set[int] = set()
-    pending: list[BaseException | None] = [exc]
-    while pending:
-        error = pending.pop()
-        if error is None or id(error) in seen:
-            continue
-        seen.add(id(error))
-        if isinstance(error, asyncpg.DataError | UnicodeError | OverflowError):
-            return True
-        if isinstance(error, ValueError | TypeError) and not isinstance(error, OSError):
-            return True
-        orig = getattr(error, "orig", None)  # SQLAlchemy's wrapper of the driver's error
-        pending += [orig if isinstance(orig, BaseException) else None, error.__cause__]
-    return False
+    return any(_says_bad_value(error) for error in _wrapped(exc))
+
+
+def _says_bad_value(error: BaseException) -> bool:
+    if isinstance(error, asyncpg.DataError | UnicodeError | OverflowError):
+        return True
+    return isinstance(error, ValueError | TypeError) and not isinstance(error, OSError)
