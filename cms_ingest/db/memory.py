@@ -21,13 +21,12 @@ from typing import Any
 
 from cms_ingest.db.errors import DatabaseUnavailable
 from cms_ingest.db.storable import (
-    EARLIEST_STORABLE,
-    LATEST_STORABLE,
     storable_commit,
     storable_health,
     storable_json,
     storable_note,
     storable_result,
+    storable_utc,
 )
 from cms_ingest.domain import (
     Acquired,
@@ -666,12 +665,8 @@ class MemoryStorage:
 def _check_storable_time(value: datetime) -> None:
     """PostgreSQL's driver refuses a time it cannot convert to UTC within timestamptz: a data
     error (ValueError), as `db.errors.is_data_error` sees it."""
-    try:
-        utc = value.astimezone(UTC)
-    except (OverflowError, ValueError) as exc:
-        raise ValueError(f"time {value!r} cannot be stored: {exc}") from exc
-    if not EARLIEST_STORABLE <= utc <= LATEST_STORABLE:
-        raise ValueError(f"time {value!r} is outside what timestamptz can store")
+    if storable_utc(value) is None:
+        raise ValueError(f"time {value!r} cannot be stored as timestamptz")
 
 
 def _copy(value: Any) -> Any:

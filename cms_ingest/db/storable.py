@@ -149,8 +149,14 @@ LATEST_STORABLE = datetime(9999, 12, 30, tzinfo=UTC)
 
 def storable_time(value: datetime, fallback: datetime) -> datetime:
     """`value` in UTC when the driver can send it, else `fallback`."""
+    utc = storable_utc(value)
+    return fallback if utc is None else utc
+
+
+def storable_utc(value: datetime) -> datetime | None:
+    """`value` in UTC, or None when the driver cannot send it to timestamptz."""
     try:
         utc = value.astimezone(UTC)
     except (OverflowError, ValueError):
-        return fallback
-    return utc if EARLIEST_STORABLE <= utc <= LATEST_STORABLE else fallback
+        return None
+    return utc if EARLIEST_STORABLE <= utc <= LATEST_STORABLE else None
