@@ -31,17 +31,15 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import distinct_on, insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from cms_ingest.db.errors import is_data_error, raises_unavailable
+from cms_ingest.db.errors import raises_unavailable
 from cms_ingest.db.leases import fenced_sites
 from cms_ingest.db.schema import actions, alarm_media, alarms, site_leases, site_state
 from cms_ingest.db.storable import (
-    degraded_commit,
     storable_commit,
     storable_health,
     storable_json,
     storable_note,
     storable_result,
-    stored_source_id,
 )
 from cms_ingest.domain import (
     Action,
@@ -59,21 +57,9 @@ from cms_ingest.domain import (
     SiteHealth,
 )
 
-# The poll and queue types live in the domain (the ports speak them); the cleaning helpers in
-# `db.storable`. Importers of this module find them here as before.
-__all__ = [
-    "CommitResult",
-    "CommitTerms",
-    "InsertedAlarm",
-    "MediaJob",
-    "PollCommit",
-    "SiteHealth",
-    "Store",
-    "degraded_commit",
-    "is_data_error",
-    "storable_commit",
-    "stored_source_id",
-]
+# The poll types live in the domain (the ports speak them) and the cleaning in `db.storable`;
+# the few that importers of this module still take from here are re-exported.
+__all__ = ["CommitTerms", "PollCommit", "Store", "storable_commit"]
 
 
 class Store:
