@@ -183,7 +183,6 @@ async def h(request: pytest.FixtureRequest, conformance_db: str) -> AsyncIterato
 # ---------------------------------------------------------------------- helpers
 
 ME = "d1"
-TERMS = CommitTerms(media_deadline_s=600.0)
 
 
 def _alarm(site_id: str, source_id: str, **fields: Any) -> Alarm:
