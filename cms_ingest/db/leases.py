@@ -25,16 +25,9 @@ from cms_ingest.db.errors import raises_unavailable
 from cms_ingest.db.schema import daemons, site_leases
 from cms_ingest.domain import Acquired, DaemonIdentity, Heartbeat, LeaseRow
 
-# The lease types live in the domain (the ports speak them); importers find them here as before.
-__all__ = [
-    "LEASES_CHANNEL",
-    "Acquired",
-    "DaemonIdentity",
-    "Heartbeat",
-    "LeaseRow",
-    "LeaseStore",
-    "fenced_sites",
-]
+# The lease types live in the domain (the ports speak them); DaemonIdentity, which some
+# importers still take from here, is re-exported.
+__all__ = ["LEASES_CHANNEL", "DaemonIdentity", "LeaseStore", "fenced_sites"]
 
 
 def _held(lock: str) -> str:
