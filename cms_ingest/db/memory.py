@@ -20,7 +20,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cms_ingest.db.errors import DatabaseUnavailable
+from cms_ingest.db.storable import EXPIRED_ERROR as EXPIRED_ERROR  # noqa: PLC0414 (tests use)
 from cms_ingest.db.storable import (
+    NO_MEDIA_NOTE,
     storable_commit,
     storable_health,
     storable_json,
@@ -48,7 +50,6 @@ from cms_ingest.domain import (
     SiteHealth,
 )
 
-EXPIRED_ERROR = "not_after passed before the action could be fired"
 DAEMON_HISTORY = timedelta(days=1)  # daemons gone this long are forgotten (as in PostgreSQL)
 
 
@@ -278,7 +279,7 @@ class MemoryStorage:
                 kind=request.kind,
                 state=MediaState.PENDING if request.available else MediaState.UNAVAILABLE,
                 locator=_copy(dict(request.locator)),
-                last_error=None if request.available else "the device has none",
+                last_error=None if request.available else NO_MEDIA_NOTE,
                 deadline_at=now + timedelta(seconds=terms.media_deadline_s),
                 next_attempt_at=now,
                 updated_at=now,

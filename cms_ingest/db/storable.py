@@ -29,6 +29,9 @@ from cms_ingest.domain import (
 
 HEALTH_ERROR_LIMIT = 1000  # characters of a site's last error kept in site_state
 NOTE_LIMIT = DESCRIPTION_LIMIT  # media notes and reasons, action errors: they may quote devices
+# Texts both adapters write themselves: a media row the device has none for, an expired action.
+NO_MEDIA_NOTE = "the device has none"
+EXPIRED_ERROR = "not_after passed before the action could be fired"
 
 
 def stored_source_id(source_id: str) -> str:

@@ -35,6 +35,8 @@ from cms_ingest.db.errors import raises_unavailable
 from cms_ingest.db.leases import fenced_sites
 from cms_ingest.db.schema import actions, alarm_media, alarms, site_leases, site_state
 from cms_ingest.db.storable import (
+    EXPIRED_ERROR,
+    NO_MEDIA_NOTE,
     storable_commit,
     storable_health,
     storable_json,
@@ -407,7 +409,7 @@ class Store:
                 .values(
                     state=ActionState.EXPIRED.value,
                     finished_at=func.now(),
-                    error="not_after passed before the action could be fired",
+                    error=EXPIRED_ERROR,
                 )
             )
             return int(result.rowcount)
@@ -712,7 +714,7 @@ def _media_rows(
                         "kind": media.kind.value,
                         "state": state.value,
                         "locator": dict(media.locator),
-                        "last_error": None if media.available else "the device has none",
+                        "last_error": None if media.available else NO_MEDIA_NOTE,
                         "deadline_s": terms[commit.site_id].media_deadline_s,
                     }
                 )
