@@ -70,7 +70,7 @@ def storable_alarm(alarm: Alarm) -> Alarm:
     """The alarm with every device-supplied string cleaned and its JSON made plain."""
     return dataclasses.replace(
         alarm,
-        source_id=clean_text(alarm.source_id, ID_LIMIT),
+        source_id=stored_source_id(alarm.source_id),
         vendor_event=clean_text(alarm.vendor_event, ID_LIMIT),
         description=clean_text(alarm.description, DESCRIPTION_LIMIT),
         camera_id=None if alarm.camera_id is None else clean_text(alarm.camera_id, ID_LIMIT),
