@@ -249,6 +249,18 @@ def _odd_id(value: Any) -> bool:
     return value is not None and value != "" and _vendor_id(value) is None
 
 
+def _names_by_id(items: list[Any]) -> dict[str, str]:
+    """id -> name of a config.web camera or soft-trigger list (the id when it has no name);
+    items without a usable id are skipped."""
+    return {
+        clean_text(str(item["id"]), ID_LIMIT): clean_text(
+            str(item.get("name") or item["id"]), NAME_LIMIT
+        )
+        for item in items
+        if isinstance(item, dict) and _vendor_id(item.get("id")) is not None
+    }
+
+
 def _epoch(when: datetime | None) -> float | None:
     return None if when is None else when.timestamp()
 
@@ -413,13 +425,7 @@ class ExacqClient:
         status, config = await self._call("GET", API.config, {"output": "json"})
         cameras = config.get(API.cameras_key) if isinstance(config, dict) else None
         if status == 200 and isinstance(cameras, list):
-            self._cameras = {
-                clean_text(str(cam["id"]), ID_LIMIT): clean_text(
-                    str(cam.get("name") or cam["id"]), NAME_LIMIT
-                )
-                for cam in cameras
-                if isinstance(cam, dict) and _vendor_id(cam.get("id")) is not None
-            }
+            self._cameras = _names_by_id(cameras)
         else:
             self._problems.bad_input("cameras", f"camera list unreadable (HTTP {status})")
         if isinstance(config, dict):
@@ -427,13 +433,7 @@ class ExacqClient:
         status, listing = await self._call("GET", API.soft_triggers)
         triggers = listing.get(API.triggers_key) if isinstance(listing, dict) else None
         if status == 200 and isinstance(triggers, list):
-            self._triggers = {
-                clean_text(str(t["id"]), ID_LIMIT): clean_text(
-                    str(t.get("name") or t["id"]), NAME_LIMIT
-                )
-                for t in triggers
-                if isinstance(t, dict) and _vendor_id(t.get("id")) is not None
-            }
+            self._triggers = _names_by_id(triggers)
         self._profiles = await self._monitoring_profiles()
 
     def _timezone(self, value: Any) -> tzinfo | None:
