@@ -778,7 +778,7 @@ class ExacqClient:
         return MediaProbe("ready", path=f"export|{export_id}|{key}")
 
     async def _create_export(self, camera: str, start: datetime, end: datetime) -> str:
-        tz = self._config_tz or self._server_tz
+        tz = self._default_tz()
         params = {
             "camera": camera,
             "start": start.astimezone(tz).isoformat(timespec="seconds"),
