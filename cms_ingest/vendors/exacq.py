@@ -997,6 +997,8 @@ class ExacqClient:
 
 # ---------------------------------------------------------------------- cursor state
 
+_Seen = tuple[str | None, str | None, int | None, float | None]  # vendor id, camera, type, start
+
 
 @dataclass(slots=True)
 class _State:
@@ -1005,8 +1007,7 @@ class _State:
     a new one), the highest numeric id seen, and the device life."""
 
     active: set[str]
-    seen: dict[str, tuple[str | None, str | None, int | None, float | None]]
-    # source_id -> (vendor id, camera, type, start epoch)
+    seen: dict[str, _Seen]  # source_id -> what it was seen as
     max_id: int | None
     life: str | None
 
@@ -1014,7 +1015,7 @@ class _State:
     def load(cls, cursor: Cursor | None) -> _State:
         cursor = cursor or {}
         active = cursor.get("active")
-        seen: dict[str, tuple[str | None, str | None, int | None, float | None]] = {}
+        seen: dict[str, _Seen] = {}
         raw_seen = cursor.get("seen")
         for entry in raw_seen if isinstance(raw_seen, list) else []:
             if isinstance(entry, list) and len(entry) == 5 and isinstance(entry[0], str):
@@ -1101,7 +1102,7 @@ class _State:
 
 
 def _id_reused(
-    entry: tuple[str | None, str | None, int | None, float | None],
+    entry: _Seen,
     occurrence: Occurrence,
     within_s: float,
 ) -> bool:
@@ -1115,7 +1116,7 @@ def _id_reused(
 
 
 def _same_occurrence(
-    entry: tuple[str | None, str | None, int | None, float | None],
+    entry: _Seen,
     occurrence: Occurrence,
     within_s: float = SAME_START_S,
 ) -> bool:
