@@ -1083,13 +1083,14 @@ class _State:
             self.max_id = max(number, self.max_id or 0)
 
     def dump(self, active: list[str]) -> dict[str, Any]:
-        cursor: dict[str, Any] = {"active": sorted(set(active))}
+        still_active = set(active)
+        cursor: dict[str, Any] = {"active": sorted(still_active)}
         starts = [entry[3] for entry in self.seen.values() if entry[3] is not None]
         horizon = max(starts) - SEEN_KEEP_S if starts else None  # device time, not ours
         kept = [
             [key, *entry]
             for key, entry in self.seen.items()
-            if key in cursor["active"]
+            if key in still_active
             or (entry[3] is not None and horizon is not None and entry[3] >= horizon)
         ]
         if kept:
