@@ -342,7 +342,7 @@ class ExacqClient:
         try:
             async with self._http.request("POST", API.logout, params={"s": session}):
                 pass
-        except (TransportError, OSError) as exc:  # it only costs the server a session
+        except Exception as exc:  # also when shutting down: it only costs the server a session
             log.info("exacq_logout_failed", site_id=self.site_id, error=str(exc))
 
     async def _call(
@@ -985,14 +985,9 @@ class ExacqClient:
 
     async def close(self) -> None:
         """Log out, so the server frees the session at once."""
-        if self._session is None:
-            return
-        try:
-            async with self._http.request("POST", API.logout, params={"s": self._session}):
-                pass
-        except Exception as exc:  # shutting down: a failed logout only costs the server a session
-            log.info("exacq_logout_failed", site_id=self.site_id, error=str(exc))
-        self._session = None
+        if self._session is not None:
+            session, self._session = self._session, None
+            await self._logout(session)
 
 
 # ---------------------------------------------------------------------- cursor state
