@@ -27,8 +27,13 @@ from cms_ingest.runtime.sites import build_site
 from cms_ingest.simulators.base import DeviceAnswer, static_answer
 from cms_ingest.simulators.camstreamer import CamStreamerAccount, CamStreamerSimulator
 from cms_ingest.sitehttp import new_client_session
-from cms_ingest.vendors.base import AuthenticationFailed, DeviceRefused, InvalidAction
-from cms_ingest.vendors.camstreamer import CamStreamerClient, OutputIncomplete
+from cms_ingest.vendors.base import (
+    AuthenticationFailed,
+    BadDeviceResponse,
+    DeviceRefused,
+    InvalidAction,
+)
+from cms_ingest.vendors.camstreamer import NODES_QUERY, CamStreamerClient, OutputIncomplete
 from tests.conftest import eventually
 from tests.support import app_config, camstreamer_site, final, running_daemon
 
@@ -246,6 +251,23 @@ async def test_oauth_token_is_renewed_before_it_expires() -> None:
                 cursor = (await client.poll(cursor)).cursor
         assert account.oauth_refreshes >= 2  # renewed in time...
         assert account.auth_refusals == {}  # ...so never refused
+
+
+@pytest.mark.parametrize("limit_status", [429, 200])
+async def test_a_query_over_the_accounts_limit_backs_off_in_either_form(
+    limit_status: int,
+) -> None:
+    """The manual states the limits, not how a query over them is answered: with 429 or with
+    200 and category `dailyLimit`, it is a rate-limit refusal that backs the budget off."""
+    account = CamStreamerAccount(rate_per_s=FAST, daily_limit=1, limit_status=limit_status)
+    async with CamStreamerSimulator({"default": account}) as sim:
+        async with client_for(sim) as client:
+            await client.graphql(NODES_QUERY)  # the account's one query of the day
+            with pytest.raises(BadDeviceResponse, match="rate limited"):
+                await client.graphql(NODES_QUERY)
+            with pytest.raises(TimeoutError):  # backed off: no query slot for a while
+                await asyncio.wait_for(client.budget.acquire(daily=False), 1.0)
+        assert account.daily_refused == 1 and account.daily_used == 1
 
 
 # ------------------------------------------------------------------ 7: download hosts

@@ -422,6 +422,34 @@ async def video_probe(client: ExacqClient, site: ExacqSite) -> Any:
     return next(m for m in alarm.media if m.kind is MediaKind.VIDEO)
 
 
+async def test_an_export_the_server_cleaned_up_is_made_again(
+    http: aiohttp.ClientSession,
+) -> None:
+    """The manual: an export is cleaned up after 15 minutes of inactivity. The status answers
+    404 for it: the one case for a second export, which is then downloaded."""
+    site = ExacqSite(export_seconds=0.5, event_monitoring=False)
+    async with ExacqSimulator({"default": site}) as sim:
+        client = exacq(sim.url(), http, Problems(), pre_seconds=1, post_seconds=0)
+        video = await video_probe(client, site)
+        assert (await client.media_status(video.kind, video.locator)).state == "pending"
+        (first,) = site.exports.values()
+        site.export_idle_s = 0.0  # as if 15 minutes passed without a request naming it
+        probe = await client.media_status(video.kind, video.locator)
+        assert probe.state == "pending" and "gone" in probe.detail
+        assert first["cleaned"] and len(site.exports) == 1  # not made again within that call
+        site.export_idle_s = 900.0
+        while (probe := await client.media_status(video.kind, video.locator)).state != "ready":
+            await asyncio.sleep(0.1)
+        assert len(site.exports) == 2
+        assert probe.path is not None
+        async with client.download(probe.path) as download:
+            async for _ in download.chunks:
+                pass
+        second = next(e for e in site.exports.values() if e is not first)
+        assert second["downloaded"] and second["finished"] and not first["downloaded"]
+        await client.close()
+
+
 async def test_an_export_is_ready_at_status_completed_not_at_100_percent(
     http: aiohttp.ClientSession,
 ) -> None:

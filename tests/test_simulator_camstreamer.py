@@ -237,13 +237,14 @@ async def test_rate_limit_refuses_the_second_query_in_a_second(
         assert site.daily_used == 2
 
 
-async def test_daily_limit(http: aiohttp.ClientSession) -> None:
-    site = CamStreamerAccount(rate_per_s=FAST, daily_limit=3)
+@pytest.mark.parametrize("limit_status", [429, 200])
+async def test_daily_limit(http: aiohttp.ClientSession, limit_status: int) -> None:
+    site = CamStreamerAccount(rate_per_s=FAST, daily_limit=3, limit_status=limit_status)
     async with CamStreamerSimulator({"default": site}) as sim:
         for _ in range(3):
             await cameras(http, sim.url())
         status, body = await gql(http, sim.url(), CAMERAS_QUERY)
-        assert (status, error(body)) == (429, ("dailyLimit", "Daily API limit exceeded"))
+        assert (status, error(body)) == (limit_status, ("dailyLimit", "Daily API limit exceeded"))
         assert (site.daily_used, site.daily_refused, len(site.queries)) == (3, 1, 4)
 
 

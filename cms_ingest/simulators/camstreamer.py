@@ -28,8 +28,8 @@ Service behaviour reproduced (from the vendor manual and the integrators' notes)
   an access token only. ``POST /oauth2/revoke?access_token=`` cancels a token and its refresh
   token. Refusals: HTTP 400 ``{"error": "<message>"}``.
 * Limits per account: ``rate_per_s`` GraphQL requests in any one-second window (the manual: 1)
-  and ``daily_limit`` a day (the manual: 10,000). Beyond them: HTTP 429 with category
-  ``rateLimit`` or ``dailyLimit``.
+  and ``daily_limit`` a day (the manual: 10,000). Beyond them: ``errors`` with category
+  ``rateLimit`` or ``dailyLimit``, with HTTP ``limit_status`` (429 by default).
 * Recordings: ``recordings(from, to)`` (unix seconds) gives one recording covering the range
   with a fresh ``recording_id`` and ``outputs`` heights 480, 720 and 1080; ``recordingPrepare``
   starts preparing it; ``recording { progress download_url }`` grows 0..100 over
@@ -89,6 +89,9 @@ the default is the manual's reading):
   the Configuration permission that device access needs (default: it has).
 * ``pulse_supported`` / ``--no-pulse``: whether the cameras take the VAPIX pulse (default:
   they do; without, a pulse answers 400).
+* ``limit_status`` / ``--limit-status``: the HTTP status of a rate- or daily-limit refusal.
+  The manual states the limits but not how a query over them is answered: 429 (default) or
+  200, as its other errors come.
 
 Test hooks (Python API and ``/_sim/...`` HTTP control surface): ``vapix_answer_errors``
 (the next n ``port.cgi`` calls are carried out, then answered 500, as when the answer is
@@ -190,6 +193,7 @@ FIRST_SERIAL = 0xACCC8EE8A9CA
 ApiError = tuple[str, str]  # (message, category)
 ERR_AUTH: ApiError = ("Invalid or empty access token.", "authError")
 ERR_EXPIRED: ApiError = ("Access token expired.", "expired")
+LIMIT_STATUSES = (429, 200)  # a limit refusal's HTTP status: the manual does not say
 ERR_RATE: ApiError = ("API rate limit exceeded", "rateLimit")
 ERR_DAILY: ApiError = ("Daily API limit exceeded", "dailyLimit")
 # The manual's third error: a token in the header that is not valid (as opposed to a missing one).
@@ -307,6 +311,7 @@ class CamStreamerAccount:
         download_host: str | None = None,
         token_configuration: bool = True,
         pulse_supported: bool = True,
+        limit_status: int = 429,
     ) -> None:
         check_rate(rate_per_s)
         if schema not in SCHEMAS:
@@ -318,6 +323,9 @@ class CamStreamerAccount:
         self.download_host = download_host
         self.token_configuration = token_configuration
         self.pulse_supported = pulse_supported
+        if limit_status not in LIMIT_STATUSES:
+            raise ValueError(f"limit_status must be one of {LIMIT_STATUSES}, not {limit_status}")
+        self.limit_status = limit_status
         self.vapix_answer_errors = 0  # fault: the next n port.cgi calls act, then answer 500
         self.token = token
         self.client_id, self.client_secret = client_id, client_secret
@@ -1018,7 +1026,7 @@ def _gate(site: CamStreamerAccount, request: web.Request) -> None:
     """The account's limits, then the token: raise the refusal."""
     limited = site.admit()
     if limited is not None:
-        raise Answer(_errors(limited, status=429))
+        raise Answer(_errors(limited, status=site.limit_status))
     token = _bearer(request)
     status = site.token_status(token)
     refusal: ApiError | None = None
@@ -1290,6 +1298,13 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         help="the cameras refuse the VAPIX pulse <port>:/<ms>\\",
     )
+    parser.add_argument(
+        "--limit-status",
+        type=int,
+        choices=LIMIT_STATUSES,
+        default=429,
+        help="HTTP status of a rate- or daily-limit refusal (the manual does not say)",
+    )
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -1309,6 +1324,7 @@ async def serve(args: argparse.Namespace) -> None:
             download_host=args.download_host,
             token_configuration=args.token_configuration,
             pulse_supported=args.pulse_supported,
+            limit_status=args.limit_status,
         )
         for name in tenant_names(args.sites)
     }

@@ -48,6 +48,8 @@ Device behaviour reproduced (from the vendor manual and the integrators' notes):
   400) and ``&action=finish`` (frees it). Its ``status`` becomes ``completed``
   ``finalize_seconds`` after progress reached 100 (default 0: at once); a download before that
   is refused. The format list is ``export_formats`` (default ``ps_zip``, ``mp4``, ``avi``).
+  An export no request named for ``export_idle_s`` (the manual: 15 minutes) is cleaned up:
+  it answers 404 from then on (``cleaned`` true in ``exports``).
 * Refusals: an unknown soft-trigger ``tid`` answers text/plain ``Invalid Request`` with
   ``refusal_status`` (default 404; the manual shows the text but no status, so ``200`` is a
   mode); ``export.web``'s ``{"success": false, "error": ...}`` answers come with their 4xx, or
@@ -81,7 +83,8 @@ Command line: ``python -m cms_ingest.simulators.exacq --sites 500 --rate 0.2`` p
 URL per line, then ``READY``, and serves until SIGTERM/SIGINT. Switches: ``--expiry-mode``,
 ``--session-key``, ``--session-ttl``, ``--export-seconds``, ``--utc-offset``, ``--no-event-ids``,
 ``--event-id-style``, ``--no-event-monitoring``, ``--naive-times``, ``--export-formats a,b``,
-``--finalize-seconds``, ``--refusal-status``, ``--failure-status``, ``--no-recorded``.
+``--finalize-seconds``, ``--export-idle-seconds``, ``--refusal-status``, ``--failure-status``,
+``--no-recorded``.
 """
 
 from __future__ import annotations
@@ -352,6 +355,7 @@ class ExacqSite:
         naive_times: bool = False,
         export_formats: Sequence[str] = EXPORT_FORMATS,
         finalize_seconds: float = 0.0,
+        export_idle_s: float = 900.0,
         refusal_status: int = 404,
         failure_status: int | None = None,
     ) -> None:
@@ -365,6 +369,7 @@ class ExacqSite:
         self.naive_times = naive_times
         self.export_formats = tuple(export_formats)
         self.finalize_seconds = finalize_seconds
+        self.export_idle_s = export_idle_s
         self.refusal_status = refusal_status
         self.failure_status = failure_status
         self.triggered: collections.deque[tuple[float, ExEvent]] = collections.deque()
@@ -603,7 +608,9 @@ class ExacqSite:
             "end": end,
             "format": fmt,
             "created": monotonic(),
+            "touched": monotonic(),
             "finished": False,
+            "cleaned": False,
             "downloaded": False,
             "number": self._export_count,
         }
@@ -900,8 +907,11 @@ def _export_create(site: ExacqSite, params: Mapping[str, str]) -> web.StreamResp
 def _export_status(site: ExacqSite, params: Mapping[str, str]) -> web.StreamResponse:
     export_id = params["export"].strip()
     export = site.exports.get(export_id)
-    if export is None or export["finished"]:
+    if export is not None and monotonic() - float(export["touched"]) > site.export_idle_s:
+        export["cleaned"] = True  # the manual: cleaned up after 15 minutes of inactivity
+    if export is None or export["finished"] or export["cleaned"]:
         raise _failure(404, "unknown export")
+    export["touched"] = monotonic()
     action = params.get("action", "").strip()
     progress = site.export_progress(export)
     completed = site.export_completed(export)
@@ -1058,6 +1068,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--naive-times", action="store_true")
     parser.add_argument("--export-formats", default=",".join(EXPORT_FORMATS))
     parser.add_argument("--finalize-seconds", type=float, default=0.0)
+    parser.add_argument("--export-idle-seconds", type=float, default=900.0)
     parser.add_argument("--refusal-status", type=int, default=404)
     parser.add_argument("--failure-status", type=int, default=None)
     parser.add_argument("--no-recorded", action="store_true")
@@ -1077,6 +1088,7 @@ async def serve(args: argparse.Namespace) -> None:
             naive_times=args.naive_times,
             export_formats=tuple(f for f in args.export_formats.split(",") if f),
             finalize_seconds=args.finalize_seconds,
+            export_idle_s=args.export_idle_seconds,
             refusal_status=args.refusal_status,
             failure_status=args.failure_status,
             recorded=not args.no_recorded,

@@ -249,6 +249,18 @@ def _odd_id(value: Any) -> bool:
     return value is not None and value != "" and _vendor_id(value) is None
 
 
+def _names_by_id(items: list[Any]) -> dict[str, str]:
+    """id -> name of a config.web camera or soft-trigger list (the id when it has no name);
+    items without a usable id are skipped."""
+    return {
+        clean_text(str(item["id"]), ID_LIMIT): clean_text(
+            str(item.get("name") or item["id"]), NAME_LIMIT
+        )
+        for item in items
+        if isinstance(item, dict) and _vendor_id(item.get("id")) is not None
+    }
+
+
 def _epoch(when: datetime | None) -> float | None:
     return None if when is None else when.timestamp()
 
@@ -330,7 +342,7 @@ class ExacqClient:
         try:
             async with self._http.request("POST", API.logout, params={"s": session}):
                 pass
-        except (TransportError, OSError) as exc:  # it only costs the server a session
+        except Exception as exc:  # also when shutting down: it only costs the server a session
             log.info("exacq_logout_failed", site_id=self.site_id, error=str(exc))
 
     async def _call(
@@ -413,13 +425,7 @@ class ExacqClient:
         status, config = await self._call("GET", API.config, {"output": "json"})
         cameras = config.get(API.cameras_key) if isinstance(config, dict) else None
         if status == 200 and isinstance(cameras, list):
-            self._cameras = {
-                clean_text(str(cam["id"]), ID_LIMIT): clean_text(
-                    str(cam.get("name") or cam["id"]), NAME_LIMIT
-                )
-                for cam in cameras
-                if isinstance(cam, dict) and _vendor_id(cam.get("id")) is not None
-            }
+            self._cameras = _names_by_id(cameras)
         else:
             self._problems.bad_input("cameras", f"camera list unreadable (HTTP {status})")
         if isinstance(config, dict):
@@ -427,13 +433,7 @@ class ExacqClient:
         status, listing = await self._call("GET", API.soft_triggers)
         triggers = listing.get(API.triggers_key) if isinstance(listing, dict) else None
         if status == 200 and isinstance(triggers, list):
-            self._triggers = {
-                clean_text(str(t["id"]), ID_LIMIT): clean_text(
-                    str(t.get("name") or t["id"]), NAME_LIMIT
-                )
-                for t in triggers
-                if isinstance(t, dict) and _vendor_id(t.get("id")) is not None
-            }
+            self._triggers = _names_by_id(triggers)
         self._profiles = await self._monitoring_profiles()
 
     def _timezone(self, value: Any) -> tzinfo | None:
@@ -778,7 +778,7 @@ class ExacqClient:
         return MediaProbe("ready", path=f"export|{export_id}|{key}")
 
     async def _create_export(self, camera: str, start: datetime, end: datetime) -> str:
-        tz = self._config_tz or self._server_tz
+        tz = self._default_tz()
         params = {
             "camera": camera,
             "start": start.astimezone(tz).isoformat(timespec="seconds"),
@@ -985,17 +985,14 @@ class ExacqClient:
 
     async def close(self) -> None:
         """Log out, so the server frees the session at once."""
-        if self._session is None:
-            return
-        try:
-            async with self._http.request("POST", API.logout, params={"s": self._session}):
-                pass
-        except Exception as exc:  # shutting down: a failed logout only costs the server a session
-            log.info("exacq_logout_failed", site_id=self.site_id, error=str(exc))
-        self._session = None
+        if self._session is not None:
+            session, self._session = self._session, None
+            await self._logout(session)
 
 
 # ---------------------------------------------------------------------- cursor state
+
+_Seen = tuple[str | None, str | None, int | None, float | None]  # vendor id, camera, type, start
 
 
 @dataclass(slots=True)
@@ -1005,8 +1002,7 @@ class _State:
     a new one), the highest numeric id seen, and the device life."""
 
     active: set[str]
-    seen: dict[str, tuple[str | None, str | None, int | None, float | None]]
-    # source_id -> (vendor id, camera, type, start epoch)
+    seen: dict[str, _Seen]  # source_id -> what it was seen as
     max_id: int | None
     life: str | None
 
@@ -1014,7 +1010,7 @@ class _State:
     def load(cls, cursor: Cursor | None) -> _State:
         cursor = cursor or {}
         active = cursor.get("active")
-        seen: dict[str, tuple[str | None, str | None, int | None, float | None]] = {}
+        seen: dict[str, _Seen] = {}
         raw_seen = cursor.get("seen")
         for entry in raw_seen if isinstance(raw_seen, list) else []:
             if isinstance(entry, list) and len(entry) == 5 and isinstance(entry[0], str):
@@ -1082,13 +1078,14 @@ class _State:
             self.max_id = max(number, self.max_id or 0)
 
     def dump(self, active: list[str]) -> dict[str, Any]:
-        cursor: dict[str, Any] = {"active": sorted(set(active))}
+        still_active = set(active)
+        cursor: dict[str, Any] = {"active": sorted(still_active)}
         starts = [entry[3] for entry in self.seen.values() if entry[3] is not None]
         horizon = max(starts) - SEEN_KEEP_S if starts else None  # device time, not ours
         kept = [
             [key, *entry]
             for key, entry in self.seen.items()
-            if key in cursor["active"]
+            if key in still_active
             or (entry[3] is not None and horizon is not None and entry[3] >= horizon)
         ]
         if kept:
@@ -1101,7 +1098,7 @@ class _State:
 
 
 def _id_reused(
-    entry: tuple[str | None, str | None, int | None, float | None],
+    entry: _Seen,
     occurrence: Occurrence,
     within_s: float,
 ) -> bool:
@@ -1115,7 +1112,7 @@ def _id_reused(
 
 
 def _same_occurrence(
-    entry: tuple[str | None, str | None, int | None, float | None],
+    entry: _Seen,
     occurrence: Occurrence,
     within_s: float = SAME_START_S,
 ) -> bool:
