@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime, timedelta, tzinfo
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 
@@ -25,7 +26,7 @@ from cms_ingest.domain import MAX_JSON_DEPTH as MAX_JSON_DEPTH  # noqa: PLC0414 
 from cms_ingest.domain import NAME_LIMIT as NAME_LIMIT  # noqa: PLC0414 (re-exported)
 from cms_ingest.domain import clean_text as clean_text  # noqa: PLC0414 (re-exported)
 from cms_ingest.sitehttp import ResponseTooLarge, read_limited
-from cms_ingest.vendors.base import BadDeviceResponse, ProblemReporter
+from cms_ingest.vendors.base import BadDeviceResponse, Download, ProblemReporter
 
 ERROR_KEYS = ("error", "message", "detail", "result")
 MAX_JSON_BYTES = 16 * 1024 * 1024  # a page of alarms is ~200 kB; anything near this is hostile
@@ -197,3 +198,21 @@ def life_source_id(vendor_id: str, life: str | None) -> str:
     """`source_id` of a vendor alarm id in a device life: the vendor's id as it was for the
     first life (life None or ""), else "<id>@<life>"."""
     return f"{vendor_id}{LIFE_SEPARATOR}{life}" if life else vendor_id
+
+
+class Downloads(Protocol):
+    """What serves media downloads: a `VendorClient`, or one of its layers."""
+
+    def download(self, path: str) -> AbstractAsyncContextManager[Download]: ...
+
+
+async def download_size(client: Downloads, path: str, limit: int) -> tuple[int, str | None]:
+    """Download `path` only to measure it (a probe, a check): its size in bytes, read no
+    further than just past `limit`, and its content type."""
+    size = 0
+    async with client.download(path) as download:
+        async for chunk in download.chunks:
+            size += len(chunk)
+            if size > limit:
+                break
+    return size, download.content_type

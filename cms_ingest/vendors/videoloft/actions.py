@@ -18,7 +18,7 @@ from cms_ingest.vendors.base import (
     InvalidAction,
     VendorContext,
 )
-from cms_ingest.vendors.common import as_id, error_text
+from cms_ingest.vendors.common import as_id, download_size, error_text
 from cms_ingest.vendors.videoloft.answers import _device_entries, _result
 from cms_ingest.vendors.videoloft.media import VideoloftMedia
 from cms_ingest.vendors.videoloft.options import VideoloftOptions
@@ -105,12 +105,10 @@ class VideoloftActions(VideoloftMedia):
 
     async def _keep_image(self, action: Action, path: str) -> dict[str, Any]:
         """Download the image at `path` and store it (when the daemon gave a media root)."""
+        if self._media_root is None:  # a client built without one: download it, keep nothing
+            size, content_type = await download_size(self, path, MAX_IMAGE_BYTES)
+            return {"image_bytes": size, "content_type": content_type}
         async with self.download(path) as image:
-            if self._media_root is None:  # the probe: download it, keep nothing
-                size = 0
-                async for chunk in image.chunks:
-                    size += len(chunk)
-                return {"image_bytes": size, "content_type": image.content_type}
             try:
                 stored = await store_stream(
                     image.chunks,
