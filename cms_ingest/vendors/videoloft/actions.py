@@ -75,12 +75,17 @@ class VideoloftActions(VideoloftMedia):
         `lastthumb` in /cameras/status, then /getthumb. The image is stored under the media
         directory (`<site>/<yyyy>/<mm>/<dd>/<action id>-action-snapshot.jpg`) and its path
         is the action's result."""
+        answer, taken, path = await self._capture_thumb(uidd)
+        image = await self._keep_image(action, path)
+        return ActionResult(result={"answer": answer, "thumb_time": taken, **image})
+
+    async def _capture_thumb(self, uidd: str) -> tuple[Any, int, str]:
+        """capturethumb on `uidd`, then the thumb it took: (the task's answer, the thumb's
+        `lastthumb` time, its `download` path)."""
         before = await self._last_thumb(uidd)
         answer = await self._camera_task(uidd, "capturethumb")
         taken = await self._new_thumb(uidd, before)
-        path = f"getthumb|{self._devices[uidd].logger}|{uidd}|{taken}"
-        image = await self._keep_image(action, path)
-        return ActionResult(result={"answer": answer, "thumb_time": taken, **image})
+        return answer, taken, f"getthumb|{self._devices[uidd].logger}|{uidd}|{taken}"
 
     async def _last_thumb(self, uidd: str) -> int | None:
         status, payload = await self._get(

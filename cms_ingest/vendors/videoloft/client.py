@@ -107,12 +107,8 @@ class VideoloftClient(VideoloftActions):
         uidd = next((u for u, d in sorted(self._devices.items()) if d.logger), None)
         if uidd is None:
             raise BadDeviceResponse("no device with a logger to capture a thumb from")
-        before = await self._last_thumb(uidd)
-        await self._camera_task(uidd, "capturethumb")
-        taken = await self._new_thumb(uidd, before)
-        size, content_type = await download_size(
-            self, f"getthumb|{self._devices[uidd].logger}|{uidd}|{taken}", MAX_IMAGE_BYTES
-        )
+        _answer, _taken, path = await self._capture_thumb(uidd)
+        size, content_type = await download_size(self, path, MAX_IMAGE_BYTES)
         lines.append(f"thumb captured now on {uidd}: {size} bytes ({content_type})")
         return "\n".join(lines)
 
