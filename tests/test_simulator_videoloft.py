@@ -556,6 +556,32 @@ async def test_dropped_and_abandoned_streams(http: aiohttp.ClientSession) -> Non
         assert (await open_live(http, sim.logger_url(0), "bad", "12345.1")).status == 401
 
 
+@pytest.mark.parametrize("param", ["uid", "uidd"])
+async def test_camera_status_reads_its_devices_from_one_parameter(
+    param: str, http: aiohttp.ClientSession
+) -> None:
+    """The manual names `uid=`, working clients send `uidd=`: with `status_param` the logger
+    reads only one; a device named by the other is not named at all (every resident one)."""
+    other = "uidd" if param == "uid" else "uid"
+    async with make(status_param=param) as sim:
+        token, _ = await login(http, sim.auth_url)
+        logger = sim.logger_url(0)
+        resident = {u for u, d in sim.account.devices.items() if d.logger == 0}
+        assert len(resident) > 1
+
+        def listed(body: Any) -> set[str]:
+            owners = body["result"].values()
+            return {d["uid"] for owner in owners for d in owner["devices"].values()}
+
+        one = sorted(resident)[0]
+        status, body = await get_json(http, f"{logger}/cameras/status", token, **{param: one})
+        assert (status, listed(body)) == (200, {one})
+        status, body = await get_json(http, f"{logger}/cameras/status", token, **{other: one})
+        assert (status, listed(body)) == (200, resident)
+    with pytest.raises(ValueError, match="status_param"):
+        VideoloftAccount(status_param="uuid")
+
+
 async def test_move_device_to_another_logger(http: aiohttp.ClientSession) -> None:
     async with make(framing="ndjson") as sim:
         account = sim.account

@@ -307,10 +307,13 @@ class Timed:
 # ------------------------------------------------------------- 7. snapshot_request
 
 
+@pytest.mark.parametrize("status_param", ["both", "uid", "uidd"])
 async def test_snapshot_request_stores_the_captured_image(
-    database_url: str, db: asyncpg.Connection, tmp_path: Path
+    status_param: str, database_url: str, db: asyncpg.Connection, tmp_path: Path
 ) -> None:
-    account = VideoloftAccount(media_delay=0, tail_s=0)
+    """`lastthumb` comes from /cameras/status, whichever of `uid=` (the manual) or `uidd=`
+    (working clients) the logger reads the devices from."""
+    account = VideoloftAccount(media_delay=0, tail_s=0, status_param=status_param)
     async with VideoloftSimulator(account) as sim:
         config = app_config(database_url, tmp_path, [videoloft_site("v1", sim.url)])
         async with running_daemon(config):

@@ -51,6 +51,7 @@ from cms_ingest.simulators.videoloft import VideoloftAccount, VideoloftSimulator
 from cms_ingest.sitehttp import SiteHttp, TransportError, new_client_session
 from cms_ingest.vendors import build_client
 from cms_ingest.vendors.base import PollResult, VendorClient, VendorContext, VendorError
+from cms_ingest.vendors.common import download_size
 
 # The vendors the harness has a simulator and a fuzz setup for.
 FUZZED_VENDORS = ("davantis", "camtrace", "videoloft", "exacq", "camstreamer")
@@ -644,7 +645,9 @@ class FuzzRun:
             kind, locator = rng.choice(self.media)
             probe = await self.guarded("media_status", client.media_status(kind, locator))
             if probe is not None and probe.state == "ready" and probe.path:
-                await self.guarded("download", _drain(client, probe.path))
+                await self.guarded(
+                    "download", download_size(client, probe.path, MAX_DOWNLOAD_BYTES)
+                )
         if device.actions and rng.random() < 0.1:
             action_kind, target, params = rng.choice(device.actions)
             self.action_ids += 1
@@ -676,16 +679,6 @@ class FuzzRun:
         if isinstance(exc, BaseException):
             error = f"{type(exc).__name__}: {exc}"[:500]
             self.report.record(Finding("escape", "background task", error, _where(exc), []))
-
-
-async def _drain(client: VendorClient, path: str) -> int:
-    size = 0
-    async with client.download(path) as download:
-        async for chunk in download.chunks:
-            size += len(chunk)
-            if size > MAX_DOWNLOAD_BYTES:
-                break
-    return size
 
 
 async def fuzz_vendor(

@@ -74,6 +74,9 @@ Things the manual leaves open, decided here:
 * ``liveSession``/status ``live`` is true while the camera streams (``status == "live"`` and a
   ``livecommand`` in the last 60 s); ``status`` is ``live``/``offline``/``novideo``.
   ``/cameras/status`` spells the device ``uid`` (as the manual), realtime ``uidd``.
+* ``/cameras/status`` takes its devices from ``uid=`` (the manual) and ``uidd=`` (working
+  clients); ``status_param="uid"`` or ``"uidd"`` reads only that one, and a request naming
+  devices only by the other gets every resident device, as one naming none.
 * ``lastactivity`` (never defined by the manual; its sample is two years older than
   ``lastthumb``): ``"alert"`` (default) is the time of the device's last alert, ``"status"``
   also moves on each status change, ``"fixed"`` is the manual's sample value for ever.
@@ -150,6 +153,10 @@ FRAMING_CONTENT_TYPES = {
 }
 STATUSES = ("live", "offline", "novideo")
 LASTACTIVITY_MODES = ("alert", "status", "fixed")
+# Which query parameters /cameras/status reads its devices from: the manual writes `uid=`,
+# working clients send `uidd=`. A logger reading only the other one sees no device named and
+# answers every resident device (the manual: "If you provide none, you will get all").
+STATUS_PARAMS = {"both": ("uidd", "uid"), "uid": ("uid",), "uidd": ("uidd",)}
 MANUAL_LASTACTIVITY_MS = 1520250794022  # the manual's /cameras/status sample
 NO_LOGGER = -1
 # Where the manual puts the token, route by route (paths as in LOGGER_ROUTES/AUTH_ROUTES).
@@ -353,6 +360,7 @@ class VideoloftAccount:
         lastactivity: str = "alert",
         continuous: Iterable[str] = (),
         ignore_alert_offset: bool = False,
+        status_param: str = "both",
     ) -> None:
         if loggers < 1:
             raise ValueError("loggers must be at least 1")
@@ -379,6 +387,11 @@ class VideoloftAccount:
         self.lastactivity = lastactivity
         self.continuous = set(continuous)  # devices recording 24/7: their alerts have rom 0
         self.ignore_alert_offset = ignore_alert_offset
+        if status_param not in STATUS_PARAMS:
+            raise ValueError(
+                f"status_param must be one of {tuple(STATUS_PARAMS)}: {status_param!r}"
+            )
+        self.status_param = status_param
         self.mp4_requests: list[dict[str, str]] = []
         self.hung_loggers: dict[int, asyncio.Event] = {}
         self.refused_paths: set[str] = set()  # test hook: these routes answer 401 to anyone
@@ -776,9 +789,10 @@ def _query_int(query: Mapping[str, str], name: str, default: int | None) -> int 
     return value
 
 
-def _uidds(request: web.Request) -> list[str]:
-    """Every ``uidd=``/``uid=`` value (repeated or comma-separated), in order."""
-    raw = request.query.getall("uidd", []) + request.query.getall("uid", [])
+def _uidds(request: web.Request, names: Sequence[str] = STATUS_PARAMS["both"]) -> list[str]:
+    """Every value of the ``names`` parameters (default ``uidd=``/``uid=``; repeated or
+    comma-separated), in order."""
+    raw = [value for name in names for value in request.query.getall(name, [])]
     parts = (part.strip() for value in raw for part in value.split(","))
     return list(dict.fromkeys(part for part in parts if part))
 
@@ -824,10 +838,14 @@ def _group(
 
 
 def _select(
-    account: VideoloftAccount, request: web.Request, logger: int | None = None
+    account: VideoloftAccount,
+    request: web.Request,
+    logger: int | None = None,
+    names: Sequence[str] = STATUS_PARAMS["both"],
 ) -> tuple[list[_Device], list[dict[str, str]]]:
-    """The requested devices (all when none named; on ``logger`` if given) and the errors."""
-    named = _uidds(request)
+    """The requested devices (named by the ``names`` parameters; all when none named; on
+    ``logger`` if given) and the errors."""
+    named = _uidds(request, names)
     if not named:
         return [
             device
@@ -1030,7 +1048,8 @@ async def _send_task(account: VideoloftAccount, request: web.Request) -> web.Str
 
 
 async def _camera_status(account: VideoloftAccount, request: web.Request) -> web.StreamResponse:
-    devices, errors = _select(account, request, _logger_of(request))
+    names = STATUS_PARAMS[account.status_param]
+    devices, errors = _select(account, request, _logger_of(request), names)
 
     def render(device: _Device) -> dict[str, Any]:
         return {"uid": device.uidd, "permissions": _perm(account, device), **device.state()}
@@ -1390,6 +1409,12 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--lastactivity", choices=LASTACTIVITY_MODES, default="alert")
     parser.add_argument(
+        "--status-param",
+        choices=tuple(STATUS_PARAMS),
+        default="both",
+        help="the query parameter(s) /cameras/status reads its devices from",
+    )
+    parser.add_argument(
         "--continuous", nargs="*", default=[], metavar="UIDD", help="devices recording 24/7"
     )
     parser.add_argument(
@@ -1412,6 +1437,7 @@ def account_from_args(args: argparse.Namespace) -> VideoloftAccount:
         lastactivity=args.lastactivity,
         continuous=args.continuous,
         ignore_alert_offset=args.ignore_alert_offset,
+        status_param=args.status_param,
     )
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime, timedelta, tzinfo
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 
@@ -25,7 +26,7 @@ from cms_ingest.domain import MAX_JSON_DEPTH as MAX_JSON_DEPTH  # noqa: PLC0414 
 from cms_ingest.domain import NAME_LIMIT as NAME_LIMIT  # noqa: PLC0414 (re-exported)
 from cms_ingest.domain import clean_text as clean_text  # noqa: PLC0414 (re-exported)
 from cms_ingest.sitehttp import ResponseTooLarge, read_limited
-from cms_ingest.vendors.base import BadDeviceResponse, ProblemReporter
+from cms_ingest.vendors.base import BadDeviceResponse, Download, SiteReporter
 
 ERROR_KEYS = ("error", "message", "detail", "result")
 MAX_JSON_BYTES = 16 * 1024 * 1024  # a page of alarms is ~200 kB; anything near this is hostile
@@ -66,14 +67,14 @@ def load_json(body: bytes) -> Any:
 
 
 async def read_json(
-    response: aiohttp.ClientResponse, problems: ProblemReporter, where: str, *, strict: bool = False
+    response: aiohttp.ClientResponse, problems: SiteReporter, where: str, *, strict: bool = False
 ) -> Any:
     """A device's JSON answer, read within MAX_JSON_BYTES; None when the body is empty.
 
     A larger answer is bad input (`oversized_answer`) and BadDeviceResponse. A body that is not
     usable JSON is None on an error status (an error page: the status says enough); on a 2xx
     status it is bad input (`unreadable_json`) and None, or BadDeviceResponse when `strict`.
-    Each `what` is logged once per site by the ProblemReporter, and counted every time.
+    Each `what` is logged once per site by the SiteReporter, and counted every time.
     """
     try:
         body = await read_limited(response, MAX_JSON_BYTES)
@@ -197,3 +198,21 @@ def life_source_id(vendor_id: str, life: str | None) -> str:
     """`source_id` of a vendor alarm id in a device life: the vendor's id as it was for the
     first life (life None or ""), else "<id>@<life>"."""
     return f"{vendor_id}{LIFE_SEPARATOR}{life}" if life else vendor_id
+
+
+class Downloads(Protocol):
+    """What serves media downloads: a `VendorClient`, or one of its layers."""
+
+    def download(self, path: str) -> AbstractAsyncContextManager[Download]: ...
+
+
+async def download_size(client: Downloads, path: str, limit: int) -> tuple[int, str | None]:
+    """Download `path` only to measure it (a probe, a check): its size in bytes, read no
+    further than just past `limit`, and its content type."""
+    size = 0
+    async with client.download(path) as download:
+        async for chunk in download.chunks:
+            size += len(chunk)
+            if size > limit:
+                break
+    return size, download.content_type

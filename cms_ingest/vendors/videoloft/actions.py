@@ -18,7 +18,7 @@ from cms_ingest.vendors.base import (
     InvalidAction,
     VendorContext,
 )
-from cms_ingest.vendors.common import as_id, error_text
+from cms_ingest.vendors.common import as_id, download_size, error_text
 from cms_ingest.vendors.videoloft.answers import _device_entries, _result
 from cms_ingest.vendors.videoloft.media import VideoloftMedia
 from cms_ingest.vendors.videoloft.options import VideoloftOptions
@@ -75,12 +75,17 @@ class VideoloftActions(VideoloftMedia):
         `lastthumb` in /cameras/status, then /getthumb. The image is stored under the media
         directory (`<site>/<yyyy>/<mm>/<dd>/<action id>-action-snapshot.jpg`) and its path
         is the action's result."""
+        answer, taken, path = await self._capture_thumb(uidd)
+        image = await self._keep_image(action, path)
+        return ActionResult(result={"answer": answer, "thumb_time": taken, **image})
+
+    async def _capture_thumb(self, uidd: str) -> tuple[Any, int, str]:
+        """capturethumb on `uidd`, then the thumb it took: (the task's answer, the thumb's
+        `lastthumb` time, its `download` path)."""
         before = await self._last_thumb(uidd)
         answer = await self._camera_task(uidd, "capturethumb")
         taken = await self._new_thumb(uidd, before)
-        path = f"getthumb|{self._devices[uidd].logger}|{uidd}|{taken}"
-        image = await self._keep_image(action, path)
-        return ActionResult(result={"answer": answer, "thumb_time": taken, **image})
+        return answer, taken, f"getthumb|{self._devices[uidd].logger}|{uidd}|{taken}"
 
     async def _last_thumb(self, uidd: str) -> int | None:
         status, payload = await self._get(
@@ -105,12 +110,10 @@ class VideoloftActions(VideoloftMedia):
 
     async def _keep_image(self, action: Action, path: str) -> dict[str, Any]:
         """Download the image at `path` and store it (when the daemon gave a media root)."""
+        if self._media_root is None:  # a client built without one: download it, keep nothing
+            size, content_type = await download_size(self, path, MAX_IMAGE_BYTES)
+            return {"image_bytes": size, "content_type": content_type}
         async with self.download(path) as image:
-            if self._media_root is None:  # the probe: download it, keep nothing
-                size = 0
-                async for chunk in image.chunks:
-                    size += len(chunk)
-                return {"image_bytes": size, "content_type": image.content_type}
             try:
                 stored = await store_stream(
                     image.chunks,

@@ -22,9 +22,11 @@ def _device_entries(result: Any) -> dict[str, dict[str, Any]]:
         if not isinstance(owner, dict) or not isinstance(owner.get("devices"), dict):
             continue
         for item in owner["devices"].values():
-            uidd_value = item.get("uidd") or item.get("uid") if isinstance(item, dict) else None
-            if isinstance(item, dict) and uidd_value:
-                entries[str(uidd_value)] = item
+            if not isinstance(item, dict):
+                continue
+            uidd = item.get("uidd") or item.get("uid")
+            if uidd:
+                entries[str(uidd)] = item
     return entries
 
 

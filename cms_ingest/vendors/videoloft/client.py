@@ -40,6 +40,7 @@ from typing import Any
 
 from cms_ingest.domain import Alarm
 from cms_ingest.vendors.base import BadDeviceResponse, MediaNotReady
+from cms_ingest.vendors.common import download_size
 from cms_ingest.vendors.videoloft.actions import MAX_IMAGE_BYTES, VideoloftActions
 from cms_ingest.vendors.videoloft.options import VENDOR
 
@@ -98,7 +99,7 @@ class VideoloftClient(VideoloftActions):
                     lines.append(f"{what}: {probe.state} ({probe.detail})")
                     continue
                 try:
-                    size, content_type = await self._download_size(probe.path)
+                    size, content_type = await download_size(self, probe.path, MAX_IMAGE_BYTES)
                 except MediaNotReady as exc:  # a fresh alert: the logger has not got it yet
                     lines.append(f"{what}: not served yet ({exc})")
                     continue
@@ -106,23 +107,10 @@ class VideoloftClient(VideoloftActions):
         uidd = next((u for u, d in sorted(self._devices.items()) if d.logger), None)
         if uidd is None:
             raise BadDeviceResponse("no device with a logger to capture a thumb from")
-        before = await self._last_thumb(uidd)
-        await self._camera_task(uidd, "capturethumb")
-        taken = await self._new_thumb(uidd, before)
-        size, content_type = await self._download_size(
-            f"getthumb|{self._devices[uidd].logger}|{uidd}|{taken}"
-        )
+        _answer, _taken, path = await self._capture_thumb(uidd)
+        size, content_type = await download_size(self, path, MAX_IMAGE_BYTES)
         lines.append(f"thumb captured now on {uidd}: {size} bytes ({content_type})")
         return "\n".join(lines)
-
-    async def _download_size(self, path: str) -> tuple[int, str | None]:
-        size = 0
-        async with self.download(path) as download:
-            async for chunk in download.chunks:
-                size += len(chunk)
-                if size > MAX_IMAGE_BYTES:
-                    break
-        return size, download.content_type
 
     async def recent_alarms(self, count: int) -> list[Alarm]:
         await self._ensure_devices()

@@ -4,7 +4,7 @@ gap if any, and the last camera status seen."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from cms_ingest.vendors.base import Cursor
@@ -23,13 +23,7 @@ class _Gap:
     read: bool = False  # read to its floor since it was last (re)opened
 
     def dump(self) -> dict[str, int | bool]:
-        return {
-            "floor": self.floor,
-            "offset": self.offset,
-            "top": self.top,
-            "until": self.until,
-            "read": self.read,
-        }
+        return asdict(self)
 
 
 class _CursorState:

@@ -252,14 +252,3 @@ async def _either(first: asyncio.Event, second: asyncio.Event) -> None:
     finally:
         for waiter in waiters:
             waiter.cancel()
-
-
-def _record_device(record: Any) -> str | None:
-    """The uidd a long-poll record is about, whatever its wrapping."""
-    data = record.get("data") if isinstance(record, dict) else None
-    if isinstance(data, dict) and isinstance(data.get("data"), dict):
-        data = data["data"]
-    if not isinstance(data, dict):
-        return None
-    device = data.get("uidd") or data.get("uid")
-    return str(device) if device else None
