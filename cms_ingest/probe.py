@@ -16,6 +16,7 @@ from cms_ingest.domain import MediaKind
 from cms_ingest.runtime.sites import build_site
 from cms_ingest.sitehttp import TransportError, new_client_session
 from cms_ingest.vendors.base import MediaNotReady, VendorClient, VendorError
+from cms_ingest.vendors.common import download_size
 
 MAX_SNAPSHOT_BYTES = 20 * 1024 * 1024
 
@@ -116,18 +117,8 @@ async def _snapshot(client: VendorClient) -> str:
             if probe.state != "ready" or not probe.path:
                 continue
             try:
-                size, content_type = await _download_size(client, probe.path)
+                size, content_type = await download_size(client, probe.path, MAX_SNAPSHOT_BYTES)
             except MediaNotReady:
                 continue  # announced but not served yet: try an older alarm
             return f"alarm {alarm.source_id}: {size} bytes ({content_type})"
     return "no alarm with a ready snapshot on the device yet (nothing to download)"
-
-
-async def _download_size(client: VendorClient, path: str) -> tuple[int, str | None]:
-    size = 0
-    async with client.download(path) as download:
-        async for chunk in download.chunks:
-            size += len(chunk)
-            if size > MAX_SNAPSHOT_BYTES:
-                break
-    return size, download.content_type

@@ -73,6 +73,7 @@ from cms_ingest.vendors.common import (
     as_id,
     as_int,
     clean_text,
+    download_size,
     plausible_time,
     read_json,
 )
@@ -832,15 +833,10 @@ class CamStreamerClient:
             raise BadDeviceResponse(
                 f"camera {camera.serial}: {probe.detail} (alarms would get no video)"
             )
-        size = 0
-        async with self.download(probe.path) as download:
-            async for chunk in download.chunks:
-                size += len(chunk)
-                if size > MAX_PROBE_BYTES:
-                    break
+        size, content_type = await download_size(self, probe.path, MAX_PROBE_BYTES)
         return (
             f"camera {camera.serial}: video of {int(self._options.clip_seconds)} s, "
-            f"{size} bytes ({download.content_type})"
+            f"{size} bytes ({content_type})"
         )
 
     async def _connected_camera(self) -> CameraStatus:
