@@ -1026,11 +1026,10 @@ class CamTraceClient:
         path = f"{API}/getservertime"
         async with self._http.request("GET", path) as response:
             payload = await read_json(response, self._problems, f"GET {path}")
-        server = payload.get("serverTime") if isinstance(payload, dict) else None
-        stamp = _timestamp(server.get("timestamp")) if isinstance(server, dict) else None
-        if stamp is None or not plausible_time(stamp):
+        stamp = _servertime_stamp(payload)
+        if stamp is None:
             raise BadDeviceResponse(f"GET {path}: no usable timestamp ({str(payload)[:80]})")
-        zone = server.get("timezone") if isinstance(server, dict) else None
+        zone = payload["serverTime"].get("timezone")
         return f"server time {_iso(stamp)} ({zone or 'no time zone given'})"
 
     async def _probe_paging(self) -> str:
@@ -1302,12 +1301,18 @@ def _iso(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _servertime_stamp(payload: Any) -> datetime | None:
+    """The plausible `serverTime.timestamp` of a getservertime answer, else None."""
+    server = payload.get("serverTime") if isinstance(payload, dict) else None
+    stamp = _timestamp(server.get("timestamp")) if isinstance(server, dict) else None
+    return stamp if stamp is not None and plausible_time(stamp) else None
+
+
 def _server_time(
     payload: Any, date_header: datetime | None, problems: ProblemReporter
 ) -> float | None:
-    server = payload.get("serverTime") if isinstance(payload, dict) else None
-    stamp = _timestamp(server.get("timestamp")) if isinstance(server, dict) else None
-    if stamp is not None and plausible_time(stamp):
+    stamp = _servertime_stamp(payload)
+    if stamp is not None:
         return stamp.timestamp()
     problems.bad_input(
         "server_time", f"getservertime unusable ({str(payload)[:80]}); using the Date header"
