@@ -1244,13 +1244,18 @@ def _usable_alarms(alarms: list[Any], problems: ProblemReporter) -> list[dict[st
     return usable
 
 
+def _link_values(headers: Mapping[str, str]) -> list[str]:
+    """Every `Link` header, each cut to MAX_LINK_HEADER characters."""
+    getall = getattr(headers, "getall", None)
+    values = getall("Link", []) if getall else [headers.get("Link", "")]
+    return [str(value or "")[:MAX_LINK_HEADER] for value in values]
+
+
 def _has_next_link(headers: Mapping[str, str]) -> bool:
     """Whether a `Link` header has a rel="next" (its URL is not used: we page by offset on our
     own origin, whatever host the server names). Read without a regular expression."""
-    getall = getattr(headers, "getall", None)
-    values = getall("Link", []) if getall else [headers.get("Link", "")]
-    for value in values:
-        for link in str(value or "")[:MAX_LINK_HEADER].split(","):
+    for value in _link_values(headers):
+        for link in value.split(","):
             params = link.replace('"', "").replace(" ", "").lower().split(";")
             if "rel=next" in params[1:]:
                 return True
@@ -1259,11 +1264,9 @@ def _has_next_link(headers: Mapping[str, str]) -> bool:
 
 def _link_hosts(headers: Mapping[str, str]) -> list[str]:
     """The hosts `Link` URLs name (for the probe's report only)."""
-    getall = getattr(headers, "getall", None)
-    values = getall("Link", []) if getall else [headers.get("Link", "")]
     hosts = []
-    for value in values:
-        target = str(value or "")[:MAX_LINK_HEADER].partition("<")[2].partition(">")[0]
+    for value in _link_values(headers):
+        target = value.partition("<")[2].partition(">")[0]
         if target.startswith("//") or "://" in target:
             hosts.append(target.split("//", 1)[1].split("/", 1)[0][:100])
     return hosts
