@@ -249,6 +249,13 @@ class AlarmCursor:
     backlog: Backlog | None = None
     connections: ConnectionCursor | None = None
 
+    def take_new(self, listed: list[dict[str, Any]], floor: int) -> list[dict[str, Any]]:
+        """The listed alarms above `floor` (the new ones), now counted in the cursor."""
+        fresh = [item for item in listed if (_id(item) or 0) > floor]
+        self.last_id = max([self.last_id, *(_id(item) or 0 for item in fresh)])
+        self.remember(fresh)
+        return fresh
+
     def remember(self, items: list[dict[str, Any]]) -> None:
         for item in items:
             alarm_id = _id(item)
@@ -665,9 +672,7 @@ class CamTraceClient:
                 listing = await self._read_pages(first, start, None)
         listed = listing.items
         floor = state.last_id
-        fresh = [item for item in listed if (_id(item) or 0) > floor]
-        state.last_id = max([floor, *(_id(item) or 0 for item in fresh)])
-        state.remember(fresh)
+        fresh = state.take_new(listed, floor)
         state.watermark = _watermark_after(
             state.watermark, first.server_time or server_now, bool(fresh) or stepped_back, margin
         )
@@ -686,9 +691,7 @@ class CamTraceClient:
         assert backlog is not None
         first = await self._alarm_page(backlog.start, backlog.end, backlog.offset)
         listing = await self._read_pages(first, backlog.start, backlog.end)
-        fresh = [item for item in listing.items if (_id(item) or 0) > backlog.floor]
-        state.remember(fresh)
-        state.last_id = max([state.last_id, *(_id(item) or 0 for item in fresh)])
+        fresh = state.take_new(listing.items, backlog.floor)
         state.backlog = (
             None
             if listing.complete
