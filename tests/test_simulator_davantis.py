@@ -512,7 +512,12 @@ async def test_max_date_inclusive_exclusive_or_ignored(http: aiohttp.ClientSessi
         _, alarms = await _served(site, http, "/alarms", **bound)
         assert [a["id"] for a in alarms] == expected, options
     low = {"min_date": base.isoformat()}
-    for options, expected in (({}, [3, 2]), ({"min_date_exclusive": True}, [3])):
+    for options, expected in (
+        ({}, [3, 2]),
+        ({"min_date_exclusive": True}, [3]),
+        # The switches combine: a device ignoring max_date still reads min_date its way.
+        ({"min_date_exclusive": True, "ignore_max_date": True}, [3]),
+    ):
         site = DavantisSite(**options)
         for offset in (-1, 0, 1):
             site.add_alarm(started=base + timedelta(seconds=offset))

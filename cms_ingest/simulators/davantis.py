@@ -548,10 +548,11 @@ class DavantisSite:
         return found
 
     def _as_device_reads(self, query: AlarmQuery) -> AlarmQuery:
-        if self.ignore_max_date:
-            return dataclasses.replace(query, max_date=None)
         return dataclasses.replace(
-            query, max_exclusive=self.max_date_exclusive, min_exclusive=self.min_date_exclusive
+            query,
+            max_date=None if self.ignore_max_date else query.max_date,
+            max_exclusive=self.max_date_exclusive,
+            min_exclusive=self.min_date_exclusive,
         )
 
     def factory_reset(self) -> None:
