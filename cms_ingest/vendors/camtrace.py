@@ -207,16 +207,6 @@ def _watermark_after(
     return previous
 
 
-def _connections_read(entries: list[dict[str, Any]], last_id: int, now: datetime) -> bool:
-    """Whether a page of the connection log holds only lines at or below our last id, timed
-    before now (lines stamped ahead of a clock stepped back sort above new ones)."""
-    return bool(entries) and all(
-        (as_id(entry.get("id")) or 0) <= last_id
-        and (parse_time(entry["dateTime"]) or now + timedelta(seconds=1)) <= now
-        for entry in entries
-    )
-
-
 def _connections_after(
     previous: ConnectionCursor,
     entries: list[dict[str, Any]],
@@ -323,13 +313,16 @@ class Listing:
 Stop = tuple[int, datetime] | None  # (last id read, the server's now) for an early stop
 
 
-def _all_read_before(items: list[dict[str, Any]], last_id: int, now: datetime) -> bool:
-    """Whether a page holds only alarms at or below our id and timed at or before `now` (a
-    page of alarms stamped ahead of the clock, e.g. before an NTP step, goes on)."""
+def _all_read_before(
+    items: list[dict[str, Any]], last_id: int, now: datetime, time_key: str = "time"
+) -> bool:
+    """Whether a page (of alarms, or of the connection log: `time_key` "dateTime") holds only
+    entries at or below our id and timed at or before `now` (a page of entries stamped ahead
+    of the clock, e.g. before an NTP step, goes on)."""
     if not items:
         return False
     for item in items:
-        when = parse_time(item.get("time"))
+        when = parse_time(item.get(time_key))
         if (_id(item) or 0) > last_id or when is None or when > now:
             return False
     return True
@@ -842,7 +835,9 @@ class CamTraceClient:
             if len(raw) < self._options.page_size and not _has_next_link(headers):
                 return entries, server_time, True
             now = (server_time or self._server_now()) + timedelta(seconds=1)
-            if log_cursor.until is None and _connections_read(usable, log_cursor.last_id, now):
+            if log_cursor.until is None and _all_read_before(
+                usable, log_cursor.last_id, now, "dateTime"
+            ):
                 return entries, server_time, True  # the rest of the window was read before
         return entries, server_time, False
 
