@@ -130,6 +130,29 @@ async def test_a_server_whose_ids_start_again_is_a_new_life(
         assert len(device.problems.resets) == 1  # once, not on every poll of the new life
 
 
+@pytest.mark.parametrize("precision", ["ms", "s"])
+async def test_alarm_times_to_the_millisecond_or_the_second(
+    session: aiohttp.ClientSession, precision: str
+) -> None:
+    """The manual writes alarm times to the second: many alarms then share one `time`.
+    Paged, none is lost or returned twice, none passes for a reset; a real reset is seen."""
+    site = CamTraceSite(media_delay=0, time_precision=precision)
+    async with CamTraceSimulator({"default": site}) as sim:
+        device = driver(session, sim.url(), page_size=5)
+        await device.poll()
+        site.add_alarms(23, camera=1, recording=False)
+        assert len(await device.poll()) == 23
+        if precision == "s":
+            assert "." not in device.stored["23"].raw["time"]
+        site.add_alarms(4, camera=1, recording=False)
+        assert source_ids(await device.poll()) == [str(n) for n in range(24, 28)]
+        assert device.problems.resets == []
+        site.reset()
+        site.add_alarms(3, camera=2, recording=False)
+        assert len(await device.poll()) == 3 and len(device.problems.resets) == 1
+    assert len(device.stored) == 30
+
+
 async def test_a_reset_seen_by_its_newest_id_below_the_cursor(
     session: aiohttp.ClientSession,
 ) -> None:

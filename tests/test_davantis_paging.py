@@ -104,6 +104,26 @@ async def test_catch_up_when_ids_do_not_rise_with_time(
     assert sorted(set(ids_of(alarms))) == list(range(1, 151))
 
 
+@pytest.mark.parametrize("no_content", ["min_id", "always"])
+async def test_empty_answers_as_204_or_an_empty_list(
+    session: aiohttp.ClientSession, no_content: str
+) -> None:
+    """Whether a device answers 204 or [] to a query that finds nothing (the manual shows
+    only the min_id poll's 204): a first start on an empty device, then a catch-up whose
+    time halves may be empty (order="id": bisected), read alike."""
+    site = DavantisSite(page_cap=PAGE, order="id", no_content=no_content)
+    async with DavantisSimulator({"default": site}) as sim:
+        client = client_for(sim, session)
+        first = await client.poll(None)
+        assert first.cursor["last_id"] == 0 and not first.alarms
+        times = [BASE + timedelta(seconds=n) for n in range(3 * PAGE)]
+        random.Random(3).shuffle(times)
+        for started in times:
+            site.add_alarm(started=started)
+        alarms, _ = await drain(client, dict(first.cursor))
+    assert sorted(set(ids_of(alarms))) == list(range(1, 3 * PAGE + 1))
+
+
 @pytest.mark.parametrize("exclusive", [False, True], ids=["max_date<=", "max_date<"])
 async def test_more_alarms_share_one_start_time_than_a_page_holds(
     session: aiohttp.ClientSession, exclusive: bool

@@ -512,12 +512,28 @@ async def test_max_date_inclusive_exclusive_or_ignored(http: aiohttp.ClientSessi
         _, alarms = await _served(site, http, "/alarms", **bound)
         assert [a["id"] for a in alarms] == expected, options
     low = {"min_date": base.isoformat()}
-    for options, expected in (({}, [3, 2]), ({"min_date_exclusive": True}, [3])):
+    for options, expected in (
+        ({}, [3, 2]),
+        ({"min_date_exclusive": True}, [3]),
+        # The switches combine: a device ignoring max_date still reads min_date its way.
+        ({"min_date_exclusive": True, "ignore_max_date": True}, [3]),
+    ):
         site = DavantisSite(**options)
         for offset in (-1, 0, 1):
             site.add_alarm(started=base + timedelta(seconds=offset))
         _, alarms = await _served(site, http, "/alarms", **low)
         assert [a["id"] for a in alarms] == expected, options
+
+
+async def test_which_empty_answers_are_no_content(http: aiohttp.ClientSession) -> None:
+    """The manual shows 204 for a `min_id` poll with nothing new; other empty answers are
+    an empty list, or (no_content="always") 204 too."""
+    for no_content, dated in (("min_id", 200), ("always", 204)):
+        site = DavantisSite(no_content=no_content)
+        status, _ = await _served(site, http, "/alarms", min_id="0")
+        assert status == 204, no_content
+        status, _ = await _served(site, http, "/alarms", min_date="2026-11-02T08:00:00Z")
+        assert status == dated, no_content
 
 
 async def test_offset_forms_local_times_and_languages(http: aiohttp.ClientSession) -> None:

@@ -37,8 +37,9 @@ Things the manual leaves open, decided here:
   ``Created``: none of them can contain a space.
 * ``limit`` above 500 is capped at 500; ``q`` matches the description case-insensitively; the
   ``Link`` keeps every other query parameter except the one-time authentication ones.
-* Times are written ``YYYY-MM-DDTHH:MM:SS.mmmZ``; a date filter without an offset is UTC. An
-  alarm's default time is the server's clock, so a clock jump shows in the alarm times.
+* Times are written ``YYYY-MM-DDTHH:MM:SS.mmmZ`` (``time_precision`` below); a date filter
+  without an offset is UTC. An alarm's default time is the server's clock, so a clock jump
+  shows in the alarm times.
 * Only alarm slices exist (``type=r`` lists nothing). ``isRecordingAlarm`` is the live state
   the manual describes: true while an alarm slice of the camera is being written.
 * The connection log (``GET`` or ``POST .../cameras[/<id>]/connections``, Admin profile) has a
@@ -56,6 +57,8 @@ but does not pin down; the defaults are listed first:
   recorded so far: a truncated file).
 * ``trigger_description``: ``"suffixed"`` (``"<type> Alarm"``) or ``"bare"`` (``"<type>"``)
   for alarms raised by ``cameras/alarms/trigger``.
+* ``time_precision``: ``"ms"`` (alarm times ``...:SS.mmmZ``) or ``"s"`` (``...:SSZ``, as every
+  example of the manual writes them: alarms of one second share their time).
 * ``admin``: False answers 403 on the connection log; ``connections_methods``: the HTTP
   methods the connection log answers (the manual lists GET and shows POST).
 * ``add_alarm(snapshot=False)``: an alarm without image (``snapshot``/``thumbnail`` null).
@@ -159,8 +162,9 @@ def iso_z(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
-def _iso_z_or_none(moment: datetime | None) -> str | None:
-    return None if moment is None else iso_z(moment)
+def _iso_seconds(moment: datetime) -> str:
+    """``2026-11-21T10:00:00Z``, as the manual's examples write alarm times."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def http_date(moment: datetime) -> str:
@@ -255,13 +259,14 @@ class CtAlarm:
         """True while the alarm slice is still being recorded."""
         return self.slice_stop is not None and self.slice_stop > server_now
 
-    def to_json(self) -> dict[str, Any]:
-        """The alarm object as ``GET .../cameras/alarms`` renders it."""
+    def to_json(self, precision: str = "ms") -> dict[str, Any]:
+        """The alarm object as ``GET .../cameras/alarms`` renders it (times to ``precision``)."""
         snapshot = f"{API}/cameras/alarms/{self.id}.jpg" if self.has_snapshot else None
+        written = iso_z if precision == "ms" else _iso_seconds
         return {
             "id": self.id,
-            "time": iso_z(self.time),
-            "recordTime": _iso_z_or_none(self.record_time),
+            "time": written(self.time),
+            "recordTime": None if self.record_time is None else written(self.record_time),
             "cameraId": self.camera_id,
             "description": self.description,
             "snapshot": snapshot,
@@ -394,6 +399,7 @@ class CamTraceSite:
         link_host: str | None = None,
         open_slice_stop: str = "null",
         trigger_description: str = "suffixed",
+        time_precision: str = "ms",
         admin: bool = True,
         connections_methods: tuple[str, ...] = ("GET", "POST"),
     ) -> None:
@@ -403,6 +409,8 @@ class CamTraceSite:
             raise ValueError("open_slice_stop must be 'null' or 'moving'")
         if trigger_description not in ("suffixed", "bare"):
             raise ValueError("trigger_description must be 'suffixed' or 'bare'")
+        if time_precision not in ("ms", "s"):
+            raise ValueError("time_precision must be 'ms' or 's'")
         self.username, self.password, self.salt = username, password, salt
         self.allow_basic = allow_basic
         self.cameras = cameras
@@ -416,6 +424,7 @@ class CamTraceSite:
         self.link_host = link_host
         self.open_slice_stop = open_slice_stop
         self.trigger_description = trigger_description
+        self.time_precision = time_precision
         self.admin = admin
         self.connections_methods = connections_methods
         self.connections: list[dict[str, Any]] = []
@@ -457,6 +466,8 @@ class CamTraceSite:
         """Record a new alarm (ids 1, 2, ...); see the module docstring for its media.
         ``snapshot=False``: the alarm has no image (``snapshot``/``thumbnail`` null, 404)."""
         stamp = to_ms(self.now() if time is None else time)
+        if self.time_precision == "s":  # stored as written: filters see the same time
+            stamp = stamp.replace(microsecond=0)
         if self.alarms and stamp < self.alarms[-1].time:
             self._times_sorted = False
         delay = self.media_delay if media_delay is None else media_delay
@@ -1005,7 +1016,7 @@ async def _alarms(site: CamTraceSite, request: web.Request) -> web.StreamRespons
     query = parse_alarm_query(request.query, camera)
     site.on_page_request(query.offset)
     page, more = site.find_alarms(query)
-    response = web.json_response({"alarms": [alarm.to_json() for alarm in page]})
+    response = web.json_response({"alarms": [alarm.to_json(site.time_precision) for alarm in page]})
     if more:
         response.headers["Link"] = _next_link(request, query, site.link_host)
     return response
@@ -1238,6 +1249,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--link-host", default=None, help="host the Link header names")
     parser.add_argument("--open-slice-stop", choices=("null", "moving"), default="null")
     parser.add_argument("--trigger-description", choices=("suffixed", "bare"), default="suffixed")
+    parser.add_argument("--time-precision", choices=("ms", "s"), default="ms")
     parser.add_argument("--no-admin", action="store_true", help="connection log answers 403")
 
 
@@ -1251,6 +1263,7 @@ async def serve(args: argparse.Namespace) -> None:
             link_host=args.link_host,
             open_slice_stop=args.open_slice_stop,
             trigger_description=args.trigger_description,
+            time_precision=args.time_precision,
             admin=not args.no_admin,
         )
         for name in tenant_names(args.sites)

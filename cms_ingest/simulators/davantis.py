@@ -35,6 +35,8 @@ Switches for what the manual allows but does not pin down (constructor options, 
 command line's ``--order`` etc.); the defaults are the manual's reading:
 ``order`` ("time": newest ``started`` first, the manual's note; "id": the polling sample's
 comment), ``max_date_exclusive``, ``min_date_exclusive`` and ``ignore_max_date``,
+``no_content`` ("min_id": 204 when a ``min_id`` query finds nothing, the manual's sample,
+else an empty list; "always": 204 for any query that finds nothing),
 ``utc_offset`` (whatever ``current_utc_offset`` says: "+01:00", 60, "Europe/Madrid"...),
 ``time_zone`` with
 ``local_times`` (``started`` written without an offset, in that zone), ``language`` (event
@@ -156,6 +158,7 @@ ARMING_DESCRIPTIONS: dict[str, tuple[str, str]] = {
     "nl": ("Ingeschakeld", "Uitgeschakeld"),
 }
 ORDERS = ("time", "id")
+NO_CONTENT = ("min_id", "always")  # which empty answers are 204 rather than []
 INPUT_CAMERA_LINKS = ("cameras", "on_cameras", "none")
 
 
@@ -409,10 +412,12 @@ class DavantisSite:
         language: str = "en",
         token_error_status: int = 401,
         input_cameras: str = "cameras",
+        no_content: str = "min_id",
     ) -> None:
         if video_size < MIN_VIDEO_SIZE:
             raise ValueError(f"video_size must be at least {MIN_VIDEO_SIZE}")
         _check_choice("order", order, ORDERS)
+        _check_choice("no_content", no_content, NO_CONTENT)
         _check_choice("language", language, tuple(ARMING_DESCRIPTIONS))
         _check_choice("input_cameras", input_cameras, INPUT_CAMERA_LINKS)
         # Switches for what the manual leaves open (see the module docstring).
@@ -420,6 +425,7 @@ class DavantisSite:
         self.max_date_exclusive = max_date_exclusive
         self.min_date_exclusive = min_date_exclusive
         self.ignore_max_date = ignore_max_date
+        self.no_content = no_content
         self.utc_offset = utc_offset
         self.zone: tzinfo = ZoneInfo(time_zone)
         self.local_times = local_times
@@ -548,10 +554,11 @@ class DavantisSite:
         return found
 
     def _as_device_reads(self, query: AlarmQuery) -> AlarmQuery:
-        if self.ignore_max_date:
-            return dataclasses.replace(query, max_date=None)
         return dataclasses.replace(
-            query, max_exclusive=self.max_date_exclusive, min_exclusive=self.min_date_exclusive
+            query,
+            max_date=None if self.ignore_max_date else query.max_date,
+            max_exclusive=self.max_date_exclusive,
+            min_exclusive=self.min_date_exclusive,
         )
 
     def factory_reset(self) -> None:
@@ -816,7 +823,7 @@ async def _cameras(site: DavantisSite, request: web.Request) -> web.StreamRespon
 async def _alarms(site: DavantisSite, request: web.Request) -> web.StreamResponse:
     query = parse_alarm_query(request.query, site.zone)
     found = site.find_alarms(query)
-    if not found and query.min_id is not None:
+    if not found and (query.min_id is not None or site.no_content == "always"):
         return web.Response(status=204)
     now = time.monotonic()
     local = site.zone if site.local_times else None
@@ -992,6 +999,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-date-exclusive", action="store_true")
     parser.add_argument("--min-date-exclusive", action="store_true")
     parser.add_argument("--ignore-max-date", action="store_true")
+    parser.add_argument("--no-content", choices=NO_CONTENT, default="min_id")
     parser.add_argument("--utc-offset", default="+00:00")
     parser.add_argument("--time-zone", default="UTC")
     parser.add_argument("--local-times", action="store_true")
@@ -1010,6 +1018,7 @@ async def serve(args: argparse.Namespace) -> None:
             max_date_exclusive=args.max_date_exclusive,
             min_date_exclusive=args.min_date_exclusive,
             ignore_max_date=args.ignore_max_date,
+            no_content=args.no_content,
             utc_offset=args.utc_offset,
             time_zone=args.time_zone,
             local_times=args.local_times,

@@ -207,16 +207,6 @@ def _watermark_after(
     return previous
 
 
-def _connections_read(entries: list[dict[str, Any]], last_id: int, now: datetime) -> bool:
-    """Whether a page of the connection log holds only lines at or below our last id, timed
-    before now (lines stamped ahead of a clock stepped back sort above new ones)."""
-    return bool(entries) and all(
-        (as_id(entry.get("id")) or 0) <= last_id
-        and (parse_time(entry["dateTime"]) or now + timedelta(seconds=1)) <= now
-        for entry in entries
-    )
-
-
 def _connections_after(
     previous: ConnectionCursor,
     entries: list[dict[str, Any]],
@@ -248,6 +238,13 @@ class AlarmCursor:
     life: str | None = None
     backlog: Backlog | None = None
     connections: ConnectionCursor | None = None
+
+    def take_new(self, listed: list[dict[str, Any]], floor: int) -> list[dict[str, Any]]:
+        """The listed alarms above `floor` (the new ones), now counted in the cursor."""
+        fresh = [item for item in listed if (_id(item) or 0) > floor]
+        self.last_id = max([self.last_id, *(_id(item) or 0 for item in fresh)])
+        self.remember(fresh)
+        return fresh
 
     def remember(self, items: list[dict[str, Any]]) -> None:
         for item in items:
@@ -316,13 +313,16 @@ class Listing:
 Stop = tuple[int, datetime] | None  # (last id read, the server's now) for an early stop
 
 
-def _all_read_before(items: list[dict[str, Any]], last_id: int, now: datetime) -> bool:
-    """Whether a page holds only alarms at or below our id and timed at or before `now` (a
-    page of alarms stamped ahead of the clock, e.g. before an NTP step, goes on)."""
+def _all_read_before(
+    items: list[dict[str, Any]], last_id: int, now: datetime, time_key: str = "time"
+) -> bool:
+    """Whether a page (of alarms, or of the connection log: `time_key` "dateTime") holds only
+    entries at or below our id and timed at or before `now` (a page of entries stamped ahead
+    of the clock, e.g. before an NTP step, goes on)."""
     if not items:
         return False
     for item in items:
-        when = parse_time(item.get("time"))
+        when = parse_time(item.get(time_key))
         if (_id(item) or 0) > last_id or when is None or when > now:
             return False
     return True
@@ -665,9 +665,7 @@ class CamTraceClient:
                 listing = await self._read_pages(first, start, None)
         listed = listing.items
         floor = state.last_id
-        fresh = [item for item in listed if (_id(item) or 0) > floor]
-        state.last_id = max([floor, *(_id(item) or 0 for item in fresh)])
-        state.remember(fresh)
+        fresh = state.take_new(listed, floor)
         state.watermark = _watermark_after(
             state.watermark, first.server_time or server_now, bool(fresh) or stepped_back, margin
         )
@@ -686,9 +684,7 @@ class CamTraceClient:
         assert backlog is not None
         first = await self._alarm_page(backlog.start, backlog.end, backlog.offset)
         listing = await self._read_pages(first, backlog.start, backlog.end)
-        fresh = [item for item in listing.items if (_id(item) or 0) > backlog.floor]
-        state.remember(fresh)
-        state.last_id = max([state.last_id, *(_id(item) or 0 for item in fresh)])
+        fresh = state.take_new(listing.items, backlog.floor)
         state.backlog = (
             None
             if listing.complete
@@ -839,7 +835,9 @@ class CamTraceClient:
             if len(raw) < self._options.page_size and not _has_next_link(headers):
                 return entries, server_time, True
             now = (server_time or self._server_now()) + timedelta(seconds=1)
-            if log_cursor.until is None and _connections_read(usable, log_cursor.last_id, now):
+            if log_cursor.until is None and _all_read_before(
+                usable, log_cursor.last_id, now, "dateTime"
+            ):
                 return entries, server_time, True  # the rest of the window was read before
         return entries, server_time, False
 
@@ -1026,11 +1024,10 @@ class CamTraceClient:
         path = f"{API}/getservertime"
         async with self._http.request("GET", path) as response:
             payload = await read_json(response, self._problems, f"GET {path}")
-        server = payload.get("serverTime") if isinstance(payload, dict) else None
-        stamp = _timestamp(server.get("timestamp")) if isinstance(server, dict) else None
-        if stamp is None or not plausible_time(stamp):
+        stamp = _servertime_stamp(payload)
+        if stamp is None:
             raise BadDeviceResponse(f"GET {path}: no usable timestamp ({str(payload)[:80]})")
-        zone = server.get("timezone") if isinstance(server, dict) else None
+        zone = payload["serverTime"].get("timezone")
         return f"server time {_iso(stamp)} ({zone or 'no time zone given'})"
 
     async def _probe_paging(self) -> str:
@@ -1245,13 +1242,18 @@ def _usable_alarms(alarms: list[Any], problems: ProblemReporter) -> list[dict[st
     return usable
 
 
+def _link_values(headers: Mapping[str, str]) -> list[str]:
+    """Every `Link` header, each cut to MAX_LINK_HEADER characters."""
+    getall = getattr(headers, "getall", None)
+    values = getall("Link", []) if getall else [headers.get("Link", "")]
+    return [str(value or "")[:MAX_LINK_HEADER] for value in values]
+
+
 def _has_next_link(headers: Mapping[str, str]) -> bool:
     """Whether a `Link` header has a rel="next" (its URL is not used: we page by offset on our
     own origin, whatever host the server names). Read without a regular expression."""
-    getall = getattr(headers, "getall", None)
-    values = getall("Link", []) if getall else [headers.get("Link", "")]
-    for value in values:
-        for link in str(value or "")[:MAX_LINK_HEADER].split(","):
+    for value in _link_values(headers):
+        for link in value.split(","):
             params = link.replace('"', "").replace(" ", "").lower().split(";")
             if "rel=next" in params[1:]:
                 return True
@@ -1260,11 +1262,9 @@ def _has_next_link(headers: Mapping[str, str]) -> bool:
 
 def _link_hosts(headers: Mapping[str, str]) -> list[str]:
     """The hosts `Link` URLs name (for the probe's report only)."""
-    getall = getattr(headers, "getall", None)
-    values = getall("Link", []) if getall else [headers.get("Link", "")]
     hosts = []
-    for value in values:
-        target = str(value or "")[:MAX_LINK_HEADER].partition("<")[2].partition(">")[0]
+    for value in _link_values(headers):
+        target = value.partition("<")[2].partition(">")[0]
         if target.startswith("//") or "://" in target:
             hosts.append(target.split("//", 1)[1].split("/", 1)[0][:100])
     return hosts
@@ -1302,12 +1302,18 @@ def _iso(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _servertime_stamp(payload: Any) -> datetime | None:
+    """The plausible `serverTime.timestamp` of a getservertime answer, else None."""
+    server = payload.get("serverTime") if isinstance(payload, dict) else None
+    stamp = _timestamp(server.get("timestamp")) if isinstance(server, dict) else None
+    return stamp if stamp is not None and plausible_time(stamp) else None
+
+
 def _server_time(
     payload: Any, date_header: datetime | None, problems: ProblemReporter
 ) -> float | None:
-    server = payload.get("serverTime") if isinstance(payload, dict) else None
-    stamp = _timestamp(server.get("timestamp")) if isinstance(server, dict) else None
-    if stamp is not None and plausible_time(stamp):
+    stamp = _servertime_stamp(payload)
+    if stamp is not None:
         return stamp.timestamp()
     problems.bad_input(
         "server_time", f"getservertime unusable ({str(payload)[:80]}); using the Date header"

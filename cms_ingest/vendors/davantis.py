@@ -331,27 +331,36 @@ class DavantisClient:
             fresh = _add_new(page, floor_id, found)
             if sent < self._options.page_cap:
                 return []
-            if not self._listed_by_time(page):
-                return await self._bisect(query, page, budget, found)
-            older = self._page_bound(page)
+            timed = self._timed_starts(page)
+            if not self._listed_by_time(timed):
+                return await self._bisect(query, timed, budget, found)
+            older = _page_bound(timed)
             if fresh == 0 or older is None:
                 return await self._split(query, budget, found)
             query = {**query, "max_date": older}
 
-    def _listed_by_time(self, page: list[dict[str, Any]]) -> bool:
+    def _timed_starts(self, page: list[dict[str, Any]]) -> list[tuple[datetime, str]]:
+        """(start, `started` as the device wrote it) of the page's alarms with a plausible
+        start, in the page's order: read once per page for the checks below."""
+        return [
+            (when, item["started"])
+            for item in page
+            if (when := self._plausible_started(item)) is not None
+        ]
+
+    def _listed_by_time(self, timed: list[tuple[datetime, str]]) -> bool:
         """Whether this device lists newest `started` first (the manual's note), so that a
         full page holds every alarm after its oldest time. One page listed otherwise (by id,
         as the manual's polling sample says, with times not rising with ids) settles it for
         this client: from then on full pages are bisected in time instead."""
-        times = [when for item in page if (when := self._plausible_started(item)) is not None]
-        if any(newer < older for newer, older in itertools.pairwise(times)):
+        if any(newer < older for (newer, _), (older, _) in itertools.pairwise(timed)):
             self._by_time = False
         return self._by_time
 
     async def _bisect(
         self,
         query: Window,
-        page: list[dict[str, Any]],
+        timed: list[tuple[datetime, str]],
         budget: _PageBudget,
         found: dict[int, dict[str, Any]],
     ) -> list[Window]:
@@ -359,7 +368,7 @@ class DavantisClient:
         left out, whatever their time: the window is cut in two at the page's median start
         (halves overlapping by PAGE_OVERLAP, for either reading of min_date and max_date),
         newer half first, until each half's page is not full."""
-        middle = self._median_started(page)
+        middle = sorted(timed)[len(timed) // 2][1] if timed else None
         below = None if middle is None else _shifted(middle, PAGE_OVERLAP)
         if middle is not None and below is not None:
             newer = {**query, "min_date": middle}
@@ -368,14 +377,6 @@ class DavantisClient:
                 left = await self._collect(newer, budget, found)
                 return left + await self._collect(older, budget, found)
         return await self._split(query, budget, found)
-
-    def _median_started(self, page: list[dict[str, Any]]) -> str | None:
-        timed = sorted(
-            (when, item["started"])
-            for item in page
-            if (when := self._plausible_started(item)) is not None
-        )
-        return timed[len(timed) // 2][1] if timed else None
 
     def _plausible_started(self, item: Mapping[str, Any]) -> datetime | None:
         """The alarm's start if it is a readable, plausible time (reported elsewhere if not)."""
@@ -410,16 +411,6 @@ class DavantisClient:
             str(ident) for item in found.values() if (ident := as_id(item.get(field))) is not None
         }
         return sorted(known | seen, key=lambda value: (len(value), value))
-
-    def _page_bound(self, page: list[dict[str, Any]]) -> str | None:
-        """`max_date` for the page before this one: its oldest plausible `started`, in the
-        device's own notation (offset or none), plus PAGE_OVERLAP. None when no time fits."""
-        timed = [
-            (when, item["started"])
-            for item in page
-            if (when := self._plausible_started(item)) is not None
-        ]
-        return _shifted(min(timed)[1], PAGE_OVERLAP) if timed else None
 
     async def poll(self, cursor: Cursor | None) -> PollResult:
         await self._refresh_context()
@@ -1108,6 +1099,12 @@ class _PageBudget:
             return False
         self.left -= 1
         return True
+
+
+def _page_bound(timed: list[tuple[datetime, str]]) -> str | None:
+    """`max_date` for the page before this one: its oldest plausible `started`, in the
+    device's own notation (offset or none), plus PAGE_OVERLAP. None when no time fits."""
+    return _shifted(min(timed)[1], PAGE_OVERLAP) if timed else None
 
 
 def _filters_text(window: Window) -> str:
