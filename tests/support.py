@@ -26,6 +26,7 @@ from pydantic import SecretStr
 from cms_ingest.config import ActionsConfig, AppConfig, FloodConfig, MediaConfig, SiteConfig
 from cms_ingest.db.memory import ManualClock, MemoryStorage
 from cms_ingest.domain import CommHistory, DaemonIdentity, SiteLease
+from cms_ingest.metrics import Metrics
 from cms_ingest.runtime.comm_loss import CommLossTracker
 from cms_ingest.runtime.daemon import Daemon, run_daemon
 from cms_ingest.runtime.flood import FloodTracker
@@ -357,10 +358,19 @@ class Node:
 
 
 @contextlib.asynccontextmanager
-async def node(name: str, store: MemoryStorage, config: AppConfig) -> AsyncIterator[Node]:
+async def node(
+    name: str,
+    store: MemoryStorage,
+    config: AppConfig,
+    *,
+    ttl_s: float = KEEPER_TTL_S,
+    metrics: Metrics | None = None,
+) -> AsyncIterator[Node]:
+    """`metrics`: the daemon's, shared by every part that counts (a private one each when
+    None)."""
     session = new_client_session()
-    tasks = TaskSupervisor()
-    sites = SiteRegistry(config, session)
+    tasks = TaskSupervisor(metrics=metrics)
+    sites = SiteRegistry(config, session, metrics=metrics)
 
     # As the daemon wires them: the writer commits under the leases the poller set holds.
     def lease_of(site_id: str) -> SiteLease | None:
@@ -369,7 +379,9 @@ async def node(name: str, store: MemoryStorage, config: AppConfig) -> AsyncItera
     def media_deadline_of(site_id: str) -> float:
         return pollers.media_deadline_of(site_id)
 
-    writer = AlarmWriter(store, lease_of=lease_of, media_deadline_of=media_deadline_of)
+    writer = AlarmWriter(
+        store, lease_of=lease_of, media_deadline_of=media_deadline_of, metrics=metrics
+    )
     pollers = PollerSet(
         tasks,
         sites,
@@ -378,10 +390,11 @@ async def node(name: str, store: MemoryStorage, config: AppConfig) -> AsyncItera
         daemon_id=name,
         media_deadline_s=60.0,
         flood=config.flood,
+        metrics=metrics,
     )
     leases = RecordingLeases(store, tasks)
     leases.pollers = pollers
-    keeper = LeaseKeeper(leases, identity(name), KEEPER_TTL_S, pollers)
+    keeper = LeaseKeeper(leases, identity(name), ttl_s, pollers, metrics=metrics)
     tasks.start("writer", writer.run)
     try:
         yield Node(name, tasks, sites, store, pollers, keeper, leases, config)

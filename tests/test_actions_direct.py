@@ -48,7 +48,14 @@ from cms_ingest.vendors.base import (
 )
 from cms_ingest.vendors.registry import USERNAME_AND_PASSWORD, Vendor
 from tests.conftest import eventually
-from tests.support import NO_DATABASE, app_config, clock_at_now, davantis_site, site_registry
+from tests.support import (
+    NO_DATABASE,
+    app_config,
+    clock_at_now,
+    davantis_site,
+    running,
+    site_registry,
+)
 
 ACTIONS = ActionsConfig(sweep_interval_s=0.1, running_timeout_s=5.0, max_attempts=3)
 FINAL = ("succeeded", "failed", "expired")
@@ -86,17 +93,6 @@ class Queue:
 
 
 @contextlib.asynccontextmanager
-async def worker_running(worker: ActionWorker) -> AsyncIterator[ActionWorker]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(worker.run(stop))
-    try:
-        yield worker
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, timeout=15)
-
-
-@contextlib.asynccontextmanager
 async def davantis(
     tmp_path: Path, memory: MemoryStorage | None = None
 ) -> AsyncIterator[tuple[DavantisSite, DavantisSimulator, Queue]]:
@@ -114,7 +110,7 @@ async def test_an_action_succeeds_and_a_refusal_is_final(tmp_path: Path) -> None
     async with davantis(tmp_path) as (device, _sim, queue):
         relay = await queue.enqueue("relay", "1")
         keyswitch = await queue.enqueue("arm", "2")  # an input wired to a hardware keyswitch
-        async with worker_running(queue.worker()):
+        async with running(queue.worker().run):
             done = await queue.settled(relay)
             refused = await queue.settled(keyswitch)
         assert (done.state, done.attempts, done.error) == ("succeeded", 1, None)
@@ -135,7 +131,7 @@ async def test_an_idempotent_action_of_unknown_outcome_is_retried_after_its_back
         sim.respond("PATCH", "/relays/1", broken)  # the first attempt only
         action_id = await queue.enqueue("relay", "1")
         worker = queue.worker()
-        async with worker_running(worker):
+        async with running(worker.run):
             row = queue.row(action_id)
             await eventually(lambda: row.error is not None, what="the first attempt")
             assert (row.state, row.attempts) == ("queued", 1)
@@ -159,7 +155,7 @@ async def test_a_queued_action_past_not_after_expires_unfired(tmp_path: Path) ->
             "relay", "1", not_after=queue.clock.now + timedelta(seconds=5)
         )
         queue.clock.advance(10)  # no worker ran meanwhile
-        async with worker_running(queue.worker()):
+        async with running(queue.worker().run):
             row = await queue.settled(action_id)
         assert (row.state, row.attempts, row.error) == ("expired", 0, EXPIRED_ERROR)
         assert device.relay_log == []
@@ -174,7 +170,7 @@ async def test_an_action_whose_not_after_passes_once_claimed_is_not_fired(
     memory = MemoryStorage(clock=ManualClock(now - timedelta(seconds=60)))
     async with davantis(tmp_path, memory) as (device, _sim, queue):
         action_id = await queue.enqueue("relay", "1", not_after=now - timedelta(seconds=1))
-        async with worker_running(queue.worker()):
+        async with running(queue.worker().run):
             row = await queue.settled(action_id)
         assert (row.state, row.attempts) == ("expired", 1)
         assert row.error == "not_after passed before it could be fired"
@@ -189,7 +185,7 @@ async def test_an_idempotent_action_left_running_by_a_dead_worker_is_fired_again
         # Another daemon's worker claimed it, then died mid-attempt.
         [claimed] = await queue.memory.claim_actions(limit=1, claim_s=30, owner="gone:1")
         worker = queue.worker()
-        async with worker_running(worker):
+        async with running(worker.run):
             row = queue.row(action_id)
             await asyncio.sleep(0.3)  # swept three times: the claim has not run out
             assert (row.state, row.claimed_by) == ("running", "gone:1")
@@ -279,7 +275,7 @@ async def test_an_action_of_unknown_outcome_that_is_not_idempotent_is_not_retrie
     async with siren_site(tmp_path) as (box, queue):
         box.script = [BadDeviceResponse("answered 502 after the request was sent")]
         action_id = await queue.enqueue("siren", "yard")
-        async with worker_running(queue.worker()):
+        async with running(queue.worker().run):
             row = await queue.settled(action_id)
         assert (row.state, row.attempts, box.attempts) == ("failed", 1, 1)
         assert "outcome unknown, not retried (it could fire twice)" in row.error
@@ -303,7 +299,7 @@ async def test_an_attempt_that_surely_never_reached_the_device_is_retried_up_to_
 ) -> None:
     async with siren_site(tmp_path) as (box, queue):
         worker = queue.worker()
-        async with worker_running(worker):
+        async with running(worker.run):
             box.script = [AuthenticationFailed("login refused")] * 2  # then it sounds
             first = queue.row(await queue.enqueue("siren", "yard"))
             await retry_each(queue, worker, box, first, 2)
@@ -327,7 +323,7 @@ async def test_an_action_left_running_by_a_dead_worker_that_is_not_idempotent_fa
         action_id = await queue.enqueue("siren", "yard")
         await queue.memory.claim_actions(limit=1, claim_s=30, owner="gone:1")
         worker = queue.worker()
-        async with worker_running(worker):
+        async with running(worker.run):
             queue.clock.advance(31)
             worker.wake()
             row = await queue.settled(action_id)
@@ -364,7 +360,7 @@ async def test_actions_queued_for_a_site_are_claimed_as_soon_as_it_is_taken(
         )
         slow_sweep = ACTIONS.model_copy(update={"sweep_interval_s": 60.0})
         worker = ActionWorker(memory, queue.sites, config=slow_sweep, held=pollers.held_ids)
-        async with worker_running(worker):
+        async with running(worker.run):
             action_id = await queue.enqueue("relay", "1")
             await asyncio.sleep(0.5)
             assert queue.row(action_id).state == "queued", "another daemon's site"

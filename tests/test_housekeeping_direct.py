@@ -15,6 +15,7 @@ from cms_ingest.db.memory import MemoryStorage
 from cms_ingest.runtime.housekeeping import Housekeeping
 from cms_ingest.runtime.httpserver import Readiness
 from cms_ingest.simulators.davantis import DavantisSimulator
+from tests.conftest import eventually
 from tests.support import (
     NO_DATABASE,
     Node,
@@ -80,7 +81,12 @@ async def test_held_sites_health_is_written_down_and_once_more_at_stop(tmp_path:
             readiness = Readiness()
             readiness.mark_ready()
             async with running(housekeeping(d1, readiness, []).run):
-                await asyncio.sleep(0.1)  # its first round
+                # Its first round (the next one is 5 s later).
+                await eventually(
+                    lambda: "a" in store.site_state and store.site_state["a"].last_success_at,
+                    timeout=2.0,
+                    what="a's health written",
+                )
                 assert store.site_state["a"].last_success_at is not None
                 assert "b" not in store.site_state
                 written = store.site_state["a"].updated_at

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from structlog.testing import capture_logs
 
 from cms_ingest.config import MediaConfig
 from cms_ingest.db.memory import ManualClock, MemoryStorage
@@ -212,14 +213,18 @@ async def test_a_row_whose_outcome_could_not_be_written_is_handed_back_once_the_
 
         setup.sim.respond("GET", f"/alarms/{alarm.id}/snapshot", held_back)  # the first time
         fetcher = setup.fetcher()
-        async with running(fetcher.run):
-            await asyncio.wait_for(downloading.wait(), timeout=10)
-            setup.memory.unavailable = True  # the download ends while the database is gone
-            gate.set()
-            await asyncio.sleep(0.2)
-            assert row.state is MediaState.PENDING and row.claimed_until is not None
-            # Back: handed back at once rather than when its claim (CLAIM_S) runs out.
-            setup.memory.unavailable = False
-            fetcher.wake()
-            await eventually(lambda: row.state is MediaState.READY, what="fetched again")
+        with capture_logs() as logs:
+            async with running(fetcher.run):
+                await asyncio.wait_for(downloading.wait(), timeout=10)
+                setup.memory.unavailable = True  # the download ends while the database is gone
+                gate.set()
+                await eventually(
+                    lambda: any(e["event"] == "media_outcome_not_recorded" for e in logs),
+                    what="the download's outcome not written",
+                )
+                assert row.state is MediaState.PENDING and row.claimed_until is not None
+                # Back: handed back at once rather than when its claim (CLAIM_S) runs out.
+                setup.memory.unavailable = False
+                fetcher.wake()
+                await eventually(lambda: row.state is MediaState.READY, what="fetched again")
         assert row.attempts == 1

@@ -21,19 +21,16 @@ from prometheus_client.samples import Sample
 
 from cms_ingest.config import SiteConfig
 from cms_ingest.db.memory import MemoryStorage
-from cms_ingest.domain import DaemonIdentity, SiteLease
 from cms_ingest.metrics import Metrics
 from cms_ingest.runtime.httpserver import Readiness, make_app, serve
 from cms_ingest.runtime.leases import LeaseKeeper
 from cms_ingest.runtime.pollers import PollerSet
-from cms_ingest.runtime.sites import SiteRegistry
 from cms_ingest.runtime.tasks import TaskSupervisor
-from cms_ingest.runtime.writer import AlarmWriter
 from cms_ingest.simulators.davantis import DavantisSimulator, DavantisSite
-from cms_ingest.sitehttp import new_client_session
 from tests.conftest import eventually
 from tests.support import app_config, davantis_site, free_port, metric_sum, ready
 from tests.support import metrics as scrape
+from tests.support import node as daemon_parts
 
 TTL_S = 3.0  # the keepers tick every second
 SITES = ("a", "b", "c")
@@ -60,43 +57,13 @@ class Node:
 async def node(
     name: str, storage: MemoryStorage, sim: DavantisSimulator, tmp_path: Path
 ) -> AsyncIterator[Node]:
+    """One daemon's parts as `Daemon` wires them (`tests.support.node`), on `metrics` of
+    their own, its lease keeper running."""
     config = app_config("postgresql://unused@127.0.0.1/none", tmp_path / name, _sites(sim))
     metrics = Metrics()
-    tasks = TaskSupervisor(metrics=metrics)
-    session = new_client_session()
-    sites = SiteRegistry(config, session, tasks, metrics=metrics)
-
-    def lease_of(site_id: str) -> SiteLease | None:
-        return pollers.lease_of(site_id)
-
-    writer = AlarmWriter(
-        storage, lease_of=lease_of, media_deadline_of=lambda _site: 60.0, metrics=metrics
-    )
-    pollers = PollerSet(
-        tasks,
-        sites,
-        storage,
-        writer,
-        daemon_id=name,
-        media_deadline_s=60.0,
-        flood=config.flood,
-        metrics=metrics,
-    )
-    # A host of its own: daemons of one host would take each other for a dead predecessor.
-    me = DaemonIdentity(daemon_id=name, host=f"host-{name}", pid=1, boot_id="", version="")
-    keeper = LeaseKeeper(storage, me, TTL_S, pollers, metrics=metrics)
-    tasks.start("writer", writer.run)
-    tasks.start("leases", keeper.run)
-    try:
-        yield Node(name, metrics, pollers, keeper, tasks)
-    finally:  # the daemon's shutdown order
-        await tasks.stop_tasks(["leases"], timeout=2.0)
-        await pollers.halt()
-        await tasks.stop_tasks(["writer"], timeout=2.0)
-        await keeper.release_all(reason="shutdown")
-        await tasks.stop_all(timeout=2.0)
-        await sites.close()
-        await session.close()
+    async with daemon_parts(name, storage, config, ttl_s=TTL_S, metrics=metrics) as parts:
+        parts.run_keeper()
+        yield Node(name, metrics, parts.pollers, parts.keeper, parts.tasks)
 
 
 def _sites(sim: DavantisSimulator) -> list[SiteConfig]:

@@ -258,10 +258,6 @@ class Daemon:
         """SIGHUP: reload the config file; reloads asked for during one run once more after."""
         self.reloader.request()
 
-    async def reload(self) -> bool:
-        """Reload the config file now (see `ConfigReloader.reload`)."""
-        return await self.reloader.reload()
-
     def _status_line(self) -> str:
         """systemd's STATUS=: what `systemctl status cms-ingest` shows."""
         held = len(self.pollers.held) if self.pollers is not None else 0

@@ -114,15 +114,9 @@ class SitePoller:
             # A device that trickles or never ends its answers (or a client stuck in a loop
             # that awaits): this poll failed, the cursor stays, the next poll starts afresh.
             error = f"poll exceeded its deadline of {deadline:g} s (poll_deadline_s)"
-            self._metrics.polls.labels(**self._labels, outcome="timeout").inc()
-            self._site.health.failure(error)
-            await self._track_comm(ok=False, error=error)
-            return False
+            return await self._failed("timeout", error)
         except (TransportError, VendorError) as exc:
-            self._metrics.polls.labels(**self._labels, outcome=_outcome(exc)).inc()
-            self._site.health.failure(_describe(exc))
-            await self._track_comm(ok=False, error=_describe(exc))
-            return False
+            return await self._failed(_outcome(exc), _describe(exc))
         except Exception as exc:  # a client bug on odd input: this site fails, visibly, alone
             return await self._crashed(exc)
         finally:
@@ -136,15 +130,24 @@ class SitePoller:
         return True
 
     async def _crashed(self, exc: Exception) -> bool:
-        self._metrics.polls.labels(**self._labels, outcome="error").inc()
         if self._site.health.up is not False:
             log.error(
                 "poll_crashed",
                 note="a bug in the vendor client; polling goes on",
                 exc_info=exc,
             )
-        self._site.health.failure(f"internal error: {_describe(exc)}")
-        await self._track_comm(ok=False, error=f"internal error: {type(exc).__name__}")
+        return await self._failed(
+            "error",
+            f"internal error: {_describe(exc)}",
+            comm_error=f"internal error: {type(exc).__name__}",
+        )
+
+    async def _failed(self, outcome: str, error: str, *, comm_error: str | None = None) -> bool:
+        """The poll failed: counted by `outcome`, the site's health and comm loss told
+        (`comm_error`, when given, is what comm loss records instead of `error`)."""
+        self._metrics.polls.labels(**self._labels, outcome=outcome).inc()
+        self._site.health.failure(error)
+        await self._track_comm(ok=False, error=error if comm_error is None else comm_error)
         return False
 
     async def _track_comm(self, *, ok: bool, error: str = "") -> None:
