@@ -221,7 +221,7 @@ def clean_json(value: Any, *, depth: int = MAX_JSON_DEPTH) -> Any:
 
 class BadInputReporter(Protocol):
     """Where the store reports a device value it had to change to store it (the site's
-    `ProblemReporter` satisfies it)."""
+    `SiteReporter` satisfies it)."""
 
     def bad_input(self, what: str, detail: str) -> None: ...
 

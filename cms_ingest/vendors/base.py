@@ -131,9 +131,6 @@ class SiteReporter(Protocol):
         ...
 
 
-ProblemReporter = SiteReporter  # its former name, from when it reported bad input only
-
-
 @dataclass(frozen=True, slots=True)
 class VendorContext:
     """What every vendor client is built with: its site, its transport, its credentials."""
@@ -186,7 +183,6 @@ __all__ = [
     "MediaNotReady",
     "MediaProbe",
     "PollResult",
-    "ProblemReporter",
     "SiteOptions",
     "SiteReporter",
     "TransportError",

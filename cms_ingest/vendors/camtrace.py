@@ -60,8 +60,8 @@ from cms_ingest.vendors.base import (
     MediaNotReady,
     MediaProbe,
     PollResult,
-    ProblemReporter,
     SiteOptions,
+    SiteReporter,
     TransportError,
     VendorContext,
     VendorError,
@@ -274,7 +274,7 @@ class AlarmCursor:
         return cursor
 
     @classmethod
-    def load(cls, cursor: Cursor, problems: ProblemReporter) -> AlarmCursor:
+    def load(cls, cursor: Cursor, problems: SiteReporter) -> AlarmCursor:
         """Our own cursor, read without trusting it: a time stored by an older version (an
         alarm's, 0001 or 9999) is dropped and reported, never used."""
         raw_mark = cursor.get("watermark", cursor.get("last_time"))
@@ -1199,7 +1199,7 @@ def _connected(entry: Mapping[str, Any]) -> bool | None:
     return None
 
 
-def _usable_connection(entry: Any, problems: ProblemReporter) -> bool:
+def _usable_connection(entry: Any, problems: SiteReporter) -> bool:
     usable = (
         isinstance(entry, dict)
         and as_id(entry.get("id")) is not None
@@ -1232,7 +1232,7 @@ def _alarm_list(status: int, payload: Any) -> list[Any]:
     return alarms
 
 
-def _usable_alarms(alarms: list[Any], problems: ProblemReporter) -> list[dict[str, Any]]:
+def _usable_alarms(alarms: list[Any], problems: SiteReporter) -> list[dict[str, Any]]:
     usable = []
     for item in alarms:
         if isinstance(item, dict) and _id(item) is not None:
@@ -1278,7 +1278,7 @@ def _date_header(headers: Mapping[str, str]) -> datetime | None:
         return None
 
 
-def _plausible(when: datetime | None, problems: ProblemReporter, what: str) -> datetime | None:
+def _plausible(when: datetime | None, problems: SiteReporter, what: str) -> datetime | None:
     """A server time we may keep as a watermark or a clock, or None (reported once)."""
     if when is None:
         return None
@@ -1310,7 +1310,7 @@ def _servertime_stamp(payload: Any) -> datetime | None:
 
 
 def _server_time(
-    payload: Any, date_header: datetime | None, problems: ProblemReporter
+    payload: Any, date_header: datetime | None, problems: SiteReporter
 ) -> float | None:
     stamp = _servertime_stamp(payload)
     if stamp is not None:
