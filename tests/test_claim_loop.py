@@ -139,6 +139,41 @@ async def test_claims_of_running_jobs_are_renewed_while_they_run_and_only_then()
     assert unrenewed.renewals == [], "no renew_every_s: claims are not renewed"
 
 
+class SlowRenewals(Queue):
+    """A renewal is a write that lands whatever happens to its caller (as a query already
+    sent to the database does); the order of writes is recorded."""
+
+    def __init__(self, *jobs: Job) -> None:
+        super().__init__(*jobs)
+        self.writes: list[str] = []
+        self.renewing = asyncio.Event()
+
+    async def renew(self, jobs: Sequence[Job]) -> None:
+        self.renewing.set()
+        await asyncio.shield(self._land("renewed", 0.4))
+
+    async def release(self, jobs: Sequence[Job]) -> None:
+        await super().release(jobs)
+        self.writes.append("released")
+
+    async def _land(self, write: str, after_s: float) -> None:
+        await asyncio.sleep(after_s)
+        self.writes.append(write)
+
+
+async def test_a_renewal_in_flight_at_stop_lands_before_the_rows_are_handed_back() -> None:
+    queue = SlowRenewals(Job(1, seconds=30))
+    renewing = dataclasses.replace(timings(cancel_wait_s=1.0), renew_every_s=0.1)
+    loop = ClaimLoop(queue, name="test", timings=renewing)
+    stop = asyncio.Event()
+    async with looping(loop, stop):
+        loop.wake()
+        await asyncio.wait_for(queue.renewing.wait(), timeout=5)
+        stop.set()  # while the renewal's write is on its way
+    assert queue.released == [1]
+    assert queue.writes == ["renewed", "released"], "a renewal landing last re-claims the row"
+
+
 async def test_a_wake_up_claims_at_once_and_nothing_is_claimed_without_one() -> None:
     queue = Queue()
     loop = ClaimLoop(queue, name="test", timings=timings())

@@ -89,7 +89,10 @@ class ClaimLoop(Generic[Job]):
         self._wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
-        renewing = asyncio.create_task(self._renew_claims(stop), name=f"{self._name}:renew")
+        stop_renewing = asyncio.Event()
+        renewing = asyncio.create_task(
+            self._renew_claims(stop_renewing), name=f"{self._name}:renew"
+        )
         try:
             while not stop.is_set():
                 await self._jobs.before_claim()
@@ -97,9 +100,15 @@ class ClaimLoop(Generic[Job]):
                 # New rows, a free slot, shutdown, or the periodic look for due retries.
                 await wake_or_stop(self._wake, stop, self._timings.idle_s)
         finally:
-            await self._stop_running()
-            renewing.cancel()
+            # Renewal ends first, its last write done: one landing after `release` would
+            # claim the handed-back rows again (seen: media rows still claimed after a
+            # SIGTERM on a loaded machine).
+            stop_renewing.set()
+            _done, late = await asyncio.wait({renewing}, timeout=self._timings.cancel_wait_s)
+            for task in late:  # a renewal stuck on a failing database: nothing to land
+                task.cancel()
             await asyncio.gather(renewing, return_exceptions=True)
+            await self._stop_running()
 
     async def _renew_claims(self, stop: asyncio.Event) -> None:
         every = self._timings.renew_every_s
