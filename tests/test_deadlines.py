@@ -82,6 +82,12 @@ async def test_a_poll_past_its_deadline_fails_as_timeout_and_other_sites_go_on(
                 await eventually(
                     lambda: _has_ids(db, "slow", [1, 2, 3, 4]), what="every alarm", timeout=15
                 )
+                # The poll that stored them logs the recovery once its commit has returned: a
+                # moment after the rows are visible.
+                await eventually(
+                    lambda: any(e["event"] == "site_recovered" for e in logs),
+                    what="the recovery logged",
+                )
     failing = [e for e in logs if e["event"] == "site_failing" and e.get("site_id") == "slow"]
     assert len(failing) == 1, failing  # logged once when the site starts failing
     assert "deadline of 0.4 s" in failing[0]["error"]
