@@ -64,7 +64,8 @@ class MediaQueue(Protocol):
 
     async def extend_media_claims(self, media_ids: Sequence[int], *, claim_s: float) -> None:
         """Keep these rows claimed `claim_s` seconds from now, while their work runs; a row no
-        longer pending (settled meanwhile) is left alone."""
+        longer claimed (handed back, retried later, its claim run out) or no longer pending
+        (settled meanwhile) is left alone."""
         ...
 
     async def media_retry_later(

@@ -403,6 +403,10 @@ async def test_a_renewed_media_claim_holds_and_lapses_once_no_longer_renewed(
     await h.later(11)
     [again] = await h.store.claim_media(limit=5, claim_s=30)
     assert again.id == job.id, "no longer renewed: another worker takes it"
+    await h.store.release_media([again.id])
+    await h.store.extend_media_claims([again.id], claim_s=30)  # a renewal racing the release
+    [back] = await h.store.claim_media(limit=5, claim_s=30)
+    assert back.id == again.id, "handed back: a late renewal does not claim it for nobody"
     await h.store.media_final(again.id, MediaState.FAILED, "gave up")
     await h.store.extend_media_claims([again.id, 999_999], claim_s=30)  # settled, unknown: no-op
     assert (await h.media_row(again.id))["state"] == "failed"

@@ -336,7 +336,9 @@ class MemoryStorage:
         now = self._reachable()
         for media_id in media_ids:
             row = self.media.get(media_id)
-            if row is not None and row.state is MediaState.PENDING:
+            if row is None or row.state is not MediaState.PENDING:
+                continue
+            if row.claimed_until is not None and row.claimed_until > now:  # still claimed
                 row.claimed_until = now + timedelta(seconds=claim_s)
 
     def _job(self, row: _MediaRow) -> MediaJob:

@@ -336,6 +336,9 @@ class Store:
                     .where(
                         alarm_media.c.id.in_(list(media_ids)),
                         alarm_media.c.state == MediaState.PENDING.value,
+                        # Still claimed: a row its job has just handed back (retry later,
+                        # released) must not be claimed again for nobody.
+                        alarm_media.c.claimed_until > func.now(),
                     )
                     .values(claimed_until=func.now() + _seconds(claim_s))
                 )
