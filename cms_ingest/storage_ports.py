@@ -168,7 +168,10 @@ class SiteLeases(Protocol):
 
     async def acquire(
         self, me: str, ttl_s: float, candidates: Sequence[str], limit: int
-    ) -> list[Acquired]: ...
+    ) -> list[Acquired]:
+        """Every one of `candidates` whose lease another daemon let expire, plus up to
+        `limit` free ones (or left by an earlier process of ours); each at a new epoch."""
+        ...
 
     async def release(
         self, me: str, leases: Mapping[str, int], *, leaving: bool = False

@@ -169,6 +169,44 @@ async def test_a_daemon_frozen_after_another_died_keeps_no_share_of_the_dead_one
 
 
 @pytest.mark.timeout(30)
+async def test_a_dead_daemons_sites_do_not_wait_for_one_that_still_looks_alive(
+    tmp_path: Path,
+) -> None:
+    """d1 dies; d2 freezes a moment before d1's leases expire, so it still counts as live
+    when they do and the split gives d3 no more sites. d3 takes all of d1's expired leases
+    anyway, at its next tick: they are nobody's, and d2 will never take them."""
+    store = memory_storage()
+    clock = clock_of(store)
+    names = ["a", "b", "c", "d", "e", "f"]
+    async with DavantisSimulator(tenants(*names)) as sim:
+        config = app_config(NO_DATABASE, tmp_path, sites_of(sim, names))
+        async with (
+            node("d1", store, config) as d1,
+            node("d2", store, config) as d2,
+            node("d3", store, config) as d3,
+        ):
+            for daemon in (d1, d2, d3):
+                daemon.run_keeper()
+            await eventually(
+                lambda: [len(n.held()) for n in (d1, d2, d3)] == [2, 2, 2], what="2/2/2"
+            )
+            dead, frozen, own = d1.held(), d2.held(), d3.held()
+            await d1.tasks.stop_all(timeout=2)  # d1 dies: nothing handed back
+            fresh_s = d3.keeper.fresh_s
+            clock.advance(KEEPER_TTL_S - fresh_s / 2)
+            await asyncio.sleep(3 * d3.keeper.interval_s)  # d2 and d3 beat at the new time
+            await d2.tasks.stop_all(timeout=2)  # d2 freezes, its heartbeat still fresh
+            clock.advance(fresh_s / 2 + 0.1)  # d1's leases expired; d2 still counts as live
+            await eventually(
+                lambda: d3.held() == own | dead,
+                timeout=3 * d3.keeper.interval_s,
+                what="all of d1's sites taken at once",
+            )
+            assert d3.keeper.live == ["d2", "d3"], "d2 still counted as live"
+            assert all(owner(store, site)[0] == "d2" for site in frozen), "d2's still run"
+
+
+@pytest.mark.timeout(30)
 async def test_unrenewable_leases_stop_their_pollers_before_they_could_be_taken(
     tmp_path: Path,
 ) -> None:

@@ -506,6 +506,18 @@ class Cluster:
         owners = await self.live_owners()
         return all(owners.get(site) in names for site in sites)
 
+    async def taken_after_release_s(self, name: str, sites: set[str]) -> float:
+        """From `name` logging its last release (just after the commit that freed the
+        leases and woke the others) to the last of `sites` being acquired by another
+        daemon: how long the survivors took, without the leaving daemon's own shutdown
+        and the test's polling in the figure."""
+        released = self.nodes[name].events("leases_released")[-1]["timestamp"]
+        acquired = await self.db.fetchval(
+            "SELECT max(acquired_at) FROM site_leases WHERE site_id = ANY($1::text[])",
+            sorted(sites),
+        )
+        return float((acquired - datetime.fromisoformat(released)).total_seconds())
+
     async def stall(self, name: str, what: str, seconds: float) -> None:
         """`name`'s next alarm insert ('alarm') or its leaving the membership ('leave')
         sleeps `seconds` inside its transaction (see lease_test_stall)."""
@@ -762,7 +774,9 @@ async def test_sigstop_past_the_ttl_then_sigcont_commits_nothing_for_the_lost_si
         assert len(refused_logs) <= delta["d3"]["fencing_refusals_total"]
         assert delta["d1"]["lease_takeovers_total"] + delta["d2"]["lease_takeovers_total"] == 4
         assert delta["d3"]["lease_takeovers_total"] == 0, "d3 got its share back by hand-off"
-        assert delta["d1"]["lease_handoffs_total"] + delta["d2"]["lease_handoffs_total"] == 4
+        # Whoever of d1/d2 ticked first took all four expired leases (nobody waits for a
+        # share), so a pair may first have moved between them.
+        assert delta["d1"]["lease_handoffs_total"] + delta["d2"]["lease_handoffs_total"] >= 4
         await c.more_alarms(2 * SITES)
         rows = await c.finish("sigstop")
         # Spelled out for d3: from the take-over on it wrote nothing for a site it had lost,
@@ -939,7 +953,13 @@ async def test_sigterm_with_a_slow_leave_still_hands_the_sites_over_at_once(
             what="d2's sites held by d1/d3",
         )
         moved_s = time.monotonic() - started
-        figure(f"sigterm with a 0.3 s leave: d2's sites held by d1/d3 after {moved_s:.2f} s")
         assert await c.exit_code("d2", timeout=15) == 0
+        taken_s = await c.taken_after_release_s("d2", leaving)
+        figure(
+            f"sigterm with a 0.3 s leave: d2's sites held by d1/d3 after {moved_s:.2f} s, "
+            f"{taken_s:.2f} s after its release committed"
+        )
         await c.finish("sigterm with a 0.3 s leave")
-        assert moved_s < 1.5, f"{moved_s:.2f} s: a survivor waited for its next keeper tick"
+        # Woken by the release's notice, not by their next tick (every 2 s): the survivors
+        # take the sites in well under a tick after the commit, however loaded the machine.
+        assert taken_s < 1.0, f"{taken_s:.2f} s: a survivor waited for its next keeper tick"

@@ -615,6 +615,23 @@ async def test_acquire_takes_at_most_its_limit_and_never_a_site_twice(h: Harness
     assert await h.leases.acquire("C", 30, [*sites, "not-configured"], 4) == []
 
 
+async def test_expired_leases_of_others_are_taken_beyond_the_limit(h: Harness) -> None:
+    """A daemon at its share (limit 0) still takes what another daemon let expire: a dead or
+    frozen daemon's sites must not wait for a third daemon to count it out."""
+    sites = ["o1", "o2", "o3", "o4"]
+    await h.leases.ensure_sites(sites)
+    dead = await h.leases.acquire("D", 10, ["o1", "o2"], 2)
+    await h.leases.acquire("B", 30, ["o3"], 1)
+    assert await h.leases.acquire("A", 30, sites, 0) == [], "nothing expired yet"
+    await h.later(11)
+    taken = await h.leases.acquire("A", 30, sites, 0)
+    assert sorted((t.site_id, t.previous_owner) for t in taken) == [("o1", "D"), ("o2", "D")]
+    assert {t.site_id: t.epoch for t in taken} == {d.site_id: d.epoch + 1 for d in dead}
+    assert await h.leases.acquire("C", 30, sites, 0) == [], "free o4 needs a limit"
+    [free] = await h.leases.acquire("C", 30, sites, 5)
+    assert free.site_id == "o4", "B's live lease stays B's"
+
+
 async def test_leaving_and_dead_daemons_free_their_leases_at_once(h: Harness) -> None:
     await h.leases.ensure_sites(["l1", "l2"])
     await h.leases.heartbeat(_me("A", pid=11), 30, {})

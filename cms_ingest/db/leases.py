@@ -63,15 +63,25 @@ _RELEASE = text(
 
 _STILL_HELD = text(_held("FOR SHARE"))
 
+# Every expired lease of another daemon among the candidates (its owner stopped renewing:
+# dead, frozen or cut off; nobody may wait for it), plus up to :limit free ones (or left by
+# an earlier process under our own id) towards this daemon's share.
 _ACQUIRE = text(
     """
-    WITH pick AS (
+    WITH orphaned AS (
         SELECT site_id, owner FROM site_leases
         WHERE site_id = ANY(CAST(:candidates AS text[]))
-          AND (owner IS NULL OR owner = :me OR expires_at <= now())
+          AND owner IS NOT NULL AND owner <> :me AND expires_at <= now()
+        FOR UPDATE SKIP LOCKED
+    ), free AS (
+        SELECT site_id, owner FROM site_leases
+        WHERE site_id = ANY(CAST(:candidates AS text[]))
+          AND (owner IS NULL OR owner = :me)
         ORDER BY random()
         LIMIT :limit
         FOR UPDATE SKIP LOCKED
+    ), pick AS (
+        SELECT * FROM orphaned UNION ALL SELECT * FROM free
     )
     UPDATE site_leases l
     SET owner = :me, epoch = l.epoch + 1, acquired_at = now(),
@@ -180,9 +190,10 @@ class LeaseStore:
     async def acquire(
         self, me: str, ttl_s: float, candidates: Sequence[str], limit: int
     ) -> list[Acquired]:
-        """Up to `limit` of `candidates` that are free, expired, or left by an earlier
-        process under our own id; each taken at a new epoch."""
-        if limit <= 0 or not candidates:
+        """Every one of `candidates` whose lease another daemon let expire, plus up to
+        `limit` that are free or left by an earlier process under our own id; each taken
+        at a new epoch."""
+        if limit < 0 or not candidates:
             return []
         async with self.engine.begin() as connection:
             rows = await connection.execute(

@@ -587,16 +587,22 @@ class MemoryStorage:
         self, me: str, ttl_s: float, candidates: Sequence[str], limit: int
     ) -> list[Acquired]:
         now = self._reachable()
-        if limit <= 0 or not candidates:
+        if limit < 0 or not candidates:
             return []
+        wanted = set(candidates)
+        orphaned = [
+            lease
+            for lease in self.leases.values()
+            if lease.site_id in wanted and lease.owner not in (None, me) and lease.expires_at <= now
+        ]
         free = [
             lease
             for lease in self.leases.values()
-            if lease.site_id in candidates
-            and (lease.owner is None or lease.owner == me or lease.expires_at <= now)
+            if lease.site_id in wanted and lease.owner in (None, me)
         ]
+        pick = orphaned + self.rng.sample(free, min(limit, len(free)))
         taken: list[Acquired] = []
-        for lease in self.rng.sample(free, min(limit, len(free))):
+        for lease in pick:
             previous = lease.owner
             lease.owner, lease.epoch = me, lease.epoch + 1
             lease.acquired_at, lease.expires_at = now, now + timedelta(seconds=ttl_s)

@@ -6,7 +6,9 @@ its fair share of the sites among the live daemons:
   site's poller at once; its commits were refused anyway (fencing, in the commit);
 - above its share it hands sites over gracefully: poller stopped, its last commit done, then
   the lease released, so the next daemon starts from the committed cursor;
-- below its share it takes free or expired leases, each at a new epoch, and starts pollers.
+- below its share it takes free leases, each at a new epoch, and starts pollers;
+- whatever its share, it takes every lease another daemon let expire (dead, frozen, cut
+  off), so those sites are polled again within lease_ttl plus one tick.
 While the database is unreachable the leases cannot be renewed: past 80 % of `lease_ttl`
 the keeper stops its pollers itself, since another daemon may take them when they expire.
 """
@@ -125,6 +127,9 @@ class LeaseKeeper:
         self.live: list[str] = []
         self._lock = asyncio.Lock()
         self._kick = asyncio.Event()
+        # After taking over expired leases, no rebalancing hand-off for a while: a daemon
+        # that froze a moment ago still looks live and would be handed sites it never takes.
+        self._hold_surplus_until = 0.0
         self._renewed_at: float | None = None  # monotonic time of the last good heartbeat
         self._db_failing = False
         self._rows_needed = True  # lease rows must exist for newly configured sites
@@ -197,11 +202,13 @@ class LeaseKeeper:
         await self._follow_server(beat.server_started_at)
         self.live = beat.live
         share = fair_share(len(self._pollers.configured()), beat.live, self.me.daemon_id)
-        held = len(self._held)
-        if held > share:
-            await self._hand_off(held - share)
-        elif held < share:
-            await self._acquire(share - held)
+        if len(self._held) > share and time.monotonic() >= self._hold_surplus_until:
+            await self._hand_off(len(self._held) - share)
+        # Also at or above its share: the leases another daemon let expire are taken at
+        # once, whoever is live, so a dead or frozen daemon's sites never wait for a third
+        # one (the surplus is handed on gracefully once `fresh_s` has passed, when a daemon
+        # frozen meanwhile no longer counts as live).
+        await self._acquire(max(0, share - len(self._held)))
 
     async def _announce(self) -> None:
         try:
@@ -318,6 +325,8 @@ class LeaseKeeper:
         takeovers = sorted({lease.previous_owner for lease in taken if lease.previous_owner})
         taken_over = sum(1 for lease in taken if lease.previous_owner)
         self._metrics.lease_takeovers.inc(taken_over)
+        if taken_over:
+            self._hold_surplus_until = time.monotonic() + self.fresh_s
         log.info(
             "leases_acquired",
             sites=len(started),
