@@ -33,7 +33,7 @@ def with_database(url: str, name: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def pg_server_url(tmp_path_factory: pytest.TempPathFactory) -> Any:
+def pg_server_url() -> Any:
     url = os.environ.get(ENV_URL)
     if url:
         yield url
@@ -42,9 +42,17 @@ def pg_server_url(tmp_path_factory: pytest.TempPathFactory) -> Any:
         warnings.simplefilter("ignore")
         import pgserver
 
-    server = pgserver.get_server(tmp_path_factory.mktemp("pg"), cleanup_mode="stop")
-    yield server.get_uri()
-    server.cleanup()
+    # Outside /tmp/pytest-of-<user>: see `outside_pytest_tmp` (another pytest session starting
+    # meanwhile made the data directory unreachable for the server's own user, and its stop
+    # failed at the end of the session).
+    path = Path(tempfile.mkdtemp(prefix="cms-ingest-pg-"))
+    path.chmod(0o755)
+    server = pgserver.get_server(path / "pg", cleanup_mode="stop")
+    try:
+        yield server.get_uri()
+    finally:
+        server.cleanup()
+        shutil.rmtree(path, ignore_errors=True)
 
 
 async def _admin(url: str) -> asyncpg.Connection:
