@@ -215,6 +215,7 @@ class SirenBox:
     script: list[Exception | None] = field(default_factory=list)
     attempts: int = 0
     sounded: list[str] = field(default_factory=list)
+    busy: asyncio.Event | None = None  # when set: an attempt waits for it before sounding
 
     async def poll(self, cursor: Cursor | None) -> PollResult:
         return PollResult(alarms=[], cursor=cursor)
@@ -227,6 +228,8 @@ class SirenBox:
 
     async def perform(self, action: Action) -> ActionResult:
         self.attempts += 1
+        if self.busy is not None:
+            await self.busy.wait()
         outcome = self.script.pop(0) if self.script else None
         if outcome is not None:
             raise outcome
@@ -329,6 +332,29 @@ async def test_an_action_left_running_by_a_dead_worker_that_is_not_idempotent_fa
             row = await queue.settled(action_id)
         assert (row.state, box.attempts) == ("failed", 0), "never fired a second time"
         assert "stopped mid-attempt; outcome unknown, not retried" in row.error
+
+
+@pytest.mark.usefixtures("sirenbox")
+async def test_an_attempt_still_running_here_is_not_taken_for_a_dead_workers(
+    tmp_path: Path,
+) -> None:
+    """The database was unreachable for longer than the claim (its renewals failed): the
+    sweep finds the row running with its claim run out, but the attempt is this worker's own
+    and goes on; settling it by rule would record a siren that sounds as failed."""
+    async with siren_site(tmp_path) as (box, queue):
+        box.busy = asyncio.Event()
+        action_id = await queue.enqueue("siren", "yard")
+        worker = queue.worker()
+        async with running(worker.run):
+            row = queue.row(action_id)
+            await eventually(lambda: box.attempts == 1, what="the attempt started")
+            queue.clock.advance(ACTIONS.running_timeout_s + 1)  # the claim ran out
+            worker.wake()
+            await asyncio.sleep(0.3)  # swept three times
+            assert row.state == "running", "settled by rule while it still ran"
+            box.busy.set()
+            await queue.settled(action_id)
+        assert (row.state, box.sounded) == ("succeeded", ["yard"])
 
 
 async def test_actions_queued_for_a_site_are_claimed_as_soon_as_it_is_taken(

@@ -37,7 +37,7 @@ def housekeeping(d1: Node, readiness: Readiness, rounds: list[int]) -> Housekeep
         d1.sites,
         d1.pollers,
         readiness,
-        action_running_timeout_s=5.0,
+        actions_may_run_s=5.0,
         report_status=lambda: rounds.append(len(rounds) + 1),
     )
 

@@ -241,7 +241,10 @@ class FloodConfig(_Model):
 class ActionsConfig(_Model):
     workers: int = Field(default=4, ge=1, le=64)
     sweep_interval_s: float = Field(default=5.0, gt=0)
-    running_timeout_s: float = Field(default=120.0, gt=0)
+    # A running attempt's claim on its row, renewed every third of it while the attempt
+    # runs: when the daemon running it dies, the site's next holder settles the row by
+    # rule once the claim ran out (about one lease period).
+    running_timeout_s: float = Field(default=10.0, ge=1.0)
     max_attempts: int = Field(default=3, ge=1)
     # One attempt may run this long, plus its own `params.duration_s` (a hold); then its
     # outcome is unknown: retried only when the kind is idempotent.

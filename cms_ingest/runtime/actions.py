@@ -70,6 +70,9 @@ class ActionWorker(ClaimWorker[Action]):
         self._held = held  # the sites this daemon holds: only their actions are run here
         self._config = config
         self._owner = f"{socket.gethostname()}:{os.getpid()}"
+        # Attempts running here now: their claim may have run out while the database was
+        # unreachable, but they are not a dead worker's, and must not be settled or retried.
+        self._attempting: set[int] = set()
         timings = ClaimTimings(
             workers=config.workers,
             idle_s=config.sweep_interval_s,  # the sweep runs at least this often
@@ -91,7 +94,8 @@ class ActionWorker(ClaimWorker[Action]):
                 )
                 log.warning("actions_expired", count=expired)
             for action in await self._store.stale_running_actions(self._held()):
-                await self._recover(action)
+                if action.id not in self._attempting:
+                    await self._recover(action)
         except DatabaseUnavailable as exc:
             self._metrics.db_errors.labels(operation="action_sweep").inc()
             log.warning("action_sweep_failed", error=str(exc))
@@ -175,6 +179,7 @@ class ActionWorker(ClaimWorker[Action]):
                 action, site, ActionState.EXPIRED, error="not_after passed before it could be fired"
             )
             return
+        self._attempting.add(action.id)
         claim = asyncio.create_task(self._keep_claim(action.id))
         deadline = self._config.attempt_deadline(action.params)
         timed_out = _AttemptTimedOut(
@@ -208,6 +213,7 @@ class ActionWorker(ClaimWorker[Action]):
             bound.info("action_succeeded")
         finally:
             claim.cancel()
+            self._attempting.discard(action.id)
 
     async def _recover_cancelled(self, action: Action, site: SiteRuntime, idempotent: bool) -> None:
         if idempotent and not _too_late(action):

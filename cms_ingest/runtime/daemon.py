@@ -224,7 +224,9 @@ class Daemon:
             sites,
             pollers,
             self.readiness,
-            action_running_timeout_s=config.actions.running_timeout_s,
+            actions_may_run_s=max(
+                config.actions.running_timeout_s, config.actions.attempt_timeout_s
+            ),
             report_status=lambda: self.notifier.status(self._status_line()),
             metrics=metrics,
         )

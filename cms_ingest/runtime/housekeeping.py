@@ -36,7 +36,7 @@ class Housekeeping:
         pollers: PollerSet,
         readiness: Readiness,
         *,
-        action_running_timeout_s: float,
+        actions_may_run_s: float,
         report_status: Callable[[], None],
         metrics: Metrics | None = None,
     ) -> None:
@@ -45,7 +45,8 @@ class Housekeeping:
         self._sites = sites
         self._pollers = pollers
         self._readiness = readiness
-        self._retire_after_s = action_running_timeout_s + RETIRE_MARGIN_S
+        # A replaced client is closed once no action attempt can still be running on it.
+        self._retire_after_s = actions_may_run_s + RETIRE_MARGIN_S
         self._report_status = report_status
 
     async def run(self, stop: asyncio.Event) -> None:
