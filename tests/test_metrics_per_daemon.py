@@ -151,3 +151,28 @@ def test_forgetting_sites_withdraws_exactly_their_per_site_series() -> None:
         )
         == 1
     )
+
+
+async def test_forgetting_sites_withdraws_their_gauges_only_and_in_slices() -> None:
+    """Enough series for several slices: every per-site gauge of the forgotten sites goes,
+    those of the others stay, per-site counters stay (they are totals)."""
+    metrics = Metrics()
+    sites = [f"s{i:04d}" for i in range(1500)]
+    for site in sites:
+        metrics.site_up.labels(site_id=site, vendor="davantis").set(1)
+        metrics.device_health.labels(site_id=site, vendor="davantis", component="disk").set(1)
+        metrics.polls.labels(site_id=site, vendor="davantis", outcome="ok").inc()
+    gone, kept = set(sites[:1200]), sites[1200:]
+    await metrics.forget_sites_in_slices(gone)
+    text = metrics.exposition().decode()
+    up = {line.split('site_id="')[1][:5] for line in text.splitlines() if "site_up{" in line}
+    health = {
+        line.split('site_id="')[1][:5] for line in text.splitlines() if "device_health{" in line
+    }
+    assert up == health == set(kept)
+    assert metrics.sample(
+        "cms_ingest_polls_total", site_id="s0000", vendor="davantis", outcome="ok"
+    )
+    metrics.forget_sites(kept[:10])
+    assert metrics.sample("cms_ingest_site_up", site_id=kept[0], vendor="davantis") == 0
+    assert metrics.sample("cms_ingest_site_up", site_id=kept[-1], vendor="davantis") == 1

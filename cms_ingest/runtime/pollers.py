@@ -160,7 +160,7 @@ class PollerSet:
         for site_id in ids:
             self._retire_vendor_tasks(site_id)
         snapshots = self.health_snapshots(ids)
-        self._metrics.forget_sites(ids)
+        await self._metrics.forget_sites_in_slices(ids)
         try:
             await self._store.record_health(snapshots)
         except DatabaseUnavailable as exc:
