@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -149,11 +150,32 @@ async def daemon_process(
             await process.wait()
 
 
+# Ports for servers a test starts later (daemons, standby databases) come from below the
+# kernel's ephemeral range (32768-60999 on Linux): a port the kernel handed out and took back
+# went to the next outgoing connection often enough that a daemon, started a moment later,
+# found its port taken. Each xdist worker draws from its own band, and never twice.
+_PORT_BAND = 1500
+_PORTS_FROM = 20000
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on (at the moment of asking)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on 127.0.0.1 that nothing listens on (at the moment of asking), outside
+    the ephemeral range and this worker's own."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    band = int(worker) % 8 if worker.isdigit() else 0
+    first = _PORTS_FROM + band * _PORT_BAND
+    candidates = [p for p in range(first, first + _PORT_BAND) if p not in _handed_out]
+    random.shuffle(candidates)
+    for port in candidates:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port left in {first}-{first + _PORT_BAND - 1}")
 
 
 async def ready(port: int) -> bool:
