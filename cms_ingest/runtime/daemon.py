@@ -41,11 +41,14 @@ from cms_ingest.runtime.sdnotify import SystemdNotifier
 from cms_ingest.runtime.sites import SiteRegistry, SiteRuntime
 from cms_ingest.runtime.tasks import TaskSupervisor, sleep_or_stop
 from cms_ingest.runtime.writer import AlarmWriter
-from cms_ingest.sitehttp import new_client_session
+from cms_ingest.sitehttp import connection_limit, new_client_session, raise_open_files_limit
 
 log = structlog.get_logger("cms_ingest.daemon")
 
 STARTUP_RETRY = RetryPolicy(base=1.0, factor=2.0, cap=15.0, jitter=0.2)
+# Open files besides the sites' connections: the database pool, LISTEN, /metrics clients, logs,
+# media files being written.
+OPEN_FILES_RESERVE = 200
 
 
 @contextlib.asynccontextmanager
@@ -92,13 +95,32 @@ class Daemon:
         self._sites_built = asyncio.Event()
         self._started = False
 
+    def _open_files_for_sites(self) -> int:
+        """The session's connection limit, with the open-files limit raised to carry it
+        (said once at start when the service manager's hard limit is too low)."""
+        connections = connection_limit(len(self.config.sites))
+        wanted = connections + OPEN_FILES_RESERVE
+        soft, hard = raise_open_files_limit(wanted)
+        if soft >= wanted:
+            return connections
+        log.warning(
+            "open_files_limit_low",
+            limit=soft,
+            hard_limit=hard,
+            wanted=wanted,
+            sites=len(self.config.sites),
+            note="raise LimitNOFILE (systemd) or --ulimit nofile (Docker); the session keeps "
+            "fewer connections than sites, and polls wait for one",
+        )
+        return max(100, soft - OPEN_FILES_RESERVE)
+
     @property
     def config(self) -> AppConfig:
         """The running config (the reloader's: a reload may have changed its sites)."""
         return self.reloader.config
 
     async def run(self, stop: asyncio.Event) -> None:
-        session = new_client_session()
+        session = new_client_session(connections=self._open_files_for_sites())
         try:
             self.supervisor.start("http", self._serve_http)
             self.supervisor.start("watchdog", self._watchdog)
