@@ -262,7 +262,8 @@ class ForwarderSender:
         batch = await self._outbox.next_deliveries(self.config.name, self._lease, limit=BATCH)
         if not batch:
             await self._supervise()
-            await wake_or_stop(self._wake, stop, IDLE_POLL_S)
+            idle_s = min(IDLE_POLL_S, self.config.supervision_interval_s or IDLE_POLL_S)
+            await wake_or_stop(self._wake, stop, idle_s)
             return
         for delivery in batch:
             if stop.is_set() or not await self._deliver(delivery, stop):

@@ -1,0 +1,305 @@
+"""The DC-09 forwarder against pysiaalarm's receiver, over the in-memory outbox (fast).
+
+Every test commits alarms as the writer does (`commit_polls`, which queues their deliveries)
+and checks what the receiver accepted: each alarm once, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from cms_ingest.config.forwarders import ForwarderConfig
+from cms_ingest.db.memory import MemoryStorage
+from cms_ingest.domain import Alarm, CommitTerms, EventType, PollCommit, RouteFilter
+from cms_ingest.forwarding import dc09
+from cms_ingest.metrics import Metrics
+from cms_ingest.runtime.forwarder import ForwarderSender, build_test_message, send_test
+from tests.conftest import eventually
+from tests.sia_receiver import receiver_clock_skewed, sia_receiver
+from tests.support import free_port, running
+
+KEY_TEXT = "0123456789ABCDEF"  # pysiaalarm uses a key's characters as its bytes: AES-128
+
+
+def forwarder(port: int, **overrides: Any) -> ForwarderConfig:
+    values: dict[str, Any] = {
+        "name": "cms",
+        "primary": f"127.0.0.1:{port}",
+        "account": "1234",
+        "receiver": "1",
+        "line": "2",
+        "ack_timeout_s": 1.0,
+        "connect_timeout_s": 0.5,
+        "retry_base_s": 0.05,
+        "retry_max_s": 0.2,
+    }
+    values.update(overrides)
+    return ForwarderConfig(**values)
+
+
+def alarms(
+    site_id: str, n: int, start: int = 0, kind: EventType = EventType.INTRUSION
+) -> list[Alarm]:
+    now = datetime.now(UTC)
+    return [
+        Alarm(
+            site_id=site_id,
+            vendor="davantis",
+            source_id=str(start + i),
+            event_type=kind,
+            vendor_event="x",
+            description=f"alarm {start + i}",
+            occurred_at=now - timedelta(seconds=1),
+            camera_id=str(1 + i % 4),
+            camera_name=f"cam {1 + i % 4}",
+        )
+        for i in range(n)
+    ]
+
+
+async def commit(storage: MemoryStorage, batch: Sequence[Alarm]) -> list[int]:
+    by_site: dict[str, list[Alarm]] = {}
+    for alarm in batch:
+        by_site.setdefault(alarm.site_id, []).append(alarm)
+    commits = [PollCommit(site, "davantis", list(items), None) for site, items in by_site.items()]
+    terms = {site: CommitTerms(media_deadline_s=60) for site in by_site}
+    result = await storage.commit_polls(commits, terms)
+    return [row.id for row in result.inserted]
+
+
+def delivered(storage: MemoryStorage) -> list[int]:
+    return sorted(r.alarm_id for r in storage.deliveries.values() if r.state == "delivered")
+
+
+@pytest.mark.parametrize(
+    ("message_format", "key"),
+    [
+        (dc09.MessageFormat.SIA_DCS, None),
+        (dc09.MessageFormat.ADM_CID, None),
+        (dc09.MessageFormat.SIA_DCS, KEY_TEXT),
+        (dc09.MessageFormat.ADM_CID, KEY_TEXT),
+    ],
+    ids=["sia-plain", "cid-plain", "sia-aes", "cid-aes"],
+)
+async def test_a_stream_arrives_once_and_in_order(
+    message_format: dc09.MessageFormat, key: str | None
+) -> None:
+    port = free_port()
+    extra: dict[str, Any] = {"format": message_format}
+    if key is not None:
+        extra |= {"aes_key": key, "aes_key_encoding": "text"}
+    config = forwarder(port, **extra)
+    storage = MemoryStorage(routes=(config.route(),))
+    sender = ForwarderSender(config, storage, owner="d1", lease_ttl_s=3.0)
+    async with sia_receiver(port, [("1234", key)]) as receiver, running(sender.run):
+        ids = await commit(storage, alarms("s1", 30))
+        sender.wake()
+        await eventually(lambda: len(delivered(storage)) == 30, timeout=10, what="30 delivered")
+    assert receiver.alarm_ids() == ids
+    assert receiver.repeats() == 0
+    first = receiver.accepted()[0]
+    assert first.code == "BA"  # intrusion: SIA BA, Contact ID 1130 (pysiaalarm maps it to BA)
+    assert first.zone is not None
+    assert int(first.zone) == 1  # camera "1" is zone 1
+    rows = list(storage.deliveries.values())
+    assert sorted(r.seq for r in rows if r.seq is not None) == list(range(1, 31))
+
+
+async def test_only_the_forwarders_sites_and_event_types_are_queued() -> None:
+    route = RouteFilter("cms", frozenset({"s1"}), frozenset({EventType.INTRUSION}))
+    storage = MemoryStorage(routes=(route, RouteFilter("all")))
+    await commit(storage, alarms("s1", 2) + alarms("s2", 2) + alarms("s1", 2, 10, EventType.MOTION))
+    queued = {
+        (
+            r.forwarder,
+            storage.alarms[r.alarm_id].alarm.source_id,
+            storage.alarms[r.alarm_id].alarm.site_id,
+        )
+        for r in storage.deliveries.values()
+    }
+    assert {q for q in queued if q[0] == "cms"} == {("cms", "0", "s1"), ("cms", "1", "s1")}
+    assert len([q for q in queued if q[0] == "all"]) == 6
+    await commit(storage, alarms("s1", 2))  # a replay: no new alarm, no new delivery
+    assert len(storage.deliveries) == 8
+
+
+async def test_a_receiver_down_for_a_while_gets_everything_once_in_order_after() -> None:
+    port = free_port()
+    config = forwarder(port)
+    storage = MemoryStorage(routes=(config.route(),))
+    sender = ForwarderSender(config, storage, owner="d1", lease_ttl_s=3.0)
+    async with running(sender.run):
+        async with sia_receiver(port, [("1234", None)]) as receiver:
+            ids = await commit(storage, alarms("s1", 5))
+            sender.wake()
+            await eventually(lambda: len(delivered(storage)) == 5, what="5 delivered")
+        # the receiver is down: alarms keep coming
+        ids += await commit(storage, alarms("s1", 10, 5))
+        sender.wake()
+        await eventually(lambda: sender.state.link_up is False, what="link seen down")
+        await asyncio.sleep(0.5)
+        assert len(delivered(storage)) == 5
+        receiver.raw.clear()
+        async with sia_receiver(port, [("1234", None)]) as again:
+            await eventually(lambda: len(delivered(storage)) == 15, timeout=10, what="15 delivered")
+    assert receiver.alarm_ids() == []
+    assert again.alarm_ids() == ids[5:]
+    assert sender.state.link_up is True
+
+
+async def test_a_nak_with_the_receivers_time_resynchronises_the_clock() -> None:
+    port = free_port()
+    config = forwarder(port)
+    storage = MemoryStorage(routes=(config.route(),))
+    metrics = Metrics()
+    sender = ForwarderSender(config, storage, owner="d1", lease_ttl_s=3.0, metrics=metrics)
+    with receiver_clock_skewed(300.0):
+        async with sia_receiver(port, [("1234", None)]) as receiver, running(sender.run):
+            ids = await commit(storage, alarms("s1", 5))
+            sender.wake()
+            await eventually(lambda: len(delivered(storage)) == 5, what="5 delivered")
+    assert receiver.alarm_ids() == ids
+    assert 298 <= sender.state.clock_offset_s <= 302
+    assert metrics.sample("cms_ingest_forward_messages_total", forwarder="cms", outcome="nak") == 1
+
+
+async def test_the_backup_takes_over_when_the_primary_is_down() -> None:
+    primary, backup = free_port(), free_port()  # nothing listens on the primary
+    config = forwarder(primary, backup=f"127.0.0.1:{backup}", attempts_per_path=2)
+    storage = MemoryStorage(routes=(config.route(),))
+    sender = ForwarderSender(config, storage, owner="d1", lease_ttl_s=3.0)
+    async with sia_receiver(backup, [("1234", None)]) as receiver, running(sender.run):
+        ids = await commit(storage, alarms("s1", 10))
+        sender.wake()
+        await eventually(lambda: len(delivered(storage)) == 10, what="10 delivered")
+    assert receiver.alarm_ids() == ids
+    assert sender.state.path == "backup"
+
+
+async def test_a_duh_fails_the_delivery_with_the_reason_and_the_stream_goes_on() -> None:
+    port = free_port()
+    # "QQ" is no SIA code: pysiaalarm answers DUH.
+    config = forwarder(port, codes={"motion": {"sia": "QQ"}})
+    storage = MemoryStorage(routes=(config.route(),))
+    sender = ForwarderSender(config, storage, owner="d1", lease_ttl_s=3.0)
+    async with sia_receiver(port, [("1234", None)]) as receiver, running(sender.run):
+        ids = await commit(
+            storage, alarms("s1", 1) + alarms("s1", 1, 1, EventType.MOTION) + alarms("s1", 1, 2)
+        )
+        sender.wake()
+        await eventually(
+            lambda: all(r.state != "pending" for r in storage.deliveries.values()), what="settled"
+        )
+    states = {storage.alarms[r.alarm_id].alarm.source_id: r for r in storage.deliveries.values()}
+    assert states["1"].state == "failed"
+    assert "DUH" in (states["1"].last_error or "")
+    assert [states["0"].state, states["2"].state] == ["delivered", "delivered"]
+    assert receiver.alarm_ids() == [ids[0], ids[2]]
+
+
+async def test_two_daemons_one_sender() -> None:
+    port = free_port()
+    config = forwarder(port)
+    storage = MemoryStorage(routes=(config.route(),))
+    first = ForwarderSender(config, storage, owner="d1", lease_ttl_s=3.0)
+    second = ForwarderSender(config, storage, owner="d2", lease_ttl_s=3.0)
+    async with (
+        sia_receiver(port, [("1234", None)]) as receiver,
+        running(first.run),
+        running(second.run),
+    ):
+        ids = await commit(storage, alarms("s1", 40))
+        first.wake()
+        second.wake()
+        await eventually(lambda: len(delivered(storage)) == 40, timeout=10, what="40 delivered")
+        assert [first.state.holding, second.state.holding].count(True) == 1
+    assert receiver.alarm_ids() == ids
+    assert receiver.repeats() == 0
+
+
+async def test_forward_test_sends_a_test_report_and_returns_the_answer() -> None:
+    port = free_port()
+    for message_format in (dc09.MessageFormat.SIA_DCS, dc09.MessageFormat.ADM_CID):
+        config = forwarder(port, format=message_format, aes_key=KEY_TEXT, aes_key_encoding="text")
+        async with sia_receiver(port, [("1234", KEY_TEXT)]) as receiver:
+            address, answer = await send_test(config)
+        assert address == f"127.0.0.1:{port}"
+        assert answer.kind is dc09.AnswerKind.ACK
+        assert answer.encrypted
+        assert [m.code for m in receiver.raw] == ["RX"]
+
+
+async def test_supervision_sends_null_messages_when_idle() -> None:
+    port = free_port()
+    config = forwarder(port, supervision_interval_s=0.2)
+    storage = MemoryStorage(routes=(config.route(),))
+    metrics = Metrics()
+    sender = ForwarderSender(config, storage, owner="d1", lease_ttl_s=3.0, metrics=metrics)
+    async with sia_receiver(port, [("1234", None)]), running(sender.run):
+        await eventually(
+            lambda: (
+                metrics.sample("cms_ingest_forward_messages_total", forwarder="cms", outcome="ack")
+                >= 1
+            ),
+            what="a NULL message ACKed",
+        )
+    assert sender.state.link_up is True
+
+
+# ---------------------------------------------------------------------- the protocol itself
+
+
+def test_crc16_is_crc16_arc() -> None:
+    assert dc09.crc16(b"123456789") == 0xBB3D  # the catalogue's check value for CRC-16/ARC
+
+
+def test_an_encrypted_message_decrypts_to_pad_bar_and_data() -> None:
+    key = bytes.fromhex("00112233445566778899aabbccddeeff")
+    sent_at = datetime(2026, 12, 3, 12, 0, 5, tzinfo=UTC)
+    frame = dc09.build_message(
+        message_format=dc09.MessageFormat.SIA_DCS,
+        sequence=42,
+        receiver="1",
+        line="2",
+        account="1234",
+        event=dc09.SiaEvent("BA", 3),
+        extended=[("V", "7")],
+        sent_at=sent_at,
+        key=key,
+    )
+    body = dc09.unframe(frame)
+    assert body.startswith('"*SIA-DCS"0042R1L2#1234[')
+    plain = dc09.decrypt(key, body.split("[", 1)[1])
+    assert len(plain) % 16 == 0
+    assert plain.split("|", 1)[1] == "#1234|Nri1/BA003][V7]_12:00:05,12-03-2026"
+
+
+def test_answers_are_checked_and_read() -> None:
+    body = b'"NAK"0000R1L2A0[]_12:00:00,12-03-2026'
+    frame = b"\n" + f"{dc09.crc16(body):04X}{len(body):04X}".encode() + body + b"\r"
+    answer = dc09.parse_answer(frame)
+    assert answer.kind is dc09.AnswerKind.NAK
+    assert answer.timestamp == datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
+    with pytest.raises(dc09.BadAnswer):
+        dc09.parse_answer(frame.replace(b"NAK", b"NAQ"))
+    reader = dc09.FrameReader()
+    assert reader.feed(b"junk" + frame[:10]) == []
+    assert reader.feed(frame[10:] + frame) == [frame, frame]
+
+
+def test_keys_are_checked_without_quoting_them() -> None:
+    assert len(dc09.parse_key("00" * 32, "hex")) == 32
+    with pytest.raises(ValueError, match="128, 192 or 256") as caught:
+        dc09.parse_key("abc123", "hex")
+    assert "abc123" not in str(caught.value)
+
+
+def test_the_test_message_is_a_manual_test_report() -> None:
+    config = forwarder(1, format="ADM-CID")
+    body = dc09.unframe(build_test_message(config, datetime(2026, 1, 1, tzinfo=UTC)))
+    assert "#1234|1601 01 000]" in body
