@@ -220,7 +220,6 @@ class ForwarderSender:
         self._clock = clock or (lambda: datetime.now(UTC))
         self._wake = asyncio.Event()
         self._lease: ForwarderLease | None = None
-        self._renewed_at = 0.0
         self._stats_at = 0.0
         self._last_exchange = time.monotonic()
         self._paths = [p for p in (config.primary, config.backup) if p is not None]
@@ -240,6 +239,9 @@ class ForwarderSender:
 
     async def run(self, stop: asyncio.Event) -> None:
         failures = 0
+        # Renewed beside the sending, so a message waiting for its answer (up to
+        # ack_timeout_s) never lets the lease run out under it.
+        renewal = asyncio.create_task(self._keep_lease(stop), name=f"{self.config.name}:lease")
         try:
             while not stop.is_set():
                 try:
@@ -251,7 +253,26 @@ class ForwarderSender:
                         self._log.warning("forwarder_database_unavailable", error=str(exc))
                     await sleep_or_stop(DB_RETRY.delay(failures), stop)
         finally:
+            renewal.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewal
             await self._close()
+
+    async def _keep_lease(self, stop: asyncio.Event) -> None:
+        """Renew the lease every ttl/3 while held; a renewal refused means another daemon
+        took it (ours ran out): stop sending."""
+        while not await sleep_or_stop(self._ttl_s / 3, stop):
+            lease = self._lease
+            if lease is None:
+                continue
+            try:
+                renewed = await self._outbox.renew_forwarder(self.config.name, lease, self._ttl_s)
+            except DatabaseUnavailable:
+                continue  # the sender meets the outage too; the next renewal may make it
+            if not renewed and self._lease == lease:
+                self._log.warning("forwarder_lease_lost", epoch=lease.epoch)
+                self._lease = None
+                self.state.holding = False
 
     async def _turn(self, stop: asyncio.Event) -> None:
         await self._update_stats()
@@ -270,24 +291,16 @@ class ForwarderSender:
                 return
 
     async def _hold(self) -> bool:
-        """Hold the forwarder's lease (take it when free, renew it every ttl/3)."""
-        now = time.monotonic()
-        name = self.config.name
-        if self._lease is not None and now - self._renewed_at < self._ttl_s / 3:
-            return True
-        if self._lease is not None and await self._outbox.renew_forwarder(
-            name, self._lease, self._ttl_s
-        ):
-            self._renewed_at = now
-            return True
+        """Whether we hold the forwarder's lease, taking it when free or expired
+        (`_keep_lease` renews it)."""
         if self._lease is not None:
-            self._log.warning("forwarder_lease_lost")
-        self._lease = await self._outbox.acquire_forwarder(name, self._owner, self._ttl_s)
-        self.state.holding = self._lease is not None
-        if self._lease is not None:
-            self._renewed_at = now
-            self._log.info("forwarder_lease_taken", epoch=self._lease.epoch)
-        return self._lease is not None
+            return True
+        lease = await self._outbox.acquire_forwarder(self.config.name, self._owner, self._ttl_s)
+        self._lease = lease
+        self.state.holding = lease is not None
+        if lease is not None:
+            self._log.info("forwarder_lease_taken", epoch=lease.epoch)
+        return lease is not None
 
     async def _close(self) -> None:
         for link in self._links:
@@ -354,6 +367,13 @@ class ForwarderSender:
             self._resync(answer)
             await self._outbox.delivery_attempted(delivery.id, error=f"NAK: {answer.text}")
             if naks >= self.config.max_naks:
+                if failures == 0:  # once per delivery: wrong account, key or clock
+                    self._log.warning(
+                        "forward_naks_repeated",
+                        alarm_id=delivery.alarm_id,
+                        seq=delivery.seq,
+                        answer=answer.text,
+                    )
                 naks = 0
                 failures += 1
                 if await sleep_or_stop(self._retry.delay(failures), stop):
