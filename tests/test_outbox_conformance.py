@@ -37,6 +37,7 @@ class Harness:
     outbox: Outbox
     expire_forwarders: Callable[[], Any]
     rows: Callable[[str], Any]  # the forwarder's delivery rows: (alarm_id, state, seq)
+    set_next_seq: Callable[[str, int], Any]
 
 
 @pytest.fixture(params=["postgres", "memory"])
@@ -55,7 +56,10 @@ async def h(request: pytest.FixtureRequest, database_url: str) -> AsyncIterator[
                 if r.forwarder == name
             ]
 
-        yield Harness(memory, memory, expire, rows)
+        async def set_next_seq(name: str, seq: int) -> None:
+            memory.forwarder_leases[name].next_seq = seq
+
+        yield Harness(memory, memory, expire, rows, set_next_seq)
         return
     engine = create_engine(database_url, pool_size=2)
     connection = await asyncpg.connect(plain_url(database_url))
@@ -69,8 +73,15 @@ async def h(request: pytest.FixtureRequest, database_url: str) -> AsyncIterator[
         )
         return [(r["alarm_id"], r["state"], r["seq"]) for r in found]
 
+    async def set_next_seq_pg(name: str, seq: int) -> None:
+        await connection.execute(
+            "UPDATE forwarder_leases SET next_seq = $2 WHERE forwarder = $1", name, seq
+        )
+
     try:
-        yield Harness(Store(engine, routes=ROUTES), OutboxStore(engine), expire_pg, rows_pg)
+        yield Harness(
+            Store(engine, routes=ROUTES), OutboxStore(engine), expire_pg, rows_pg, set_next_seq_pg
+        )
     finally:
         await connection.close()
         await engine.dispose()
@@ -159,3 +170,12 @@ async def test_sequence_numbers_are_given_once_in_order_and_kept(h: Harness) -> 
     assert stats["other"].pending == 0
     rows = await h.rows("cms")
     assert [r[1] for r in rows] == ["delivered", "failed", "pending", "pending", "pending"]
+
+
+async def test_sequence_numbers_wrap_from_9999_to_1(h: Harness) -> None:
+    await _commit(h, *(_alarm("s1", str(i)) for i in range(3)))
+    lease = await h.outbox.acquire_forwarder("cms", "d1", 30)
+    assert lease is not None
+    await h.set_next_seq("cms", 9998)
+    found = await h.outbox.next_deliveries("cms", lease, limit=3)
+    assert [d.seq for d in found] == [9998, 9999, 1]
