@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 
 import pysiaalarm.event
 from pysiaalarm import SIAAccount
-from pysiaalarm.aio.server import SIAServerTCP
+from pysiaalarm.aio.server import SIAServerTCP, SIAServerUDP
 from pysiaalarm.event import SIAEvent
 from pysiaalarm.utils import Counter
 
@@ -34,8 +34,12 @@ class Received:
 
 
 class SiaReceiver:
-    def __init__(self, port: int, accounts: list[tuple[str, str | None]]) -> None:
+    def __init__(
+        self, port: int, accounts: list[tuple[str, str | None]], *, udp: bool = False
+    ) -> None:
         self.port = port
+        self.udp = udp
+        self._udp: asyncio.DatagramTransport | None = None
         self.accounts = accounts
         self.raw: list[Received] = []
         self._server: asyncio.Server | None = None
@@ -60,6 +64,13 @@ class SiaReceiver:
         which also closes the open connections at `stop` (pysiaalarm's own stop leaves them
         answering: no receiver that went down does)."""
         accounts = {a.account_id: a for a in (SIAAccount(n, k) for n, k in self.accounts)}
+        if self.udp:
+            loop = asyncio.get_running_loop()
+            self._udp, _ = await loop.create_datagram_endpoint(
+                lambda: _UdpServer(accounts, self._on_event, Counter()),
+                local_addr=("127.0.0.1", self.port),
+            )
+            return
         self._sia = SIAServerTCP(accounts, self._on_event, Counter())
         sia = self._sia
 
@@ -77,6 +88,9 @@ class SiaReceiver:
         )
 
     async def stop(self) -> None:
+        if self._udp is not None:
+            self._udp.close()
+            self._udp = None
         if self._server is None:
             return
         assert self._sia is not None
@@ -109,6 +123,15 @@ class SiaReceiver:
         return len(self.raw) - len(self.accepted())
 
 
+class _UdpServer(SIAServerUDP):
+    """pysiaalarm's UDP server, minus one assertion: on Python 3.11 the selector loop's
+    datagram transport is not an `asyncio.DatagramTransport` subclass (pysiaalarm asserts it
+    is, so its own UDP server cannot start there)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+
 def _alarm_id(xdata: str | None) -> int | None:
     for block in (xdata or "").split("]["):
         if block.startswith("V"):
@@ -118,9 +141,9 @@ def _alarm_id(xdata: str | None) -> int | None:
 
 @contextlib.asynccontextmanager
 async def sia_receiver(
-    port: int, accounts: list[tuple[str, str | None]]
+    port: int, accounts: list[tuple[str, str | None]], *, udp: bool = False
 ) -> AsyncIterator[SiaReceiver]:
-    receiver = SiaReceiver(port, accounts)
+    receiver = SiaReceiver(port, accounts, udp=udp)
     await receiver.start()
     try:
         yield receiver

@@ -110,6 +110,25 @@ async def test_a_stream_arrives_once_and_in_order(
     assert sorted(r.seq for r in rows if r.seq is not None) == list(range(1, 31))
 
 
+async def test_udp_delivers_in_order_too() -> None:
+    port = free_port()
+    config = forwarder(
+        port, transport="udp", format="ADM-CID", aes_key=KEY_TEXT, aes_key_encoding="text"
+    )
+    storage = MemoryStorage(routes=(config.route(),))
+    sender = ForwarderSender(config, storage, owner="d1", lease_ttl_s=3.0)
+    async with running(sender.run):
+        ids = await commit(storage, alarms("s1", 3))
+        sender.wake()
+        await eventually(lambda: sender.state.link_up is False, what="no receiver yet")
+        async with sia_receiver(port, [("1234", KEY_TEXT)], udp=True) as receiver:
+            ids += await commit(storage, alarms("s1", 12, 3))
+            sender.wake()
+            await eventually(lambda: len(delivered(storage)) == 15, timeout=10, what="15 delivered")
+    assert receiver.alarm_ids() == ids
+    assert receiver.repeats() == 0
+
+
 async def test_only_the_forwarders_sites_and_event_types_are_queued() -> None:
     route = RouteFilter("cms", frozenset({"s1"}), frozenset({EventType.INTRUSION}))
     storage = MemoryStorage(routes=(route, RouteFilter("all")))

@@ -72,7 +72,7 @@ class ForwarderConfig(BaseModel):
     name: str
     primary: str  # host:port
     backup: str | None = None  # host:port, used after `attempts_per_path` failures
-    transport: Literal["tcp"] = "tcp"
+    transport: Literal["tcp", "udp"] = "tcp"
     format: MessageFormat = MessageFormat.SIA_DCS
     account: str  # the default account number (3-16 hex digits)
     accounts: dict[str, str] = Field(default_factory=dict)  # per site id

@@ -3,7 +3,7 @@
 One `ForwarderSender` per configured forwarder runs as a supervised task. It sends only while
 it holds the forwarder's lease (one sender across every daemon; renewed every ttl/3), takes
 the oldest pending rows in id order, and sends them one at a time over a kept-open TCP
-connection, waiting for each answer:
+connection (or as UDP datagrams), waiting for each answer:
 
 - ACK with our sequence number: the row is `delivered` (only now);
 - NAK: the receiver judged our timestamp (or the message) bad; its own timestamp gives the
@@ -108,6 +108,76 @@ class Link:
             writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), 1.0)
+
+
+class _Datagrams(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.received: asyncio.Queue[bytes] = asyncio.Queue()
+        self.error: OSError | None = None
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.received.put_nowait(data)
+
+    def error_received(self, exc: Exception) -> None:  # ICMP port unreachable, ...
+        if isinstance(exc, OSError):
+            self.error = exc
+        self.received.put_nowait(b"")
+
+
+class UdpLink:
+    """The same exchange over UDP: one datagram out, one answer datagram back. Answers that
+    arrived before the send (late ones) are discarded; the sender checks the sequence."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._host, self._port = split_address(address)
+        self._transport: asyncio.DatagramTransport | None = None
+        self._protocol: _Datagrams | None = None
+
+    async def exchange(self, frame: bytes, *, timeout_s: float) -> bytes:
+        try:
+            if self._transport is None:
+                loop = asyncio.get_running_loop()
+                self._transport, self._protocol = await asyncio.wait_for(
+                    loop.create_datagram_endpoint(_Datagrams, remote_addr=(self._host, self._port)),
+                    timeout_s,
+                )
+            assert self._transport is not None
+            assert self._protocol is not None
+            while not self._protocol.received.empty():  # late answers to earlier messages
+                self._protocol.received.get_nowait()
+            self._transport.sendto(frame)
+            return await asyncio.wait_for(self._answer(self._protocol), timeout_s)
+        except TimeoutError:
+            await self.close()
+            raise LinkFailure("timeout", f"no answer from {self.address} in time") from None
+        except LinkFailure:
+            await self.close()
+            raise
+        except OSError as exc:
+            await self.close()
+            raise LinkFailure("error", f"{self.address}: {exc.strerror or exc}") from None
+
+    async def _answer(self, protocol: _Datagrams) -> bytes:
+        frames = dc09.FrameReader()
+        while True:
+            data = await protocol.received.get()
+            if not data and protocol.error is not None:
+                raise LinkFailure("error", f"{self.address}: {protocol.error}")
+            found = frames.feed(data)
+            if found:
+                return found[0]
+
+    async def close(self) -> None:
+        transport, self._transport, self._protocol = self._transport, None, None
+        if transport is not None:
+            transport.close()
+
+
+def make_link(address: str, config: ForwarderConfig) -> Link | UdpLink:
+    if config.transport == "udp":
+        return UdpLink(address)
+    return Link(address, connect_timeout_s=config.connect_timeout_s)
 
 
 def build_delivery_message(config: ForwarderConfig, delivery: Delivery, sent_at: datetime) -> bytes:
@@ -223,7 +293,7 @@ class ForwarderSender:
         self._stats_at = 0.0
         self._last_exchange = time.monotonic()
         self._paths = [p for p in (config.primary, config.backup) if p is not None]
-        self._links = [Link(p, connect_timeout_s=config.connect_timeout_s) for p in self._paths]
+        self._links = [make_link(p, config) for p in self._paths]
         self._path = 0
         self._failures_on_path = 0
         self._retry = RetryPolicy(
@@ -478,7 +548,7 @@ async def send_test(config: ForwarderConfig, *, backup: bool = False) -> tuple[s
     """`cms-ingest forward-test`: one test report on the primary (or backup) path; the
     address used and the receiver's answer. Raises LinkFailure."""
     address = config.backup if backup and config.backup else config.primary
-    link = Link(address, connect_timeout_s=config.connect_timeout_s)
+    link = make_link(address, config)
     try:
         offset = 0.0
         for _ in range(2):  # a NAK with the receiver's time: once more on its clock
