@@ -167,8 +167,13 @@ class ForwarderConfig(BaseModel):
         if self.aes_key_file is not None:
             try:
                 text = self.aes_key_file.read_text(encoding="utf-8").strip()
-            except (OSError, UnicodeDecodeError) as exc:
-                raise ValueError(f"cannot read aes_key_file {self.aes_key_file}: {exc}") from None
+            except OSError as exc:
+                reason = exc.strerror or type(exc).__name__
+                raise ValueError(
+                    f"cannot read aes_key_file {self.aes_key_file}: {reason}"
+                ) from None
+            except UnicodeDecodeError:  # its message would quote a byte of the key
+                raise ValueError(f"aes_key_file {self.aes_key_file} is not UTF-8 text") from None
             object.__setattr__(self, "aes_key", SecretStr(text))
             object.__setattr__(self, "aes_key_file", None)
         if self.aes_key is not None:
