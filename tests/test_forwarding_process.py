@@ -15,7 +15,7 @@ import asyncpg
 from cms_ingest.simulators.davantis import DavantisSimulator, DavantisSite
 from tests.conftest import eventually
 from tests.sia_receiver import sia_receiver
-from tests.support import free_port, ready, spawn_daemon
+from tests.support import free_port, log_events, ready, spawn_daemon
 
 KEY = "0123456789ABCDEF"  # pysiaalarm's convention: the characters are the AES-128 key
 
@@ -136,6 +136,10 @@ async def test_sigkill_and_a_receiver_outage_lose_nothing_and_repeat_nothing(
         f"p99={_percentile(steady, 0.99):.3f}s (n={len(steady)})"
     )
     print(figures)
+    # The outage is logged once each way; the key is in no log line.
+    assert len(log_events(log, "forward_link_lost")) == 1
+    assert len(log_events(log, "forward_link_restored")) == 1
+    assert KEY not in log.read_text()
     assert receiver.repeats() <= 2  # at most the message in flight at the kill, and at the stop
 
 
