@@ -89,7 +89,7 @@ async def test_sigkill_and_a_receiver_outage_lose_nothing_and_repeat_nothing(
             await eventually(lambda: ready(port), timeout=30, what="daemon ready")
             await eventually(lambda: _cursors(db, 2), timeout=15, what="both sites have a cursor")
             sim.start_generator(15.0, events=(1, 2, 11), seed=7)  # ~30 alarms/s in total
-            await eventually(lambda: len(receiver.raw) >= 60, timeout=20, what="60 forwarded")
+            await eventually(lambda: len(receiver.raw) >= 40, timeout=20, what="40 forwarded")
             killed_at = time.time()
             processes[-1].send_signal(signal.SIGKILL)  # mid-stream: maybe ACKed, not marked
             assert await asyncio.wait_for(processes[-1].wait(), timeout=10) == -signal.SIGKILL
@@ -97,11 +97,11 @@ async def test_sigkill_and_a_receiver_outage_lose_nothing_and_repeat_nothing(
             processes.append(await spawn_daemon(config, log, env))
             await eventually(lambda: ready(port), timeout=30, what="daemon ready again")
             seen = len(receiver.raw)
-            await eventually(lambda: len(receiver.raw) > seen + 20, timeout=20, what="flowing")
+            await eventually(lambda: len(receiver.raw) > seen + 10, timeout=20, what="flowing")
             await receiver.stop()  # the alarm-handling software goes away for a while
-            await asyncio.sleep(1.5)
-            await receiver.start()
             await asyncio.sleep(1.0)
+            await receiver.start()
+            await asyncio.sleep(0.5)
             await sim.stop_generator()
             total = sum(len(site.alarms) for site in sites.values())
             await eventually(lambda: _alarms(db, total), timeout=30, what=f"all {total} alarms")

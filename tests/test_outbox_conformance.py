@@ -24,6 +24,7 @@ from cms_ingest.domain import (
     SiteLease,
 )
 from cms_ingest.storage_ports import Outbox, PollCommits
+from tests.conftest import scratch_database
 
 ROUTES = (
     RouteFilter("cms", frozenset({"s1"}), None),
@@ -40,8 +41,16 @@ class Harness:
     set_next_seq: Callable[[str, int], Any]
 
 
+@pytest.fixture(scope="module")
+async def outbox_db(pg_server_url: str, template_db: str) -> AsyncIterator[str]:
+    """One database for the module's PostgreSQL runs, emptied before each."""
+    async with scratch_database(pg_server_url, "cms_o", template_db) as url:
+        yield url
+
+
 @pytest.fixture(params=["postgres", "memory"])
-async def h(request: pytest.FixtureRequest, database_url: str) -> AsyncIterator[Harness]:
+async def h(request: pytest.FixtureRequest, outbox_db: str) -> AsyncIterator[Harness]:
+    database_url = outbox_db
     if request.param == "memory":
         clock = ManualClock(datetime.now(UTC))
         memory = MemoryStorage(clock=clock, routes=ROUTES)
@@ -63,6 +72,9 @@ async def h(request: pytest.FixtureRequest, database_url: str) -> AsyncIterator[
         return
     engine = create_engine(database_url, pool_size=2)
     connection = await asyncpg.connect(plain_url(database_url))
+    await connection.execute(
+        "TRUNCATE alarms, deliveries, forwarder_leases, site_leases RESTART IDENTITY CASCADE"
+    )
 
     async def expire_pg() -> None:
         await connection.execute("UPDATE forwarder_leases SET expires_at = now() - interval '1 s'")
