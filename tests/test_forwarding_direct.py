@@ -338,6 +338,90 @@ async def test_commit_to_ack_latency_over_postgresql(database_url: str) -> None:
     assert p99 < 2.0
 
 
+async def test_database_connections_cut_mid_stream_lose_and_repeat_nothing(
+    database_url: str,
+) -> None:
+    """Every connection to the database killed every 250 ms while the sender works (what a
+    database restart looks like from here): it waits, goes on, nothing lost or repeated."""
+    import asyncpg
+
+    from cms_ingest.db.engine import create_engine, plain_url
+    from cms_ingest.db.outbox import OutboxStore
+    from cms_ingest.db.store import Store
+
+    port = free_port()
+    config = forwarder(port)
+    engine = create_engine(database_url, pool_size=3)
+    store = Store(engine, routes=[config.route()])
+    outbox = OutboxStore(engine)
+    sender = ForwarderSender(config, outbox, owner="d1", lease_ttl_s=3.0)
+    admin = await asyncpg.connect(plain_url(database_url))
+    await _commit_retrying(store, alarms("s1", 60))
+
+    async def delivered_count() -> int:
+        return int(
+            await admin.fetchval("SELECT count(*) FROM deliveries WHERE state = 'delivered'")
+        )
+
+    cuts = 0
+
+    async def cut_everything(stop: asyncio.Event) -> None:
+        nonlocal cuts
+        cutter = await asyncpg.connect(plain_url(database_url))
+        try:
+            await _cut_until(cutter, stop)
+        finally:
+            await cutter.close()
+
+    async def _cut_until(cutter: asyncpg.Connection, stop: asyncio.Event) -> None:
+        nonlocal cuts
+        while not stop.is_set():
+            cuts += int(
+                await cutter.fetchval(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> ALL($1::int[])",
+                    [cutter.get_server_pid(), admin.get_server_pid()],
+                )
+            )
+            await asyncio.sleep(0.25)
+
+    try:
+        async with sia_receiver(port, [("1234", None)]) as receiver, running(sender.run):
+            await eventually(lambda: _at_least(delivered_count, 5), what="5 sent")
+            async with running(cut_everything):
+                for start in range(60, 120, 5):  # alarms keep coming while it happens
+                    more = alarms("s1", 5, start)
+                    await _commit_retrying(store, more)
+                    await asyncio.sleep(0.1)
+                await eventually(lambda: cuts >= 4, timeout=20, what="4 rounds of cuts")
+            await eventually(lambda: _at_least(delivered_count, 120), timeout=15, what="all 120")
+        ids = [r["id"] for r in await admin.fetch("SELECT id FROM alarms ORDER BY id")]
+    finally:
+        await admin.close()
+        await engine.dispose()
+    assert cuts >= 4
+    assert receiver.alarm_ids() == ids  # repeats (ACKed, then the mark cut off) dropped by seq
+
+
+async def _commit_retrying(store: Any, batch: list[Alarm]) -> None:
+    from cms_ingest.db.errors import DatabaseUnavailable
+
+    for _ in range(50):
+        try:
+            await store.commit_polls(
+                [PollCommit("s1", "davantis", batch, None)],
+                {"s1": CommitTerms(media_deadline_s=60)},
+            )
+            return
+        except DatabaseUnavailable:
+            await asyncio.sleep(0.05)
+    raise AssertionError("could not commit")
+
+
+async def _at_least(count: Any, n: int) -> bool:
+    return bool(await count() >= n)
+
+
 # ---------------------------------------------------------------------- the protocol itself
 
 
