@@ -9,7 +9,9 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import asyncpg
 
 from cms_ingest.simulators.davantis import DavantisSimulator, DavantisSite
@@ -106,6 +108,10 @@ async def test_sigkill_and_a_receiver_outage_lose_nothing_and_repeat_nothing(
             total = sum(len(site.alarms) for site in sites.values())
             await eventually(lambda: _alarms(db, total), timeout=30, what=f"all {total} alarms")
             await eventually(lambda: _delivered(db, total), timeout=30, what="all delivered")
+            status = await _status(port)
+            assert [(f["forwarder"], f["holding"], f["link_up"]) for f in status["forwarders"]] == [
+                ("cms", True, True)
+            ]
             processes[-1].send_signal(signal.SIGTERM)
             assert await asyncio.wait_for(processes[-1].wait(), timeout=15) == 0
         finally:
@@ -141,6 +147,16 @@ async def test_sigkill_and_a_receiver_outage_lose_nothing_and_repeat_nothing(
     assert len(log_events(log, "forward_link_restored")) == 1
     assert KEY not in log.read_text()
     assert receiver.repeats() <= 2  # at most the message in flight at the kill, and at the stop
+
+
+async def _status(port: int) -> dict[str, Any]:
+    timeout = aiohttp.ClientTimeout(total=5)
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as session,
+        session.get(f"http://127.0.0.1:{port}/status") as response,
+    ):
+        payload: dict[str, Any] = await response.json()
+    return payload
 
 
 async def _cursors(db: asyncpg.Connection, n: int) -> bool:
