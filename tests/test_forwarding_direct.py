@@ -422,6 +422,47 @@ async def _at_least(count: Any, n: int) -> bool:
     return bool(await count() >= n)
 
 
+async def test_two_daemons_over_postgresql_hand_the_forwarder_over(database_url: str) -> None:
+    """Two senders (two daemons) on one database: one sends; when it stops, the other takes
+    the forwarder over; every alarm reaches the receiver once, in order."""
+    from cms_ingest.db.engine import create_engine
+    from cms_ingest.db.outbox import OutboxStore
+    from cms_ingest.db.store import Store
+
+    port = free_port()
+    config = forwarder(port)
+    engines = [create_engine(database_url, pool_size=2) for _ in range(2)]
+    store = Store(engines[0], routes=[config.route()])
+    senders = [
+        ForwarderSender(config, OutboxStore(engine), owner=f"d{i}", lease_ttl_s=3.0)
+        for i, engine in enumerate(engines)
+    ]
+    try:
+        async with sia_receiver(port, [("1234", None)]) as receiver:
+            stop_first = asyncio.Event()
+            first = asyncio.create_task(senders[0].run(stop_first))
+            await eventually(lambda: senders[0].state.holding, what="the first holds it")
+            async with running(senders[1].run):
+                await _commit_retrying(store, alarms("s1", 20))
+                for sender in senders:
+                    sender.wake()
+                await eventually(lambda: len(receiver.raw) >= 20, what="20 delivered")
+                assert not senders[1].state.holding
+                stop_first.set()  # it releases the lease as it stops: the other takes over
+                await asyncio.wait_for(first, timeout=10)
+                await eventually(lambda: senders[1].state.holding, what="taken over")
+                await _commit_retrying(store, alarms("s1", 20, 20))
+                senders[1].wake()
+                await eventually(lambda: len(receiver.raw) >= 40, what="40 delivered")
+        rows = await OutboxStore(engines[0]).delivery_rows("cms")
+    finally:
+        for engine in engines:
+            await engine.dispose()
+    assert [r["state"] for r in rows] == ["delivered"] * 40
+    assert receiver.alarm_ids() == [r["alarm_id"] for r in rows]
+    assert receiver.repeats() == 0
+
+
 # ---------------------------------------------------------------------- the protocol itself
 
 
