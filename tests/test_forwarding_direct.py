@@ -15,10 +15,15 @@ import pytest
 
 from cms_ingest.config.forwarders import ForwarderConfig
 from cms_ingest.db.memory import MemoryStorage
-from cms_ingest.domain import Alarm, CommitTerms, EventType, PollCommit, RouteFilter
+from cms_ingest.domain import Alarm, CommitTerms, Delivery, EventType, PollCommit, RouteFilter
 from cms_ingest.forwarding import dc09
 from cms_ingest.metrics import Metrics
-from cms_ingest.runtime.forwarder import ForwarderSender, build_test_message, send_test
+from cms_ingest.runtime.forwarder import (
+    ForwarderSender,
+    build_delivery_message,
+    build_test_message,
+    send_test,
+)
 from tests.conftest import eventually
 from tests.sia_receiver import receiver_clock_skewed, sia_receiver
 from tests.support import free_port, running
@@ -515,3 +520,30 @@ def test_the_test_message_is_a_manual_test_report() -> None:
     config = forwarder(1, format="ADM-CID")
     body = dc09.unframe(build_test_message(config, datetime(2026, 1, 1, tzinfo=UTC)))
     assert "#1234|1601 01 000]" in body
+
+
+def test_the_longest_message_fits_in_one_receiver_read() -> None:
+    config = forwarder(
+        1,
+        account="F" * 16,
+        receiver="FFFFFF",
+        line="FFFFFF",
+        aes_key="00" * 32,
+        media_base_url="https://" + "m" * 112,
+    )
+    delivery = Delivery(
+        id=1,
+        forwarder="cms",
+        alarm_id=2**62,
+        seq=9999,
+        attempts=0,
+        site_id="s1",
+        event_type=EventType.SABOTAGE,
+        description="d" * 3000,
+        camera_id="999",
+        camera_name="c" * 500,
+        occurred_at=datetime.now(UTC),
+        committed_at=datetime.now(UTC),
+    )
+    frame = build_delivery_message(config, delivery, datetime.now(UTC))
+    assert len(frame) < dc09.MAX_FRAME

@@ -149,6 +149,8 @@ class ForwarderConfig(BaseModel):
             return None
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
+        if len(value) > 120:  # with the alarm id it must fit in one DC-09 message
+            raise ValueError("must be at most 120 characters")
         return value.rstrip("/")
 
     @field_validator("aes_key_file")

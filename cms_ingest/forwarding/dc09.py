@@ -34,9 +34,11 @@ MAX_SEQUENCE = 9999
 TIMESTAMP_FORMAT = "%H:%M:%S,%m-%d-%Y"
 LF = b"\n"
 CR = b"\r"
-# Receivers read a message in one go (pysiaalarm reads 1000 bytes); texts are cut to fit.
+# Receivers read a message in one go (pysiaalarm reads 1000 bytes at a time): texts are cut
+# so that the longest message, encrypted (hex doubles it), stays under 1000 bytes.
 MAX_TEXT = 64
-MAX_XDATA = 300
+MAX_XDATA = 200
+MAX_FRAME = 1000
 _ZERO_IV = bytes(16)
 # Pad characters: anything but the separators a receiver looks for (`|`, `[`, `]`).
 _PAD_ALPHABET = string.ascii_letters + string.digits
