@@ -518,7 +518,7 @@ def test_keys_are_checked_without_quoting_them() -> None:
 
 def test_the_test_message_is_a_manual_test_report() -> None:
     config = forwarder(1, format="ADM-CID")
-    body = dc09.unframe(build_test_message(config, datetime(2026, 1, 1, tzinfo=UTC)))
+    body = dc09.unframe(build_test_message(config, datetime(2026, 1, 1, tzinfo=UTC), 7))
     assert "#1234|1601 01 000]" in body
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -206,7 +207,7 @@ def build_delivery_message(config: ForwarderConfig, delivery: Delivery, sent_at:
     )
 
 
-def build_test_message(config: ForwarderConfig, sent_at: datetime, sequence: int = 0) -> bytes:
+def build_test_message(config: ForwarderConfig, sent_at: datetime, sequence: int) -> bytes:
     """A manual test report: SIA RX / Contact ID 601, zone 0, on the default account."""
     return _message(
         config,
@@ -296,6 +297,7 @@ class ForwarderSender:
         self._links = [make_link(p, config) for p in self._paths]
         self._path = 0
         self._failures_on_path = 0
+        self._switch_logged = False
         self._retry = RetryPolicy(
             base=config.retry_base_s, factor=2.0, cap=config.retry_max_s, jitter=0.3
         )
@@ -507,7 +509,9 @@ class ForwarderSender:
             self._path = 1 - self._path
             self._failures_on_path = 0
             self.state.path = "primary" if self._path == 0 else "backup"
-            self._log.warning("forward_path_switched", path=self.state.path)
+            if not self._switch_logged:  # once per outage: both paths down keeps switching
+                self._log.warning("forward_path_switched", path=self.state.path)
+                self._switch_logged = True
 
     def _link_ok(self, path: str) -> None:
         self._metrics.forward_link_up.labels(forwarder=self.config.name, path=path).set(1)
@@ -516,6 +520,7 @@ class ForwarderSender:
             self._log.info("forward_link_restored", path=path, down_s=round(down_s, 1))
         self.state.link_up = True
         self.state.down_since = None
+        self._switch_logged = False
         self.state.path = path
         self._failures_on_path = 0
 
@@ -549,13 +554,15 @@ async def send_test(config: ForwarderConfig, *, backup: bool = False) -> tuple[s
     address used and the receiver's answer. Raises LinkFailure."""
     address = config.backup if backup and config.backup else config.primary
     link = make_link(address, config)
+    sequence = secrets.randbelow(dc09.MAX_SEQUENCE) + 1
     try:
         offset = 0.0
         for _ in range(2):  # a NAK with the receiver's time: once more on its clock
             sent_at = datetime.now(UTC) + timedelta(seconds=offset)
-            raw = await link.exchange(
-                build_test_message(config, sent_at), timeout_s=config.ack_timeout_s
-            )
+            # A sequence number of its own: a receiver must not take it for a repeat of the
+            # last message it got (a NULL's 0000, or the stream's last number).
+            frame = build_test_message(config, sent_at, sequence)
+            raw = await link.exchange(frame, timeout_s=config.ack_timeout_s)
             try:
                 answer = dc09.parse_answer(raw, config.key())
             except dc09.BadAnswer as exc:
