@@ -134,6 +134,36 @@ async def test_udp_delivers_in_order_too() -> None:
     assert receiver.repeats() == 0
 
 
+@pytest.mark.parametrize("message_format", list(dc09.MessageFormat)[:2])
+async def test_every_default_code_is_understood_by_the_receiver(
+    message_format: dc09.MessageFormat,
+) -> None:
+    """One alarm of every event type (comm_lost and comm_restored too, which the poller's
+    supervision commits like any alarm): none refused (DUH), each with its table code."""
+    from pysiaalarm.data.adm_mapping import ADM_MAPPING
+
+    from cms_ingest.forwarding.codes import DEFAULT_CODES
+
+    port = free_port()
+    config = forwarder(port, format=message_format)
+    storage = MemoryStorage(routes=(config.route(),))
+    sender = ForwarderSender(config, storage, owner="d1", lease_ttl_s=3.0)
+    kinds = list(EventType)
+    async with sia_receiver(port, [("1234", None)]) as receiver, running(sender.run):
+        for i, kind in enumerate(kinds):
+            await commit(storage, alarms("s1", 1, i, kind))
+        sender.wake()
+        await eventually(lambda: len(delivered(storage)) == len(kinds), what="all delivered")
+    expected = []
+    for kind in kinds:
+        code = DEFAULT_CODES[kind]
+        if message_format is dc09.MessageFormat.SIA_DCS:
+            expected.append(code.sia)
+        else:  # pysiaalarm turns a Contact ID event into the SIA code it maps to
+            expected.append(ADM_MAPPING[code.cid[1:]][code.cid[0]])
+    assert [m.code for m in receiver.accepted()] == expected
+
+
 async def test_only_the_forwarders_sites_and_event_types_are_queued() -> None:
     route = RouteFilter("cms", frozenset({"s1"}), frozenset({EventType.INTRUSION}))
     storage = MemoryStorage(routes=(route, RouteFilter("all")))
