@@ -167,6 +167,40 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return asyncio.run(run_probe(site, out=sys.stdout))
 
 
+def cmd_forward_test(args: argparse.Namespace) -> int:
+    """Commissioning: one test report (SIA RX / Contact ID 601) to a forwarder's receiver;
+    prints the receiver's answer. Touches no database."""
+    from cms_ingest.runtime.forwarder import LinkFailure, send_test
+
+    config = load_or_exit(args.config)
+    configure_logging("warning", "console")
+    try:
+        forwarder = config.forwarder(args.receiver)
+    except KeyError as exc:
+        print(str(exc.args[0]), file=sys.stderr)
+        return EXIT_CONFIG
+    path = "backup" if args.backup else "primary"
+    if args.backup and forwarder.backup is None:
+        print(f"forwarder {forwarder.name!r} has no backup", file=sys.stderr)
+        return EXIT_CONFIG
+    encrypted = "AES" if forwarder.aes_key is not None else "plain"
+    print(
+        f"{forwarder.name}: test report ({forwarder.format.value}, {encrypted}, account "
+        f"{forwarder.account}) to the {path} receiver"
+    )
+    try:
+        address, answer = asyncio.run(send_test(forwarder, backup=args.backup))
+    except LinkFailure as exc:
+        print(f"no answer: {exc}")
+        return EXIT_FAILED
+    print(f"{address} answered {answer.kind.value}: {answer.text}")
+    if answer.kind.value == "NAK":
+        print("NAK: the receiver refused our timestamp or the message (check clocks, account, key)")
+    elif answer.kind.value == "DUH":
+        print("DUH: the receiver does not understand the message (check format and account)")
+    return EXIT_OK if answer.kind.value in ("ACK", "RSP") else EXIT_FAILED
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from cms_ingest.demo import run_demo
 
@@ -211,6 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="one line per site: health, alarms, backlogs")
     status.add_argument("--config", required=True)
     status.set_defaults(func=cmd_status)
+
+    forward = commands.add_parser(
+        "forward-test", help="send one test report to a forwarder's receiver (commissioning)"
+    )
+    forward.add_argument("--config", required=True)
+    forward.add_argument("receiver", help="the forwarder's name")
+    forward.add_argument("--backup", action="store_true", help="use the backup address")
+    forward.set_defaults(func=cmd_forward_test)
 
     action = commands.add_parser("action", help="enqueue an action and wait for its outcome")
     action.add_argument("--config", required=True)

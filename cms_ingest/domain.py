@@ -319,3 +319,59 @@ class LeaseRow:
     epoch: int
     expires_at: datetime
     live: bool  # held by someone and not expired
+
+
+# ---------------------------------------------------------------------- forwarding (outbox)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteFilter:
+    """Which alarms a forwarder gets: of these sites and event types (None: all). The store
+    writes a delivery row per matching forwarder in the transaction of the alarm."""
+
+    forwarder: str
+    sites: frozenset[str] | None = None
+    event_types: frozenset[EventType] | None = None
+
+    def wants(self, alarm: Alarm) -> bool:
+        return (self.sites is None or alarm.site_id in self.sites) and (
+            self.event_types is None or alarm.event_type in self.event_types
+        )
+
+
+class ForwarderLease(NamedTuple):
+    """The lease a forwarder's deliveries are sent under (one daemon sends for it)."""
+
+    owner: str
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A pending delivery as a sender sees it: the row, its sequence number (assigned
+    before the first send and kept for every resend) and what it says about its alarm."""
+
+    id: int
+    forwarder: str
+    alarm_id: int
+    seq: int
+    attempts: int
+    site_id: str
+    event_type: EventType
+    description: str
+    camera_id: str | None
+    camera_name: str | None
+    occurred_at: datetime
+    committed_at: datetime  # the alarm's commit (received_at): where latency starts
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxStats:
+    """A forwarder's queue, for the gauges and `cms-ingest status`."""
+
+    pending: int
+    oldest_pending_at: datetime | None
+    delivered: int
+    failed: int
+    last_delivered_at: datetime | None
+    owner: str | None  # the daemon holding its lease, when live

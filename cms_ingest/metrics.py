@@ -220,6 +220,52 @@ class Metrics:
             "Episodes in which the event loop lagged over 1 s (each logged as event_loop_blocked).",
             registry=registry,
         )
+        # Forwarding to the alarm-handling software (SIA DC-09), per forwarder.
+        self.forward_queue = Gauge(
+            "cms_ingest_forward_queue_depth",
+            "Deliveries waiting for the receiver's ACK, per forwarder.",
+            ["forwarder"],
+            registry=registry,
+        )
+        self.forward_oldest_age = Gauge(
+            "cms_ingest_forward_oldest_pending_seconds",
+            "Age of the oldest undelivered delivery, per forwarder (0 when none).",
+            ["forwarder"],
+            registry=registry,
+        )
+        self.forward_messages = Counter(
+            "cms_ingest_forward_messages_total",
+            "DC-09 messages sent, by answer (ack, nak, duh, rsp) or failure (timeout, error, "
+            "bad_answer).",
+            ["forwarder", "outcome"],
+            registry=registry,
+        )
+        self.forward_deliveries = Counter(
+            "cms_ingest_forward_deliveries_total",
+            "Deliveries settled, by outcome (delivered after ACK, failed after DUH).",
+            ["forwarder", "outcome"],
+            registry=registry,
+        )
+        self.forward_round_trip = Histogram(
+            "cms_ingest_forward_round_trip_seconds",
+            "From sending a DC-09 message to the receiver's answer.",
+            ["forwarder"],
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=registry,
+        )
+        self.forward_latency = Histogram(
+            "cms_ingest_forward_latency_seconds",
+            "From the alarm's commit to the receiver's ACK of its delivery.",
+            ["forwarder"],
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600),
+            registry=registry,
+        )
+        self.forward_link_up = Gauge(
+            "cms_ingest_forward_link_up",
+            "1 while the receiver answered the last message on that path, 0 after a failure.",
+            ["forwarder", "path"],
+            registry=registry,
+        )
 
         # Per-site gauges: only the daemon holding a site exports them, so a site handed to
         # another daemon must not leave a stale "down" (or "up") behind here.

@@ -19,7 +19,9 @@ import aiohttp
 
 from cms_ingest.config import AppConfig
 from cms_ingest.db.engine import create_engine
+from cms_ingest.db.outbox import OutboxStore
 from cms_ingest.db.store import Store
+from cms_ingest.domain import OutboxStats
 from cms_ingest.runtime.daemon import database_url
 
 COLUMNS = (
@@ -38,11 +40,15 @@ COLUMNS = (
 
 
 async def run_status(config: AppConfig, *, out: TextIO) -> int:
-    live = await _daemon_status(config)
+    payload = await _daemon_payload(config)
+    live = _sites_of(payload)
     async with database_url(config) as url:
         store = Store(create_engine(url, pool_size=1))
         try:
             overview = await store.site_overview([site.id for site in config.sites])
+            outbox = await OutboxStore(store.engine).outbox_stats(
+                [forwarder.name for forwarder in config.forwarders]
+            )
         finally:
             await store.engine.dispose()
     rows = [COLUMNS]
@@ -72,12 +78,14 @@ async def run_status(config: AppConfig, *, out: TextIO) -> int:
         out.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
         out.write("\n")
     out.write(_daemons_line(overview))
+    if config.forwarders:
+        _write_table(out, _forwarder_rows(config, outbox, payload))
     if not live:
         out.write(f"(no daemon answered on {config.listen}: state from the database only)\n")
     return 1 if down else 0
 
 
-async def _daemon_status(config: AppConfig) -> dict[str, dict[str, Any]]:
+async def _daemon_payload(config: AppConfig) -> dict[str, Any]:
     url = f"http://{config.listen}/status"
     try:
         timeout = aiohttp.ClientTimeout(total=3)
@@ -85,7 +93,62 @@ async def _daemon_status(config: AppConfig) -> dict[str, dict[str, Any]]:
             payload = json.loads(await response.text())
     except (aiohttp.ClientError, TimeoutError, ValueError):
         return {}
+    return payload if isinstance(payload, dict) else {}
+
+
+def _sites_of(payload: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {site["site_id"]: site for site in payload.get("sites", []) if "site_id" in site}
+
+
+FORWARDER_COLUMNS = (
+    "forwarder",
+    "receiver",
+    "owner",
+    "link",
+    "path",
+    "pending",
+    "oldest",
+    "delivered",
+    "failed",
+    "last_ack",
+    "error",
+)
+
+
+def _forwarder_rows(
+    config: AppConfig, outbox: dict[str, OutboxStats], payload: dict[str, Any]
+) -> list[tuple[str, ...]]:
+    """One line per forwarder: its queue from the database; its link as the daemon that
+    sends for it sees it (when that daemon is the one answering on `listen`)."""
+    live = {f.get("forwarder"): f for f in payload.get("forwarders", []) if f.get("holding")}
+    rows: list[tuple[str, ...]] = [FORWARDER_COLUMNS]
+    for forwarder in config.forwarders:
+        stats = outbox.get(forwarder.name)
+        seen = live.get(forwarder.name, {})
+        link = seen.get("link_up")
+        rows.append(
+            (
+                forwarder.name,
+                forwarder.primary + (f" / {forwarder.backup}" if forwarder.backup else ""),
+                str(stats.owner) if stats and stats.owner else "-",
+                "-" if not seen else "up" if link else "DOWN" if link is False else "idle",
+                str(seen.get("path", "-")),
+                str(stats.pending if stats else 0),
+                _ago(stats.oldest_pending_at if stats else None),
+                str(stats.delivered if stats else 0),
+                str(stats.failed if stats else 0),
+                _ago(stats.last_delivered_at if stats else None),
+                str(seen.get("last_error") or "-")[:60] if link is False else "-",
+            )
+        )
+    return rows
+
+
+def _write_table(out: TextIO, rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        out.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+        out.write("\n")
 
 
 def _daemons_line(overview: dict[str, dict[str, Any]]) -> str:

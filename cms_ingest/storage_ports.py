@@ -31,10 +31,13 @@ from cms_ingest.domain import (
     CommitResult,
     CommitTerms,
     DaemonIdentity,
+    Delivery,
+    ForwarderLease,
     Heartbeat,
     LeaseRow,
     MediaJob,
     MediaState,
+    OutboxStats,
     PollCommit,
     SiteHealth,
 )
@@ -184,6 +187,33 @@ class SiteLeases(Protocol):
     async def expire_daemons(self, daemon_ids: Sequence[str]) -> int: ...
 
     async def lease_rows(self, site_ids: Sequence[str]) -> dict[str, LeaseRow]: ...
+
+
+class Outbox(Protocol):
+    """The forwarding outbox as a forwarder's sender works it. Delivery rows are written by
+    `commit_polls` with their alarms (per the adapter's forwarder routes); a forwarder is sent
+    for by the one holder of its lease; `next_deliveries` gives a row its sequence number once
+    (fenced by the lease's epoch); `delivered` only after an ACK."""
+
+    async def acquire_forwarder(
+        self, name: str, me: str, ttl_s: float
+    ) -> ForwarderLease | None: ...
+
+    async def renew_forwarder(self, name: str, lease: ForwarderLease, ttl_s: float) -> bool: ...
+
+    async def release_forwarder(self, name: str, lease: ForwarderLease) -> None: ...
+
+    async def next_deliveries(
+        self, name: str, lease: ForwarderLease, *, limit: int
+    ) -> list[Delivery]: ...
+
+    async def delivery_attempted(self, delivery_id: int, *, error: str) -> None: ...
+
+    async def delivery_finished(
+        self, delivery_id: int, *, delivered: bool, answer: str, error: str | None = None
+    ) -> bool: ...
+
+    async def outbox_stats(self, names: Sequence[str]) -> dict[str, OutboxStats]: ...
 
 
 class Storage(PollCommits, MediaQueue, ActionQueue, SiteHealthRecords, Protocol):

@@ -7,6 +7,8 @@
   devices, tasks or metrics.
 - `runtime` never imports `simulators` or a concrete vendor module: it knows vendors only
   through the registry and `vendors.base`.
+- `forwarding` (the SIA DC-09 protocol and the code table) imports only `domain`: pure code,
+  testable on its own, that the config, the runtime and the CLI all use.
 - Nothing is imported from `cms_ingest.metrics` but its `Metrics` class, and the module
   defines no collector of its own: the metrics object is built per daemon and handed to the
   parts that count (two daemons in one process keep their own figures).
@@ -113,6 +115,11 @@ def _broken_rule(i: Import) -> str | None:
     storage = _within(own, "cms_ingest.db") or _within(own, "cms_ingest.storage_ports")
     if storage and not (in_db or _within(target, "cms_ingest.domain")):
         return "db and the storage ports import only domain"
+    in_forwarding = _within(own, "cms_ingest.forwarding")
+    if in_forwarding and not (
+        _within(target, "cms_ingest.forwarding") or _within(target, "cms_ingest.domain")
+    ):
+        return "forwarding imports only domain"
     if target == "cms_ingest.metrics" and own != target and i.name != "Metrics":
         return "only the Metrics class is imported from metrics (no module-level collector)"
     if _within(own, "cms_ingest.runtime"):
@@ -144,6 +151,7 @@ def test_the_package_keeps_its_import_layers() -> None:
         ("cms_ingest.runtime.sites", "from cms_ingest.vendors import davantis", "concrete vendor"),
         ("cms_ingest.runtime.sites", "from cms_ingest.simulators import base", "simulators"),
         ("cms_ingest.runtime.poller", "from cms_ingest import metrics", "only the Metrics class"),
+        ("cms_ingest.forwarding.dc09", "from cms_ingest.db import store", "forwarding imports"),
         ("cms_ingest.runtime.poller", "import cms_ingest.metrics", "only the Metrics class"),
         (
             "cms_ingest.simulators.fuzzing",

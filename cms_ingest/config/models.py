@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from cms_ingest.config.forwarders import ForwarderConfig, check_forwarders
 from cms_ingest.config.vendor_facts import default_poll_interval, valid_vendor
 from cms_ingest.domain import EventType, default_priority
 
@@ -318,6 +319,8 @@ class AppConfig(_Model):
     # This daemon's name in leases and `cms-ingest status`; default: hostname and pid.
     instance_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:@-]{1,100}$")
     sites: list[SiteConfig] = Field(min_length=1)
+    # SIA DC-09 receivers every alarm is delivered to (exactly once, in order).
+    forwarders: list[ForwarderConfig] = Field(default_factory=list)
     # Where the config was loaded from; set by load_config, never read from the YAML.
     config_path: Path | None = Field(default=None, exclude=True)
 
@@ -362,6 +365,11 @@ class AppConfig(_Model):
     def _lowercase(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
 
+    @field_validator("forwarders", mode="before")
+    @classmethod
+    def _null_is_no_forwarders(cls, value: Any) -> Any:
+        return [] if value is None else value
+
     @field_validator("media", "actions", "flood", mode="before")
     @classmethod
     def _null_is_empty(cls, value: Any) -> Any:
@@ -376,6 +384,18 @@ class AppConfig(_Model):
                 raise ValueError(f"duplicate site id {site.id!r}")
             seen.add(site.id)
         return sites
+
+    @model_validator(mode="after")
+    def _forwarders_name_sites(self) -> AppConfig:
+        check_forwarders(self.forwarders, {site.id for site in self.sites})
+        return self
+
+    def forwarder(self, name: str) -> ForwarderConfig:
+        for forwarder in self.forwarders:
+            if forwarder.name == name:
+                return forwarder
+        known = ", ".join(f.name for f in self.forwarders) or "none"
+        raise KeyError(f"no forwarder named {name!r} in the config (forwarders: {known})")
 
     @property
     def listen_host(self) -> str:

@@ -39,6 +39,8 @@ from cms_ingest.domain import (
     CommitResult,
     CommitTerms,
     DaemonIdentity,
+    Delivery,
+    ForwarderLease,
     Heartbeat,
     InsertedAlarm,
     LeaseRow,
@@ -46,7 +48,9 @@ from cms_ingest.domain import (
     MediaKind,
     MediaState,
     OpenOutage,
+    OutboxStats,
     PollCommit,
+    RouteFilter,
     SiteHealth,
 )
 
@@ -143,6 +147,30 @@ class _Lease:
 
 
 @dataclass(slots=True)
+class _DeliveryRow:
+    id: int
+    forwarder: str
+    alarm_id: int
+    created_at: datetime
+    state: str = "pending"
+    seq: int | None = None
+    attempts: int = 0
+    first_sent_at: datetime | None = None
+    finished_at: datetime | None = None
+    last_answer: str | None = None
+    last_error: str | None = None
+
+
+@dataclass(slots=True)
+class _ForwarderLease:
+    forwarder: str
+    expires_at: datetime
+    owner: str | None = None
+    epoch: int = 0
+    next_seq: int = 1
+
+
+@dataclass(slots=True)
 class _Daemon:
     identity: DaemonIdentity
     heartbeat_at: datetime
@@ -169,6 +197,9 @@ class MemoryStorage:
     site_state: dict[str, _SiteState] = field(default_factory=dict)
     leases: dict[str, _Lease] = field(default_factory=dict)
     daemons: dict[str, _Daemon] = field(default_factory=dict)
+    routes: tuple[RouteFilter, ...] = ()  # the forwarders' filters (as Store's `routes`)
+    deliveries: dict[int, _DeliveryRow] = field(default_factory=dict)
+    forwarder_leases: dict[str, _ForwarderLease] = field(default_factory=dict)
     _by_source: dict[tuple[str, str], int] = field(default_factory=dict)
     _ids: dict[str, int] = field(default_factory=dict)
 
@@ -253,6 +284,12 @@ class MemoryStorage:
             inserted.append(InsertedAlarm(row.id, alarm.site_id, alarm.source_id))
             self._link_group(row)
             self._add_media(row, terms, now)
+            for route in self.routes:
+                if route.wants(alarm):
+                    delivery = _DeliveryRow(
+                        self._next_id("deliveries"), route.forwarder, row.id, now
+                    )
+                    self.deliveries[delivery.id] = delivery
         if commit.cursor is not None:
             state = self._state(commit.site_id, commit.vendor, now)
             state.cursor = _copy(commit.cursor)
@@ -669,6 +706,115 @@ class MemoryStorage:
             for lease in self.leases.values()
             if lease.site_id in site_ids
         }
+
+    # ------------------------------------------------------------------ forwarding outbox
+
+    async def acquire_forwarder(self, name: str, me: str, ttl_s: float) -> ForwarderLease | None:
+        now = self._reachable()
+        lease = self.forwarder_leases.setdefault(name, _ForwarderLease(name, now))
+        if lease.owner not in (None, me) and lease.expires_at >= now:
+            return None
+        if lease.owner != me:
+            lease.epoch += 1
+        lease.owner = me
+        lease.expires_at = now + timedelta(seconds=ttl_s)
+        return ForwarderLease(me, lease.epoch)
+
+    def _forwarder_held(self, name: str, held: ForwarderLease) -> _ForwarderLease | None:
+        lease = self.forwarder_leases.get(name)
+        if lease is None or (lease.owner, lease.epoch) != (held.owner, held.epoch):
+            return None
+        return lease
+
+    async def renew_forwarder(self, name: str, lease: ForwarderLease, ttl_s: float) -> bool:
+        now = self._reachable()
+        row = self._forwarder_held(name, lease)
+        if row is None:
+            return False
+        row.expires_at = now + timedelta(seconds=ttl_s)
+        return True
+
+    async def release_forwarder(self, name: str, lease: ForwarderLease) -> None:
+        now = self._reachable()
+        row = self._forwarder_held(name, lease)
+        if row is not None:
+            row.owner, row.expires_at = None, now
+
+    async def next_deliveries(
+        self, name: str, lease: ForwarderLease, *, limit: int
+    ) -> list[Delivery]:
+        self._reachable()
+        held = self._forwarder_held(name, lease)
+        if held is None:
+            return []
+        rows = sorted(
+            (r for r in self.deliveries.values() if r.forwarder == name and r.state == "pending"),
+            key=lambda r: r.id,
+        )[:limit]
+        found: list[Delivery] = []
+        for row in rows:
+            if row.seq is None:
+                row.seq, held.next_seq = held.next_seq, held.next_seq % 9999 + 1
+            alarm = self.alarms[row.alarm_id]
+            found.append(
+                Delivery(
+                    id=row.id,
+                    forwarder=name,
+                    alarm_id=row.alarm_id,
+                    seq=row.seq,
+                    attempts=row.attempts,
+                    site_id=alarm.alarm.site_id,
+                    event_type=alarm.alarm.event_type,
+                    description=alarm.alarm.description,
+                    camera_id=alarm.alarm.camera_id,
+                    camera_name=alarm.alarm.camera_name,
+                    occurred_at=alarm.alarm.occurred_at,
+                    committed_at=alarm.received_at,
+                )
+            )
+        return found
+
+    async def delivery_attempted(self, delivery_id: int, *, error: str) -> None:
+        now = self._reachable()
+        row = self.deliveries.get(delivery_id)
+        if row is not None and row.state == "pending":
+            row.attempts += 1
+            row.first_sent_at = row.first_sent_at or now
+            row.last_error = storable_note(error)
+
+    async def delivery_finished(
+        self, delivery_id: int, *, delivered: bool, answer: str, error: str | None = None
+    ) -> bool:
+        now = self._reachable()
+        row = self.deliveries.get(delivery_id)
+        if row is None or row.state != "pending":
+            return False
+        row.state = "delivered" if delivered else "failed"
+        row.attempts += 1
+        row.first_sent_at = row.first_sent_at or now
+        row.finished_at = now
+        row.last_answer = storable_note(answer)
+        row.last_error = storable_note(error)
+        return True
+
+    async def outbox_stats(self, names: Sequence[str]) -> dict[str, OutboxStats]:
+        now = self._reachable()
+        stats: dict[str, OutboxStats] = {}
+        for name in names:
+            rows = [r for r in self.deliveries.values() if r.forwarder == name]
+            pending = [r for r in rows if r.state == "pending"]
+            delivered = [r for r in rows if r.state == "delivered"]
+            lease = self.forwarder_leases.get(name)
+            live = lease is not None and lease.expires_at > now
+            stats[name] = OutboxStats(
+                len(pending),
+                min((r.created_at for r in pending), default=None),
+                len(delivered),
+                sum(r.state == "failed" for r in rows),
+                max((r.finished_at for r in delivered if r.finished_at), default=None),
+                lease.owner if live and lease is not None else None,
+            )
+        return stats
 
 
 def _check_storable_time(value: datetime) -> None:

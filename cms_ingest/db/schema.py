@@ -175,3 +175,47 @@ daemons = Table(
     Column("heartbeat_at", DateTime(timezone=True), nullable=False, server_default=NOW),
     Column("expires_at", DateTime(timezone=True), nullable=False),
 )
+
+# The forwarding outbox: one row per alarm and forwarder (SIA DC-09 receiver), written in the
+# alarm's own transaction; `delivered` only after the receiver's ACK. `seq` is the DC-09
+# sequence number, given before the first send and kept for every resend (a receiver drops a
+# repeat by it). No per-row claims: one daemon sends a forwarder's rows, in id order, while
+# it holds the forwarder's row in `forwarder_leases` (epoch-fenced like site leases).
+deliveries = Table(
+    "deliveries",
+    metadata,
+    Column("id", BigInteger, Identity(always=False), primary_key=True),
+    Column("forwarder", Text, nullable=False),
+    Column(
+        "alarm_id",
+        BigInteger,
+        ForeignKey("alarms.id", ondelete="CASCADE", name="deliveries_alarm_id_fkey"),
+        nullable=False,
+    ),
+    Column("state", Text, nullable=False, server_default="pending"),
+    Column("seq", Integer),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Column("first_sent_at", DateTime(timezone=True)),
+    Column("finished_at", DateTime(timezone=True)),
+    Column("last_answer", Text),
+    Column("last_error", Text),
+    UniqueConstraint("forwarder", "alarm_id", name="deliveries_forwarder_alarm_id_key"),
+    CheckConstraint("state IN ('pending', 'delivered', 'failed')", name="deliveries_state_check"),
+)
+Index(
+    "deliveries_pending_idx",
+    deliveries.c.forwarder,
+    deliveries.c.id,
+    postgresql_where=text("state = 'pending'"),
+)
+
+forwarder_leases = Table(
+    "forwarder_leases",
+    metadata,
+    Column("forwarder", Text, primary_key=True),
+    Column("owner", Text),  # a daemons.daemon_id; NULL: free
+    Column("epoch", BigInteger, nullable=False, server_default="0"),
+    Column("expires_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Column("next_seq", Integer, nullable=False, server_default="1"),  # 1..9999, then 1
+)

@@ -33,7 +33,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from cms_ingest.db.errors import raises_unavailable
 from cms_ingest.db.leases import fenced_sites
-from cms_ingest.db.schema import actions, alarm_media, alarms, site_leases, site_state
+from cms_ingest.db.outbox import DELIVERIES_CHANNEL, delivery_rows
+from cms_ingest.db.schema import (
+    actions,
+    alarm_media,
+    alarms,
+    deliveries,
+    site_leases,
+    site_state,
+)
 from cms_ingest.db.storable import (
     EXPIRED_ERROR,
     NO_MEDIA_NOTE,
@@ -56,6 +64,7 @@ from cms_ingest.domain import (
     MediaState,
     OpenOutage,
     PollCommit,
+    RouteFilter,
     SiteHealth,
 )
 
@@ -69,8 +78,10 @@ class Store:
     the storage ports (`cms_ingest.storage_ports`). Connection-level failures raise
     `DatabaseUnavailable`; every text and JSON value is cleaned here before it is written."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, routes: Sequence[RouteFilter] = ()) -> None:
         self.engine = engine
+        # The forwarders' filters: a commit queues a delivery per forwarder that wants an alarm.
+        self.routes = tuple(routes)
 
     # ------------------------------------------------------------------ health
 
@@ -170,6 +181,10 @@ class Store:
                 ),
                 media_rows,
             )
+        forwarding = delivery_rows(commits, inserted, self.routes)
+        if forwarding:
+            await connection.execute(insert(deliveries), forwarding)
+            await connection.execute(select(func.pg_notify(DELIVERIES_CHANNEL, "")))
         cursor_rows = [
             {"site_id": c.site_id, "vendor": c.vendor, "cursor": dict(c.cursor)}
             for c in commits

@@ -25,11 +25,13 @@ from cms_ingest.config import AppConfig
 from cms_ingest.db.engine import MigrationNeeded, create_engine, embedded_postgres, migrate
 from cms_ingest.db.leases import LEASES_CHANNEL, LeaseStore
 from cms_ingest.db.notify import Listener
+from cms_ingest.db.outbox import DELIVERIES_CHANNEL, OutboxStore
 from cms_ingest.db.store import Store
 from cms_ingest.domain import SiteLease
 from cms_ingest.metrics import Metrics
 from cms_ingest.retry import RetryPolicy
 from cms_ingest.runtime.actions import ActionWorker
+from cms_ingest.runtime.forwarder import ForwarderSender
 from cms_ingest.runtime.housekeeping import Housekeeping
 from cms_ingest.runtime.httpserver import Readiness, make_app, serve
 from cms_ingest.runtime.leases import LeaseKeeper, local_identity
@@ -82,7 +84,9 @@ class Daemon:
         self.supervisor = TaskSupervisor(metrics=self.metrics)
         # A frozen daemon's transaction is ended well before its leases expire.
         idle_s = max(2.0, config.lease_ttl / 2)
-        self.store = Store(create_engine(url, idle_in_transaction_s=idle_s))
+        # The forwarders' filters: a commit queues their deliveries in its own transaction.
+        routes = [forwarder.route() for forwarder in config.forwarders]
+        self.store = Store(create_engine(url, idle_in_transaction_s=idle_s), routes=routes)
         self.identity = local_identity(config.instance_id)
         self.notifier = SystemdNotifier.from_environment()
         self.reloader = ConfigReloader(
@@ -92,6 +96,7 @@ class Daemon:
         self.sites: SiteRegistry | None = None
         self.pollers: PollerSet | None = None
         self.keeper: LeaseKeeper | None = None
+        self.forwarders: list[ForwarderSender] = []
         self._sites_built = asyncio.Event()
         self._started = False
 
@@ -252,6 +257,17 @@ class Daemon:
             report_status=lambda: self.notifier.status(self._status_line()),
             metrics=metrics,
         )
+        outbox = OutboxStore(self.store.engine)
+        self.forwarders = [
+            ForwarderSender(
+                forwarder,
+                outbox,
+                owner=self.identity.daemon_id,
+                lease_ttl_s=config.lease_ttl,
+                metrics=metrics,
+            )
+            for forwarder in config.forwarders
+        ]
         self.sites, self.pollers, self.keeper = sites, pollers, keeper
         self.reloader.sites_running(sites, keeper)
         self._sites_built.set()
@@ -260,6 +276,8 @@ class Daemon:
         self.supervisor.start("actions", actions.run)
         self.supervisor.start("listener", self._listener(keeper, actions).run)
         self.supervisor.start("housekeeping", housekeeping.run)
+        for sender in self.forwarders:
+            self.supervisor.start(f"forwarder:{sender.config.name}", sender.run)
         self.supervisor.start("leases", keeper.run)
 
     def _listener(self, keeper: LeaseKeeper, actions: ActionWorker) -> Listener:
@@ -269,11 +287,17 @@ class Daemon:
         def on_notify(channel: str, _payload: str) -> None:
             if channel == LEASES_CHANNEL:
                 keeper.kick()
+            elif channel == DELIVERIES_CHANNEL:
+                for sender in self.forwarders:
+                    sender.wake()
             else:
                 actions.wake()
 
         return Listener(
-            self.url, ["cms_actions", LEASES_CHANNEL], on_notify=on_notify, on_connect=actions.wake
+            self.url,
+            ["cms_actions", LEASES_CHANNEL, DELIVERIES_CHANNEL],
+            on_notify=on_notify,
+            on_connect=actions.wake,
         )
 
     # ------------------------------------------------------------------ reload (SIGHUP)
@@ -301,7 +325,10 @@ class Daemon:
         await self.supervisor.stop_tasks(["writer"], timeout=2.0)
         if self.keeper is not None:
             await self.keeper.release_all(reason="shutdown")
-        await self.supervisor.stop_tasks(["media", "actions"], timeout=6.0)
+        # With the queues, the forwarders: one cut short mid-message leaves its row pending,
+        # resent later with the same sequence number.
+        senders = [f"forwarder:{sender.config.name}" for sender in self.forwarders]
+        await self.supervisor.stop_tasks(["media", "actions", *senders], timeout=6.0)
         await self.supervisor.stop_all(timeout=2.0)
         if self.sites is not None:
             await self.sites.close()
@@ -324,6 +351,7 @@ class Daemon:
             "sites_owned": len(held),
             "tasks": self.supervisor.names,
             "sites": [_site_status(site, site.config.id in held) for site in self.sites or []],
+            "forwarders": [sender.status() for sender in self.forwarders],
         }
 
 

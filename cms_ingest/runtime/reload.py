@@ -41,6 +41,7 @@ RESTART_ONLY_SETTINGS = (
     "flood",
     "lease_ttl",
     "instance_id",
+    "forwarders",  # the senders and the store's delivery routes are built at start
 )
 
 IDLE_WAIT_S = 3600.0  # the task wakes on a request or at stop; this only bounds a wait
