@@ -36,6 +36,7 @@ import pytest
 
 from cms_ingest.simulators.davantis import DavantisSimulator, DavantisSite
 from tests.conftest import eventually
+from tests.sia_receiver import sia_receiver
 from tests.support import daemon_process, final, free_port, log_events, metric_sum, metrics, ready
 
 with warnings.catch_warnings():  # pgserver's platformdirs warns about XDG_RUNTIME_DIR
@@ -228,8 +229,16 @@ async def create_database(cluster: Cluster, name: str = "cms") -> None:
 # ------------------------------------------------------------------ the daemon process
 
 
-def write_config(path: Path, database_url: str, data_dir: Path, sites: dict[str, str]) -> int:
-    """The daemon's YAML (sweeps rare, so a prompt action proves LISTEN); returns its port."""
+def write_config(
+    path: Path,
+    database_url: str,
+    data_dir: Path,
+    sites: dict[str, str],
+    *,
+    forward_to: int | None = None,
+) -> int:
+    """The daemon's YAML (sweeps rare, so a prompt action proves LISTEN); returns its port.
+    With `forward_to`, every alarm is also forwarded over DC-09 to a receiver on that port."""
     port = free_port()
     lines = [
         f"database_url: '{database_url}'",
@@ -245,6 +254,17 @@ def write_config(path: Path, database_url: str, data_dir: Path, sites: dict[str,
     ]
     for site_id, url in sites.items():
         lines.append(f"  - {{id: {site_id}, vendor: davantis, url: '{url}'}}")
+    if forward_to is not None:
+        lines += [
+            "forwarders:",
+            "  - name: station",
+            f"    primary: 127.0.0.1:{forward_to}",
+            f"    account: '{DC09_ACCOUNT}'",
+            "    ack_timeout_s: 1",
+            "    connect_timeout_s: 0.5",
+            "    retry_base_s: 0.05",
+            "    retry_max_s: 0.5",
+        ]
     path.write_text("\n".join(lines) + "\n")
     return port
 
@@ -357,6 +377,8 @@ def report(name: str, figures: dict[str, object]) -> None:
     print(f"\n[{name}] " + ", ".join(f"{k}={v}" for k, v in figures.items()), flush=True)
 
 
+DC09_ACCOUNT = "C0FFEE"
+
 # ------------------------------------------------------------------ the tests
 
 
@@ -376,10 +398,18 @@ async def test_database_restarted_mid_stream_loses_and_duplicates_nothing(
     await create_database(pg)
     db = Db(pg.url("cms"))
     sites = {name: DavantisSite(media_delay=0) for name in SITES}
-    async with DavantisSimulator(dict(sites)) as sim:
+    receiver_port = free_port()
+    async with (
+        DavantisSimulator(dict(sites)) as sim,
+        sia_receiver(receiver_port, [(DC09_ACCOUNT, None)]) as receiver,
+    ):
         url = f"postgresql://postgres:{CANARY}@127.0.0.1:{pg.port}/cms"
         port = write_config(
-            tmp_path / "cms.yaml", url, tmp_path / "data", {n: sim.url(n) for n in sites}
+            tmp_path / "cms.yaml",
+            url,
+            tmp_path / "data",
+            {n: sim.url(n) for n in sites},
+            forward_to=receiver_port,
         )
         log = tmp_path / "daemon.log"
         async with daemon_process(tmp_path / "cms.yaml", log) as daemon:
@@ -416,6 +446,15 @@ async def test_database_restarted_mid_stream_loses_and_duplicates_nothing(
             await eventually(lambda: _listening(db), timeout=20, what="LISTEN again")
             action_s = await fire_relay(db, "k1")
             figures = await drain_and_check(sim, sites, db)
+            # Each alarm also reached the station's receiver over DC-09: once, in commit
+            # order, across the restart (the outbox rows were written with the alarms).
+            ids = await db.value("SELECT array_agg(id ORDER BY id) FROM alarms")
+            stored = [int(i) for i in ids] if isinstance(ids, list) else []
+            await eventually(
+                lambda: receiver.alarm_ids() == stored, timeout=20, what="every alarm forwarded"
+            )
+            figures["forwarded"] = len(stored)
+            figures["receiver_repeats"] = receiver.repeats()
             # Not asserted (runtime/media.py's business): media rows whose final write
             # failed in the outage stay leased until their lease runs out.
             stuck = await db.value(
