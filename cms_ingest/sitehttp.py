@@ -12,6 +12,7 @@ thousand sites must not mean a thousand pools.
 
 from __future__ import annotations
 
+import functools
 import re
 import resource
 import ssl
@@ -141,6 +142,8 @@ class SiteHttp:
         # The device's clock, read off its `Date` header (1 s resolution) now and then.
         self._on_clock_skew = on_clock_skew
         self._skew_measured_at = 0.0
+        # A poll asks for the same few paths every second: parsed once each.
+        self._urls: dict[str, URL] = {}
 
     def for_host(self, host: str) -> SiteHttp:
         """The same site's rules for a host its API handed back (a regional server, a logger).
@@ -195,8 +198,15 @@ class SiteHttp:
                 if candidate.user is not None or candidate.password is not None:
                     raise UnsafeUrl("refusing a URL with credentials in it", sent=False)
                 return candidate
+            cached = self._urls.get(path_or_url)
+            if cached is not None:
+                return cached
             path = path_or_url if path_or_url.startswith("/") else "/" + path_or_url
-            return URL(str(self.base_url) + path, encoded=False)
+            url = URL(str(self.base_url) + path, encoded=False)
+            if len(self._urls) >= URL_CACHE_SIZE:  # paths with ids in them: keep it bounded
+                self._urls.clear()
+            self._urls[path_or_url] = url
+            return url
         except ValueError as exc:  # yarl: bad port, bad IPv6 literal...
             raise UnsafeUrl(
                 f"refusing {path_or_url[:100]!r}: not a valid URL ({exc})", sent=False
@@ -222,10 +232,7 @@ class SiteHttp:
         """
         url = self.url(path)
         total = timeout_s if timeout_s is not None else self.timeout_s
-        timeout = aiohttp.ClientTimeout(
-            total=total, connect=min(total, 10.0), sock_read=read_timeout_s
-        )
-        where = f"{method} {url.with_query(None)}"
+        timeout = _client_timeout(total, read_timeout_s)
         sent = time.time()
         answered = False
         try:
@@ -243,35 +250,10 @@ class SiteHttp:
                 answered = True
                 self._measure_clock(response, sent)
                 yield response
-        except aiohttp.ServerFingerprintMismatch as exc:
-            raise TlsFailure(
-                f"{where}: certificate does not match the configured pin "
-                f"(got sha256 {exc.got.hex()})",
-                sent=False,
-            ) from None
-        except aiohttp.ClientConnectorCertificateError as exc:
-            raise TlsFailure(
-                f"{where}: TLS certificate not trusted ({exc.certificate_error})", sent=False
-            ) from None
-        except aiohttp.ClientSSLError as exc:
-            raise TlsFailure(f"{where}: TLS failed ({exc})", sent=False) from None
-        except aiohttp.ClientConnectorError as exc:
-            raise DeviceUnreachable(
-                f"{where}: cannot connect ({exc.os_error})", sent=False
-            ) from None
-        except TimeoutError:
-            raise DeviceTimeout(f"{where}: no answer within {total:g} s", sent=True) from None
-        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as exc:
-            raise DeviceUnreachable(f"{where}: connection broke ({exc})", sent=True) from None
-        except aiohttp.ClientError as exc:
-            raise DeviceUnreachable(f"{where}: {type(exc).__name__}: {exc}", sent=True) from None
-        except ValueError as exc:
-            if answered:
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            if isinstance(exc, ValueError) and answered:
                 raise  # the caller's own error, from inside its `async with` block
-            # aiohttp refuses to write e.g. a header with CR/LF in it (a token a device sent).
-            raise UnsafeUrl(
-                f"{where}: refusing to send a malformed request ({exc})", sent=False
-            ) from None
+            raise _transport_error(exc, f"{method} {url.with_query(None)}", total) from None
 
     def _measure_clock(self, response: aiohttp.ClientResponse, sent: float) -> None:
         received = time.time()
@@ -308,3 +290,40 @@ async def read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes:
             raise ResponseTooLarge(f"{where}: answer over the {limit}-byte cap", sent=True)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+URL_CACHE_SIZE = 64
+
+
+@functools.lru_cache(maxsize=64)
+def _client_timeout(total: float, read_timeout_s: float | None) -> aiohttp.ClientTimeout:
+    """The request's timeouts (an immutable value: one per setting, not one per request)."""
+    return aiohttp.ClientTimeout(total=total, connect=min(total, 10.0), sock_read=read_timeout_s)
+
+
+def _transport_error(
+    exc: aiohttp.ClientError | TimeoutError | ValueError, where: str, total: float
+) -> TransportError:
+    """What a failed exchange was, as the clients' own error (`where`: method and URL
+    without its query, which may carry a token)."""
+    if isinstance(exc, aiohttp.ServerFingerprintMismatch):
+        return TlsFailure(
+            f"{where}: certificate does not match the configured pin (got sha256 {exc.got.hex()})",
+            sent=False,
+        )
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return TlsFailure(
+            f"{where}: TLS certificate not trusted ({exc.certificate_error})", sent=False
+        )
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return TlsFailure(f"{where}: TLS failed ({exc})", sent=False)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return DeviceUnreachable(f"{where}: cannot connect ({exc.os_error})", sent=False)
+    if isinstance(exc, TimeoutError):
+        return DeviceTimeout(f"{where}: no answer within {total:g} s", sent=True)
+    if isinstance(exc, aiohttp.ClientPayloadError | aiohttp.ServerDisconnectedError):
+        return DeviceUnreachable(f"{where}: connection broke ({exc})", sent=True)
+    if isinstance(exc, aiohttp.ClientError):
+        return DeviceUnreachable(f"{where}: {type(exc).__name__}: {exc}", sent=True)
+    # aiohttp refuses to write e.g. a header with CR/LF in it (a token a device sent).
+    return UnsafeUrl(f"{where}: refusing to send a malformed request ({exc})", sent=False)

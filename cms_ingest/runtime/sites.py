@@ -119,6 +119,7 @@ class SiteHealthState:
     polled: asyncio.Event = field(default_factory=asyncio.Event)
     # This site's metric series, looked up once (a label lookup per poll adds up at 2,000).
     _gauges: tuple[Any, Any, Any] = field(init=False, repr=False)
+    _exported: tuple[bool | None, int] | None = field(default=None, init=False, repr=False)
     # The daemon's metrics the gauges are exported to (a private one when None).
     metrics: InitVar[Metrics | None] = field(default=None, kw_only=True)
 
@@ -172,8 +173,11 @@ class SiteHealthState:
 
     def _export(self) -> None:
         up, failures, last_success = self._gauges
-        up.set(1 if self.up else 0)
-        failures.set(self.consecutive_failures)
+        state = (self.up, self.consecutive_failures)
+        if state != self._exported:  # a healthy site's poll changes its last success only
+            self._exported = state
+            up.set(1 if self.up else 0)
+            failures.set(self.consecutive_failures)
         if self.last_success_at is not None:
             last_success.set(self.last_success_at.timestamp())
 
