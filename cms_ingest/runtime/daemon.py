@@ -319,9 +319,14 @@ class Daemon:
     async def _shutdown(self) -> None:
         """Ordered: nothing new is polled, what was polled is committed, the leases go to
         the other daemons at once, then the queues settle."""
-        await self.supervisor.stop_tasks(["leases"], timeout=2.0)
+        # The lease keeper and the pollers stop together: a keeper tick under way (slow
+        # with thousands of sites polling) must not keep every poller polling meanwhile.
+        keeper_stopped = asyncio.ensure_future(self.supervisor.stop_tasks(["leases"], timeout=2.0))
         if self.pollers is not None:
             await self.pollers.halt()
+        await keeper_stopped
+        if self.pollers is not None:
+            await self.pollers.halt()  # any a last keeper tick started meanwhile
         await self.supervisor.stop_tasks(["writer"], timeout=2.0)
         if self.keeper is not None:
             await self.keeper.release_all(reason="shutdown")

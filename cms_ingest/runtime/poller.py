@@ -66,6 +66,8 @@ class SitePoller:
         self._site = site
         self._metrics = metrics = metrics if metrics is not None else Metrics()
         self.fenced = False  # set when a commit was refused: the site is another daemon's now
+        # While a commit is under way: a stop waits for it (a poll in flight may be cut short).
+        self.committing = False
         self._writer = writer
         self.cursor = cursor
         self._comm_loss = comm_loss
@@ -174,6 +176,21 @@ class SitePoller:
             cursor=cursor,
             problems=self._site.problems,
         )
+        self.committing = True
+        try:
+            return await self._hand_over(commit, prioritized, cursor, notes)
+        finally:
+            self.committing = False
+
+    async def _hand_over(
+        self,
+        commit: PollCommit,
+        prioritized: list[Alarm],
+        cursor: Mapping[str, Any] | None,
+        notes: list[str],
+    ) -> bool:
+        """The commit through the writer; the cursor moves on once it is stored."""
+        alarms = commit.alarms
         try:
             inserted = await self._writer.commit(commit)
         except LeaseLost:

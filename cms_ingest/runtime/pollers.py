@@ -26,7 +26,7 @@ from cms_ingest.runtime.comm_loss import CommLossTracker
 from cms_ingest.runtime.flood import FloodTracker
 from cms_ingest.runtime.poller import SitePoller
 from cms_ingest.runtime.sites import SiteRegistry
-from cms_ingest.runtime.tasks import TaskSupervisor
+from cms_ingest.runtime.tasks import Interrupt, TaskSupervisor
 from cms_ingest.runtime.writer import AlarmWriter
 from cms_ingest.storage_ports import PollCommits, SiteHealthRecords
 
@@ -34,6 +34,9 @@ log = structlog.get_logger("cms_ingest.pollers")
 
 POLLER_PREFIX = "poller:"
 STOP_TIMEOUT_S = 3.0  # a poller's last poll and commit; then its task is cancelled
+# A poll still waiting for its device this long after the stop is cut short (the cursor stays
+# where the last commit put it: the next holder asks again); one committing is waited for.
+INTERRUPT_POLLS_AFTER_S = 0.2
 
 
 def task_name(site_id: str) -> str:
@@ -71,6 +74,7 @@ class PollerSet:
         self._media_deadline_s = media_deadline_s  # unless the site sets its own
         self._flood = flood
         self._held: dict[str, int] = {}  # site_id -> lease epoch
+        self._pollers: dict[str, SitePoller] = {}  # the running pollers, by site
         # Sites being stopped: no longer held, but their pollers' last commits are still
         # made under these epochs.
         self._stopping: dict[str, int] = {}
@@ -114,6 +118,7 @@ class PollerSet:
         for site_id in ids:
             self._held[site_id] = leases[site_id]
             poller = self._poller(site_id, cursors.get(site_id), histories[site_id])
+            self._pollers[site_id] = poller
             self._tasks.start(task_name(site_id), poller.run)
         if ids and self._on_sites_taken is not None:
             self._on_sites_taken()
@@ -152,11 +157,14 @@ class PollerSet:
                 self._stopping[site_id] = self._held.pop(site_id)
         try:
             await self._tasks.stop_tasks(
-                [task_name(site_id) for site_id in ids], timeout=STOP_TIMEOUT_S
+                [task_name(site_id) for site_id in ids],
+                timeout=STOP_TIMEOUT_S,
+                interrupt=self._polls_in_flight("hand-off"),
             )
         finally:
             for site_id in ids:
                 self._stopping.pop(site_id, None)
+                self._pollers.pop(site_id, None)
         for site_id in ids:
             self._retire_vendor_tasks(site_id)
         snapshots = self.health_snapshots(ids)
@@ -176,7 +184,19 @@ class PollerSet:
     async def halt(self) -> None:
         """Shutdown: every poller stopped at once, its last poll handed to the writer. The
         sites stay held until their leases are released, after the writer has drained."""
-        await self._tasks.stop_matching(POLLER_PREFIX, timeout=STOP_TIMEOUT_S)
+        await self._tasks.stop_matching(
+            POLLER_PREFIX, timeout=STOP_TIMEOUT_S, interrupt=self._polls_in_flight("shutdown")
+        )
+
+    def _polls_in_flight(self, reason: str) -> Interrupt:
+        """Stopping pollers: one still waiting for its device after a moment is cut short
+        (nothing of that poll was committed, its cursor stays); one committing finishes."""
+
+        def may(name: str) -> bool:
+            poller = self._pollers.get(name.removeprefix(POLLER_PREFIX))
+            return poller is None or not poller.committing
+
+        return Interrupt(after_s=INTERRUPT_POLLS_AFTER_S, may=may, reason=reason)
 
     def health_snapshots(self, site_ids: Iterable[str] | None = None) -> list[SiteHealth]:
         """The health to write down of these sites (default: the held ones), each once it

@@ -48,6 +48,15 @@ async def wake_or_stop(wake: asyncio.Event, stop: asyncio.Event, timeout: float)
     wake.clear()
 
 
+@dataclass(frozen=True, slots=True)
+class Interrupt:
+    """When stopping tasks: cancel those `may(name)` allows once `after_s` has passed."""
+
+    after_s: float
+    may: Callable[[str], bool]
+    reason: str
+
+
 @dataclass(slots=True)
 class _Supervised:
     name: str
@@ -111,18 +120,40 @@ class TaskSupervisor:
             if await sleep_or_stop(policy.delay(failures), stop):
                 return
 
-    async def stop_tasks(self, names: Iterable[str], *, timeout: float) -> None:
-        """Ask the named tasks to stop, wait up to `timeout`, then cancel what is left."""
+    async def stop_tasks(
+        self,
+        names: Iterable[str],
+        *,
+        timeout: float,
+        interrupt: Interrupt | None = None,
+    ) -> None:
+        """Ask the named tasks to stop, wait up to `timeout`, then cancel what is left.
+
+        With `interrupt`, the tasks still running after its `after_s` that it says may be
+        interrupted (`may(name)`: nothing would be lost) are cancelled then, without waiting
+        for the rest of the timeout: a poll in flight, say, while its commit would not be."""
         entries = [self._tasks[name] for name in names if name in self._tasks]
         for entry in entries:
             entry.stop.set()
-        await _wait_or_cancel([entry.task for entry in entries], timeout)
+        tasks = [entry.task for entry in entries]
+        if interrupt is not None and tasks:
+            await asyncio.wait(tasks, timeout=interrupt.after_s)
+            cut = [e.task for e in entries if not e.task.done() and interrupt.may(e.name)]
+            for task in cut:
+                task.cancel()
+            if cut:
+                log.info("tasks_interrupted", count=len(cut), reason=interrupt.reason)
+        await _wait_or_cancel(tasks, timeout)
         for entry in entries:
             self._tasks.pop(entry.name, None)
 
-    async def stop_matching(self, prefix: str, *, timeout: float) -> None:
+    async def stop_matching(
+        self, prefix: str, *, timeout: float, interrupt: Interrupt | None = None
+    ) -> None:
         await self.stop_tasks(
-            [n for n in list(self._tasks) if n.startswith(prefix)], timeout=timeout
+            [n for n in list(self._tasks) if n.startswith(prefix)],
+            timeout=timeout,
+            interrupt=interrupt,
         )
 
     async def stop_all(self, *, timeout: float) -> None:
