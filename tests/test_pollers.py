@@ -35,6 +35,7 @@ from tests.support import (
     KEEPER_TTL_S,
     NO_DATABASE,
     app_config,
+    davantis_site,
     first_polls,
     holding,
     memory_storage,
@@ -83,6 +84,42 @@ def _has(store: MemoryStorage, site_id: str, ids: set[int]) -> bool:
 
 def _count(store: MemoryStorage, site_id: str, n: int) -> bool:
     return len(stored_ids(store, site_id)) >= n
+
+
+@pytest.mark.timeout(30)
+async def test_a_poll_waiting_for_a_silent_device_does_not_hold_up_a_stop(
+    tmp_path: Path,
+) -> None:
+    """A device that accepts the connection and never answers: stopping its poller (a
+    hand-off, a shutdown) cuts that poll short instead of waiting for its request timeout
+    or the stop timeout; nothing was committed for it, so nothing is lost."""
+    silent: list[asyncio.StreamWriter] = []
+
+    async def never_answer(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        silent.append(writer)
+
+    server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    store = memory_storage()
+    async with DavantisSimulator(tenants("a")) as sim:
+        sites = [*sites_of(sim, ["a"]), davantis_site("mute", f"http://127.0.0.1:{port}")]
+        config = app_config(NO_DATABASE, tmp_path, sites)
+        async with node("d1", store, config) as d1:
+            await d1.pollers.start(await take(d1, "a", "mute"))
+            await first_polls(d1, "a")
+            await eventually(lambda: silent, what="the silent device's connection")
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            with capture_logs() as logs:
+                await d1.pollers.stop(["mute", "a"])
+            took = loop.time() - started
+            assert took < 1.5, f"{took:.2f} s: the stop waited for the silent device"
+            assert d1.held() == set()
+            cut = [e for e in logs if e["event"] == "tasks_interrupted"]
+            assert [e["count"] for e in cut] == [1], logs
+    server.close()
+    for writer in silent:
+        writer.close()
 
 
 @pytest.mark.timeout(30)

@@ -13,7 +13,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from cms_ingest.retry import RetryPolicy
-from cms_ingest.runtime.tasks import TaskSupervisor
+from cms_ingest.runtime.tasks import Interrupt, TaskSupervisor
 
 QUICK = RetryPolicy(base=0.05, factor=2.0, cap=1.0, jitter=0.0)  # 0.05, 0.1, 0.2 ... s
 
@@ -99,3 +99,41 @@ async def test_stop_waits_for_each_task_then_cancels_what_does_not_end() -> None
     cancelled = [entry for entry in logs if entry["event"] == "task_cancelled_at_shutdown"]
     assert [entry["task"] for entry in cancelled] == ["deaf"]
     assert supervisor.names == []
+
+
+async def test_a_stop_interrupts_what_may_be_cut_short_and_waits_for_the_rest() -> None:
+    """Stopping pollers: one still waiting for its device is cancelled once `after_s` has
+    passed; one committing is waited for; neither waits for the whole timeout."""
+    supervisor = TaskSupervisor()
+    finished: list[str] = []
+    device = asyncio.Event()  # never set: a device that does not answer
+
+    async def waits_for_its_device(stop: asyncio.Event) -> None:
+        await device.wait()
+        finished.append("poll")
+
+    async def commits(stop: asyncio.Event) -> None:
+        await stop.wait()
+        await asyncio.sleep(0.4)  # its commit, under way when the stop came
+        finished.append("commit")
+
+    supervisor.start("poller:a", waits_for_its_device)
+    supervisor.start("poller:b", commits)
+    await asyncio.sleep(0.05)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with capture_logs() as logs:
+        await supervisor.stop_matching(
+            "poller:",
+            timeout=5.0,
+            interrupt=Interrupt(after_s=0.1, may=lambda name: name == "poller:a", reason="test"),
+        )
+    took = loop.time() - started
+    assert finished == ["commit"], "the commit ended, the poll was cut short"
+    assert 0.35 <= took < 2.0, f"{took:.2f} s: waited for the commit only"
+    assert supervisor.names == []
+    cut = [entry for entry in logs if entry["event"] == "tasks_interrupted"]
+    assert cut == [
+        {"event": "tasks_interrupted", "count": 1, "reason": "test", "log_level": "info"}
+    ]
+    assert not [entry for entry in logs if entry["event"] == "task_cancelled_at_shutdown"]
