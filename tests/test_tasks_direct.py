@@ -13,7 +13,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from cms_ingest.retry import RetryPolicy
-from cms_ingest.runtime.tasks import Interrupt, TaskSupervisor
+from cms_ingest.runtime.tasks import Interrupt, StopSignal, TaskSupervisor, sleep_or_stop
 
 QUICK = RetryPolicy(base=0.05, factor=2.0, cap=1.0, jitter=0.0)  # 0.05, 0.1, 0.2 ... s
 
@@ -137,3 +137,22 @@ async def test_a_stop_interrupts_what_may_be_cut_short_and_waits_for_the_rest() 
         {"event": "tasks_interrupted", "count": 1, "reason": "test", "log_level": "info"}
     ]
     assert not [entry for entry in logs if entry["event"] == "task_cancelled_at_shutdown"]
+
+
+async def test_a_stop_signal_ends_a_sleep_at_once_and_a_sleep_ends_by_itself() -> None:
+    stop = StopSignal()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await sleep_or_stop(0.05, stop) is False
+    assert loop.time() - started >= 0.05
+    sleepers = [asyncio.ensure_future(sleep_or_stop(30, stop)) for _ in range(3)]
+    cancelled = asyncio.ensure_future(sleep_or_stop(30, stop))
+    await asyncio.sleep(0.01)
+    cancelled.cancel()
+    await asyncio.sleep(0.01)
+    started = loop.time()
+    stop.set()
+    assert await asyncio.gather(*sleepers) == [True, True, True]
+    assert loop.time() - started < 0.5
+    assert cancelled.cancelled() and not stop._sleepers, "nothing left behind"
+    assert await sleep_or_stop(30, stop) is True, "already set: no sleep at all"
