@@ -236,6 +236,7 @@ def write_config(
     sites: dict[str, str],
     *,
     forward_to: int | None = None,
+    lease_ttl: float = 15.0,
 ) -> int:
     """The daemon's YAML (sweeps rare, so a prompt action proves LISTEN); returns its port.
     With `forward_to`, every alarm is also forwarded over DC-09 to a receiver on that port."""
@@ -245,6 +246,7 @@ def write_config(
         f"data_dir: {data_dir}",
         f"listen: 127.0.0.1:{port}",
         "log_format: json",
+        f"lease_ttl: {lease_ttl}",
         "actions: {sweep_interval_s: 60}",
         "defaults:",
         "  username: cms",
@@ -384,15 +386,15 @@ DC09_ACCOUNT = "C0FFEE"
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(
-    "outage",
+    ("outage", "lease_ttl"),
     [
-        pytest.param(6.0, id="6s"),
-        # Longer than lease_ttl (15 s): the daemon also gives up its site leases meanwhile.
-        pytest.param(20.0, id="20s-past-lease-ttl"),
+        pytest.param(6.0, 15.0, id="6s"),
+        # Longer than lease_ttl: the daemon also gives up its site leases meanwhile.
+        pytest.param(9.0, 5.0, id="9s-past-a-5s-lease-ttl"),
     ],
 )
 async def test_database_restarted_mid_stream_loses_and_duplicates_nothing(
-    clusters: list[Cluster], pg_root: Path, tmp_path: Path, outage: float
+    clusters: list[Cluster], pg_root: Path, tmp_path: Path, outage: float, lease_ttl: float
 ) -> None:
     pg = await new_cluster(clusters, "main", pg_root)
     await create_database(pg)
@@ -410,6 +412,7 @@ async def test_database_restarted_mid_stream_loses_and_duplicates_nothing(
             tmp_path / "data",
             {n: sim.url(n) for n in sites},
             forward_to=receiver_port,
+            lease_ttl=lease_ttl,
         )
         log = tmp_path / "daemon.log"
         async with daemon_process(tmp_path / "cms.yaml", log) as daemon:
