@@ -13,9 +13,12 @@ private `Metrics()` of its own.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 
 class Metrics:
@@ -23,12 +26,10 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = registry = CollectorRegistry(auto_describe=True)
-        self.polls = Counter(
-            "cms_ingest_polls_total",
-            "Polls of a site, by outcome (ok, error, auth_error, bad_response, timeout).",
-            ["site_id", "vendor", "outcome"],
-            registry=registry,
-        )
+        # A site's poll figures: plain attributes its poller and health write, read only
+        # when /metrics is scraped (no labelled child, lock or lookup per poll per site).
+        self._poll_series: dict[str, PollSeries] = {}
+        registry.register(_PollSeriesCollector(self._poll_series))
         self.poll_duration = Histogram(
             "cms_ingest_poll_duration_seconds",
             "Time of one poll request cycle (including paging), by vendor.",
@@ -47,24 +48,6 @@ class Metrics:
             "From the alarm's occurred_at (device clock) to its commit.",
             ["vendor"],
             buckets=(0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30, 60, 300, 3600),
-            registry=registry,
-        )
-        self.site_up = Gauge(
-            "cms_ingest_site_up",
-            "1 while the site's last poll succeeded, 0 while it fails.",
-            ["site_id", "vendor"],
-            registry=registry,
-        )
-        self.site_consecutive_failures = Gauge(
-            "cms_ingest_site_consecutive_failures",
-            "Polls that failed in a row.",
-            ["site_id", "vendor"],
-            registry=registry,
-        )
-        self.site_last_success = Gauge(
-            "cms_ingest_site_last_success_timestamp_seconds",
-            "Unix time of the site's last successful poll.",
-            ["site_id", "vendor"],
             registry=registry,
         )
         self.bad_input = Counter(
@@ -154,13 +137,6 @@ class Metrics:
         self.api_budget_remaining = Gauge(
             "cms_ingest_api_budget_remaining",
             "Queries left today in an account's daily API budget (CamStreamer).",
-            ["site_id", "vendor"],
-            registry=registry,
-        )
-        self.site_seconds_since_success = Gauge(
-            "cms_ingest_site_seconds_since_success",
-            "Seconds since the site's last successful poll (supervision: comm_lost after the "
-            "timeout).",
             ["site_id", "vendor"],
             registry=registry,
         )
@@ -270,10 +246,6 @@ class Metrics:
         # Per-site gauges: only the daemon holding a site exports them, so a site handed to
         # another daemon must not leave a stale "down" (or "up") behind here.
         self._per_site_gauges = (
-            self.site_up,
-            self.site_consecutive_failures,
-            self.site_last_success,
-            self.site_seconds_since_success,
             self.clock_skew,
             self.device_health,
             self.api_budget_remaining,
@@ -286,9 +258,19 @@ class Metrics:
         """Withdraw the site's per-site gauges (it was removed or handed to another daemon)."""
         self.forget_sites([site_id])
 
+    def poll_series(self, site_id: str, vendor: str) -> PollSeries:
+        """The site's poll figures (polls by outcome, up, failures, last success), exported
+        once the site was polled; the same object until the site is forgotten."""
+        series = self._poll_series.get(site_id)
+        if series is None or series.vendor != vendor:
+            series = self._poll_series[site_id] = PollSeries(site_id, vendor)
+        return series
+
     def forget_sites(self, site_ids: Iterable[str]) -> None:
         """Withdraw these sites' per-site gauges (see `forget_sites_in_slices`)."""
         ids = set(site_ids)
+        for site_id in ids:
+            self._poll_series.pop(site_id, None)
         if ids:
             for gauge in self._per_site_gauges:
                 for part in _matching_series(gauge, ids):
@@ -306,6 +288,8 @@ class Metrics:
         ids = set(site_ids)
         if not ids:
             return
+        for site_id in ids:
+            self._poll_series.pop(site_id, None)
         for gauge in self._per_site_gauges:
             for part in _matching_series(gauge, ids):
                 _remove(gauge, part)
@@ -353,3 +337,83 @@ def _remove(gauge: Gauge, series: list[tuple[str, ...]]) -> None:
         return
     for labels in series:
         gauge.remove(*labels)
+
+
+@dataclass(slots=True, eq=False)
+class PollSeries:
+    """One site's poll figures, as its poller and health state keep them."""
+
+    site_id: str
+    vendor: str
+    up: bool | None = None  # None until its first poll (in this daemon's tenure)
+    consecutive_failures: int = 0
+    last_success: float | None = None  # Unix time
+    seconds_since_success: Callable[[], float] | None = None
+    polls: dict[str, int] = field(default_factory=dict)  # outcome -> count
+
+    def count(self, outcome: str) -> None:
+        self.polls[outcome] = self.polls.get(outcome, 0) + 1
+
+
+_SITE = ["site_id", "vendor"]
+# The families `_PollSeriesCollector` builds and their labels (for tools checking queries).
+POLL_SERIES_FAMILIES: dict[str, list[str]] = {
+    "cms_ingest_polls": [*_SITE, "outcome"],
+    "cms_ingest_site_up": _SITE,
+    "cms_ingest_site_consecutive_failures": _SITE,
+    "cms_ingest_site_last_success_timestamp_seconds": _SITE,
+    "cms_ingest_site_seconds_since_success": _SITE,
+}
+
+
+class _PollSeriesCollector(Collector):
+    """`cms_ingest_polls_total` and the site_* gauges, built at scrape time from the
+    sites' `PollSeries` (names, help and labels as the contract has them)."""
+
+    def __init__(self, series: dict[str, PollSeries]) -> None:
+        self._series = series
+
+    def describe(self) -> list[Metric]:
+        return list(self._families([]))
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families(list(self._series.values())))
+
+    def _families(self, sites: list[PollSeries]) -> list[Metric]:
+        polls = CounterMetricFamily(
+            "cms_ingest_polls",
+            "Polls of a site, by outcome (ok, error, auth_error, bad_response, timeout).",
+            labels=POLL_SERIES_FAMILIES["cms_ingest_polls"],
+        )
+        up = GaugeMetricFamily(
+            "cms_ingest_site_up",
+            "1 while the site's last poll succeeded, 0 while it fails.",
+            labels=_SITE,
+        )
+        failures = GaugeMetricFamily(
+            "cms_ingest_site_consecutive_failures", "Polls that failed in a row.", labels=_SITE
+        )
+        last = GaugeMetricFamily(
+            "cms_ingest_site_last_success_timestamp_seconds",
+            "Unix time of the site's last successful poll.",
+            labels=_SITE,
+        )
+        since = GaugeMetricFamily(
+            "cms_ingest_site_seconds_since_success",
+            "Seconds since the site's last successful poll (supervision: comm_lost after the "
+            "timeout).",
+            labels=_SITE,
+        )
+        for site in sites:
+            labels = [site.site_id, site.vendor]
+            for outcome, count in site.polls.items():
+                polls.add_metric([*labels, outcome], count)
+            if site.up is None:
+                continue  # not polled here (yet): another daemon may hold it
+            up.add_metric(labels, 1 if site.up else 0)
+            failures.add_metric(labels, site.consecutive_failures)
+            if site.last_success is not None:
+                last.add_metric(labels, site.last_success)
+            if site.seconds_since_success is not None:
+                since.add_metric(labels, site.seconds_since_success())
+        return [polls, up, failures, last, since]

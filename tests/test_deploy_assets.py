@@ -25,7 +25,7 @@ import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
 from cms_ingest.config import AppConfig, load_config
-from cms_ingest.metrics import Metrics
+from cms_ingest.metrics import POLL_SERIES_FAMILIES, Metrics
 from cms_ingest.simulators import davantis as davantis_simulator
 from cms_ingest.simulators.base import parse_cli_args, tenant_names
 
@@ -93,7 +93,12 @@ def _catalogue() -> tuple[dict[str, frozenset[str]], set[str]]:
         families.add(family.name)
         # prometheus_client keeps a wrapper's label names in `_labelnames`; collect() shows
         # them only once a child exists, and these tests must not create series.
-        labels = frozenset(wrappers[family.name]._labelnames) | TARGET_LABELS
+        own = (
+            wrappers[family.name]._labelnames
+            if family.name in wrappers
+            else POLL_SERIES_FAMILIES[family.name]  # built at scrape time, no wrapper
+        )
+        labels = frozenset(own) | TARGET_LABELS
         if family.type == "counter":
             series[family.name + "_total"] = labels
         elif family.type == "histogram":
@@ -102,7 +107,7 @@ def _catalogue() -> tuple[dict[str, frozenset[str]], set[str]]:
             series[family.name + "_count"] = labels
         else:
             series[family.name] = labels
-    assert families == set(wrappers), "a registered metric is not a module-level wrapper"
+    assert families == set(wrappers) | set(POLL_SERIES_FAMILIES), "a metric of unknown labels"
     return series, families
 
 

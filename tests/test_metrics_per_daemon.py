@@ -128,7 +128,7 @@ async def _scrape(own: Metrics) -> list[Sample]:
 def test_forgetting_sites_withdraws_exactly_their_per_site_series() -> None:
     metrics = Metrics()
     for site_id in ("a", "b", "c"):
-        metrics.site_up.labels(site_id=site_id, vendor="davantis").set(1)
+        metrics.poll_series(site_id, "davantis").up = True
         metrics.clock_skew.labels(site_id=site_id, vendor="davantis").set(2.5)
         for component in ("recorder", "cameras"):
             metrics.device_health.labels(
@@ -144,7 +144,9 @@ def test_forgetting_sites_withdraws_exactly_their_per_site_series() -> None:
         if "site_id" in sample.labels
     }
     assert {site for _name, site in left} == {"b"}
-    assert len(left) == 4  # up, skew, health (its two components are one name), budget
+    # up and consecutive failures (once polled), skew, health (its two components are one
+    # name), budget
+    assert len(left) == 5
     assert (
         metrics.sample(
             "cms_ingest_device_health", site_id="b", vendor="davantis", component="cameras"
@@ -154,14 +156,15 @@ def test_forgetting_sites_withdraws_exactly_their_per_site_series() -> None:
 
 
 async def test_forgetting_sites_withdraws_their_gauges_only_and_in_slices() -> None:
-    """Enough series for several slices: every per-site gauge of the forgotten sites goes,
-    those of the others stay, per-site counters stay (they are totals)."""
+    """Enough series for several slices: every per-site series of the forgotten sites goes
+    (their polls too: the next holder counts them), those of the others stay."""
     metrics = Metrics()
     sites = [f"s{i:04d}" for i in range(1500)]
     for site in sites:
-        metrics.site_up.labels(site_id=site, vendor="davantis").set(1)
+        series = metrics.poll_series(site, "davantis")
+        series.up = True
+        series.count("ok")
         metrics.device_health.labels(site_id=site, vendor="davantis", component="disk").set(1)
-        metrics.polls.labels(site_id=site, vendor="davantis", outcome="ok").inc()
     gone, kept = set(sites[:1200]), sites[1200:]
     await metrics.forget_sites_in_slices(gone)
     text = metrics.exposition().decode()
@@ -170,9 +173,8 @@ async def test_forgetting_sites_withdraws_their_gauges_only_and_in_slices() -> N
         line.split('site_id="')[1][:5] for line in text.splitlines() if "device_health{" in line
     }
     assert up == health == set(kept)
-    assert metrics.sample(
-        "cms_ingest_polls_total", site_id="s0000", vendor="davantis", outcome="ok"
-    )
+    polls = {line.split('site_id="')[1][:5] for line in text.splitlines() if "polls_total{" in line}
+    assert polls == set(kept)
     metrics.forget_sites(kept[:10])
     assert metrics.sample("cms_ingest_site_up", site_id=kept[0], vendor="davantis") == 0
     assert metrics.sample("cms_ingest_site_up", site_id=kept[-1], vendor="davantis") == 1

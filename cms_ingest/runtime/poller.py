@@ -73,10 +73,8 @@ class SitePoller:
         self._comm_loss = comm_loss
         self._flood = flood
         self._db_failing = False
-        metrics.site_seconds_since_success.labels(**self._labels).set_function(
-            comm_loss.seconds_since_success
-        )
-        self._polls_ok = metrics.polls.labels(**self._labels, outcome="ok")
+        self._series = metrics.poll_series(site.config.id, site.config.vendor)
+        self._series.seconds_since_success = comm_loss.seconds_since_success
         self._poll_duration = metrics.poll_duration.labels(vendor=site.config.vendor)
 
     @property
@@ -126,7 +124,7 @@ class SitePoller:
         changed = bool(result.alarms) or result.cursor != self.cursor
         if changed and not await self._commit(result.alarms, result.cursor, result.notes):
             return False  # our database failed, not the site: comm loss is not told
-        self._polls_ok.inc()
+        self._series.count("ok")
         self._site.health.success()
         await self._track_comm(ok=True)
         return True
@@ -147,7 +145,7 @@ class SitePoller:
     async def _failed(self, outcome: str, error: str, *, comm_error: str | None = None) -> bool:
         """The poll failed: counted by `outcome`, the site's health and comm loss told
         (`comm_error`, when given, is what comm loss records instead of `error`)."""
-        self._metrics.polls.labels(**self._labels, outcome=outcome).inc()
+        self._series.count(outcome)
         self._site.health.failure(error)
         await self._track_comm(ok=False, error=error if comm_error is None else comm_error)
         return False
@@ -203,7 +201,7 @@ class SitePoller:
             return False
         except DatabaseUnavailable as exc:
             # The database, not the site, failed: keep the cursor, poll the same range again.
-            self._metrics.polls.labels(**self._labels, outcome="db_error").inc()
+            self._series.count("db_error")
             if not self._db_failing:
                 self._db_failing = True
                 log.error("commit_failed", error=str(exc), note="cursor kept; will retry")

@@ -20,7 +20,7 @@ import structlog
 from cms_ingest.config import AppConfig, SiteConfig
 from cms_ingest.domain import SiteHealth
 from cms_ingest.logs import redact_text
-from cms_ingest.metrics import Metrics
+from cms_ingest.metrics import Metrics, PollSeries
 from cms_ingest.runtime.tasks import TaskSupervisor
 from cms_ingest.runtime.vendortasks import SupervisedTasks
 from cms_ingest.sitehttp import SiteHttp, TlsPolicy
@@ -117,20 +117,14 @@ class SiteHealthState:
     dirty: bool = field(default=False)
     # Set after the first poll, good or bad: the site's cursor now exists (when it was good).
     polled: asyncio.Event = field(default_factory=asyncio.Event)
-    # This site's metric series, looked up once (a label lookup per poll adds up at 2,000).
-    _gauges: tuple[Any, Any, Any] = field(init=False, repr=False)
-    _exported: tuple[bool | None, int] | None = field(default=None, init=False, repr=False)
+    # This site's poll figures, read when /metrics is scraped.
+    _series: PollSeries = field(init=False, repr=False)
     # The daemon's metrics the gauges are exported to (a private one when None).
     metrics: InitVar[Metrics | None] = field(default=None, kw_only=True)
 
     def __post_init__(self, metrics: Metrics | None) -> None:
         metrics = metrics if metrics is not None else Metrics()
-        labels = {"site_id": self.site_id, "vendor": self.vendor}
-        self._gauges = (
-            metrics.site_up.labels(**labels),
-            metrics.site_consecutive_failures.labels(**labels),
-            metrics.site_last_success.labels(**labels),
-        )
+        self._series = metrics.poll_series(self.site_id, self.vendor)
 
     def success(self) -> None:
         now = datetime.now(UTC)
@@ -172,14 +166,11 @@ class SiteHealthState:
         return self.last_success_at is None or (now - self.last_success_at).total_seconds() > 30
 
     def _export(self) -> None:
-        up, failures, last_success = self._gauges
-        state = (self.up, self.consecutive_failures)
-        if state != self._exported:  # a healthy site's poll changes its last success only
-            self._exported = state
-            up.set(1 if self.up else 0)
-            failures.set(self.consecutive_failures)
+        series = self._series
+        series.up = self.up
+        series.consecutive_failures = self.consecutive_failures
         if self.last_success_at is not None:
-            last_success.set(self.last_success_at.timestamp())
+            series.last_success = self.last_success_at.timestamp()
 
     def snapshot(self) -> SiteHealth | None:
         if not self.dirty or self.last_poll_at is None:
