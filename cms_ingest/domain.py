@@ -187,6 +187,8 @@ def clean_text(value: str, limit: int) -> str:
     at most `limit` characters (a longer one is cut and ends with "…")."""
     if len(value) > limit:
         value = value[: limit - 1] + "…"
+    if value.isascii() and "\x00" not in value:  # the usual case: nothing to replace
+        return value
     return _UNSTORABLE.sub(REPLACEMENT, value)
 
 

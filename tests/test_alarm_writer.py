@@ -207,3 +207,25 @@ async def test_a_refused_value_in_a_batch_holds_back_no_other_site(
     assert "unstorable" in raw["bad"]
     cursors = await memory.load_cursors(reporters)
     assert cursors == {site: {"last_id": 1} for site in reporters}
+
+
+async def test_a_storm_is_committed_in_transactions_of_a_few_thousand_alarms(
+    memory: MemoryStorage, run_writer: Callable[[AlarmWriter], AlarmWriter]
+) -> None:
+    """Six sites answering full pages at once: not one transaction of every alarm, but
+    batches closed once they hold `max_batch_alarms`; each site's commit whole in one."""
+    sizes: list[list[int]] = []
+    commit_polls = memory.commit_polls
+
+    async def recording(commits: Any, terms: Any) -> Any:
+        sizes.append([len(commit.alarms) for commit in commits])
+        return await commit_polls(commits, terms)
+
+    memory.commit_polls = recording  # type: ignore[method-assign]
+    writer = run_writer(
+        AlarmWriter(memory, media_deadline_of=lambda _site: 60.0, max_batch_alarms=500)
+    )
+    polls = [_poll(f"s{n}", *(str(i) for i in range(300))) for n in range(6)]
+    results = await asyncio.gather(*(writer.commit(poll) for poll in polls))
+    assert [len(inserted) for inserted in results] == [300] * 6
+    assert sizes == [[300, 300], [300, 300], [300, 300]], "closed at 500 alarms or more"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -18,12 +19,14 @@ from typing import Any
 from cms_ingest.domain import (
     DESCRIPTION_LIMIT,
     ID_LIMIT,
+    MAX_JSON_DEPTH,
+    MAX_JSON_INT_BITS,
     NAME_LIMIT,
     RAW_TEXT_LIMIT,
     Alarm,
+    MediaRequest,
     PollCommit,
     SiteHealth,
-    clean_json,
     clean_text,
 )
 
@@ -41,8 +44,39 @@ def stored_source_id(source_id: str) -> str:
 
 def storable_json(value: Any) -> Any:
     """Any JSON-like value as plain JSON `jsonb` takes: device strings cleaned, non-finite
-    numbers and giant integers None, other objects (a datetime, bytes) as cleaned text."""
-    return json.loads(json.dumps(clean_json(value), default=_storable_str))
+    numbers and giant integers None, other objects (a datetime, bytes) as cleaned text.
+
+    One pass (`clean_json`'s rules, plain types out), not a JSON round trip: a storm of
+    full pages makes this run for every alarm, its raw answer and each media locator."""
+    return _plain_json(value, MAX_JSON_DEPTH)
+
+
+def _plain_json(value: Any, depth: int) -> Any:
+    kind = type(value)  # the plain types first: no subclass checks for the usual values
+    if kind is str:
+        return clean_text(value, RAW_TEXT_LIMIT)
+    if kind is int:
+        return value if value.bit_length() <= MAX_JSON_INT_BITS else None
+    if value is None or value is True or value is False:
+        return value
+    if isinstance(value, str):
+        return clean_text(str(value), RAW_TEXT_LIMIT)
+    if isinstance(value, int):
+        return int(value) if value.bit_length() <= MAX_JSON_INT_BITS else None
+    if isinstance(value, float):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, dict):
+        if depth <= 0:
+            return None
+        return {
+            clean_text(str(key), ID_LIMIT): _plain_json(item, depth - 1)
+            for key, item in value.items()
+        }
+    if isinstance(value, list | tuple):
+        if depth <= 0:
+            return None
+        return [_plain_json(item, depth - 1) for item in value]
+    return _storable_str(value)
 
 
 def storable_note(note: str | None) -> str | None:
@@ -79,7 +113,7 @@ def storable_alarm(alarm: Alarm) -> Alarm:
         ),
         raw=storable_json(dict(alarm.raw)),
         media=tuple(
-            dataclasses.replace(media, locator=storable_json(dict(media.locator)))
+            MediaRequest(media.kind, storable_json(dict(media.locator)), media.available)
             for media in alarm.media
         ),
         # A flood member names its head by source_id: cleaned alike, so they still match.

@@ -10,6 +10,7 @@ The guarantees live here:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -18,7 +19,6 @@ from sqlalchemy import (
     ARRAY,
     Text,
     any_,
-    bindparam,
     exists,
     func,
     literal,
@@ -161,26 +161,15 @@ class Store:
         commits: Sequence[PollCommit],
         terms: Mapping[str, CommitTerms],
     ) -> list[InsertedAlarm]:
-        alarm_rows = [_alarm_row(alarm) for commit in commits for alarm in commit.alarms]
+        every_alarm = [alarm for commit in commits for alarm in commit.alarms]
         inserted: list[InsertedAlarm] = []
-        if alarm_rows:
-            result = await connection.execute(
-                insert(alarms)
-                .on_conflict_do_nothing(index_elements=["site_id", "source_id"])
-                .returning(alarms.c.id, alarms.c.site_id, alarms.c.source_id),
-                alarm_rows,
-            )
+        if every_alarm:
+            result = await connection.execute(_INSERT_ALARMS, _alarm_columns(every_alarm))
             inserted = [InsertedAlarm(row.id, row.site_id, row.source_id) for row in result]
         await _link_groups(connection, commits, inserted)
         media_rows = _media_rows(commits, inserted, terms)
         if media_rows:
-            await connection.execute(
-                insert(alarm_media).values(
-                    deadline_at=func.now()
-                    + func.make_interval(0, 0, 0, 0, 0, 0, bindparam("deadline_s"))
-                ),
-                media_rows,
-            )
+            await connection.execute(_INSERT_MEDIA, _columns(media_rows))
         forwarding = delivery_rows(commits, inserted, self.routes)
         if forwarding:
             await connection.execute(insert(deliveries), forwarding)
@@ -667,20 +656,69 @@ def _claim_expired(required: bool) -> list[Any]:
     return [actions.c.claimed_until < func.now()] if required else []
 
 
-def _alarm_row(alarm: Alarm) -> dict[str, Any]:
+# A poll batch's alarms in one statement, one array per column (a storm of full pages from
+# many sites at once: executemany built and bound each row on its own, about 4,000 alarms/s).
+# Ids follow the batch's order (WITH ORDINALITY ... ORDER BY): each site's alarms in the
+# order its poll found them. A (site_id, source_id) stored before, or twice in the batch, is
+# skipped by the unique key; RETURNING gives the ones inserted now.
+_INSERT_ALARMS = text(
+    """
+    INSERT INTO alarms (site_id, vendor, source_id, camera_id, camera_name, event_type,
+                        vendor_event, description, occurred_at, armed, priority, raw)
+    SELECT a.site_id, a.vendor, a.source_id, a.camera_id, a.camera_name, a.event_type,
+           a.vendor_event, a.description, a.occurred_at, a.armed, a.priority,
+           CAST(a.raw AS jsonb)
+    FROM unnest(
+        CAST(:site_id AS text[]), CAST(:vendor AS text[]), CAST(:source_id AS text[]),
+        CAST(:camera_id AS text[]), CAST(:camera_name AS text[]),
+        CAST(:event_type AS text[]), CAST(:vendor_event AS text[]),
+        CAST(:description AS text[]), CAST(:occurred_at AS timestamptz[]),
+        CAST(:armed AS boolean[]), CAST(:priority AS smallint[]), CAST(:raw AS text[])
+    ) WITH ORDINALITY AS a(site_id, vendor, source_id, camera_id, camera_name, event_type,
+                           vendor_event, description, occurred_at, armed, priority, raw, n)
+    ORDER BY a.n
+    ON CONFLICT (site_id, source_id) DO NOTHING
+    RETURNING id, site_id, source_id
+    """
+)
+
+_INSERT_MEDIA = text(
+    """
+    INSERT INTO alarm_media (alarm_id, site_id, kind, state, locator, last_error, deadline_at)
+    SELECT m.alarm_id, m.site_id, m.kind, m.state, CAST(m.locator AS jsonb), m.last_error,
+           now() + make_interval(secs => m.deadline_s)
+    FROM unnest(
+        CAST(:alarm_id AS bigint[]), CAST(:site_id AS text[]), CAST(:kind AS text[]),
+        CAST(:state AS text[]), CAST(:locator AS text[]), CAST(:last_error AS text[]),
+        CAST(:deadline_s AS float8[])
+    ) AS m(alarm_id, site_id, kind, state, locator, last_error, deadline_s)
+    """
+)
+
+
+def _alarm_columns(batch: Sequence[Alarm]) -> dict[str, list[Any]]:
+    """The batch's alarms as one list per column (storable already: `storable_commit`)."""
     return {
-        "site_id": alarm.site_id,
-        "vendor": alarm.vendor,
-        "source_id": alarm.source_id,
-        "camera_id": alarm.camera_id,
-        "camera_name": alarm.camera_name,
-        "event_type": alarm.event_type.value,
-        "vendor_event": alarm.vendor_event,
-        "description": alarm.description,
-        "occurred_at": alarm.occurred_at,
-        "armed": alarm.armed,
-        "priority": alarm.priority,
-        "raw": dict(alarm.raw),  # storable already (storable_commit)
+        "site_id": [alarm.site_id for alarm in batch],
+        "vendor": [alarm.vendor for alarm in batch],
+        "source_id": [alarm.source_id for alarm in batch],
+        "camera_id": [alarm.camera_id for alarm in batch],
+        "camera_name": [alarm.camera_name for alarm in batch],
+        "event_type": [alarm.event_type.value for alarm in batch],
+        "vendor_event": [alarm.vendor_event for alarm in batch],
+        "description": [alarm.description for alarm in batch],
+        "occurred_at": [alarm.occurred_at for alarm in batch],
+        "armed": [alarm.armed for alarm in batch],
+        "priority": [alarm.priority for alarm in batch],
+        "raw": [json.dumps(alarm.raw) for alarm in batch],
+    }
+
+
+def _columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
+    """Rows (dicts with the same keys) as one list per key; JSON values as JSON text."""
+    return {
+        key: [json.dumps(row[key]) if isinstance(row[key], dict) else row[key] for row in rows]
+        for key in rows[0]
     }
 
 

@@ -55,6 +55,7 @@ class AlarmWriter:
         media_deadline_of: Callable[[str], float],
         lease_of: Callable[[str], SiteLease | None] | None = None,
         max_batch: int = 250,
+        max_batch_alarms: int = 5000,
         max_wait_s: float = 0.02,
         on_media_added: Callable[[], None] | None = None,
         metrics: Metrics | None = None,
@@ -67,6 +68,9 @@ class AlarmWriter:
         self._lease_of = lease_of
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._max_batch = max_batch
+        # A storm (many sites answering full pages at once) is committed in transactions of a
+        # few thousand alarms, so commits keep flowing and none holds its locks for long.
+        self._max_batch_alarms = max_batch_alarms
         self._max_wait_s = max_wait_s
         self._on_media_added = on_media_added
         self._metrics = metrics if metrics is not None else Metrics()
@@ -102,21 +106,21 @@ class AlarmWriter:
         except TimeoutError:
             return []
         batch = [first]
+        alarms = len(first[0].alarms)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._max_wait_s
-        while len(batch) < self._max_batch:
+        while len(batch) < self._max_batch and alarms < self._max_batch_alarms:
             try:
                 batch.append(self._queue.get_nowait())
-                continue
             except asyncio.QueueEmpty:
-                pass
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            try:
-                batch.append(await asyncio.wait_for(self._queue.get(), timeout=remaining))
-            except TimeoutError:
-                break
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), timeout=remaining))
+                except TimeoutError:
+                    break
+            alarms += len(batch[-1][0].alarms)
         return batch
 
     async def _commit(self, batch: list[_Pending]) -> None:
