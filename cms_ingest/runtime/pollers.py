@@ -37,6 +37,10 @@ STOP_TIMEOUT_S = 3.0  # a poller's last poll and commit; then its task is cancel
 # A poll still waiting for its device this long after the stop is cut short (the cursor stays
 # where the last commit put it: the next holder asks again); one committing is waited for.
 INTERRUPT_POLLS_AFTER_S = 0.2
+# Sites started together (a daemon's start, a take-over) have their first polls spread so
+# that at most this many begin per second: a first poll logs in and reads the device's
+# cameras and settings (several requests), 10,000 at once saturate a core for seconds.
+FIRST_POLLS_PER_S = 2000.0
 
 
 def task_name(site_id: str) -> str:
@@ -115,9 +119,10 @@ class PollerSet:
             self._metrics.db_errors.labels(operation="start_sites").inc()
             log.warning("sites_not_started", sites=len(ids), error=str(exc))
             return set()
+        start_within_s = len(ids) / FIRST_POLLS_PER_S
         for site_id in ids:
             self._held[site_id] = leases[site_id]
-            poller = self._poller(site_id, cursors.get(site_id), histories[site_id])
+            poller = self._poller(site_id, cursors.get(site_id), histories[site_id], start_within_s)
             self._pollers[site_id] = poller
             self._tasks.start(task_name(site_id), poller.run)
         if ids and self._on_sites_taken is not None:
@@ -125,7 +130,11 @@ class PollerSet:
         return set(ids)
 
     def _poller(
-        self, site_id: str, cursor: Mapping[str, Any] | None, history: CommHistory
+        self,
+        site_id: str,
+        cursor: Mapping[str, Any] | None,
+        history: CommHistory,
+        start_within_s: float,
     ) -> SitePoller:
         site = self._sites.client_for_tenure(site_id)  # fresh client and health when reused
         return SitePoller(
@@ -144,6 +153,7 @@ class PollerSet:
                 fetch_media=self._flood.fetch_media,
             ),
             metrics=self._metrics,
+            start_within_s=start_within_s,
         )
 
     async def stop(self, site_ids: Iterable[str]) -> None:
