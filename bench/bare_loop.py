@@ -18,7 +18,8 @@ started for them; ok = answered 200/204; on time = started within `--on-time` se
 
 Prints `READY` once every site has its token, `WINDOW <unix time>` when the window starts,
 then one JSON line with the figures (CPU from `time.process_time()`, i.e. user + system of
-the whole process, RSS from /proc/self/status), and exits.
+the whole process, RSS from /proc/self/status), polls on for `--tail` seconds (so whoever
+reads the figures can close its own window while the load is still on), and exits.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ async def poll_site(
     loop = asyncio.get_running_loop()
     interval = args.interval
     slot = first_slot
-    while slot < tally.window_end:
+    while slot < tally.window_end + args.tail:
         now = loop.time()
         if now < slot:
             await asyncio.sleep(slot - now)
@@ -159,9 +160,25 @@ async def run(args: argparse.Namespace) -> None:
         await asyncio.sleep(tally.window_end - loop.time())
         cpu = time.process_time() - cpu_start
         rss_end = rss_kib()
+        hwm = rss_kib("VmHWM")
+        print(
+            json.dumps(figures(args, tally, n, cpu, rss_before, rss_end, hwm, nofile)), flush=True
+        )
         await asyncio.gather(*tasks)
+
+
+def figures(
+    args: argparse.Namespace,
+    tally: Tally,
+    n: int,
+    cpu: float,
+    rss_before: int,
+    rss_end: int,
+    hwm: int,
+    nofile: int,
+) -> dict[str, float]:
     target = n * args.duration / args.interval
-    result = {
+    return {
         "sites": n,
         "duration": args.duration,
         "interval": args.interval,
@@ -178,10 +195,9 @@ async def run(args: argparse.Namespace) -> None:
         "cpu_s": cpu,
         "rss_before_kib": rss_before,
         "rss_end_kib": rss_end,
-        "hwm_kib": rss_kib("VmHWM"),
+        "hwm_kib": hwm,
         "nofile": nofile,
     }
-    print(json.dumps(result), flush=True)
 
 
 def main() -> None:
@@ -190,6 +206,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=10.0)
     parser.add_argument("--duration", type=float, default=30.0)
     parser.add_argument("--interval", type=float, default=1.0)
+    parser.add_argument(
+        "--tail", type=float, default=5.0, help="seconds polling on after the figures"
+    )
     parser.add_argument("--on-time", type=float, default=0.5, help="seconds after the slot")
     parser.add_argument("--timeout", type=float, default=10.0, help="per request")
     parser.add_argument("--username", default="cms")
