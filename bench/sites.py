@@ -381,14 +381,21 @@ async def wait_warm(connection: asyncpg.Connection, sites: int, daemons: int) ->
     return time.monotonic() - started
 
 
-async def terminate(daemons: list[asyncio.subprocess.Process]) -> tuple[float, list[int]]:
+async def terminate(daemons: list[asyncio.subprocess.Process]) -> tuple[float, list[str]]:
+    """SIGTERM every daemon at once: (seconds until the last exited, per daemon
+    "<exit code> after <seconds>")."""
     for daemon in daemons:
         if daemon.returncode is None:
             daemon.send_signal(signal.SIGCONT)
             daemon.terminate()
     started = time.monotonic()
-    codes = [await daemon.wait() for daemon in daemons]
-    return time.monotonic() - started, codes
+
+    async def exited(daemon: asyncio.subprocess.Process) -> str:
+        code = await daemon.wait()
+        return f"{code} after {time.monotonic() - started:.2f} s"
+
+    codes = await asyncio.gather(*(exited(d) for d in daemons))
+    return time.monotonic() - started, list(codes)
 
 
 async def create_database(server_url: str) -> tuple[str, str]:
@@ -439,6 +446,17 @@ async def start_profile(pid: int, path: str, seconds: float) -> asyncio.subproce
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
+
+
+async def stop_profile(profile: asyncio.subprocess.Process, args: argparse.Namespace) -> None:
+    """Let py-spy write its file (SIGINT ends a recording early and still writes it)."""
+    if profile.returncode is None:
+        profile.send_signal(signal.SIGINT)
+    _, err = await profile.communicate()
+    written = os.path.exists(args.profile) and os.path.getsize(args.profile) > 0  # noqa: ASYNC240
+    if not written:
+        print(f"py-spy failed ({profile.returncode}): {err.decode()[-500:]}")
+        args.profile = None
 
 
 def package_of(frame: str) -> str:
@@ -547,10 +565,7 @@ async def daemon_window(
         window_start,
     )
     if profile is not None:
-        _, err = await profile.communicate()
-        if profile.returncode != 0:
-            print(f"py-spy failed ({profile.returncode}): {err.decode()[-500:]}")
-            args.profile = None
+        await stop_profile(profile, args)
     return DaemonWindow(
         elapsed=elapsed,
         polls=polls_after - polls_before,
@@ -658,7 +673,7 @@ async def mode_default(
     bare: tuple[dict[str, Any], SimWindow] | None = None
     window = None
     one_site = 0
-    stop: tuple[float, list[int]] | None = None
+    stop: tuple[float, list[str]] | None = None
     try:
         urls = await sims.start(args)
         if args.baseline:
@@ -682,7 +697,7 @@ async def mode_default(
     assert window is not None
     assert stop is not None
     print_daemon(args, window, warmup)
-    print(f"SIGTERM to exit       {stop[0]:.2f} s (exit codes {stop[1]})")
+    print(f"SIGTERM to exit       {stop[0]:.2f} s (exit {', '.join(stop[1])})")
     if bare is not None:
         print_baseline(args, bare, window, one_site)
     if args.profile:
@@ -784,6 +799,9 @@ async def mode_storm(args: argparse.Namespace, db_url: str, db_name: str, workdi
             cpu0 = sum(cpu_seconds(d.pid) for d in daemons)
             pg0 = await backend_cpu(connection, db_name)
             sim_cpu0 = sum(sims.cpu())
+            profile = None
+            if args.profile:
+                profile = await start_profile(daemons[0].pid, args.profile, args.storm_timeout)
             created, at, done = await sims.backlog()
             t0 = time.time()
             print(
@@ -803,6 +821,8 @@ async def mode_storm(args: argparse.Namespace, db_url: str, db_name: str, workdi
                     break
             elapsed = series[-1][0]
             cpu = sum(cpu_seconds(d.pid) for d in daemons) - cpu0
+            if profile is not None:
+                await stop_profile(profile, args)
             pg = await backend_cpu(connection, db_name) - pg0
             sim_cpu = sum(sims.cpu()) - sim_cpu0
             await asyncio.sleep(3)  # anything still in flight lands before the checks
@@ -856,7 +876,9 @@ async def mode_storm(args: argparse.Namespace, db_url: str, db_name: str, workdi
     )
     for site, (have, want) in list(wrong.items())[:5]:
         print(f"  {site}: {have} stored, {want} created")
-    print(f"SIGTERM to exit       {stop[0]:.2f} s (exit codes {stop[1]})")
+    print(f"SIGTERM to exit       {stop[0]:.2f} s (exit {', '.join(stop[1])})")
+    if args.profile:
+        print_profile(args.profile)
 
 
 async def equal_content(connection: asyncpg.Connection) -> int:
@@ -947,7 +969,14 @@ async def mode_failover(args: argparse.Namespace, db_url: str, workdir: Path) ->
         site = f"s{index:05d}"
         owner = names.get(owners.get(site, ""), "")
         for event, moment in (("killed", t_kill), ("frozen", t_stop)):
-            spanning = [end - moment for start, end in state["gaps"] if start <= moment <= end]
+            # A pause caused by this signal began at the site's last poll before it (a site
+            # of the killed daemon not yet taken over when the other one froze is not the
+            # frozen daemon's).
+            spanning = [
+                end - moment
+                for start, end in state["gaps"]
+                if moment - GAP_S <= start <= moment <= end
+            ]
             if spanning:
                 takeover[event].append(spanning[0])
             elif owner == event:
@@ -1001,7 +1030,7 @@ async def mode_failover(args: argparse.Namespace, db_url: str, workdir: Path) ->
         f"after SIGCONT         lost {lost_after}, duplicate ids {dup_after}, equal-content rows "
         f"{equal_after}, rows {rows_after} ({args.after_cont:.0f} s after SIGCONT)"
     )
-    print(f"SIGTERM to exit       {stop[0]:.2f} s (exit codes {stop[1]}; bench-0 was killed)")
+    print(f"SIGTERM to exit       {stop[0]:.2f} s (exit {', '.join(stop[1])}; bench-0 was killed)")
 
 
 async def lost_and_duplicates(
@@ -1087,8 +1116,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.daemons is None:
         args.daemons = 3 if args.failover else 1
-    if args.profile and (args.storm or args.failover):
-        parser.error("--profile goes with the default mode or --baseline")
+    if args.profile and args.failover:
+        parser.error("--profile goes with the default mode, --baseline or --storm")
     asyncio.run(run(args))
 
 
