@@ -224,6 +224,8 @@ class SimWindow:
     elapsed: float
     polls: list[int]  # GET /alarms per site
     cpu: list[float]  # seconds per simulator process
+    machine: float  # busy cores of the whole machine (all processes, /proc/stat)
+    load: float  # 1-minute load average at the end
 
     def summary(self, interval: float) -> dict[str, float]:
         target = len(self.polls) * self.elapsed / interval
@@ -239,20 +241,31 @@ class SimWindow:
         }
 
 
-async def sim_window_start(sims: Simulators) -> tuple[float, list[int], list[float]]:
+def machine_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies of all cores since boot, from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    total = sum(values[:8])  # guest time is already in user
+    return total - idle, total
+
+
+StartMark = tuple[float, list[int], list[float], tuple[int, int]]
+
+
+async def sim_window_start(sims: Simulators) -> StartMark:
     states = await sims.dump()
-    return time.monotonic(), alarm_polls(states), sims.cpu()
+    return time.monotonic(), alarm_polls(states), sims.cpu(), machine_jiffies()
 
 
-async def sim_window_end(
-    sims: Simulators, start: tuple[float, list[int], list[float]]
-) -> SimWindow:
-    t0, polls0, cpu0 = start
+async def sim_window_end(sims: Simulators, start: StartMark) -> SimWindow:
+    t0, polls0, cpu0, jiffies0 = start
+    busy = machine_jiffies()[0] - jiffies0[0]
     states = await sims.dump()
     elapsed = time.monotonic() - t0
     polls = [b - a for a, b in zip(polls0, alarm_polls(states), strict=True)]
     cpu = [b - a for a, b in zip(cpu0, sims.cpu(), strict=True)]
-    return SimWindow(elapsed, polls, cpu)
+    machine = busy / CLK_TCK / elapsed
+    return SimWindow(elapsed, polls, cpu, machine, os.getloadavg()[0])
 
 
 # --------------------------------------------------------------------- daemons
@@ -663,6 +676,12 @@ def print_daemon(args: argparse.Namespace, window: DaemonWindow, warmup: float) 
         f"simulators CPU        {sim['sim_cores']:.2f} cores, busiest process "
         f"{sim['sim_busiest']:.2f} core"
     )
+    others = window.sim.machine - cores - sim["sim_cores"]
+    print(
+        f"machine ({os.cpu_count()} cores)     {window.sim.machine:.2f} cores busy, of which "
+        f"{others:.2f} neither daemon nor simulators (PostgreSQL, other work); "
+        f"load average {window.sim.load:.1f}"
+    )
 
 
 async def mode_default(
@@ -718,6 +737,8 @@ def print_baseline(
     b_kb = (result["rss_end_kib"] - result["rss_before_kib"]) / n * 1.024
     d_kb = (window.rss_kib - one_site_kib) / n * 1.024
     b_started = result["started"] / result["target"]
+    b_cores = result["cpu_s"] / result["duration"]
+    d_cores = window.cpu / window.elapsed
     rows = [
         ["", "bare loop", "daemon", "daemon/bare"],
         [
@@ -765,6 +786,14 @@ def print_baseline(
             f"{window.hwm_kib / result['hwm_kib']:.2f}",
         ],
         ["KB per site", f"{b_kb:.1f}", f"{d_kb:.1f}", f"{d_kb / b_kb:.2f}" if b_kb > 0 else ""],
+        [
+            "machine busy cores / others / load",
+            f"{bare_sim.machine:.2f} / {bare_sim.machine - b_cores - b_sim['sim_cores']:.2f} / "
+            f"{bare_sim.load:.1f}",
+            f"{window.sim.machine:.2f} / "
+            f"{window.sim.machine - d_cores - d_sim['sim_cores']:.2f} / {window.sim.load:.1f}",
+            "",
+        ],
         [
             "simulators CPU (cores, busiest proc)",
             f"{b_sim['sim_cores']:.2f}, {b_sim['sim_busiest']:.2f}",
