@@ -277,9 +277,17 @@ async def polls_total(session: aiohttp.ClientSession, port: int) -> float:
     )
 
 
+SCRAPES: list[float] = []  # seconds each /metrics scrape took (a busy loop answers late)
+
+
 async def metrics_text(session: aiohttp.ClientSession, port: int) -> str:
-    async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
-        return await response.text()
+    started = time.monotonic()
+    async with session.get(
+        f"http://127.0.0.1:{port}/metrics", timeout=aiohttp.ClientTimeout(total=120)
+    ) as response:
+        text = await response.text()
+    SCRAPES.append(time.monotonic() - started)
+    return text
 
 
 def lag_buckets(text: str) -> dict[float, float]:
@@ -473,17 +481,15 @@ async def stop_profile(profile: asyncio.subprocess.Process, args: argparse.Names
 
 
 def package_of(frame: str) -> str:
-    """`function (path:line)` -> a short package/module label."""
-    where = frame.rsplit("(", 1)[-1].rstrip(")")
-    path = where.rsplit(":", 1)[0]
+    """`function (path:line)` -> a short label: `cms_ingest.<package>`, or the top-level
+    module (aiohttp, asyncio, yarl, ...; py-spy writes paths relative to sys.path)."""
+    path = frame.rsplit("(", 1)[-1].rstrip(")").rsplit(":", 1)[0]
     if "site-packages/" in path:
-        return path.split("site-packages/", 1)[1].split("/", 1)[0].removesuffix(".py")
-    if "/cms_ingest/" in path:
-        parts = path.split("/cms_ingest/", 1)[1].split("/")
-        return "cms_ingest." + ".".join(p.removesuffix(".py") for p in parts[:2])
-    if "/lib/python3" in path:
-        return "stdlib " + path.rsplit("/", 1)[-1]
-    return path or frame
+        path = path.split("site-packages/", 1)[1]
+    parts = path.split("/")
+    if parts[0] == "cms_ingest" and len(parts) > 1:
+        return "cms_ingest." + parts[1].removesuffix(".py")
+    return parts[0].removesuffix(".py")
 
 
 def print_profile(path: str, top: int = 20) -> None:
@@ -515,7 +521,7 @@ def print_profile(path: str, top: int = 20) -> None:
     print("top cms_ingest functions by inclusive time:")
     shown = 0
     for name, count in inclusive.most_common():
-        if "/cms_ingest/" in name:
+        if "(cms_ingest/" in name:
             print(f"  {100 * count / total:5.1f} %  {name}")
             shown += 1
             if shown == top:
@@ -532,6 +538,7 @@ class DaemonWindow:
     hwm_kib: int  # largest daemon's VmHWM
     lag: str
     sim: SimWindow
+    metrics_kib: list[float]
     latency: Any
 
 
@@ -557,7 +564,8 @@ async def daemon_window(
     polls_after = sum([await polls_total(session, port) for port in ports])
     cpu_after = sum(cpu_seconds(d.pid) for d in daemons)
     sim = await sim_window_end(sims, sim_start)
-    lag_after = [lag_buckets(await metrics_text(session, port)) for port in ports]
+    texts_after = [await metrics_text(session, port) for port in ports]
+    lag_after = [lag_buckets(text) for text in texts_after]
     merged_before: Counter[float] = Counter()
     merged_after: Counter[float] = Counter()
     for before, after in zip(lag_before, lag_after, strict=True):
@@ -588,6 +596,7 @@ async def daemon_window(
         lag=lag_summary(dict(merged_before), dict(merged_after)),
         sim=sim,
         latency=latency,
+        metrics_kib=[len(text) / 1024 for text in texts_after],
     )
 
 
@@ -672,6 +681,10 @@ def print_daemon(args: argparse.Namespace, window: DaemonWindow, warmup: float) 
     print(f"daemon memory         {window.rss_kib / 1024:.0f} MiB RSS at the end (largest daemon)")
     print(f"                      {window.hwm_kib / 1024:.0f} MiB peak (VmHWM)")
     print(f"event-loop lag        {window.lag}")
+    print(
+        f"/metrics scrapes      {len(SCRAPES)}, slowest {max(SCRAPES, default=0):.2f} s "
+        f"({len(window.metrics_kib) and max(window.metrics_kib):.0f} KiB)"
+    )
     print(
         f"simulators CPU        {sim['sim_cores']:.2f} cores, busiest process "
         f"{sim['sim_busiest']:.2f} core"
