@@ -269,10 +269,10 @@ async def sim_window_end(sims: Simulators, start: StartMark) -> SimWindow:
 
 
 # --------------------------------------------------------------------- daemons
-async def polls_total(session: aiohttp.ClientSession, port: int) -> float:
+def polls_in(text: str) -> float:
     return sum(
         float(line.rsplit(" ", 1)[1])
-        for line in (await metrics_text(session, port)).splitlines()
+        for line in text.splitlines()
         if line.startswith("cms_ingest_polls_total{")
     )
 
@@ -532,7 +532,7 @@ def print_profile(path: str, top: int = 20) -> None:
 @dataclass
 class DaemonWindow:
     elapsed: float
-    polls: float  # from cms_ingest_polls_total
+    polls_rate: float  # per second, from cms_ingest_polls_total between two scrapes
     cpu: float  # seconds, all daemons
     rss_kib: int  # largest daemon's VmRSS at the end
     hwm_kib: int  # largest daemon's VmHWM
@@ -550,8 +550,11 @@ async def daemon_window(
     daemons: list[asyncio.subprocess.Process],
     ports: list[int],
 ) -> DaemonWindow:
-    lag_before = [lag_buckets(await metrics_text(session, port)) for port in ports]
-    polls_before = sum([await polls_total(session, port) for port in ports])
+    # The daemon's own counters: one scrape each side (a busy daemon takes seconds to
+    # answer one, so its polls/s is over the time between the scrapes); the CPU and the
+    # simulators' counts are over the window itself.
+    texts_before = [await metrics_text(session, port) for port in ports]
+    scraped_before = time.monotonic()
     cpu_before = sum(cpu_seconds(d.pid) for d in daemons)
     sim_start = await sim_window_start(sims)
     window_start = await connection.fetchval("SELECT now()")
@@ -561,10 +564,12 @@ async def daemon_window(
     t0 = time.monotonic()
     await asyncio.sleep(args.duration)
     elapsed = time.monotonic() - t0
-    polls_after = sum([await polls_total(session, port) for port in ports])
     cpu_after = sum(cpu_seconds(d.pid) for d in daemons)
     sim = await sim_window_end(sims, sim_start)
     texts_after = [await metrics_text(session, port) for port in ports]
+    scraped = time.monotonic() - scraped_before
+    polls = sum(map(polls_in, texts_after)) - sum(map(polls_in, texts_before))
+    lag_before = [lag_buckets(text) for text in texts_before]
     lag_after = [lag_buckets(text) for text in texts_after]
     merged_before: Counter[float] = Counter()
     merged_after: Counter[float] = Counter()
@@ -589,7 +594,7 @@ async def daemon_window(
         await stop_profile(profile, args)
     return DaemonWindow(
         elapsed=elapsed,
-        polls=polls_after - polls_before,
+        polls_rate=polls / scraped,
         cpu=cpu_after - cpu_before,
         rss_kib=max(status_kib(d.pid, "VmRSS") for d in daemons),
         hwm_kib=max(status_kib(d.pid, "VmHWM") for d in daemons),
@@ -651,7 +656,7 @@ def print_daemon(args: argparse.Namespace, window: DaemonWindow, warmup: float) 
     interval = 1.0
     sim = window.sim.summary(interval)
     target = args.sites / interval
-    achieved = window.polls / window.elapsed
+    achieved = window.polls_rate
     print(
         f"sites                 {args.sites} at 1 Hz, {args.rate} alarms/s per site, "
         f"{args.daemons} daemon(s), {len(window.sim.cpu)} simulator process(es), "
@@ -676,8 +681,12 @@ def print_daemon(args: argparse.Namespace, window: DaemonWindow, warmup: float) 
             f"max {window.latency['worst'] * 1000:.0f} ms"
         )
     cores = window.cpu / window.elapsed
-    per_poll = window.cpu / window.polls * 1e6 if window.polls else math.nan
-    print(f"daemon CPU            {cores:.2f} cores (all daemons), {per_poll:.0f} µs per poll")
+    answered = sum(window.sim.polls)
+    per_poll = window.cpu / answered * 1e6 if answered else math.nan
+    print(
+        f"daemon CPU            {cores:.2f} cores (all daemons), {per_poll:.0f} µs per poll "
+        "(per GET /alarms the simulators answered)"
+    )
     print(f"daemon memory         {window.rss_kib / 1024:.0f} MiB RSS at the end (largest daemon)")
     print(f"                      {window.hwm_kib / 1024:.0f} MiB peak (VmHWM)")
     print(f"event-loop lag        {window.lag}")
@@ -746,7 +755,8 @@ def print_baseline(
     n = args.sites
     b_sim, d_sim = bare_sim.summary(1.0), window.sim.summary(1.0)
     b_cpu = result["cpu_s"] / result["ok"] * 1e6 if result["ok"] else math.nan
-    d_cpu = window.cpu / window.polls * 1e6 if window.polls else math.nan
+    answered = sum(window.sim.polls)
+    d_cpu = window.cpu / answered * 1e6 if answered else math.nan
     b_kb = (result["rss_end_kib"] - result["rss_before_kib"]) / n * 1.024
     d_kb = (window.rss_kib - one_site_kib) / n * 1.024
     b_started = result["started"] / result["target"]
@@ -769,7 +779,7 @@ def print_baseline(
         [
             "polls counted by the poller / target",
             pct(b_started, 1),
-            pct(window.polls / window.elapsed / n, 1),
+            pct(window.polls_rate / n, 1),
             "",
         ],
         [
