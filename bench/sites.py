@@ -253,17 +253,28 @@ StartMark = tuple[float, list[int], list[float], tuple[int, int]]
 
 
 async def sim_window_start(sims: Simulators) -> StartMark:
-    states = await sims.dump()
-    return time.monotonic(), alarm_polls(states), sims.cpu(), machine_jiffies()
+    started, cpu, jiffies = time.monotonic(), sims.cpu(), machine_jiffies()
+    states = await sims.dump()  # counted when the signal lands, not when the dump is read
+    return started, alarm_polls(states), cpu, jiffies
+
+
+def sockets(pid: int) -> int:
+    """Open sockets of a process (its connections, listeners, database links)."""
+    count = 0
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                count += os.readlink(fd).startswith("socket:")
+    return count
 
 
 async def sim_window_end(sims: Simulators, start: StartMark) -> SimWindow:
     t0, polls0, cpu0, jiffies0 = start
-    busy = machine_jiffies()[0] - jiffies0[0]
-    states = await sims.dump()
     elapsed = time.monotonic() - t0
-    polls = [b - a for a, b in zip(polls0, alarm_polls(states), strict=True)]
+    busy = machine_jiffies()[0] - jiffies0[0]
     cpu = [b - a for a, b in zip(cpu0, sims.cpu(), strict=True)]
+    states = await sims.dump()
+    polls = [b - a for a, b in zip(polls0, alarm_polls(states), strict=True)]
     machine = busy / CLK_TCK / elapsed
     return SimWindow(elapsed, polls, cpu, machine, os.getloadavg()[0])
 
@@ -539,6 +550,7 @@ class DaemonWindow:
     lag: str
     sim: SimWindow
     metrics_kib: list[float]
+    sockets: int  # the largest daemon's open sockets at the end of the window
     latency: Any
 
 
@@ -565,6 +577,7 @@ async def daemon_window(
     await asyncio.sleep(args.duration)
     elapsed = time.monotonic() - t0
     cpu_after = sum(cpu_seconds(d.pid) for d in daemons)
+    open_sockets = max(sockets(d.pid) for d in daemons)
     sim = await sim_window_end(sims, sim_start)
     texts_after = [await metrics_text(session, port) for port in ports]
     scraped = time.monotonic() - scraped_before
@@ -602,6 +615,7 @@ async def daemon_window(
         sim=sim,
         latency=latency,
         metrics_kib=[len(text) / 1024 for text in texts_after],
+        sockets=open_sockets,
     )
 
 
@@ -690,6 +704,7 @@ def print_daemon(args: argparse.Namespace, window: DaemonWindow, warmup: float) 
     print(f"daemon memory         {window.rss_kib / 1024:.0f} MiB RSS at the end (largest daemon)")
     print(f"                      {window.hwm_kib / 1024:.0f} MiB peak (VmHWM)")
     print(f"event-loop lag        {window.lag}")
+    print(f"daemon sockets        {window.sockets} open at the end of the window (largest daemon)")
     print(
         f"/metrics scrapes      {len(SCRAPES)}, slowest {max(SCRAPES, default=0):.2f} s "
         f"({len(window.metrics_kib) and max(window.metrics_kib):.0f} KiB)"
