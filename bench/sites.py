@@ -465,17 +465,17 @@ async def drop_database(server_url: str, name: str) -> None:
     await admin.close()
 
 
-async def backend_cpu(connection: asyncpg.Connection, db_name: str) -> float:
-    """CPU seconds of the PostgreSQL backends serving the bench database (same machine)."""
+async def backend_cpu(connection: asyncpg.Connection, db_name: str) -> dict[int, float]:
+    """CPU seconds of each PostgreSQL backend serving the bench database (same machine)."""
     pids = await connection.fetch(
         "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
         db_name,
     )
-    total = 0.0
+    seconds = {}
     for row in pids:
         with contextlib.suppress(OSError, IndexError):
-            total += cpu_seconds(int(row["pid"]))
-    return total
+            seconds[int(row["pid"])] = cpu_seconds(int(row["pid"]))
+    return seconds
 
 
 # ---------------------------------------------------------------------- py-spy
@@ -897,17 +897,18 @@ async def mode_storm(args: argparse.Namespace, db_url: str, db_name: str, workdi
                 await asyncio.sleep(1.0)
                 stored = int(await connection.fetchval("SELECT count(*) FROM alarms")) - before
                 series.append((time.time() - at, stored))
-                if len(series) > 1 and stored == series[-2][1]:
-                    stalled += 1
-                else:
-                    stalled = 0
-                if stored >= created or stalled >= 30 or time.time() - t0 > args.storm_timeout:
+                # Stalled: nothing more for 60 s after the first commit (the first one may take
+                # long: a batch of sites' full pages is one transaction).
+                stalled = stalled + 1 if stored and stored == series[-2][1] else 0
+                if stored >= created or stalled >= 60 or time.time() - t0 > args.storm_timeout:
                     break
             elapsed = series[-1][0]
             cpu = sum(cpu_seconds(d.pid) for d in daemons) - cpu0
             if profile is not None:
                 await stop_profile(profile, args)
-            pg = await backend_cpu(connection, db_name) - pg0
+            # Backends that ended meanwhile are missed; new ones count from their start.
+            pg_end = await backend_cpu(connection, db_name)
+            pg = sum(seconds - pg0.get(pid, 0.0) for pid, seconds in pg_end.items())
             sim_cpu = sum(sims.cpu()) - sim_cpu0
             await asyncio.sleep(3)  # anything still in flight lands before the checks
             states = await sims.dump()
