@@ -1054,13 +1054,12 @@ async def mode_failover(args: argparse.Namespace, db_url: str, workdir: Path) ->
         site = f"s{index:05d}"
         owner = names.get(owners.get(site, ""), "")
         for event, moment in (("killed", t_kill), ("frozen", t_stop)):
-            # A pause caused by this signal began at the site's last poll before it (a site
-            # of the killed daemon not yet taken over when the other one froze is not the
-            # frozen daemon's).
+            # The pause this signal caused: for the daemon's own sites, the one spanning the
+            # signal (however long before it the daemon last polled them); for sites it had
+            # taken from the killed one, a pause that began after the kill.
+            earliest = -math.inf if owner == event else t_kill
             spanning = [
-                end - moment
-                for start, end in state["gaps"]
-                if moment - GAP_S <= start <= moment <= end
+                end - moment for start, end in state["gaps"] if earliest <= start <= moment <= end
             ]
             if spanning:
                 takeover[event].append(spanning[0])
@@ -1108,7 +1107,8 @@ async def mode_failover(args: argparse.Namespace, db_url: str, workdir: Path) ->
             f"p50 {latency['p50']:.2f} s, p99 {latency['p99']:.2f} s, max {latency['worst']:.2f} s"
         )
     print(
-        f"lost / duplicates     frozen: lost {lost_before}, duplicate ids {dup_before}, "
+        f"lost / duplicates     frozen: not stored 5 s after the dump {lost_before}, "
+        f"duplicate ids {dup_before}, "
         f"equal-content rows {equal_before}"
     )
     print(
