@@ -1,56 +1,80 @@
 """Benchmark: N simulated Davantis sites, each on its own host:port, polled at 1 Hz.
 
-Every mode runs the simulator as `--sim-procs` processes (each serving a slice of the sites,
-every site on its own listening socket: one keep-alive connection and one connection-pool
-entry per site, as with real devices) and `cms-ingest run` daemon processes against
-PostgreSQL ($CMS_INGEST_TEST_DATABASE_URL, else an embedded one; every run makes and drops
-its own database). The simulators' CPU is printed too (summed and the busiest process: one
-near 1.00 core would make the simulator the bottleneck). Nothing asserts a threshold: the
-figures go into notes and are compared by people. Keep runs short on a shared machine.
+Every mode runs the simulator as `--sim-procs` processes (default 2, each serving a slice of
+the sites with `--port-per-site`: every site on its own listening socket, so one keep-alive
+connection and one connection-pool entry per site, as with real devices) and
+`cms-ingest run` daemon processes against PostgreSQL ($CMS_INGEST_TEST_DATABASE_URL, else an
+embedded one; every run makes and drops its own database). RLIMIT_NOFILE is raised to the
+hard limit (children inherit it). Printed for every window: the simulators' CPU (summed and
+the busiest process: one near 1.00 core would make the simulator the bottleneck), the whole
+machine's busy cores, the part neither the daemon nor the simulators used (PostgreSQL,
+other people's work) and the load average: the machine is shared, read the figures with
+them. Nothing asserts a threshold; the figures go into notes and are compared by people.
 
+    export CMS_INGEST_TEST_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/postgres
     .venv/bin/python bench/sites.py --sites 2000 [--duration 30] [--rate 0.02] [--daemons 1]
 
-  Default mode: warm up until every site has its cursor and a lease holder (split evenly),
-  settle, then a window: polls/s (the daemon's cms_ingest_polls_total, and the GET /alarms
-  the simulators answered), sites on schedule, alarm latency device->commit, CPU (cores and
-  per poll), RSS, event-loop lag, and SIGTERM to exit at the end.
+  Default mode: warm up until every site has its cursor and a lease holder, split evenly
+  (past `--warmup-timeout`, 300 s, the window is measured anyway and says how far it got),
+  settle, then a `--duration` window: polls/s (the daemon's cms_ingest_polls_total between
+  two scrapes, and the GET /alarms the simulators answered), sites on schedule, alarm
+  latency device->commit, CPU (cores, and per GET /alarms answered), RSS, event-loop lag
+  (the daemon's histogram), open sockets, how long a /metrics scrape took, and SIGTERM to
+  exit at the end (per daemon).
 
     .venv/bin/python bench/sites.py --sites 2000 --rate 0 --baseline [--duration 30]
 
-  `--baseline`: first the bare poll loop (bench/bare_loop.py, its own process) against the
-  same simulated sites, then the daemon, then a one-site daemon (for memory per site); prints
-  both side by side with the ratios daemon/bare. "On schedule": polls answered in the window
-  / target polls (sites * window / interval), counted by the simulators for both; sites on
-  schedule = sites with at least (window / interval - 1) polls in the window; for the bare
-  loop also the share started within 0.5 s of its slot. KB per site: bare = (RSS at the end
-  - RSS before the first connection) / N; daemon = (RSS at the end - RSS of the same
-  configuration with one site) / N.
+  `--baseline`: first the bare poll loop (bench/bare_loop.py, its own process: one aiohttp
+  session sized for N, a token per site, one `GET /alarms?cra=yes&min_id=0` per site per
+  second on a staggered fixed schedule) against the same simulated sites, then the daemon,
+  then a one-site daemon (for memory per site); a table side by side with daemon/bare.
+  Definitions:
+  - polls answered / target: GET /alarms the simulators answered in the window (they count
+    per site; the window opens and closes when they are signalled) / (N * window / 1 s);
+  - sites with >= window-1 polls: sites that missed at most one slot in the window;
+  - polls counted by the poller: the bare loop's requests started for slots in its window,
+    the daemon's cms_ingest_polls_total per second;
+  - bare loop only: share of polls started within 0.5 s of their slot, lateness p50/p99/max;
+  - CPU per poll: utime+stime of the poller process over the window / polls answered (bare:
+    its own successful requests);
+  - KB per site: bare = (RSS at the end - RSS before the first connection) / N; daemon =
+    (RSS at the end - RSS of a daemon with the same configuration and one site) / N.
 
     .venv/bin/python bench/sites.py --sites 1000 --rate 0 --storm [--backlog 300]
 
   `--storm`: once the daemon is warm, every site gets `--backlog` alarms at once (SIGUSR2 to
   the simulators, default one full page of 300); prints alarms committed per second until
-  all are stored, and checks idempotency: rows = alarms created (per site, against the
-  simulators' own counts), no duplicate (site_id, source_id), no equal-content rows.
+  all are stored (or `--storm-timeout`, or 60 s without progress after the first commit), the
+  CPU of the daemon, of the PostgreSQL backends of the bench database and of the simulators,
+  and checks idempotency: rows = alarms created (per site, against the simulators' own
+  counts), no duplicate (site_id, source_id), no equal-content rows. `--profile` works here.
 
     .venv/bin/python bench/sites.py --sites 1000 --rate 0.05 --failover [--lease-ttl 15]
 
-  `--failover`: three daemons (`--daemons`, at least 2); SIGKILL one, `--freeze-after` (12 s)
-  later SIGSTOP another, then watch: per site of theirs, the time until the device saw its
-  next request (the simulators record every pause over 2.5 s between device requests) and
-  until its lease moved; alarm latency of the alarms created from the kill on; lost alarms
-  (created by the simulators after the window opened, per site by id, never stored) and
-  duplicates; then SIGCONT the frozen daemon and check again that nothing doubled.
+  `--failover`: three daemons (`--daemons`, at least 2); SIGKILL bench-0, `--freeze-after`
+  (12 s) later SIGSTOP bench-1, wait lease_ttl + `--failover-wait` (10 s), then: per site of
+  theirs, the time from the signal until the device saw its next request (the simulators
+  record every pause over 2.5 s between device requests, wall clock) and until its lease
+  moved (site_leases.acquired_at); alarm latency of the alarms created from the kill on;
+  alarms not yet stored and duplicates (by device id, and equal-content rows); then SIGCONT
+  the frozen daemon and check again after `--after-cont` s: lost = created by the
+  simulators after the window opened (per site, by id) and never stored (the check waits
+  up to 60 s while missing ones still arrive).
 
     .venv/bin/python bench/sites.py --sites 2000 --rate 0 --profile /tmp/daemon.pyspy
 
-  `--profile FILE` (with the default mode or `--baseline`): py-spy records the daemon for the
-  window (`--nonblocking`, raw collapsed stacks into FILE: open with speedscope or
-  flamegraph.pl) and the top functions by own time and by package are printed. The CPU
-  figure of a profiled window includes py-spy's disturbance: measure without it.
+  `--profile FILE` (default mode, `--baseline` or `--storm`): py-spy records the daemon
+  during the window (`--nonblocking`, 100 Hz, raw collapsed stacks into FILE: open with
+  speedscope or flamegraph.pl) and prints the top functions by own time, own time by
+  package, and the cms_ingest functions by inclusive time. py-spy disturbs the daemon a
+  little: take the CPU figures from a run without it.
 
-`--shared-port` serves all sites behind one port instead (`/t/<tenant>` prefixes), the
-bench's old setup, to compare with earlier figures.
+    .venv/bin/python bench/sites.py --sites 10000 --rate 0 --duration 15 --warmup-timeout 60
+
+  SIGTERM to exit at 10,000 sites (the last line of the default mode).
+
+`--shared-port` serves all sites behind one port instead (one simulator process, `/t/<tenant>`
+prefixes), the bench's old setup, to compare with earlier figures.
 """
 
 from __future__ import annotations

@@ -15,6 +15,11 @@ port. A vendor simulator module provides:
   then ``_start_generator`` with a function adding one random alarm to a site);
 * ``main(argv)`` for ``python -m``: ``parse_cli_args`` with its own flags, then ``serve_cli``.
 
+For benchmarks the command line also serves every tenant on its own listening socket
+(``--port-per-site``: separate devices, one connection each, at ``/t/<tenant>`` on its own
+port), dumps every site's state on SIGUSR1, adds ``--backlog`` alarms to every site on
+SIGUSR2, and with ``--track-gaps`` remembers each site's pauses between device requests.
+
 Shared by every vendor: ``start(ssl_context=...)`` serves HTTPS instead of HTTP, and
 ``respond()`` (or ``POST /_sim/respond``) makes a site misbehave on one path, answering what a
 test scripts (a redirect, a huge or hostile body, an altered header) instead of, or on top of,
