@@ -53,8 +53,8 @@ them. Nothing asserts a threshold; the figures go into notes and are compared by
 
   `--failover`: three daemons (`--daemons`, at least 2); SIGKILL bench-0, `--freeze-after`
   (12 s) later SIGSTOP bench-1, wait lease_ttl + `--failover-wait` (10 s), then: per site of
-  theirs, the time from the signal until the device saw its next request (the simulators
-  record every pause over 2.5 s between device requests, wall clock) and until its lease
+  theirs, the time from the signal until the device saw its next alarm poll (the simulators
+  record every pause over 2.5 s between two GET /alarms, wall clock) and until its lease
   moved (site_leases.acquired_at); alarm latency of the alarms created from the kill on;
   alarms not yet stored and duplicates (by device id, and equal-content rows); then SIGCONT
   the frozen daemon and check again after `--after-cont` s: lost = created by the
@@ -105,7 +105,7 @@ from cms_ingest.db.engine import plain_url
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 HERE = Path(__file__).resolve().parent
-GAP_S = 2.5  # the simulators record pauses between device requests longer than this
+GAP_S = 2.5  # the simulators record pauses between two alarm polls longer than this
 
 
 def cpu_seconds(pid: int) -> float:
@@ -183,6 +183,7 @@ class Simulators:
                 "cms_ingest.simulators.davantis",
                 *("--sites", str(size), "--port", "0", "--rate", str(args.rate)),
                 *("--media-delay", "1", "--track-gaps", str(GAP_S), "--seed", str(index)),
+                *("--track-request", "GET /alarms"),
             ]
             if not args.shared_port:
                 command.append("--port-per-site")
@@ -1132,7 +1133,7 @@ async def mode_failover(args: argparse.Namespace, db_url: str, workdir: Path) ->
         )
     for line in report:
         print(line)
-    print("time until the device saw the next poll, from the signal (simulators' clocks):")
+    print("time until the device saw the next GET /alarms, from the signal (simulators' clocks):")
     table(rows)
     if latency["n"]:
         print(

@@ -439,6 +439,12 @@ def parse_cli_args(
         help="remember, per site, every pause longer than this between two device requests "
         "(wall clock, for the SIGUSR1 dump); 0: off",
     )
+    parser.add_argument(
+        "--track-request",
+        default=None,
+        metavar="'METHOD /path'",
+        help="--track-gaps counts only this device request (e.g. 'GET /alarms'): the polls",
+    )
     add_arguments(parser)
     parser.add_argument("--seed", type=int, default=None)
     args = parser.parse_args(argv)
@@ -454,14 +460,19 @@ class GapTracker(Counter[str]):
     processes) its last device request and every pause longer than ``threshold`` between
     two of them: how long a site went unpolled, seen from the device."""
 
-    def __init__(self, counts: Mapping[str, int], threshold: float) -> None:
+    def __init__(
+        self, counts: Mapping[str, int], threshold: float, only: str | None = None
+    ) -> None:
         super().__init__(counts)
         self.threshold = threshold
+        self.only = only  # "METHOD /path": only these requests count (None: every one)
         self.last: float | None = None
         self.gaps: list[tuple[float, float]] = []
 
     def __setitem__(self, key: str, value: int) -> None:
         super().__setitem__(key, value)
+        if self.only is not None and key != self.only:
+            return
         now = time.time()
         if self.last is not None and now - self.last > self.threshold:
             self.gaps.append((self.last, now))
@@ -516,7 +527,7 @@ async def serve_cli(simulator: TenantSimulator[Any], args: argparse.Namespace) -
     SIGUSR2 adds ``--backlog`` alarms to every site at once and prints how many."""
     if args.track_gaps > 0:
         for site in simulator.sites.values():
-            site.requests = GapTracker(site.requests, args.track_gaps)
+            site.requests = GapTracker(site.requests, args.track_gaps, args.track_request)
     if args.port_per_site:
         urls = await _serve_ports(simulator, args)
     else:
