@@ -15,6 +15,11 @@ port. A vendor simulator module provides:
   then ``_start_generator`` with a function adding one random alarm to a site);
 * ``main(argv)`` for ``python -m``: ``parse_cli_args`` with its own flags, then ``serve_cli``.
 
+For benchmarks the command line also serves every tenant on its own listening socket
+(``--port-per-site``: separate devices, one connection each, at ``/t/<tenant>`` on its own
+port), dumps every site's state on SIGUSR1, adds ``--backlog`` alarms to every site on
+SIGUSR2, and with ``--track-gaps`` remembers each site's pauses between device requests.
+
 Shared by every vendor: ``start(ssl_context=...)`` serves HTTPS instead of HTTP, and
 ``respond()`` (or ``POST /_sim/respond``) makes a site misbehave on one path, answering what a
 test scripts (a redirect, a huge or hostile body, an altered header) instead of, or on top of,
@@ -406,34 +411,142 @@ def parse_cli_args(
     default_port: int,
     add_arguments: Callable[[argparse.ArgumentParser], object],
 ) -> argparse.Namespace:
-    """The common flags (``--host``, ``--port``, ``--sites``, ``--rate``, then the vendor's
-    from ``add_arguments``, then ``--seed``)."""
+    """The common flags (``--host``, ``--port``, ``--sites``, ``--rate``, the benchmark's
+    ``--port-per-site``, ``--backlog`` and ``--track-gaps``, then the vendor's from
+    ``add_arguments``, then ``--seed``)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=default_port)
     parser.add_argument("--sites", type=int, default=1)
     parser.add_argument("--rate", type=float, default=0.0, help="alarms per second per site")
+    parser.add_argument(
+        "--port-per-site",
+        action="store_true",
+        help="serve every site on its own listening socket, like separate devices: ports "
+        "--port, --port+1, ... (--port 0: any free port each); one URL per line as always",
+    )
+    parser.add_argument(
+        "--backlog",
+        type=int,
+        default=0,
+        help="on SIGUSR2, add this many alarms to every site at once (a storm)",
+    )
+    parser.add_argument(
+        "--track-gaps",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="remember, per site, every pause longer than this between two device requests "
+        "(wall clock, for the SIGUSR1 dump); 0: off",
+    )
+    parser.add_argument(
+        "--track-request",
+        default=None,
+        metavar="'METHOD /path'",
+        help="--track-gaps counts only this device request (e.g. 'GET /alarms'): the polls",
+    )
     add_arguments(parser)
     parser.add_argument("--seed", type=int, default=None)
     args = parser.parse_args(argv)
     if args.sites < 1:
         parser.error("--sites must be at least 1")
+    if args.backlog < 0:
+        parser.error("--backlog must not be negative")
     return args
 
 
+class GapTracker(Counter[str]):
+    """A site's ``requests`` counter that also remembers (wall clock, comparable across
+    processes) its last device request and every pause longer than ``threshold`` between
+    two of them: how long a site went unpolled, seen from the device."""
+
+    def __init__(
+        self, counts: Mapping[str, int], threshold: float, only: str | None = None
+    ) -> None:
+        super().__init__(counts)
+        self.threshold = threshold
+        self.only = only  # "METHOD /path": only these requests count (None: every one)
+        self.last: float | None = None
+        self.gaps: list[tuple[float, float]] = []
+
+    def __setitem__(self, key: str, value: int) -> None:
+        super().__setitem__(key, value)
+        if self.only is not None and key != self.only:
+            return
+        now = time.time()
+        if self.last is not None and now - self.last > self.threshold:
+            self.gaps.append((self.last, now))
+        self.last = now
+
+
+def dump_sites(simulator: TenantSimulator[Any]) -> str:
+    """One JSON line: ``{"dump": <wall clock>, "sites": {tenant: state}}``, each state the
+    ``/_sim/state`` body plus ``last`` and ``gaps`` when ``--track-gaps`` is on."""
+    sites: dict[str, Any] = {}
+    for tenant, site in simulator.sites.items():
+        state = site.state()
+        if isinstance(site.requests, GapTracker):
+            state["last"] = site.requests.last
+            state["gaps"] = site.requests.gaps
+        sites[tenant] = state
+    return json.dumps({"dump": time.time(), "sites": sites})
+
+
+def add_backlog(simulator: TenantSimulator[Any], count: int) -> str:
+    """Add ``count`` alarms to every site; one JSON line saying how many and when."""
+    started = time.time()
+    total = sum(len(site.add_alarms(count)) for site in simulator.sites.values())
+    return json.dumps({"backlog": total, "at": started, "done": time.time()})
+
+
+async def _serve_ports(simulator: TenantSimulator[Any], args: argparse.Namespace) -> list[str]:
+    """Every tenant on its own listening socket (``--port-per-site``); their URLs."""
+    first = await simulator.start(args.host, args.port)
+    runner = simulator._runner
+    assert runner is not None
+    urls = []
+    for index, tenant in enumerate(simulator.sites):
+        if index == 0:
+            own = first
+        else:
+            port = 0 if args.port == 0 else args.port + index
+            site = web.TCPSite(runner, args.host, port)
+            await site.start()
+            server = site._server
+            assert isinstance(server, asyncio.Server)
+            own = base_url(server.sockets[0].getsockname())
+        urls.append(simulator.url(tenant).replace(first, own, 1))
+    return urls
+
+
 async def serve_cli(simulator: TenantSimulator[Any], args: argparse.Namespace) -> None:
-    """Serve on ``args.host:args.port``, generate alarms at ``args.rate``, print one URL per
-    tenant then ``READY``, and run until SIGTERM/SIGINT."""
-    await simulator.start(args.host, args.port)
+    """Serve on ``args.host:args.port`` (or one port per site), generate alarms at
+    ``args.rate``, print one URL per tenant then ``READY``, and run until SIGTERM/SIGINT.
+
+    For benchmarks: SIGUSR1 prints every site's state as one JSON line (``dump_sites``);
+    SIGUSR2 adds ``--backlog`` alarms to every site at once and prints how many."""
+    if args.track_gaps > 0:
+        for site in simulator.sites.values():
+            site.requests = GapTracker(site.requests, args.track_gaps, args.track_request)
+    if args.port_per_site:
+        urls = await _serve_ports(simulator, args)
+    else:
+        await simulator.start(args.host, args.port)
+        urls = [simulator.url(tenant) for tenant in simulator.sites]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, lambda: print(dump_sites(simulator), flush=True))
+    if args.backlog > 0:
+        loop.add_signal_handler(
+            signal.SIGUSR2, lambda: print(add_backlog(simulator, args.backlog), flush=True)
+        )
     try:
         if args.rate > 0:
             simulator.start_generator(args.rate, seed=args.seed)
-        for tenant in simulator.sites:
-            print(simulator.url(tenant), flush=True)
+        for url in urls:
+            print(url, flush=True)
         print("READY", flush=True)
         await stop.wait()
     finally:
