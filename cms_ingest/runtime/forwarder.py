@@ -26,8 +26,8 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -73,26 +73,19 @@ class Link:
 
     async def exchange(self, frame: bytes, *, timeout_s: float) -> bytes:
         """Send one message and return the receiver's answer frame."""
-        try:
-            if self._writer is None:
-                self._reader, self._writer = await asyncio.wait_for(
-                    asyncio.open_connection(self._host, self._port), self._connect_timeout_s
-                )
-                self._frames = dc09.FrameReader()
-            assert self._reader is not None
-            assert self._writer is not None
-            self._writer.write(frame)
-            await asyncio.wait_for(self._writer.drain(), timeout_s)
-            return await asyncio.wait_for(self._answer(self._reader), timeout_s)
-        except TimeoutError:
-            await self.close()
-            raise LinkFailure("timeout", f"no answer from {self.address} in time") from None
-        except LinkFailure:
-            await self.close()
-            raise
-        except OSError as exc:
-            await self.close()
-            raise LinkFailure("error", f"{self.address}: {exc.strerror or exc}") from None
+        return await _closed_on_failure(self, self._exchange(frame, timeout_s))
+
+    async def _exchange(self, frame: bytes, timeout_s: float) -> bytes:
+        if self._writer is None:
+            self._reader, self._writer = await asyncio.wait_for(
+                asyncio.open_connection(self._host, self._port), self._connect_timeout_s
+            )
+            self._frames = dc09.FrameReader()
+        assert self._reader is not None
+        assert self._writer is not None
+        self._writer.write(frame)
+        await asyncio.wait_for(self._writer.drain(), timeout_s)
+        return await asyncio.wait_for(self._answer(self._reader), timeout_s)
 
     async def _answer(self, reader: asyncio.StreamReader) -> bytes:
         while True:
@@ -136,28 +129,21 @@ class UdpLink:
         self._protocol: _Datagrams | None = None
 
     async def exchange(self, frame: bytes, *, timeout_s: float) -> bytes:
-        try:
-            if self._transport is None:
-                loop = asyncio.get_running_loop()
-                self._transport, self._protocol = await asyncio.wait_for(
-                    loop.create_datagram_endpoint(_Datagrams, remote_addr=(self._host, self._port)),
-                    timeout_s,
-                )
-            assert self._transport is not None
-            assert self._protocol is not None
-            while not self._protocol.received.empty():  # late answers to earlier messages
-                self._protocol.received.get_nowait()
-            self._transport.sendto(frame)
-            return await asyncio.wait_for(self._answer(self._protocol), timeout_s)
-        except TimeoutError:
-            await self.close()
-            raise LinkFailure("timeout", f"no answer from {self.address} in time") from None
-        except LinkFailure:
-            await self.close()
-            raise
-        except OSError as exc:
-            await self.close()
-            raise LinkFailure("error", f"{self.address}: {exc.strerror or exc}") from None
+        return await _closed_on_failure(self, self._exchange(frame, timeout_s))
+
+    async def _exchange(self, frame: bytes, timeout_s: float) -> bytes:
+        if self._transport is None:
+            loop = asyncio.get_running_loop()
+            self._transport, self._protocol = await asyncio.wait_for(
+                loop.create_datagram_endpoint(_Datagrams, remote_addr=(self._host, self._port)),
+                timeout_s,
+            )
+        assert self._transport is not None
+        assert self._protocol is not None
+        while not self._protocol.received.empty():  # late answers to earlier messages
+            self._protocol.received.get_nowait()
+        self._transport.sendto(frame)
+        return await asyncio.wait_for(self._answer(self._protocol), timeout_s)
 
     async def _answer(self, protocol: _Datagrams) -> bytes:
         frames = dc09.FrameReader()
@@ -173,6 +159,30 @@ class UdpLink:
         transport, self._transport, self._protocol = self._transport, None, None
         if transport is not None:
             transport.close()
+
+
+async def _closed_on_failure(link: Link | UdpLink, exchange: Awaitable[bytes]) -> bytes:
+    """One exchange on `link`; any failure closes the link (so a late answer is never taken
+    for the next message's) and is a LinkFailure."""
+    try:
+        return await exchange
+    except TimeoutError:
+        await link.close()
+        raise LinkFailure("timeout", f"no answer from {link.address} in time") from None
+    except LinkFailure:
+        await link.close()
+        raise
+    except OSError as exc:
+        await link.close()
+        raise LinkFailure("error", f"{link.address}: {exc.strerror or exc}") from None
+
+
+def read_answer(raw: bytes, config: ForwarderConfig) -> dc09.Answer:
+    """The receiver's answer frame, parsed (and decrypted); garbage is a LinkFailure."""
+    try:
+        return dc09.parse_answer(raw, config.key())
+    except dc09.BadAnswer as exc:
+        raise LinkFailure("bad_answer", str(exc)) from None
 
 
 def make_link(address: str, config: ForwarderConfig) -> Link | UdpLink:
@@ -260,7 +270,6 @@ class SenderState:
     last_error: str | None = None
     clock_offset_s: float = 0.0
     down_since: float | None = None
-    sent: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -477,10 +486,7 @@ class ForwarderSender:
         started = time.monotonic()
         try:
             raw = await link.exchange(frame, timeout_s=self.config.ack_timeout_s)
-            try:
-                answer = dc09.parse_answer(raw, self.config.key())
-            except dc09.BadAnswer as exc:
-                raise LinkFailure("bad_answer", str(exc)) from None
+            answer = read_answer(raw, self.config)
             if answer.kind is not dc09.AnswerKind.NAK and int(answer.sequence) != sequence:
                 raise LinkFailure("bad_answer", f"answer for sequence {answer.sequence}")
         except LinkFailure as exc:
@@ -563,10 +569,7 @@ async def send_test(config: ForwarderConfig, *, backup: bool = False) -> tuple[s
             # last message it got (a NULL's 0000, or the stream's last number).
             frame = build_test_message(config, sent_at, sequence)
             raw = await link.exchange(frame, timeout_s=config.ack_timeout_s)
-            try:
-                answer = dc09.parse_answer(raw, config.key())
-            except dc09.BadAnswer as exc:
-                raise LinkFailure("bad_answer", str(exc)) from None
+            answer = read_answer(raw, config)
             if answer.kind is not dc09.AnswerKind.NAK or answer.timestamp is None:
                 break
             offset = (answer.timestamp - datetime.now(UTC)).total_seconds()
