@@ -8,7 +8,7 @@ systemd credential), timings, and which alarms it gets. Messages never quote the
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -22,18 +22,12 @@ from pydantic import (
     model_validator,
 )
 
+from cms_ingest.config.paths import resolve
 from cms_ingest.domain import EventType, RouteFilter
 from cms_ingest.forwarding.codes import EventCode, check_cid, check_sia, code_for
 from cms_ingest.forwarding.dc09 import MessageFormat, check_account, check_hex_id, parse_key
 
 _NAME_RE = re.compile(r"[a-z0-9_-]{1,64}")
-
-
-def _base_dir(info: ValidationInfo) -> Path | None:
-    context = info.context
-    if isinstance(context, Mapping) and isinstance(context.get("base_dir"), Path):
-        return Path(context["base_dir"])
-    return None
 
 
 def split_address(value: str) -> tuple[str, int]:
@@ -156,11 +150,7 @@ class ForwarderConfig(BaseModel):
     @field_validator("aes_key_file")
     @classmethod
     def _read_later(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        if value is None:
-            return None
-        base = _base_dir(info)
-        value = value.expanduser()
-        return base / value if base is not None and not value.is_absolute() else value
+        return None if value is None else resolve(value, info)
 
     @model_validator(mode="after")
     def _key(self) -> ForwarderConfig:

@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from cms_ingest.config.forwarders import ForwarderConfig, check_forwarders
+from cms_ingest.config.paths import resolve
 from cms_ingest.config.vendor_facts import default_poll_interval, valid_vendor
 from cms_ingest.domain import EventType, default_priority
 
@@ -45,25 +46,6 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
 
-def _base_dir(info: ValidationInfo) -> Path | None:
-    """The config file's folder, passed by the loader as validation context."""
-    context = info.context
-    if isinstance(context, Mapping):
-        base = context.get("base_dir")
-        if isinstance(base, Path):
-            return base
-    return None
-
-
-def _resolve(path: Path, info: ValidationInfo) -> Path:
-    """Relative paths in the file mean "next to the config file", not the daemon's cwd."""
-    base = _base_dir(info)
-    path = path.expanduser()
-    if base is not None and not path.is_absolute():
-        return base / path
-    return path
-
-
 def empty_mapping_if_none(value: Any) -> Any:
     # `tls:` or `options:` with nothing after it is YAML null; the installer meant "defaults".
     return {} if value is None else value
@@ -79,7 +61,7 @@ class TlsConfig(_Model):
     def _ca_file_readable(cls, value: Path | None, info: ValidationInfo) -> Path | None:
         if value is None:
             return None
-        path = _resolve(value, info)
+        path = resolve(value, info)
         try:
             path.open("rb").close()
         except OSError as exc:
@@ -352,7 +334,7 @@ class AppConfig(_Model):
     @field_validator("data_dir")
     @classmethod
     def _resolve_data_dir(cls, value: Path, info: ValidationInfo) -> Path:
-        return _resolve(value, info)
+        return resolve(value, info)
 
     @field_validator("listen")
     @classmethod
