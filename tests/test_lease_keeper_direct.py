@@ -11,6 +11,8 @@ for a TTL. (`test_pollers.py` has the even split, the order of a hand-off and re
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from tests.conftest import eventually
 from tests.support import (
     KEEPER_TTL_S,
     NO_DATABASE,
+    Node,
     app_config,
     first_polls,
     holding,
@@ -131,18 +134,17 @@ async def test_a_dead_daemons_sites_are_taken_over_once_its_leases_expire(
             await eventually(lambda: missed <= stored_ids(store, "a"), what="the gap polled")
 
 
-@pytest.mark.timeout(30)
-async def test_a_daemon_frozen_after_another_died_keeps_no_share_of_the_dead_ones_sites(
+SIX = ["a", "b", "c", "d", "e", "f"]
+
+
+@contextlib.asynccontextmanager
+async def three_daemons_two_sites_each(
     tmp_path: Path,
-) -> None:
-    """d1 dies; a moment later d2 stops renewing (frozen, or dying too) while its own leases
-    still run. d3 takes all of d1's sites as soon as they expire, not only a third of the
-    sites as if d2 would take the rest: d2 is counted out once its heartbeat is stale."""
+) -> AsyncIterator[tuple[MemoryStorage, Node, Node, Node]]:
+    """d1, d2 and d3 over one storage, each holding two of six sites."""
     store = memory_storage()
-    clock = clock_of(store)
-    names = ["a", "b", "c", "d", "e", "f"]
-    async with DavantisSimulator(tenants(*names)) as sim:
-        config = app_config(NO_DATABASE, tmp_path, sites_of(sim, names))
+    async with DavantisSimulator(tenants(*SIX)) as sim:
+        config = app_config(NO_DATABASE, tmp_path, sites_of(sim, SIX))
         async with (
             node("d1", store, config) as d1,
             node("d2", store, config) as d2,
@@ -153,19 +155,40 @@ async def test_a_daemon_frozen_after_another_died_keeps_no_share_of_the_dead_one
             await eventually(
                 lambda: [len(n.held()) for n in (d1, d2, d3)] == [2, 2, 2], what="2/2/2"
             )
-            dead, frozen, own = d1.held(), d2.held(), d3.held()
-            await d1.tasks.stop_all(timeout=2)  # d1 dies: nothing handed back
-            clock.advance(KEEPER_TTL_S / 2)
-            await asyncio.sleep(3 * d3.keeper.interval_s)  # d2 and d3 beat at the new time
-            await d2.tasks.stop_all(timeout=2)  # d2 stops renewing: its leases still run
-            # d2's last beat now older than fresh_s, its leases (renewed then) not yet
-            # expired; d1's expired.
-            assert d3.keeper.fresh_s < KEEPER_TTL_S
-            clock.advance((d3.keeper.fresh_s + KEEPER_TTL_S) / 2)
-            await eventually(lambda: d3.held() == own | dead, what="all of d1's sites taken")
-            assert all(owner(store, site)[0] == "d2" for site in frozen), "d2's still run"
-            clock.advance(KEEPER_TTL_S)
-            await eventually(lambda: d3.held() == set(names), what="then d2's too")
+            yield store, d1, d2, d3
+
+
+async def beaten_now(store: MemoryStorage, *names: str) -> None:
+    """Until each of these daemons has heartbeated at the storage's current (manual) time."""
+    now = clock_of(store).now
+    await eventually(
+        lambda: all(store.daemons[name].heartbeat_at == now for name in names),
+        what=f"{names} beat at the new time",
+    )
+
+
+@pytest.mark.timeout(30)
+async def test_a_daemon_frozen_after_another_died_keeps_no_share_of_the_dead_ones_sites(
+    tmp_path: Path,
+) -> None:
+    """d1 dies; a moment later d2 stops renewing (frozen, or dying too) while its own leases
+    still run. d3 takes all of d1's sites as soon as they expire, not only a third of the
+    sites as if d2 would take the rest: d2 is counted out once its heartbeat is stale."""
+    async with three_daemons_two_sites_each(tmp_path) as (store, d1, d2, d3):
+        clock = clock_of(store)
+        dead, frozen, own = d1.held(), d2.held(), d3.held()
+        await d1.tasks.stop_all(timeout=2)  # d1 dies: nothing handed back
+        clock.advance(KEEPER_TTL_S / 2)
+        await beaten_now(store, "d2", "d3")
+        await d2.tasks.stop_all(timeout=2)  # d2 stops renewing: its leases still run
+        # d2's last beat now older than fresh_s, its leases (renewed then) not yet
+        # expired; d1's expired.
+        assert d3.keeper.fresh_s < KEEPER_TTL_S
+        clock.advance((d3.keeper.fresh_s + KEEPER_TTL_S) / 2)
+        await eventually(lambda: d3.held() == own | dead, what="all of d1's sites taken")
+        assert all(owner(store, site)[0] == "d2" for site in frozen), "d2's still run"
+        clock.advance(KEEPER_TTL_S)
+        await eventually(lambda: d3.held() == set(SIX), what="then d2's too")
 
 
 @pytest.mark.timeout(30)
@@ -175,35 +198,22 @@ async def test_a_dead_daemons_sites_do_not_wait_for_one_that_still_looks_alive(
     """d1 dies; d2 freezes a moment before d1's leases expire, so it still counts as live
     when they do and the split gives d3 no more sites. d3 takes all of d1's expired leases
     anyway, at its next tick: they are nobody's, and d2 will never take them."""
-    store = memory_storage()
-    clock = clock_of(store)
-    names = ["a", "b", "c", "d", "e", "f"]
-    async with DavantisSimulator(tenants(*names)) as sim:
-        config = app_config(NO_DATABASE, tmp_path, sites_of(sim, names))
-        async with (
-            node("d1", store, config) as d1,
-            node("d2", store, config) as d2,
-            node("d3", store, config) as d3,
-        ):
-            for daemon in (d1, d2, d3):
-                daemon.run_keeper()
-            await eventually(
-                lambda: [len(n.held()) for n in (d1, d2, d3)] == [2, 2, 2], what="2/2/2"
-            )
-            dead, frozen, own = d1.held(), d2.held(), d3.held()
-            await d1.tasks.stop_all(timeout=2)  # d1 dies: nothing handed back
-            fresh_s = d3.keeper.fresh_s
-            clock.advance(KEEPER_TTL_S - fresh_s / 2)
-            await asyncio.sleep(3 * d3.keeper.interval_s)  # d2 and d3 beat at the new time
-            await d2.tasks.stop_all(timeout=2)  # d2 freezes, its heartbeat still fresh
-            clock.advance(fresh_s / 2 + 0.1)  # d1's leases expired; d2 still counts as live
-            await eventually(
-                lambda: d3.held() == own | dead,
-                timeout=3 * d3.keeper.interval_s,
-                what="all of d1's sites taken at once",
-            )
-            assert d3.keeper.live == ["d2", "d3"], "d2 still counted as live"
-            assert all(owner(store, site)[0] == "d2" for site in frozen), "d2's still run"
+    async with three_daemons_two_sites_each(tmp_path) as (store, d1, d2, d3):
+        clock = clock_of(store)
+        dead, frozen, own = d1.held(), d2.held(), d3.held()
+        await d1.tasks.stop_all(timeout=2)  # d1 dies: nothing handed back
+        fresh_s = d3.keeper.fresh_s
+        clock.advance(KEEPER_TTL_S - fresh_s / 2)
+        await beaten_now(store, "d2", "d3")
+        await d2.tasks.stop_all(timeout=2)  # d2 freezes, its heartbeat still fresh
+        clock.advance(fresh_s / 2 + 0.1)  # d1's leases expired; d2 still counts as live
+        await eventually(
+            lambda: d3.held() == own | dead,
+            timeout=3 * d3.keeper.interval_s,
+            what="all of d1's sites taken at once",
+        )
+        assert d3.keeper.live == ["d2", "d3"], "d2 still counted as live"
+        assert all(owner(store, site)[0] == "d2" for site in frozen), "d2's still run"
 
 
 @pytest.mark.timeout(30)
