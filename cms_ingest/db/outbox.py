@@ -14,7 +14,7 @@ Delivery rows are written by `Store.commit_polls` in the alarm's own transaction
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
@@ -28,9 +28,7 @@ from cms_ingest.domain import (
     Delivery,
     EventType,
     ForwarderLease,
-    InsertedAlarm,
     OutboxStats,
-    PollCommit,
     RouteFilter,
 )
 
@@ -49,21 +47,16 @@ _ACQUIRE = text(
 )
 
 
-def delivery_rows(
-    commits: Sequence[PollCommit], inserted: Sequence[InsertedAlarm], routes: Sequence[RouteFilter]
-) -> list[dict[str, Any]]:
-    """One row per newly inserted alarm and forwarder whose filter wants it."""
-    if not routes:
-        return []
-    ids = {(row.site_id, row.source_id): row.id for row in inserted}
-    rows: list[dict[str, Any]] = []
-    for commit in commits:
-        for alarm in commit.alarms:
-            alarm_id = ids.get((alarm.site_id, alarm.source_id))
-            if alarm_id is None:
-                continue  # a replay: its deliveries exist already
-            rows += _rows_of(alarm, alarm_id, routes)
-    return rows
+class NewAlarm(NamedTuple):
+    """An alarm a commit stored now, with its id."""
+
+    alarm: Alarm
+    id: int
+
+
+def delivery_rows(new: Sequence[NewAlarm], routes: Sequence[RouteFilter]) -> list[dict[str, Any]]:
+    """One row per newly stored alarm and forwarder whose filter wants it."""
+    return [row for alarm, alarm_id in new for row in _rows_of(alarm, alarm_id, routes)]
 
 
 def _rows_of(alarm: Alarm, alarm_id: int, routes: Sequence[RouteFilter]) -> list[dict[str, Any]]:

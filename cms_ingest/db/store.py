@@ -33,7 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from cms_ingest.db.errors import raises_unavailable
 from cms_ingest.db.leases import fenced_sites
-from cms_ingest.db.outbox import DELIVERIES_CHANNEL, delivery_rows
+from cms_ingest.db.outbox import DELIVERIES_CHANNEL, NewAlarm, delivery_rows
 from cms_ingest.db.schema import (
     actions,
     alarm_media,
@@ -166,11 +166,12 @@ class Store:
         if every_alarm:
             result = await connection.execute(_INSERT_ALARMS, _alarm_columns(every_alarm))
             inserted = [InsertedAlarm(row.id, row.site_id, row.source_id) for row in result]
-        await _link_groups(connection, commits, inserted)
-        media_rows = _media_rows(commits, inserted, terms)
+        new = _new_alarms(every_alarm, inserted)
+        await _link_groups(connection, new)
+        media_rows = _media_rows(new, terms)
         if media_rows:
             await connection.execute(_INSERT_MEDIA, _columns(media_rows))
-        forwarding = delivery_rows(commits, inserted, self.routes)
+        forwarding = delivery_rows(new, self.routes)
         if forwarding:
             await connection.execute(insert(deliveries), forwarding)
             await connection.execute(select(func.pg_notify(DELIVERIES_CHANNEL, "")))
@@ -722,17 +723,23 @@ def _columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
     }
 
 
-async def _link_groups(
-    connection: AsyncConnection, commits: Sequence[PollCommit], inserted: Sequence[InsertedAlarm]
-) -> None:
+def _new_alarms(batch: Sequence[Alarm], inserted: Sequence[InsertedAlarm]) -> list[NewAlarm]:
+    """The batch's alarms stored by this commit, with their ids (a replayed alarm has its
+    rows already: media, group, deliveries are made for new ones only)."""
+    ids = {(row.site_id, row.source_id): row.id for row in inserted}
+    return [
+        NewAlarm(alarm, alarm_id)
+        for alarm in batch
+        if (alarm_id := ids.get((alarm.site_id, alarm.source_id))) is not None
+    ]
+
+
+async def _link_groups(connection: AsyncConnection, new: Sequence[NewAlarm]) -> None:
     """Flood members point at their burst's first alarm, whose repeat_count counts them."""
-    new_ids = {(row.site_id, row.source_id): row.id for row in inserted}
     members: dict[tuple[str, str], list[int]] = {}
-    for commit in commits:
-        for alarm in commit.alarms:
-            alarm_id = new_ids.get((alarm.site_id, alarm.source_id))
-            if alarm.group_of is not None and alarm_id is not None:
-                members.setdefault((alarm.site_id, alarm.group_of), []).append(alarm_id)
+    for alarm, alarm_id in new:
+        if alarm.group_of is not None:
+            members.setdefault((alarm.site_id, alarm.group_of), []).append(alarm_id)
     for (site_id, head_source), ids in members.items():
         head = await connection.scalar(
             select(alarms.c.id).where(
@@ -749,32 +756,20 @@ async def _link_groups(
         )
 
 
-def _media_rows(
-    commits: Sequence[PollCommit],
-    inserted: Sequence[InsertedAlarm],
-    terms: Mapping[str, CommitTerms],
-) -> list[dict[str, Any]]:
-    ids = {(row.site_id, row.source_id): row.id for row in inserted}
-    rows: list[dict[str, Any]] = []
-    for commit in commits:
-        for alarm in commit.alarms:
-            alarm_id = ids.get((alarm.site_id, alarm.source_id))
-            if alarm_id is None:
-                continue  # a replayed alarm: its media rows exist already
-            for media in alarm.media:
-                state = MediaState.PENDING if media.available else MediaState.UNAVAILABLE
-                rows.append(
-                    {
-                        "alarm_id": alarm_id,
-                        "site_id": alarm.site_id,
-                        "kind": media.kind.value,
-                        "state": state.value,
-                        "locator": dict(media.locator),
-                        "last_error": None if media.available else NO_MEDIA_NOTE,
-                        "deadline_s": terms[commit.site_id].media_deadline_s,
-                    }
-                )
-    return rows
+def _media_rows(new: Sequence[NewAlarm], terms: Mapping[str, CommitTerms]) -> list[dict[str, Any]]:
+    return [
+        {
+            "alarm_id": alarm_id,
+            "site_id": alarm.site_id,
+            "kind": media.kind.value,
+            "state": (MediaState.PENDING if media.available else MediaState.UNAVAILABLE).value,
+            "locator": dict(media.locator),
+            "last_error": None if media.available else NO_MEDIA_NOTE,
+            "deadline_s": terms[alarm.site_id].media_deadline_s,
+        }
+        for alarm, alarm_id in new
+        for media in alarm.media
+    ]
 
 
 async def _occurred_at(connection: AsyncConnection, alarm_ids: list[int]) -> dict[int, datetime]:
