@@ -28,13 +28,15 @@ import argparse
 import asyncio
 import json
 import math
-import resource
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 from yarl import URL
+
+from cms_ingest.sitehttp import raise_open_files_limit
 
 
 def rss_kib(field_name: str = "VmRSS") -> int:
@@ -45,10 +47,7 @@ def rss_kib(field_name: str = "VmRSS") -> int:
 
 
 def raise_nofile() -> int:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
+    return raise_open_files_limit(sys.maxsize)[0]
 
 
 @dataclass

@@ -86,7 +86,6 @@ import itertools
 import json
 import math
 import os
-import resource
 import shutil
 import signal
 import sys
@@ -102,6 +101,7 @@ import aiohttp
 import asyncpg
 
 from cms_ingest.db.engine import plain_url
+from cms_ingest.sitehttp import raise_open_files_limit
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 HERE = Path(__file__).resolve().parent
@@ -122,10 +122,24 @@ def status_kib(pid: int, name: str) -> int:
 
 def raise_nofile() -> int:
     """Thousands of sockets: the soft limit up to the hard one (children inherit it)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
+    return raise_open_files_limit(sys.maxsize)[0]
+
+
+async def alarm_latency(connection: asyncpg.Connection, where: str, *args: Any) -> Any:
+    """Device creation -> commit of the alarms `where` selects: n, p50, p99, worst (s)."""
+    return await connection.fetchrow(
+        f"""
+        WITH l AS (
+            SELECT extract(epoch FROM received_at - occurred_at) AS s FROM alarms WHERE {where}
+        )
+        SELECT count(*) AS n,
+               percentile_cont(0.5) WITHIN GROUP (ORDER BY s) AS p50,
+               percentile_cont(0.99) WITHIN GROUP (ORDER BY s) AS p99,
+               max(s) AS worst
+        FROM l
+        """,
+        *args,
+    )
 
 
 def pct(part: float, whole: float) -> str:
@@ -631,20 +645,7 @@ async def daemon_window(
     for before, after in zip(lag_before, lag_after, strict=True):
         merged_before.update(before)
         merged_after.update(after)
-    latency = await connection.fetchrow(
-        """
-        WITH l AS (
-            SELECT extract(epoch FROM received_at - occurred_at) AS s
-            FROM alarms WHERE received_at > $1
-        )
-        SELECT count(*) AS n,
-               percentile_cont(0.5) WITHIN GROUP (ORDER BY s) AS p50,
-               percentile_cont(0.99) WITHIN GROUP (ORDER BY s) AS p99,
-               max(s) AS worst
-        FROM l
-        """,
-        window_start,
-    )
+    latency = await alarm_latency(connection, "received_at > $1", window_start)
     if profile is not None:
         await stop_profile(profile, args)
     return DaemonWindow(
@@ -1042,19 +1043,9 @@ async def mode_failover(args: argparse.Namespace, db_url: str, workdir: Path) ->
             await asyncio.sleep(5)  # alarms created up to the dump are stored by now
             lost_before, dup_before = await lost_and_duplicates(connection, first, states)
             equal_before = await equal_content(connection)
-            latency = await connection.fetchrow(
-                """
-                WITH l AS (
-                    SELECT extract(epoch FROM received_at - occurred_at) AS s
-                    FROM alarms WHERE occurred_at >= to_timestamp($1)
-                        AND occurred_at <= to_timestamp($2)
-                )
-                SELECT count(*) AS n,
-                       percentile_cont(0.5) WITHIN GROUP (ORDER BY s) AS p50,
-                       percentile_cont(0.99) WITHIN GROUP (ORDER BY s) AS p99,
-                       max(s) AS worst
-                FROM l
-                """,
+            latency = await alarm_latency(
+                connection,
+                "occurred_at >= to_timestamp($1) AND occurred_at <= to_timestamp($2)",
                 t_kill,
                 t_dump,
             )
