@@ -87,6 +87,21 @@ def _count(store: MemoryStorage, site_id: str, n: int) -> bool:
 
 
 @pytest.mark.timeout(30)
+async def test_a_halted_poller_set_starts_no_more_pollers(tmp_path: Path) -> None:
+    """Shutdown halts the pollers while the lease keeper's last tick may still be taking
+    leases: what it takes then is not started (the keeper gives such leases back)."""
+    store = memory_storage()
+    async with DavantisSimulator(tenants("a", "b")) as sim:
+        config = app_config(NO_DATABASE, tmp_path, sites_of(sim, ["a", "b"]))
+        async with node("d1", store, config) as d1:
+            assert await d1.pollers.start(await take(d1, "a")) == {"a"}
+            await d1.pollers.halt()
+            assert await d1.pollers.start(await take(d1, "b")) == set()
+            assert d1.held() == {"a"}, "held until the leases are released at shutdown"
+            assert pollers_running(d1) == set()
+
+
+@pytest.mark.timeout(30)
 async def test_a_poll_waiting_for_a_silent_device_does_not_hold_up_a_stop(
     tmp_path: Path,
 ) -> None:

@@ -323,10 +323,8 @@ class Daemon:
         # with thousands of sites polling) must not keep every poller polling meanwhile.
         keeper_stopped = asyncio.ensure_future(self.supervisor.stop_tasks(["leases"], timeout=2.0))
         if self.pollers is not None:
-            await self.pollers.halt()
+            await self.pollers.halt()  # from now on it starts none, whatever the keeper takes
         await keeper_stopped
-        if self.pollers is not None:
-            await self.pollers.halt()  # any a last keeper tick started meanwhile
         await self.supervisor.stop_tasks(["writer"], timeout=2.0)
         if self.keeper is not None:
             await self.keeper.release_all(reason="shutdown")

@@ -79,6 +79,7 @@ class PollerSet:
         self._flood = flood
         self._held: dict[str, int] = {}  # site_id -> lease epoch
         self._pollers: dict[str, SitePoller] = {}  # the running pollers, by site
+        self._halted = False  # shutdown under way: no poller starts any more
         # Sites being stopped: no longer held, but their pollers' last commits are still
         # made under these epochs.
         self._stopping: dict[str, int] = {}
@@ -110,7 +111,7 @@ class PollerSet:
     async def start(self, leases: Mapping[str, int]) -> set[str]:
         """Pollers for sites whose lease was just taken, each from its committed cursor
         (read now: the previous holder may have advanced it a moment ago). Returns the
-        sites started: none when their stored state could not be read."""
+        sites started: none when their stored state could not be read, or once halted."""
         ids = [site_id for site_id in leases if self._sites.get(site_id) is not None]
         try:
             cursors = await self._store.load_cursors(ids)
@@ -118,6 +119,8 @@ class PollerSet:
         except DatabaseUnavailable as exc:
             self._metrics.db_errors.labels(operation="start_sites").inc()
             log.warning("sites_not_started", sites=len(ids), error=str(exc))
+            return set()
+        if self._halted:  # shutting down: a last keeper tick's leases are given back
             return set()
         start_within_s = len(ids) / FIRST_POLLS_PER_S
         for site_id in ids:
@@ -194,6 +197,7 @@ class PollerSet:
     async def halt(self) -> None:
         """Shutdown: every poller stopped at once, its last poll handed to the writer. The
         sites stay held until their leases are released, after the writer has drained."""
+        self._halted = True  # nothing starts from now on, whatever a keeper tick took
         await self._tasks.stop_matching(
             POLLER_PREFIX, timeout=STOP_TIMEOUT_S, interrupt=self._polls_in_flight("shutdown")
         )
