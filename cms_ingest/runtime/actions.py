@@ -70,14 +70,12 @@ class ActionWorker(ClaimWorker[Action]):
         self._held = held  # the sites this daemon holds: only their actions are run here
         self._config = config
         self._owner = f"{socket.gethostname()}:{os.getpid()}"
-        # Attempts running here now: their claim may have run out while the database was
-        # unreachable, but they are not a dead worker's, and must not be settled or retried.
-        self._attempting: set[int] = set()
         timings = ClaimTimings(
             workers=config.workers,
             idle_s=config.sweep_interval_s,  # the sweep runs at least this often
             stop_grace_s=STOP_GRACE_S,
             cancel_wait_s=CANCEL_WAIT_S,
+            renew_every_s=config.running_timeout_s / 3,  # the claims of attempts in flight
         )
         super().__init__(name="action", timings=timings)
 
@@ -93,8 +91,11 @@ class ActionWorker(ClaimWorker[Action]):
                     expired
                 )
                 log.warning("actions_expired", count=expired)
+            # An attempt running here now is not a dead worker's, though its claim may have
+            # run out while the database was unreachable: never settled or retried here.
+            attempting = self._loop.running_ids()
             for action in await self._store.stale_running_actions(self._held()):
-                if action.id not in self._attempting:
+                if action.id not in attempting:
                     await self._recover(action)
         except DatabaseUnavailable as exc:
             self._metrics.db_errors.labels(operation="action_sweep").inc()
@@ -179,8 +180,6 @@ class ActionWorker(ClaimWorker[Action]):
                 action, site, ActionState.EXPIRED, error="not_after passed before it could be fired"
             )
             return
-        self._attempting.add(action.id)
-        claim = asyncio.create_task(self._keep_claim(action.id))
         deadline = self._config.attempt_deadline(action.params)
         timed_out = _AttemptTimedOut(
             f"no outcome within {deadline:g} s (actions.attempt_timeout_s plus params.duration_s)"
@@ -211,9 +210,6 @@ class ActionWorker(ClaimWorker[Action]):
         else:
             await self._settle(action, site, ActionState.SUCCEEDED, result=result.result)
             bound.info("action_succeeded")
-        finally:
-            claim.cancel()
-            self._attempting.discard(action.id)
 
     async def _recover_cancelled(self, action: Action, site: SiteRuntime, idempotent: bool) -> None:
         if idempotent and not _too_late(action):
@@ -225,18 +221,17 @@ class ActionWorker(ClaimWorker[Action]):
                 action, site, "daemon stopped mid-attempt; outcome unknown, not retried"
             )
 
-    async def _keep_claim(self, action_id: int) -> None:
-        """Long actions (holds) keep their claim alive so nobody takes them as crashed."""
-        interval = self._config.running_timeout_s / 3
-        while True:
-            await asyncio.sleep(interval)
+    async def renew(self, actions: Sequence[Action]) -> None:
+        """Attempts in flight (holds last long) keep their claims, so nobody takes them as
+        a dead worker's; the loop calls this every third of `running_timeout_s`."""
+        for action in actions:
             try:
                 await self._store.extend_action_claim(
-                    action_id, claim_s=self._config.running_timeout_s, owner=self._owner
+                    action.id, claim_s=self._config.running_timeout_s, owner=self._owner
                 )
             except DatabaseUnavailable as exc:
                 # The event's name predates calling a worker's hold on a row a claim.
-                log.warning("action_lease_extend_failed", action_id=action_id, error=str(exc))
+                log.warning("action_lease_extend_failed", action_id=action.id, error=str(exc))
 
     async def _retry_or_fail(
         self, action: Action, site: SiteRuntime, exc: BaseException, *, safe: bool

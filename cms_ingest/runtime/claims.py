@@ -84,6 +84,10 @@ class ClaimLoop(Generic[Job]):
         """Jobs in flight now."""
         return len(self._running)
 
+    def running_ids(self) -> set[int]:
+        """The ids of the rows whose jobs are in flight now."""
+        return {job.id for job in self._running.values()}
+
     def wake(self) -> None:
         """Rows were added or became due: claim now rather than at the next idle tick."""
         self._wake.set()
@@ -100,15 +104,7 @@ class ClaimLoop(Generic[Job]):
                 # New rows, a free slot, shutdown, or the periodic look for due retries.
                 await wake_or_stop(self._wake, stop, self._timings.idle_s)
         finally:
-            # Renewal ends first, its last write done: one landing after `release` would
-            # claim the handed-back rows again (seen: media rows still claimed after a
-            # SIGTERM on a loaded machine).
-            stop_renewing.set()
-            _done, late = await asyncio.wait({renewing}, timeout=self._timings.cancel_wait_s)
-            for task in late:  # a renewal stuck on a failing database: nothing to land
-                task.cancel()
-            await asyncio.gather(renewing, return_exceptions=True)
-            await self._stop_running()
+            await self._stop_running(stop_renewing, renewing)
 
     async def _renew_claims(self, stop: asyncio.Event) -> None:
         every = self._timings.renew_every_s
@@ -139,19 +135,28 @@ class ClaimLoop(Generic[Job]):
         self._running.pop(task, None)
         self._wake.set()  # a slot is free
 
-    async def _stop_running(self) -> None:
-        """Shutdown: let running jobs finish within the grace, cancel the rest, and hand
-        the cancelled ones to `release`."""
+    async def _stop_running(
+        self, stop_renewing: asyncio.Event, renewing: asyncio.Task[None]
+    ) -> None:
+        """Shutdown: let running jobs finish within the grace (their claims still renewed),
+        cancel the rest, end the renewal, and hand the cancelled ones to `release`."""
         running = dict(self._running)
-        if not running:
-            return
         cut_short = set(running)
-        if self._timings.stop_grace_s > 0:
+        if cut_short and self._timings.stop_grace_s > 0:
             _done, cut_short = await asyncio.wait(cut_short, timeout=self._timings.stop_grace_s)
         for task in cut_short:
             task.cancel()
         if cut_short:
             await asyncio.wait(cut_short, timeout=self._timings.cancel_wait_s)
+        # Renewal ends before `release`, its last write done: one landing after it would
+        # claim the handed-back rows again (seen: media rows still claimed after a SIGTERM
+        # on a loaded machine).
+        stop_renewing.set()
+        _done, late = await asyncio.wait({renewing}, timeout=self._timings.cancel_wait_s)
+        for task in late:  # a renewal stuck on a failing database: nothing to land
+            task.cancel()
+        await asyncio.gather(renewing, return_exceptions=True)
+        if cut_short:
             await self._jobs.release([running[task] for task in cut_short])
 
 
