@@ -345,12 +345,22 @@ async def test_an_attempt_still_running_here_is_not_taken_for_a_dead_workers(
         box.busy = asyncio.Event()
         action_id = await queue.enqueue("siren", "yard")
         worker = queue.worker()
+        found: list[int] = []  # the running rows each sweep found with their claim run out
+        stale = queue.memory.stale_running_actions
+
+        async def sweep(site_ids: Any = None) -> list[Action]:
+            rows = await stale(site_ids)
+            found.append(len(rows))
+            return rows
+
+        queue.memory.stale_running_actions = sweep  # type: ignore[method-assign]
         async with running(worker.run):
             row = queue.row(action_id)
             await eventually(lambda: box.attempts == 1, what="the attempt started")
             queue.clock.advance(ACTIONS.running_timeout_s + 1)  # the claim ran out
+            found.clear()
             worker.wake()
-            await asyncio.sleep(0.3)  # swept three times
+            await eventually(lambda: found.count(1) >= 3, what="three sweeps that found it")
             assert row.state == "running", "settled by rule while it still ran"
             box.busy.set()
             await queue.settled(action_id)
