@@ -232,8 +232,11 @@ async def test_faulty_site_recovers_and_never_delays_another(
                     timeout=30,
                     what=f"bad recovers from {fault}",
                 )
+                # The poll's rows commit first, then the poller marks the site up: a
+                # moment apart, so await it rather than read it once.
                 assert daemon.sites is not None
-                assert daemon.sites.by_id["bad"].health.up is True
+                health = daemon.sites.by_id["bad"].health
+                await eventually(lambda: health.up, timeout=2.0, what=f"bad up after {fault}")
             assert await alarm_ids(db, "bad") == [1, 2, 3]
             labels = {"outcome": "bad_response", "site_id": "bad", "vendor": "davantis"}
             assert daemon.metrics.sample("cms_ingest_polls_total", **labels) >= 5
