@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from cms_ingest import eventloop
 from cms_ingest.config import AppConfig, ConfigError, load_checked, load_config, vendor_problems
 from cms_ingest.logs import configure_logging
 
@@ -44,7 +45,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = load_or_exit(args.config)
     configure_logging(config.log_level, config.log_format)
     tune_garbage_collector()
-    asyncio.run(run_daemon(config))
+    eventloop.run(run_daemon(config), config.event_loop)
     return EXIT_OK
 
 
@@ -221,9 +222,9 @@ def cmd_forward_test(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from cms_ingest.demo import run_demo
 
-    return asyncio.run(
-        run_demo(data_dir=Path(args.data_dir).resolve(), duration=args.duration, listen=args.listen)
-    )
+    data_dir = Path(args.data_dir).resolve()
+    demo = run_demo(data_dir=data_dir, duration=args.duration, listen=args.listen)
+    return eventloop.run(demo, eventloop.DEFAULT_EVENT_LOOP)
 
 
 # ---------------------------------------------------------------------- parser

@@ -24,8 +24,20 @@ from sqlalchemy.engine import make_url
 
 from cms_ingest.db.engine import create_engine, migrate, plain_url
 from cms_ingest.db.store import Store
+from cms_ingest.eventloop import DEFAULT_EVENT_LOOP, loop_factory
 
 ENV_URL = "CMS_INGEST_TEST_DATABASE_URL"
+# The loop the in-process tests run on: the daemon's default (uvloop) unless set to "asyncio".
+ENV_LOOP = "CMS_INGEST_TEST_EVENT_LOOP"
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    kind = os.environ.get(ENV_LOOP, DEFAULT_EVENT_LOOP)
+    if kind not in ("uvloop", "asyncio"):
+        raise pytest.UsageError(f"{ENV_LOOP}={kind!r}: expected uvloop or asyncio")
+    return {kind: loop_factory(kind)}
 
 
 def with_database(url: str, name: str) -> str:

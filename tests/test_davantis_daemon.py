@@ -212,6 +212,8 @@ async def test_faulty_site_recovers_and_never_delays_another(
         async with running_daemon(config) as daemon:
             await eventually(lambda: has_cursor(db, "bad"), what="bad cursor")
             await eventually(lambda: has_cursor(db, "good"), what="good cursor")
+            assert daemon.sites is not None
+            bad_health = daemon.sites.by_id["bad"].health
             for fault in ("malformed", "fail", "slow"):
                 if fault == "malformed":
                     bad.malformed_alarm_polls(5)
@@ -234,9 +236,7 @@ async def test_faulty_site_recovers_and_never_delays_another(
                 )
                 # The poll's rows commit first, then the poller marks the site up: a
                 # moment apart, so await it rather than read it once.
-                assert daemon.sites is not None
-                health = daemon.sites.by_id["bad"].health
-                await eventually(lambda: health.up, timeout=2.0, what=f"bad up after {fault}")
+                await eventually(lambda: bad_health.up, timeout=2.0, what=f"up after {fault}")
             assert await alarm_ids(db, "bad") == [1, 2, 3]
             labels = {"outcome": "bad_response", "site_id": "bad", "vendor": "davantis"}
             assert daemon.metrics.sample("cms_ingest_polls_total", **labels) >= 5

@@ -29,6 +29,7 @@ from cms_ingest.config.forwarders import ForwarderConfig, check_forwarders
 from cms_ingest.config.paths import resolve
 from cms_ingest.config.vendor_facts import default_poll_interval, valid_vendor
 from cms_ingest.domain import EventType, default_priority
+from cms_ingest.eventloop import DEFAULT_EVENT_LOOP, EventLoopKind
 
 Priority = Annotated[int, Field(ge=1, le=9)]
 
@@ -292,6 +293,9 @@ class AppConfig(_Model):
     listen: str = "127.0.0.1:9108"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
+    # uvloop carries the idle polls of thousands of sites on far less CPU (cms_ingest/eventloop.py);
+    # "asyncio" runs on the standard library's loop (debugging, or where uvloop does not build).
+    event_loop: EventLoopKind = DEFAULT_EVENT_LOOP
     media: MediaConfig = Field(default_factory=MediaConfig)
     actions: ActionsConfig = Field(default_factory=ActionsConfig)
     flood: FloodConfig = Field(default_factory=FloodConfig)

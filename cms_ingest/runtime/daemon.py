@@ -28,6 +28,7 @@ from cms_ingest.db.notify import Listener
 from cms_ingest.db.outbox import DELIVERIES_CHANNEL, OutboxStore
 from cms_ingest.db.store import Store
 from cms_ingest.domain import SiteLease
+from cms_ingest.eventloop import running_loop_name
 from cms_ingest.metrics import Metrics
 from cms_ingest.retry import RetryPolicy
 from cms_ingest.runtime.actions import ActionWorker
@@ -142,6 +143,7 @@ class Daemon:
                 sites=len(self.config.sites),
                 listen=self.config.listen,
                 instance=self.identity.daemon_id,
+                event_loop=running_loop_name(),
             )
             await stop.wait()
         finally:

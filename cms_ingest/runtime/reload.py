@@ -36,6 +36,7 @@ RESTART_ONLY_SETTINGS = (
     "listen",
     "log_level",
     "log_format",
+    "event_loop",
     "media",
     "actions",
     "flood",
