@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+import uvloop
 from yarl import URL
 
 from cms_ingest.sitehttp import raise_open_files_limit
@@ -212,7 +213,16 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=10.0, help="per request")
     parser.add_argument("--username", default="cms")
     parser.add_argument("--password", default="secret")
-    asyncio.run(run(parser.parse_args()))
+    parser.add_argument(
+        "--loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="the event loop (asyncio: the bare aiohttp loop of issue 17's table)",
+    )
+    args = parser.parse_args()
+    factory = uvloop.new_event_loop if args.loop == "uvloop" else asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(run(args))
 
 
 if __name__ == "__main__":

@@ -671,7 +671,7 @@ async def bare_phase(
         sys.executable,
         str(HERE / "bare_loop.py"),
         *("--urls", str(url_file), "--warmup", str(args.bare_warmup)),
-        *("--duration", str(args.duration)),
+        *("--duration", str(args.duration), "--loop", args.bare_loop),
         stdout=asyncio.subprocess.PIPE,
     )
     assert process.stdout is not None
@@ -882,7 +882,10 @@ def print_baseline(
             "",
         ],
     ]
-    print(f"\nbaseline, {n} sites, same simulators, {args.duration:.0f} s windows")
+    print(
+        f"\nbaseline, {n} sites, same simulators, {args.duration:.0f} s windows;"
+        f" bare loop on {args.bare_loop}, daemon on its configured loop (uvloop)"
+    )
     table(rows)
     print(
         f"(bare KB/site: (RSS at end {result['rss_end_kib']} - before connecting "
@@ -1219,6 +1222,12 @@ def main() -> None:
     modes.add_argument("--storm", action="store_true", help="a backlog on every site at once")
     modes.add_argument("--failover", action="store_true", help="kill one daemon, freeze another")
     parser.add_argument("--bare-warmup", type=float, default=10.0)
+    parser.add_argument(
+        "--bare-loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="--baseline: the bare loop's event loop (the daemon's: its config, uvloop)",
+    )
     parser.add_argument("--backlog", type=int, default=300, help="--storm: alarms per site")
     parser.add_argument("--storm-timeout", type=float, default=180.0)
     parser.add_argument("--freeze-after", type=float, default=12.0, help="--failover: seconds")
