@@ -11,6 +11,7 @@ The guarantees live here:
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -164,10 +165,10 @@ class Store:
         every_alarm = [alarm for commit in commits for alarm in commit.alarms]
         inserted: list[InsertedAlarm] = []
         if every_alarm:
-            result = await connection.execute(_INSERT_ALARMS, _alarm_columns(every_alarm))
-            inserted = [InsertedAlarm(row.id, row.site_id, row.source_id) for row in result]
+            rows = (await connection.execute(_INSERT_ALARMS, _alarm_columns(every_alarm))).all()
+            inserted = [InsertedAlarm(row.id, row.site_id, row.source_id) for row in rows]
+            await _count_repeats(connection, (row.group_id for row in rows))
         new = _new_alarms(every_alarm, inserted)
-        await _link_groups(connection, new)
         media_rows = _media_rows(new, terms)
         if media_rows:
             await connection.execute(_INSERT_MEDIA, _columns(media_rows))
@@ -662,24 +663,55 @@ def _claim_expired(required: bool) -> list[Any]:
 # Ids follow the batch's order (WITH ORDINALITY ... ORDER BY): each site's alarms in the
 # order its poll found them. A (site_id, source_id) stored before, or twice in the batch, is
 # skipped by the unique key; RETURNING gives the ones inserted now.
+# A flood member (`group_of`, its burst's first alarm) gets its `group_id` here, not by an
+# UPDATE after (in a storm that rewrote most rows of the batch a second time): the head is
+# stored before it, by an earlier commit (`stored`) or earlier in this batch, whose ids are
+# drawn first (`batch`, materialized: each row's nextval once) so members can name them.
+# A head this batch repeats while it is stored already is found as `stored`.
 _INSERT_ALARMS = text(
     """
-    INSERT INTO alarms (site_id, vendor, source_id, camera_id, camera_name, event_type,
-                        vendor_event, description, occurred_at, armed, priority, raw)
-    SELECT a.site_id, a.vendor, a.source_id, a.camera_id, a.camera_name, a.event_type,
-           a.vendor_event, a.description, a.occurred_at, a.armed, a.priority,
-           CAST(a.raw AS jsonb)
-    FROM unnest(
-        CAST(:site_id AS text[]), CAST(:vendor AS text[]), CAST(:source_id AS text[]),
-        CAST(:camera_id AS text[]), CAST(:camera_name AS text[]),
-        CAST(:event_type AS text[]), CAST(:vendor_event AS text[]),
-        CAST(:description AS text[]), CAST(:occurred_at AS timestamptz[]),
-        CAST(:armed AS boolean[]), CAST(:priority AS smallint[]), CAST(:raw AS text[])
-    ) WITH ORDINALITY AS a(site_id, vendor, source_id, camera_id, camera_name, event_type,
-                           vendor_event, description, occurred_at, armed, priority, raw, n)
-    ORDER BY a.n
+    WITH batch AS MATERIALIZED (
+        SELECT nextval(pg_get_serial_sequence('alarms', 'id')) AS id, a.*
+        FROM unnest(
+            CAST(:site_id AS text[]), CAST(:vendor AS text[]), CAST(:source_id AS text[]),
+            CAST(:camera_id AS text[]), CAST(:camera_name AS text[]),
+            CAST(:event_type AS text[]), CAST(:vendor_event AS text[]),
+            CAST(:description AS text[]), CAST(:occurred_at AS timestamptz[]),
+            CAST(:armed AS boolean[]), CAST(:priority AS smallint[]), CAST(:raw AS text[]),
+            CAST(:group_of AS text[])
+        ) WITH ORDINALITY AS a(site_id, vendor, source_id, camera_id, camera_name, event_type,
+                               vendor_event, description, occurred_at, armed, priority, raw,
+                               group_of, n)
+        ORDER BY a.n
+    ),
+    batch_heads AS (
+        SELECT DISTINCT ON (site_id, source_id) site_id, source_id, id
+        FROM batch ORDER BY site_id, source_id, n
+    )
+    INSERT INTO alarms (id, site_id, vendor, source_id, camera_id, camera_name, event_type,
+                        vendor_event, description, occurred_at, armed, priority, raw,
+                        group_id)
+    SELECT b.id, b.site_id, b.vendor, b.source_id, b.camera_id, b.camera_name, b.event_type,
+           b.vendor_event, b.description, b.occurred_at, b.armed, b.priority,
+           CAST(b.raw AS jsonb), COALESCE(stored.id, batch_head.id)
+    FROM batch AS b
+    LEFT JOIN alarms AS stored
+        ON stored.site_id = b.site_id AND stored.source_id = b.group_of
+    LEFT JOIN batch_heads AS batch_head
+        ON batch_head.site_id = b.site_id AND batch_head.source_id = b.group_of
+    ORDER BY b.n
     ON CONFLICT (site_id, source_id) DO NOTHING
-    RETURNING id, site_id, source_id
+    RETURNING id, site_id, source_id, group_id
+    """
+)
+
+# Each burst's first alarm counts the members this commit stored.
+_COUNT_REPEATS = text(
+    """
+    UPDATE alarms SET repeat_count = alarms.repeat_count + counted.members
+    FROM unnest(CAST(:head_id AS bigint[]), CAST(:members AS integer[]))
+        AS counted(head_id, members)
+    WHERE alarms.id = counted.head_id
     """
 )
 
@@ -712,6 +744,7 @@ def _alarm_columns(batch: Sequence[Alarm]) -> dict[str, list[Any]]:
         "armed": [alarm.armed for alarm in batch],
         "priority": [alarm.priority for alarm in batch],
         "raw": [json.dumps(alarm.raw) for alarm in batch],
+        "group_of": [alarm.group_of for alarm in batch],
     }
 
 
@@ -734,25 +767,12 @@ def _new_alarms(batch: Sequence[Alarm], inserted: Sequence[InsertedAlarm]) -> li
     ]
 
 
-async def _link_groups(connection: AsyncConnection, new: Sequence[NewAlarm]) -> None:
-    """Flood members point at their burst's first alarm, whose repeat_count counts them."""
-    members: dict[tuple[str, str], list[int]] = {}
-    for alarm, alarm_id in new:
-        if alarm.group_of is not None:
-            members.setdefault((alarm.site_id, alarm.group_of), []).append(alarm_id)
-    for (site_id, head_source), ids in members.items():
-        head = await connection.scalar(
-            select(alarms.c.id).where(
-                alarms.c.site_id == site_id, alarms.c.source_id == head_source
-            )
-        )
-        if head is None:
-            continue  # the head is always stored first (one site's alarms in order)
-        await connection.execute(update(alarms).where(alarms.c.id.in_(ids)).values(group_id=head))
+async def _count_repeats(connection: AsyncConnection, group_ids: Iterable[int | None]) -> None:
+    """Flood members stored now are counted by their burst's first alarm."""
+    members = Counter(group_id for group_id in group_ids if group_id is not None)
+    if members:
         await connection.execute(
-            update(alarms)
-            .where(alarms.c.id == head)
-            .values(repeat_count=alarms.c.repeat_count + len(ids))
+            _COUNT_REPEATS, {"head_id": list(members), "members": list(members.values())}
         )
 
 
