@@ -202,3 +202,31 @@ async def test_a_value_postgresql_still_refuses_is_bad_input_and_the_alarm_is_ke
     assert metrics.sample("cms_ingest_db_errors_total", operation="commit_polls") == 0
     stored = await db.fetchval("SELECT occurred_at FROM alarms WHERE source_id = '41'")
     assert stored >= received - timedelta(seconds=1), "the time we received it instead"
+
+
+def test_a_storable_alarm_is_kept_as_it_is_and_any_unstorable_field_rebuilds_it() -> None:
+    from cms_ingest.db.storable import storable_alarm, storable_json
+
+    media = (MediaRequest(MediaKind.SNAPSHOT, {"alarm_id": 7, "at": [1.5, None, True]}),)
+    raw = {"id": 7, "nested": {"list": [1, "a", {"b": False}]}}
+    clean = _alarm("s", "7", raw=raw, media=media, camera_name="Gate", group_of="6")
+    assert storable_alarm(clean) is clean
+    dirty_values: dict[str, Any] = {
+        "source_id": "7\x00",
+        "vendor_event": "ev\ud800",
+        "description": "d" * 5000,
+        "camera_id": "c\x00",
+        "camera_name": "é\x00",
+        "group_of": "h\x00",
+        "raw": {"id": float("nan")},
+        "media": (MediaRequest(MediaKind.SNAPSHOT, {"k\x00": 1}),),
+    }
+    fields = {name: getattr(clean, name) for name in clean.__dataclass_fields__}
+    for name, value in dirty_values.items():
+        dirty = Alarm(**{**fields, name: value})
+        stored = storable_alarm(dirty)
+        assert stored is not dirty, name
+        assert json.dumps(storable_json(stored.raw)) == json.dumps(stored.raw), name
+        assert "\x00" not in json.dumps([getattr(stored, f) for f in ("source_id", "camera_id")])
+    for raw in ({"t": (1, 2)}, {"big": 1 << 2000}, {"inf": float("inf")}, {1: "int key"}):
+        assert storable_alarm(Alarm(**{**fields, "raw": raw})).raw == storable_json(raw), raw
