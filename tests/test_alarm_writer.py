@@ -229,3 +229,63 @@ async def test_a_storm_is_committed_in_transactions_of_a_few_thousand_alarms(
     results = await asyncio.gather(*(writer.commit(poll) for poll in polls))
     assert [len(inserted) for inserted in results] == [300] * 6
     assert sizes == [[300, 300], [300, 300], [300, 300]], "closed at 500 alarms or more"
+
+
+async def test_two_transactions_at_once_but_never_two_of_one_site(
+    memory: MemoryStorage, run_writer: Callable[[AlarmWriter], AlarmWriter]
+) -> None:
+    """While PostgreSQL stores one batch the next one is committed beside it (two slots);
+    a site's next commit waits for its previous one, and a third batch for a free slot."""
+    started: list[list[str]] = []
+    gate = asyncio.Event()
+    commit_polls = memory.commit_polls
+
+    async def held(commits: Any, terms: Any) -> Any:
+        started.append([commit.site_id for commit in commits])
+        await gate.wait()
+        return await commit_polls(commits, terms)
+
+    memory.commit_polls = held  # type: ignore[method-assign]
+    writer = run_writer(
+        AlarmWriter(memory, media_deadline_of=lambda _site: 60.0, max_batch=1, max_wait_s=0)
+    )
+    first_a = asyncio.ensure_future(writer.commit(_poll("a", "1")))
+    await asyncio.sleep(0.05)
+    second_a = asyncio.ensure_future(writer.commit(_poll("a", "2")))
+    b = asyncio.ensure_future(writer.commit(_poll("b", "1")))
+    c = asyncio.ensure_future(writer.commit(_poll("c", "1")))
+    await asyncio.sleep(0.1)
+    assert started == [["a"]], "a's second commit waits for its first, and holds the line"
+    gate.set()
+    results = await asyncio.gather(first_a, second_a, b, c)
+    assert [[row.source_id for row in rows] for rows in results] == [["1"], ["2"], ["1"], ["1"]]
+    assert started == [["a"], ["a"], ["b"], ["c"]]
+    ids = {(row.site_id, row.source_id): row.id for rows in results for row in rows}
+    assert ids[("a", "1")] < ids[("a", "2")], "a site's alarms in its polls' order"
+
+
+async def test_a_batch_beside_another_in_flight(
+    memory: MemoryStorage, run_writer: Callable[[AlarmWriter], AlarmWriter]
+) -> None:
+    in_flight, most = 0, 0
+    gate = asyncio.Event()
+    commit_polls = memory.commit_polls
+
+    async def held(commits: Any, terms: Any) -> Any:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        await gate.wait()
+        in_flight -= 1
+        return await commit_polls(commits, terms)
+
+    memory.commit_polls = held  # type: ignore[method-assign]
+    writer = run_writer(
+        AlarmWriter(memory, media_deadline_of=lambda _site: 60.0, max_batch=1, max_wait_s=0)
+    )
+    pending = [asyncio.ensure_future(writer.commit(_poll(f"s{n}", "1"))) for n in range(5)]
+    await asyncio.sleep(0.1)
+    assert (in_flight, most) == (2, 2), "two transactions at once, never a third"
+    gate.set()
+    assert all(len(rows) == 1 for rows in await asyncio.gather(*pending))
+    assert most == 2
