@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import random
 import time
+from collections import Counter
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -224,16 +225,23 @@ class SitePoller:
         return True
 
     def _observe(self, alarms: list[Alarm], new_ids: set[str]) -> None:
+        """The alarms stored now, counted: label sets looked up once per poll, not per
+        alarm (a storm's full pages)."""
         now = datetime.now(UTC)
         vendor = self._site.config.vendor
+        latency = self._metrics.ingest_latency.labels(vendor=vendor)
+        by_type: Counter[str] = Counter()
+        grouped = 0
         for alarm in alarms:
             if stored_source_id(alarm.source_id) not in new_ids:
                 continue
-            self._metrics.alarms.labels(vendor=vendor, event_type=alarm.event_type.value).inc()
-            if alarm.group_of is not None:
-                self._metrics.flood_grouped.labels(vendor=vendor).inc()
-            latency = (now - alarm.occurred_at).total_seconds()
-            self._metrics.ingest_latency.labels(vendor=vendor).observe(max(0.0, latency))
+            by_type[alarm.event_type.value] += 1
+            grouped += alarm.group_of is not None
+            latency.observe(max(0.0, (now - alarm.occurred_at).total_seconds()))
+        for event_type, count in by_type.items():
+            self._metrics.alarms.labels(vendor=vendor, event_type=event_type).inc(count)
+        if grouped:
+            self._metrics.flood_grouped.labels(vendor=vendor).inc(grouped)
 
 
 def _describe(exc: BaseException) -> str:
