@@ -6,11 +6,13 @@ import argparse
 import asyncio
 import gc
 import json
+import logging
+import os
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from cms_ingest import eventloop
 from cms_ingest.config import AppConfig, ConfigError, load_checked, load_config, vendor_problems
@@ -46,7 +48,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     configure_logging(config.log_level, config.log_format)
     tune_garbage_collector()
     eventloop.run(run_daemon(config), config.event_loop)
-    return EXIT_OK
+    leave_at_once(EXIT_OK)
+
+
+def leave_at_once(code: int) -> NoReturn:
+    """Exit without the interpreter's teardown. The daemon has committed, released its
+    leases and closed its connections by now; what is left is freeing the objects of every
+    site one by one, which took over a second at 10,000 sites while systemd waited."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def tune_garbage_collector() -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -320,24 +321,32 @@ class Daemon:
 
     async def _shutdown(self) -> None:
         """Ordered: nothing new is polled, what was polled is committed, the leases go to
-        the other daemons at once, then the queues settle."""
+        the other daemons at once, then the queues settle. The `stopped` line says how long
+        each step took (a slow stop under systemd's timeout is found there)."""
+        phases = _PhaseClock()
         # The lease keeper and the pollers stop together: a keeper tick under way (slow
         # with thousands of sites polling) must not keep every poller polling meanwhile.
         keeper_stopped = asyncio.ensure_future(self.supervisor.stop_tasks(["leases"], timeout=2.0))
         if self.pollers is not None:
             await self.pollers.halt()  # from now on it starts none, whatever the keeper takes
         await keeper_stopped
+        phases.done("pollers")
         await self.supervisor.stop_tasks(["writer"], timeout=2.0)
+        phases.done("writer")
         if self.keeper is not None:
             await self.keeper.release_all(reason="shutdown")
+        phases.done("leases")
         # With the queues, the forwarders: one cut short mid-message leaves its row pending,
         # resent later with the same sequence number.
         senders = [f"forwarder:{sender.config.name}" for sender in self.forwarders]
         await self.supervisor.stop_tasks(["media", "actions", *senders], timeout=6.0)
+        phases.done("queues")
         await self.supervisor.stop_all(timeout=2.0)
+        phases.done("tasks")
         if self.sites is not None:
             await self.sites.close()
-        log.info("stopped")
+        phases.done("sites")
+        log.info("stopped", took_s=phases.took)
 
     async def first_polls(self) -> None:
         """Until every configured site was polled once (the demo and tests start there)."""
@@ -395,3 +404,16 @@ async def run_daemon(
         if on_started is not None:
             on_started(daemon)
         await daemon.run(stop)
+
+
+class _PhaseClock:
+    """Seconds each step of a sequence took, by name."""
+
+    def __init__(self) -> None:
+        self.took: dict[str, float] = {}
+        self._since = time.monotonic()
+
+    def done(self, phase: str) -> None:
+        now = time.monotonic()
+        self.took[phase] = round(now - self._since, 3)
+        self._since = now
