@@ -312,6 +312,10 @@ class Heartbeat:
     renewed: dict[str, int]  # site_id -> epoch, of the leases still ours
     live: list[str]  # the live daemons' ids, sorted (ours included)
     server_started_at: datetime  # the database server's start: changes on restart or failover
+    # Seconds until the first daemon that stopped beating (stale by `fresh_s`) expires, and
+    # its leases with it: the lease keeper looks again then, not at its next tick. None:
+    # every other daemon beats (or no `fresh_s` was given).
+    orphans_in_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

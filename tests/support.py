@@ -303,6 +303,8 @@ def site_poller(
     cursor: Mapping[str, Any] | None = None,
     history: CommHistory | None = None,
     flood: FloodConfig | None = None,
+    start_within_s: float = 1.0,
+    overdue: bool = False,
 ) -> SitePoller:
     """A site's poller as the poller set builds it."""
     flood = flood or FloodConfig()
@@ -310,6 +312,8 @@ def site_poller(
         site,
         writer,
         cursor=cursor,
+        start_within_s=start_within_s,
+        overdue=overdue,
         comm_loss=CommLossTracker(
             site_id=site.config.id,
             timeout_s=site.config.supervision_timeout,

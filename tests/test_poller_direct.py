@@ -22,6 +22,7 @@ from cms_ingest.runtime.poller import SitePoller
 from cms_ingest.runtime.sites import SiteRuntime
 from cms_ingest.runtime.writer import AlarmWriter
 from cms_ingest.simulators.davantis import DavantisSimulator, DavantisSite
+from tests.conftest import eventually
 from tests.support import (
     NO_DATABASE,
     app_config,
@@ -205,3 +206,16 @@ async def test_a_flood_committed_after_an_outage_is_grouped_once(tmp_path: Path)
         assert rows[2].repeat_count == 3
         members = {row.id for row in rows[3:]}
         assert not [media for media in memory.media.values() if media.alarm_id in members]
+
+
+async def test_a_site_taken_over_from_a_dead_daemon_is_polled_at_once(tmp_path: Path) -> None:
+    """It waited a lease period already: its first poll comes within `start_within_s` (the
+    rate limit of first polls), not anywhere in the next second as a started site's does."""
+    async with davantis(tmp_path, poll_interval=10) as (_device, site, _memory, writer):
+        loop = asyncio.get_running_loop()
+        for _ in range(8):  # a 1 s spread would put all eight under 0.3 s once in 15,000
+            poller = site_poller(site, writer, start_within_s=0.02, overdue=True)
+            began = loop.time()
+            async with running(poller.run):
+                await eventually(lambda p=poller: p.cursor is not None, timeout=5, what="poll")
+            assert loop.time() - began < 0.3

@@ -704,3 +704,16 @@ async def test_the_memory_adapter_can_be_unavailable_like_a_database() -> None:
         await memory.heartbeat(_me(), 30, {})
     memory.unavailable = False
     assert await memory.load_cursors(["s"]) == {"s": {"last_id": 1}}, "nothing half-written"
+
+
+async def test_a_heartbeat_says_when_a_silent_daemons_leases_expire(h: Harness) -> None:
+    """The lease keeper looks again just then, not at its next tick."""
+    await h.leases.heartbeat(_me("X"), 30, {})
+    await h.leases.heartbeat(_me("Y"), 30, {})
+    assert (await h.leases.heartbeat(_me("X"), 30, {}, fresh_s=10)).orphans_in_s is None
+    await h.later(6)  # Y silent since: stale for fresh_s 5, its expiry 24 s away
+    beat = await h.leases.heartbeat(_me("X"), 30, {}, fresh_s=5)
+    assert beat.orphans_in_s is not None and 23 < beat.orphans_in_s <= 24.5
+    assert (await h.leases.heartbeat(_me("X"), 30, {})).orphans_in_s is None, "no fresh_s"
+    await h.later(25)  # Y expired: nothing left to wait for
+    assert (await h.leases.heartbeat(_me("X"), 30, {}, fresh_s=5)).orphans_in_s is None

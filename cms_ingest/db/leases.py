@@ -172,9 +172,15 @@ class LeaseStore:
                 delete(daemons).where(daemons.c.expires_at < func.now() - text("interval '1 day'"))
             )
             alive = daemons.c.expires_at > func.now()
+            orphans_in_s = None
             if fresh_s is not None:
                 fresh = daemons.c.heartbeat_at >= func.now() - func.make_interval(
                     0, 0, 0, 0, 0, 0, fresh_s
+                )
+                orphans_in_s = await connection.scalar(
+                    select(
+                        func.extract("epoch", func.min(daemons.c.expires_at) - func.now())
+                    ).where(alive, ~fresh)
                 )
                 alive = and_(alive, fresh)
             live = await connection.execute(
@@ -184,7 +190,12 @@ class LeaseStore:
             started = (
                 await connection.execute(select(func.pg_postmaster_start_time()))
             ).scalar_one()
-            return Heartbeat(renewed=renewed, live=live_ids, server_started_at=started)
+            return Heartbeat(
+                renewed=renewed,
+                live=live_ids,
+                server_started_at=started,
+                orphans_in_s=None if orphans_in_s is None else float(orphans_in_s),
+            )
 
     @raises_unavailable
     async def acquire(

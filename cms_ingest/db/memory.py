@@ -618,7 +618,19 @@ class MemoryStorage:
             if daemon.expires_at > now
             and (stale_before is None or daemon.heartbeat_at >= stale_before)
         )
-        return Heartbeat(renewed=renewed, live=live, server_started_at=self.server_started_at)
+        silent = [
+            (daemon.expires_at - now).total_seconds()
+            for d, daemon in self.daemons.items()
+            if stale_before is not None
+            and daemon.expires_at > now
+            and daemon.heartbeat_at < stale_before
+        ]
+        return Heartbeat(
+            renewed=renewed,
+            live=live,
+            server_started_at=self.server_started_at,
+            orphans_in_s=min(silent, default=None),
+        )
 
     async def acquire(
         self, me: str, ttl_s: float, candidates: Sequence[str], limit: int

@@ -35,6 +35,9 @@ from cms_ingest.storage_ports import SiteLeases
 
 log = structlog.get_logger("cms_ingest.leases")
 
+# A silent daemon's leases are looked at this long after they expire (the two clocks: ours
+# and the database's, which judges expiry).
+ORPHAN_MARGIN_S = 0.05
 SELF_FENCE_AT = 0.8  # of lease_ttl without a renewal: stop polling before anyone may take over
 
 
@@ -49,8 +52,9 @@ class Pollers(Protocol):
 
     def configured(self) -> list[str]: ...
 
-    async def start(self, leases: Mapping[str, int]) -> set[str]:
-        """Start pollers under these leases; returns the sites actually started."""
+    async def start(self, leases: Mapping[str, int], *, overdue: Iterable[str] = ()) -> set[str]:
+        """Start pollers under these leases (`overdue`: taken over from a dead daemon,
+        polled first); returns the sites actually started."""
         ...
 
     async def stop(self, site_ids: Iterable[str]) -> None:
@@ -125,6 +129,7 @@ class LeaseKeeper:
         self._ttl_s = ttl_s
         self._pollers = pollers
         self.live: list[str] = []
+        self._orphans_in_s: float | None = None
         self._lock = asyncio.Lock()
         self._kick = asyncio.Event()
         # After taking over expired leases, no rebalancing hand-off for a while: a daemon
@@ -168,7 +173,15 @@ class LeaseKeeper:
         while not stop.is_set():
             async with self._lock:
                 await self._tick()
-            await wake_or_stop(self._kick, stop, self.interval_s)
+            await wake_or_stop(self._kick, stop, self._next_tick_in_s())
+
+    def _next_tick_in_s(self) -> float:
+        """The tick interval, or sooner: just after a silent daemon's leases expire, so its
+        sites are polled again within lease_ttl of its last beat, not a tick later."""
+        orphans_in_s = self._orphans_in_s
+        if orphans_in_s is None:
+            return self.interval_s
+        return min(self.interval_s, max(0.0, orphans_in_s) + ORPHAN_MARGIN_S)
 
     async def _forget_dead_local_daemons(self) -> None:
         """A daemon of this machine that died (a crash, SIGKILL, a restart) left leases that
@@ -201,6 +214,7 @@ class LeaseKeeper:
         await self._drop_lost(beat)
         await self._follow_server(beat.server_started_at)
         self.live = beat.live
+        self._orphans_in_s = beat.orphans_in_s
         share = fair_share(len(self._pollers.configured()), beat.live, self.me.daemon_id)
         if len(self._held) > share and time.monotonic() >= self._hold_surplus_until:
             await self._hand_off(len(self._held) - share)
@@ -315,7 +329,8 @@ class LeaseKeeper:
         if not taken:
             return
         leases = {lease.site_id: lease.epoch for lease in taken}
-        started = await self._pollers.start(leases)
+        overdue = [lease.site_id for lease in taken if lease.previous_owner]
+        started = await self._pollers.start(leases, overdue=overdue)
         not_started = {site: epoch for site, epoch in leases.items() if site not in started}
         if not_started:  # their cursors could not be loaded: let them go for another try
             try:

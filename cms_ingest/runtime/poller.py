@@ -64,12 +64,15 @@ class SitePoller:
         flood: FloodTracker,
         metrics: Metrics | None = None,
         start_within_s: float = 1.0,
+        overdue: bool = False,
     ) -> None:
         """`start_within_s`: the first poll comes at a random moment within this long (or
         within one poll interval, up to 1 s, if longer), so sites started together do not
-        all log in at once."""
+        all log in at once. `overdue`: taken over from a daemon that died, the site has
+        waited a lease period already: within `start_within_s` only."""
         self._site = site
         self._start_within_s = start_within_s
+        self._overdue = overdue
         self._metrics = metrics = metrics if metrics is not None else Metrics()
         self.fenced = False  # set when a commit was refused: the site is another daemon's now
         # While a commit is under way: a stop waits for it (a poll in flight may be cut short).
@@ -93,7 +96,9 @@ class SitePoller:
         # Spread thousands of sites over the interval instead of polling them in lockstep;
         # a first poll (a login, the camera list...) costs several requests: many sites
         # starting together are spread wider (`start_within_s`).
-        spread = max(min(interval, 1.0), self._start_within_s)
+        spread = self._start_within_s
+        if not self._overdue:
+            spread = max(min(interval, 1.0), spread)
         next_at = time.monotonic() + random.uniform(0, spread)
         while not await sleep_or_stop(next_at - time.monotonic(), stop):
             ok = await self.poll_once()

@@ -108,10 +108,12 @@ class PollerSet:
         """Every configured site: those a poller could be started for."""
         return list(self._sites.by_id)
 
-    async def start(self, leases: Mapping[str, int]) -> set[str]:
+    async def start(self, leases: Mapping[str, int], *, overdue: Iterable[str] = ()) -> set[str]:
         """Pollers for sites whose lease was just taken, each from its committed cursor
         (read now: the previous holder may have advanced it a moment ago). Returns the
-        sites started: none when their stored state could not be read, or once halted."""
+        sites started: none when their stored state could not be read, or once halted.
+        `overdue`: sites taken over from a dead daemon, polled first (no 1 s spread)."""
+        overdue = set(overdue)
         ids = [site_id for site_id in leases if self._sites.get(site_id) is not None]
         try:
             cursors = await self._store.load_cursors(ids)
@@ -125,7 +127,13 @@ class PollerSet:
         start_within_s = len(ids) / FIRST_POLLS_PER_S
         for site_id in ids:
             self._held[site_id] = leases[site_id]
-            poller = self._poller(site_id, cursors.get(site_id), histories[site_id], start_within_s)
+            poller = self._poller(
+                site_id,
+                cursors.get(site_id),
+                histories[site_id],
+                start_within_s,
+                overdue=site_id in overdue,
+            )
             self._pollers[site_id] = poller
             self._tasks.start(task_name(site_id), poller.run)
         if ids and self._on_sites_taken is not None:
@@ -138,6 +146,8 @@ class PollerSet:
         cursor: Mapping[str, Any] | None,
         history: CommHistory,
         start_within_s: float,
+        *,
+        overdue: bool = False,
     ) -> SitePoller:
         site = self._sites.client_for_tenure(site_id)  # fresh client and health when reused
         return SitePoller(
@@ -157,6 +167,7 @@ class PollerSet:
             ),
             metrics=self._metrics,
             start_within_s=start_within_s,
+            overdue=overdue,
         )
 
     async def stop(self, site_ids: Iterable[str]) -> None:
