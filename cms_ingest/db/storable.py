@@ -189,14 +189,8 @@ def storable_alarm(alarm: Alarm) -> Alarm:
     alarm itself when it is so already (nearly always; looking costs a third of a copy)."""
     if _is_storable(alarm):
         return alarm
-    # Built anew, not by dataclasses.replace (which looks up every field each time).
-    return Alarm(
-        site_id=alarm.site_id,
-        vendor=alarm.vendor,
-        event_type=alarm.event_type,
-        occurred_at=alarm.occurred_at,
-        armed=alarm.armed,
-        priority=alarm.priority,
+    return dataclasses.replace(
+        alarm,
         source_id=stored_source_id(alarm.source_id),
         vendor_event=clean_text(alarm.vendor_event, ID_LIMIT),
         description=clean_text(alarm.description, DESCRIPTION_LIMIT),
