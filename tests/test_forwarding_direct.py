@@ -206,6 +206,31 @@ async def test_a_receiver_down_for_a_while_gets_everything_once_in_order_after()
     assert sender.state.link_up is True
 
 
+async def test_a_receiver_stopped_for_30_s_gets_every_alarm_of_the_outage_once_in_order() -> None:
+    """The issue's case to the letter: the receiver stopped for 30 s while an alarm a second
+    keeps coming, then started again."""
+    port = free_port()
+    config = forwarder(port, retry_base_s=0.5, retry_max_s=2.0)
+    storage = MemoryStorage(routes=(config.route(),))
+    sender = ForwarderSender(config, storage, owner="d1", lease_ttl_s=3.0)
+    async with running(sender.run):
+        async with sia_receiver(port, [("1234", None)]) as before:
+            ids = await commit(storage, alarms("s1", 3))
+            sender.wake()
+            await eventually(lambda: len(delivered(storage)) == 3, what="3 delivered")
+        for second in range(30):  # stopped: an alarm a second for 30 s
+            ids += await commit(storage, alarms("s1", 1, 3 + second))
+            sender.wake()
+            await asyncio.sleep(1.0)
+        assert len(delivered(storage)) == 3
+        assert sender.state.link_up is False
+        async with sia_receiver(port, [("1234", None)]) as after:
+            await eventually(lambda: len(delivered(storage)) == 33, timeout=15, what="33 delivered")
+    assert before.alarm_ids() == ids[:3]
+    assert after.alarm_ids() == ids[3:]
+    assert before.repeats() == after.repeats() == 0
+
+
 async def test_a_nak_with_the_receivers_time_resynchronises_the_clock() -> None:
     port = free_port()
     config = forwarder(port)
