@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from cms_ingest.domain import Alarm
 
@@ -39,26 +41,40 @@ class FloodTracker:
         # get the same answer, not be counted twice (nor the head join its own burst).
         self._decided: OrderedDict[str, str | None] = OrderedDict()
 
-    def apply(self, alarms: list[Alarm], now: datetime) -> list[Alarm]:
-        """The same alarms, those in a burst marked with their group (and without media)."""
-        return [self._one(alarm, now) for alarm in alarms]
+    def apply(
+        self,
+        alarms: list[Alarm],
+        now: datetime,
+        priority_of: Callable[[Alarm], int] | None = None,
+    ) -> list[Alarm]:
+        """The same alarms, those in a burst marked with their group (and without media),
+        each with `priority_of` its priority: one copy per alarm at most (a storm's full
+        pages made two copies of every alarm, a tenth of the daemon's CPU)."""
+        return [self._one(alarm, now, priority_of) for alarm in alarms]
 
-    def _one(self, alarm: Alarm, now: datetime) -> Alarm:
+    def _one(
+        self, alarm: Alarm, now: datetime, priority_of: Callable[[Alarm], int] | None
+    ) -> Alarm:
+        changes: dict[str, Any] = {}
+        if priority_of is not None and (priority := priority_of(alarm)) != alarm.priority:
+            changes["priority"] = priority
+        group_of = self._group_of(alarm, now)
+        if group_of is not None:
+            changes["group_of"] = group_of
+            if not self._fetch_media:
+                changes["media"] = ()
+        return dataclasses.replace(alarm, **changes) if changes else alarm
+
+    def _group_of(self, alarm: Alarm, now: datetime) -> str | None:
         if alarm.event_type.value in NEVER_GROUPED:
-            return alarm
+            return None
         if alarm.source_id in self._decided:
-            return self._marked(alarm, self._decided[alarm.source_id])
+            return self._decided[alarm.source_id]
         group_of = self._decide(alarm, now)
         self._decided[alarm.source_id] = group_of
         if len(self._decided) > REMEMBERED:
             self._decided.popitem(last=False)
-        return self._marked(alarm, group_of)
-
-    def _marked(self, alarm: Alarm, group_of: str | None) -> Alarm:
-        if group_of is None:
-            return alarm
-        media = alarm.media if self._fetch_media else ()
-        return dataclasses.replace(alarm, group_of=group_of, media=media)
+        return group_of
 
     def _decide(self, alarm: Alarm, now: datetime) -> str | None:
         """The burst this new alarm joins (its first alarm's source_id), or None."""

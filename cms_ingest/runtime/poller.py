@@ -10,7 +10,6 @@ then absorbs.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import random
 import time
 from collections import Counter
@@ -177,10 +176,11 @@ class SitePoller:
         site = self._site.config
         # The store makes every value storable (alarms, media locators, the cursor), in one
         # place; flood groups name their head by the same source_id, cleaned alike there.
-        prioritized = [
-            dataclasses.replace(alarm, priority=site.priority(alarm.event_type, alarm.camera_id))
-            for alarm in self._flood.apply(alarms, datetime.now(UTC))
-        ]
+        prioritized = self._flood.apply(
+            alarms,
+            datetime.now(UTC),
+            priority_of=lambda alarm: site.priority(alarm.event_type, alarm.camera_id),
+        )
         commit = PollCommit(
             site_id=self._site.config.id,
             vendor=self._site.config.vendor,
