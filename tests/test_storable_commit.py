@@ -20,8 +20,8 @@ import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
-from cms_ingest.db.store import PollCommit, Store
-from cms_ingest.domain import Alarm, EventType, MediaKind, MediaRequest
+from cms_ingest.db.store import PollCommit, Store, json_text
+from cms_ingest.domain import Alarm, CommitTerms, EventType, MediaKind, MediaRequest
 from cms_ingest.metrics import Metrics
 from cms_ingest.runtime.sites import SiteProblems
 from cms_ingest.runtime.writer import AlarmWriter
@@ -230,3 +230,26 @@ def test_a_storable_alarm_is_kept_as_it_is_and_any_unstorable_field_rebuilds_it(
         assert "\x00" not in json.dumps([getattr(stored, f) for f in ("source_id", "camera_id")])
     for raw in ({"t": (1, 2)}, {"big": 1 << 2000}, {"inf": float("inf")}, {1: "int key"}):
         assert storable_alarm(Alarm(**{**fields, "raw": raw})).raw == storable_json(raw), raw
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"id": 7, "name": "Gate ü", "score": 0.5, "nested": {"list": [1, None, True]}},
+        {"beyond 64 bits": 1 << 70},  # orjson declines: json.dumps writes it
+        {1: "int key"},  # orjson declines: json.dumps makes the key a string
+    ],
+    ids=["plain", "big-int", "int-key"],
+)
+def test_json_text_is_what_json_dumps_means(raw: dict[Any, Any]) -> None:
+    assert json.loads(json_text(raw)) == json.loads(json.dumps(raw))
+
+
+async def test_a_raw_record_orjson_declines_is_stored_as_json_dumps_writes_it(
+    store: Store, db: asyncpg.Connection
+) -> None:
+    alarm = _alarm("orj", "1", raw={"big": 1 << 70, "n": 1})
+    terms = {"orj": CommitTerms(media_deadline_s=60)}
+    await store.commit_polls([PollCommit("orj", "exacq", [alarm], None)], terms)
+    stored = await db.fetchval("SELECT raw FROM alarms WHERE site_id = 'orj'")
+    assert json.loads(stored) == {"big": 1 << 70, "n": 1}

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+import orjson
 from sqlalchemy import (
     ARRAY,
     Text,
@@ -743,15 +744,25 @@ def _alarm_columns(batch: Sequence[Alarm]) -> dict[str, list[Any]]:
         "occurred_at": [alarm.occurred_at for alarm in batch],
         "armed": [alarm.armed for alarm in batch],
         "priority": [alarm.priority for alarm in batch],
-        "raw": [json.dumps(alarm.raw) for alarm in batch],
+        "raw": [json_text(alarm.raw) for alarm in batch],
         "group_of": [alarm.group_of for alarm in batch],
     }
+
+
+def json_text(value: Any) -> str:
+    """`value` as JSON text for a jsonb parameter. orjson: 0.3 µs for a typical alarm's raw
+    record where json.dumps takes 3.9 µs (4.5 % of the daemon's CPU in a storm). What orjson
+    declines (an integer beyond 64 bits, a non-string key) goes through json.dumps as before."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:  # orjson.JSONEncodeError is a TypeError
+        return json.dumps(value)
 
 
 def _columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
     """Rows (dicts with the same keys) as one list per key; JSON values as JSON text."""
     return {
-        key: [json.dumps(row[key]) if isinstance(row[key], dict) else row[key] for row in rows]
+        key: [json_text(row[key]) if isinstance(row[key], dict) else row[key] for row in rows]
         for key in rows[0]
     }
 
