@@ -928,7 +928,8 @@ async def mode_storm(args: argparse.Namespace, db_url: str, db_name: str, workdi
                 series.append((time.time() - at, stored))
                 # Stalled: nothing more for 60 s after the first commit (the first one may take
                 # long: a batch of sites' full pages is one transaction).
-                stalled = stalled + 1 if stored and stored == series[-2][1] else 0
+                previous = series[-2][1] if len(series) > 1 else 0  # the first sample may be > 0
+                stalled = stalled + 1 if stored and stored == previous else 0
                 if stored >= created or stalled >= 60 or time.time() - t0 > args.storm_timeout:
                     break
             elapsed = series[-1][0]
