@@ -42,17 +42,16 @@ def test_beyond_the_limit_alarms_join_the_first_one_and_a_quiet_minute_ends_it()
     assert later.group_of is None  # a quiet minute ended the burst
 
 
-def test_priority_and_group_are_set_together_and_untouched_alarms_are_not_copied() -> None:
+def test_marks_name_only_what_the_flood_changes_and_untouched_alarms_are_not_copied() -> None:
     tracker = FloodTracker(max_per_minute=1, quiet_s=60, fetch_media=False)
-    batch = [alarm(1), alarm(2), alarm(3)]
-    out = tracker.apply(batch, T0, priority_of=lambda a: 2)
-    assert [(a.priority, a.group_of, a.media) for a in out] == [
-        (2, None, batch[0].media),
-        (2, None, batch[1].media),  # the burst's head
-        (2, "2", ()),
+    first, head, member = alarm(1), alarm(2), alarm(3)
+    assert [tracker.marks(a, T0) for a in (first, head, member)] == [
+        {},
+        {},  # the burst's head
+        {"group_of": "2", "media": ()},
     ]
     same = alarm(4, camera="9")
-    assert tracker.apply([same], T0, priority_of=lambda a: a.priority)[0] is same
+    assert tracker.apply([same], T0)[0] is same
 
 
 def test_a_batch_polled_again_gets_the_same_answer() -> None:

@@ -208,6 +208,20 @@ async def test_a_flood_committed_after_an_outage_is_grouped_once(tmp_path: Path)
         assert not [media for media in memory.media.values() if media.alarm_id in members]
 
 
+async def test_flood_members_get_the_sites_priority_too(tmp_path: Path) -> None:
+    """Priority and flood marks are set together (one copy of each alarm): a burst's members
+    carry the site's priority like the alarms before them."""
+    async with davantis(tmp_path, priorities={"intrusion": 7}) as (device, site, memory, writer):
+        poller = site_poller(site, writer, flood=FloodConfig(max_per_minute=2))
+        assert await poller.poll_once()
+        posted = [str(alarm.id) for alarm in device.add_alarms(5, camera=1)]
+        assert await poller.poll_once()
+        rows = sorted(memory.alarms.values(), key=lambda row: row.id)
+        assert [row.alarm.source_id for row in rows] == posted
+        assert [row.alarm.group_of for row in rows] == [None, None, None, posted[2], posted[2]]
+        assert [row.alarm.priority for row in rows] == [7] * 5  # not the default (1)
+
+
 async def test_a_site_taken_over_from_a_dead_daemon_is_polled_at_once(tmp_path: Path) -> None:
     """It waited a lease period already: its first poll comes within `start_within_s` (the
     rate limit of first polls), not anywhere in the next second as a started site's does."""

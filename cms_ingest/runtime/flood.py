@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict, deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -41,29 +40,17 @@ class FloodTracker:
         # get the same answer, not be counted twice (nor the head join its own burst).
         self._decided: OrderedDict[str, str | None] = OrderedDict()
 
-    def apply(
-        self,
-        alarms: list[Alarm],
-        now: datetime,
-        priority_of: Callable[[Alarm], int] | None = None,
-    ) -> list[Alarm]:
-        """The same alarms, those in a burst marked with their group (and without media),
-        each with `priority_of` its priority: one copy per alarm at most (a storm's full
-        pages made two copies of every alarm, a tenth of the daemon's CPU)."""
-        return [self._one(alarm, now, priority_of) for alarm in alarms]
+    def apply(self, alarms: list[Alarm], now: datetime) -> list[Alarm]:
+        """The same alarms, those in a burst marked with their group (and without media)."""
+        return [dataclasses.replace(a, **m) if (m := self.marks(a, now)) else a for a in alarms]
 
-    def _one(
-        self, alarm: Alarm, now: datetime, priority_of: Callable[[Alarm], int] | None
-    ) -> Alarm:
-        changes: dict[str, Any] = {}
-        if priority_of is not None and (priority := priority_of(alarm)) != alarm.priority:
-            changes["priority"] = priority
+    def marks(self, alarm: Alarm, now: datetime) -> dict[str, Any]:
+        """The fields the flood rule changes on this alarm (none when it is in no burst): a
+        caller that changes other fields too makes one copy, not two (a storm's full pages)."""
         group_of = self._group_of(alarm, now)
-        if group_of is not None:
-            changes["group_of"] = group_of
-            if not self._fetch_media:
-                changes["media"] = ()
-        return dataclasses.replace(alarm, **changes) if changes else alarm
+        if group_of is None:
+            return {}
+        return {"group_of": group_of} if self._fetch_media else {"group_of": group_of, "media": ()}
 
     def _group_of(self, alarm: Alarm, now: datetime) -> str | None:
         if alarm.event_type.value in NEVER_GROUPED:
