@@ -287,12 +287,17 @@ class LargeBodyTurnstile:
     `call_soon`, i.e. on the next turn, after the holder's synchronous parse is done.
     """
 
-    def __init__(self, per_turn: int = 1) -> None:
-        self._slots = asyncio.Semaphore(per_turn)
+    def __init__(self) -> None:
+        self._turn = asyncio.Lock()
+
+    @property
+    def busy(self) -> bool:
+        """Whether a body has this turn (the next one waits for the loop's next turn)."""
+        return self._turn.locked()
 
     async def wait_turn(self) -> None:
-        await self._slots.acquire()
-        asyncio.get_running_loop().call_soon(self._slots.release)
+        await self._turn.acquire()
+        asyncio.get_running_loop().call_soon(self._turn.release)
 
 
 _TURNSTILES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LargeBodyTurnstile] = (
