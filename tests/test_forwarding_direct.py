@@ -47,6 +47,17 @@ def forwarder(port: int, **overrides: Any) -> ForwarderConfig:
     return ForwarderConfig(**values)
 
 
+def one_sender(
+    port: int, *, metrics: Metrics | None = None, **overrides: Any
+) -> tuple[MemoryStorage, ForwarderSender]:
+    """The in-memory outbox routed to one forwarder (`forwarder(port, **overrides)`) and the
+    daemon's sender for it."""
+    config = forwarder(port, **overrides)
+    storage = MemoryStorage(routes=(config.route(),))
+    sender = ForwarderSender(config, storage, owner="d1", lease_ttl_s=3.0, metrics=metrics)
+    return storage, sender
+
+
 def alarms(
     site_id: str, n: int, start: int = 0, kind: EventType = EventType.INTRUSION
 ) -> list[Alarm]:
@@ -98,9 +109,7 @@ async def test_a_stream_arrives_once_and_in_order(
     extra: dict[str, Any] = {"format": message_format}
     if key is not None:
         extra |= {"aes_key": key, "aes_key_encoding": "text"}
-    config = forwarder(port, **extra)
-    storage = MemoryStorage(routes=(config.route(),))
-    sender = ForwarderSender(config, storage, owner="d1", lease_ttl_s=3.0)
+    storage, sender = one_sender(port, **extra)
     async with sia_receiver(port, [("1234", key)]) as receiver, running(sender.run):
         ids = await commit(storage, alarms("s1", 30))
         sender.wake()
@@ -117,11 +126,9 @@ async def test_a_stream_arrives_once_and_in_order(
 
 async def test_udp_delivers_in_order_too() -> None:
     port = free_port()
-    config = forwarder(
+    storage, sender = one_sender(
         port, transport="udp", format="ADM-CID", aes_key=KEY_TEXT, aes_key_encoding="text"
     )
-    storage = MemoryStorage(routes=(config.route(),))
-    sender = ForwarderSender(config, storage, owner="d1", lease_ttl_s=3.0)
     async with running(sender.run):
         ids = await commit(storage, alarms("s1", 3))
         sender.wake()
@@ -145,9 +152,7 @@ async def test_every_default_code_is_understood_by_the_receiver(
     from cms_ingest.forwarding.codes import DEFAULT_CODES
 
     port = free_port()
-    config = forwarder(port, format=message_format)
-    storage = MemoryStorage(routes=(config.route(),))
-    sender = ForwarderSender(config, storage, owner="d1", lease_ttl_s=3.0)
+    storage, sender = one_sender(port, format=message_format)
     kinds = list(EventType)
     async with sia_receiver(port, [("1234", None)]) as receiver, running(sender.run):
         for i, kind in enumerate(kinds):
@@ -184,9 +189,7 @@ async def test_only_the_forwarders_sites_and_event_types_are_queued() -> None:
 
 async def test_a_receiver_down_for_a_while_gets_everything_once_in_order_after() -> None:
     port = free_port()
-    config = forwarder(port)
-    storage = MemoryStorage(routes=(config.route(),))
-    sender = ForwarderSender(config, storage, owner="d1", lease_ttl_s=3.0)
+    storage, sender = one_sender(port)
     async with running(sender.run):
         async with sia_receiver(port, [("1234", None)]) as receiver:
             ids = await commit(storage, alarms("s1", 5))
@@ -210,9 +213,7 @@ async def test_a_receiver_stopped_for_30_s_gets_every_alarm_of_the_outage_once_i
     """The issue's case to the letter: the receiver stopped for 30 s while an alarm a second
     keeps coming, then started again."""
     port = free_port()
-    config = forwarder(port, retry_base_s=0.5, retry_max_s=2.0)
-    storage = MemoryStorage(routes=(config.route(),))
-    sender = ForwarderSender(config, storage, owner="d1", lease_ttl_s=3.0)
+    storage, sender = one_sender(port, retry_base_s=0.5, retry_max_s=2.0)
     async with running(sender.run):
         async with sia_receiver(port, [("1234", None)]) as before:
             ids = await commit(storage, alarms("s1", 3))
@@ -233,10 +234,8 @@ async def test_a_receiver_stopped_for_30_s_gets_every_alarm_of_the_outage_once_i
 
 async def test_a_nak_with_the_receivers_time_resynchronises_the_clock() -> None:
     port = free_port()
-    config = forwarder(port)
-    storage = MemoryStorage(routes=(config.route(),))
     metrics = Metrics()
-    sender = ForwarderSender(config, storage, owner="d1", lease_ttl_s=3.0, metrics=metrics)
+    storage, sender = one_sender(port, metrics=metrics)
     with receiver_clock_skewed(300.0):
         async with sia_receiver(port, [("1234", None)]) as receiver, running(sender.run):
             ids = await commit(storage, alarms("s1", 5))
@@ -249,9 +248,7 @@ async def test_a_nak_with_the_receivers_time_resynchronises_the_clock() -> None:
 
 async def test_the_backup_takes_over_when_the_primary_is_down() -> None:
     primary, backup = free_port(), free_port()  # nothing listens on the primary
-    config = forwarder(primary, backup=f"127.0.0.1:{backup}", attempts_per_path=2)
-    storage = MemoryStorage(routes=(config.route(),))
-    sender = ForwarderSender(config, storage, owner="d1", lease_ttl_s=3.0)
+    storage, sender = one_sender(primary, backup=f"127.0.0.1:{backup}", attempts_per_path=2)
     async with sia_receiver(backup, [("1234", None)]) as receiver, running(sender.run):
         ids = await commit(storage, alarms("s1", 10))
         sender.wake()
@@ -263,9 +260,7 @@ async def test_the_backup_takes_over_when_the_primary_is_down() -> None:
 async def test_a_duh_fails_the_delivery_with_the_reason_and_the_stream_goes_on() -> None:
     port = free_port()
     # "QQ" is no SIA code: pysiaalarm answers DUH.
-    config = forwarder(port, codes={"motion": {"sia": "QQ"}})
-    storage = MemoryStorage(routes=(config.route(),))
-    sender = ForwarderSender(config, storage, owner="d1", lease_ttl_s=3.0)
+    storage, sender = one_sender(port, codes={"motion": {"sia": "QQ"}})
     async with sia_receiver(port, [("1234", None)]) as receiver, running(sender.run):
         ids = await commit(
             storage, alarms("s1", 1) + alarms("s1", 1, 1, EventType.MOTION) + alarms("s1", 1, 2)
@@ -315,10 +310,8 @@ async def test_forward_test_sends_a_test_report_and_returns_the_answer() -> None
 
 async def test_supervision_sends_null_messages_when_idle() -> None:
     port = free_port()
-    config = forwarder(port, supervision_interval_s=0.2)
-    storage = MemoryStorage(routes=(config.route(),))
     metrics = Metrics()
-    sender = ForwarderSender(config, storage, owner="d1", lease_ttl_s=3.0, metrics=metrics)
+    _, sender = one_sender(port, supervision_interval_s=0.2, metrics=metrics)
     async with sia_receiver(port, [("1234", None)]), running(sender.run):
         await eventually(
             lambda: (
@@ -332,9 +325,7 @@ async def test_supervision_sends_null_messages_when_idle() -> None:
 
 async def test_a_database_outage_mid_stream_loses_nothing_and_repeats_nothing() -> None:
     port = free_port()
-    config = forwarder(port)
-    storage = MemoryStorage(routes=(config.route(),))
-    sender = ForwarderSender(config, storage, owner="d1", lease_ttl_s=3.0)
+    storage, sender = one_sender(port)
     async with sia_receiver(port, [("1234", None)]) as receiver, running(sender.run):
         ids = await commit(storage, alarms("s1", 40))
         sender.wake()
