@@ -61,6 +61,16 @@ them. Nothing asserts a threshold; the figures go into notes and are compared by
   simulators after the window opened (per site, by id) and never stored (the check waits
   up to 60 s while missing ones still arrive).
 
+    .venv/bin/python bench/sites.py --sites 10000 --rate 0 --interval 10 --handoff
+
+  `--handoff`: one daemon holds every site (polled every `--interval` s); once it is warm
+  and has run alone for `--settle` s, a second daemon joins and is handed half of them.
+  Prints how long until the leases were split evenly, both daemons' event-loop lag (the
+  giver's alone over the settle window and from the join on, the joiner's over its whole
+  life: samples of the daemon's 50 ms timer over 50 ms late, and the worst histogram bucket
+  reached), their CPU, and the sites' pauses between two alarm polls (a handed site waits
+  for the joiner's first poll).
+
     .venv/bin/python bench/sites.py --sites 2000 --rate 0 --profile /tmp/daemon.pyspy
 
   `--profile FILE` (default mode, `--baseline` or `--storm`): py-spy records the daemon
@@ -106,6 +116,12 @@ from cms_ingest.sitehttp import raise_open_files_limit
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 HERE = Path(__file__).resolve().parent
 GAP_S = 2.5  # the simulators record pauses between two alarm polls longer than this
+
+
+def gap_s(args: argparse.Namespace) -> float:
+    """The pause between two alarm polls of a site the simulators record: GAP_S at 1 Hz,
+    GAP_S past the interval when sites are polled less often."""
+    return GAP_S if args.interval <= 1.0 else args.interval + GAP_S
 
 
 def cpu_seconds(pid: int) -> float:
@@ -196,7 +212,7 @@ class Simulators:
                 "-m",
                 "cms_ingest.simulators.davantis",
                 *("--sites", str(size), "--port", "0", "--rate", str(args.rate)),
-                *("--media-delay", "1", "--track-gaps", str(GAP_S), "--seed", str(index)),
+                *("--media-delay", "1", "--track-gaps", str(gap_s(args)), "--seed", str(index)),
                 *("--track-request", "GET /alarms"),
             ]
             if not args.shared_port:
@@ -370,6 +386,7 @@ def write_config(
     data_dir: Path,
     instance: str,
     lease_ttl: float,
+    interval: float = 1.0,
 ) -> None:
     lines = [
         f"database_url: {database_url}",
@@ -379,7 +396,7 @@ def write_config(
         f"lease_ttl: {lease_ttl}",
         "log_level: warning",
         "log_format: json",
-        "defaults: {username: cms, password: secret, poll_interval: 1.0}",
+        f"defaults: {{username: cms, password: secret, poll_interval: {interval}}}",
         "sites:",
     ]
     lines += [f"  - {{id: s{i:05d}, vendor: davantis, url: '{url}'}}" for i, url in enumerate(urls)]
@@ -387,14 +404,27 @@ def write_config(
 
 
 async def start_daemons(
-    workdir: Path, db_url: str, urls: list[str], count: int, lease_ttl: float, tag: str = "bench"
+    workdir: Path,
+    db_url: str,
+    urls: list[str],
+    count: int,
+    lease_ttl: float,
+    tag: str = "bench",
+    *,
+    interval: float = 1.0,
+    first_port: int = 0,
 ) -> tuple[list[asyncio.subprocess.Process], list[int]]:
-    base = 19000 + (os.getpid() % 900) * 4 % 3600
+    """`count` daemons polling `urls` every `interval` s; metrics ports from `first_port`
+    (0: a base of this bench process's own, so runs side by side do not collide)."""
+    base = first_port or 19000 + (os.getpid() % 900) * 4 % 3600
     ports = [base + i for i in range(count)]
     daemons = []
     for i, port in enumerate(ports):
         config = workdir / f"{tag}-{i}.yaml"
-        write_config(config, db_url, urls, port, workdir / f"data-{tag}", f"{tag}-{i}", lease_ttl)
+        instance = f"{tag}-{i}"
+        write_config(
+            config, db_url, urls, port, workdir / f"data-{tag}", instance, lease_ttl, interval
+        )
         log = (workdir / f"{tag}-{i}.log").open("wb")
         daemons.append(
             await asyncio.create_subprocess_exec(
@@ -710,12 +740,13 @@ async def one_site_rss(server_url: str, workdir: Path, url: str) -> int:
 
 
 def print_daemon(args: argparse.Namespace, window: DaemonWindow, warmup: float) -> None:
-    interval = 1.0
+    interval = args.interval
     sim = window.sim.summary(interval)
     target = args.sites / interval
     achieved = window.polls_rate
     print(
-        f"sites                 {args.sites} at 1 Hz, {args.rate} alarms/s per site, "
+        f"sites                 {args.sites} every {args.interval:g} s, "
+        f"{args.rate} alarms/s per site, "
         f"{args.daemons} daemon(s), {len(window.sim.cpu)} simulator process(es), "
         f"{'one shared port' if args.shared_port else 'one port per site'}, "
         f"{window.elapsed:.0f} s measured"
@@ -777,7 +808,9 @@ async def mode_default(
         urls = await sims.start(args)
         if args.baseline:
             bare = await bare_phase(args, workdir, sims, urls)
-        daemons, ports = await start_daemons(workdir, db_url, urls, args.daemons, args.lease_ttl)
+        daemons, ports = await start_daemons(
+            workdir, db_url, urls, args.daemons, args.lease_ttl, interval=args.interval
+        )
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
             await wait_ready(session, ports)
             connection = await asyncpg.connect(db_url)
@@ -1148,6 +1181,114 @@ async def mode_failover(args: argparse.Namespace, db_url: str, workdir: Path) ->
     print(f"SIGTERM to exit       {stop[0]:.2f} s (exit {', '.join(stop[1])}; bench-0 was killed)")
 
 
+async def mode_handoff(args: argparse.Namespace, db_url: str, workdir: Path) -> None:
+    """One daemon holds every site; a second joins and is handed half of them. Both
+    daemons' event-loop lag over the hand-off, and how long it took."""
+    sims = Simulators()
+    daemons: list[asyncio.subprocess.Process] = []
+    try:
+        urls = await sims.start(args)
+        daemons, ports = await start_daemons(
+            workdir, db_url, urls, 1, args.lease_ttl, interval=args.interval
+        )
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            await wait_ready(session, ports)
+            connection = await asyncpg.connect(db_url)
+            try:
+                warmup = await wait_warm(connection, args.sites, 1)
+                settled = lag_buckets(await metrics_text(session, ports[0]))
+                await asyncio.sleep(args.settle)
+                giver_before = lag_buckets(await metrics_text(session, ports[0]))
+                first = await sims.dump()
+                cpu_before = cpu_seconds(daemons[0].pid)
+                joined_at = time.monotonic()
+                joiner, joiner_ports = await start_daemons(
+                    workdir,
+                    db_url,
+                    urls,
+                    1,
+                    args.lease_ttl,
+                    tag="join",
+                    interval=args.interval,
+                    first_port=ports[0] + 1,
+                )
+                daemons += joiner
+                await wait_ready(session, joiner_ports)
+                ready_in = time.monotonic() - joined_at
+                split_in = await wait_split(connection, args.sites, joined_at)
+                # Every handed site's first poll at the joiner, and a few more of each.
+                await asyncio.sleep(max(5.0, 3 * args.interval))
+                giver_after = lag_buckets(await metrics_text(session, ports[0]))
+                joiner_lag = lag_buckets(await metrics_text(session, joiner_ports[0]))
+                cpu_giver = cpu_seconds(daemons[0].pid) - cpu_before
+                cpu_joiner = cpu_seconds(daemons[1].pid)
+                states = await sims.dump()
+                window = time.monotonic() - joined_at
+                handed = int(
+                    await connection.fetchval(
+                        "SELECT count(*) FROM site_leases WHERE owner = 'join-0'"
+                    )
+                )
+            finally:
+                await connection.close()
+    finally:
+        stop = await terminate(daemons)
+        await sims.stop()
+    pauses = [
+        end - start
+        for before, after in zip(first, states, strict=True)
+        for start, end in after["gaps"][len(before["gaps"]) :]
+    ]
+    print(
+        f"hand-off              {args.sites} sites every {args.interval:g} s held by one daemon "
+        f"(warm-up {warmup:.1f} s); a second joins and is handed {handed}"
+    )
+    print(
+        f"                      joiner ready after {ready_in:.1f} s, leases split evenly "
+        f"{split_in:.1f} s after it started; measured {window:.0f} s from its start"
+    )
+    print(f"giver's loop lag      {lag_lines(settled, giver_before)} (alone, {args.settle:g} s)")
+    print(f"                      {lag_lines(giver_before, giver_after)} (from the join on)")
+    print(f"joiner's loop lag     {lag_lines({}, joiner_lag)} (its whole life)")
+    print(
+        f"CPU over the window   giver {cpu_giver / window:.2f} core, joiner "
+        f"{cpu_joiner / window:.2f} core (incl. its start)"
+    )
+    print(
+        f"alarm-poll pauses     {len(pauses)} over {gap_s(args):g} s (sites handed over wait "
+        f"for the joiner's first poll), max {max(pauses, default=0.0):.1f} s, "
+        f"p50 {quantile(pauses, 0.5):.1f} s"
+    )
+    print(f"SIGTERM to exit       {stop[0]:.2f} s (exit {', '.join(stop[1])})")
+
+
+async def wait_split(connection: asyncpg.Connection, sites: int, since: float) -> float:
+    """Seconds from `since` until both daemons hold half the sites (a lease each)."""
+
+    async def even() -> bool:
+        held = await connection.fetch(
+            "SELECT owner, count(*) AS n FROM site_leases"
+            " WHERE owner IS NOT NULL AND expires_at > now() GROUP BY owner"
+        )
+        split = [int(row["n"]) for row in held]
+        return len(split) == 2 and sum(split) == sites and max(split) - min(split) <= 1
+
+    await wait_until(even, 300, "an even split between the two daemons")
+    return time.monotonic() - since
+
+
+def lag_lines(before: dict[float, float], after: dict[float, float]) -> str:
+    """How many lag samples passed 50 ms, and the worst bucket reached."""
+    delta = {le: after[le] - before.get(le, 0.0) for le in after}
+    total = delta.get(math.inf, 0.0)
+    if not total:
+        return "no samples"
+    over = total - delta.get(0.05, 0.0)
+    worst = min(le for le in delta if delta[le] >= total)
+    bound = "past the last bucket" if worst == math.inf else f"<= {worst * 1000:g} ms"
+    return f"{total:.0f} samples, {over:.0f} over 50 ms; worst {bound}"
+
+
 async def lost_and_duplicates(
     connection: asyncpg.Connection, first: list[int], states: list[dict[str, Any]]
 ) -> tuple[int, int]:
@@ -1191,6 +1332,8 @@ async def run(args: argparse.Namespace) -> None:
             await mode_storm(args, db_url, db_name, workdir)
         elif args.failover:
             await mode_failover(args, db_url, workdir)
+        elif args.handoff:
+            await mode_handoff(args, db_url, workdir)
         else:
             await mode_default(args, server_url, db_url, workdir)
     finally:
@@ -1222,6 +1365,10 @@ def main() -> None:
     modes.add_argument("--baseline", action="store_true", help="the bare loop, then the daemon")
     modes.add_argument("--storm", action="store_true", help="a backlog on every site at once")
     modes.add_argument("--failover", action="store_true", help="kill one daemon, freeze another")
+    modes.add_argument("--handoff", action="store_true", help="a second daemon joins")
+    parser.add_argument(
+        "--interval", type=float, default=1.0, help="poll interval (default mode, --handoff)"
+    )
     parser.add_argument("--bare-warmup", type=float, default=10.0)
     parser.add_argument(
         "--bare-loop",

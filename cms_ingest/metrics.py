@@ -186,7 +186,7 @@ class Metrics:
         )
         self.event_loop_lag = Histogram(
             "cms_ingest_event_loop_lag_seconds",
-            "How much later than asked the event loop ran a 0.25 s timer (anything blocking it "
+            "How much later than asked the event loop ran a 50 ms timer (anything blocking it "
             "delays every site).",
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=registry,
