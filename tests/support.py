@@ -305,6 +305,7 @@ def site_poller(
     flood: FloodConfig | None = None,
     start_within_s: float = 1.0,
     overdue: bool = False,
+    first_poll_gate: asyncio.Semaphore | None = None,
 ) -> SitePoller:
     """A site's poller as the poller set builds it."""
     flood = flood or FloodConfig()
@@ -314,6 +315,7 @@ def site_poller(
         cursor=cursor,
         start_within_s=start_within_s,
         overdue=overdue,
+        first_poll_gate=first_poll_gate,
         comm_loss=CommLossTracker(
             site_id=site.config.id,
             timeout_s=site.config.supervision_timeout,

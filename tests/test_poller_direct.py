@@ -233,3 +233,46 @@ async def test_a_site_taken_over_from_a_dead_daemon_is_polled_at_once(tmp_path: 
             async with running(poller.run):
                 await eventually(lambda p=poller: p.cursor is not None, timeout=5, what="poll")
             assert loop.time() - began < 0.3
+
+
+class CountingGate(asyncio.Semaphore):
+    """The pollers' shared gate, counting who went through it and how many at once."""
+
+    def __init__(self, room: int) -> None:
+        super().__init__(room)
+        self.entries = 0
+        self.inside = 0
+        self.most_inside = 0
+
+    async def __aenter__(self) -> None:
+        await super().__aenter__()
+        self.entries += 1
+        self.inside += 1
+        self.most_inside = max(self.most_inside, self.inside)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.inside -= 1
+        await super().__aexit__(*exc)
+
+
+async def test_only_first_polls_pass_the_gate_the_pollers_share(tmp_path: Path) -> None:
+    """Sites started together pass their first poll (a login, the device's set-up) through
+    one gate that bounds how many run at once; the polls after it do not wait for it."""
+    async with davantis(tmp_path, poll_interval=0.1) as (device, site, _memory, writer):
+        device.slow_alarm_polls(4, delay=0.2)
+        gate = CountingGate(2)
+        pollers = [
+            site_poller(site, writer, start_within_s=0.01, first_poll_gate=gate) for _ in range(4)
+        ]
+        async with contextlib.AsyncExitStack() as stack:
+            for poller in pollers:
+                await stack.enter_async_context(running(poller.run))
+            await eventually(
+                lambda: all(p.cursor is not None for p in pollers), timeout=10, what="first polls"
+            )
+            polled = device.requests["GET /alarms"]
+            await eventually(
+                lambda: device.requests["GET /alarms"] >= polled + 12, timeout=10, what="polls"
+            )
+        assert gate.entries == 4, "each poller's first poll once, and no later poll"
+        assert gate.most_inside == 2

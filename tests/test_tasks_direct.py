@@ -13,7 +13,14 @@ import pytest
 from structlog.testing import capture_logs
 
 from cms_ingest.retry import RetryPolicy
-from cms_ingest.runtime.tasks import Interrupt, StopSignal, TaskSupervisor, sleep_or_stop
+from cms_ingest.runtime.tasks import (
+    SLICE,
+    Interrupt,
+    StopSignal,
+    TaskSupervisor,
+    in_slices,
+    sleep_or_stop,
+)
 
 QUICK = RetryPolicy(base=0.05, factor=2.0, cap=1.0, jitter=0.0)  # 0.05, 0.1, 0.2 ... s
 
@@ -156,3 +163,51 @@ async def test_a_stop_signal_ends_a_sleep_at_once_and_a_sleep_ends_by_itself() -
     assert loop.time() - started < 0.5
     assert cancelled.cancelled() and not stop._sleepers, "nothing left behind"
     assert await sleep_or_stop(30, stop) is True, "already set: no sleep at all"
+
+
+async def test_work_in_slices_lets_the_loop_turn_between_slices() -> None:
+    """A hand-off's per-site work comes a slice at a time: a task that is ready meanwhile
+    runs between two slices, not after all of them."""
+    turns: list[int] = []  # how many items were done when the other task ran
+    done = 0
+
+    async def other() -> None:
+        for _ in range(3):
+            turns.append(done)
+            await asyncio.sleep(0)
+
+    other_task = asyncio.create_task(other())
+    async for part in in_slices(list(range(5 * SLICE)), SLICE):
+        done += len(part)
+    await other_task
+    assert turns[:3] == [SLICE, 2 * SLICE, 3 * SLICE]
+
+
+async def test_stopping_many_tasks_wakes_them_a_slice_per_turn() -> None:
+    """Thousands of pollers stopped together (a hand-off) would all wake in one turn of the
+    loop: their stops are set a slice at a time, so others run in between."""
+    supervisor = TaskSupervisor()
+    woken: list[int] = []
+    count = 3 * SLICE
+
+    async def body(stop: asyncio.Event) -> None:
+        await stop.wait()
+        woken.append(1)
+
+    for index in range(count):
+        supervisor.start(f"poller:{index}", body)
+    await asyncio.sleep(0)  # every task waits on its stop
+    seen: list[int] = []
+
+    async def watcher() -> None:
+        while len(woken) < count:
+            seen.append(len(woken))
+            await asyncio.sleep(0)
+
+    watching = asyncio.create_task(watcher())
+    await supervisor.stop_tasks([f"poller:{i}" for i in range(count)], timeout=5)
+    await watching
+    assert len(woken) == count
+    between = [n for n in seen if 0 < n < count]
+    assert between, f"no turn of the loop between the first and the last wake-up: {seen}"
+    assert max(b - a for a, b in zip([0, *between], [*between, count], strict=True)) <= SLICE

@@ -135,7 +135,9 @@ class Daemon:
             self.supervisor.start("reload", self.reloader.run)
             if not await self._prepare_database(stop):
                 return
-            sites = SiteRegistry(self.config, session, self.supervisor, metrics=self.metrics)
+            sites = await SiteRegistry.built_in_slices(
+                self.config, session, self.supervisor, metrics=self.metrics
+            )
             self._start_parts(sites)
             self._started = True
             self.notifier.ready(self._status_line())

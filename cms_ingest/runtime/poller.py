@@ -66,12 +66,16 @@ class SitePoller:
         metrics: Metrics | None = None,
         start_within_s: float = 1.0,
         overdue: bool = False,
+        first_poll_gate: asyncio.Semaphore | None = None,
     ) -> None:
         """`start_within_s`: the first poll comes at a random moment within this long (or
         within one poll interval, up to 1 s, if longer), so sites started together do not
         all log in at once. `overdue`: taken over from a daemon that died, the site has
-        waited a lease period already: within `start_within_s` only."""
+        waited a lease period already: within `start_within_s` only. `first_poll_gate`:
+        shared by the pollers started together, bounds how many first polls (a login, the
+        camera list...) run at once."""
         self._site = site
+        self._first_poll_gate = first_poll_gate
         self._start_within_s = start_within_s
         self._overdue = overdue
         self._metrics = metrics = metrics if metrics is not None else Metrics()
@@ -101,8 +105,14 @@ class SitePoller:
         if not self._overdue:
             spread = max(min(interval, 1.0), spread)
         next_at = time.monotonic() + random.uniform(0, spread)
+        gate = self._first_poll_gate
         while not await sleep_or_stop(next_at - time.monotonic(), stop):
-            ok = await self.poll_once()
+            if gate is not None:
+                async with gate:
+                    ok = await self.poll_once()
+                gate = None
+            else:
+                ok = await self.poll_once()
             if self.fenced:
                 # Not ours any more: poll nothing until the lease keeper stops this task.
                 await stop.wait()

@@ -12,6 +12,7 @@ writer still commits the site's polls under its lease (`lease_of`).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any, Protocol
@@ -26,7 +27,7 @@ from cms_ingest.runtime.comm_loss import CommLossTracker
 from cms_ingest.runtime.flood import FloodTracker
 from cms_ingest.runtime.poller import SitePoller
 from cms_ingest.runtime.sites import SiteRegistry
-from cms_ingest.runtime.tasks import Interrupt, TaskSupervisor
+from cms_ingest.runtime.tasks import Interrupt, TaskSupervisor, in_slices
 from cms_ingest.runtime.writer import AlarmWriter
 from cms_ingest.storage_ports import PollCommits, SiteHealthRecords
 
@@ -41,6 +42,11 @@ INTERRUPT_POLLS_AFTER_S = 0.2
 # that at most this many begin per second: a first poll logs in and reads the device's
 # cameras and settings (several requests), 10,000 at once saturate a core for seconds.
 FIRST_POLLS_PER_S = 2000.0
+# And at most this many first polls at once: a first poll costs ~1 ms of CPU, so 2,000 a
+# second is more than a core can give; unbounded, the loop fell behind and turned in
+# 0.25-1 s steps while a joining daemon took 5,000 sites. Bounded, a take-over goes as
+# fast as the CPU allows and every other site's poll still runs on time.
+FIRST_POLLS_AT_ONCE = 32
 
 
 def task_name(site_id: str) -> str:
@@ -83,6 +89,7 @@ class PollerSet:
         # Sites being stopped: no longer held, but their pollers' last commits are still
         # made under these epochs.
         self._stopping: dict[str, int] = {}
+        self._first_polls = asyncio.Semaphore(FIRST_POLLS_AT_ONCE)
 
     @property
     def held(self) -> Mapping[str, int]:
@@ -122,23 +129,26 @@ class PollerSet:
             self._metrics.db_errors.labels(operation="start_sites").inc()
             log.warning("sites_not_started", sites=len(ids), error=str(exc))
             return set()
-        if self._halted:  # shutting down: a last keeper tick's leases are given back
-            return set()
         start_within_s = len(ids) / FIRST_POLLS_PER_S
-        for site_id in ids:
-            self._held[site_id] = leases[site_id]
-            poller = self._poller(
-                site_id,
-                cursors.get(site_id),
-                histories[site_id],
-                start_within_s,
-                overdue=site_id in overdue,
-            )
-            self._pollers[site_id] = poller
-            self._tasks.start(task_name(site_id), poller.run)
-        if ids and self._on_sites_taken is not None:
+        started: set[str] = set()
+        async for part in in_slices(ids):
+            if self._halted:  # shutting down: a last keeper tick's leases are given back
+                break
+            for site_id in part:
+                self._held[site_id] = leases[site_id]
+                poller = self._poller(
+                    site_id,
+                    cursors.get(site_id),
+                    histories[site_id],
+                    start_within_s,
+                    overdue=site_id in overdue,
+                )
+                self._pollers[site_id] = poller
+                self._tasks.start(task_name(site_id), poller.run)
+                started.add(site_id)
+        if started and self._on_sites_taken is not None:
             self._on_sites_taken()
-        return set(ids)
+        return started
 
     def _poller(
         self,
@@ -168,6 +178,7 @@ class PollerSet:
             metrics=self._metrics,
             start_within_s=start_within_s,
             overdue=overdue,
+            first_poll_gate=self._first_polls,
         )
 
     async def stop(self, site_ids: Iterable[str]) -> None:
@@ -189,9 +200,11 @@ class PollerSet:
             for site_id in ids:
                 self._stopping.pop(site_id, None)
                 self._pollers.pop(site_id, None)
-        for site_id in ids:
-            self._retire_vendor_tasks(site_id)
-        snapshots = self.health_snapshots(ids)
+        snapshots: list[SiteHealth] = []
+        async for part in in_slices(ids):
+            for site_id in part:
+                self._retire_vendor_tasks(site_id)
+            snapshots += self.health_snapshots(part)
         await self._metrics.forget_sites_in_slices(ids)
         try:
             await self._store.record_health(snapshots)

@@ -21,7 +21,7 @@ from cms_ingest.config import AppConfig, SiteConfig
 from cms_ingest.domain import SiteHealth
 from cms_ingest.logs import redact_text
 from cms_ingest.metrics import Metrics, PollSeries
-from cms_ingest.runtime.tasks import TaskSupervisor
+from cms_ingest.runtime.tasks import TaskSupervisor, in_slices
 from cms_ingest.runtime.vendortasks import SupervisedTasks
 from cms_ingest.sitehttp import SiteHttp, TlsPolicy
 from cms_ingest.vendors.base import SiteOptions, VendorClient, VendorContext
@@ -256,7 +256,9 @@ class SiteRegistry:
         supervisor: TaskSupervisor | None = None,
         *,
         metrics: Metrics | None = None,
+        build_sites: bool = True,
     ) -> None:
+        """`build_sites=False`: empty, for `built_in_slices` to fill."""
         self._session = session
         self._supervisor = supervisor  # runs the clients' background tasks
         self._metrics = metrics if metrics is not None else Metrics()
@@ -265,8 +267,27 @@ class SiteRegistry:
         self._used: set[str] = set()  # sites whose client a poller has used
         # Clients replaced while an action or download may still run on them: closed later.
         self._retired: list[tuple[float, VendorClient]] = []
-        for site in config.sites:
-            self.add(site)
+        if build_sites:
+            for site in config.sites:
+                self.add(site)
+
+    @classmethod
+    async def built_in_slices(
+        cls,
+        config: AppConfig,
+        session: aiohttp.ClientSession,
+        supervisor: TaskSupervisor | None = None,
+        *,
+        metrics: Metrics | None = None,
+    ) -> SiteRegistry:
+        """The registry, its clients built a slice at a time while the event loop turns
+        (10,000 sites take about a second: the daemon's HTTP server and lease keeper
+        must not wait that long)."""
+        registry = cls(config, session, supervisor, metrics=metrics, build_sites=False)
+        async for part in in_slices(config.sites):
+            for site in part:
+                registry.add(site)
+        return registry
 
     def get(self, site_id: str) -> SiteRuntime | None:
         return self._sites.get(site_id)
