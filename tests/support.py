@@ -35,7 +35,7 @@ from cms_ingest.runtime.leases import LeaseKeeper
 from cms_ingest.runtime.poller import SitePoller
 from cms_ingest.runtime.pollers import PollerSet
 from cms_ingest.runtime.sites import SiteRegistry, SiteRuntime
-from cms_ingest.runtime.tasks import TaskSupervisor
+from cms_ingest.runtime.tasks import Gate, TaskSupervisor
 from cms_ingest.runtime.writer import AlarmWriter
 from cms_ingest.simulators.davantis import DavantisSimulator, DavantisSite
 from cms_ingest.sitehttp import new_client_session
@@ -305,7 +305,7 @@ def site_poller(
     flood: FloodConfig | None = None,
     start_within_s: float = 1.0,
     overdue: bool = False,
-    first_poll_gate: asyncio.Semaphore | None = None,
+    first_poll_gate: Gate | None = None,
 ) -> SitePoller:
     """A site's poller as the poller set builds it."""
     flood = flood or FloodConfig()

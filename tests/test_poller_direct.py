@@ -20,6 +20,7 @@ from cms_ingest.config import FloodConfig
 from cms_ingest.db.memory import MemoryStorage
 from cms_ingest.runtime.poller import SitePoller
 from cms_ingest.runtime.sites import SiteRuntime
+from cms_ingest.runtime.tasks import Gate
 from cms_ingest.runtime.writer import AlarmWriter
 from cms_ingest.simulators.davantis import DavantisSimulator, DavantisSite
 from tests.conftest import eventually
@@ -235,7 +236,7 @@ async def test_a_site_taken_over_from_a_dead_daemon_is_polled_at_once(tmp_path: 
             assert loop.time() - began < 0.3
 
 
-class CountingGate(asyncio.Semaphore):
+class CountingGate(Gate):
     """The pollers' shared gate, counting who went through it and how many at once."""
 
     def __init__(self, room: int) -> None:

@@ -15,6 +15,7 @@ from structlog.testing import capture_logs
 from cms_ingest.retry import RetryPolicy
 from cms_ingest.runtime.tasks import (
     SLICE,
+    Gate,
     Interrupt,
     StopSignal,
     TaskSupervisor,
@@ -211,3 +212,68 @@ async def test_stopping_many_tasks_wakes_them_a_slice_per_turn() -> None:
     between = [n for n in seen if 0 < n < count]
     assert between, f"no turn of the loop between the first and the last wake-up: {seen}"
     assert max(b - a for a, b in zip([0, *between], [*between, count], strict=True)) <= SLICE
+
+
+async def test_a_gate_lets_in_its_room_in_order_and_forgets_cancelled_waiters() -> None:
+    gate = Gate(2)
+    order: list[int] = []
+    release = asyncio.Event()
+
+    async def holder(index: int) -> None:
+        async with gate:
+            order.append(index)
+            await release.wait()
+
+    tasks = [asyncio.create_task(holder(i)) for i in range(6)]
+    await asyncio.sleep(0.01)
+    assert order == [0, 1] and gate.locked() and gate.waiting == 4
+    tasks[2].cancel()  # a waiter stopped (a shutdown): out of the queue, nobody's place taken
+    tasks[4].cancel()
+    await asyncio.sleep(0.01)
+    assert gate.waiting == 2
+    release.set()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert order == [0, 1, 3, 5]
+    assert not gate.locked() and gate.waiting == 0
+    async with gate, gate:  # both places free again
+        pass
+
+
+async def test_a_place_handed_to_a_waiter_cancelled_meanwhile_goes_to_the_next() -> None:
+    gate = Gate(1)
+    entered: list[str] = []
+
+    async def waiter(name: str) -> None:
+        async with gate:
+            entered.append(name)
+
+    await gate.__aenter__()
+    first = asyncio.create_task(waiter("first"))
+    second = asyncio.create_task(waiter("second"))
+    await asyncio.sleep(0.01)
+    await gate.__aexit__(None, None, None)  # the place goes to `first`...
+    first.cancel()  # ...cancelled before it could run: the place must not be lost
+    # A lost place would leave `second` waiting for ever.
+    await asyncio.wait_for(asyncio.gather(first, second, return_exceptions=True), 5)
+    assert entered == ["second"]
+    assert not gate.locked()
+
+
+async def test_many_waiters_cancelled_at_once_leave_the_gate_as_it_was() -> None:
+    """A shutdown cancels thousands of pollers waiting for their first poll at once (each
+    leaves the queue by a dict lookup: `bench/sites.py` shows the stop's time)."""
+    gate = Gate(1)
+    await gate.__aenter__()
+
+    async def waiter() -> None:
+        async with gate:
+            pass
+
+    tasks = [asyncio.create_task(waiter()) for _ in range(20000)]
+    await asyncio.sleep(0)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert gate.waiting == 0 and gate.locked()
+    await gate.__aexit__(None, None, None)
+    assert not gate.locked()

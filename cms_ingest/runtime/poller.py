@@ -29,7 +29,7 @@ from cms_ingest.retry import RetryPolicy
 from cms_ingest.runtime.comm_loss import CommLossTracker
 from cms_ingest.runtime.flood import FloodTracker
 from cms_ingest.runtime.sites import SiteRuntime
-from cms_ingest.runtime.tasks import sleep_or_stop
+from cms_ingest.runtime.tasks import Gate, sleep_or_stop
 from cms_ingest.runtime.writer import AlarmWriter, LeaseLost
 from cms_ingest.sitehttp import DeviceTimeout, TlsFailure, TransportError
 from cms_ingest.vendors.base import AuthenticationFailed, BadDeviceResponse, VendorError
@@ -66,7 +66,7 @@ class SitePoller:
         metrics: Metrics | None = None,
         start_within_s: float = 1.0,
         overdue: bool = False,
-        first_poll_gate: asyncio.Semaphore | None = None,
+        first_poll_gate: Gate | None = None,
     ) -> None:
         """`start_within_s`: the first poll comes at a random moment within this long (or
         within one poll interval, up to 1 s, if longer), so sites started together do not

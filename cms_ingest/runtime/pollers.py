@@ -12,7 +12,6 @@ writer still commits the site's polls under its lease (`lease_of`).
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any, Protocol
@@ -27,7 +26,7 @@ from cms_ingest.runtime.comm_loss import CommLossTracker
 from cms_ingest.runtime.flood import FloodTracker
 from cms_ingest.runtime.poller import SitePoller
 from cms_ingest.runtime.sites import SiteRegistry
-from cms_ingest.runtime.tasks import Interrupt, TaskSupervisor, in_slices
+from cms_ingest.runtime.tasks import Gate, Interrupt, TaskSupervisor, in_slices
 from cms_ingest.runtime.writer import AlarmWriter
 from cms_ingest.storage_ports import PollCommits, SiteHealthRecords
 
@@ -89,7 +88,7 @@ class PollerSet:
         # Sites being stopped: no longer held, but their pollers' last commits are still
         # made under these epochs.
         self._stopping: dict[str, int] = {}
-        self._first_polls = asyncio.Semaphore(FIRST_POLLS_AT_ONCE)
+        self._first_polls = Gate(FIRST_POLLS_AT_ONCE)
 
     @property
     def held(self) -> Mapping[str, int]:
@@ -223,7 +222,10 @@ class PollerSet:
         sites stay held until their leases are released, after the writer has drained."""
         self._halted = True  # nothing starts from now on, whatever a keeper tick took
         await self._tasks.stop_matching(
-            POLLER_PREFIX, timeout=STOP_TIMEOUT_S, interrupt=self._polls_in_flight("shutdown")
+            POLLER_PREFIX,
+            timeout=STOP_TIMEOUT_S,
+            interrupt=self._polls_in_flight("shutdown"),
+            gentle=False,  # every site stops: nothing else is held up, so at once
         )
 
     def _polls_in_flight(self, reason: str) -> Interrupt:

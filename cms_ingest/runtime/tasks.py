@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -101,6 +102,51 @@ async def wake_or_stop(wake: asyncio.Event, stop: asyncio.Event, timeout: float)
     wake.clear()
 
 
+class Gate:
+    """At most `room` holders at once, the others waiting in order (`async with gate:`).
+
+    asyncio.Semaphore would do, but thousands of pollers wait on this gate at a start, and
+    a stop cancels them all at once: a Semaphore takes each cancelled waiter out of its
+    queue by a search through the queue (quadratic), this one by a dict lookup."""
+
+    def __init__(self, room: int) -> None:
+        self._free = room
+        self._waiters: OrderedDict[asyncio.Future[None], None] = OrderedDict()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def locked(self) -> bool:
+        return self._free == 0
+
+    async def __aenter__(self) -> None:
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters[waiter] = None
+        try:
+            await waiter  # `_release` hands its place over by setting the result
+        except asyncio.CancelledError:
+            if waiter in self._waiters:
+                del self._waiters[waiter]
+            elif waiter.done() and not waiter.cancelled():
+                self._release()  # handed a place as it was cancelled: pass it on
+            raise
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        while self._waiters:
+            waiter, _ = self._waiters.popitem(last=False)
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._free += 1
+
+
 @dataclass(frozen=True, slots=True)
 class Interrupt:
     """When stopping tasks: cancel those `may(name)` allows once `after_s` has passed."""
@@ -179,8 +225,13 @@ class TaskSupervisor:
         *,
         timeout: float,
         interrupt: Interrupt | None = None,
+        gentle: bool = True,
     ) -> None:
         """Ask the named tasks to stop, wait up to `timeout`, then cancel what is left.
+
+        `gentle`: the tasks are woken and cut short a slice per turn of the loop, so the
+        tasks that go on (a hand-off's other sites) are not held up; a shutdown, where
+        nothing goes on, does it all at once, which is quicker in a busy loop.
 
         With `interrupt`, the tasks still running after its `after_s` that it says may be
         interrupted (`may(name)`: nothing would be lost) are cancelled then, without waiting
@@ -188,14 +239,15 @@ class TaskSupervisor:
         entries = [self._tasks[name] for name in names if name in self._tasks]
         # Each stop wakes its task in the loop's next turn: thousands at once would all run
         # in that one turn.
-        async for part in in_slices(entries):
+        size = SLICE if gentle else max(1, len(entries))
+        async for part in in_slices(entries, size):
             for entry in part:
                 entry.stop.set()
         tasks = [entry.task for entry in entries]
         if interrupt is not None and tasks:
             await asyncio.wait(tasks, timeout=interrupt.after_s)
             cut = [e.task for e in entries if not e.task.done() and interrupt.may(e.name)]
-            async for tasks_part in in_slices(cut):
+            async for tasks_part in in_slices(cut, size):
                 for task in tasks_part:
                     task.cancel()
             if cut:
@@ -205,12 +257,18 @@ class TaskSupervisor:
             self._tasks.pop(entry.name, None)
 
     async def stop_matching(
-        self, prefix: str, *, timeout: float, interrupt: Interrupt | None = None
+        self,
+        prefix: str,
+        *,
+        timeout: float,
+        interrupt: Interrupt | None = None,
+        gentle: bool = True,
     ) -> None:
         await self.stop_tasks(
             [n for n in list(self._tasks) if n.startswith(prefix)],
             timeout=timeout,
             interrupt=interrupt,
+            gentle=gentle,
         )
 
     async def stop_all(self, *, timeout: float) -> None:
