@@ -32,7 +32,7 @@ from cms_ingest.runtime.comm_loss import CommLossTracker
 from cms_ingest.runtime.daemon import Daemon, run_daemon
 from cms_ingest.runtime.flood import FloodTracker
 from cms_ingest.runtime.leases import LeaseKeeper
-from cms_ingest.runtime.poller import SitePoller
+from cms_ingest.runtime.poller import FIRST_POLL_PATIENCE_S, SitePoller
 from cms_ingest.runtime.pollers import PollerSet
 from cms_ingest.runtime.sites import SiteRegistry, SiteRuntime
 from cms_ingest.runtime.tasks import Gate, TaskSupervisor
@@ -306,6 +306,7 @@ def site_poller(
     start_within_s: float = 1.0,
     overdue: bool = False,
     first_poll_gate: Gate | None = None,
+    first_poll_patience_s: float = FIRST_POLL_PATIENCE_S,
 ) -> SitePoller:
     """A site's poller as the poller set builds it."""
     flood = flood or FloodConfig()
@@ -316,6 +317,7 @@ def site_poller(
         start_within_s=start_within_s,
         overdue=overdue,
         first_poll_gate=first_poll_gate,
+        first_poll_patience_s=first_poll_patience_s,
         comm_loss=CommLossTracker(
             site_id=site.config.id,
             timeout_s=site.config.supervision_timeout,

@@ -245,15 +245,16 @@ class CountingGate(Gate):
         self.inside = 0
         self.most_inside = 0
 
-    async def __aenter__(self) -> None:
-        await super().__aenter__()
-        self.entries += 1
-        self.inside += 1
-        self.most_inside = max(self.most_inside, self.inside)
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.inside -= 1
-        await super().__aexit__(*exc)
+    @contextlib.asynccontextmanager
+    async def within(self, patience_s: float) -> AsyncIterator[bool]:
+        async with super().within(patience_s) as placed:
+            self.entries += 1
+            self.inside += 1
+            self.most_inside = max(self.most_inside, self.inside)
+            try:
+                yield placed
+            finally:
+                self.inside -= 1
 
 
 async def test_only_first_polls_pass_the_gate_the_pollers_share(tmp_path: Path) -> None:
@@ -277,3 +278,26 @@ async def test_only_first_polls_pass_the_gate_the_pollers_share(tmp_path: Path) 
             )
         assert gate.entries == 4, "each poller's first poll once, and no later poll"
         assert gate.most_inside == 2
+
+
+async def test_a_first_poll_does_not_wait_for_the_gate_beyond_its_patience(
+    tmp_path: Path,
+) -> None:
+    """With the loop too busy for the gate's holders to be quick, the sites behind them are
+    polled after their patience ran out, not starved until a place comes."""
+    async with davantis(tmp_path, poll_interval=0.1) as (device, site, _memory, writer):
+        gate = Gate(1)
+        async with gate:  # the one place held for the whole test: no place comes
+            poller = site_poller(
+                site, writer, start_within_s=0.01, first_poll_gate=gate, first_poll_patience_s=0.3
+            )
+            began = asyncio.get_running_loop().time()
+            async with running(poller.run):
+                await eventually(lambda: poller.cursor is not None, timeout=10, what="first poll")
+                waited = asyncio.get_running_loop().time() - began
+                polled = device.requests["GET /alarms"]
+                await eventually(
+                    lambda: device.requests["GET /alarms"] >= polled + 3, timeout=10, what="polls"
+                )
+            assert gate.locked() and gate.waiting == 0, "in without a place; none taken"
+        assert 0.3 <= waited < 3

@@ -277,3 +277,25 @@ async def test_many_waiters_cancelled_at_once_leave_the_gate_as_it_was() -> None
     assert gate.waiting == 0 and gate.locked()
     await gate.__aexit__(None, None, None)
     assert not gate.locked()
+
+
+async def test_a_gates_patience_lets_a_waiter_in_without_a_place_once_it_ran_out() -> None:
+    gate = Gate(1)
+    loop = asyncio.get_running_loop()
+    await gate.__aenter__()  # the one place, held
+    began = loop.time()
+    placed = await asyncio.wait_for(_enter_within(gate, 0.2), 5)
+    waited = loop.time() - began
+    assert not placed and gate.waiting == 0
+    assert 0.2 <= waited < 2
+    assert gate.locked(), "leaving without a place gives none back"
+    patient = asyncio.create_task(_enter_within(gate, 5.0))
+    await asyncio.sleep(0.05)
+    await gate.__aexit__(None, None, None)  # a place comes in time: handed over
+    assert await asyncio.wait_for(patient, 5) is True
+    assert not gate.locked(), "the place was given back on leaving"
+
+
+async def _enter_within(gate: Gate, patience_s: float) -> bool:
+    async with gate.within(patience_s) as placed:
+        return placed

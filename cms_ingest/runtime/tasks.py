@@ -13,6 +13,7 @@ import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -103,15 +104,17 @@ async def wake_or_stop(wake: asyncio.Event, stop: asyncio.Event, timeout: float)
 
 
 class Gate:
-    """At most `room` holders at once, the others waiting in order (`async with gate:`).
+    """At most `room` holders at once, the others waiting in order (`async with gate:`);
+    `async with gate.within(patience_s):` waits that long at most, then goes in anyway.
 
-    asyncio.Semaphore would do, but thousands of pollers wait on this gate at a start, and
-    a stop cancels them all at once: a Semaphore takes each cancelled waiter out of its
-    queue by a search through the queue (quadratic), this one by a dict lookup."""
+    asyncio.Semaphore would do for the first, but thousands of pollers wait on this gate at
+    a start, and a stop cancels them all at once: a Semaphore takes each cancelled waiter out
+    of its queue by a search through the queue (quadratic), this one by a dict lookup."""
 
     def __init__(self, room: int) -> None:
         self._free = room
-        self._waiters: OrderedDict[asyncio.Future[None], None] = OrderedDict()
+        # Each waiter's future: True when handed a place, False when its patience ran out.
+        self._waiters: OrderedDict[asyncio.Future[bool], None] = OrderedDict()
 
     @property
     def waiting(self) -> int:
@@ -121,28 +124,53 @@ class Gate:
         return self._free == 0
 
     async def __aenter__(self) -> None:
-        if self._free > 0 and not self._waiters:
-            self._free -= 1
-            return
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters[waiter] = None
-        try:
-            await waiter  # `_release` hands its place over by setting the result
-        except asyncio.CancelledError:
-            if waiter in self._waiters:
-                del self._waiters[waiter]
-            elif waiter.done() and not waiter.cancelled():
-                self._release()  # handed a place as it was cancelled: pass it on
-            raise
+        await self._enter(patience_s=None)
 
     async def __aexit__(self, *exc_info: object) -> None:
         self._release()
+
+    @asynccontextmanager
+    async def within(self, patience_s: float) -> AsyncIterator[bool]:
+        """In with a place if one comes within `patience_s`, else in without one (yields
+        which): the gate bounds a crowd's pace, it must not starve anyone when the loop is
+        too busy for the holders to be quick."""
+        placed = await self._enter(patience_s)
+        try:
+            yield placed
+        finally:
+            if placed:
+                self._release()
+
+    async def _enter(self, patience_s: float | None) -> bool:
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return True
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[bool] = loop.create_future()
+        self._waiters[waiter] = None
+        timer = None if patience_s is None else loop.call_later(patience_s, self._give_up, waiter)
+        try:
+            return await waiter  # `_release` hands its place over by setting True
+        except asyncio.CancelledError:
+            if waiter in self._waiters:
+                del self._waiters[waiter]
+            elif waiter.done() and not waiter.cancelled() and waiter.result():
+                self._release()  # handed a place as it was cancelled: pass it on
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _give_up(self, waiter: asyncio.Future[bool]) -> None:
+        if waiter in self._waiters:  # still waiting (not handed a place, not cancelled)
+            del self._waiters[waiter]
+            waiter.set_result(False)
 
     def _release(self) -> None:
         while self._waiters:
             waiter, _ = self._waiters.popitem(last=False)
             if not waiter.done():
-                waiter.set_result(None)
+                waiter.set_result(True)
                 return
         self._free += 1
 
