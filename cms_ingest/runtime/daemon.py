@@ -20,6 +20,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import aiohttp
 import structlog
 
 from cms_ingest.config import AppConfig
@@ -151,9 +152,7 @@ class Daemon:
             await stop.wait()
         finally:
             self.notifier.stopping()
-            await self._shutdown()
-            await session.close()
-            await self.store.engine.dispose()
+            await self._shutdown(session)
 
     # ------------------------------------------------------------------ start
 
@@ -321,7 +320,7 @@ class Daemon:
 
     # ------------------------------------------------------------------ stop
 
-    async def _shutdown(self) -> None:
+    async def _shutdown(self, session: aiohttp.ClientSession) -> None:
         """Ordered: nothing new is polled, what was polled is committed, the leases go to
         the other daemons at once, then the queues settle. The `stopped` line says how long
         each step took (a slow stop under systemd's timeout is found there)."""
@@ -348,6 +347,10 @@ class Daemon:
         if self.sites is not None:
             await self.sites.close()
         phases.done("sites")
+        await session.close()  # every site's keep-alive connection
+        phases.done("connections")
+        await self.store.engine.dispose()
+        phases.done("database")
         log.info("stopped", took_s=phases.took)
 
     async def first_polls(self) -> None:
