@@ -83,7 +83,7 @@ async def traced_daemon(
     """A daemon polling `sites` idle sites, warmed up: its snapshot `settle` s later and its
     RSS (KiB)."""
     sims = Simulators()
-    args = argparse.Namespace(shared_port=False, sim_procs=2, sites=sites, rate=0)
+    args = argparse.Namespace(shared_port=False, sim_procs=2, sites=sites, rate=0, interval=1.0)
     urls = await sims.start(args)
     db_name, db_url = await create_database(server_url)
     config = workdir / f"memory-{sites}.yaml"
