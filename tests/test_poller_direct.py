@@ -300,4 +300,4 @@ async def test_a_first_poll_does_not_wait_for_the_gate_beyond_its_patience(
                     lambda: device.requests["GET /alarms"] >= polled + 3, timeout=10, what="polls"
                 )
             assert gate.locked() and gate.waiting == 0, "in without a place; none taken"
-        assert 0.3 <= waited < 3
+        assert 0.25 <= waited < 3  # (a timer may fire up to the clock resolution early)

@@ -287,7 +287,7 @@ async def test_a_gates_patience_lets_a_waiter_in_without_a_place_once_it_ran_out
     placed = await asyncio.wait_for(_enter_within(gate, 0.2), 5)
     waited = loop.time() - began
     assert not placed and gate.waiting == 0
-    assert 0.2 <= waited < 2
+    assert 0.15 <= waited < 2  # (a timer may fire up to the clock resolution early)
     assert gate.locked(), "leaving without a place gives none back"
     patient = asyncio.create_task(_enter_within(gate, 5.0))
     await asyncio.sleep(0.05)
