@@ -21,7 +21,7 @@ from cms_ingest.sitehttp import SiteHttp
 from cms_ingest.vendors import build_client
 from cms_ingest.vendors.base import BadDeviceResponse, InvalidAction, VendorClient, VendorContext
 from cms_ingest.vendors.camstreamer import QueryBudget
-from cms_ingest.vendors.common import MAX_JSON_BYTES, as_id, parse_time
+from cms_ingest.vendors.common import MAX_JSON_BYTES, as_id, json_deeper_than, parse_time
 from tests.conftest import eventually
 from tests.support import CREDENTIALS, free_port
 
@@ -129,6 +129,34 @@ def test_parse_time(value: Any, default_tz: timezone, expected: datetime | None)
     assert parsed == expected
     if parsed is not None:
         assert parsed.utcoffset() == timedelta(0)
+
+
+def nested_lists(levels: int) -> list[Any]:
+    outer: list[Any] = []
+    inner = outer
+    for _ in range(levels - 1):
+        inner.append([])
+        inner = inner[0]
+    return outer
+
+
+@pytest.mark.parametrize(
+    ("value", "limit", "deeper"),
+    [
+        (5, 0, False),  # a scalar nests nothing
+        ({}, 0, True),
+        ({}, 1, False),
+        ({"a": {"b": 1}}, 1, True),
+        ({"a": {"b": 1}}, 2, False),
+        ({"a": [1, "x", None], "b": {"c": [{}]}}, 3, True),  # the deepest branch counts
+        ({"a": [1, "x", None], "b": {"c": [{}]}}, 4, False),
+        (nested_lists(40), 39, True),
+        (nested_lists(40), 40, False),
+        (nested_lists(100_000), 64, True),  # iterative: no recursion limit to hit
+    ],
+)
+def test_json_deeper_than(value: Any, limit: int, deeper: bool) -> None:
+    assert json_deeper_than(value, limit) is deeper
 
 
 # ---------------------------------------------------------------------- exacq
