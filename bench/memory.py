@@ -1,7 +1,7 @@
 """Where an idle site's memory goes: the daemon traced by tracemalloc at two site counts.
 
     export CMS_INGEST_TEST_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/postgres
-    .venv/bin/python bench/memory.py [--sites 500 1000] [--settle 10]
+    .venv/bin/python bench/memory.py [--sites 500 1000] [--settle 10] [--interval 1]
 
 Tracing makes the daemon several times slower: keep the counts where it still keeps up
 (it warms up; at 2,000 sites here it did not, and its figures were those of an overloaded
@@ -16,7 +16,8 @@ then the per-site difference by file, by line, and for the biggest lines by call
 
 The snapshot also holds the polls in flight at that moment (aiohttp requests, timeouts, the
 vendor's coroutine): those lines move from run to run, the lasting ones (config, connections,
-tasks) do not. What tracemalloc does not see (uvloop and libuv in C, malloc's own overhead) is
+tasks) do not; `--interval 10` leaves few polls in flight, so what a site holds between its
+polls shows. What tracemalloc does not see (uvloop and libuv in C, malloc's own overhead) is
 the gap between the two per-site figures. Tracing slows the daemon down: read the sizes, not
 the timings.
 """
@@ -78,16 +79,19 @@ def short(location: str) -> str:
 
 
 async def traced_daemon(
-    server_url: str, sites: int, settle: float, workdir: Path
+    server_url: str, sites: int, settle: float, workdir: Path, interval: float
 ) -> tuple[tracemalloc.Snapshot, int]:
     """A daemon polling `sites` idle sites, warmed up: its snapshot `settle` s later and its
     RSS (KiB)."""
     sims = Simulators()
-    args = argparse.Namespace(shared_port=False, sim_procs=2, sites=sites, rate=0, interval=1.0)
+    args = argparse.Namespace(
+        shared_port=False, sim_procs=2, sites=sites, rate=0, interval=interval
+    )
     urls = await sims.start(args)
     db_name, db_url = await create_database(server_url)
     config = workdir / f"memory-{sites}.yaml"
-    write_config(config, db_url, urls, 19000 + os.getpid() % 900, workdir / "data", "mem", 15.0)
+    port = 19000 + os.getpid() % 900
+    write_config(config, db_url, urls, port, workdir / "data", "mem", 15.0, interval)
     snapshot = workdir / f"memory-{sites}.snapshot"
     log = (workdir / f"memory-{sites}.log").open("wb")
     daemon = await asyncio.create_subprocess_exec(
@@ -149,14 +153,17 @@ async def run(args: argparse.Namespace) -> None:
         raise SystemExit("set CMS_INGEST_TEST_DATABASE_URL (a PostgreSQL server)")
     workdir = Path(tempfile.mkdtemp(prefix="cms-memory-"))
     small_n, large_n = sorted(args.sites)
-    small, small_rss = await traced_daemon(server_url, small_n, args.settle, workdir)
-    large, large_rss = await traced_daemon(server_url, large_n, args.settle, workdir)
+    small, small_rss = await traced_daemon(server_url, small_n, args.settle, workdir, args.interval)
+    large, large_rss = await traced_daemon(server_url, large_n, args.settle, workdir, args.interval)
     sites = large_n - small_n
     traced = (
         sum(s.size for s in large.statistics("filename"))
         - sum(s.size for s in small.statistics("filename"))
     ) / sites
-    print(f"idle sites {small_n} -> {large_n}, warm + {args.settle:.0f} s, traced daemon")
+    print(
+        f"idle sites {small_n} -> {large_n} polled every {args.interval:g} s, "
+        f"warm + {args.settle:.0f} s, traced daemon"
+    )
     print(f"traced Python memory per site   {traced / 1024:6.1f} KiB")
     print(f"RSS per site (traced daemon)    {(large_rss - small_rss) / sites:6.1f} KiB")
     print("\nper site, by file:")
@@ -178,6 +185,12 @@ def main() -> None:
     parser.add_argument("--sites", type=int, nargs=2, default=[500, 1000])
     parser.add_argument(
         "--settle", type=float, default=10.0, help="seconds after the warm-up, then the snapshot"
+    )
+    parser.add_argument(
+        "--interval",
+        type=float,
+        default=1.0,
+        help="poll interval (s); a long one leaves few polls in flight: the lasting memory shows",
     )
     parser.add_argument("--top", type=int, default=20)
     parser.add_argument("--warmup-timeout", type=float, default=120.0)

@@ -42,6 +42,10 @@ GC_YOUNG_THRESHOLD = 50_000
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    # Loading a config makes objects that nearly all live on: collections meanwhile find
+    # nothing and walk the growing heap again and again (10,000 sites: 1.75-2.3 s with
+    # them, 1.3 s without). `tune_garbage_collector` turns the collector back on.
+    gc.disable()
     from cms_ingest.runtime.daemon import run_daemon
 
     config = load_or_exit(args.config)
@@ -70,6 +74,7 @@ def tune_garbage_collector() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 50)
+    gc.enable()
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
