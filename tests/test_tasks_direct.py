@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import tracemalloc
 
 import pytest
 from structlog.testing import capture_logs
@@ -15,6 +16,7 @@ from structlog.testing import capture_logs
 from cms_ingest.retry import RetryPolicy
 from cms_ingest.runtime.tasks import (
     SLICE,
+    Flag,
     Gate,
     Interrupt,
     StopSignal,
@@ -162,8 +164,51 @@ async def test_a_stop_signal_ends_a_sleep_at_once_and_a_sleep_ends_by_itself() -
     stop.set()
     assert await asyncio.gather(*sleepers) == [True, True, True]
     assert loop.time() - started < 0.5
-    assert cancelled.cancelled() and not stop._sleepers, "nothing left behind"
+    assert cancelled.cancelled() and stop.waiting == 0, "nothing left behind"
     assert await sleep_or_stop(30, stop) is True, "already set: no sleep at all"
+
+
+@pytest.mark.parametrize("kind", [Flag, StopSignal])
+async def test_a_flag_behaves_as_an_asyncio_event(kind: type[Flag]) -> None:
+    flag = kind()
+    assert isinstance(flag, asyncio.Event) and not flag.is_set()
+    waiters = [asyncio.ensure_future(flag.wait()) for _ in range(3)]
+    cancelled = asyncio.ensure_future(flag.wait())
+    await asyncio.sleep(0.01)
+    assert not any(waiter.done() for waiter in waiters), "nobody woken before the set"
+    cancelled.cancel()
+    await asyncio.sleep(0.01)
+    flag.set()
+    flag.set()  # a second set changes nothing
+    assert await asyncio.wait_for(asyncio.gather(*waiters), 1) == [True, True, True]
+    assert cancelled.cancelled() and flag.is_set()
+    assert await asyncio.wait_for(flag.wait(), 1) is True, "set: no wait at all"
+    flag.clear()
+    assert not flag.is_set()
+    late = asyncio.ensure_future(flag.wait())
+    await asyncio.sleep(0.01)
+    assert not late.done(), "cleared: waits again"
+    flag.set()
+    assert await asyncio.wait_for(late, 1) is True
+    assert "set" in repr(flag)
+
+
+def test_a_flag_costs_a_fraction_of_an_event() -> None:
+    """Every site holds two: the standard Event's waiter deque is most of its size."""
+
+    def bytes_each(make: type[asyncio.Event]) -> float:
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            kept = [make() for _ in range(1000)]
+            after = tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+        assert len(kept) == 1000
+        return (after - before) / 1000
+
+    event, flag = bytes_each(asyncio.Event), bytes_each(Flag)
+    assert flag < event / 2, f"Flag {flag:.0f} B, Event {event:.0f} B"
 
 
 async def test_work_in_slices_lets_the_loop_turn_between_slices() -> None:

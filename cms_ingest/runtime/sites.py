@@ -7,6 +7,7 @@ the media fetcher and the action worker, so a site has one login and one token.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import InitVar, dataclass, field
@@ -21,7 +22,7 @@ from cms_ingest.config import AppConfig, SiteConfig
 from cms_ingest.domain import SiteHealth
 from cms_ingest.logs import redact_text
 from cms_ingest.metrics import Metrics, PollSeries
-from cms_ingest.runtime.tasks import TaskSupervisor, in_slices
+from cms_ingest.runtime.tasks import Flag, TaskSupervisor, in_slices
 from cms_ingest.runtime.vendortasks import SupervisedTasks
 from cms_ingest.sitehttp import SiteHttp, TlsPolicy
 from cms_ingest.vendors.base import SiteOptions, VendorClient, VendorContext
@@ -116,7 +117,7 @@ class SiteHealthState:
     failing_since: float | None = None
     dirty: bool = field(default=False)
     # Set after the first poll, good or bad: the site's cursor now exists (when it was good).
-    polled: asyncio.Event = field(default_factory=asyncio.Event)
+    polled: asyncio.Event = field(default_factory=Flag)
     # This site's poll figures, read when /metrics is scraped.
     _series: PollSeries = field(init=False, repr=False)
     # The daemon's metrics the gauges are exported to (a private one when None).
@@ -196,6 +197,29 @@ class SiteRuntime:
     tasks: SupervisedTasks | LocalTasks  # the client's background tasks
 
 
+# Sites nearly all share their options (most have none): one validated model per distinct
+# `options` mapping, not one per site (~0.9 KB each). The models are frozen, so sharing is
+# safe; the cache is bounded for configs where every site's options differ.
+_SHARED_OPTIONS: dict[tuple[str, str], SiteOptions] = {}
+SHARED_OPTIONS_MAX = 1024
+
+
+def shared_options(vendor: str, raw: Mapping[str, Any]) -> SiteOptions:
+    """The vendor's options model for a site's `options`, shared with equal ones."""
+    model = vendor_entry(vendor).options
+    try:
+        key = (vendor, json.dumps(raw, sort_keys=True))
+    except (TypeError, ValueError):  # not plain data: validated on its own
+        return model.model_validate(raw)
+    options = _SHARED_OPTIONS.get(key)
+    if options is None:
+        options = model.model_validate(raw)
+        if len(_SHARED_OPTIONS) >= SHARED_OPTIONS_MAX:
+            _SHARED_OPTIONS.clear()
+        _SHARED_OPTIONS[key] = options
+    return options
+
+
 def tls_policy(site: SiteConfig) -> TlsPolicy:
     return TlsPolicy(
         verify=site.tls.verify, ca_file=site.tls.ca_file, pin_sha256=site.tls.pin_sha256
@@ -234,7 +258,7 @@ def build_site(
         tasks=tasks,
     )
     vendor = vendor_entry(site.vendor)
-    options = vendor.options.model_validate(site.options)  # once: the client and we read it
+    options = shared_options(site.vendor, site.options)  # once: the client and we read it
     return SiteRuntime(
         config=site,
         options=options,
