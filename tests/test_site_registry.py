@@ -1,17 +1,34 @@
-"""The site registry as a daemon builds it: what each site holds is its own, and what sites
-can share (their vendor options, frozen models) is shared."""
+"""The site registry as a daemon builds it: what each site holds is its own, what sites can
+share (their vendor options, frozen models) is shared, and a dropped site is freed by
+reference counts alone (the CLI hides the built registry from the garbage collector with
+`gc.freeze`: a site in a reference cycle would then never be freed)."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import weakref
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
 from cms_ingest.runtime import sites as sites_module
+from cms_ingest.runtime.daemon import Daemon, run_daemon
 from cms_ingest.runtime.sites import SHARED_OPTIONS_MAX, shared_options
+from cms_ingest.runtime.tasks import TaskSupervisor
+from cms_ingest.sitehttp import new_client_session
 from cms_ingest.vendors.davantis import DavantisOptions
-from tests.support import app_config, camtrace_site, davantis_site, site_registry
+from tests.support import (
+    app_config,
+    camstreamer_site,
+    camtrace_site,
+    davantis_site,
+    exacq_site,
+    site_registry,
+    videoloft_site,
+)
 
 
 async def test_sites_with_equal_options_share_one_model(tmp_path: Path) -> None:
@@ -52,3 +69,61 @@ def test_shared_options_stay_bounded_when_every_site_differs() -> None:
         assert len(sites_module._SHARED_OPTIONS) <= SHARED_OPTIONS_MAX
     again = shared_options("davantis", {"page_cap": 1})
     assert again == first and again.page_cap == 1
+
+
+async def test_a_dropped_site_is_freed_without_the_garbage_collector(tmp_path: Path) -> None:
+    """Every vendor's site as the daemon builds it (on the supervisor): closed and dropped,
+    nothing of it is left for the collector to find."""
+    builders = [davantis_site, camtrace_site, videoloft_site, exacq_site, camstreamer_site]
+    sites = [
+        make(f"{make.__name__}-{i}", "http://127.0.0.1:9") for make in builders for i in (1, 2)
+    ]
+    config = app_config("postgresql://nobody@127.0.0.1:9/none", tmp_path, sites)
+    session = new_client_session()
+    supervisor = TaskSupervisor()
+    gc.collect()
+    gc.disable()
+    try:
+        registry = sites_module.SiteRegistry(config, session, supervisor)
+        kept: list[weakref.ref[Any]] = []
+        for site in registry:
+            kept += [weakref.ref(site.client), weakref.ref(site.health.polled)]
+            kept.append(weakref.ref(site.options))
+        await registry.close()
+        del registry, site
+        alive = [ref() for ref in kept if ref() is not None]
+        # Options models are shared and cached on purpose; nothing else may outlive the registry.
+        assert all(type(obj).__name__.endswith("Options") for obj in alive), alive
+        assert gc.collect() == 0, "a reference cycle among a site's objects"
+    finally:
+        gc.enable()
+        await session.close()
+
+
+async def test_the_daemon_calls_its_sites_built_hook_once_before_polling(
+    database_url: str, tmp_path: Path
+) -> None:
+    seen: list[int] = []
+    started: list[Daemon] = []
+    daemons: asyncio.Queue[Daemon] = asyncio.Queue()
+    config = app_config(database_url, tmp_path, [davantis_site("a", "http://127.0.0.1:9")])
+    stop = asyncio.Event()
+
+    def built() -> None:  # how many pollers run when it is called
+        seen.append(sum(name.startswith("poller:") for name in started[0].supervisor.names))
+
+    task = asyncio.create_task(
+        run_daemon(
+            config,
+            stop=stop,
+            on_started=lambda daemon: (started.append(daemon), daemons.put_nowait(daemon)),
+            on_sites_built=built,
+        )
+    )
+    try:
+        daemon = await asyncio.wait_for(daemons.get(), timeout=30)
+        await asyncio.wait_for(daemon.readiness.wait(), timeout=30)
+        assert seen == [0], "called once, before any site is polled"
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=15)

@@ -79,8 +79,13 @@ def _on_signal(signum: int, stop: asyncio.Event) -> None:
 
 
 class Daemon:
-    def __init__(self, config: AppConfig, url: str) -> None:
+    def __init__(
+        self, config: AppConfig, url: str, *, on_sites_built: Callable[[], None] | None = None
+    ) -> None:
         self.url = url
+        # Called once every configured site's client is built (the CLI hides them from the
+        # garbage collector there: see `cli.freeze_sites`).
+        self._on_sites_built = on_sites_built
         self.readiness = Readiness()
         # This daemon's metrics: every part that counts is handed this one object.
         self.metrics = Metrics()
@@ -139,6 +144,8 @@ class Daemon:
             sites = await SiteRegistry.built_in_slices(
                 self.config, session, self.supervisor, metrics=self.metrics
             )
+            if self._on_sites_built is not None:
+                self._on_sites_built()
             self._start_parts(sites)
             self._started = True
             self.notifier.ready(self._status_line())
@@ -396,6 +403,7 @@ async def run_daemon(
     *,
     stop: asyncio.Event | None = None,
     on_started: Callable[[Daemon], None] | None = None,
+    on_sites_built: Callable[[], None] | None = None,
 ) -> None:
     """Run until `stop` is set (by default: until SIGTERM/SIGINT)."""
     own_signals = stop is None
@@ -403,7 +411,7 @@ async def run_daemon(
         stop = asyncio.Event()
         install_signal_handlers(stop)  # before the embedded database starts: it is stopped too
     async with database_url(config) as url:
-        daemon = Daemon(config, url)
+        daemon = Daemon(config, url, on_sites_built=on_sites_built)
         if own_signals:
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, daemon.request_reload)
         if on_started is not None:
