@@ -68,8 +68,9 @@ them. Nothing asserts a threshold; the figures go into notes and are compared by
   Prints how long until the leases were split evenly, both daemons' event-loop lag (the
   giver's alone over the settle window and from the join on, the joiner's over its whole
   life: samples of the daemon's 50 ms timer over 50 ms late, and the worst histogram bucket
-  reached), their CPU, and the sites' pauses between two alarm polls (a handed site waits
-  for the joiner's first poll).
+  reached), the garbage collector's pauses in each (`cms_ingest_gc_pause_seconds`: how many
+  collections took over 50 ms, the worst bucket), their CPU, and the sites' pauses between
+  two alarm polls (a handed site waits for the joiner's first poll).
 
     .venv/bin/python bench/sites.py --sites 2000 --rate 0 --profile /tmp/daemon.pyspy
 
@@ -356,14 +357,21 @@ async def metrics_text(session: aiohttp.ClientSession, port: int) -> str:
     return text
 
 
-def lag_buckets(text: str) -> dict[float, float]:
-    """cms_ingest_event_loop_lag_seconds cumulative buckets: {le: count}."""
+def lag_buckets(
+    text: str, histogram: str = "cms_ingest_event_loop_lag_seconds"
+) -> dict[float, float]:
+    """A histogram's cumulative buckets, {le: count}, summed over its other labels
+    (`cms_ingest_gc_pause_seconds`: every generation)."""
     buckets: dict[float, float] = {}
     for line in text.splitlines():
-        if line.startswith("cms_ingest_event_loop_lag_seconds_bucket{"):
-            le = line.split('le="', 1)[1].split('"', 1)[0]
-            buckets[math.inf if le == "+Inf" else float(le)] = float(line.rsplit(" ", 1)[1])
+        if line.startswith(histogram + "_bucket{"):
+            le_text = line.split('le="', 1)[1].split('"', 1)[0]
+            le = math.inf if le_text == "+Inf" else float(le_text)
+            buckets[le] = buckets.get(le, 0.0) + float(line.rsplit(" ", 1)[1])
     return buckets
+
+
+GC_PAUSES = "cms_ingest_gc_pause_seconds"
 
 
 def lag_summary(before: dict[float, float], after: dict[float, float]) -> str:
@@ -1198,7 +1206,9 @@ async def mode_handoff(args: argparse.Namespace, db_url: str, workdir: Path) -> 
                 warmup = await wait_warm(connection, args.sites, 1)
                 settled = lag_buckets(await metrics_text(session, ports[0]))
                 await asyncio.sleep(args.settle)
-                giver_before = lag_buckets(await metrics_text(session, ports[0]))
+                giver_text = await metrics_text(session, ports[0])
+                giver_before = lag_buckets(giver_text)
+                giver_gc_before = lag_buckets(giver_text, GC_PAUSES)
                 first = await sims.dump()
                 cpu_before = cpu_seconds(daemons[0].pid)
                 joined_at = time.monotonic()
@@ -1218,8 +1228,13 @@ async def mode_handoff(args: argparse.Namespace, db_url: str, workdir: Path) -> 
                 split_in = await wait_split(connection, args.sites, joined_at)
                 # Every handed site's first poll at the joiner, and a few more of each.
                 await asyncio.sleep(max(5.0, 3 * args.interval))
-                giver_after = lag_buckets(await metrics_text(session, ports[0]))
-                joiner_lag = lag_buckets(await metrics_text(session, joiner_ports[0]))
+                giver_text = await metrics_text(session, ports[0])
+                joiner_text = await metrics_text(session, joiner_ports[0])
+                giver_after, giver_gc = lag_buckets(giver_text), lag_buckets(giver_text, GC_PAUSES)
+                joiner_lag, joiner_gc = (
+                    lag_buckets(joiner_text),
+                    lag_buckets(joiner_text, GC_PAUSES),
+                )
                 cpu_giver = cpu_seconds(daemons[0].pid) - cpu_before
                 cpu_joiner = cpu_seconds(daemons[1].pid)
                 states = await sims.dump()
@@ -1250,6 +1265,8 @@ async def mode_handoff(args: argparse.Namespace, db_url: str, workdir: Path) -> 
     print(f"giver's loop lag      {lag_lines(settled, giver_before)} (alone, {args.settle:g} s)")
     print(f"                      {lag_lines(giver_before, giver_after)} (from the join on)")
     print(f"joiner's loop lag     {lag_lines({}, joiner_lag)} (its whole life)")
+    print(f"GC pauses, giver      {lag_lines(giver_gc_before, giver_gc, 'collections')} (join on)")
+    print(f"GC pauses, joiner     {lag_lines({}, joiner_gc, 'collections')} (its whole life)")
     print(
         f"CPU over the window   giver {cpu_giver / window:.2f} core, joiner "
         f"{cpu_joiner / window:.2f} core (incl. its start)"
@@ -1277,16 +1294,16 @@ async def wait_split(connection: asyncpg.Connection, sites: int, since: float) -
     return time.monotonic() - since
 
 
-def lag_lines(before: dict[float, float], after: dict[float, float]) -> str:
-    """How many lag samples passed 50 ms, and the worst bucket reached."""
+def lag_lines(before: dict[float, float], after: dict[float, float], what: str = "samples") -> str:
+    """How many lag samples (or collections) passed 50 ms, and the worst bucket reached."""
     delta = {le: after[le] - before.get(le, 0.0) for le in after}
     total = delta.get(math.inf, 0.0)
     if not total:
-        return "no samples"
+        return f"no {what}"
     over = total - delta.get(0.05, 0.0)
     worst = min(le for le in delta if delta[le] >= total)
     bound = "past the last bucket" if worst == math.inf else f"<= {worst * 1000:g} ms"
-    return f"{total:.0f} samples, {over:.0f} over 50 ms; worst {bound}"
+    return f"{total:.0f} {what}, {over:.0f} over 50 ms; worst {bound}"
 
 
 async def lost_and_duplicates(

@@ -191,6 +191,14 @@ class Metrics:
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=registry,
         )
+        self.gc_pause = Histogram(
+            "cms_ingest_gc_pause_seconds",
+            "Collections of Python's garbage collector, by generation (0 young, 2 full): each "
+            "stops the whole process, event loop included.",
+            ["generation"],
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=registry,
+        )
         self.event_loop_blocked = Counter(
             "cms_ingest_event_loop_blocked_total",
             "Episodes in which the event loop lagged over 1 s (each logged as event_loop_blocked).",

@@ -89,6 +89,7 @@ def test_handoff_mode_splits_the_sites(pg_server_url: str) -> None:
     )
     assert "leases split evenly" in out
     assert line(out, "joiner's loop lag")
+    assert "collections" in line(out, "GC pauses, joiner"), "the daemon times its collections"
 
 
 @pytest.mark.timeout(TIMEOUT_S * 2)

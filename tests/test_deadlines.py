@@ -10,6 +10,7 @@ again.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import time
 from pathlib import Path
@@ -262,6 +263,43 @@ def test_a_long_block_is_one_episode_logged_once_with_its_worst_lag() -> None:
     ]
     assert metrics.sample("cms_ingest_event_loop_blocked_total") == 2  # one per episode
     assert metrics.sample("cms_ingest_event_loop_lag_seconds_count") == 8
+
+
+async def test_garbage_collections_are_timed_by_generation_while_the_monitor_runs() -> None:
+    metrics = Metrics()
+    monitor = LoopLagMonitor(tick_s=0.01, metrics=metrics)
+    stop = asyncio.Event()
+    task = asyncio.create_task(monitor.run(stop))
+    await asyncio.sleep(0.05)
+
+    def counted(generation: int) -> float:
+        name = "cms_ingest_gc_pause_seconds_count"
+        return metrics.sample(name, generation=str(generation))
+
+    try:
+        for _ in range(1000):  # garbage only the collector can free
+            cycle: list[object] = []
+            cycle.append(cycle)
+        gc.collect(0)
+        gc.collect(2)
+        gc.collect(2)
+        await asyncio.sleep(0.1)  # counted on the next tick
+        assert counted(0) >= 1 and counted(2) >= 2
+        full = metrics.sample("cms_ingest_gc_pause_seconds_sum", generation="2")
+        assert 0 < full < 5
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 2)
+    assert monitor._on_collection not in gc.callbacks, "a stopped monitor unhooks itself"
+
+
+def test_a_blocked_loop_says_how_much_of_the_lag_was_garbage_collection() -> None:
+    monitor = LoopLagMonitor(metrics=Metrics())
+    with capture_logs() as logs:
+        monitor.observe(1.6, now=10.0, gc_s=1.25)
+    assert [(e["event"], e["lag_s"], e["gc_s"]) for e in logs] == [
+        ("event_loop_blocked", 1.6, 1.25)
+    ]
 
 
 def test_default_deadlines_follow_the_site_and_the_action() -> None:
