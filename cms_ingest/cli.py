@@ -82,9 +82,9 @@ def freeze_sites() -> None:
     daemon polls them) and lives as long as its config: out of the collector's sight too,
     like what was loaded before (`tune_garbage_collector`). Otherwise the collections after
     the start walked them again and again (10,000 sites: ~156,000 objects; a collection of
-    the middle generation took 440 ms with them, 300 ms without). A built site's objects
-    form no reference cycle (`tests/test_site_registry.py`): when a reload replaces a site,
-    its reference counts free it, frozen or not."""
+    the middle generation took 440 ms with them, 300 ms without). A site's objects form no
+    reference cycle, built or after polls (`tests/test_site_registry.py`): when a reload
+    replaces a site, its reference counts free it, frozen or not."""
     gc.freeze()
 
 

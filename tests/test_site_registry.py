@@ -18,6 +18,7 @@ from cms_ingest.runtime import sites as sites_module
 from cms_ingest.runtime.daemon import Daemon, run_daemon
 from cms_ingest.runtime.sites import SHARED_OPTIONS_MAX, shared_options
 from cms_ingest.runtime.tasks import TaskSupervisor
+from cms_ingest.simulators.davantis import DavantisSimulator, DavantisSite
 from cms_ingest.sitehttp import new_client_session
 from cms_ingest.vendors.davantis import DavantisOptions
 from tests.support import (
@@ -98,6 +99,36 @@ async def test_a_dropped_site_is_freed_without_the_garbage_collector(tmp_path: P
     finally:
         gc.enable()
         await session.close()
+
+
+async def test_a_site_that_polled_is_freed_by_reference_counts_too(tmp_path: Path) -> None:
+    """After logins, camera lists, pages of alarms and a token in hand (what the daemon adds
+    to a frozen site as it runs), closing and dropping it still frees it at once."""
+    device = DavantisSite(media_delay=0)
+    device.add_alarms(5)
+    async with DavantisSimulator({"default": device}) as sim:
+        config = app_config(
+            "postgresql://nobody@127.0.0.1:9/none", tmp_path, [davantis_site("d1", sim.url())]
+        )
+        session = new_client_session()
+        supervisor = TaskSupervisor()
+        try:
+            registry = sites_module.SiteRegistry(config, session, supervisor)
+            site = registry.get("d1")
+            assert site is not None
+            first = await site.client.poll(None)
+            device.add_alarms(3)
+            second = await site.client.poll(first.cursor)
+            assert len(second.alarms) == 3
+            gc.collect()
+            gc.disable()
+            kept = [weakref.ref(site.client), weakref.ref(site.problems)]
+            await registry.close()
+            del registry, site, first, second
+            assert [ref() for ref in kept] == [None, None], "held by a reference cycle"
+        finally:
+            gc.enable()
+            await session.close()
 
 
 async def test_the_daemon_calls_its_sites_built_hook_once_before_polling(
