@@ -6,14 +6,17 @@ reference counts alone (the CLI hides the built registry from the garbage collec
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
+from cms_ingest.cli import sites_frozen_once_built
 from cms_ingest.runtime import sites as sites_module
 from cms_ingest.runtime.daemon import Daemon, run_daemon
 from cms_ingest.runtime.sites import SHARED_OPTIONS_MAX, shared_options
@@ -131,7 +134,7 @@ async def test_a_site_that_polled_is_freed_by_reference_counts_too(tmp_path: Pat
             await session.close()
 
 
-async def test_the_daemon_calls_its_sites_built_hook_once_before_polling(
+async def test_the_daemon_builds_its_sites_within_its_hook_before_polling(
     database_url: str, tmp_path: Path
 ) -> None:
     seen: list[int] = []
@@ -140,7 +143,10 @@ async def test_the_daemon_calls_its_sites_built_hook_once_before_polling(
     config = app_config(database_url, tmp_path, [davantis_site("a", "http://127.0.0.1:9")])
     stop = asyncio.Event()
 
-    def built() -> None:  # how many pollers run when it is called
+    @contextlib.contextmanager
+    def building() -> Iterator[None]:  # how many pollers run around the build
+        seen.append(sum(name.startswith("poller:") for name in started[0].supervisor.names))
+        yield
         seen.append(sum(name.startswith("poller:") for name in started[0].supervisor.names))
 
     task = asyncio.create_task(
@@ -148,13 +154,29 @@ async def test_the_daemon_calls_its_sites_built_hook_once_before_polling(
             config,
             stop=stop,
             on_started=lambda daemon: (started.append(daemon), daemons.put_nowait(daemon)),
-            on_sites_built=built,
+            building_sites=building,
         )
     )
     try:
         daemon = await asyncio.wait_for(daemons.get(), timeout=30)
         await asyncio.wait_for(daemon.readiness.wait(), timeout=30)
-        assert seen == [0], "called once, before any site is polled"
+        assert seen == [0, 0], "entered and left once, before any site is polled"
     finally:
         stop.set()
         await asyncio.wait_for(task, timeout=15)
+
+
+def test_the_cli_builds_sites_without_collections_then_hides_them_from_the_collector() -> None:
+    assert gc.isenabled()
+    try:
+        with sites_frozen_once_built():
+            assert not gc.isenabled(), "no collection while the sites are built"
+            built = [[index] for index in range(1000)]
+        frozen = gc.get_freeze_count()
+        assert gc.isenabled() and frozen >= len(built), "what was built is frozen"
+        with pytest.raises(RuntimeError), sites_frozen_once_built():
+            raise RuntimeError("the build failed")
+        assert gc.isenabled(), "a failed build leaves the collector on"
+        assert gc.get_freeze_count() == frozen, "and freezes nothing"
+    finally:
+        gc.unfreeze()  # this test process's objects go back to the collector

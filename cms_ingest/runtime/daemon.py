@@ -18,6 +18,7 @@ import contextlib
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import aiohttp
@@ -80,12 +81,16 @@ def _on_signal(signum: int, stop: asyncio.Event) -> None:
 
 class Daemon:
     def __init__(
-        self, config: AppConfig, url: str, *, on_sites_built: Callable[[], None] | None = None
+        self,
+        config: AppConfig,
+        url: str,
+        *,
+        building_sites: Callable[[], AbstractContextManager[None]] | None = None,
     ) -> None:
         self.url = url
-        # Called once every configured site's client is built (the CLI hides them from the
-        # garbage collector there: see `cli.freeze_sites`).
-        self._on_sites_built = on_sites_built
+        # Entered while every configured site's client is built (the CLI keeps the garbage
+        # collector out of it and hides the result from it: see `cli.sites_frozen_once_built`).
+        self._building_sites = building_sites or contextlib.nullcontext
         self.readiness = Readiness()
         # This daemon's metrics: every part that counts is handed this one object.
         self.metrics = Metrics()
@@ -141,11 +146,10 @@ class Daemon:
             self.supervisor.start("reload", self.reloader.run)
             if not await self._prepare_database(stop):
                 return
-            sites = await SiteRegistry.built_in_slices(
-                self.config, session, self.supervisor, metrics=self.metrics
-            )
-            if self._on_sites_built is not None:
-                self._on_sites_built()
+            with self._building_sites():
+                sites = await SiteRegistry.built_in_slices(
+                    self.config, session, self.supervisor, metrics=self.metrics
+                )
             self._start_parts(sites)
             self._started = True
             self.notifier.ready(self._status_line())
@@ -403,7 +407,7 @@ async def run_daemon(
     *,
     stop: asyncio.Event | None = None,
     on_started: Callable[[Daemon], None] | None = None,
-    on_sites_built: Callable[[], None] | None = None,
+    building_sites: Callable[[], AbstractContextManager[None]] | None = None,
 ) -> None:
     """Run until `stop` is set (by default: until SIGTERM/SIGINT)."""
     own_signals = stop is None
@@ -411,7 +415,7 @@ async def run_daemon(
         stop = asyncio.Event()
         install_signal_handlers(stop)  # before the embedded database starts: it is stopped too
     async with database_url(config) as url:
-        daemon = Daemon(config, url, on_sites_built=on_sites_built)
+        daemon = Daemon(config, url, building_sites=building_sites)
         if own_signals:
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, daemon.request_reload)
         if on_started is not None:
