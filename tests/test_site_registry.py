@@ -59,19 +59,19 @@ async def test_sites_with_equal_options_share_one_model(tmp_path: Path) -> None:
 
 def test_shared_options_still_refuse_what_the_model_refuses() -> None:
     with pytest.raises(ValidationError):
-        shared_options("davantis", {"page_cap": 0})
+        shared_options(DavantisOptions, {"page_cap": 0})
     with pytest.raises(ValidationError):
-        shared_options("davantis", {"page_cap": 0})  # a refusal is not remembered as a model
-    odd = shared_options("davantis", {"page_cap": 7, "time_zone": None})
+        shared_options(DavantisOptions, {"page_cap": 0})  # a refusal is not remembered as a model
+    odd = shared_options(DavantisOptions, {"page_cap": 7, "time_zone": None})
     assert odd.page_cap == 7
 
 
 def test_shared_options_stay_bounded_when_every_site_differs() -> None:
-    first = shared_options("davantis", {"page_cap": 1})
+    first = shared_options(DavantisOptions, {"page_cap": 1})
     for cap in range(2, SHARED_OPTIONS_MAX + 10):
-        assert shared_options("davantis", {"page_cap": cap}).page_cap == cap
+        assert shared_options(DavantisOptions, {"page_cap": cap}).page_cap == cap
         assert len(sites_module._SHARED_OPTIONS) <= SHARED_OPTIONS_MAX
-    again = shared_options("davantis", {"page_cap": 1})
+    again = shared_options(DavantisOptions, {"page_cap": 1})
     assert again == first and again.page_cap == 1
 
 

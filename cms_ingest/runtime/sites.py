@@ -200,15 +200,14 @@ class SiteRuntime:
 # Sites nearly all share their options (most have none): one validated model per distinct
 # `options` mapping, not one per site (~0.9 KB each). The models are frozen, so sharing is
 # safe; the cache is bounded for configs where every site's options differ.
-_SHARED_OPTIONS: dict[tuple[str, str], SiteOptions] = {}
+_SHARED_OPTIONS: dict[tuple[type[SiteOptions], str], SiteOptions] = {}
 SHARED_OPTIONS_MAX = 1024
 
 
-def shared_options(vendor: str, raw: Mapping[str, Any]) -> SiteOptions:
-    """The vendor's options model for a site's `options`, shared with equal ones."""
-    model = vendor_entry(vendor).options
+def shared_options(model: type[SiteOptions], raw: Mapping[str, Any]) -> SiteOptions:
+    """A site's `options` validated by its vendor's `model`, shared with equal ones."""
     try:
-        key = (vendor, json.dumps(raw, sort_keys=True))
+        key = (model, json.dumps(raw, sort_keys=True))
     except (TypeError, ValueError):  # not plain data: validated on its own
         return model.model_validate(raw)
     options = _SHARED_OPTIONS.get(key)
@@ -258,7 +257,7 @@ def build_site(
         tasks=tasks,
     )
     vendor = vendor_entry(site.vendor)
-    options = shared_options(site.vendor, site.options)  # once: the client and we read it
+    options = shared_options(vendor.options, site.options)  # once: the client and we read it
     return SiteRuntime(
         config=site,
         options=options,
