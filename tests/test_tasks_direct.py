@@ -157,9 +157,11 @@ async def test_a_stop_signal_ends_a_sleep_at_once_and_a_sleep_ends_by_itself() -
     assert loop.time() - started >= 0.049  # uvloop's clock and timers count whole milliseconds
     sleepers = [asyncio.ensure_future(sleep_or_stop(30, stop)) for _ in range(3)]
     cancelled = asyncio.ensure_future(sleep_or_stop(30, stop))
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0)  # one loop turn: each is asleep
+    assert stop.waiting == 4
     cancelled.cancel()
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0)
+    assert stop.waiting == 3, "a cancelled sleeper leaves"
     started = loop.time()
     stop.set()
     assert await asyncio.gather(*sleepers) == [True, True, True]
@@ -174,10 +176,12 @@ async def test_a_flag_behaves_as_an_asyncio_event(kind: type[Flag]) -> None:
     assert isinstance(flag, asyncio.Event) and not flag.is_set()
     waiters = [asyncio.ensure_future(flag.wait()) for _ in range(3)]
     cancelled = asyncio.ensure_future(flag.wait())
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0)  # one loop turn: each has reached its wait
+    assert flag.waiting == 4
     assert not any(waiter.done() for waiter in waiters), "nobody woken before the set"
     cancelled.cancel()
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0)
+    assert flag.waiting == 3, "a cancelled waiter leaves"
     flag.set()
     flag.set()  # a second set changes nothing
     assert await asyncio.wait_for(asyncio.gather(*waiters), 1) == [True, True, True]
@@ -186,8 +190,8 @@ async def test_a_flag_behaves_as_an_asyncio_event(kind: type[Flag]) -> None:
     flag.clear()
     assert not flag.is_set()
     late = asyncio.ensure_future(flag.wait())
-    await asyncio.sleep(0.01)
-    assert not late.done(), "cleared: waits again"
+    await asyncio.sleep(0)
+    assert flag.waiting == 1 and not late.done(), "cleared: waits again"
     flag.set()
     assert await asyncio.wait_for(late, 1) is True
     assert "set" in repr(flag)

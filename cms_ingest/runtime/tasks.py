@@ -56,8 +56,13 @@ class Flag(asyncio.Event):
         self._flag_waiters: list[asyncio.Future[bool]] | None = None
 
     def __repr__(self) -> str:
-        waiting = len(self._flag_waiters or ())
-        return f"<{type(self).__name__} {'set' if self._flag_set else 'unset'}, waiters:{waiting}>"
+        state = "set" if self._flag_set else "unset"
+        return f"<{type(self).__name__} {state}, waiters:{self.waiting}>"
+
+    @property
+    def waiting(self) -> int:
+        """Waiters (and a StopSignal's sleepers) not woken yet."""
+        return len(self._flag_waiters or ())
 
     def is_set(self) -> bool:
         return self._flag_set
@@ -100,11 +105,6 @@ class StopSignal(Flag):
     """A task's stop event that a sleeper can wait on cheaply: every poller sleeps on its
     own once a second, and `wait_for(stop.wait(), delay)` costs a task, a cancellation and
     two extra turns of the loop each time (thousands of sites, thousands a second)."""
-
-    @property
-    def waiting(self) -> int:
-        """Sleepers and waiters not woken yet."""
-        return len(self._flag_waiters or ())
 
     async def sleep(self, delay: float) -> bool:
         """Sleep `delay` seconds unless set first; True when set."""
