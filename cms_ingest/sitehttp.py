@@ -7,13 +7,16 @@ only URLs on the configured site's own origin are ever requested. Transport fail
 as this module's exceptions, so callers never handle aiohttp's directly.
 
 All sites share one `aiohttp.ClientSession` (one connection pool for the process): a
-thousand sites must not mean a thousand pools.
+thousand sites must not mean a thousand pools. A site's small GETs (the idle poll, through
+`fetch`) take the lean path instead (`leanhttp`: the site's one kept connection, parsed in
+C), with the same rules; `CMS_INGEST_LEAN_HTTP=0` sends them through aiohttp too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import re
 import resource
 import ssl
@@ -21,55 +24,28 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from pathlib import Path
 from typing import Any
 
 import aiohttp
+from multidict import CIMultiDictProxy
 from yarl import URL
+
+from cms_ingest.httptypes import Answer as Answer  # noqa: PLC0414 (re-exported)
+from cms_ingest.httptypes import DeviceTimeout as DeviceTimeout  # noqa: PLC0414
+from cms_ingest.httptypes import DeviceUnreachable as DeviceUnreachable  # noqa: PLC0414
+from cms_ingest.httptypes import ResponseTooLarge as ResponseTooLarge  # noqa: PLC0414
+from cms_ingest.httptypes import TlsFailure as TlsFailure  # noqa: PLC0414
+from cms_ingest.httptypes import TlsPolicy as TlsPolicy  # noqa: PLC0414
+from cms_ingest.httptypes import TransportError as TransportError  # noqa: PLC0414
+from cms_ingest.httptypes import UnsafeUrl as UnsafeUrl  # noqa: PLC0414
+from cms_ingest.leanhttp import LeanSite
 
 SKEW_EVERY_S = 60.0
 # A body this large means parsing work (a full page of alarms is ~100 KB, ~10 ms to parse):
 # such bodies pass the turnstile below. An idle poll's answer is far smaller.
 LARGE_BODY_BYTES = 16384
 _HOST_RE = re.compile(r"[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:]+\](:[0-9]{1,5})?")
-
-
-class TransportError(Exception):
-    """The device could not be talked to. `sent` says whether the request may have reached it."""
-
-    def __init__(self, message: str, *, sent: bool) -> None:
-        super().__init__(message)
-        self.sent = sent
-
-
-class DeviceUnreachable(TransportError):
-    pass
-
-
-class DeviceTimeout(DeviceUnreachable):
-    pass
-
-
-class TlsFailure(TransportError):
-    """Certificate verification or pin check failed: a configuration or security problem."""
-
-
-class UnsafeUrl(TransportError):
-    """A request refused before anything is sent: a URL outside the configured site's origin,
-    or a URL or header that does not even form a valid request (device-supplied values)."""
-
-
-class ResponseTooLarge(DeviceUnreachable):
-    """The device answered, with more than the caller accepts: the rest is not read."""
-
-
-@dataclass(frozen=True, slots=True)
-class TlsPolicy:
-    verify: bool = True
-    ca_file: Path | None = None
-    pin_sha256: str | None = None  # lowercase hex of the DER certificate's SHA-256
 
 
 def ssl_option(policy: TlsPolicy) -> ssl.SSLContext | aiohttp.Fingerprint | bool:
@@ -149,6 +125,7 @@ class SiteHttp:
         self._skew_measured_at = 0.0
         # A poll asks for the same few paths every second: parsed once each.
         self._urls: dict[str, URL] = {}
+        self._lean = LeanSite(self.base_url, self._tls) if lean_http_enabled() else None
 
     def for_host(self, host: str) -> SiteHttp:
         """The same site's rules for a host its API handed back (a regional server, a logger).
@@ -253,18 +230,60 @@ class SiteHttp:
                 allow_redirects=False,
             ) as response:
                 answered = True
-                self._measure_clock(response, sent)
+                self._measure_clock(response.headers, sent)
                 yield response
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             if isinstance(exc, ValueError) and answered:
                 raise  # the caller's own error, from inside its `async with` block
             raise _transport_error(exc, f"{method} {url.with_query(None)}", total) from None
 
-    def _measure_clock(self, response: aiohttp.ClientResponse, sent: float) -> None:
+    async def fetch(
+        self,
+        method: str,
+        path: str,
+        *,
+        limit: int,
+        params: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
+        headers: Mapping[str, str] | None = None,
+        json: Any = None,
+        data: Any = None,
+    ) -> Answer:
+        """One request and its whole answer, the body read within `limit` bytes (over it:
+        `ResponseTooLarge`), in the site's request timeout. A GET without a body goes the
+        lean path; anything else through aiohttp, with the same rules and errors."""
+        if self._lean is None or method != "GET" or json is not None or data is not None:
+            async with self.request(
+                method, path, params=params, headers=headers, json=json, data=data
+            ) as response:
+                body = await read_limited(response, limit)
+                return Answer(response.status, response.headers, body)
+        url = self.url(path)
+        if params:
+            url = url.extend_query(params)
+        sent = time.time()
+        try:
+            answer = await self._lean.get(url, headers, limit=limit, timeout_s=self.timeout_s)
+        except DeviceTimeout as exc:
+            where = f"{method} {url.with_query(None)}"
+            detail = f"no answer within {self.timeout_s:g} s" if exc.sent else str(exc)
+            raise DeviceTimeout(f"{where}: {detail}", sent=exc.sent) from None
+        except TransportError as exc:
+            raise type(exc)(f"{method} {url.with_query(None)}: {exc}", sent=exc.sent) from None
+        self._measure_clock(answer.headers, sent)
+        if len(answer.body) >= LARGE_BODY_BYTES:
+            await large_body_turnstile().wait_turn()
+        return answer
+
+    def close(self) -> None:
+        """Close the site's kept lean connection (aiohttp's belong to the shared session)."""
+        if self._lean is not None:
+            self._lean.close()
+
+    def _measure_clock(self, headers: CIMultiDictProxy[str], sent: float) -> None:
         received = time.time()
         if self._on_clock_skew is None or received - self._skew_measured_at < SKEW_EVERY_S:
             return
-        header = response.headers.get("Date")
+        header = headers.get("Date")
         try:
             server = parsedate_to_datetime(header).timestamp() if header else None
         except (TypeError, ValueError):
@@ -339,6 +358,12 @@ async def read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes:
 
 
 URL_CACHE_SIZE = 64
+
+
+def lean_http_enabled() -> bool:
+    """Whether small GETs take the lean path (`CMS_INGEST_LEAN_HTTP=0`: all through aiohttp,
+    e.g. to rule the lean path out when a device misbehaves)."""
+    return os.environ.get("CMS_INGEST_LEAN_HTTP", "1").strip().lower() not in ("0", "false", "no")
 
 
 @functools.lru_cache(maxsize=64)

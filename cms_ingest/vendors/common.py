@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any, Protocol
@@ -25,7 +26,7 @@ from cms_ingest.domain import ID_LIMIT as ID_LIMIT  # noqa: PLC0414 (re-exported
 from cms_ingest.domain import MAX_JSON_DEPTH as MAX_JSON_DEPTH  # noqa: PLC0414 (re-exported)
 from cms_ingest.domain import NAME_LIMIT as NAME_LIMIT  # noqa: PLC0414 (re-exported)
 from cms_ingest.domain import clean_text as clean_text  # noqa: PLC0414 (re-exported)
-from cms_ingest.sitehttp import ResponseTooLarge, read_limited
+from cms_ingest.sitehttp import Answer, ResponseTooLarge, SiteHttp, read_limited
 from cms_ingest.vendors.base import BadDeviceResponse, Download, SiteReporter
 
 ERROR_KEYS = ("error", "message", "detail", "result")
@@ -79,18 +80,49 @@ async def read_json(
     try:
         body = await read_limited(response, MAX_JSON_BYTES)
     except ResponseTooLarge as exc:
-        problems.bad_input("oversized_answer", str(exc))
-        raise BadDeviceResponse(f"{where}: answer over {MAX_JSON_BYTES} bytes") from None
+        raise _oversized(exc, problems, where) from None
+    return json_of(response.status, body, problems, where, strict=strict)
+
+
+async def fetch_json(
+    http: SiteHttp,
+    method: str,
+    path: str,
+    problems: SiteReporter,
+    *,
+    strict: bool = False,
+    params: Mapping[str, str] | None = None,
+    headers: Mapping[str, str] | None = None,
+    json_body: Any = None,
+) -> tuple[Answer, Any]:
+    """`read_json` for a whole request through `SiteHttp.fetch` (a small GET takes the lean
+    path): the answer and its JSON, with the same caps and the same bad-input reports."""
+    try:
+        answer = await http.fetch(
+            method, path, limit=MAX_JSON_BYTES, params=params, headers=headers, json=json_body
+        )
+    except ResponseTooLarge as exc:
+        raise _oversized(exc, problems, f"{method} {path}") from None
+    return answer, json_of(answer.status, answer.body, problems, f"{method} {path}", strict=strict)
+
+
+def _oversized(exc: ResponseTooLarge, problems: SiteReporter, where: str) -> BadDeviceResponse:
+    problems.bad_input("oversized_answer", str(exc))
+    return BadDeviceResponse(f"{where}: answer over {MAX_JSON_BYTES} bytes")
+
+
+def json_of(status: int, body: bytes, problems: SiteReporter, where: str, *, strict: bool) -> Any:
+    """The JSON of an answer's body (see `read_json`)."""
     if not body:
         return None
     try:
         return load_json(body)
     except UnreadableJson as exc:
-        if not 200 <= response.status < 300:
+        if not 200 <= status < 300:
             return None
         problems.bad_input("unreadable_json", f"{where}: {exc}")
         if strict:
-            raise BadDeviceResponse(f"{where}: answer {response.status} is not JSON") from None
+            raise BadDeviceResponse(f"{where}: answer {status} is not JSON") from None
         return None
 
 

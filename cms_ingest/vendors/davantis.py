@@ -63,6 +63,7 @@ from cms_ingest.vendors.common import (
     MAX_PAGES_PER_POLL,
     as_id,
     clean_text,
+    fetch_json,
     life_source_id,
     new_life,
     parse_time,
@@ -214,13 +215,18 @@ class DavantisClient:
         """
         for attempt in (1, 2):
             generation, token = await self._valid_token()
-            headers = {"Authorization": f"Bearer {token}"}
-            async with self._http.request(
-                method, path, params=params, headers=headers, json=json_body
-            ) as response:
-                status = response.status
-                # Not JSON on a 2xx status: bad input, and the request fails.
-                payload = await read_json(response, self._problems, f"{method} {path}", strict=True)
+            # Not JSON on a 2xx status: bad input, and the request fails.
+            answer, payload = await fetch_json(
+                self._http,
+                method,
+                path,
+                self._problems,
+                strict=True,
+                params=params,
+                headers={"Authorization": f"Bearer {token}"},
+                json_body=json_body,
+            )
+            status = answer.status
             if status == 401 or _error_code(payload) in TOKEN_ERROR_CODES:
                 if attempt == 1:
                     self._invalidate(generation)
@@ -899,7 +905,8 @@ class DavantisClient:
         raise BadDeviceResponse(f"PATCH {path} answered {status}: {_fault_text(payload)}")
 
     async def close(self) -> None:
-        """Nothing to release: the HTTP session belongs to the process."""
+        """Close the site's kept connection (aiohttp's session belongs to the process)."""
+        self._http.close()
 
 
 # ---------------------------------------------------------------------- parsing helpers
