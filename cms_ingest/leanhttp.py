@@ -363,7 +363,7 @@ class LeanConnection(asyncio.Protocol):
         if self._waiter is None or self._complete:
             return
         if self._until_eof and self._status:
-            self._message_done()
+            self._message_done(at_eof=True)
             return
         why = f" ({exc})" if exc else ""
         self._finish(DeviceUnreachable(f"connection broke{why}", sent=True))
@@ -391,7 +391,9 @@ class LeanConnection(asyncio.Protocol):
                 self._inflater = _inflater(value.strip().lower())
         if length is not None and length > self._limit and self._inflater is None:
             raise _BodyTooLarge(f"answer of {length} bytes, over the {self._limit}-byte cap")
-        self._until_eof = length is None and not chunked and self._status >= 200
+        # Whether the device's close may end the body (the parser then never completes the
+        # message itself). 204 and 304 answers have no body whatever their headers say.
+        self._until_eof = length is None and not chunked and self._status not in (204, 304)
 
     def on_body(self, body: bytes) -> None:
         inflater = self._inflater
@@ -419,10 +421,10 @@ class LeanConnection(asyncio.Protocol):
             return
         self._message_done()
 
-    def _message_done(self) -> None:
+    def _message_done(self, *, at_eof: bool = False) -> None:
         self._complete = True
         parser = self._parser
-        if self._until_eof or parser is None or not parser.should_keep_alive():
+        if at_eof or parser is None or not parser.should_keep_alive():
             # The connection ends with this answer: not kept.
             self._used_at = float("-inf")
         self._finish()

@@ -198,7 +198,9 @@ async def test_chunked_and_compressed_answers(
         always(ok(gzipped, "Content-Encoding: gzip")),
         always(chunked(deflated[:10], deflated[10:], extra="Content-Encoding: deflate\r\n")),
         always(b"HTTP/1.1 100 Continue\r\n\r\n" + ok(b"[]")),
-        always(b"HTTP/1.1 204 No Content\r\n\r\n"),
+        always(b"HTTP/1.1 204 No Content\r\n\r\n"),  # no length, and no body: kept
+        always(b"HTTP/1.1 304 Not Modified\r\n\r\n"),
+        always(ok(b"[]")),
     )
     http = SiteHttp(session, f"http://127.0.0.1:{raw.port}")
     assert (await get(http)).body == b"[1, 2]"
@@ -206,6 +208,8 @@ async def test_chunked_and_compressed_answers(
     assert (await get(http)).body == payload
     assert (await get(http)).body == b"[]"
     assert (await get(http)).status == 204
+    assert (await get(http)).status == 304
+    assert (await get(http)).body == b"[]"
     assert raw.connections == 1
 
 
