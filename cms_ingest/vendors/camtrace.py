@@ -71,6 +71,7 @@ from cms_ingest.vendors.common import (
     as_id,
     clean_text,
     error_text,
+    fetch_json,
     life_source_id,
     new_life,
     parse_time,
@@ -565,11 +566,16 @@ class CamTraceClient:
         """An authenticated request: (status, JSON or None, headers). A 401 re-measures once."""
         await self._prepare_auth()
         for attempt in (1, 2):
-            async with self._http.request(
-                method, path, params=params, headers=self._headers()
-            ) as response:
-                payload = await read_json(response, self._problems, f"{method} {_path_only(path)}")
-                status, headers = response.status, response.headers
+            answer, payload = await fetch_json(
+                self._http,
+                method,
+                path,
+                self._problems,
+                params=params,
+                headers=self._headers(),
+                where=f"{method} {_path_only(path)}",
+            )
+            status, headers = answer.status, answer.headers
             self._note_date(headers)
             if status == 401 and attempt == 1:
                 await self._after_401()
@@ -1168,7 +1174,8 @@ class CamTraceClient:
         raise BadDeviceResponse(f"GET {path} answered {status}: {error_text(payload)}")
 
     async def close(self) -> None:
-        """Nothing to release: the HTTP session belongs to the process."""
+        """Close the site's kept connection (aiohttp's session belongs to the process)."""
+        self._http.close()
 
 
 # ---------------------------------------------------------------------- helpers

@@ -94,16 +94,19 @@ async def fetch_json(
     params: Mapping[str, str] | None = None,
     headers: Mapping[str, str] | None = None,
     json_body: Any = None,
+    where: str | None = None,
 ) -> tuple[Answer, Any]:
     """`read_json` for a whole request through `SiteHttp.fetch` (a small GET takes the lean
-    path): the answer and its JSON, with the same caps and the same bad-input reports."""
+    path): the answer and its JSON, with the same caps and the same bad-input reports
+    (which name the request as `where`, default method and path)."""
+    where = where or f"{method} {path}"
     try:
         answer = await http.fetch(
             method, path, limit=MAX_JSON_BYTES, params=params, headers=headers, json=json_body
         )
     except ResponseTooLarge as exc:
-        raise _oversized(exc, problems, f"{method} {path}") from None
-    return answer, json_of(answer.status, answer.body, problems, f"{method} {path}", strict=strict)
+        raise _oversized(exc, problems, where) from None
+    return answer, json_of(answer.status, answer.body, problems, where, strict=strict)
 
 
 def _oversized(exc: ResponseTooLarge, problems: SiteReporter, where: str) -> BadDeviceResponse:
