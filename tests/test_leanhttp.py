@@ -369,3 +369,17 @@ async def test_a_closed_site_connection_is_freed_without_the_collector(
         assert gone() is None, "a reference cycle keeps the closed connection alive"
     finally:
         gc.enable()
+
+
+async def test_what_the_lean_path_does_not_take_is_not_kept_by_aiohttp(
+    session: aiohttp.ClientSession, device: Callable[..., RawDevice]
+) -> None:
+    # A login or an action (a POST) goes through aiohttp; it is rare for a site, so its
+    # connection is not left in aiohttp's pool beside the site's kept lean one.
+    raw = await device(always(ok()))
+    http = SiteHttp(session, f"http://127.0.0.1:{raw.port}")
+    answer = await http.fetch("POST", "/oauth/token", limit=100, data={"grant_type": "password"})
+    assert answer.status == 200
+    assert "\r\nConnection: close\r\n" in raw.requests[0].decode()
+    assert (await get(http)).status == 200
+    assert raw.connections == 2

@@ -94,6 +94,7 @@ async def fetch_json(
     params: Mapping[str, str] | None = None,
     headers: Mapping[str, str] | None = None,
     json_body: Any = None,
+    form: Mapping[str, str] | None = None,
     where: str | None = None,
 ) -> tuple[Answer, Any]:
     """`read_json` for a whole request through `SiteHttp.fetch` (a small GET takes the lean
@@ -102,7 +103,13 @@ async def fetch_json(
     where = where or f"{method} {path}"
     try:
         answer = await http.fetch(
-            method, path, limit=MAX_JSON_BYTES, params=params, headers=headers, json=json_body
+            method,
+            path,
+            limit=MAX_JSON_BYTES,
+            params=params,
+            headers=headers,
+            json=json_body,
+            data=dict(form) if form is not None else None,
         )
     except ResponseTooLarge as exc:
         raise _oversized(exc, problems, where) from None

@@ -268,9 +268,10 @@ class DavantisClient:
 
     async def _grant(self, form: Mapping[str, str]) -> None:
         grant = form["grant_type"]
-        async with self._http.request("POST", "/oauth/token", data=dict(form)) as response:
-            status = response.status
-            payload = await read_json(response, self._problems, "POST /oauth/token")
+        answer, payload = await fetch_json(
+            self._http, "POST", "/oauth/token", self._problems, form=form
+        )
+        status = answer.status
         if status != 200 or not isinstance(payload, dict) or "access_token" not in payload:
             detail = _fault_text(payload) or f"HTTP {status}"
             raise AuthenticationFailed(f"{grant} grant refused: {detail}")
