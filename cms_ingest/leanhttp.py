@@ -76,12 +76,12 @@ def tls_context(policy: TlsPolicy) -> tuple[ssl.SSLContext, bytes | None]:
     return _verified_context(str(policy.ca_file) if policy.ca_file else None), None
 
 
-def request_head(method: str, url: URL, headers: Mapping[str, str] | None) -> bytes:
+def request_head(method: str, host: str, path_qs: str, headers: Mapping[str, str] | None) -> bytes:
     """The request line and headers, as sent. A header with a line break or NUL in it (a
     token a device handed us) is refused before anything is sent, as aiohttp refuses it."""
     lines = [
-        f"{method} {url.raw_path_qs} HTTP/1.1",
-        f"Host: {url.host_port_subcomponent}",
+        f"{method} {path_qs} HTTP/1.1",
+        f"Host: {host}",
         f"User-Agent: {USER_AGENT}",
         "Accept: */*",
         "Accept-Encoding: gzip, deflate",
@@ -105,10 +105,11 @@ def request_head(method: str, url: URL, headers: Mapping[str, str] | None) -> by
 class LeanSite:
     """A site's lean path: where it is, its TLS, and the one connection it keeps."""
 
-    __slots__ = ("_host", "_kept", "_pin", "_port", "_tls")
+    __slots__ = ("_host", "_host_header", "_kept", "_pin", "_port", "_tls")
 
     def __init__(self, base_url: URL, tls: TlsPolicy) -> None:
         self._host = base_url.raw_host or ""
+        self._host_header = base_url.host_port_subcomponent or ""  # every URL is the site's
         self._port = base_url.port or (443 if base_url.scheme == "https" else 80)
         context, pin = tls_context(tls) if base_url.scheme == "https" else (None, None)
         self._tls = context
@@ -120,21 +121,18 @@ class LeanSite:
     ) -> Answer:
         """GET `url` (the caller checked it is the site's), its whole answer within
         `limit` bytes, all within `timeout_s`."""
-        head = request_head("GET", url, headers)
+        head = request_head("GET", self._host_header, url.raw_path_qs, headers)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         connection = self._take_kept()
         if connection is not None:
             try:
-                return self._keep(connection, await connection.exchange(head, limit, deadline))
+                answer = await connection.exchange(head, limit, deadline, timeout_s)
+                return self._keep(connection, answer)
             except _StaleConnection:
                 pass  # closed by the device while kept: nothing was answered, ask again
-        connection = await self._connect(deadline)
-        try:
-            answer = await connection.exchange(head, limit, deadline)
-        except _StaleConnection:
-            raise DeviceUnreachable("connection closed before any answer", sent=True) from None
-        return self._keep(connection, answer)
+        connection = await self._connect(deadline)  # a fresh one is never stale
+        return self._keep(connection, await connection.exchange(head, limit, deadline, timeout_s))
 
     def close(self) -> None:
         """Close the kept connection (the site is dropped, or the daemon stops)."""
@@ -160,7 +158,7 @@ class LeanSite:
 
     async def _connect(self, deadline: float) -> LeanConnection:
         loop = asyncio.get_running_loop()
-        connection = LeanConnection(loop, fresh=True)
+        connection = LeanConnection(loop)
         timeout = max(0.0, min(CONNECT_TIMEOUT_S, deadline - loop.time()))
         try:
             async with asyncio.timeout(timeout):
@@ -218,12 +216,12 @@ class LeanConnection(asyncio.Protocol):
         "_waiter",
     )
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, *, fresh: bool) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._transport: asyncio.Transport | None = None
         self._parser: Any = None
         self._waiter: asyncio.Future[None] | None = None
-        self._fresh = fresh  # never used yet: a failure is the device's, not staleness
+        self._fresh = True  # never used yet: a failure is the device's, not staleness
         self._used_at = time.monotonic()
         self._reset(0)
 
@@ -261,8 +259,9 @@ class LeanConnection(asyncio.Protocol):
                 sent=False,
             )
 
-    async def exchange(self, head: bytes, limit: int, deadline: float) -> Answer:
-        """Send `head`, wait for the whole answer. Raises `_StaleConnection` when a kept
+    async def exchange(self, head: bytes, limit: int, deadline: float, timeout_s: float) -> Answer:
+        """Send `head`, wait for the whole answer until `deadline` (the request's
+        `timeout_s`, named when it runs out). Raises `_StaleConnection` when a kept
         connection is found closed before any answer came."""
         transport = self._transport
         if transport is None or transport.is_closing():
@@ -271,7 +270,7 @@ class LeanConnection(asyncio.Protocol):
             raise _StaleConnection()
         self._reset(limit)
         waiter = self._waiter = self._loop.create_future()
-        expiry = self._loop.call_at(deadline, self._expire)
+        expiry = self._loop.call_at(deadline, self._expire, timeout_s)
         try:
             transport.write(head)
             await waiter
@@ -290,8 +289,7 @@ class LeanConnection(asyncio.Protocol):
             if not answered and not fresh and not isinstance(failure, DeviceTimeout):
                 raise _StaleConnection()
             raise failure
-        if self._used_at != float("-inf"):
-            self._used_at = time.monotonic()
+        self._used_at = time.monotonic()
         answer = Answer(
             self._status,
             CIMultiDictProxy(
@@ -308,8 +306,8 @@ class LeanConnection(asyncio.Protocol):
         if transport is not None:
             transport.close()
 
-    def _expire(self) -> None:
-        self._finish(DeviceTimeout("no answer in time", sent=True))
+    def _expire(self, timeout_s: float) -> None:
+        self._finish(DeviceTimeout(f"no answer within {timeout_s:g} s", sent=True))
         self.close()
 
     def _finish(self, failure: TransportError | None = None) -> None:
@@ -345,8 +343,7 @@ class LeanConnection(asyncio.Protocol):
         if isinstance(cause, _BodyTooLarge):
             self._finish(ResponseTooLarge(str(cause), sent=True))
         elif isinstance(cause, _Unsolicited):
-            self._used_at = float("-inf")  # more than the answer came: not in step any more
-            self.close()
+            self.close()  # more than the answer came: not in step any more
         else:
             self._finish(DeviceUnreachable(f"not an HTTP answer ({cause})", sent=True))
 
@@ -425,8 +422,7 @@ class LeanConnection(asyncio.Protocol):
         self._complete = True
         parser = self._parser
         if at_eof or parser is None or not parser.should_keep_alive():
-            # The connection ends with this answer: not kept.
-            self._used_at = float("-inf")
+            self.close()  # the connection ends with this answer (the answer is read)
         self._finish()
 
 

@@ -267,11 +267,7 @@ class SiteHttp:
         sent = time.time()
         try:
             answer = await self._lean.get(url, headers, limit=limit, timeout_s=self.timeout_s)
-        except DeviceTimeout as exc:
-            where = f"{method} {url.with_query(None)}"
-            detail = f"no answer within {self.timeout_s:g} s" if exc.sent else str(exc)
-            raise DeviceTimeout(f"{where}: {detail}", sent=exc.sent) from None
-        except TransportError as exc:
+        except TransportError as exc:  # named as aiohttp's path names them
             raise type(exc)(f"{method} {url.with_query(None)}: {exc}", sent=exc.sent) from None
         self._measure_clock(answer.headers, sent)
         if len(answer.body) >= LARGE_BODY_BYTES:
