@@ -29,6 +29,7 @@ from cms_ingest.sitehttp import (
     UnsafeUrl,
     new_client_session,
 )
+from tests.conftest import eventually
 from tests.support import self_signed_certificate
 
 # What the server does with one request: the bytes to write back (None: write nothing and
@@ -145,7 +146,9 @@ async def test_a_connection_the_device_closed_while_kept_is_replaced(
     http = SiteHttp(session, f"http://127.0.0.1:{raw.port}")
     for _ in range(3):
         assert (await get(http)).status == 200
-        await asyncio.sleep(0.05)  # the close reaches us while the connection is kept
+        kept = http._lean._kept  # type: ignore[union-attr]
+        assert kept is not None
+        await eventually(lambda k=kept: not k.reusable(), what="the device's close seen")
     assert raw.connections == 3
     assert len(raw.requests) == 3
 
@@ -282,8 +285,7 @@ async def test_a_cancelled_poll_drops_its_connection(
     raw = await device(always(None), always(ok()))
     http = SiteHttp(session, f"http://127.0.0.1:{raw.port}")
     poll = asyncio.create_task(get(http))
-    while not raw.requests:
-        await asyncio.sleep(0.01)
+    await eventually(lambda: raw.requests, what="the request at the device")
     poll.cancel()
     with pytest.raises(asyncio.CancelledError):
         await poll
@@ -364,9 +366,8 @@ async def test_a_closed_site_connection_is_freed_without_the_collector(
         gone = weakref.ref(kept)
         del kept
         http.close()
-        await asyncio.sleep(0)  # connection_lost runs on the next loop turn
-        await asyncio.sleep(0)
-        assert gone() is None, "a reference cycle keeps the closed connection alive"
+        # connection_lost runs on a later loop turn; a reference cycle would keep it for ever
+        await eventually(lambda: gone() is None, what="the closed connection freed")
     finally:
         gc.enable()
 
