@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 
 import asyncpg
+import pytest
 from aiohttp import web
 
 from cms_ingest.simulators.base import DeviceAnswer
@@ -32,12 +33,17 @@ async def has_cursor(db: asyncpg.Connection, site_id: str = "d1") -> bool:
     return await cursor_of(db, site_id) is not None
 
 
+@pytest.mark.parametrize("connections", ["keep", "close"])
 async def test_new_alarms_become_rows_with_mapping(
-    database_url: str, db: asyncpg.Connection, tmp_path: Path
+    database_url: str, db: asyncpg.Connection, tmp_path: Path, connections: str
 ) -> None:
+    # The manual does not say whether the device keeps connections open: both ways work
+    # (closed ones: the lean path's kept connection is found closed and replaced).
     site = DavantisSite(media_delay=0.2)
     site.add_alarms(5)  # history: a first start takes the newest id, no backlog flood
-    async with DavantisSimulator({"default": site}) as sim:
+    sim = DavantisSimulator({"default": site})
+    sim.close_connections = connections == "close"
+    async with sim:
         config = app_config(database_url, tmp_path, [davantis_site("d1", sim.url())])
         async with running_daemon(config) as daemon:
             await eventually(lambda: has_cursor(db), what="first cursor")

@@ -584,3 +584,16 @@ def test_switches_are_checked() -> None:
         DavantisSite(language="xx")
     with pytest.raises(ValueError, match="input_cameras"):
         DavantisSite(input_cameras="sometimes")
+
+
+@pytest.mark.parametrize("close", [False, True])
+async def test_connections_kept_or_closed_after_each_answer(
+    http: aiohttp.ClientSession, close: bool
+) -> None:
+    simulator = DavantisSimulator()
+    simulator.close_connections = close
+    async with simulator:
+        for _ in range(2):  # and the next request is answered all the same
+            async with http.get(f"{simulator.url()}/alarms") as resp:
+                assert resp.status == 401  # any answer: the connection's fate is the point
+                assert (resp.headers.get("Connection") == "close") is close

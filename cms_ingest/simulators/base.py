@@ -85,6 +85,12 @@ class Route(NamedTuple, Generic[SiteT]):
     poll_faults: bool = False
 
 
+async def _close_after_answer(_request: web.Request, response: web.StreamResponse) -> None:
+    # The hook runs after aiohttp chose the headers, before it writes them: say it, then do it.
+    response.headers["Connection"] = "close"
+    response.force_close()
+
+
 def base_url(address: Any, scheme: str = "http") -> str:
     """``http://host:port`` for a listening address (a wildcard host becomes loopback)."""
     host, port = address[0], address[1]
@@ -119,6 +125,10 @@ class TenantSimulator(ABC, Generic[SiteT]):
 
     control_errors: tuple[type[Exception], ...] = (ValueError, TypeError)
     """What a ``/_sim`` handler may raise to answer 400 ``{"error": ...}``."""
+    close_connections = False
+    """The manuals do not say how long a device keeps an HTTP connection open: by default
+    it keeps it (keep-alive); set before `start`, it closes each one after its answer (with
+    `Connection: close`), as some embedded servers do."""
 
     def __init__(self, sites: Mapping[str, SiteT]) -> None:
         self.sites: dict[str, SiteT] = dict(sites)
@@ -231,6 +241,8 @@ class TenantSimulator(ABC, Generic[SiteT]):
             self._add_route(app, route, self._control_handler(route.handler))
         respond = Route("POST", "/_sim/respond", self._sim_respond, auth=False)
         self._add_route(app, respond, self._control_handler(respond.handler))
+        if self.close_connections:
+            app.on_response_prepare.append(_close_after_answer)
         return app
 
     @staticmethod
