@@ -77,12 +77,16 @@ async def count_at_least(db: asyncpg.Connection, n: int) -> bool:
     return int(await db.fetchval("SELECT count(*) FROM alarms")) >= n
 
 
+@pytest.mark.parametrize("connections", ["keep", "close"])
 async def test_alarms_mapping_and_media(
-    database_url: str, db: asyncpg.Connection, tmp_path: Path
+    database_url: str, db: asyncpg.Connection, tmp_path: Path, connections: str
 ) -> None:
+    # Whether the server keeps its HTTP connections is not in the manual: both ways work.
     site = CamTraceSite(media_delay=0.5, slice_after_s=1.0)
     site.add_alarms(3)  # history: not ingested on a first start
-    async with CamTraceSimulator({"default": site}) as sim:
+    sim = CamTraceSimulator({"default": site})
+    sim.close_connections = connections == "close"
+    async with sim:
         config = app_config(database_url, tmp_path, [camtrace_site("c1", sim.url())])
         async with running_daemon(config):
             await eventually(lambda: has_cursor(db), what="cursor")
