@@ -164,7 +164,9 @@ async def test_unreadable_recordings_are_bad_input(recordings: Any) -> None:
     ],
 )
 async def test_odd_progress_values(progress: Any, state: str, reported: bool) -> None:
-    account = CamStreamerAccount(rate_per_s=math.inf, prepare_seconds=0.2)
+    # Long enough that the first status (after a login, on a loaded CI machine) still finds
+    # the clip preparing: at 0.2 s it once found it ready.
+    account = CamStreamerAccount(rate_per_s=math.inf, prepare_seconds=1.0)
     async with CamStreamerSimulator({"default": account}) as sim, client_for(sim) as client:
         assert (await client.media_status(MediaKind.VIDEO, LOCATOR)).state == "pending"
         (recording,) = account.recordings.values()
