@@ -123,6 +123,9 @@ async def _memory() -> AsyncIterator[Harness]:
                 "source_id": row.alarm.source_id,
                 "camera_name": row.alarm.camera_name,
                 "description": row.alarm.description,
+                "occurred_at": row.alarm.occurred_at,
+                "armed": row.alarm.armed,
+                "priority": row.alarm.priority,
                 "raw": row.alarm.raw,
                 "group_id": row.group_id,
                 "repeat_count": row.repeat_count,
@@ -250,6 +253,41 @@ async def test_alarms_media_and_cursor_commit_together_and_a_replay_adds_nothing
     # A commit without a cursor leaves the stored one as it is.
     await h.store.commit_polls([_poll("s", [_alarm("s", "3")], None)], _terms("s"))
     assert await h.store.load_cursors(["s"]) == {"s": {"last_id": 2}}
+
+
+async def test_every_field_is_stored_as_given_to_the_microsecond_whatever_its_zone(
+    h: Harness,
+) -> None:
+    """A zone whose offset has seconds (pre-1900 local mean time, a device's odd setting) and
+    texts JSON must escape: the batch goes to PostgreSQL as JSON records (see `_INSERT_ALARMS`)
+    and nothing may be rounded or reinterpreted on the way."""
+    odd_zone = timezone(timedelta(hours=5, minutes=30, seconds=15))
+    when = datetime(2026, 12, 5, 17, 5, 3, 700123, tzinfo=odd_zone)
+    raw = {"quote": 'say "hi"\\ \n', "n": 1 << 62, "x": 1.5, "ü": ["ö", None, False]}
+    alarm = _alarm(
+        "z",
+        "1",
+        occurred_at=when,
+        raw=raw,
+        description="Tür\tauf",
+        camera_name=None,
+        armed=False,
+        priority=3,
+        media=_snapshot(),
+    )
+    await h.store.commit_polls([_poll("z", [alarm])], _terms("z"))
+    [row] = await h.alarms("z")
+    assert row["occurred_at"] == when and row["occurred_at"].utcoffset() is not None
+    raw_stored = row["raw"] if isinstance(row["raw"], dict) else json.loads(row["raw"])
+    assert raw_stored == raw
+    assert (row["description"], row["camera_name"], row["armed"], row["priority"]) == (
+        "Tür\tauf",
+        None,
+        False,
+        3,
+    )
+    [job] = await h.store.claim_media(limit=10, claim_s=30)
+    assert job.locator == {"id": 1}
 
 
 async def test_a_commit_the_database_refuses_writes_nothing_of_it(h: Harness) -> None:
