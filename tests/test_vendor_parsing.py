@@ -21,7 +21,15 @@ from cms_ingest.sitehttp import SiteHttp
 from cms_ingest.vendors import build_client
 from cms_ingest.vendors.base import BadDeviceResponse, InvalidAction, VendorClient, VendorContext
 from cms_ingest.vendors.camstreamer import QueryBudget
-from cms_ingest.vendors.common import MAX_JSON_BYTES, as_id, json_deeper_than, parse_time
+from cms_ingest.vendors.common import (
+    MAX_JSON_BYTES,
+    UnreadableJson,
+    _load_json_slowly,
+    as_id,
+    json_deeper_than,
+    load_json,
+    parse_time,
+)
 from tests.conftest import eventually
 from tests.support import CREDENTIALS, free_port
 
@@ -157,6 +165,53 @@ def nested_lists(levels: int) -> list[Any]:
 )
 def test_json_deeper_than(value: Any, limit: int, deeper: bool) -> None:
     assert json_deeper_than(value, limit) is deeper
+
+
+def nested_json(depth: int) -> bytes:
+    return b"[" * depth + b"1" + b"]" * depth
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'[{"id": 1, "started": "2026-12-05 17:05:03", "x": 1.5, "ok": true, "n": null}]',
+        b"9223372036854775807",  # the widest 64-bit integers orjson keeps as integers
+        b"-9223372036854775808",
+        b"18446744073709551615",
+        b'{"id": 18446744073709551616}',  # one past 64 bits: orjson makes it a float
+        b"[-9223372036854775809, 2]",
+        b'{"id": 123456789012345678901234567890}',
+        b'{"f": 1e19, "g": -1e300, "h": 5e-324}',  # true floats: wide, tiny
+        b'{"inf": 1e999, "ninf": -1e400}',  # orjson refuses; the standard library's None
+        b"[NaN, Infinity, -Infinity]",
+        b"\xef\xbb\xbf[1]",  # byte-order mark
+        '[1, "\u00fc"]'.encode("utf-16"),
+        b'"\\ud800"',  # a lone surrogate escape
+        b'{"a": 1, "a": 2}',
+        b"-0",
+        b" [1.0, 2] ",
+        b"[1,]",
+        b"\xff\xfe\x00",
+        b"",
+        nested_json(64),
+        nested_json(65),
+        nested_json(1100),  # orjson's own limit is 1,024
+        nested_json(100_000),
+        b"[[[[" + b"1e400" + b"]]]]",
+    ],
+)
+def test_load_json_reads_every_answer_as_the_standard_library_does(body: bytes) -> None:
+    """orjson reads answers first (speed); whatever it reads differently, or refuses, must
+    end exactly as the standard library's reading: the same values of the same types, or
+    the same refusal."""
+
+    def outcome(read: Any) -> str:
+        try:
+            return repr(read(body))
+        except UnreadableJson as exc:
+            return f"UnreadableJson: {exc}"
+
+    assert outcome(load_json) == outcome(_load_json_slowly)
 
 
 # ---------------------------------------------------------------------- exacq

@@ -14,9 +14,10 @@ import math
 from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime, timedelta, tzinfo
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import aiohttp
+import orjson
 
 # The storable-text helpers live in the domain (the store cleans with them); vendors use them
 # on what they keep in cursors and texts, and import them from here as before (`as`: an
@@ -53,7 +54,28 @@ def finite_float(text: str) -> float | None:
 
 
 def load_json(body: bytes) -> Any:
-    """The JSON in `body`; `UnreadableJson` when it is not JSON or nests too deep."""
+    """The JSON in `body`; `UnreadableJson` when it is not JSON or nests too deep.
+
+    orjson reads it (0.2 ms for a full page of 300 alarms where the standard library took
+    0.55): it refuses what it does not take exactly as `_load_json_slowly` would (NaN, 1e999,
+    a byte-order mark, UTF-16, lone surrogates, over 1,024 levels), and those answers are read
+    by the standard library as before. One difference it does not refuse: an integer beyond 64
+    bits becomes a float. Such a value (a float as wide as 2**63 or wider: no 64-bit integer
+    is) sends the answer to the standard library too, so every answer reads the same either
+    way."""
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return _load_json_slowly(body)
+    flaw = json_tree_flaw(value, MAX_JSON_DEPTH)
+    if flaw == "wide_number":
+        return _load_json_slowly(body)
+    if flaw == "too_deep":
+        raise UnreadableJson(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return value
+
+
+def _load_json_slowly(body: bytes) -> Any:
     try:
         value = json.loads(body, parse_constant=no_json_constant, parse_float=finite_float)
     except RecursionError:
@@ -137,25 +159,38 @@ def json_of(status: int, body: bytes, problems: SiteReporter, where: str, *, str
 
 
 def json_deeper_than(value: Any, limit: int) -> bool:
-    """Whether containers nest more than `limit` levels (iterative: no recursion to exhaust).
+    """Whether containers nest more than `limit` levels (iterative: no recursion to exhaust)."""
+    return json_tree_flaw(value, limit) == "too_deep"
+
+
+# Floats this wide or wider may be integers orjson could not hold in 64 bits (see load_json).
+WIDE_FLOAT = float(2**63)
+
+
+def json_tree_flaw(value: Any, limit: int) -> Literal["too_deep", "wide_number"] | None:
+    """ "too_deep" when containers nest more than `limit` levels, else "wide_number" when a
+    float is as wide as `WIDE_FLOAT`, else None (iterative: no recursion to exhaust).
 
     Every answer's every value passes here (5 % of the daemon's CPU in a storm of full
-    pages): only containers are stacked, and leaves cost one type check each."""
-    if not isinstance(value, CONTAINERS):
-        return False
+    pages): only containers are stacked, and leaves cost a type check each. Parsed JSON holds
+    plain dicts and lists only (no subclasses to look for)."""
+    kind = type(value)
+    if kind is not dict and kind is not list:
+        return "wide_number" if kind is float and not -WIDE_FLOAT < value < WIDE_FLOAT else None
     stack: list[tuple[Any, int]] = [(value, 1)]
     push, pop = stack.append, stack.pop
+    wide = False  # the walk goes on: too deep is the graver flaw
     while stack:
         item, depth = pop()
         if depth > limit:
-            return True
-        for child in item.values() if isinstance(item, dict) else item:
-            if isinstance(child, CONTAINERS):
+            return "too_deep"
+        for child in item.values() if type(item) is dict else item:
+            kind = type(child)
+            if kind is dict or kind is list:
                 push((child, depth + 1))
-    return False
-
-
-CONTAINERS = (dict, list)
+            elif kind is float and not -WIDE_FLOAT < child < WIDE_FLOAT:
+                wide = True
+    return "wide_number" if wide else None
 
 
 def error_text(payload: Any) -> str:
