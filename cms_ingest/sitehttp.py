@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import os
 import re
 import resource
 import ssl
 import time
 import weakref
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from email.utils import parsedate_to_datetime
@@ -45,6 +47,8 @@ SKEW_EVERY_S = 60.0
 # A body this large means parsing work (a full page of alarms is ~100 KB, ~10 ms to parse):
 # such bodies pass the turnstile below. An idle poll's answer is far smaller.
 LARGE_BODY_BYTES = 16384
+CONTINUING_S = 5.0  # a large body this soon after the site's last one continues its poll
+HEAVY_RECORDS = 50  # alarms built (or prepared) at once: ~0.5 ms and more (see heavy_turn)
 _HOST_RE = re.compile(r"[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:]+\](:[0-9]{1,5})?")
 
 
@@ -123,6 +127,7 @@ class SiteHttp:
         # The device's clock, read off its `Date` header (1 s resolution) now and then.
         self._on_clock_skew = on_clock_skew
         self._skew_measured_at = 0.0
+        self._last_large_body = -math.inf  # monotonic time of this site's last large body
         # A poll asks for the same few paths every second: parsed once each.
         self._urls: dict[str, URL] = {}
         self._lean = LeanSite(self.base_url, self._tls) if lean_http_enabled() else None
@@ -271,8 +276,15 @@ class SiteHttp:
             raise type(exc)(f"{method} {url.with_query(None)}: {exc}", sent=exc.sent) from None
         self._measure_clock(answer.headers, sent)
         if len(answer.body) >= LARGE_BODY_BYTES:
-            await large_body_turnstile().wait_turn()
+            await self._large_body_turn()
         return answer
+
+    async def _large_body_turn(self) -> None:
+        """A site's next large body within moments of its last one (the next page of the
+        same poll) continues work in progress: it goes before sites that have not started."""
+        continuing = time.monotonic() - self._last_large_body < CONTINUING_S
+        await large_body_turnstile().wait_turn(finishing=continuing)
+        self._last_large_body = time.monotonic()
 
     def close(self) -> None:
         """Close the site's kept lean connection (aiohttp's belong to the shared session)."""
@@ -302,26 +314,72 @@ class LargeBodyTurnstile:
     together, and the writer's database round trips wait behind all of them: in a storm,
     nothing was committed for the first 12 s. Through the turnstile a large body goes on
     only when the one before it has had its turn and the loop has looked at its sockets,
-    so commits (and other sites' polls) go on between parses. The slot is given back by
-    `call_soon`, i.e. on the next turn, after the holder's synchronous parse is done.
+    so commits (and other sites' polls) go on between parses. The turn is given back by
+    `call_soon`, i.e. on the next loop turn, after the holder's synchronous work is done.
+
+    Work that finishes a poll (building and preparing its alarms: `heavy_turn`) goes before
+    new bodies (`finishing=True`): served in arrival order, a thousand sites went through
+    each step together, and the first commit waited until every site had read its pages
+    (~2 s of a storm with the database idle). Finishing first, sites complete one after
+    another and their commits flow from the start.
     """
 
     def __init__(self) -> None:
-        self._turn = asyncio.Lock()
+        self._held = False
+        # Waiters of finishing work, then of new bodies. A cancelled waiter stays in its
+        # lane until its turn comes and is skipped then (no search of a long lane).
+        self._lanes: tuple[deque[asyncio.Future[None]], deque[asyncio.Future[None]]] = (
+            deque(),
+            deque(),
+        )
 
     @property
     def busy(self) -> bool:
         """Whether a body has this turn (the next one waits for the loop's next turn)."""
-        return self._turn.locked()
+        return self._held
 
-    async def wait_turn(self) -> None:
-        await self._turn.acquire()
-        asyncio.get_running_loop().call_soon(self._turn.release)
+    @property
+    def waiting(self) -> int:
+        """Waiters in the lanes (cancelled ones included until their turn comes)."""
+        return len(self._lanes[0]) + len(self._lanes[1])
+
+    async def wait_turn(self, *, finishing: bool = False) -> None:
+        loop = asyncio.get_running_loop()
+        if self._held:
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._lanes[0 if finishing else 1].append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():  # handed the turn: pass it on
+                    self._pass_on()
+                raise
+        self._held = True
+        loop.call_soon(self._pass_on)
+
+    def _pass_on(self) -> None:
+        """The turn to the next live waiter (it holds it from now), else to nobody."""
+        for lane in self._lanes:
+            while lane:
+                waiter = lane.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+                    return
+        self._held = False
 
 
 _TURNSTILES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LargeBodyTurnstile] = (
     weakref.WeakKeyDictionary()
 )
+
+
+async def heavy_turn(records: int) -> None:
+    """Before turning `records` device records into alarms: many of them (a full page) are a
+    parse's worth of work, and pass the turnstile like a large body (a storm's first pages
+    were parsed one per turn, and then every site built its 300 alarms in the same few
+    turns: the writer's round trips waited ~2 s behind them, nothing was committed)."""
+    if records >= HEAVY_RECORDS:
+        await large_body_turnstile().wait_turn(finishing=True)
 
 
 def large_body_turnstile() -> LargeBodyTurnstile:

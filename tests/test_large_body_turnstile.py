@@ -10,9 +10,11 @@ import asyncio
 from aiohttp import web
 
 from cms_ingest.sitehttp import (
+    HEAVY_RECORDS,
     LARGE_BODY_BYTES,
     LargeBodyTurnstile,
     SiteHttp,
+    heavy_turn,
     large_body_turnstile,
     new_client_session,
     read_limited,
@@ -121,3 +123,111 @@ async def test_a_large_answer_read_over_http_passes_the_turnstile() -> None:
         assert not turnstile.busy
     await runner.cleanup()
     assert read == body
+
+
+async def test_finishing_work_goes_before_new_bodies_and_cancelled_waiters_are_skipped() -> None:
+    """Finishing a poll (its next page, building its alarms) goes before bodies of sites that
+    have not started, whatever the order they queued in: sites complete one after another and
+    their commits flow, instead of every site going through each step together."""
+    turnstile = LargeBodyTurnstile()
+    order: list[str] = []
+
+    async def passer(name: str, *, finishing: bool) -> None:
+        await turnstile.wait_turn(finishing=finishing)
+        order.append(name)
+
+    tasks = {
+        name: asyncio.create_task(passer(name, finishing=name.startswith("finish")))
+        for name in ("new 1", "new 2", "finish 1", "new 3", "finish 2")
+    }
+    await turnstile.wait_turn()  # taken before the tasks run: they all queue
+    await asyncio.sleep(0)
+    assert (order, turnstile.waiting) == ([], 4), "the turn went to 'finish 1' (not run yet)"
+    tasks["new 2"].cancel()  # cancelled while waiting: skipped when its turn comes
+    tasks["finish 2"].cancel()
+    await asyncio.gather(*tasks.values(), return_exceptions=True)
+    assert order == ["finish 1", "new 1", "new 3"]
+    await asyncio.sleep(0)
+    assert not turnstile.busy
+
+
+async def test_a_waiter_cancelled_after_it_was_given_the_turn_passes_it_on() -> None:
+    turnstile = LargeBodyTurnstile()
+    order: list[str] = []
+
+    async def passer(name: str) -> None:
+        await turnstile.wait_turn()
+        order.append(name)
+
+    first = asyncio.create_task(passer("first"))
+    second = asyncio.create_task(passer("second"))
+    await turnstile.wait_turn()
+    await asyncio.sleep(0)  # both queue; then the turn is handed to `first` ...
+    assert turnstile.waiting == 1
+    first.cancel()  # ... which is cancelled before it runs: `second` must get the turn
+    await asyncio.wait_for(asyncio.gather(first, second, return_exceptions=True), timeout=2)
+    assert order == ["second"]
+
+
+async def test_a_sites_next_large_body_goes_before_sites_that_have_not_started() -> None:
+    """A site that read a large body moments ago reads its next one (the next page of the
+    same poll) before the bodies queued by sites that have not started: here, 500 of them
+    queued before any of it. A newcomer waits for all 500."""
+    body = b"[" + b",".join(b'{"id": %d}' % i for i in range(LARGE_BODY_BYTES // 8)) + b"]"
+
+    async def alarms(_: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/alarms", alarms)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    turnstile = large_body_turnstile()
+    order: list[str] = []
+
+    async def queued_body() -> None:
+        await turnstile.wait_turn()
+        order.append("queued")
+
+    async with new_client_session() as session:
+        sites = {
+            name: SiteHttp(session, f"http://127.0.0.1:{port}", timeout_s=5)
+            for name in ("started", "new")
+        }
+        await sites["started"].fetch("GET", "/alarms", limit=len(body) + 1)  # its first page
+
+        async def read(name: str) -> None:
+            await sites[name].fetch("GET", "/alarms", limit=len(body) + 1)
+            order.append(name)
+
+        queue = [asyncio.create_task(queued_body()) for _ in range(500)]
+        await asyncio.sleep(0)  # they queue (one may pass at once)
+        await asyncio.gather(*queue, read("new"), read("started"))
+        for http in sites.values():
+            http.close()
+    await runner.cleanup()
+    assert order.index("started") < order.index("queued") + 450, "it waited for the queue"
+    assert order[-1] == "new"
+
+
+async def test_building_many_alarms_takes_a_finishing_turn_and_a_few_take_none() -> None:
+    turnstile = large_body_turnstile()
+    await heavy_turn(HEAVY_RECORDS - 1)
+    assert not turnstile.busy, "a few alarms are no parse's worth of work"
+    order: list[str] = []
+
+    async def queued_body() -> None:
+        await turnstile.wait_turn()
+        order.append("body")
+
+    async def build() -> None:
+        await heavy_turn(HEAVY_RECORDS)
+        order.append("build")
+
+    bodies = [asyncio.create_task(queued_body()) for _ in range(3)]
+    await turnstile.wait_turn()
+    await asyncio.sleep(0)  # the bodies queue, and the first is handed the turn
+    await asyncio.gather(*bodies, build())
+    assert order == ["body", "build", "body", "body"]

@@ -31,7 +31,7 @@ from cms_ingest.runtime.flood import FloodTracker
 from cms_ingest.runtime.sites import SiteRuntime
 from cms_ingest.runtime.tasks import Gate, sleep_or_stop
 from cms_ingest.runtime.writer import AlarmWriter, LeaseLost
-from cms_ingest.sitehttp import DeviceTimeout, TlsFailure, TransportError
+from cms_ingest.sitehttp import DeviceTimeout, TlsFailure, TransportError, heavy_turn
 from cms_ingest.vendors.base import AuthenticationFailed, BadDeviceResponse, VendorError
 
 log = structlog.get_logger("cms_ingest.poller")
@@ -196,6 +196,7 @@ class SitePoller:
         site = self._site.config
         # The store makes every value storable (alarms, media locators, the cursor), in one
         # place; flood groups name their head by the same source_id, cleaned alike there.
+        await heavy_turn(len(alarms))
         now = datetime.now(UTC)
         prioritized = [self._prepared(alarm, site, now) for alarm in alarms]
         commit = PollCommit(

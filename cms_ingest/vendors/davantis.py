@@ -42,6 +42,7 @@ from zoneinfo import ZoneInfo
 from pydantic import ConfigDict, Field, field_validator
 
 from cms_ingest.domain import Action, ActionResult, Alarm, EventType, MediaKind, MediaRequest
+from cms_ingest.sitehttp import heavy_turn
 from cms_ingest.units import Duration
 from cms_ingest.vendors.base import (
     ActionSpec,
@@ -451,6 +452,7 @@ class DavantisClient:
         # New alarms first; then what earlier capped polls left, oldest part first.
         for window in state.backlog:
             unread += await self._collect(window, budget, found)
+        await heavy_turn(len(found))
         return self._result(state, found, self._bounded(unread))
 
     def _bounded(self, windows: list[Window]) -> tuple[Window, ...]:
