@@ -117,11 +117,11 @@ class LeanSite:
         self._kept: LeanConnection | None = None
 
     async def get(
-        self, url: URL, headers: Mapping[str, str] | None, *, limit: int, timeout_s: float
+        self, target: str, headers: Mapping[str, str] | None, *, limit: int, timeout_s: float
     ) -> Answer:
-        """GET `url` (the caller checked it is the site's), its whole answer within
-        `limit` bytes, all within `timeout_s`."""
-        head = request_head("GET", self._host_header, url.raw_path_qs, headers)
+        """GET `target` (path and query, encoded; the caller checked it is the site's), its
+        whole answer within `limit` bytes, all within `timeout_s`."""
+        head = request_head("GET", self._host_header, target, headers)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         connection = self._take_kept()
@@ -269,6 +269,8 @@ class LeanConnection(asyncio.Protocol):
                 raise DeviceUnreachable("connection closed", sent=False)
             raise _StaleConnection()
         self._reset(limit)
+        # A parser per exchange: kept between polls it held ~850 B of every idle site.
+        self._parser = httptools.HttpResponseParser(self)
         waiter = self._waiter = self._loop.create_future()
         expiry = self._loop.call_at(deadline, self._expire, timeout_s)
         try:
@@ -297,7 +299,8 @@ class LeanConnection(asyncio.Protocol):
             ),
             b"".join(self._chunks),
         )
-        self._reset(0)  # the kept connection holds no answer between polls
+        self._reset(0)  # the kept connection holds no answer (nor parser) between polls
+        self._parser = None
         return answer
 
     def close(self) -> None:
@@ -322,7 +325,6 @@ class LeanConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
         self._transport = cast(asyncio.Transport, transport)
-        self._parser = httptools.HttpResponseParser(self)
 
     def data_received(self, data: bytes) -> None:
         parser = self._parser

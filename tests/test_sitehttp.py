@@ -43,6 +43,27 @@ async def test_only_the_configured_origin_is_requested(session: aiohttp.ClientSe
             http.url(foreign)
 
 
+@pytest.mark.parametrize(
+    "path",
+    ["/alarms", "alarms", "/alarms?cra=yes", "/a b/ü", "http://192.0.2.10:21000/t/x ü/m?id=1"],
+)
+async def test_the_lean_path_asks_for_what_the_url_says(
+    session: aiohttp.ClientSession, path: str
+) -> None:
+    """The lean path keeps a site's paths as strings and adds the query itself: the request
+    target must be byte for byte what `url(path)` with the query added gives (asked twice:
+    the second time from its cache)."""
+    http = SiteHttp(session, "http://192.0.2.10:21000/t/x ü/")
+    for params in (None, {}, {"max_date": "2026-12-05 17:05:03", "q": "a+b/c:&=?#%41 ü"}):
+        expected = (http.url(path).extend_query(params) if params else http.url(path)).raw_path_qs
+        for _ in range(2):
+            assert http._lean_target(path, params) == expected, (path, params)
+    listed = [("min_id", "5"), ("min_id", "6")]
+    assert http._lean_target(path, listed) == http.url(path).extend_query(listed).raw_path_qs
+    with pytest.raises(UnsafeUrl):
+        http._lean_target("http://10.20.30.40:8080/alarms", None)
+
+
 async def test_a_host_handed_back_must_be_a_host(session: aiohttp.ClientSession) -> None:
     http = SiteHttp(session, "http://192.0.2.10:21000")
     assert str(http.for_host("logger7.example:8443").base_url) == "http://logger7.example:8443"
