@@ -131,8 +131,10 @@ class SiteHttp:
         # A poll asks for the same few paths every second: parsed once each.
         self._urls: dict[str, URL] = {}
         self._raw_paths: dict[str, str] = {}  # the lean path's: see _lean_target
-        self._origin = str(self.base_url.origin())
-        self._lean = LeanSite(self.base_url, self._tls) if lean_http_enabled() else None
+        # LeanSite reads host and port off a copy: what yarl caches while it does (the
+        # origin, a second URL, among it) would stay in the kept base URL, ~0.8 KiB a site.
+        lean = lean_http_enabled()
+        self._lean = LeanSite(URL(str(self.base_url)), self._tls) if lean else None
 
     def for_host(self, host: str) -> SiteHttp:
         """The same site's rules for a host its API handed back (a regional server, a logger).
@@ -278,7 +280,7 @@ class SiteHttp:
         try:
             answer = await self._lean.get(target, headers, limit=limit, timeout_s=self.timeout_s)
         except TransportError as exc:  # named as aiohttp's path names them
-            where = f"{self._origin}{target.partition('?')[0]}"
+            where = f"{URL(str(self.base_url)).origin()}{target.partition('?')[0]}"
             raise type(exc)(f"{method} {where}: {exc}", sent=exc.sent) from None
         self._measure_clock(answer.headers, sent)
         if len(answer.body) >= LARGE_BODY_BYTES:
