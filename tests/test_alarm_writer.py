@@ -289,3 +289,26 @@ async def test_a_batch_beside_another_in_flight(
     gate.set()
     assert all(len(rows) == 1 for rows in await asyncio.gather(*pending))
     assert most == 2
+
+
+async def test_an_idle_writer_ends_as_soon_as_it_is_stopped_and_a_last_commit_is_kept(
+    memory: MemoryStorage,
+) -> None:
+    """The writer waits for commits 0.5 s at a time; a stop must not wait that out (it was
+    up to half a second of every shutdown). A commit handed over as the stop comes is still
+    stored: the writer drains before it ends."""
+    writer = _writer(memory)
+    stop = asyncio.Event()
+    task = asyncio.create_task(writer.run(stop))
+    await asyncio.sleep(0.05)  # the writer waits for its first commit
+    stop.set()
+    await asyncio.wait_for(asyncio.shield(task), timeout=0.4)  # before its 0.5 s ran out
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(writer.run(stop))
+    await asyncio.sleep(0.05)
+    committed = asyncio.create_task(writer.commit(_poll("s1", "1")))
+    stop.set()
+    inserted = await asyncio.wait_for(committed, timeout=2)
+    await asyncio.wait_for(task, timeout=2)
+    assert [row.source_id for row in inserted] == ["1"]

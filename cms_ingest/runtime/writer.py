@@ -139,9 +139,8 @@ class AlarmWriter:
             self._commit_slots.release()
 
     async def _gather(self, stop: asyncio.Event) -> list[_Pending]:
-        try:
-            first = await asyncio.wait_for(self._queue.get(), timeout=0.5)
-        except TimeoutError:
+        first = await self._first(stop)
+        if first is None:
             return []
         batch = [first]
         alarms = len(first[0].alarms)
@@ -160,6 +159,25 @@ class AlarmWriter:
                     break
             alarms += len(batch[-1][0].alarms)
         return batch
+
+    async def _first(self, stop: asyncio.Event) -> _Pending | None:
+        """The next commit handed over, or None once `stop` is set (or after 0.5 s): a stop
+        must not wait out the wait for a commit that will not come (it cost every shutdown
+        up to 0.5 s)."""
+        try:
+            return self._queue.get_nowait()
+        except asyncio.QueueEmpty:
+            pass
+        if stop.is_set():
+            return None
+        getter = asyncio.ensure_future(self._queue.get())
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait((getter, stopped), timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if getter.done():  # checked before cancelling: a commit taken is never dropped
+            return getter.result()
+        getter.cancel()  # an asyncio.Queue getter cancelled before it took leaves the item
+        return None
 
     async def _commit(self, batch: list[_Pending]) -> None:
         self._metrics.commit_batch.observe(len(batch))
