@@ -10,7 +10,6 @@ then absorbs.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import random
 import time
 from collections import Counter
@@ -219,7 +218,7 @@ class SitePoller:
         priority = site.priority(alarm.event_type, alarm.camera_id)
         if priority != alarm.priority:
             changes["priority"] = priority
-        return dataclasses.replace(alarm, **changes) if changes else alarm
+        return alarm.changed(**changes) if changes else alarm
 
     async def _hand_over(
         self,
