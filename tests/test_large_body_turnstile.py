@@ -6,6 +6,8 @@ database round trips (and other sites' polls) waited behind all of them."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from aiohttp import web
 
@@ -97,12 +99,16 @@ async def test_io_goes_on_between_parses() -> None:
     assert events.index("io") < len(events) - 1, "the round trip waited for every parse"
 
 
-async def test_a_large_answer_read_over_http_passes_the_turnstile() -> None:
-    body = b"[" + b",".join(b'{"id": %d}' % i for i in range(LARGE_BODY_BYTES // 8)) + b"]"
-    assert len(body) >= LARGE_BODY_BYTES
+BODY = b"[" + b",".join(b'{"id": %d}' % i for i in range(LARGE_BODY_BYTES // 8)) + b"]"
+
+
+@asynccontextmanager
+async def large_body_device() -> AsyncIterator[int]:
+    """A device answering `GET /alarms` with BODY, a large body; yields its port."""
+    assert len(BODY) >= LARGE_BODY_BYTES
 
     async def alarms(_: web.Request) -> web.Response:
-        return web.Response(body=body, content_type="application/json")
+        return web.Response(body=BODY, content_type="application/json")
 
     app = web.Application()
     app.router.add_get("/alarms", alarms)
@@ -110,9 +116,17 @@ async def test_a_large_answer_read_over_http_passes_the_turnstile() -> None:
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield port
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_large_answer_read_over_http_passes_the_turnstile() -> None:
+    body = BODY
     turnstile = large_body_turnstile()
     assert not turnstile.busy
-    async with new_client_session() as session:
+    async with large_body_device() as port, new_client_session() as session:
         http = SiteHttp(session, f"http://127.0.0.1:{port}", timeout_s=5)
         async with http.request("GET", "/alarms") as response:
             read = await read_limited(response, len(body) + 1)
@@ -121,7 +135,6 @@ async def test_a_large_answer_read_over_http_passes_the_turnstile() -> None:
         await asyncio.sleep(0)
         await asyncio.sleep(0)
         assert not turnstile.busy
-    await runner.cleanup()
     assert read == body
 
 
@@ -173,17 +186,7 @@ async def test_a_sites_next_large_body_goes_before_sites_that_have_not_started()
     """A site that read a large body moments ago reads its next one (the next page of the
     same poll) before the bodies queued by sites that have not started: here, 500 of them
     queued before any of it. A newcomer waits for all 500."""
-    body = b"[" + b",".join(b'{"id": %d}' % i for i in range(LARGE_BODY_BYTES // 8)) + b"]"
-
-    async def alarms(_: web.Request) -> web.Response:
-        return web.Response(body=body, content_type="application/json")
-
-    app = web.Application()
-    app.router.add_get("/alarms", alarms)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    body = BODY
     turnstile = large_body_turnstile()
     order: list[str] = []
 
@@ -191,7 +194,7 @@ async def test_a_sites_next_large_body_goes_before_sites_that_have_not_started()
         await turnstile.wait_turn()
         order.append("queued")
 
-    async with new_client_session() as session:
+    async with large_body_device() as port, new_client_session() as session:
         sites = {
             name: SiteHttp(session, f"http://127.0.0.1:{port}", timeout_s=5)
             for name in ("started", "new")
@@ -207,7 +210,6 @@ async def test_a_sites_next_large_body_goes_before_sites_that_have_not_started()
         await asyncio.gather(*queue, read("new"), read("started"))
         for http in sites.values():
             http.close()
-    await runner.cleanup()
     assert order.index("started") < order.index("queued") + 450, "it waited for the queue"
     assert order[-1] == "new"
 
