@@ -782,3 +782,31 @@ def test_no_secret_file_content_in_any_error(tmp_path: Path) -> None:
     found = error_text(tmp_path, text, environ={"CREDENTIALS_DIRECTORY": str(creds)})
     assert "database_url_file" in found and "sites[0].password_file" in found
     assert "Canary" not in found
+
+
+def test_sites_written_alike_share_their_fields_set_and_tls_settings(tmp_path: Path) -> None:
+    """Thousands of sites: equal TLS settings are one object and equal fields sets one set
+    (memory per site), and nothing of one site leaks into another through them."""
+    config = load(
+        tmp_path,
+        sites(
+            "  - {id: a, vendor: davantis, username: u, password: p, url: 'http://10.0.0.1', tls: {verify: false}}\n",
+            "  - {id: b, vendor: davantis, username: u, password: p, url: 'http://10.0.0.2', tls: {verify: false}}\n",
+            "  - {id: c, vendor: davantis, username: u, password: p, url: 'https://10.0.0.3'}\n",
+            "  - {id: d, vendor: davantis, username: u, password: p, url: 'https://10.0.0.4', supervision_timeout: 30}\n",
+        ),
+    )
+    a, b, c, d = config.sites
+    assert a.tls is b.tls and a.tls.verify is False
+    assert c.tls is not a.tls and c.tls.verify is True
+    assert a.model_fields_set is b.model_fields_set
+    assert "supervision_timeout" in d.model_fields_set
+    assert "supervision_timeout" not in c.model_fields_set
+    # A copy with changes gets a set of its own: the shared one is left as it was.
+    changed = a.model_copy(update={"name": "Alpha"})
+    assert changed.name == "Alpha" and a.name == "a" and b.name == "b"
+    assert changed.model_fields_set is not a.model_fields_set
+    assert a.model_fields_set == b.model_fields_set
+    with pytest.raises(ValueError, match="frozen"):
+        a.name = "x"  # type: ignore[misc]
+    assert a.model_fields_set is b.model_fields_set and b.name == "b"

@@ -46,6 +46,21 @@ class _Model(BaseModel):
     # code) must not print a URL or password it was given.
     model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
+    def model_post_init(self, context: Any, /) -> None:
+        """Models with the same fields set share one set: ~0.7 KiB of every site's config
+        (10,000 sites: 7 MiB of equal sets). Safe because the models are frozen: pydantic
+        changes a model's set only on assignment, and copies it for `model_copy`."""
+        fields = self.__pydantic_fields_set__
+        shared = _FIELDS_SETS.setdefault(frozenset(fields), fields)
+        if shared is not fields:
+            object.__setattr__(self, "__pydantic_fields_set__", shared)
+
+
+# One set per combination of fields given (few: a config's sites are written alike).
+_FIELDS_SETS: dict[frozenset[str], set[str]] = {}
+# One TlsConfig per distinct setting: thousands of sites have the default or a few CAs.
+_TLS_CONFIGS: dict[TlsConfig, TlsConfig] = {}
+
 
 def empty_mapping_if_none(value: Any) -> Any:
     # `tls:` or `options:` with nothing after it is YAML null; the installer meant "defaults".
@@ -159,6 +174,12 @@ class SiteConfig(_Model):
     @classmethod
     def _null_is_empty(cls, value: Any) -> Any:
         return empty_mapping_if_none(value)
+
+    @field_validator("tls")
+    @classmethod
+    def _shared_tls(cls, value: TlsConfig) -> TlsConfig:
+        """Equal TLS settings are one object (each was ~0.45 KiB of a site's config)."""
+        return _TLS_CONFIGS.setdefault(value, value)
 
     def poll_deadline(self) -> float:
         """Seconds one poll may take before it counts as failed (outcome `timeout`): the
