@@ -273,18 +273,30 @@ class SiteHttp:
             async with self.request(
                 method, path, params=params, headers=headers, json=json, data=data
             ) as response:
-                body = await read_limited(response, limit)
-                return Answer(response.status, response.headers, body)
+                body = await read_capped(response, limit)
+                answer = Answer(response.status, response.headers, body)
+        else:
+            answer = await self._lean_get(self._lean, path, params, headers, limit)
+        if len(answer.body) >= LARGE_BODY_BYTES:
+            await self._large_body_turn()
+        return answer
+
+    async def _lean_get(
+        self,
+        lean: LeanSite,
+        path: str,
+        params: Mapping[str, str] | Sequence[tuple[str, str]] | None,
+        headers: Mapping[str, str] | None,
+        limit: int,
+    ) -> Answer:
         target = self._lean_target(path, params)
         sent = time.time()
         try:
-            answer = await self._lean.get(target, headers, limit=limit, timeout_s=self.timeout_s)
+            answer = await lean.get(target, headers, limit=limit, timeout_s=self.timeout_s)
         except TransportError as exc:  # named as aiohttp's path names them
             where = f"{URL(str(self.base_url)).origin()}{target.partition('?')[0]}"
-            raise type(exc)(f"{method} {where}: {exc}", sent=exc.sent) from None
+            raise type(exc)(f"GET {where}: {exc}", sent=exc.sent) from None
         self._measure_clock(answer.headers, sent)
-        if len(answer.body) >= LARGE_BODY_BYTES:
-            await self._large_body_turn()
         return answer
 
     async def _large_body_turn(self) -> None:
@@ -419,11 +431,18 @@ def large_body_turnstile() -> LargeBodyTurnstile:
 
 
 async def read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes:
-    """Read a small body (JSON answers) with a hard size limit against hostile devices.
+    """Read a small body (JSON answers) with a hard size limit against hostile devices
+    (`read_capped`); a large one then waits for its turn to be parsed."""
+    body = await read_capped(response, limit)
+    if len(body) >= LARGE_BODY_BYTES:
+        await large_body_turnstile().wait_turn()
+    return body
 
-    Refused before reading when the device announces more, else as soon as `limit` is passed
-    (a chunked or decompressed body has no trustworthy length): memory stays bounded.
-    """
+
+async def read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body within `limit` bytes: refused before reading when the device announces more,
+    else as soon as `limit` is passed (a chunked or decompressed body has no trustworthy
+    length): memory stays bounded."""
     where = f"{response.method} {response.url.with_query(None)}"
     if response.content_length is not None and response.content_length > limit:
         raise ResponseTooLarge(
@@ -437,8 +456,6 @@ async def read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes:
         if size > limit:
             raise ResponseTooLarge(f"{where}: answer over the {limit}-byte cap", sent=True)
         chunks.append(chunk)
-    if size >= LARGE_BODY_BYTES:
-        await large_body_turnstile().wait_turn()
     return b"".join(chunks)
 
 

@@ -9,6 +9,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import pytest
 from aiohttp import web
 
 from cms_ingest.sitehttp import (
@@ -182,10 +183,14 @@ async def test_a_waiter_cancelled_after_it_was_given_the_turn_passes_it_on() -> 
     assert order == ["second"]
 
 
-async def test_a_sites_next_large_body_goes_before_sites_that_have_not_started() -> None:
+@pytest.mark.parametrize("lean", ["1", "0"], ids=["lean-path", "aiohttp"])
+async def test_a_sites_next_large_body_goes_before_sites_that_have_not_started(
+    lean: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A site that read a large body moments ago reads its next one (the next page of the
     same poll) before the bodies queued by sites that have not started: here, 500 of them
-    queued before any of it. A newcomer waits for all 500."""
+    queued before any of it. A newcomer waits for all 500. On either HTTP path."""
+    monkeypatch.setenv("CMS_INGEST_LEAN_HTTP", lean)
     body = BODY
     turnstile = large_body_turnstile()
     order: list[str] = []
