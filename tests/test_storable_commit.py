@@ -20,7 +20,7 @@ import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
-from cms_ingest.db.store import PollCommit, Store, json_text
+from cms_ingest.db.store import PollCommit, Store, records_json
 from cms_ingest.domain import Alarm, CommitTerms, EventType, MediaKind, MediaRequest
 from cms_ingest.metrics import Metrics
 from cms_ingest.runtime.sites import SiteProblems
@@ -241,8 +241,12 @@ def test_a_storable_alarm_is_kept_as_it_is_and_any_unstorable_field_rebuilds_it(
     ],
     ids=["plain", "big-int", "int-key"],
 )
-def test_json_text_is_what_json_dumps_means(raw: dict[Any, Any]) -> None:
-    assert json.loads(json_text(raw)) == json.loads(json.dumps(raw))
+def test_records_json_is_what_json_dumps_means(raw: dict[Any, Any]) -> None:
+    """Whichever of orjson and json.dumps writes the batch, it reads the same (times too)."""
+    at = datetime(2026, 12, 5, 17, 5, 3, 700123, tzinfo=UTC)
+    records = [{"raw": raw, "occurred_at": at}]
+    expected = [{"raw": json.loads(json.dumps(raw)), "occurred_at": at.isoformat()}]
+    assert json.loads(records_json(records)) == expected
 
 
 async def test_a_raw_record_orjson_declines_is_stored_as_json_dumps_writes_it(
