@@ -300,13 +300,14 @@ async def test_an_idle_writer_ends_as_soon_as_it_is_stopped_and_a_last_commit_is
     writer = _writer(memory)
     stop = asyncio.Event()
     task = asyncio.create_task(writer.run(stop))
-    await asyncio.sleep(0.05)  # the writer waits for its first commit
+    await asyncio.sleep(0)  # one loop turn: the writer finds no commit and waits for one
+    assert not task.done()
     stop.set()
     await asyncio.wait_for(asyncio.shield(task), timeout=0.4)  # before its 0.5 s ran out
 
     stop = asyncio.Event()
     task = asyncio.create_task(writer.run(stop))
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0)
     committed = asyncio.create_task(writer.commit(_poll("s1", "1")))
     stop.set()
     inserted = await asyncio.wait_for(committed, timeout=2)
