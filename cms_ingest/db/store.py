@@ -665,7 +665,8 @@ def _claim_expired(required: bool) -> list[Any]:
 # of full pages from many sites at once: executemany built and bound each row on its own,
 # about 4,000 alarms/s; one array per column cost asyncpg 4.9 µs of our CPU per alarm to
 # encode, where orjson writes the records in 0.9 µs and PostgreSQL reads them in ~5 µs of
-# its own: the daemon's core is the storm's bottleneck, PostgreSQL's is not).
+# its own: a daemon has one core for every site it polls, PostgreSQL usually cores of its
+# own; on the 2-core bench machine, which shares them, it is about even).
 # Ids follow the batch's order (WITH ORDINALITY ... ORDER BY): each site's alarms in the
 # order its poll found them. A (site_id, source_id) stored before, or twice in the batch, is
 # skipped by the unique key; RETURNING gives the ones inserted now.
